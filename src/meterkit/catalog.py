@@ -1,0 +1,78 @@
+"""The built-in meters: the eight OpenAI usage kinds and a handful of generic ones."""
+
+from __future__ import annotations
+
+from meterkit.models import Dimension, Measure, MeterSpec
+
+__all__ = ["GENERIC_METERS", "OPENAI_KINDS", "builtin_meters"]
+
+_PEOPLE = (Dimension("project_id"), Dimension("user_id"), Dimension("api_key_id"))
+_MODEL = (*_PEOPLE, Dimension("model"))
+IMAGE_SOURCES = frozenset({"image.generation", "image.edit", "image.variation"})
+IMAGE_SIZES = frozenset({"256x256", "512x512", "1024x1024", "1792x1792", "1024x1792"})
+
+
+def _openai(kind: str, measures: tuple[Measure, ...], dims: tuple[Dimension, ...]) -> MeterSpec:
+    return MeterSpec(kind, measures, dims, result_object=f"organization.usage.{kind}.result")
+
+
+def _sums(*names: str) -> tuple[Measure, ...]:
+    return tuple(Measure(n) for n in names)
+
+
+OPENAI_KINDS: tuple[MeterSpec, ...] = (
+    _openai(
+        "completions",
+        _sums(
+            "input_tokens",
+            "output_tokens",
+            "input_cached_tokens",
+            "input_audio_tokens",
+            "output_audio_tokens",
+            "num_model_requests",
+        ),
+        (*_MODEL, Dimension("batch", kind="bool"), Dimension("service_tier")),
+    ),
+    _openai("embeddings", _sums("input_tokens", "num_model_requests"), _MODEL),
+    _openai("moderations", _sums("input_tokens", "num_model_requests"), _MODEL),
+    _openai(
+        "images",
+        _sums("images", "num_model_requests"),
+        (
+            Dimension("source", allowed=IMAGE_SOURCES),
+            Dimension("size", allowed=IMAGE_SIZES),
+            *_MODEL,
+        ),
+    ),
+    _openai("audio_speeches", _sums("characters", "num_model_requests"), _MODEL),
+    _openai("audio_transcriptions", _sums("seconds", "num_model_requests"), _MODEL),
+    _openai("vector_stores", (Measure("usage_bytes", gauge=True),), (Dimension("project_id"),)),
+    _openai("code_interpreter_sessions", _sums("num_sessions"), (Dimension("project_id"),)),
+)
+
+# Generic meters for an application's own quotas. A meter's main measure has its name;
+# gauges (spaces, storage_bytes) carry a ``resource`` dimension so each thing that holds
+# storage or counts as a space is its own series.
+GENERIC_METERS: tuple[MeterSpec, ...] = (
+    MeterSpec(
+        "requests",
+        _sums("requests"),
+        (*_PEOPLE, Dimension("method"), Dimension("route"), Dimension("status")),
+    ),
+    MeterSpec("tokens", _sums("tokens"), (*_PEOPLE, Dimension("model"))),
+    MeterSpec("queries", _sums("queries"), _PEOPLE),
+    MeterSpec("spaces", (Measure("spaces", gauge=True),), (*_PEOPLE, Dimension("resource"))),
+    MeterSpec(
+        "storage_bytes",
+        (Measure("storage_bytes", gauge=True),),
+        (*_PEOPLE, Dimension("resource")),
+    ),
+    MeterSpec("tiles", _sums("tiles"), (*_PEOPLE, Dimension("layer"))),
+    MeterSpec("credits", _sums("credits"), (*_PEOPLE, Dimension("reason"))),
+    MeterSpec("jobs", _sums("jobs"), (*_PEOPLE, Dimension("kind"))),
+)
+
+
+def builtin_meters() -> dict[str, MeterSpec]:
+    """Every built-in meter by name, in a fresh dict the caller may extend."""
+    return {spec.name: spec for spec in (*OPENAI_KINDS, *GENERIC_METERS)}

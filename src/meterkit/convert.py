@@ -1,0 +1,123 @@
+"""One cattrs converter per wire format.
+
+* ``native_converter`` — meterkit's own JSON (events in and out, as stored and ingested).
+* ``openai_converter`` — OpenAI's snake_case usage pages (``{"object": "page", ...}``).
+* ``camel_converter`` — camelCase bodies (the account usage surface).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cattrs
+from cattrs.gen import make_dict_unstructure_fn, override
+
+from meterkit.models import AppendResult, Bucket, Event, Result, UsagePage
+
+__all__ = [
+    "camel_converter",
+    "make_camel_converter",
+    "make_native_converter",
+    "make_openai_converter",
+    "native_converter",
+    "openai_converter",
+]
+
+
+def make_native_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+
+    def structure_event(data: Any, _cls: type) -> Event:
+        if not isinstance(data, dict):
+            raise TypeError("an event must be a JSON object")
+        extra = set(data) - {"id", "meter", "organization_id", "time", "values", "dimensions"}
+        if extra:
+            raise TypeError(f"unknown event fields: {sorted(extra)}")
+        missing = {"meter", "organization_id", "values"} - set(data)
+        if missing:
+            raise TypeError(f"missing event fields: {sorted(missing)}")
+        # Types are checked by meterkit.validate against the meter; keep values as given.
+        return Event(
+            id=data.get("id"),  # type: ignore[arg-type]
+            meter=data["meter"],
+            organization_id=data["organization_id"],
+            time=data.get("time"),  # type: ignore[arg-type]
+            values=data["values"],
+            dimensions=data.get("dimensions") or {},
+        )
+
+    conv.register_structure_hook(Event, structure_event)
+    conv.register_unstructure_hook(
+        Event,
+        lambda e: {
+            "id": e.id,
+            "meter": e.meter,
+            "organization_id": e.organization_id,
+            "time": e.time,
+            "values": dict(e.values),
+            "dimensions": dict(e.dimensions),
+        },
+    )
+    conv.register_unstructure_hook(
+        AppendResult, make_dict_unstructure_fn(AppendResult, conv)
+    )
+    return conv
+
+
+def make_openai_converter() -> cattrs.Converter:
+    conv = cattrs.Converter()
+    conv.register_unstructure_hook(
+        Result, lambda r: {"object": r.object, **dict(r.group), **dict(r.values)}
+    )
+    conv.register_unstructure_hook(
+        Bucket,
+        lambda b: {
+            "object": "bucket",
+            "start_time": b.start_time,
+            "end_time": b.end_time,
+            "results": [conv.unstructure(r) for r in b.results],
+        },
+    )
+    conv.register_unstructure_hook(
+        UsagePage,
+        lambda p: {
+            "object": "page",
+            "data": [conv.unstructure(b) for b in p.data],
+            "has_more": p.has_more,
+            "next_page": p.next_page,
+        },
+    )
+    return conv
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def make_camel_converter() -> cattrs.Converter:
+    """Unstructures attrs classes with camelCase keys; ``None`` fields are left out."""
+    conv = cattrs.Converter()
+
+    def factory(cls: type) -> Any:
+        import attrs
+
+        names = [a.name for a in attrs.fields(cls)]  # type: ignore[misc]
+        base = make_dict_unstructure_fn(
+            cls, conv, **{n: override(rename=_camel(n)) for n in names}  # type: ignore[arg-type]
+        )
+
+        def unstructure(obj: Any) -> dict[str, Any]:
+            return {k: v for k, v in base(obj).items() if v is not None}
+
+        return unstructure
+
+    import attrs
+
+    conv.register_unstructure_hook_factory(attrs.has, factory)
+    return conv
+
+
+native_converter = make_native_converter()
+openai_converter = make_openai_converter()
+camel_converter = make_camel_converter()

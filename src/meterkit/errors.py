@@ -1,0 +1,30 @@
+"""Exceptions raised by meterkit."""
+
+from __future__ import annotations
+
+__all__ = ["MeterkitError", "QuotaExceeded", "StoreUnavailable", "ValidationError"]
+
+
+class MeterkitError(Exception):
+    """Base class of every error meterkit raises on purpose."""
+
+
+class ValidationError(MeterkitError, ValueError):
+    """Bad input: ``field`` names what was wrong; nothing was stored."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class StoreUnavailable(MeterkitError):
+    """The store could not be reached or did not answer in time."""
+
+
+class QuotaExceeded(MeterkitError):
+    """A quota decision refused the request; ``decision`` says which limit."""
+
+    def __init__(self, decision: object) -> None:
+        self.decision = decision
+        super().__init__(f"quota exceeded: {getattr(decision, 'refused_by', None)}")

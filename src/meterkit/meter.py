@@ -1,0 +1,203 @@
+"""The :class:`Meter` facade: record events, query buckets."""
+
+from __future__ import annotations
+
+import threading
+import time as _time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import pluggy
+
+from meterkit import engine
+from meterkit.catalog import builtin_meters
+from meterkit.errors import ValidationError
+from meterkit.models import AppendResult, DimValue, Event, MeterSpec, Number, UsagePage
+from meterkit.plugins import get_plugin_manager, make_plugin_manager
+from meterkit.stores.base import Store
+from meterkit.validate import check_event, check_usage_query
+
+__all__ = ["DEFAULT_URL", "Meter", "open_store"]
+
+DEFAULT_URL = "sqlite:///meterkit.db"
+Clock = Callable[[], float]
+
+
+def open_store(url: str, pm: pluggy.PluginManager | None = None) -> Store:
+    """Open the store for ``url`` through whichever plugin answers to its scheme."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ValidationError("url", f"{url!r} is not a store URL such as {DEFAULT_URL!r}")
+    pm = pm or get_plugin_manager()
+    scheme = url.split("://", 1)[0].lower()
+    store: Store | None = pm.hook.meterkit_open_store(url=url, scheme=scheme)
+    if store is None:
+        known = sorted({s for group in pm.hook.meterkit_store_schemes() for s in group})
+        raise ValidationError("url", f"no store for scheme {scheme!r}; installed: {known}")
+    return store
+
+
+class Meter:
+    """Records usage events and answers bucket queries over them.
+
+    ``Meter("sqlite:///usage.db")`` (the default is ``sqlite:///meterkit.db``), or
+    ``Meter("memory://")``. ``plugins`` are registered on a plugin manager of this meter's
+    own; ``clock`` returns Unix seconds and is used wherever "now" is needed.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        meters: Iterable[MeterSpec] = (),
+        plugins: Iterable[object] = (),
+        clock: Clock = _time.time,
+        store: Store | None = None,
+    ) -> None:
+        plugins = tuple(plugins)
+        self.pm = make_plugin_manager(plugins) if plugins else get_plugin_manager()
+        self.clock = clock
+        self.store: Store = store if store is not None else open_store(url, self.pm)
+        self.url = self.store.url
+        self._lock = threading.Lock()
+        self._specs = builtin_meters()
+        self._ready: set[str] = set()
+        for group in self.pm.hook.meterkit_register_meters():
+            for spec in group or ():
+                self.register(spec)
+        for spec in meters:
+            self.register(spec)
+
+    # -- meters -------------------------------------------------------------------------------
+
+    def register(self, spec: MeterSpec) -> MeterSpec:
+        """Add an application meter. Re-registering the same spec is a no-op."""
+        if not isinstance(spec, MeterSpec):
+            raise ValidationError("spec", "must be a MeterSpec")
+        with self._lock:
+            known = self._specs.get(spec.name)
+            if known is not None and known != spec and spec.name in self._ready:
+                # A store may already hold this meter's events: it can grow, not change shape.
+                missing = set(known.measure_names) - set(spec.measure_names)
+                missing |= set(known.dimension_names) - set(spec.dimension_names)
+                if missing:
+                    raise ValidationError("spec", f"cannot drop {sorted(missing)} from {spec.name!r}")
+                self._ready.discard(spec.name)
+            self._specs[spec.name] = spec
+        return spec
+
+    @property
+    def meters(self) -> Mapping[str, MeterSpec]:
+        return dict(self._specs)
+
+    def spec(self, name: object, field: str = "meter") -> MeterSpec:
+        spec = self._specs.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise ValidationError(field, f"unknown meter {name!r}")
+        return spec
+
+    def _ensure(self, spec: MeterSpec) -> None:
+        if spec.name not in self._ready:
+            self.store.ensure_meter(spec)
+            self._ready.add(spec.name)
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    # -- recording ----------------------------------------------------------------------------
+
+    def record(
+        self,
+        meter: str,
+        values: Mapping[str, Number],
+        *,
+        organization_id: str,
+        time: Any = None,
+        id: str | None = None,
+        dimensions: Mapping[str, DimValue] | None = None,
+    ) -> bool:
+        """Record one event. ``True`` if it is new, ``False`` if its id was already recorded."""
+        event = Event(
+            id=id if id is not None else f"evt_{uuid.uuid4().hex}",
+            meter=meter,
+            organization_id=organization_id,
+            time=time if time is not None else self.now(),
+            values=values,
+            dimensions=dimensions if dimensions is not None else {},
+        )
+        return self._append([event], single=True).accepted == 1
+
+    def record_many(self, events: Iterable[Event]) -> AppendResult:
+        """Record a batch in one transaction: all of it, or (on any invalid event) none."""
+        if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
+            raise ValidationError("events", "must be a list of Event")
+        return self._append(list(events), single=False)
+
+    def _append(self, events: Sequence[Event], *, single: bool) -> AppendResult:
+        checked = []
+        for i, event in enumerate(events):
+            field = "event" if single else f"events[{i}]"
+            if not isinstance(event, Event):
+                raise ValidationError(field, "must be a meterkit.Event")
+            spec = self.spec(event.meter, f"{field}.meter")
+            if event.time is None:
+                event = attrs.evolve(event, time=self.now())
+            checked.append(check_event(spec, event, field))
+        if not checked:
+            return AppendResult(0, 0)
+        for name in {e.meter for e in checked}:
+            self._ensure(self._specs[name])
+        new = self.store.append(checked)
+        if new:
+            self.pm.hook.meterkit_events_recorded(meter=self, events=tuple(new))
+        return AppendResult(len(new), len(checked) - len(new))
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def usage(
+        self,
+        meter: str,
+        *,
+        organization_id: str,
+        start_time: Any,
+        end_time: Any = None,
+        bucket_width: str = "1d",
+        group_by: Iterable[str] | None = None,
+        filters: Mapping[str, Iterable[DimValue]] | None = None,
+        limit: int | None = None,
+        page: str | None = None,
+    ) -> UsagePage:
+        """One page of buckets: OpenAI usage semantics (see docs/python-api.md)."""
+        spec = self.spec(meter)
+        query = check_usage_query(
+            spec,
+            organization_id=organization_id,
+            start_time=start_time,
+            end_time=end_time if end_time is not None else self.now(),
+            bucket_width=bucket_width,
+            group_by=group_by,
+            filters=filters,
+            limit=limit,
+        )
+        secret = self.store.secret()
+        if page is not None:
+            query = attrs.evolve(query, page_start=engine.decode_cursor(secret, query, page))
+        self._ensure(spec)
+        rows = self.store.aggregate(spec, query)
+        if rows is None:
+            events = self.store.scan(spec.name, query.organization_id, query.scan_start,
+                                     query.page_end)
+            rows = engine.aggregate(spec, query, events)
+        return engine.build_page(spec, query, rows, secret)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -1,0 +1,196 @@
+"""The frozen attrs classes every other module speaks in."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Literal, Union
+
+import attrs
+
+__all__ = [
+    "AGGREGATIONS",
+    "AppendResult",
+    "Bucket",
+    "Dimension",
+    "DimValue",
+    "Event",
+    "GroupRow",
+    "Measure",
+    "MeterSpec",
+    "Number",
+    "Result",
+    "UsagePage",
+    "UsageQuery",
+]
+
+Number = Union[int, float]
+DimValue = Union[str, bool, None]
+Aggregation = Literal["sum", "count", "max", "min", "latest", "unique_count"]
+AGGREGATIONS: tuple[str, ...] = ("sum", "count", "max", "min", "latest", "unique_count")
+GAUGE_AGGREGATIONS: tuple[str, ...] = ("sum", "max", "min")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+def _check_name(kind: str) -> object:
+    def check(_inst: object, _attr: object, value: str) -> None:
+        if not isinstance(value, str) or not NAME_RE.match(value):
+            raise ValueError(f"{kind} name {value!r} must match {NAME_RE.pattern}")
+
+    return check
+
+
+@attrs.frozen
+class Measure:
+    """One number a meter records, and how it aggregates within a bucket.
+
+    A *gauge* measure is not summed over time: each series (one full combination of
+    dimension values) contributes its latest value in the bucket, and the series are then
+    combined with ``aggregation`` (``sum``, ``max`` or ``min``).
+    """
+
+    name: str = attrs.field(validator=_check_name("measure"))
+    aggregation: Aggregation = "sum"
+    gauge: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation {self.aggregation!r} not one of {AGGREGATIONS}")
+        if self.gauge and self.aggregation not in GAUGE_AGGREGATIONS:
+            raise ValueError(f"a gauge combines series with one of {GAUGE_AGGREGATIONS}")
+
+
+@attrs.frozen
+class Dimension:
+    """A dimension events may carry: a string (optionally from a fixed set) or a bool."""
+
+    name: str = attrs.field(validator=_check_name("dimension"))
+    kind: Literal["str", "bool"] = "str"
+    allowed: frozenset[str] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(frozenset)
+    )
+
+
+@attrs.frozen
+class MeterSpec:
+    """A meter: its measures, its dimensions, and the name of its result object."""
+
+    name: str = attrs.field(validator=_check_name("meter"))
+    measures: tuple[Measure, ...] = attrs.field(converter=tuple)
+    dimensions: tuple[Dimension, ...] = attrs.field(converter=tuple, default=())
+    result_object: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if not self.measures:
+            raise ValueError(f"meter {self.name!r} needs at least one measure")
+        for what, names in (
+            ("measure", [m.name for m in self.measures]),
+            ("dimension", [d.name for d in self.dimensions]),
+        ):
+            if len(set(names)) != len(names):
+                raise ValueError(f"meter {self.name!r} repeats a {what} name")
+        if not self.result_object:
+            object.__setattr__(self, "result_object", f"usage.{self.name}.result")
+
+    @property
+    def measure_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.measures)
+
+    @property
+    def dimension_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.dimensions)
+
+    def measure(self, name: str) -> Measure | None:
+        return next((m for m in self.measures if m.name == name), None)
+
+    def dimension(self, name: str) -> Dimension | None:
+        return next((d for d in self.dimensions if d.name == name), None)
+
+
+@attrs.frozen(eq=True, hash=False)
+class Event:
+    """One usage event. ``(meter, id)`` identifies it forever: appending it again is a no-op."""
+
+    id: str
+    meter: str
+    organization_id: str
+    time: int
+    values: Mapping[str, Number] = attrs.field(factory=dict)
+    dimensions: Mapping[str, DimValue] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class AppendResult:
+    """What an append did: how many events were new, how many were already stored."""
+
+    accepted: int
+    duplicates: int
+
+    def __add__(self, other: AppendResult) -> AppendResult:
+        return AppendResult(self.accepted + other.accepted, self.duplicates + other.duplicates)
+
+
+@attrs.frozen
+class UsageQuery:
+    """A validated bucket query; ``page_start`` is the first bucket of this page."""
+
+    meter: str
+    organization_id: str
+    start_time: int
+    end_time: int
+    bucket_width: str
+    width: int
+    group_by: tuple[str, ...]
+    filters: tuple[tuple[str, tuple[DimValue, ...]], ...]
+    limit: int
+    page_start: int
+
+    @property
+    def filter_map(self) -> dict[str, tuple[DimValue, ...]]:
+        return dict(self.filters)
+
+    @property
+    def page_end(self) -> int:
+        """End of the last bucket on this page, clipped to ``end_time`` for scanning."""
+        return min(self.page_start + self.limit * self.width, self.end_time)
+
+    @property
+    def scan_start(self) -> int:
+        return max(self.start_time, self.page_start)
+
+
+GroupKey = tuple[DimValue, ...]
+GroupRow = tuple[int, GroupKey]
+"""(bucket start, group-by values in ``group_by`` order): the key of one aggregated row."""
+
+
+@attrs.frozen
+class Result:
+    """One row of a bucket: every grouping field (``None`` when not grouped) and the numbers."""
+
+    object: str
+    group: Mapping[str, DimValue]
+    values: Mapping[str, Number | None]
+
+
+@attrs.frozen
+class Bucket:
+    start_time: int
+    end_time: int
+    results: tuple[Result, ...]
+
+
+@attrs.frozen
+class UsagePage:
+    """A page of buckets; ``next_page`` is an opaque cursor, or ``None`` on the last page."""
+
+    data: tuple[Bucket, ...]
+    has_more: bool
+    next_page: str | None
+
+    def to_dict(self) -> dict[str, object]:
+        """The OpenAI page envelope: ``{"object": "page", "data": [...], ...}``."""
+        from meterkit.convert import openai_converter
+
+        out: dict[str, object] = openai_converter.unstructure(self)
+        return out

@@ -1,0 +1,278 @@
+"""``sqlite:///path.db`` — the embedded default: one file, WAL mode, SQL aggregation."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import sqlite_utils
+
+from meterkit.engine.aggregate import Rows, empty_value
+from meterkit.hookspecs import hookimpl
+from meterkit.models import DimValue, Event, MeterSpec, UsageQuery
+
+__all__ = ["SQLiteStore", "path_from_url"]
+
+SCHEMA_VERSION = 1
+_CHUNK = 500
+_PLAIN_SQL = {"sum": "SUM({})", "count": "COUNT({})", "max": "MAX({})", "min": "MIN({})",
+              "unique_count": "COUNT(DISTINCT {})"}
+
+
+def path_from_url(url: str) -> str:
+    """``sqlite:///rel.db`` → ``rel.db``; ``sqlite:////abs.db`` → ``/abs.db``."""
+    if not url.startswith("sqlite:///"):
+        raise ValueError(f"not a sqlite URL: {url!r} (expected sqlite:///path.db)")
+    path = url[len("sqlite:///"):].split("?", 1)[0]
+    if not path:
+        raise ValueError("sqlite URL has no path")
+    return path
+
+
+def _table(meter: str) -> str:
+    return f"events_{meter}"
+
+
+def _dim(name: str) -> str:
+    return f"d_{name}"
+
+
+def _val(name: str) -> str:
+    return f"v_{name}"
+
+
+class SQLiteStore:
+    """One connection shared under a lock; ``BEGIN IMMEDIATE`` serialises writers across processes."""
+
+    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+        self.url = url
+        self.path = path_from_url(url)
+        self._lock = threading.RLock()
+        conn = sqlite3.connect(
+            self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+        )
+        self.db = sqlite_utils.Database(conn)
+        if self.path != ":memory:":
+            self.db.enable_wal()
+        conn.execute("PRAGMA synchronous=NORMAL")
+        self._specs: dict[str, MeterSpec] = {}
+        with self._lock, self._write():
+            self.db["mk_meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            conn.execute(
+                "INSERT INTO mk_meta(key, value) VALUES ('schema_version', ?), ('cursor_secret', ?)"
+                " ON CONFLICT(key) DO NOTHING",
+                (str(SCHEMA_VERSION), os.urandom(32).hex()),
+            )
+        row = conn.execute("SELECT value FROM mk_meta WHERE key = 'cursor_secret'").fetchone()
+        self._secret = bytes.fromhex(row[0])
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection = self.db.conn
+        return conn
+
+    def _write(self) -> _Immediate:
+        return _Immediate(self.conn)
+
+    def ensure_meter(self, spec: MeterSpec) -> None:
+        with self._lock:
+            if self._specs.get(spec.name) == spec:
+                return
+            table = self.db[_table(spec.name)]
+            # Value columns are declared BLOB so SQLite keeps each number as given (int or
+            # float) rather than coercing it by affinity.
+            columns: dict[str, Any] = {"id": str, "organization_id": str, "time": int}
+            for d in spec.dimensions:
+                columns[_dim(d.name)] = int if d.kind == "bool" else str
+            for m in spec.measures:
+                columns[_val(m.name)] = bytes
+            with self._write():
+                if not table.exists():
+                    table.create(columns, pk="id", not_null={"organization_id", "time"},
+                                 if_not_exists=True)
+                    self.conn.execute(
+                        f"CREATE INDEX IF NOT EXISTS [idx_{table.name}_org_time] "
+                        f"ON [{table.name}] (organization_id, time)"
+                    )
+                else:
+                    have = set(table.columns_dict)
+                    for name, kind in columns.items():
+                        if name not in have:
+                            table.add_column(name, kind)
+            self._specs[spec.name] = spec
+
+    def append(self, events: Sequence[Event]) -> list[Event]:
+        by_meter: dict[str, list[Event]] = {}
+        for event in events:
+            by_meter.setdefault(event.meter, []).append(event)
+        new: list[Event] = []
+        with self._lock, self._write() as conn:
+            for meter, batch in by_meter.items():
+                table = _table(meter)
+                # Under the write lock nobody else can insert, so "not there yet" stays true
+                # until our INSERT: the returned list is exactly what was stored.
+                stored: set[str] = set()
+                ids = list({e.id for e in batch})
+                for i in range(0, len(ids), _CHUNK):
+                    chunk = ids[i:i + _CHUNK]
+                    stored.update(r[0] for r in conn.execute(
+                        f"SELECT id FROM [{table}] WHERE id IN ({', '.join('?' * len(chunk))})",
+                        chunk,
+                    ))
+                fresh = []
+                for e in batch:
+                    if e.id not in stored:
+                        stored.add(e.id)
+                        fresh.append(e)
+                if not fresh:
+                    continue
+                spec = self._specs[meter]
+                cols = ["id", "organization_id", "time"]
+                cols += [_dim(d) for d in spec.dimension_names]
+                cols += [_val(m) for m in spec.measure_names]
+                conn.executemany(
+                    f"INSERT INTO [{table}] ({', '.join(f'[{c}]' for c in cols)}) "
+                    f"VALUES ({', '.join('?' * len(cols))})",
+                    [
+                        (e.id, e.organization_id, e.time,
+                         *(e.dimensions.get(d) for d in spec.dimension_names),
+                         *(e.values.get(m) for m in spec.measure_names))
+                        for e in fresh
+                    ],
+                )
+                new.extend(fresh)
+        order = {id(e): i for i, e in enumerate(events)}
+        new.sort(key=lambda e: order[id(e)])
+        return new
+
+    def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
+        spec = self._specs[meter]
+        dims = spec.dimension_names
+        bools = {d.name for d in spec.dimensions if d.kind == "bool"}
+        measures = spec.measure_names
+        cols = ", ".join(
+            ["id", "organization_id", "time"]
+            + [f"[{_dim(d)}]" for d in dims] + [f"[{_val(m)}]" for m in measures]
+        )
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT {cols} FROM [{_table(meter)}] "
+                "WHERE organization_id = ? AND time >= ? AND time < ? ORDER BY time, id",
+                (organization_id, start, end),
+            ).fetchall()
+        n = len(dims)
+        for row in rows:
+            dvals = row[3:3 + n]
+            yield Event(
+                row[0], meter, row[1], row[2],
+                {m: v for m, v in zip(measures, row[3 + n:]) if v is not None},
+                {d: (bool(v) if d in bools else v) for d, v in zip(dims, dvals) if v is not None},
+            )
+
+    def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
+        try:
+            with self._lock:
+                return self._aggregate(spec, query)
+        except (sqlite3.OperationalError, OverflowError):
+            # e.g. "integer overflow" in SUM: let the engine compute it in Python.
+            return None
+
+    def _aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows:
+        where = ["organization_id = ?", "time >= ?", "time < ?"]
+        params: list[Any] = [query.organization_id, query.scan_start, query.page_end]
+        for name, allowed in query.filters:
+            col = f"[{_dim(name)}]"
+            present = [v for v in allowed if v is not None]
+            parts = []
+            if present:
+                parts.append(f"{col} IN ({', '.join('?' * len(present))})")
+                params.extend(present)
+            if None in allowed:
+                parts.append(f"{col} IS NULL")
+            where.append("(" + " OR ".join(parts) + ")")
+        w = query.width
+        bucket = f"(time - time % {w})"
+        groups = [f"[{_dim(g)}]" for g in query.group_by]
+        part = ", ".join([bucket, *groups])
+        table = f"[{_table(spec.name)}]"
+        cond = " AND ".join(where)
+        bools = {d.name for d in spec.dimensions if d.kind == "bool"}
+
+        def key(row: Sequence[Any]) -> tuple[int, tuple[DimValue, ...]]:
+            group = tuple(
+                bool(v) if (g in bools and v is not None) else v
+                for g, v in zip(query.group_by, row[1:1 + len(groups)])
+            )
+            return row[0], group
+
+        plain = [m for m in spec.measures if not m.gauge and m.aggregation != "latest"]
+        select = [f"{bucket}", *groups]
+        select += [_PLAIN_SQL[m.aggregation].format(f"[{_val(m.name)}]") for m in plain]
+        rows: Rows = {}
+        sql = f"SELECT {', '.join(select)} FROM {table} WHERE {cond} GROUP BY {part}"
+        for row in self.conn.execute(sql, params):
+            values = dict(zip([m.name for m in plain], row[1 + len(groups):]))
+            for m in spec.measures:
+                if values.get(m.name) is None:
+                    values[m.name] = empty_value(m)
+            rows[key(row)] = values
+        series = ", ".join([bucket, *(f"[{_dim(d)}]" for d in spec.dimension_names)])
+        for m in spec.measures:
+            if not (m.gauge or m.aggregation == "latest"):
+                continue
+            col = f"[{_val(m.name)}]"
+            window = series if m.gauge else part
+            inner = (
+                f"SELECT {bucket} AS b, {', '.join(groups + [col]) if groups else col}, "
+                f"ROW_NUMBER() OVER (PARTITION BY {window} ORDER BY time DESC, id DESC) AS rn "
+                f"FROM {table} WHERE {cond} AND {col} IS NOT NULL"
+            )
+            outer_groups = ", ".join(["b", *groups])
+            if m.gauge:
+                agg = {"sum": "SUM", "max": "MAX", "min": "MIN"}[m.aggregation]
+                sql = (f"SELECT {outer_groups}, {agg}({col}) FROM ({inner}) "
+                       f"WHERE rn = 1 GROUP BY {outer_groups}")
+            else:
+                sql = f"SELECT {outer_groups}, {col} FROM ({inner}) WHERE rn = 1"
+            for row in self.conn.execute(sql, params):
+                rows[key(row)][m.name] = row[-1]
+        return rows
+
+    def secret(self) -> bytes:
+        return self._secret
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+
+class _Immediate:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error), nestable by depth."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.outer = False
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.outer = not self.conn.in_transaction
+        if self.outer:
+            self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if not self.outer:
+            return
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+@hookimpl
+def meterkit_open_store(url: str, scheme: str) -> SQLiteStore | None:
+    return SQLiteStore(url) if scheme == "sqlite" else None
+
+
+@hookimpl
+def meterkit_store_schemes() -> list[str]:
+    return ["sqlite"]

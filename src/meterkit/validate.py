@@ -1,0 +1,187 @@
+"""Input checks. Each raises :class:`ValidationError` naming the field; none has side effects."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from meterkit.errors import ValidationError
+from meterkit.models import DimValue, Event, MeterSpec, Number, UsageQuery
+
+__all__ = [
+    "BUCKET_WIDTHS",
+    "MAX_STRING",
+    "MAX_TIME",
+    "MAX_VALUE",
+    "check_event",
+    "check_id",
+    "check_string",
+    "check_time",
+    "check_usage_query",
+]
+
+MAX_STRING = 256
+MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z
+# JSON-safe integers; sums of many of them still fit SQL's 64-bit integers.
+MAX_VALUE = 2**53 - 1
+
+BUCKET_WIDTHS: dict[str, tuple[int, int, int]] = {
+    # width: (seconds, default limit, max limit)
+    "1m": (60, 60, 1440),
+    "1h": (3600, 24, 168),
+    "1d": (86400, 7, 31),
+}
+
+
+def check_string(field: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, not {type(value).__name__}")
+    if not value:
+        raise ValidationError(field, "must not be empty")
+    if len(value) > MAX_STRING:
+        raise ValidationError(field, f"is longer than {MAX_STRING} characters")
+    return value
+
+
+def check_id(field: str, value: object) -> str:
+    value = check_string(field, value)
+    if value != value.strip() or any(ord(c) < 32 for c in value):
+        raise ValidationError(field, "must not contain control characters or edge spaces")
+    return value
+
+
+def check_time(field: str, value: object) -> int:
+    """Integer Unix seconds, or an aware datetime (converted to its UTC second)."""
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValidationError(field, "datetime must be timezone-aware")
+        value = math.floor(value.timestamp())
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(
+            field, f"must be integer Unix seconds or an aware datetime, not {type(value).__name__}"
+        )
+    if not 0 <= value <= MAX_TIME:
+        raise ValidationError(field, f"must be between 0 and {MAX_TIME}")
+    return value
+
+
+def check_number(field: str, value: object) -> Number:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(field, f"must be a number, not {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError(field, "must be finite")
+    if value < 0:
+        raise ValidationError(field, "must not be negative")
+    if value > MAX_VALUE:
+        raise ValidationError(field, f"must not exceed {MAX_VALUE}")
+    return value
+
+
+def check_dim_value(spec: MeterSpec, name: str, value: object, field: str) -> DimValue:
+    dim = spec.dimension(name)
+    if dim is None:
+        raise ValidationError(field, f"meter {spec.name!r} has no dimension {name!r}")
+    if value is None:
+        return None
+    if dim.kind == "bool":
+        if not isinstance(value, bool):
+            raise ValidationError(field, f"must be true or false, not {type(value).__name__}")
+        return value
+    value = check_string(field, value)
+    if dim.allowed is not None and value not in dim.allowed:
+        raise ValidationError(field, f"must be one of {sorted(dim.allowed)}")
+    return value
+
+
+def check_event(spec: MeterSpec, event: Event, field: str = "event") -> Event:
+    """Validate ``event`` against its meter; returns it with plain-dict values and dimensions."""
+    check_id(f"{field}.id", event.id)
+    check_id(f"{field}.organization_id", event.organization_id)
+    time = check_time(f"{field}.time", event.time)
+    if not isinstance(event.values, Mapping):
+        raise ValidationError(f"{field}.values", "must be a mapping of measure to number")
+    if not isinstance(event.dimensions, Mapping):
+        raise ValidationError(f"{field}.dimensions", "must be a mapping of dimension to value")
+    values: dict[str, Number] = {}
+    for name, value in event.values.items():
+        if not isinstance(name, str) or spec.measure(name) is None:
+            raise ValidationError(
+                f"{field}.values", f"meter {spec.name!r} has no measure {name!r}"
+            )
+        values[name] = check_number(f"{field}.values.{name}", value)
+    dims: dict[str, DimValue] = {}
+    for name, value in event.dimensions.items():
+        if not isinstance(name, str):
+            raise ValidationError(f"{field}.dimensions", "names must be strings")
+        dims[name] = check_dim_value(spec, name, value, f"{field}.dimensions.{name}")
+    return Event(event.id, event.meter, event.organization_id, time, values, dims)
+
+
+def _check_names(field: str, spec: MeterSpec, names: Iterable[Any]) -> tuple[str, ...]:
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise ValidationError(field, "must be a list of dimension names")
+    out: list[str] = []
+    for name in names:
+        if not isinstance(name, str) or spec.dimension(name) is None:
+            raise ValidationError(field, f"meter {spec.name!r} cannot group by {name!r}")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def check_usage_query(
+    spec: MeterSpec,
+    *,
+    organization_id: object,
+    start_time: object,
+    end_time: object,
+    bucket_width: object,
+    group_by: object,
+    filters: object,
+    limit: object,
+) -> UsageQuery:
+    """Validate a bucket query's parameters; ``page_start`` is set to the first bucket."""
+    org = check_id("organization_id", organization_id)
+    start = check_time("start_time", start_time)
+    end = check_time("end_time", end_time)
+    if end <= start:
+        raise ValidationError("end_time", "must be greater than start_time")
+    if not isinstance(bucket_width, str) or bucket_width not in BUCKET_WIDTHS:
+        raise ValidationError("bucket_width", f"must be one of {list(BUCKET_WIDTHS)}")
+    width, default_limit, max_limit = BUCKET_WIDTHS[bucket_width]
+    if limit is None:
+        limit = default_limit
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise ValidationError("limit", "must be an integer")
+    if not 1 <= limit <= max_limit:
+        raise ValidationError("limit", f"must be between 1 and {max_limit} for {bucket_width}")
+    groups = _check_names("group_by", spec, group_by or ())
+    filter_items: list[tuple[str, tuple[DimValue, ...]]] = []
+    if filters is not None:
+        if not isinstance(filters, Mapping):
+            raise ValidationError("filters", "must be a mapping of dimension to allowed values")
+        for name, allowed in filters.items():
+            field = f"filters.{name}"
+            if not isinstance(name, str) or spec.dimension(name) is None:
+                raise ValidationError(field, f"meter {spec.name!r} has no dimension {name!r}")
+            if isinstance(allowed, (str, bytes, bool)) or not isinstance(allowed, Iterable):
+                raise ValidationError(field, "must be a list of values")
+            vals = tuple(dict.fromkeys(check_dim_value(spec, name, v, field) for v in allowed))
+            if not vals:
+                raise ValidationError(field, "must not be empty")
+            filter_items.append((name, vals))
+    filter_items.sort(key=lambda item: item[0])
+    return UsageQuery(
+        meter=spec.name,
+        organization_id=org,
+        start_time=start,
+        end_time=end,
+        bucket_width=bucket_width,
+        width=width,
+        group_by=groups,
+        filters=tuple(filter_items),
+        limit=limit,
+        page_start=start - start % width,
+    )
