@@ -12,10 +12,13 @@ __all__ = [
     "AGGREGATIONS",
     "AppendResult",
     "Bucket",
+    "CounterLine",
+    "CounterResult",
     "Dimension",
     "DimValue",
     "Event",
     "GroupRow",
+    "Hold",
     "Measure",
     "MeterSpec",
     "Number",
@@ -157,6 +160,47 @@ class UsageQuery:
     @property
     def scan_start(self) -> int:
         return max(self.start_time, self.page_start)
+
+
+@attrs.frozen
+class CounterLine:
+    """One counter an atomic quota operation touches.
+
+    The operation is admitted only if, for every line with a ``limit``,
+    ``floor(previous * prev_weight) + current + amount <= limit`` (``previous`` is the value
+    of ``prev_key``, for sliding windows; 0 without one). Admitted: every ``amount`` is added
+    to its ``key``, which expires at ``expires_at`` (Unix seconds; ``None`` = never).
+    """
+
+    key: str
+    amount: int
+    limit: int | None = None
+    expires_at: int | None = None
+    prev_key: str | None = None
+    prev_weight: float = 0.0
+
+
+@attrs.frozen
+class Hold:
+    """Amounts a reservation holds on counters until it is settled, released or expires."""
+
+    id: str
+    organization_id: str
+    amounts: tuple[tuple[str, int], ...]
+    expires_at: int
+
+
+@attrs.frozen
+class CounterResult:
+    """The outcome of an atomic quota operation: admitted or not, and each line's state.
+
+    ``used`` is each line's counter after the operation (before it, when refused);
+    ``previous`` is the value of each line's ``prev_key`` (0 without one).
+    """
+
+    admitted: bool
+    used: tuple[int, ...]
+    previous: tuple[int, ...]
 
 
 GroupKey = tuple[DimValue, ...]

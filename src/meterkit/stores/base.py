@@ -8,11 +8,12 @@ aggregates :meth:`Store.scan`. A native answer must equal the engine's on the sa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 from typing import Protocol, runtime_checkable
 
 from meterkit.engine.aggregate import Rows
-from meterkit.models import Event, MeterSpec, UsageQuery
+from meterkit.models import CounterLine, CounterResult, Event, Hold, MeterSpec, UsageQuery
 
 __all__ = ["Store"]
 
@@ -36,6 +37,52 @@ class Store(Protocol):
 
     def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
         """The query's rows computed natively, or ``None`` to let the engine do it."""
+
+    # -- records: prices, plans, organizations, grants, keys (JSON objects by kind and key) ----
+
+    def put_record(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
+        """Insert or replace one record."""
+
+    def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
+        """One record, or ``None``."""
+
+    def list_records(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every record of ``kind`` as ``(key, data)``, ordered by key."""
+
+    def delete_record(self, kind: str, key: str) -> bool:
+        """Remove a record; ``True`` if it existed."""
+
+    # -- quota counters ---------------------------------------------------------------------
+
+    def counters_apply(
+        self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
+    ) -> CounterResult:
+        """Atomically admit all lines or none (:func:`meterkit.counters.admits`).
+
+        First releases every hold that expired at ``now``. Admitted: adds each amount and,
+        with ``hold``, remembers it so it can be settled later. Counters whose
+        ``expires_at <= now`` read as 0. Keys are distinct within one call.
+        """
+
+    def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
+        """Atomically forget a hold and add ``deltas`` (negative to give back).
+
+        ``False`` (and nothing changed) when the hold is unknown: settled, released or expired.
+        """
+
+    def counters_add(
+        self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
+    ) -> list[int]:
+        """Add unconditionally (usage that already happened); the values after."""
+
+    def counters_set(self, key: str, value: int, *, now: int, expires_at: int | None = None) -> None:
+        """Set one counter (a gauge recalculated from its source)."""
+
+    def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
+        """Current values (0 for absent or expired keys)."""
+
+    def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
+        """``True`` for the first caller ever to claim ``marker`` (until it expires)."""
 
     def secret(self) -> bytes:
         """A random key kept with the data, for signing cursors; the same on every open."""

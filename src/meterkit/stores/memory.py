@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from meterkit import counters
 
 from meterkit.engine.aggregate import Rows
 from meterkit.hookspecs import hookimpl
-from meterkit.models import Event, MeterSpec, UsageQuery
+from meterkit.models import CounterLine, CounterResult, Event, Hold, MeterSpec, UsageQuery
 
 __all__ = ["MemoryStore"]
 
@@ -20,6 +24,10 @@ class MemoryStore:
         self._ids: dict[str, set[str]] = {}
         self._events: dict[tuple[str, str], list[Event]] = {}
         self._secret = os.urandom(32)
+        self._records: dict[str, dict[str, dict[str, Any]]] = {}
+        self._counters: dict[str, tuple[int, int | None]] = {}
+        self._holds: dict[str, Hold] = {}
+        self._claims: dict[str, int | None] = {}
 
     def ensure_meter(self, spec: MeterSpec) -> None:
         with self._lock:
@@ -45,11 +53,105 @@ class MemoryStore:
     def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
         return None
 
+    # -- records ------------------------------------------------------------------------------
+
+    def put_record(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._records.setdefault(kind, {})[key] = json.loads(json.dumps(data))
+
+    def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            data = self._records.get(kind, {}).get(key)
+            return json.loads(json.dumps(data)) if data is not None else None
+
+    def list_records(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        with self._lock:
+            items = sorted(self._records.get(kind, {}).items())
+            return [(k, json.loads(json.dumps(v))) for k, v in items]
+
+    def delete_record(self, kind: str, key: str) -> bool:
+        with self._lock:
+            return self._records.get(kind, {}).pop(key, None) is not None
+
+    # -- counters -----------------------------------------------------------------------------
+
+    def counters_apply(
+        self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
+    ) -> CounterResult:
+        with self._lock:
+            return counters.apply(self._backend(now), lines, now, hold)
+
+    def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
+        with self._lock:
+            return counters.settle(self._backend(now), hold_id, deltas, now)
+
+    def counters_add(
+        self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
+    ) -> list[int]:
+        with self._lock:
+            backend = self._backend(now)
+            return [backend.add(key, delta, expires_at) for key, delta in deltas]
+
+    def counters_set(self, key: str, value: int, *, now: int, expires_at: int | None = None) -> None:
+        with self._lock:
+            self._counters[key] = (value, expires_at)
+
+    def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
+        with self._lock:
+            return self._backend(now).read(keys, now)
+
+    def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
+        with self._lock:
+            seen = self._claims.get(marker, 0)
+            if marker in self._claims and (seen is None or seen > now):
+                return False
+            self._claims[marker] = expires_at
+            return True
+
+    def _backend(self, now: int) -> _MemoryCounters:
+        return _MemoryCounters(self._counters, self._holds, now)
+
     def secret(self) -> bytes:
         return self._secret
 
     def close(self) -> None:
         pass
+
+
+class _MemoryCounters:
+    """Counter primitives over the store's dicts; the caller holds the store's lock."""
+
+    def __init__(
+        self, values: dict[str, tuple[int, int | None]], holds: dict[str, Hold], now: int
+    ) -> None:
+        self.values, self.holds, self.now = values, holds, now
+
+    def _get(self, key: str) -> tuple[int, int | None]:
+        value, expires = self.values.get(key, (0, None))
+        if expires is not None and expires <= self.now:
+            return 0, None
+        return value, expires
+
+    def read(self, keys: Sequence[str], now: int) -> list[int]:
+        return [self._get(k)[0] for k in keys]
+
+    def add(self, key: str, delta: int, expires_at: int | None) -> int:
+        value, expires = self._get(key)
+        value = max(0, value + delta)
+        self.values[key] = (value, expires_at if expires_at is not None else expires)
+        return value
+
+    def pop_expired_holds(self, now: int) -> list[Hold]:
+        expired = [h for h in self.holds.values() if h.expires_at <= now]
+        for hold in expired:
+            del self.holds[hold.id]
+        return expired
+
+    def pop_hold(self, hold_id: str) -> Hold | None:
+        return self.holds.pop(hold_id, None)
+
+    def put_hold(self, hold: Hold) -> None:
+        self.holds[hold.id] = hold
 
 
 @hookimpl

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlite_utils
 
+from meterkit import counters
 from meterkit.engine.aggregate import Rows, empty_value
 from meterkit.hookspecs import hookimpl
-from meterkit.models import DimValue, Event, MeterSpec, UsageQuery
+from meterkit.models import (
+    CounterLine,
+    CounterResult,
+    DimValue,
+    Event,
+    Hold,
+    MeterSpec,
+    UsageQuery,
+)
 
 __all__ = ["SQLiteStore", "path_from_url"]
 
@@ -61,6 +71,22 @@ class SQLiteStore:
         self._specs: dict[str, MeterSpec] = {}
         with self._lock, self._write():
             self.db["mk_meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            self.db["mk_records"].create(
+                {"kind": str, "key": str, "data": str}, pk=("kind", "key"), if_not_exists=True
+            )
+            self.db["mk_counters"].create(
+                {"key": str, "value": int, "expires_at": int}, pk="key", if_not_exists=True
+            )
+            self.db["mk_holds"].create(
+                {"id": str, "organization_id": str, "amounts": str, "expires_at": int},
+                pk="id", if_not_exists=True,
+            )
+            conn.execute(
+                "CREATE INDEX IF NOT EXISTS idx_mk_holds_expires ON mk_holds (expires_at)"
+            )
+            self.db["mk_claims"].create(
+                {"marker": str, "expires_at": int}, pk="marker", if_not_exists=True
+            )
             conn.execute(
                 "INSERT INTO mk_meta(key, value) VALUES ('schema_version', ?), ('cursor_secret', ?)"
                 " ON CONFLICT(key) DO NOTHING",
@@ -241,12 +267,135 @@ class SQLiteStore:
                 rows[key(row)][m.name] = row[-1]
         return rows
 
+    # -- records ------------------------------------------------------------------------------
+
+    def put_record(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
+        with self._lock, self._write() as conn:
+            conn.execute(
+                "INSERT INTO mk_records(kind, key, data) VALUES (?, ?, ?) "
+                "ON CONFLICT(kind, key) DO UPDATE SET data = excluded.data",
+                (kind, key, json.dumps(data, sort_keys=True)),
+            )
+
+    def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT data FROM mk_records WHERE kind = ? AND key = ?", (kind, key)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def list_records(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT key, data FROM mk_records WHERE kind = ? ORDER BY key", (kind,)
+            ).fetchall()
+        return [(k, json.loads(d)) for k, d in rows]
+
+    def delete_record(self, kind: str, key: str) -> bool:
+        with self._lock, self._write() as conn:
+            cur = conn.execute("DELETE FROM mk_records WHERE kind = ? AND key = ?", (kind, key))
+            return cur.rowcount > 0
+
+    # -- counters -----------------------------------------------------------------------------
+
+    def counters_apply(
+        self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
+    ) -> CounterResult:
+        with self._lock, self._write() as conn:
+            return counters.apply(_SQLiteCounters(conn, now), lines, now, hold)
+
+    def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
+        with self._lock, self._write() as conn:
+            return counters.settle(_SQLiteCounters(conn, now), hold_id, deltas, now)
+
+    def counters_add(
+        self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
+    ) -> list[int]:
+        with self._lock, self._write() as conn:
+            backend = _SQLiteCounters(conn, now)
+            return [backend.add(key, delta, expires_at) for key, delta in deltas]
+
+    def counters_set(self, key: str, value: int, *, now: int, expires_at: int | None = None) -> None:
+        with self._lock, self._write() as conn:
+            conn.execute(
+                "INSERT INTO mk_counters(key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) "
+                "DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+                (key, value, expires_at),
+            )
+
+    def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
+        with self._lock:
+            return _SQLiteCounters(self.conn, now).read(keys, now)
+
+    def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
+        with self._lock, self._write() as conn:
+            conn.execute(
+                "DELETE FROM mk_claims WHERE marker = ? AND expires_at IS NOT NULL "
+                "AND expires_at <= ?", (marker, now),
+            )
+            cur = conn.execute(
+                "INSERT INTO mk_claims(marker, expires_at) VALUES (?, ?) "
+                "ON CONFLICT(marker) DO NOTHING", (marker, expires_at),
+            )
+            return cur.rowcount == 1
+
     def secret(self) -> bytes:
         return self._secret
 
     def close(self) -> None:
         with self._lock:
             self.conn.close()
+
+
+class _SQLiteCounters:
+    """Counter primitives in SQL; the caller holds a ``BEGIN IMMEDIATE`` transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, now: int) -> None:
+        self.conn, self.now = conn, now
+
+    def _get(self, key: str) -> tuple[int, int | None]:
+        row = self.conn.execute(
+            "SELECT value, expires_at FROM mk_counters WHERE key = ?", (key,)
+        ).fetchone()
+        if row is None or (row[1] is not None and row[1] <= self.now):
+            return 0, None
+        return int(row[0]), row[1]
+
+    def read(self, keys: Sequence[str], now: int) -> list[int]:
+        return [self._get(k)[0] for k in keys]
+
+    def add(self, key: str, delta: int, expires_at: int | None) -> int:
+        value, expires = self._get(key)
+        value = max(0, value + delta)
+        self.conn.execute(
+            "INSERT INTO mk_counters(key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) "
+            "DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+            (key, value, expires_at if expires_at is not None else expires),
+        )
+        return value
+
+    def _holds(self, sql: str, params: tuple[Any, ...]) -> list[Hold]:
+        rows = self.conn.execute(
+            f"SELECT id, organization_id, amounts, expires_at FROM mk_holds WHERE {sql}", params
+        ).fetchall()
+        holds = [
+            Hold(r[0], r[1], tuple((k, int(v)) for k, v in json.loads(r[2])), r[3]) for r in rows
+        ]
+        self.conn.executemany("DELETE FROM mk_holds WHERE id = ?", [(h.id,) for h in holds])
+        return holds
+
+    def pop_expired_holds(self, now: int) -> list[Hold]:
+        return self._holds("expires_at <= ?", (now,))
+
+    def pop_hold(self, hold_id: str) -> Hold | None:
+        found = self._holds("id = ?", (hold_id,))
+        return found[0] if found else None
+
+    def put_hold(self, hold: Hold) -> None:
+        self.conn.execute(
+            "INSERT INTO mk_holds(id, organization_id, amounts, expires_at) VALUES (?, ?, ?, ?)",
+            (hold.id, hold.organization_id, json.dumps(hold.amounts), hold.expires_at),
+        )
 
 
 class _Immediate:

@@ -1,0 +1,77 @@
+"""The rule every store applies, atomically, to quota counters.
+
+Stores differ only in how they make the read-decide-write atomic (a lock, ``BEGIN
+IMMEDIATE``, row locks, a Lua script); the decision itself is this function, and the Redis
+script mirrors it line for line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+from meterkit.models import CounterLine, CounterResult, Hold
+
+__all__ = ["CounterBackend", "admits", "apply", "fits", "release_expired", "settle"]
+
+
+def fits(line: CounterLine, current: int, previous: int) -> bool:
+    """Whether ``line.amount`` more fits under ``line.limit`` (always, without a limit)."""
+    if line.limit is None:
+        return True
+    estimate = math.floor(previous * line.prev_weight) + current
+    return estimate + line.amount <= line.limit
+
+
+def admits(lines: Sequence[CounterLine], current: Sequence[int], previous: Sequence[int]) -> bool:
+    """All-or-nothing: every line must fit."""
+    return all(fits(line, c, p) for line, c, p in zip(lines, current, previous))
+
+
+class CounterBackend(Protocol):
+    """The primitives a store offers *inside* its own atomic section."""
+
+    def read(self, keys: Sequence[str], now: int) -> list[int]: ...
+
+    def add(self, key: str, delta: int, expires_at: int | None) -> int: ...
+
+    def pop_expired_holds(self, now: int) -> list[Hold]: ...
+
+    def pop_hold(self, hold_id: str) -> Hold | None: ...
+
+    def put_hold(self, hold: Hold) -> None: ...
+
+
+def release_expired(backend: CounterBackend, now: int) -> None:
+    for hold in backend.pop_expired_holds(now):
+        for key, amount in hold.amounts:
+            backend.add(key, -amount, None)
+
+
+def apply(
+    backend: CounterBackend, lines: Sequence[CounterLine], now: int, hold: Hold | None
+) -> CounterResult:
+    """Read, decide and write; the caller holds the store's lock or transaction."""
+    release_expired(backend, now)
+    current = backend.read([line.key for line in lines], now)
+    prev_keys = [line.prev_key for line in lines if line.prev_key]
+    prev_values = iter(backend.read(prev_keys, now)) if prev_keys else iter(())
+    previous = [next(prev_values) if line.prev_key else 0 for line in lines]
+    if not admits(lines, current, previous):
+        return CounterResult(False, tuple(current), tuple(previous))
+    used = tuple(backend.add(line.key, line.amount, line.expires_at) for line in lines)
+    if hold is not None:
+        backend.put_hold(hold)
+    return CounterResult(True, used, tuple(previous))
+
+
+def settle(
+    backend: CounterBackend, hold_id: str, deltas: Sequence[tuple[str, int]], now: int
+) -> bool:
+    release_expired(backend, now)
+    if backend.pop_hold(hold_id) is None:
+        return False
+    for key, delta in deltas:
+        backend.add(key, delta, None)
+    return True
