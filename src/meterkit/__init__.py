@@ -3,6 +3,9 @@
 from meterkit.errors import MeterkitError, QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.hookspecs import hookimpl
 from meterkit.meter import Meter
+from meterkit.periods import BillingCycle, Period
+from meterkit.plans import Grant, OrgPlan, Plan
+from meterkit.quotas import Decision, LimitState, Reservation
 from meterkit.models import (
     AppendResult,
     Bucket,
@@ -17,14 +20,22 @@ from meterkit.models import (
 
 __all__ = [
     "AppendResult",
+    "BillingCycle",
     "Bucket",
+    "Decision",
     "Dimension",
     "Event",
+    "Grant",
+    "LimitState",
     "Measure",
     "Meter",
     "MeterSpec",
     "MeterkitError",
+    "OrgPlan",
+    "Period",
+    "Plan",
     "QuotaExceeded",
+    "Reservation",
     "Result",
     "StoreUnavailable",
     "UsagePage",

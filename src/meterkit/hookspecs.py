@@ -43,3 +43,31 @@ def meterkit_events_recorded(meter: Any, events: tuple[Event, ...]) -> None:
     (duplicates are left out), in the order given. ``meter`` is the :class:`~meterkit.Meter`.
     An exception raised here propagates to the caller, but the events stay stored.
     """
+
+
+@hookspec
+def meterkit_quota_threshold(
+    meter: Any,
+    organization_id: str,
+    metric: str,
+    threshold: float,
+    used: int,
+    limit: int,
+    period_start: int | None,
+) -> None:
+    """Be told that an organization's usage of ``metric`` reached ``threshold`` of its limit.
+
+    Thresholds are fractions (``0.8`` and ``1.0`` by default; ``Meter(thresholds=...)``).
+    Each fires at most once per organization, metric and billing period (``period_start``;
+    ``None`` for gauges such as ``storage_bytes``), even with many processes sharing a store.
+    """
+
+
+@hookspec(firstresult=True)
+def meterkit_stored_assets(meter: Any, organization_id: str) -> Any:
+    """Return the organization's real stored assets as ``{resource: bytes}``, or ``None``.
+
+    Used by storage recalculation (``Meter.recalculate_storage`` and the operation
+    ``usage.recalculate_storage``) to replace the counted ``storage_bytes`` with the truth.
+    The first plugin that returns a mapping wins.
+    """

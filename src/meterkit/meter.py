@@ -17,6 +17,8 @@ from meterkit.errors import ValidationError
 from meterkit.models import AppendResult, DimValue, Event, MeterSpec, Number, UsagePage
 from meterkit.plugins import get_plugin_manager, make_plugin_manager
 from meterkit.stores.base import Store
+from meterkit.plans import Grant, OrgPlan, Plan
+from meterkit.quotas import Decision, Policy, Quotas, Reservation
 from meterkit.validate import check_event, check_usage_query
 
 __all__ = ["DEFAULT_URL", "Meter", "open_store"]
@@ -54,6 +56,10 @@ class Meter:
         plugins: Iterable[object] = (),
         clock: Clock = _time.time,
         store: Store | None = None,
+        policy: Policy = "closed",
+        thresholds: Sequence[float] = (0.8, 1.0),
+        default_plan: str | None = None,
+        record_debits: bool = True,
     ) -> None:
         plugins = tuple(plugins)
         self.pm = make_plugin_manager(plugins) if plugins else get_plugin_manager()
@@ -68,6 +74,8 @@ class Meter:
                 self.register(spec)
         for spec in meters:
             self.register(spec)
+        self.quotas = Quotas(self, policy=policy, thresholds=thresholds,
+                             default_plan=default_plan, record_debits=record_debits)
 
     # -- meters -------------------------------------------------------------------------------
 
@@ -190,6 +198,45 @@ class Meter:
                                      query.page_end)
             rows = engine.aggregate(spec, query, events)
         return engine.build_page(spec, query, rows, secret)
+
+    # -- quotas (see meterkit.quotas) ---------------------------------------------------------
+
+    def set_plan(self, plan: Plan) -> Plan:
+        """Create or replace a plan (kept by the store)."""
+        return self.quotas.set_plan(plan)
+
+    def assign_plan(self, organization_id: str, plan: str, *, seats: int = 1) -> OrgPlan:
+        """Put an organization on a plan."""
+        return self.quotas.assign(organization_id, plan, seats=seats)
+
+    def grant_credits(
+        self, organization_id: str, credits: int, *, expires_at: int | None = None
+    ) -> Grant:
+        """Add purchased credits on top of the plan allowance."""
+        return self.quotas.grant(organization_id, credits, expires_at=expires_at)
+
+    def check(
+        self, organization_id: str, amounts: Mapping[str, int], *, debit: bool = True,
+        requests: int = 1, dimensions: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        """Atomically admit and debit ``amounts`` against every limit, or refuse and debit nothing."""
+        return self.quotas.check(organization_id, amounts, debit=debit, requests=requests,
+                                 dimensions=dimensions)
+
+    def reserve(
+        self, organization_id: str, amounts: Mapping[str, int], *, ttl: int = 300,
+        requests: int = 1, dimensions: Mapping[str, Any] | None = None,
+    ) -> Reservation:
+        """Hold ``amounts`` until ``commit(actual)`` or ``release()``; raises QuotaExceeded."""
+        return self.quotas.reserve(organization_id, amounts, ttl=ttl, requests=requests,
+                                   dimensions=dimensions)
+
+    def debit(
+        self, organization_id: str, amounts: Mapping[str, int], *,
+        dimensions: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        """Count usage that already happened, without a limit check."""
+        return self.quotas.debit(organization_id, amounts, dimensions=dimensions)
 
     # -- lifecycle ----------------------------------------------------------------------------
 

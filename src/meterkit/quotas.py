@@ -1,0 +1,583 @@
+"""Quota decisions: plan limits and rate limits, checked and debited atomically before a request.
+
+Every decision is one call to :meth:`Store.counters_apply`, all-or-nothing across the lines
+that apply: the period quota of each metric asked for, the gauge limits (``spaces``,
+``storage_bytes``), and the per-minute and per-day rate limits. A refused request debits
+nothing. Rate limits use a *sliding window counter* (O(1) state per key: this window's count
+and the previous one's, weighted by how much of it still overlaps the last 60 s / 24 h).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time as _time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+
+from meterkit.counters import fits
+from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
+from meterkit.models import CounterLine, CounterResult, Hold
+from meterkit.periods import BillingCycle, Period
+from meterkit.plans import UNLIMITED, Grant, OrgPlan, Plan
+from meterkit.validate import check_id, check_string
+
+if TYPE_CHECKING:
+    from meterkit.meter import Meter
+
+__all__ = ["Decision", "LimitState", "Quotas", "Reservation"]
+
+RATE_WINDOWS = {"rate_limit_rpm": 60, "rate_limit_per_day": 86400}
+DEFAULT_CYCLE = BillingCycle()
+Policy = Literal["closed", "open"]
+
+
+@attrs.frozen
+class LimitState:
+    """One limit as a decision saw it. ``limit`` and ``remaining`` are ``-1`` when unlimited."""
+
+    metric: str
+    requested: int
+    used: int
+    limit: int
+    remaining: int
+    reset_at: int | None
+
+
+@attrs.frozen
+class Decision:
+    """The answer to "may this request go ahead?".
+
+    ``limit`` / ``used`` / ``remaining`` / ``reset_at`` describe the deciding limit: the one
+    that refused, or (when admitted) the one with the least room left. ``retry_after`` is in
+    whole seconds (at least 1) when refused and a wait can help. ``degraded`` is true when
+    the store could not answer and the fail-open policy admitted the request.
+    """
+
+    allowed: bool
+    organization_id: str
+    limits: tuple[LimitState, ...] = ()
+    refused_by: str | None = None
+    retry_after: int | None = None
+    degraded: bool = False
+    id: str = ""
+
+    def _decider(self) -> LimitState | None:
+        if self.refused_by is not None:
+            return next((s for s in self.limits if s.metric == self.refused_by), None)
+        limited = [s for s in self.limits if s.limit != UNLIMITED]
+        return min(limited, key=lambda s: (s.remaining / max(s.limit, 1), s.metric), default=None)
+
+    @property
+    def limit(self) -> int:
+        state = self._decider()
+        return state.limit if state else UNLIMITED
+
+    @property
+    def used(self) -> int:
+        state = self._decider()
+        return state.used if state else 0
+
+    @property
+    def remaining(self) -> int:
+        state = self._decider()
+        return state.remaining if state else UNLIMITED
+
+    @property
+    def reset_at(self) -> int | None:
+        state = self._decider()
+        return state.reset_at if state else None
+
+    def state(self, metric: str) -> LimitState | None:
+        return next((s for s in self.limits if s.metric == metric), None)
+
+
+@attrs.define
+class _Line:
+    """A counter line and what the decision needs to describe it."""
+
+    metric: str
+    counter: CounterLine
+    reset_at: int | None
+    period: Period | None
+    window: int = 0
+
+
+def _check_amounts(amounts: object) -> dict[str, int]:
+    if not isinstance(amounts, Mapping):
+        raise ValidationError("amounts", "must be a mapping of metric to a whole amount")
+    out: dict[str, int] = {}
+    for metric, amount in amounts.items():
+        check_string("amounts", metric)
+        if metric in RATE_WINDOWS:
+            raise ValidationError(f"amounts.{metric}", "rate limits are counted per request")
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise ValidationError(f"amounts.{metric}", "must be a non-negative integer")
+        out[metric] = amount
+    return out
+
+
+class Reservation:
+    """Amounts held against quotas until :meth:`commit` (the real amounts) or :meth:`release`.
+
+    A reservation nobody settles expires after its ``ttl`` and gives its amounts back. As a
+    context manager it releases on an exception and otherwise commits what it holds, unless
+    settled inside the block.
+    """
+
+    def __init__(
+        self, quotas: Quotas, decision: Decision, held: dict[str, int],
+        keys: dict[str, _Line], expires_at: int, dimensions: Mapping[str, Any] | None,
+    ) -> None:
+        self._quotas = quotas
+        self.decision = decision
+        self.id = decision.id
+        self.organization_id = decision.organization_id
+        self.held = held
+        self.expires_at = expires_at
+        self._lines = keys
+        self._dimensions = dimensions
+        self._lock = threading.Lock()
+        self.settled = False
+
+    def commit(self, actual: Mapping[str, int] | None = None) -> None:
+        """Settle to the real amounts (default: what was held). Over the hold is debited too."""
+        amounts = dict(self.held) if actual is None else _check_amounts(actual)
+        unknown = set(amounts) - set(self.held)
+        if unknown:
+            raise ValidationError("actual", f"not held by this reservation: {sorted(unknown)}")
+        full = {m: amounts.get(m, 0) for m in self.held}
+        self._settle(full)
+
+    def release(self) -> None:
+        """Give everything back: the request did not happen."""
+        self._settle(None)
+
+    def _settle(self, actual: dict[str, int] | None) -> None:
+        with self._lock:
+            if self.settled:
+                raise ValidationError("reservation", f"{self.id} is already settled")
+            self.settled = True
+        self._quotas._settle(self, actual)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if self.settled:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.release()
+
+
+class Quotas:
+    """Plans, assignments, grants and decisions for one :class:`~meterkit.Meter`."""
+
+    def __init__(
+        self,
+        meter: Meter,
+        *,
+        policy: Policy = "closed",
+        thresholds: Sequence[float] = (0.8, 1.0),
+        cache_seconds: float = 5.0,
+        record_debits: bool = True,
+        default_plan: str | None = None,
+    ) -> None:
+        if policy not in ("closed", "open"):
+            raise ValidationError("policy", "must be 'closed' or 'open'")
+        self.meter = meter
+        self.policy: Policy = policy
+        self.thresholds = tuple(sorted(thresholds))
+        self.cache_seconds = cache_seconds
+        self.record_debits = record_debits
+        self.default_plan = default_plan
+        self._cache: dict[str, tuple[float, tuple[OrgPlan | None, Plan | None, list[Grant]]]] = {}
+        self._cache_lock = threading.Lock()
+
+    @property
+    def store(self) -> Any:
+        return self.meter.store
+
+    # -- plans, assignments, grants ---------------------------------------------------------
+
+    def set_plan(self, plan: Plan) -> Plan:
+        if not isinstance(plan, Plan):
+            raise ValidationError("plan", "must be a meterkit.Plan")
+        self.store.put_record("plan", plan.id, plan.to_record())
+        self._forget()
+        return plan
+
+    def get_plan(self, plan_id: str) -> Plan | None:
+        data = self.store.get_record("plan", plan_id)
+        return Plan.from_record(plan_id, data) if data is not None else None
+
+    def plans(self) -> list[Plan]:
+        return [Plan.from_record(k, d) for k, d in self.store.list_records("plan")]
+
+    def assign(self, organization_id: str, plan_id: str, *, seats: int = 1) -> OrgPlan:
+        assignment = OrgPlan(organization_id, plan_id, seats)
+        if self.get_plan(plan_id) is None:
+            raise ValidationError("plan", f"unknown plan {plan_id!r}")
+        self.store.put_record("org", organization_id, {"plan": plan_id, "seats": seats})
+        self._forget()
+        return assignment
+
+    def grant(
+        self, organization_id: str, credits: int, *, expires_at: int | None = None,
+        id: str | None = None,
+    ) -> Grant:
+        """Add purchased credits, by default for the rest of the current billing period."""
+        check_id("organization_id", organization_id)
+        if isinstance(credits, bool) or not isinstance(credits, int) or credits <= 0:
+            raise ValidationError("credits", "must be a positive integer")
+        now = self.meter.now()
+        if expires_at is None:
+            expires_at = self._cycle(organization_id).period_at(now).end
+        grant = Grant(id or f"grant_{uuid.uuid4().hex}", organization_id, credits, now, expires_at)
+        check_id("id", grant.id)
+        self.store.put_record(
+            f"grant:{organization_id}", grant.id,
+            {"credits": credits, "granted_at": now, "expires_at": expires_at},
+        )
+        self._forget()
+        return grant
+
+    def grants(self, organization_id: str, at: int | None = None) -> list[Grant]:
+        """Grants valid at ``at`` (default now)."""
+        at = self.meter.now() if at is None else at
+        out = []
+        for key, d in self.store.list_records(f"grant:{organization_id}"):
+            grant = Grant(key, organization_id, d["credits"], d["granted_at"], d["expires_at"])
+            if grant.granted_at <= at and (grant.expires_at is None or at < grant.expires_at):
+                out.append(grant)
+        return out
+
+    def plan_of(self, organization_id: str) -> tuple[OrgPlan | None, Plan | None]:
+        assignment, plan, _ = self._lookup(organization_id)
+        return assignment, plan
+
+    def _lookup(self, org: str) -> tuple[OrgPlan | None, Plan | None, list[Grant]]:
+        now = _time.monotonic()
+        with self._cache_lock:
+            hit = self._cache.get(org)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        data = self.store.get_record("org", org)
+        if data is not None:
+            assignment: OrgPlan | None = OrgPlan(org, data["plan"], data.get("seats", 1))
+        elif self.default_plan is not None:
+            assignment = OrgPlan(org, self.default_plan)
+        else:
+            assignment = None
+        plan = self.get_plan(assignment.plan) if assignment else None
+        value = (assignment, plan, self.grants(org))
+        with self._cache_lock:
+            self._cache[org] = (now + self.cache_seconds, value)
+        return value
+
+    def _forget(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+
+    def _cycle(self, org: str) -> BillingCycle:
+        _, plan = self.plan_of(org)
+        return plan.billing_cycle if plan else DEFAULT_CYCLE
+
+    def period(self, organization_id: str, at: int | None = None) -> Period:
+        """The organization's billing period containing ``at`` (default now)."""
+        return self._cycle(organization_id).period_at(self.meter.now() if at is None else at)
+
+    def is_gauge(self, metric: str) -> bool:
+        spec = self.meter.meters.get(metric)
+        measure = spec.measure(metric) if spec else None
+        return bool(measure and measure.gauge)
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def period_key(org: str, metric: str, period: Period) -> str:
+        return f"q\x1f{org}\x1f{metric}\x1f{period.start}"
+
+    @staticmethod
+    def gauge_key(org: str, metric: str) -> str:
+        return f"g\x1f{org}\x1f{metric}"
+
+    def limit_for(self, organization_id: str, metric: str, at: int | None = None) -> int:
+        """The limit in force for ``metric`` (``-1`` unlimited), purchased credits included."""
+        assignment, plan, grants = self._lookup(organization_id)
+        if plan is None:
+            return UNLIMITED
+        limit = plan.limit(metric, assignment.seats if assignment else 1)
+        if metric == "credits" and limit != UNLIMITED:
+            at = self.meter.now() if at is None else at
+            limit += sum(g.credits for g in grants
+                         if g.granted_at <= at and (g.expires_at is None or at < g.expires_at))
+        return limit
+
+    def _lines(self, org: str, amounts: dict[str, int], requests: int, now: int) -> list[_Line]:
+        assignment, plan, _ = self._lookup(org)
+        cycle = plan.billing_cycle if plan else DEFAULT_CYCLE
+        period = cycle.period_at(now)
+        lines: list[_Line] = []
+        for metric, amount in amounts.items():
+            limit = self.limit_for(org, metric, now)
+            cap = None if limit == UNLIMITED else limit
+            if self.is_gauge(metric):
+                lines.append(_Line(metric, CounterLine(self.gauge_key(org, metric), amount, cap),
+                                   None, None))
+            else:
+                key = self.period_key(org, metric, period)
+                lines.append(_Line(metric, CounterLine(key, amount, cap), period.end, period))
+        if plan is not None and requests:
+            for metric, window in RATE_WINDOWS.items():
+                rate = getattr(plan, metric)
+                if rate == UNLIMITED:
+                    continue
+                start = now - now % window
+                weight = (window - (now - start)) / window
+                counter = CounterLine(
+                    f"r\x1f{org}\x1f{window}\x1f{start}", requests, rate,
+                    expires_at=start + 2 * window,
+                    prev_key=f"r\x1f{org}\x1f{window}\x1f{start - window}", prev_weight=weight,
+                )
+                lines.append(_Line(metric, counter, start + window, None, window))
+        return lines
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def check(
+        self, organization_id: str, amounts: Mapping[str, int], *, debit: bool = True,
+        requests: int = 1, dimensions: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        """Admit (and debit) ``amounts`` plus ``requests`` against every limit, or refuse all.
+
+        ``debit=False`` only looks: nothing is counted and a later call may decide otherwise.
+        """
+        decision, _ = self._decide(organization_id, amounts, requests, debit=debit, hold_ttl=None,
+                                   dimensions=dimensions)
+        return decision
+
+    def reserve(
+        self, organization_id: str, amounts: Mapping[str, int], *, ttl: int = 300,
+        requests: int = 1, dimensions: Mapping[str, Any] | None = None,
+    ) -> Reservation:
+        """Hold ``amounts`` now; raises :class:`QuotaExceeded` if any limit refuses."""
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+            raise ValidationError("ttl", "must be a positive number of seconds")
+        decision, reservation = self._decide(organization_id, amounts, requests, debit=True,
+                                             hold_ttl=ttl, dimensions=dimensions)
+        if reservation is None:
+            raise QuotaExceeded(decision)
+        return reservation
+
+    def debit(
+        self, organization_id: str, amounts: Mapping[str, int], *,
+        dimensions: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        """Count usage that already happened, whatever the limits say (it is never refused)."""
+        org = check_id("organization_id", organization_id)
+        clean = _check_amounts(amounts)
+        now = self.meter.now()
+        lines = self._lines(org, clean, 0, now)
+        values = self._guard(lambda: self.store.counters_add(
+            [(ln.counter.key, ln.counter.amount) for ln in lines], now=now))
+        if values is None:
+            return Decision(True, org, degraded=True)
+        result = CounterResult(True, tuple(values), tuple(0 for _ in lines))
+        decision = self._describe(org, lines, result, now, f"dbt_{uuid.uuid4().hex}")
+        self._after_debit(decision, lines, clean, dimensions, now)
+        return decision
+
+    def set_gauge(self, organization_id: str, metric: str, value: int) -> None:
+        """Set a gauge metric's current value (e.g. storage recalculated from real assets)."""
+        org = check_id("organization_id", organization_id)
+        if not self.is_gauge(metric):
+            raise ValidationError("metric", f"{metric!r} is not a gauge meter")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValidationError("value", "must be a non-negative integer")
+        self.store.counters_set(self.gauge_key(org, metric), value, now=self.meter.now())
+
+    def used(self, organization_id: str, metric: str, at: int | None = None) -> int:
+        """Counted usage of ``metric``: this period's for counters, the current value for gauges."""
+        now = self.meter.now() if at is None else at
+        if self.is_gauge(metric):
+            key = self.gauge_key(organization_id, metric)
+        else:
+            key = self.period_key(organization_id, metric, self.period(organization_id, now))
+        value: int = self.store.counters_read([key], now=now)[0]
+        return value
+
+    def _guard(self, call: Any) -> Any:
+        try:
+            return call()
+        except StoreUnavailable:
+            if self.policy == "open":
+                return None
+            raise
+
+    def _decide(
+        self, organization_id: str, amounts: Mapping[str, int], requests: int, *, debit: bool,
+        hold_ttl: int | None, dimensions: Mapping[str, Any] | None,
+    ) -> tuple[Decision, Reservation | None]:
+        org = check_id("organization_id", organization_id)
+        clean = _check_amounts(amounts)
+        if isinstance(requests, bool) or not isinstance(requests, int) or requests < 0:
+            raise ValidationError("requests", "must be a non-negative integer")
+        now = self.meter.now()
+        decision_id = f"{'rsv' if hold_ttl else 'dec'}_{uuid.uuid4().hex}"
+        try:
+            lines = self._lines(org, clean, requests, now)
+        except StoreUnavailable:
+            if self.policy == "open":
+                return Decision(True, org, degraded=True, id=decision_id), None
+            raise
+        counters = [ln.counter for ln in lines]
+        hold = None
+        if hold_ttl is not None:
+            hold = Hold(decision_id, org,
+                        tuple((ln.counter.key, ln.counter.amount) for ln in lines
+                              if ln.window == 0 and ln.counter.amount),
+                        now + hold_ttl)
+        if debit:
+            result = self._guard(lambda: self.store.counters_apply(counters, now=now, hold=hold))
+        else:
+            result = self._guard(lambda: self._peek(counters, now))
+        if result is None:
+            return Decision(True, org, degraded=True, id=decision_id), None
+        decision = self._describe(org, lines, result, now, decision_id)
+        if not (decision.allowed and debit):
+            return decision, None
+        if hold_ttl is None:
+            self._after_debit(decision, lines, clean, dimensions, now)
+            return decision, None
+        self._thresholds(org, lines, result)
+        keyed = {ln.metric: ln for ln in lines if ln.window == 0}
+        return decision, Reservation(self, decision, clean, keyed, now + hold_ttl, dimensions)
+
+    def _peek(self, counters: Sequence[CounterLine], now: int) -> CounterResult:
+        current = self.store.counters_read([c.key for c in counters], now=now)
+        prev_keys = [c.prev_key or "" for c in counters]
+        previous = [v if c.prev_key else 0 for c, v in
+                    zip(counters, self.store.counters_read(prev_keys, now=now))]
+        admitted = all(fits(c, u, p) for c, u, p in zip(counters, current, previous))
+        used = [u + c.amount for c, u in zip(counters, current)] if admitted else current
+        return CounterResult(admitted, tuple(used), tuple(previous))
+
+    def _describe(
+        self, org: str, lines: Sequence[_Line], result: CounterResult, now: int, decision_id: str
+    ) -> Decision:
+        states = []
+        refused_by = None
+        retry_after = None
+        for line, used, prev in zip(lines, result.used, result.previous):
+            counter = line.counter
+            estimate = used + math.floor(prev * counter.prev_weight)
+            limit = UNLIMITED if counter.limit is None else counter.limit
+            remaining = UNLIMITED if counter.limit is None else max(0, counter.limit - estimate)
+            states.append(LimitState(line.metric, counter.amount, estimate, limit, remaining,
+                                     line.reset_at))
+            if not result.admitted and refused_by is None and not fits(counter, used, prev):
+                refused_by = line.metric
+                retry_after = self._retry_after(line, used, prev, now)
+        return Decision(result.admitted, org, tuple(states), refused_by, retry_after, id=decision_id)
+
+    @staticmethod
+    def _retry_after(line: _Line, current: int, previous: int, now: int) -> int | None:
+        counter = line.counter
+        if counter.limit is None or counter.amount > counter.limit:
+            return None
+        if line.window:
+            # Step through the next two windows until the sliding estimate has room.
+            window = line.window
+            start = now - now % window
+            for wait in range(1, 2 * window + 1):
+                t = now + wait
+                if t < start + window:
+                    cur, prev = current, previous
+                    weight = (window - (t - start)) / window
+                else:
+                    cur, prev = 0, (current if t < start + 2 * window else 0)
+                    weight = (window - (t - start - window)) / window
+                if math.floor(prev * weight) + cur + counter.amount <= counter.limit:
+                    return wait
+            return 2 * window
+        if line.reset_at is None:
+            return None  # a gauge frees up only when something is removed
+        return max(1, line.reset_at - now)
+
+    def _after_debit(
+        self, decision: Decision, lines: Sequence[_Line], amounts: Mapping[str, int],
+        dimensions: Mapping[str, Any] | None, now: int,
+    ) -> None:
+        result_used = {s.metric: s.used for s in decision.limits}
+        self._thresholds_from(decision.organization_id, lines, result_used)
+        if self.record_debits:
+            self._record(decision.id, decision.organization_id, amounts, dimensions, now)
+
+    def _thresholds(self, org: str, lines: Sequence[_Line], result: CounterResult) -> None:
+        self._thresholds_from(org, lines, {ln.metric: u for ln, u in zip(lines, result.used)})
+
+    def _thresholds_from(self, org: str, lines: Sequence[_Line], used: Mapping[str, int]) -> None:
+        for line in lines:
+            limit = line.counter.limit
+            if line.window or limit is None or limit <= 0:
+                continue
+            value = used.get(line.metric, 0)
+            for threshold in self.thresholds:
+                if value < threshold * limit:
+                    break
+                scope = line.period.start if line.period else "gauge"
+                marker = f"t\x1f{org}\x1f{line.metric}\x1f{scope}\x1f{threshold}"
+                if self.store.claim_once(marker, now=self.meter.now(),
+                                         expires_at=line.period.end if line.period else None):
+                    self.meter.pm.hook.meterkit_quota_threshold(
+                        meter=self.meter, organization_id=org, metric=line.metric,
+                        threshold=threshold, used=value, limit=limit,
+                        period_start=line.period.start if line.period else None,
+                    )
+
+    def _record(
+        self, event_id: str, org: str, amounts: Mapping[str, int],
+        dimensions: Mapping[str, Any] | None, now: int,
+    ) -> None:
+        from meterkit.models import Event
+
+        events = []
+        for metric, amount in amounts.items():
+            spec = self.meter.meters.get(metric)
+            if spec is None or spec.measure(metric) is None or self.is_gauge(metric) or not amount:
+                continue
+            dims = {k: v for k, v in (dimensions or {}).items() if spec.dimension(k)}
+            events.append(Event(f"{event_id}:{metric}", metric, org, now, {metric: amount}, dims))
+        if events:
+            self.meter.record_many(events)
+
+    def _settle(self, reservation: Reservation, actual: dict[str, int] | None) -> None:
+        now = self.meter.now()
+        lines = reservation._lines
+        deltas = []
+        for metric, held in reservation.held.items():
+            line = lines.get(metric)
+            if line is None:
+                continue
+            target = 0 if actual is None else actual[metric]
+            deltas.append((line.counter.key, target - held))
+        settled = self.store.counters_settle(reservation.id, deltas, now=now)
+        if actual is None:
+            return
+        if not settled:
+            # The hold expired and gave its amounts back; the usage still happened.
+            self.store.counters_add(
+                [(lines[m].counter.key, a) for m, a in actual.items() if m in lines], now=now
+            )
+        values = self.store.counters_read([ln.counter.key for ln in lines.values()], now=now)
+        self._thresholds_from(reservation.organization_id, list(lines.values()),
+                              dict(zip(lines, values)))
+        if self.record_debits:
+            self._record(reservation.id, reservation.organization_id, actual,
+                         reservation._dimensions, now)
