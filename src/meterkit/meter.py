@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import pluggy
 
-from meterkit import engine
+from meterkit import engine, summaries
 from meterkit.catalog import builtin_meters
 from meterkit.errors import ValidationError
 from meterkit.models import AppendResult, DimValue, Event, MeterSpec, Number, UsagePage
@@ -199,6 +199,39 @@ class Meter:
             rows = engine.aggregate(spec, query, events)
         return engine.build_page(spec, query, rows, secret)
 
+    def totals(
+        self, meter: str, *, organization_id: str, start_time: int, end_time: int,
+        bucket_width: str = "1d",
+    ) -> list[tuple[int, dict[str, Number | None]]]:
+        """Per-bucket totals (no grouping) over any span, as ``(bucket_start, values)``.
+
+        Unlike :meth:`usage` there is no page limit: summaries over a month or a year use it.
+        """
+        spec = self.spec(meter)
+        query = check_usage_query(
+            spec, organization_id=organization_id, start_time=start_time, end_time=end_time,
+            bucket_width=bucket_width, group_by=(), filters=None, limit=None,
+        )
+        count = -(-(query.end_time - query.page_start) // query.width)
+        query = attrs.evolve(query, limit=max(count, 1))
+        self._ensure(spec)
+        rows = self.store.aggregate(spec, query)
+        if rows is None:
+            events = self.store.scan(spec.name, query.organization_id, query.scan_start,
+                                     query.page_end)
+            rows = engine.aggregate(spec, query, events)
+        return sorted((start, values) for (start, _group), values in rows.items())
+
+    def total(self, meter: str, measure: str, *, organization_id: str, start_time: int,
+              end_time: int) -> Number:
+        """The sum of a counter measure over ``[start_time, end_time)``."""
+        spec = self.spec(meter)
+        if spec.measure(measure) is None:
+            raise ValidationError("measure", f"meter {meter!r} has no measure {measure!r}")
+        rows = self.totals(meter, organization_id=organization_id, start_time=start_time,
+                           end_time=end_time)
+        return sum((v.get(measure) or 0) for _, v in rows)
+
     # -- quotas (see meterkit.quotas) ---------------------------------------------------------
 
     def set_plan(self, plan: Plan) -> Plan:
@@ -237,6 +270,29 @@ class Meter:
     ) -> Decision:
         """Count usage that already happened, without a limit check."""
         return self.quotas.debit(organization_id, amounts, dimensions=dimensions)
+
+    # -- summaries (see meterkit.summaries) ---------------------------------------------------
+
+    def plan_usage(self, organization_id: str, start_date: Any = None,
+                   end_date: Any = None) -> dict[str, Any]:
+        """Usage over a date range against the plan's limits (ENDPOINTS.md §2)."""
+        return summaries.plan_usage(self, organization_id, start_date, end_date)
+
+    def account_usage(self, organization_id: str, role: str = "member") -> dict[str, Any]:
+        """Storage, credits and plan, with admin-only fields for admins (ENDPOINTS.md §3)."""
+        return summaries.account_usage(self, organization_id, role)
+
+    def current_usage(self, organization_id: str) -> dict[str, Any]:
+        """This billing period's storage, tiles, credits and jobs (ENDPOINTS.md §4)."""
+        return summaries.current_usage(self, organization_id)
+
+    def usage_history(self, organization_id: str, months: int = 6) -> list[dict[str, Any]]:
+        """Tile requests and peak storage per billing period, oldest first (ENDPOINTS.md §4)."""
+        return summaries.usage_history(self, organization_id, months)
+
+    def recalculate_storage(self, organization_id: str) -> dict[str, Any]:
+        """Recount storage from the ``meterkit_stored_assets`` hook (ENDPOINTS.md §4)."""
+        return summaries.recalculate_storage(self, organization_id)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
