@@ -25,6 +25,16 @@ def meterkit_open_store(url: str, scheme: str) -> Any:
     """
 
 
+@hookspec(firstresult=True)
+def meterkit_open_counters(url: str, scheme: str) -> Any:
+    """Open a counters-only backend for ``url`` (``Meter(..., counters=url)``), or ``None``.
+
+    The backend implements :class:`meterkit.stores.base.CounterStore`: the atomic quota
+    counters, kept apart from the event store (Redis, for hot counters). When no plugin
+    answers, any store URL is opened with :func:`meterkit_open_store` and its counters used.
+    """
+
+
 @hookspec
 def meterkit_store_schemes() -> list[str]:  # type: ignore[empty-body]
     """Return the URL schemes your stores answer to, so errors can list what is available."""

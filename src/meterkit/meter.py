@@ -16,12 +16,12 @@ from meterkit.catalog import builtin_meters
 from meterkit.errors import ValidationError
 from meterkit.models import AppendResult, DimValue, Event, MeterSpec, Number, UsagePage
 from meterkit.plugins import get_plugin_manager, make_plugin_manager
-from meterkit.stores.base import Store
+from meterkit.stores.base import CounterStore, Store
 from meterkit.plans import Grant, OrgPlan, Plan
 from meterkit.quotas import Decision, Policy, Quotas, Reservation
 from meterkit.validate import check_event, check_usage_query
 
-__all__ = ["DEFAULT_URL", "Meter", "open_store"]
+__all__ = ["DEFAULT_URL", "Meter", "open_counters", "open_store"]
 
 DEFAULT_URL = "sqlite:///meterkit.db"
 Clock = Callable[[], float]
@@ -40,6 +40,16 @@ def open_store(url: str, pm: pluggy.PluginManager | None = None) -> Store:
     return store
 
 
+def open_counters(url: str, pm: pluggy.PluginManager | None = None) -> CounterStore:
+    """Open a quota counters backend for ``url``; any event store URL works too."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ValidationError("counters", f"{url!r} is not a counters URL such as 'redis://...'")
+    pm = pm or get_plugin_manager()
+    scheme = url.split("://", 1)[0].lower()
+    found: CounterStore | None = pm.hook.meterkit_open_counters(url=url, scheme=scheme)
+    return found if found is not None else open_store(url, pm)
+
+
 class Meter:
     """Records usage events and answers bucket queries over them.
 
@@ -56,6 +66,7 @@ class Meter:
         plugins: Iterable[object] = (),
         clock: Clock = _time.time,
         store: Store | None = None,
+        counters: str | CounterStore | None = None,
         policy: Policy = "closed",
         thresholds: Sequence[float] = (0.8, 1.0),
         default_plan: str | None = None,
@@ -66,6 +77,11 @@ class Meter:
         self.clock = clock
         self.store: Store = store if store is not None else open_store(url, self.pm)
         self.url = self.store.url
+        self.counters: CounterStore = (
+            self.store if counters is None
+            else open_counters(counters, self.pm) if isinstance(counters, str)
+            else counters
+        )
         self._lock = threading.Lock()
         self._specs = builtin_meters()
         self._ready: set[str] = set()
@@ -297,6 +313,8 @@ class Meter:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self.counters is not self.store:
+            self.counters.close()
         self.store.close()
 
     def __enter__(self) -> Meter:

@@ -203,6 +203,11 @@ class Quotas:
     def store(self) -> Any:
         return self.meter.store
 
+    @property
+    def counters(self) -> Any:
+        """Where quota counters live: the store itself, or ``Meter(counters=...)``."""
+        return self.meter.counters
+
     # -- plans, assignments, grants ---------------------------------------------------------
 
     def set_plan(self, plan: Plan) -> Plan:
@@ -384,7 +389,7 @@ class Quotas:
         clean = _check_amounts(amounts)
         now = self.meter.now()
         lines = self._lines(org, clean, 0, now)
-        values = self._guard(lambda: self.store.counters_add(
+        values = self._guard(lambda: self.counters.counters_add(
             [(ln.counter.key, ln.counter.amount) for ln in lines], now=now))
         if values is None:
             return Decision(True, org, degraded=True)
@@ -400,7 +405,7 @@ class Quotas:
             raise ValidationError("metric", f"{metric!r} is not a gauge meter")
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValidationError("value", "must be a non-negative integer")
-        self.store.counters_set(self.gauge_key(org, metric), value, now=self.meter.now())
+        self.counters.counters_set(self.gauge_key(org, metric), value, now=self.meter.now())
 
     def used(self, organization_id: str, metric: str, at: int | None = None) -> int:
         """Counted usage of ``metric``: this period's for counters, the current value for gauges."""
@@ -409,7 +414,7 @@ class Quotas:
             key = self.gauge_key(organization_id, metric)
         else:
             key = self.period_key(organization_id, metric, self.period(organization_id, now))
-        value: int = self.store.counters_read([key], now=now)[0]
+        value: int = self.counters.counters_read([key], now=now)[0]
         return value
 
     def _guard(self, call: Any) -> Any:
@@ -444,7 +449,7 @@ class Quotas:
                               if ln.window == 0 and ln.counter.amount),
                         now + hold_ttl)
         if debit:
-            result = self._guard(lambda: self.store.counters_apply(counters, now=now, hold=hold))
+            result = self._guard(lambda: self.counters.counters_apply(counters, now=now, hold=hold))
         else:
             result = self._guard(lambda: self._peek(counters, now))
         if result is None:
@@ -460,10 +465,10 @@ class Quotas:
         return decision, Reservation(self, decision, clean, keyed, now + hold_ttl, dimensions)
 
     def _peek(self, counters: Sequence[CounterLine], now: int) -> CounterResult:
-        current = self.store.counters_read([c.key for c in counters], now=now)
+        current = self.counters.counters_read([c.key for c in counters], now=now)
         prev_keys = [c.prev_key or "" for c in counters]
         previous = [v if c.prev_key else 0 for c, v in
-                    zip(counters, self.store.counters_read(prev_keys, now=now))]
+                    zip(counters, self.counters.counters_read(prev_keys, now=now))]
         admitted = all(fits(c, u, p) for c, u, p in zip(counters, current, previous))
         used = [u + c.amount for c, u in zip(counters, current)] if admitted else current
         return CounterResult(admitted, tuple(used), tuple(previous))
@@ -533,7 +538,7 @@ class Quotas:
                     break
                 scope = line.period.start if line.period else "gauge"
                 marker = f"t\x1f{org}\x1f{line.metric}\x1f{scope}\x1f{threshold}"
-                if self.store.claim_once(marker, now=self.meter.now(),
+                if self.counters.claim_once(marker, now=self.meter.now(),
                                          expires_at=line.period.end if line.period else None):
                     self.meter.pm.hook.meterkit_quota_threshold(
                         meter=self.meter, organization_id=org, metric=line.metric,
@@ -567,15 +572,15 @@ class Quotas:
                 continue
             target = 0 if actual is None else actual[metric]
             deltas.append((line.counter.key, target - held))
-        settled = self.store.counters_settle(reservation.id, deltas, now=now)
+        settled = self.counters.counters_settle(reservation.id, deltas, now=now)
         if actual is None:
             return
         if not settled:
             # The hold expired and gave its amounts back; the usage still happened.
-            self.store.counters_add(
+            self.counters.counters_add(
                 [(lines[m].counter.key, a) for m, a in actual.items() if m in lines], now=now
             )
-        values = self.store.counters_read([ln.counter.key for ln in lines.values()], now=now)
+        values = self.counters.counters_read([ln.counter.key for ln in lines.values()], now=now)
         self._thresholds_from(reservation.organization_id, list(lines.values()),
                               dict(zip(lines, values)))
         if self.record_debits:

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 from meterkit.engine.aggregate import Rows
 from meterkit.models import CounterLine, CounterResult, Event, Hold, MeterSpec, UsageQuery
 
-__all__ = ["Store"]
+__all__ = ["CounterStore", "Store"]
 
 
 @runtime_checkable
@@ -52,7 +52,7 @@ class Store(Protocol):
     def delete_record(self, kind: str, key: str) -> bool:
         """Remove a record; ``True`` if it existed."""
 
-    # -- quota counters ---------------------------------------------------------------------
+    # -- quota counters (the CounterStore protocol below) ------------------------------------
 
     def counters_apply(
         self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
@@ -89,3 +89,46 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections. The store is not used afterwards."""
+
+
+@runtime_checkable
+class CounterStore(Protocol):
+    """Quota counters on their own (``Meter(url, counters="redis://...")``).
+
+    Every :class:`Store` is one; a counters-only backend implements just these methods.
+    """
+
+    url: str
+
+    def counters_apply(
+        self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
+    ) -> CounterResult:
+        """Atomically admit all lines or none (:func:`meterkit.counters.admits`).
+
+        First releases every hold that expired at ``now``. Admitted: adds each amount and,
+        with ``hold``, remembers it so it can be settled later. Counters whose
+        ``expires_at <= now`` read as 0. Keys are distinct within one call.
+        """
+
+    def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
+        """Atomically forget a hold and add ``deltas`` (negative to give back).
+
+        ``False`` (and nothing changed) when the hold is unknown: settled, released or expired.
+        """
+
+    def counters_add(
+        self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
+    ) -> list[int]:
+        """Add unconditionally (usage that already happened); the values after."""
+
+    def counters_set(self, key: str, value: int, *, now: int, expires_at: int | None = None) -> None:
+        """Set one counter (a gauge recalculated from its source)."""
+
+    def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
+        """Current values (0 for absent or expired keys)."""
+
+    def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
+        """``True`` for the first caller ever to claim ``marker`` (until it expires)."""
+
+    def close(self) -> None:
+        """Release connections."""
