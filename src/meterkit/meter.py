@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time as _time
 import uuid
@@ -11,7 +12,12 @@ from typing import Any
 import attrs
 import pluggy
 
-from meterkit import engine, summaries
+from meterkit import costs as costs_module
+from meterkit import engine, pricing, summaries
+from meterkit.config import load_config
+from meterkit.costs import CostsPage, UnpricedUsage
+from meterkit.periods import Period
+from meterkit.pricing import Price, PriceBook
 from meterkit.catalog import builtin_meters
 from meterkit.errors import ValidationError
 from meterkit.models import AppendResult, DimValue, Event, MeterSpec, Number, UsagePage
@@ -92,6 +98,24 @@ class Meter:
             self.register(spec)
         self.quotas = Quotas(self, policy=policy, thresholds=thresholds,
                              default_plan=default_plan, record_debits=record_debits)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], **overrides: Any) -> Meter:
+        """Open the store a TOML file names and load its meters, prices, plans and orgs.
+
+        Keyword arguments override the file (``url=...`` replaces ``store``).
+        """
+        config = load_config(path)
+        kwargs = config.meter_kwargs()
+        url = overrides.pop("url", None) or config.store
+        kwargs.update(overrides)
+        meter = cls(url, **kwargs)
+        try:
+            config.apply(meter)
+        except BaseException:
+            meter.close()
+            raise
+        return meter
 
     # -- meters -------------------------------------------------------------------------------
 
@@ -247,6 +271,55 @@ class Meter:
         rows = self.totals(meter, organization_id=organization_id, start_time=start_time,
                            end_time=end_time)
         return sum((v.get(measure) or 0) for _, v in rows)
+
+    # -- prices and costs (see meterkit.pricing, meterkit.costs) -------------------------------
+
+    def set_price(self, price: Price | Mapping[str, Any]) -> Price:
+        """Add or replace a price version (kept by the store)."""
+        if isinstance(price, Mapping):
+            price = pricing.price_from_dict(price, self._specs)
+        return pricing.save_price(self.store, price, specs=self._specs)
+
+    def prices(self) -> PriceBook:
+        """The price book as stored now."""
+        return pricing.load_book(self.store, self._specs)
+
+    def costs(
+        self,
+        *,
+        organization_id: str,
+        start_time: Any,
+        end_time: Any = None,
+        bucket_width: str = "1d",
+        group_by: Iterable[str] | None = None,
+        filters: Mapping[str, Iterable[str]] | None = None,
+        limit: int | None = None,
+        page: str | None = None,
+    ) -> CostsPage:
+        """One page of daily costs: OpenAI costs semantics, exact Decimal amounts."""
+        return costs_module.costs_page(
+            self.store, self._specs, self.prices(),
+            organization_id=organization_id, start_time=start_time,
+            end_time=end_time if end_time is not None else self.now(),
+            bucket_width=bucket_width, group_by=group_by, filters=filters, limit=limit,
+            page=page, period_of=self._period_of(organization_id),
+        )
+
+    def unpriced(
+        self, *, organization_id: str, start_time: Any, end_time: Any = None,
+        meters: Iterable[str] | None = None,
+    ) -> list[UnpricedUsage]:
+        """Usage no price matched: listed, never silently costed at zero."""
+        return costs_module.unpriced(
+            self.store, self._specs, self.prices(), organization_id=organization_id,
+            start_time=start_time, end_time=end_time if end_time is not None else self.now(),
+            meters=meters,
+        )
+
+    def _period_of(self, organization_id: object) -> Callable[[int], Period] | None:
+        if not isinstance(organization_id, str) or not organization_id:
+            return None  # the costs query reports the bad organization_id itself
+        return lambda t: self.quotas.period(organization_id, t)
 
     # -- quotas (see meterkit.quotas) ---------------------------------------------------------
 
