@@ -103,7 +103,7 @@ def make_camel_converter() -> cattrs.Converter:
         import attrs
 
         names = [a.name for a in attrs.fields(cls)]  # type: ignore[misc]
-        base = make_dict_unstructure_fn(
+        base: Any = make_dict_unstructure_fn(
             cls, conv, **{n: override(rename=_camel(n)) for n in names}  # type: ignore[arg-type]
         )
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Literal, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, Union
 
 import attrs
 
@@ -35,12 +35,24 @@ GAUGE_AGGREGATIONS: tuple[str, ...] = ("sum", "max", "min")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
-def _check_name(kind: str) -> object:
-    def check(_inst: object, _attr: object, value: str) -> None:
+def _check_name(kind: str) -> Callable[[Any, Any, str], None]:
+    def check(_inst: Any, _attr: Any, value: str) -> None:
         if not isinstance(value, str) or not NAME_RE.match(value):
             raise ValueError(f"{kind} name {value!r} must match {NAME_RE.pattern}")
 
     return check
+
+
+def _measures(items: Iterable[Measure]) -> tuple[Measure, ...]:
+    return tuple(items)
+
+
+def _dimensions(items: Iterable[Dimension]) -> tuple[Dimension, ...]:
+    return tuple(items)
+
+
+def _allowed(items: Iterable[str] | None) -> frozenset[str] | None:
+    return None if items is None else frozenset(items)
 
 
 @attrs.frozen
@@ -69,9 +81,7 @@ class Dimension:
 
     name: str = attrs.field(validator=_check_name("dimension"))
     kind: Literal["str", "bool"] = "str"
-    allowed: frozenset[str] | None = attrs.field(
-        default=None, converter=attrs.converters.optional(frozenset)
-    )
+    allowed: frozenset[str] | None = attrs.field(default=None, converter=_allowed)
 
 
 @attrs.frozen
@@ -79,8 +89,8 @@ class MeterSpec:
     """A meter: its measures, its dimensions, and the name of its result object."""
 
     name: str = attrs.field(validator=_check_name("meter"))
-    measures: tuple[Measure, ...] = attrs.field(converter=tuple)
-    dimensions: tuple[Dimension, ...] = attrs.field(converter=tuple, default=())
+    measures: tuple[Measure, ...] = attrs.field(converter=_measures)
+    dimensions: tuple[Dimension, ...] = attrs.field(converter=_dimensions, default=())
     result_object: str = ""
 
     def __attrs_post_init__(self) -> None:
@@ -92,6 +102,11 @@ class MeterSpec:
         ):
             if len(set(names)) != len(names):
                 raise ValueError(f"meter {self.name!r} repeats a {what} name")
+        # A result object holds "object", every dimension and every measure as flat keys.
+        clash = set(self.measure_names) & set(self.dimension_names)
+        clash |= {"object"} & {*self.measure_names, *self.dimension_names}
+        if clash:
+            raise ValueError(f"meter {self.name!r}: {sorted(clash)} would collide in a result")
         if not self.result_object:
             object.__setattr__(self, "result_object", f"usage.{self.name}.result")
 

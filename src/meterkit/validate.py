@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,6 +36,9 @@ BUCKET_WIDTHS: dict[str, tuple[int, int, int]] = {
 }
 
 
+_CONTROL = re.compile("[\x00-\x1f]")
+
+
 def check_string(field: str, value: object) -> str:
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, not {type(value).__name__}")
@@ -47,7 +51,7 @@ def check_string(field: str, value: object) -> str:
 
 def check_id(field: str, value: object) -> str:
     value = check_string(field, value)
-    if value != value.strip() or any(ord(c) < 32 for c in value):
+    if value != value.strip() or _CONTROL.search(value):
         raise ValidationError(field, "must not contain control characters or edge spaces")
     return value
 
@@ -95,27 +99,98 @@ def check_dim_value(spec: MeterSpec, name: str, value: object, field: str) -> Di
     return value
 
 
+def _plain_id(value: object) -> bool:
+    """The common case of :func:`check_id` passing, without building field names."""
+    return (
+        type(value) is str
+        and 0 < len(value) <= MAX_STRING
+        and value == value.strip()
+        and not _CONTROL.search(value)
+    )
+
+
+class _SpecIndex:
+    """A meter's measure names and dimensions by name, for validating many events fast."""
+
+    __slots__ = ("dims", "measures", "spec")
+
+    def __init__(self, spec: MeterSpec) -> None:
+        self.spec = spec
+        self.measures = frozenset(spec.measure_names)
+        self.dims = {d.name: (d.kind == "bool", d.allowed) for d in spec.dimensions}
+
+
+_INDEXES: dict[int, _SpecIndex] = {}
+
+
+def _index(spec: MeterSpec) -> _SpecIndex:
+    # Keyed by identity (specs are frozen); the entry keeps its spec alive, so ids stay unique.
+    idx = _INDEXES.get(id(spec))
+    if idx is None or idx.spec is not spec:
+        if len(_INDEXES) >= 1024:
+            _INDEXES.clear()
+        idx = _INDEXES[id(spec)] = _SpecIndex(spec)
+    return idx
+
+
 def check_event(spec: MeterSpec, event: Event, field: str = "event") -> Event:
-    """Validate ``event`` against its meter; returns it with plain-dict values and dimensions."""
-    check_id(f"{field}.id", event.id)
-    check_id(f"{field}.organization_id", event.organization_id)
-    time = check_time(f"{field}.time", event.time)
+    """Validate ``event`` against its meter; returns it with plain-dict values and dimensions.
+
+    Each check has a fast path for plain input (exact ``str`` / ``int`` / ``float`` / ``bool``
+    within limits) that builds no field names; anything else goes through the full check,
+    which raises the error.
+    """
+    idx = _index(spec)
+    if not (_plain_id(event.id) and _plain_id(event.organization_id)):
+        check_id(f"{field}.id", event.id)
+        check_id(f"{field}.organization_id", event.organization_id)
+    time = event.time
+    if type(time) is not int or not 0 <= time <= MAX_TIME:
+        time = check_time(f"{field}.time", time)
     if not isinstance(event.values, Mapping):
         raise ValidationError(f"{field}.values", "must be a mapping of measure to number")
     if not isinstance(event.dimensions, Mapping):
         raise ValidationError(f"{field}.dimensions", "must be a mapping of dimension to value")
+    measures = idx.measures
     values: dict[str, Number] = {}
     for name, value in event.values.items():
+        kind = type(value)
+        if (
+            type(name) is str
+            and name in measures
+            and (kind is int or kind is float)
+            and 0 <= value <= MAX_VALUE  # False for NaN: the full check names it
+        ):
+            values[name] = value
+            continue
         if not isinstance(name, str) or spec.measure(name) is None:
             raise ValidationError(
                 f"{field}.values", f"meter {spec.name!r} has no measure {name!r}"
             )
         values[name] = check_number(f"{field}.values.{name}", value)
+    dims_index = idx.dims
     dims: dict[str, DimValue] = {}
-    for name, value in event.dimensions.items():
+    for name, dim_value in event.dimensions.items():
+        known = dims_index.get(name) if type(name) is str else None
+        if known is not None:
+            is_bool, allowed = known
+            if dim_value is None:
+                dims[name] = None
+                continue
+            if is_bool:
+                if type(dim_value) is bool:
+                    dims[name] = dim_value
+                    continue
+            elif (
+                type(dim_value) is str
+                and 0 < len(dim_value) <= MAX_STRING
+                and (allowed is None or dim_value in allowed)
+            ):
+                dims[name] = dim_value
+                continue
         if not isinstance(name, str):
             raise ValidationError(f"{field}.dimensions", "names must be strings")
-        dims[name] = check_dim_value(spec, name, value, f"{field}.dimensions.{name}")
+        dims[name] = check_dim_value(spec, name, dim_value, f"{field}.dimensions.{name}")
     return Event(event.id, event.meter, event.organization_id, time, values, dims)
 
 
@@ -157,7 +232,7 @@ def check_usage_query(
         raise ValidationError("limit", "must be an integer")
     if not 1 <= limit <= max_limit:
         raise ValidationError("limit", f"must be between 1 and {max_limit} for {bucket_width}")
-    groups = _check_names("group_by", spec, group_by or ())
+    groups = _check_names("group_by", spec, group_by or ())  # type: ignore[arg-type]
     filter_items: list[tuple[str, tuple[DimValue, ...]]] = []
     if filters is not None:
         if not isinstance(filters, Mapping):

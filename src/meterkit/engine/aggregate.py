@@ -67,9 +67,11 @@ def _finish(measure: Measure, acc: _Acc) -> Number | None:
         latest = [v for _t, _i, v in acc.series.values()]
         if not latest:
             return empty_value(measure)
-        combine = {"sum": sum, "max": max, "min": min}[measure.aggregation]
-        result: Number = combine(latest)
-        return result
+        if measure.aggregation == "max":
+            return max(latest)
+        if measure.aggregation == "min":
+            return min(latest)
+        return sum(latest)
     if measure.aggregation == "unique_count":
         return len(acc.uniques)
     return empty_value(measure) if acc.total is None else acc.total

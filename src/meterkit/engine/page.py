@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from meterkit.engine.aggregate import Rows, empty_value
 from meterkit.engine.cursor import encode_cursor
-from meterkit.models import Bucket, DimValue, MeterSpec, Result, UsagePage, UsageQuery
+from meterkit.models import Bucket, DimValue, MeterSpec, Number, Result, UsagePage, UsageQuery
 
 __all__ = ["bucket_starts", "build_page"]
 
@@ -25,7 +25,7 @@ def _order(group: tuple[DimValue, ...]) -> tuple[tuple[int, str], ...]:
 
 def build_page(spec: MeterSpec, query: UsageQuery, rows: Rows, secret: bytes) -> UsagePage:
     starts, next_start = bucket_starts(query)
-    by_bucket: dict[int, list[tuple[tuple[DimValue, ...], dict[str, object]]]] = {}
+    by_bucket: dict[int, list[tuple[tuple[DimValue, ...], dict[str, Number | None]]]] = {}
     for (start, group), values in rows.items():
         by_bucket.setdefault(start, []).append((group, values))
     blank = dict.fromkeys(spec.dimension_names)

@@ -70,21 +70,21 @@ class SQLiteStore:
         conn.execute("PRAGMA synchronous=NORMAL")
         self._specs: dict[str, MeterSpec] = {}
         with self._lock, self._write():
-            self.db["mk_meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-            self.db["mk_records"].create(
+            self.db.table("mk_meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            self.db.table("mk_records").create(
                 {"kind": str, "key": str, "data": str}, pk=("kind", "key"), if_not_exists=True
             )
-            self.db["mk_counters"].create(
+            self.db.table("mk_counters").create(
                 {"key": str, "value": int, "expires_at": int}, pk="key", if_not_exists=True
             )
-            self.db["mk_holds"].create(
+            self.db.table("mk_holds").create(
                 {"id": str, "organization_id": str, "amounts": str, "expires_at": int},
                 pk="id", if_not_exists=True,
             )
             conn.execute(
                 "CREATE INDEX IF NOT EXISTS idx_mk_holds_expires ON mk_holds (expires_at)"
             )
-            self.db["mk_claims"].create(
+            self.db.table("mk_claims").create(
                 {"marker": str, "expires_at": int}, pk="marker", if_not_exists=True
             )
             conn.execute(
@@ -107,7 +107,7 @@ class SQLiteStore:
         with self._lock:
             if self._specs.get(spec.name) == spec:
                 return
-            table = self.db[_table(spec.name)]
+            table = self.db.table(_table(spec.name))
             # Value columns are declared BLOB so SQLite keeps each number as given (int or
             # float) rather than coercing it by affinity.
             columns: dict[str, Any] = {"id": str, "organization_id": str, "time": int}
@@ -156,22 +156,23 @@ class SQLiteStore:
                 if not fresh:
                     continue
                 spec = self._specs[meter]
+                dims, measures = spec.dimension_names, spec.measure_names
                 cols = ["id", "organization_id", "time"]
-                cols += [_dim(d) for d in spec.dimension_names]
-                cols += [_val(m) for m in spec.measure_names]
+                cols += [_dim(d) for d in dims]
+                cols += [_val(m) for m in measures]
                 conn.executemany(
                     f"INSERT INTO [{table}] ({', '.join(f'[{c}]' for c in cols)}) "
                     f"VALUES ({', '.join('?' * len(cols))})",
                     [
                         (e.id, e.organization_id, e.time,
-                         *(e.dimensions.get(d) for d in spec.dimension_names),
-                         *(e.values.get(m) for m in spec.measure_names))
+                         *map(e.dimensions.get, dims), *map(e.values.get, measures))
                         for e in fresh
                     ],
                 )
                 new.extend(fresh)
-        order = {id(e): i for i, e in enumerate(events)}
-        new.sort(key=lambda e: order[id(e)])
+        if len(by_meter) > 1:  # one meter's fresh events are already in the caller's order
+            order = {id(e): i for i, e in enumerate(events)}
+            new.sort(key=lambda e: order[id(e)])
         return new
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
@@ -325,7 +326,16 @@ class SQLiteStore:
 
     def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
         with self._lock:
-            return _SQLiteCounters(self.conn, now).read(keys, now)
+            expired = self.conn.execute(
+                "SELECT 1 FROM mk_holds WHERE expires_at <= ? LIMIT 1", (now,)
+            ).fetchone()
+            if expired is None:
+                return _SQLiteCounters(self.conn, now).read(keys, now)
+            # Give expired holds back first, as counters_apply would: reads agree with decisions.
+            with self._write() as conn:
+                backend = _SQLiteCounters(conn, now)
+                counters.release_expired(backend, now)
+                return backend.read(keys, now)
 
     def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
         with self._lock, self._write() as conn:
