@@ -1,0 +1,418 @@
+"""The costs query: OpenAI's ``GET /v1/organization/costs`` over stored events and a price book.
+
+Every event is priced with :func:`meterkit.pricing.rate` at the version in effect at its own
+time, then its charges are summed per day bucket and group, exactly, in ``Decimal``.
+:class:`CostResult` keeps the exact ``amount``; :meth:`CostsPage.to_dict` is the JSON edge, where
+amounts (and quantities) become JSON numbers (``float`` of the ``Decimal``, correctly rounded;
+whole quantities stay integers).
+
+Filters select charges *after* pricing: tiers always count all of an organization's usage of a
+line, whichever projects or keys a query asks about.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal
+from typing import Any
+
+import attrs
+import cattrs
+
+from meterkit.convert import openai_converter
+from meterkit.engine.cursor import decode_cursor, encode_cursor
+from meterkit.engine.page import bucket_starts
+from meterkit.errors import ValidationError
+from meterkit.models import DimValue, Event, MeterSpec, UsageQuery
+from meterkit.periods import Period
+from meterkit.pricing import (
+    EXACT_CONTEXT,
+    PriceBook,
+    Tally,
+    default_period_of,
+    priceable,
+    rate,
+    to_units,
+)
+from meterkit.stores.base import Store
+from meterkit.validate import check_id, check_string, check_time
+
+__all__ = [
+    "COSTS_GROUPS",
+    "COSTS_METER",
+    "COSTS_OBJECT",
+    "CostBucket",
+    "CostResult",
+    "CostsPage",
+    "UnpricedUsage",
+    "check_costs_query",
+    "costs_page",
+    "register_costs_hooks",
+    "unpriced",
+]
+
+COSTS_METER = "costs"  # the name costs queries carry in their cursors
+COSTS_OBJECT = "organization.costs.result"
+COSTS_GROUPS: tuple[str, ...] = ("project_id", "line_item", "api_key_id")
+COSTS_DEFAULT_LIMIT = 7
+COSTS_MAX_LIMIT = 180
+DAY = 86400
+
+PeriodOf = Callable[[int], Period]
+_ZERO = Decimal(0)
+
+
+@attrs.frozen
+class CostResult:
+    """One group's cost in one day bucket and one currency.
+
+    ``quantity`` (raw measure units) and ``quantity_unit`` are set only when the query groups by
+    ``line_item``; grouping fields not grouped by are ``None``.
+    """
+
+    amount: Decimal
+    currency: str
+    line_item: str | None = None
+    project_id: DimValue = None
+    api_key_id: DimValue = None
+    quantity: Decimal | None = None
+    quantity_unit: str | None = None
+    object: str = COSTS_OBJECT
+
+
+@attrs.frozen
+class CostBucket:
+    start_time: int
+    end_time: int
+    results: tuple[CostResult, ...]
+
+
+@attrs.frozen
+class CostsPage:
+    """A page of day buckets; ``next_page`` is an opaque cursor, or ``None`` on the last page."""
+
+    data: tuple[CostBucket, ...]
+    has_more: bool
+    next_page: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI costs envelope, amounts as JSON numbers."""
+        out: dict[str, Any] = openai_converter.unstructure(self, CostsPage)
+        return out
+
+    def totals(self) -> dict[str, Decimal]:
+        """The exact total of this page per currency."""
+        sums: dict[str, Decimal] = {}
+        for bucket in self.data:
+            for result in bucket.results:
+                total = sums.get(result.currency, _ZERO)
+                sums[result.currency] = EXACT_CONTEXT.add(total, result.amount)
+        return sums
+
+
+@attrs.frozen(hash=False)
+class UnpricedUsage:
+    """Usage no price matched: one meter, measure and dimension combination (``None``-valued
+    dimensions left out), its total quantity and the times of its first and last events."""
+
+    meter: str
+    measure: str
+    dimensions: Mapping[str, DimValue]
+    quantity: Decimal
+    first_time: int
+    last_time: int
+
+
+# -- wire format -----------------------------------------------------------------------------
+
+
+def _number(value: Decimal) -> int | float:
+    # Whole quantities stay exact integers; everything else is the nearest float.
+    if value == value.to_integral_value():
+        return int(value)
+    return float(value)
+
+
+def _result_to_dict(result: CostResult) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "object": result.object,
+        "amount": {"value": float(result.amount), "currency": result.currency},
+        "line_item": result.line_item,
+        "project_id": result.project_id,
+        "api_key_id": result.api_key_id,
+    }
+    if result.quantity is not None:
+        out["quantity"] = _number(result.quantity)
+        out["quantity_unit"] = result.quantity_unit
+    return out
+
+
+def register_costs_hooks(conv: cattrs.Converter) -> None:
+    """Teach an OpenAI-format converter the costs page, results and buckets."""
+    conv.register_unstructure_hook(CostResult, _result_to_dict)
+    conv.register_unstructure_hook(
+        CostBucket,
+        lambda b: {
+            "object": "bucket",
+            "start_time": b.start_time,
+            "end_time": b.end_time,
+            "results": [_result_to_dict(r) for r in b.results],
+        },
+    )
+    conv.register_unstructure_hook(
+        CostsPage,
+        lambda p: {
+            "object": "page",
+            "data": [conv.unstructure(b, CostBucket) for b in p.data],
+            "has_more": p.has_more,
+            "next_page": p.next_page,
+        },
+    )
+
+
+register_costs_hooks(openai_converter)
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def _names(field: str, value: object, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValidationError(field, f"must be a list of {', '.join(allowed)}")
+    out: list[str] = []
+    for name in value:
+        if name not in allowed:
+            raise ValidationError(field, f"{name!r} is not one of {', '.join(allowed)}")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def check_costs_query(
+    *,
+    organization_id: object,
+    start_time: object,
+    end_time: object,
+    bucket_width: object = "1d",
+    group_by: object = None,
+    filters: object = None,
+    limit: object = None,
+) -> UsageQuery:
+    """Validate a costs query; the result is a :class:`UsageQuery` on the meter ``"costs"``.
+
+    ``filters`` maps ``project_id``, ``api_key_id`` or ``line_item`` to the allowed values.
+    """
+    org = check_id("organization_id", organization_id)
+    start = check_time("start_time", start_time)
+    end = check_time("end_time", end_time)
+    if end <= start:
+        raise ValidationError("end_time", "must be greater than start_time")
+    if bucket_width != "1d":
+        raise ValidationError("bucket_width", "costs support only '1d'")
+    if limit is None:
+        limit = COSTS_DEFAULT_LIMIT
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise ValidationError("limit", "must be an integer")
+    if not 1 <= limit <= COSTS_MAX_LIMIT:
+        raise ValidationError("limit", f"must be between 1 and {COSTS_MAX_LIMIT}")
+    groups = _names("group_by", group_by if group_by is not None else (), COSTS_GROUPS)
+    items: list[tuple[str, tuple[DimValue, ...]]] = []
+    if filters is not None:
+        if not isinstance(filters, Mapping):
+            raise ValidationError("filters", "must be a mapping of field to allowed values")
+        for name, allowed in filters.items():
+            field = f"filters.{name}"
+            if name not in COSTS_GROUPS:
+                raise ValidationError(field, f"costs filter on {', '.join(COSTS_GROUPS)} only")
+            if isinstance(allowed, (str, bytes, Mapping)) or not isinstance(allowed, Iterable):
+                raise ValidationError(field, "must be a list of values")
+            values = tuple(dict.fromkeys(check_string(field, v) for v in allowed))
+            if not values:
+                raise ValidationError(field, "must not be empty")
+            items.append((name, values))
+    items.sort(key=lambda item: item[0])
+    return UsageQuery(
+        meter=COSTS_METER,
+        organization_id=org,
+        start_time=start,
+        end_time=end,
+        bucket_width="1d",
+        width=DAY,
+        group_by=groups,
+        filters=tuple(items),
+        limit=limit,
+        page_start=start - start % DAY,
+    )
+
+
+# -- the query -------------------------------------------------------------------------------
+
+
+def _order(value: DimValue) -> tuple[int, str]:
+    return (0, "") if value is None else (1, str(value))
+
+
+def costs_page(
+    store: Store,
+    specs: Mapping[str, MeterSpec],
+    book: PriceBook,
+    *,
+    organization_id: str,
+    start_time: Any,
+    end_time: Any,
+    bucket_width: str = "1d",
+    group_by: Iterable[str] | None = None,
+    filters: Mapping[str, Iterable[str]] | None = None,
+    limit: int | None = None,
+    page: str | None = None,
+    secret: bytes | None = None,
+    period_of: PeriodOf | None = None,
+) -> CostsPage:
+    """One page of daily costs, OpenAI semantics (see docs/costs.md).
+
+    ``secret`` signs cursors (default: the store's); ``period_of`` gives the billing period
+    tiers count in (default: calendar months, UTC).
+    """
+    query = check_costs_query(
+        organization_id=organization_id,
+        start_time=start_time,
+        end_time=end_time,
+        bucket_width=bucket_width,
+        group_by=group_by,
+        filters=filters,
+        limit=limit,
+    )
+    secret = secret if secret is not None else store.secret()
+    if page is not None:
+        query = attrs.evolve(query, page_start=decode_cursor(secret, query, page))
+    period_of = period_of or default_period_of
+    starts, next_start = bucket_starts(query)
+    low, high = query.scan_start, query.page_end
+
+    events: list[Event] = []
+    for meter in book.meters:
+        spec = specs.get(meter)
+        if spec is None:
+            # Skipping it would report its usage as free.
+            raise ValidationError("meter", f"meter {meter!r} has prices but is not registered")
+        modes = book.tier_modes(meter)
+        # Tier counts start at the period's start; volume tiers need the period's total.
+        scan_low = period_of(low).start if modes else low
+        scan_high = period_of(high - 1).end if "volume" in modes else high
+        store.ensure_meter(spec)
+        events.extend(store.scan(meter, query.organization_id, min(scan_low, low),
+                                 max(scan_high, high)))
+
+    by_line = "line_item" in query.group_by
+    # Each charge's fields are the tuple (project_id, api_key_id, line_item); these are the
+    # positions grouped and filtered on.
+    position = {"project_id": 0, "api_key_id": 1, "line_item": 2}
+    group_at = [position[name] for name in query.group_by]
+    filter_at = [(position[name], frozenset(allowed)) for name, allowed in query.filters]
+    sums: dict[tuple[int, tuple[DimValue, ...], str, str | None], tuple[Tally, list[Decimal]]]
+    sums = {}
+    for charge in rate(book, events, period_of):
+        event, price = charge.event, charge.price
+        time = event.time
+        if time < low or time >= high:
+            continue
+        dims = event.dimensions
+        fields = (dims.get("project_id"), dims.get("api_key_id"), price.line_item)
+        if filter_at and any(fields[at] not in allowed for at, allowed in filter_at):
+            continue
+        key = (
+            time - time % DAY,
+            tuple([fields[at] for at in group_at]),
+            price.currency,
+            # One line item might be named by prices with different units: never add them up.
+            price.quantity_unit if by_line else None,
+        )
+        slot = sums.get(key)
+        if slot is None:
+            slot = sums[key] = (Tally(), [_ZERO])
+        slot[0].add(charge.numerator, charge.per)
+        slot[1][0] = EXACT_CONTEXT.add(slot[1][0], charge.units)
+
+    per_bucket: dict[int, list[CostResult]] = {}
+    for (start, group, currency, unit), (tally, quantity) in sorted(
+        sums.items(),
+        key=lambda item: (
+            item[0][0], [_order(v) for v in item[0][1]], item[0][2], item[0][3] or ""
+        ),
+    ):
+        values = dict(zip(query.group_by, group, strict=True))
+        line_item = values.get("line_item")
+        per_bucket.setdefault(start, []).append(
+            CostResult(
+                amount=tally.value(),
+                currency=currency,
+                line_item=line_item if isinstance(line_item, str) else None,
+                project_id=values.get("project_id"),
+                api_key_id=values.get("api_key_id"),
+                quantity=quantity[0] if by_line else None,
+                quantity_unit=unit,
+            )
+        )
+    buckets = tuple(
+        CostBucket(start, start + DAY, tuple(per_bucket.get(start, ()))) for start in starts
+    )
+    cursor = encode_cursor(secret, query, next_start) if next_start is not None else None
+    return CostsPage(buckets, next_start is not None, cursor)
+
+
+def unpriced(
+    store: Store,
+    specs: Mapping[str, MeterSpec],
+    book: PriceBook,
+    *,
+    organization_id: str,
+    start_time: Any,
+    end_time: Any,
+    meters: Iterable[str] | None = None,
+) -> list[UnpricedUsage]:
+    """Usage in ``[start_time, end_time)`` that no price matched, so costs leave it out.
+
+    Looks at every summed (priceable) measure of ``meters`` (default: every meter in
+    ``specs``); zero values are not usage. Sorted by meter, measure and dimensions.
+    """
+    org = check_id("organization_id", organization_id)
+    start = check_time("start_time", start_time)
+    end = check_time("end_time", end_time)
+    if end <= start:
+        raise ValidationError("end_time", "must be greater than start_time")
+    if meters is None:
+        names = sorted(specs)
+    else:
+        if isinstance(meters, (str, bytes)) or not isinstance(meters, Iterable):
+            raise ValidationError("meters", "must be a list of meter names")
+        names = sorted(set(meters))
+        for name in names:
+            if name not in specs:
+                raise ValidationError("meters", f"unknown meter {name!r}")
+    found: dict[tuple[str, str, tuple[tuple[str, str], ...]], UnpricedUsage] = {}
+    for name in names:
+        spec = specs[name]
+        measures = [m.name for m in spec.measures if priceable(spec, m.name)]
+        if not measures:
+            continue
+        store.ensure_meter(spec)
+        for event in store.scan(name, org, start, end):
+            for measure in measures:
+                value = event.values.get(measure)
+                if not value or book.match(name, measure, event.dimensions, event.time):
+                    continue
+                dims = {k: v for k, v in sorted(event.dimensions.items()) if v is not None}
+                key = (name, measure, tuple((k, json.dumps(v)) for k, v in dims.items()))
+                seen = found.get(key)
+                units = to_units(value)
+                if seen is None:
+                    found[key] = UnpricedUsage(name, measure, dims, units, event.time, event.time)
+                else:
+                    found[key] = attrs.evolve(
+                        seen,
+                        quantity=EXACT_CONTEXT.add(seen.quantity, units),
+                        first_time=min(seen.first_time, event.time),
+                        last_time=max(seen.last_time, event.time),
+                    )
+    return [found[key] for key in sorted(found)]
