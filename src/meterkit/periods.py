@@ -83,7 +83,9 @@ class BillingCycle:
 
     def history(self, t: int, count: int) -> list[Period]:
         """The ``count`` periods ending with the one containing ``t``, oldest first."""
-        periods = [self.period_at(t)]
+        periods: list[Period] = []
+        period = self.period_at(t)
         while len(periods) < count:
-            periods.append(self.previous(periods[-1]))
+            periods.append(period)
+            period = self.previous(period)
         return periods[::-1]

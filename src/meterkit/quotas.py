@@ -106,16 +106,16 @@ class _Line:
     window: int = 0
 
 
-def _check_amounts(amounts: object) -> dict[str, int]:
+def _check_amounts(amounts: object, field: str = "amounts") -> dict[str, int]:
     if not isinstance(amounts, Mapping):
-        raise ValidationError("amounts", "must be a mapping of metric to a whole amount")
+        raise ValidationError(field, "must be a mapping of metric to a whole amount")
     out: dict[str, int] = {}
     for metric, amount in amounts.items():
-        check_string("amounts", metric)
+        check_string(field, metric)
         if metric in RATE_WINDOWS:
-            raise ValidationError(f"amounts.{metric}", "rate limits are counted per request")
+            raise ValidationError(f"{field}.{metric}", "rate limits are counted per request")
         if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-            raise ValidationError(f"amounts.{metric}", "must be a non-negative integer")
+            raise ValidationError(f"{field}.{metric}", "must be a non-negative integer")
         out[metric] = amount
     return out
 
@@ -145,7 +145,7 @@ class Reservation:
 
     def commit(self, actual: Mapping[str, int] | None = None) -> None:
         """Settle to the real amounts (default: what was held). Over the hold is debited too."""
-        amounts = dict(self.held) if actual is None else _check_amounts(actual)
+        amounts = dict(self.held) if actual is None else _check_amounts(actual, "actual")
         unknown = set(amounts) - set(self.held)
         if unknown:
             raise ValidationError("actual", f"not held by this reservation: {sorted(unknown)}")
@@ -162,6 +162,11 @@ class Reservation:
                 raise ValidationError("reservation", f"{self.id} is already settled")
             self.settled = True
         self._quotas._settle(self, actual)
+
+    def _reopen(self) -> None:
+        """The store did not settle (and changed nothing): allow another attempt."""
+        with self._lock:
+            self.settled = False
 
     def __enter__(self) -> Reservation:
         return self
@@ -439,7 +444,7 @@ class Quotas:
             lines = self._lines(org, clean, requests, now)
         except StoreUnavailable:
             if self.policy == "open":
-                return Decision(True, org, degraded=True, id=decision_id), None
+                return self._degraded(org, decision_id, clean, [], hold_ttl, now, dimensions)
             raise
         counters = [ln.counter for ln in lines]
         hold = None
@@ -453,7 +458,7 @@ class Quotas:
         else:
             result = self._guard(lambda: self._peek(counters, now))
         if result is None:
-            return Decision(True, org, degraded=True, id=decision_id), None
+            return self._degraded(org, decision_id, clean, lines, hold_ttl, now, dimensions)
         decision = self._describe(org, lines, result, now, decision_id)
         if not (decision.allowed and debit):
             return decision, None
@@ -463,6 +468,18 @@ class Quotas:
         self._thresholds(org, lines, result)
         keyed = {ln.metric: ln for ln in lines if ln.window == 0}
         return decision, Reservation(self, decision, clean, keyed, now + hold_ttl, dimensions)
+
+    def _degraded(
+        self, org: str, decision_id: str, amounts: dict[str, int], lines: Sequence[_Line],
+        hold_ttl: int | None, now: int, dimensions: Mapping[str, Any] | None,
+    ) -> tuple[Decision, Reservation | None]:
+        """Fail open: admit without counting. A reservation holds nothing, but committing it
+        counts the actual amounts (its hold is unknown to the store, as if it had expired)."""
+        decision = Decision(True, org, degraded=True, id=decision_id)
+        if hold_ttl is None:
+            return decision, None
+        keyed = {ln.metric: ln for ln in lines if ln.window == 0}
+        return decision, Reservation(self, decision, amounts, keyed, now + hold_ttl, dimensions)
 
     def _peek(self, counters: Sequence[CounterLine], now: int) -> CounterResult:
         current = self.counters.counters_read([c.key for c in counters], now=now)
@@ -572,7 +589,11 @@ class Quotas:
                 continue
             target = 0 if actual is None else actual[metric]
             deltas.append((line.counter.key, target - held))
-        settled = self.counters.counters_settle(reservation.id, deltas, now=now)
+        try:
+            settled = self.counters.counters_settle(reservation.id, deltas, now=now)
+        except Exception:
+            reservation._reopen()  # the settle is atomic: nothing changed, it may be retried
+            raise
         if actual is None:
             return
         if not settled:

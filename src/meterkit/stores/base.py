@@ -79,7 +79,7 @@ class Store(Protocol):
         """Set one counter (a gauge recalculated from its source)."""
 
     def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
-        """Current values (0 for absent or expired keys)."""
+        """Current values (0 for absent or expired keys), after releasing expired holds."""
 
     def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
         """``True`` for the first caller ever to claim ``marker`` (until it expires)."""
@@ -125,7 +125,7 @@ class CounterStore(Protocol):
         """Set one counter (a gauge recalculated from its source)."""
 
     def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
-        """Current values (0 for absent or expired keys)."""
+        """Current values (0 for absent or expired keys), after releasing expired holds."""
 
     def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
         """``True`` for the first caller ever to claim ``marker`` (until it expires)."""

@@ -35,14 +35,18 @@ class MemoryStore:
 
     def append(self, events: Sequence[Event]) -> list[Event]:
         with self._lock:
-            new = []
+            # Decide first, then write: an error while reading the batch leaves nothing behind.
+            new: list[Event] = []
+            batch: set[tuple[str, str]] = set()
             for event in events:
-                ids = self._ids.setdefault(event.meter, set())
-                if event.id in ids:
+                key = (event.meter, event.id)
+                if event.id in self._ids.get(event.meter, ()) or key in batch:
                     continue
-                ids.add(event.id)
-                self._events.setdefault((event.meter, event.organization_id), []).append(event)
+                batch.add(key)
                 new.append(event)
+            for event in new:
+                self._ids.setdefault(event.meter, set()).add(event.id)
+                self._events.setdefault((event.meter, event.organization_id), []).append(event)
             return new
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
@@ -98,7 +102,9 @@ class MemoryStore:
 
     def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
         with self._lock:
-            return self._backend(now).read(keys, now)
+            backend = self._backend(now)
+            counters.release_expired(backend, now)
+            return backend.read(keys, now)
 
     def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
         with self._lock:
