@@ -81,3 +81,14 @@ def meterkit_stored_assets(meter: Any, organization_id: str) -> Any:
     ``usage.recalculate_storage``) to replace the counted ``storage_bytes`` with the truth.
     The first plugin that returns a mapping wins.
     """
+
+
+@hookspec(firstresult=True)
+def meterkit_authenticate(meter: Any, token: str) -> Any:
+    """Return a :class:`meterkit.auth.Principal` for a bearer ``token`` you recognise, or ``None``.
+
+    Asked by :func:`meterkit.auth.authenticate` (and so by every HTTP surface) before
+    meterkit's own API keys are checked, so an application can let its own sessions or tokens
+    read usage. The first plugin to return a principal wins; return ``None`` to leave the
+    token to other plugins and to meterkit's keys. ``meter`` is the :class:`~meterkit.Meter`.
+    """

@@ -1,0 +1,245 @@
+"""The operations API (ENDPOINTS.md §4): ``POST /v1/op/{operation_id}`` and
+``POST /v1/{resource}/{action}``, JSON body in, NDJSON out.
+
+:data:`OPERATIONS` drives both path forms. The body's ``organization_id`` must be the key's
+own organization: any other is a 403, whether or not that organization exists, and never
+data. An unknown operation is a 404 (after authentication, so it reveals nothing either).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from meterkit.errors import ValidationError
+from meterkit.http.core import Response, ndjson_response
+from meterkit.http.errors import METERKIT, HttpError
+from meterkit.http.params import json_body
+from meterkit.http.routing import Call, Param, Reply, Route, Surface, json_schema_ref
+from meterkit.validate import check_id
+
+if TYPE_CHECKING:
+    from meterkit.meter import Meter
+
+__all__ = ["OPERATIONS", "SURFACE", "Operation"]
+
+NDJSON = "application/x-ndjson"
+Rows = list[dict[str, Any]]
+
+
+@attrs.frozen
+class Operation:
+    """One operation: its id (``resource.action``), what it needs, and what it runs."""
+
+    id: str
+    summary: str
+    scope: str
+    run: Callable[[Meter, str, Mapping[str, Any]], Rows]
+    fields: Mapping[str, Mapping[str, Any]]
+    result: str
+    admin: bool = False
+
+    @property
+    def paths(self) -> tuple[str, str]:
+        resource, action = self.id.split(".", 1)
+        return f"/v1/op/{self.id}", f"/v1/{resource}/{action}"
+
+
+def _current(meter: Meter, org: str, _body: Mapping[str, Any]) -> Rows:
+    return [meter.current_usage(org)]
+
+
+def _history(meter: Meter, org: str, body: Mapping[str, Any]) -> Rows:
+    return meter.usage_history(org, body.get("months", 6))
+
+
+def _recalculate(meter: Meter, org: str, _body: Mapping[str, Any]) -> Rows:
+    if not meter.pm.hook.meterkit_stored_assets.get_hookimpls():
+        raise HttpError(
+            501,
+            "Storage recalculation needs a plugin implementing "
+            "meterkit_stored_assets; none is installed.",
+            code="not_implemented",
+        )
+    return [meter.recalculate_storage(org)]
+
+
+_ORG = {"organization_id": {"type": "string"}}
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "usage.current",
+        "Usage for the current billing period: storage, tiles, credits, jobs.",
+        "usage:read",
+        _current,
+        _ORG,
+        "UsageCurrent",
+    ),
+    Operation(
+        "usage.history",
+        "Tile requests and peak storage per month for the past N months (one line each).",
+        "usage:read",
+        _history,
+        {**_ORG, "months": {"type": "integer", "minimum": 1, "maximum": 120, "default": 6}},
+        "UsageHistoryMonth",
+    ),
+    Operation(
+        "usage.recalculate_storage",
+        "Recompute the organization's storage from its actual stored assets (org admin).",
+        "usage:write",
+        _recalculate,
+        _ORG,
+        "StorageRecalculated",
+        admin=True,
+    ),
+)
+
+
+def _handler(op: Operation) -> Callable[[Call], Response]:
+    def handle(call: Call) -> Response:
+        body = json_body(call.request, empty={})
+        if not isinstance(body, dict):
+            raise HttpError(400, "The body must be a JSON object.", code="invalid_body")
+        for name in body:
+            if name not in op.fields:
+                raise ValidationError(str(name)[:100], f"is not a field of {op.id}")
+        org = check_id("organization_id", body.get("organization_id"))
+        if org != call.organization_id:
+            raise HttpError(
+                403,
+                "This key cannot act on that organization.",
+                param="organization_id",
+                code="forbidden_organization",
+            )
+        # Rows are computed before answering, so a failure is an error response, not a
+        # broken stream.
+        return ndjson_response(op.run(call.meter, org, body))
+
+    return handle
+
+
+def _unknown(call: Call) -> Response:
+    raise HttpError(404, "Unknown operation.", code="unknown_operation")
+
+
+def _routes() -> tuple[Route, ...]:
+    routes: list[Route] = []
+    for op in OPERATIONS:
+        body = {
+            "type": "object",
+            "properties": dict(op.fields),
+            "required": ["organization_id"],
+            "additionalProperties": False,
+        }
+        for i, path in enumerate(op.paths):
+            routes.append(
+                Route(
+                    method="POST",
+                    path=path,
+                    handler=_handler(op),
+                    errors=METERKIT,
+                    operation_id=op.id if i == 0 else op.id.replace(".", "_"),
+                    summary=op.summary,
+                    tags=("operations",),
+                    scope=op.scope,
+                    admin=op.admin,
+                    body={"application/json": body},
+                    replies=(
+                        Reply(200, "One JSON object per line.", json_schema_ref(op.result), NDJSON),
+                        Reply(400, "The body is not a JSON object.", json_schema_ref("Error")),
+                        Reply(422, "A bad field, named in error.param.", json_schema_ref("Error")),
+                    ),
+                )
+            )
+    # Catch-alls answer unknown operations with a 404 in this surface's shape.
+    for path, params in (
+        ("/v1/op/{operation_id}", (Param("operation_id", {"type": "string"}, location="path"),)),
+        (
+            "/v1/{resource}/{action}",
+            (
+                Param("resource", {"type": "string"}, location="path"),
+                Param("action", {"type": "string"}, location="path"),
+            ),
+        ),
+    ):
+        routes.append(
+            Route(
+                method="POST",
+                path=path,
+                handler=_unknown,
+                errors=METERKIT,
+                operation_id=f"unknown_{len(routes)}",
+                summary="Unknown operation.",
+                params=params,
+                hidden=True,
+            )
+        )
+    return tuple(routes)
+
+
+def _metric(*extra: str) -> dict[str, Any]:
+    names = ("used", "limit", "remaining", *extra)
+    return {
+        "type": "object",
+        "properties": {n: {"type": "integer"} for n in names},
+        "required": list(names),
+    }
+
+
+_STAMP = {"type": "string", "format": "date-time"}
+
+SCHEMAS: dict[str, Any] = {
+    "UsageCurrent": {
+        "type": "object",
+        "properties": {
+            "organization_id": {"type": "string"},
+            "period_start": _STAMP,
+            "period_end": _STAMP,
+            "storage": _metric(),
+            "tiles": _metric(),
+            "credits": _metric("available", "purchased"),
+            "jobs": _metric(),
+        },
+        "required": [
+            "organization_id",
+            "period_start",
+            "period_end",
+            "storage",
+            "tiles",
+            "credits",
+            "jobs",
+        ],
+    },
+    "UsageHistoryMonth": {
+        "type": "object",
+        "properties": {
+            "month": {"type": "string", "description": "YYYY-MM"},
+            "period_start": _STAMP,
+            "period_end": _STAMP,
+            "tile_requests": {"type": "integer"},
+            "peak_storage_bytes": {"type": "integer"},
+        },
+        "required": ["month", "period_start", "period_end", "tile_requests", "peak_storage_bytes"],
+    },
+    "StorageRecalculated": {
+        "type": "object",
+        "properties": {
+            "organization_id": {"type": "string"},
+            "storage_bytes": {"type": "integer"},
+            "previous_bytes": {"type": "integer"},
+            "resources": {"type": "integer"},
+            "recalculated_at": _STAMP,
+        },
+        "required": [
+            "organization_id",
+            "storage_bytes",
+            "previous_bytes",
+            "resources",
+            "recalculated_at",
+        ],
+    },
+}
+
+SURFACE = Surface("operations", _routes(), SCHEMAS)
