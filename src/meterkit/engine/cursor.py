@@ -20,7 +20,7 @@ def _fingerprint(query: UsageQuery) -> bytes:
     # or a new page size still continues the same listing.
     return json.dumps(
         [query.meter, query.organization_id, query.start_time, query.bucket_width,
-         list(query.group_by), [[k, list(v)] for k, v in query.filters]],
+         list(query.group_by), [[k, sorted(map(repr, v))] for k, v in query.filters]],
         separators=(",", ":"),
     ).encode()
 
