@@ -1,0 +1,333 @@
+"""The ``meterkit`` command: serve the HTTP endpoints, manage API keys, run a demo.
+
+``meterkit serve`` runs :func:`meterkit.asgi.create_app` under uvicorn; ``meterkit keys``
+creates, lists and revokes API keys; ``meterkit demo`` fills a SQLite file with a month of
+usage (:mod:`meterkit.demo`), prints a key and calls to try, and serves. See docs/cli.md.
+
+Bad input (a configuration file, a store URL, an organization id) exits with status 2 and a
+one-line message naming the field at fault; a store that does not answer exits with 1.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meterkit.auth import DEFAULT_PREFIX, create_key, get_key, list_keys, revoke_key
+from meterkit.errors import StoreUnavailable, ValidationError
+from meterkit.meter import DEFAULT_URL, Meter
+
+__all__ = ["main"]
+
+DAY = 86_400
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+class BadInput(click.ClickException):
+    """Input meterkit refused: exit status 2, like click's own usage errors."""
+
+    exit_code = 2
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Turn meterkit's errors into one-line messages (no traceback) with the right status."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise BadInput(f"{exc.field}: {exc.message}") from None
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"the store is unavailable: {exc}") from None
+
+
+def _open(config: Path | None, db: str | None) -> Meter:
+    """The meter a command works on: ``--config`` (its store, or ``--db`` instead), else
+    ``--db``, else the embedded default."""
+    url = db or DEFAULT_URL
+    try:
+        if config is not None:
+            return Meter.from_config(config, url=db) if db else Meter.from_config(config)
+        return Meter(url)
+    except ValidationError as exc:
+        if config is None or (db and exc.field == "url"):
+            raise BadInput(f"--db: {exc.message}") from None
+        raise BadInput(f"invalid configuration {config}: {exc.field}: {exc.message}") from None
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"the store is unavailable: {exc}") from None
+    except Exception as exc:
+        # A driver's own error (a SQLite file in a missing directory, say): still one line.
+        raise click.ClickException(f"cannot open the store: {exc}") from None
+
+
+def _store_options(func: Any) -> Any:
+    func = click.option(
+        "--db",
+        metavar="URL",
+        help=f"Store URL; overrides the config's store. [default: {DEFAULT_URL}]",
+    )(func)
+    func = click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="TOML configuration file (store, meters, prices, plans, organizations).",
+    )(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="meterkit")
+def main() -> None:
+    """meterkit: usage metering, usage and costs APIs, quotas."""
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+def _url(host: str, port: int) -> str:
+    """A URL a client on this machine can use (a wildcard address is reached on loopback)."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ImportError:
+        raise click.ClickException("serving needs uvicorn: pip install 'meterkit[asgi]'") from None
+    return uvicorn
+
+
+def _serve(meter: Meter, host: str, port: int, log_level: str) -> None:
+    uvicorn = _uvicorn()
+    from meterkit.asgi import create_app
+
+    app = create_app(meter)
+    click.echo(
+        f"meterkit: serving {meter.url} on {_url(host, port)} (press Ctrl-C to stop)", err=True
+    )
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        meter.close()
+
+
+_host = click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+_port = click.option(
+    "--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port."
+)
+_log_level = click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(LOG_LEVELS),
+    help="uvicorn's log level.",
+)
+
+
+@main.command()
+@_store_options
+@_host
+@_port
+@_log_level
+def serve(config: Path | None, db: str | None, host: str, port: int, log_level: str) -> None:
+    """Serve every HTTP endpoint (usage, costs, plan and account usage, operations, ingest)."""
+    _serve(_open(config, db), host, port, log_level)
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--org", "organization_id", required=True, help="The key's organization.")
+@click.option("--role", type=click.Choice(["member", "admin"]), default="member", show_default=True)
+@click.option(
+    "--scopes",
+    default="usage:read",
+    show_default=True,
+    help="Comma-separated: usage:read, usage:write.",
+)
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Token prefix.")
+@click.option("--name", default=None, help="A label to recognize the key by.")
+@_store_options
+def keys_create(
+    organization_id: str,
+    role: str,
+    scopes: str,
+    prefix: str,
+    name: str | None,
+    config: Path | None,
+    db: str | None,
+) -> None:
+    """Create a key. Prints only the token on stdout (it is shown this once)."""
+    with _open(config, db) as meter, _reported():
+        token, key = create_key(meter, organization_id, role, scopes, prefix=prefix, name=name)
+    click.echo(token)
+    click.echo(
+        f"created key {key.id} for {key.organization_id} ({key.role}; "
+        f"{', '.join(sorted(key.scopes))}); the token above is not stored and cannot be shown "
+        "again",
+        err=True,
+    )
+
+
+def _when(ts: int | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@keys.command("list")
+@click.option("--org", "organization_id", required=True, help="The organization.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per key, per line.")
+@_store_options
+def keys_list(organization_id: str, as_json: bool, config: Path | None, db: str | None) -> None:
+    """List an organization's keys, revoked ones included (never their tokens)."""
+    with _open(config, db) as meter, _reported():
+        found = list_keys(meter, organization_id)
+    if as_json:
+        for key in found:
+            click.echo(
+                json.dumps(
+                    {
+                        "id": key.id,
+                        "organization_id": key.organization_id,
+                        "role": key.role,
+                        "scopes": sorted(key.scopes),
+                        "prefix": key.prefix,
+                        "name": key.name,
+                        "created_at": key.created_at,
+                        "revoked_at": key.revoked_at,
+                    }
+                )
+            )
+        return
+    rows = [("ID", "ROLE", "SCOPES", "NAME", "CREATED", "REVOKED")]
+    rows += [
+        (
+            k.id,
+            k.role,
+            ",".join(sorted(k.scopes)),
+            k.name or "-",
+            _when(k.created_at),
+            _when(k.revoked_at),
+        )
+        for k in found
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@_store_options
+def keys_revoke(key_id: str, config: Path | None, db: str | None) -> None:
+    """Revoke a key at once (its record stays, marked revoked)."""
+    with _open(config, db) as meter, _reported():
+        key = get_key(meter, key_id)
+        if key is None:
+            raise click.ClickException(f"no key {key_id!r}")
+        if not revoke_key(meter, key_id):
+            raise click.ClickException(
+                f"key {key_id} was already revoked at {_when(key.revoked_at)}"
+            )
+    click.echo(f"revoked key {key_id} of {key.organization_id}", err=True)
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+def _instructions(token: str, organization_id: str, base: str, start: int) -> str:
+    """What to try against the demo server: curl calls and an openai SDK snippet."""
+    auth = '-H "Authorization: Bearer $METERKIT_KEY"'
+    usage = f"{base}/v1/organization/usage"
+    return f"""
+API key for {organization_id} (admin; usage:read, usage:write), shown only once:
+
+    {token}
+
+Try it while the server runs:
+
+    export METERKIT_KEY={token}
+    curl -s "{usage}/completions?start_time={start}&bucket_width=1d&group_by[]=model&limit=7" \\
+      {auth}
+    curl -s "{base}/v1/organization/costs?start_time={start}&group_by[]=line_item&limit=7" \\
+      {auth}
+    curl -s "{base}/api/v1/usage" {auth}
+    curl -s "{base}/v1/usage" {auth}
+    curl -s -X POST "{base}/v1/usage/history" {auth} -H "Content-Type: application/json" \\
+      -d '{{"organization_id": "{organization_id}", "months": 2}}'
+
+Or with the official openai SDK (pip install openai); its admin endpoints take the key
+as admin_api_key:
+
+from openai import OpenAI
+client = OpenAI(admin_api_key="{token}", base_url="{base}/v1")
+page = client.admin.organization.usage.completions(start_time={start}, bucket_width="1d", limit=7)
+print(page)
+"""
+
+
+@main.command()
+@click.option("--db", default=DEFAULT_URL, show_default=True, metavar="URL", help="Store URL.")
+@_host
+@_port
+@click.option("--no-serve", is_flag=True, help="Fill the store and print the key, then exit.")
+@click.option(
+    "--days",
+    default=30,
+    show_default=True,
+    type=click.IntRange(1, 366),
+    help="Days of usage to generate.",
+)
+@click.option(
+    "--now",
+    type=click.IntRange(0),
+    default=None,
+    metavar="SECONDS",
+    help="Generate as if it were this Unix time (default: the clock); same value, same data.",
+)
+@_log_level
+def demo(
+    db: str, host: str, port: int, no_serve: bool, days: int, now: int | None, log_level: str
+) -> None:
+    """Fill a store with a month of usage for three organizations, print a key, and serve."""
+    from meterkit.demo import create_demo_key, populate
+
+    if not no_serve:
+        _uvicorn()  # before anything is written or a key is shown: fail early without it
+    meter = _open(None, db)
+    try:
+        with _reported():
+            summary = populate(meter, days=days, now=now)
+            token, key = create_demo_key(meter)
+    except BaseException:
+        meter.close()
+        raise
+    first = dt.datetime.fromtimestamp(summary.start_time, dt.timezone.utc).date()
+    click.echo(
+        f"meterkit demo: {meter.url}: {len(summary.organizations)} organizations "
+        f"({', '.join(summary.organizations)}), {days} days from {first} and today so far: "
+        f"{summary.events} events ({summary.accepted} new, {summary.duplicates} already there)"
+    )
+    # The example asks for the last seven days, today included.
+    reference = summary.end_time - 1
+    start = reference - reference % DAY - 6 * DAY
+    click.echo(_instructions(token, key.organization_id, _url(host, port), start))
+    if no_serve:
+        meter.close()
+        return
+    _serve(meter, host, port, log_level)

@@ -1,0 +1,606 @@
+"""Demo data: a month of realistic usage for a few organizations, the same on every run.
+
+:func:`populate` fills a meter's store with every built-in kind of usage (the eight OpenAI
+kinds, the vector-store gauge included, and the generic meters), plans, plan assignments and
+prices, so every HTTP surface has something to show. ``meterkit demo`` uses it; tests and
+benchmarks can too.
+
+Every number comes from a random generator seeded with the organization, the meter and the
+day, and every event id is derived from the same, so running it again over the same window
+records nothing new (all duplicates), and a window that moved on by a day adds only that day.
+Only hours that have ended by ``now`` are filled, so no event lies in the future.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import attrs
+
+from meterkit.auth import ApiKey, create_key, list_keys, revoke_key
+from meterkit.errors import ValidationError
+from meterkit.models import DimValue, Event
+from meterkit.periods import BillingCycle
+from meterkit.plans import Plan
+from meterkit.pricing import Price
+from meterkit.quotas import Quotas
+
+if TYPE_CHECKING:
+    from meterkit.meter import Meter
+
+__all__ = [
+    "DEMO_KEY_NAME",
+    "ORGANIZATIONS",
+    "PLANS",
+    "DemoOrg",
+    "DemoSummary",
+    "create_demo_key",
+    "demo_events",
+    "demo_prices",
+    "populate",
+]
+
+DAY = 86_400
+HOUR = 3_600
+DEMO_KEY_NAME = "demo"
+
+# Relative traffic per UTC hour: quiet nights, busy working hours.
+_HOURLY = (2, 1, 1, 1, 1, 2, 4, 7, 10, 12, 12, 11, 10, 11, 12, 12, 11, 9, 7, 6, 5, 4, 3, 2)
+# The generic counter meters whose quota ledger is brought in line with their events.
+_LEDGER_COUNTERS = ("requests", "tokens", "queries", "credits", "tiles", "jobs")
+
+
+@attrs.frozen
+class DemoOrg:
+    """One demo organization: its plan, its size, and the names its usage carries."""
+
+    id: str
+    plan: str
+    seats: int
+    scale: float
+    projects: tuple[str, ...]
+    users: tuple[str, ...]
+    api_keys: tuple[str, ...]
+
+
+ORGANIZATIONS: tuple[DemoOrg, ...] = (
+    DemoOrg(
+        "org_acme",
+        plan="pro",
+        seats=5,
+        scale=1.0,
+        projects=("proj_search", "proj_support", "proj_internal"),
+        users=("user_ada", "user_grace", "user_linus", "user_margaret"),
+        api_keys=("key_prod", "key_staging"),
+    ),
+    DemoOrg(
+        "org_globex",
+        plan="enterprise",
+        seats=20,
+        scale=3.0,
+        projects=("proj_assistant", "proj_analytics"),
+        users=("user_hank", "user_dana", "user_scorpio"),
+        api_keys=("key_backend", "key_batch", "key_ci"),
+    ),
+    DemoOrg(
+        "org_initech",
+        plan="free",
+        seats=1,
+        scale=0.15,
+        projects=("proj_tps",),
+        users=("user_peter", "user_milton"),
+        api_keys=("key_default",),
+    ),
+)
+
+GIB = 1024**3
+PLANS: tuple[Plan, ...] = (
+    Plan(
+        "free",
+        "Free",
+        BillingCycle("monthly"),
+        limits={
+            "tokens": 2_000_000,
+            "queries": 5_000,
+            "spaces": 3,
+            "credits": 1_000,
+            "storage_bytes": GIB,
+            "tiles": 20_000,
+            "jobs": 100,
+        },
+        rate_limit_rpm=20,
+        rate_limit_per_day=2_000,
+    ),
+    Plan(
+        "pro",
+        "Professional",
+        BillingCycle("monthly"),
+        limits={
+            "tokens": 50_000_000,
+            "queries": -1,
+            "spaces": 10,
+            "storage_bytes": 100 * GIB,
+            "tiles": 1_000_000,
+            "jobs": 5_000,
+        },
+        rate_limit_rpm=600,
+        rate_limit_per_day=200_000,
+        credits_per_seat=10_000,
+    ),
+    Plan(
+        "enterprise",
+        "Enterprise",
+        BillingCycle("monthly"),
+        limits={
+            "tokens": -1,
+            "queries": -1,
+            "spaces": -1,
+            "storage_bytes": -1,
+            "tiles": -1,
+            "jobs": -1,
+        },
+        credits_per_seat=50_000,
+    ),
+)
+
+
+def _per_million(meter: str, measure: str, price: str, model: str, label: str) -> Price:
+    return Price(
+        meter,
+        measure,
+        price,
+        per=1_000_000,
+        line_item=f"{model}, {label}",
+        quantity_unit="tokens",
+        where={"model": model},
+    )
+
+
+def demo_prices() -> list[Price]:
+    """List prices for the demo's models, so the costs endpoint has amounts to show.
+
+    Cached and audio tokens are part of ``input_tokens`` in the OpenAI usage data, so only
+    input and output tokens are priced (a separate cached-token price would charge twice).
+    Moderations are free and vector-store bytes are a gauge: neither has a price.
+    """
+    prices = []
+    for model, inp, out in (
+        ("gpt-4o", "2.50", "10.00"),
+        ("gpt-4o-mini", "0.15", "0.60"),
+        ("gpt-4o-audio-preview", "2.50", "10.00"),
+    ):
+        prices.append(_per_million("completions", "input_tokens", inp, model, "input"))
+        prices.append(_per_million("completions", "output_tokens", out, model, "output"))
+    for model, inp in (("text-embedding-3-small", "0.02"), ("text-embedding-3-large", "0.13")):
+        prices.append(_per_million("embeddings", "input_tokens", inp, model, "input"))
+    for model, size, each in (
+        ("dall-e-3", "1024x1024", "0.04"),
+        ("dall-e-3", "1024x1792", "0.08"),
+        ("dall-e-2", "512x512", "0.018"),
+        ("dall-e-2", "1024x1024", "0.02"),
+    ):
+        prices.append(
+            Price(
+                "images",
+                "images",
+                each,
+                line_item=f"{model}, {size}",
+                quantity_unit="images",
+                where={"model": model, "size": size},
+            )
+        )
+    for model, per_million in (("tts-1", "15.00"), ("tts-1-hd", "30.00")):
+        prices.append(
+            Price(
+                "audio_speeches",
+                "characters",
+                per_million,
+                per=1_000_000,
+                line_item=model,
+                quantity_unit="characters",
+                where={"model": model},
+            )
+        )
+    prices.append(
+        Price(
+            "audio_transcriptions",
+            "seconds",
+            "0.006",
+            per=60,
+            line_item="whisper-1",
+            quantity_unit="duration_seconds",
+            where={"model": "whisper-1"},
+        )
+    )
+    prices.append(
+        Price(
+            "code_interpreter_sessions",
+            "num_sessions",
+            "0.03",
+            line_item="code interpreter",
+            quantity_unit="sessions",
+        )
+    )
+    return prices
+
+
+@attrs.frozen
+class DemoSummary:
+    """What :func:`populate` did. ``events`` counts every event of the window."""
+
+    organizations: tuple[str, ...]
+    start_time: int
+    end_time: int
+    events: int
+    accepted: int
+    duplicates: int
+
+
+class _Day:
+    """Builds one organization's events for one day, with ids that depend only on their place."""
+
+    def __init__(self, org: DemoOrg, day: int, level: float) -> None:
+        self.org = org
+        self.day = day
+        self.level = level * org.scale
+        self.stamp = dt.datetime.fromtimestamp(day, dt.timezone.utc).strftime("%Y%m%d")
+        self.events: list[Event] = []
+
+    def rng(self, meter: str) -> random.Random:
+        # One generator per meter: adding a meter later leaves the others' numbers alone.
+        return random.Random(f"meterkit-demo:{self.org.id}:{meter}:{self.stamp}")
+
+    def times(self, rng: random.Random, count: int) -> list[int]:
+        hours = rng.choices(range(24), weights=_HOURLY, k=count)
+        return sorted(self.day + h * HOUR + rng.randrange(HOUR) for h in hours)
+
+    def scaled(self, rng: random.Random, low: int, high: int) -> int:
+        return max(1, round(rng.randint(low, high) * self.level))
+
+    def add(
+        self, meter: str, n: int, time: int, values: dict[str, int], dims: dict[str, DimValue]
+    ) -> None:
+        self.events.append(
+            Event(
+                id=f"demo_{self.org.id}_{meter}_{self.stamp}_{n:03d}",
+                meter=meter,
+                organization_id=self.org.id,
+                time=time,
+                values=values,
+                dimensions=dims,
+            )
+        )
+
+    def people(self, rng: random.Random, project: str) -> dict[str, DimValue]:
+        return {
+            "project_id": project,
+            "user_id": rng.choice(self.org.users),
+            "api_key_id": rng.choice(self.org.api_keys),
+        }
+
+
+def _openai_kinds(d: _Day) -> None:
+    org = d.org
+    rng = d.rng("completions")
+    models = ("gpt-4o", "gpt-4o-mini", "gpt-4o-mini", "gpt-4o-audio-preview")
+    for n, t in enumerate(d.times(rng, 18)):
+        model = rng.choice(models)
+        requests = d.scaled(rng, 5, 60)
+        inp = requests * rng.randint(300, 1800)
+        audio = model.endswith("audio-preview")
+        batch = not audio and rng.random() < 0.15
+        d.add(
+            "completions",
+            n,
+            t,
+            {
+                "input_tokens": inp,
+                "output_tokens": requests * rng.randint(80, 600),
+                "input_cached_tokens": int(inp * rng.uniform(0.05, 0.5)),
+                "input_audio_tokens": requests * rng.randint(50, 400) if audio else 0,
+                "output_audio_tokens": requests * rng.randint(100, 800) if audio else 0,
+                "num_model_requests": requests,
+            },
+            {
+                **d.people(rng, rng.choice(org.projects)),
+                "model": model,
+                "batch": batch,
+                "service_tier": "flex" if batch else rng.choice(("default", "default", "priority")),
+            },
+        )
+
+    rng = d.rng("embeddings")
+    for n, t in enumerate(d.times(rng, 6)):
+        requests = d.scaled(rng, 10, 120)
+        model = rng.choice(
+            ("text-embedding-3-small", "text-embedding-3-small", "text-embedding-3-large")
+        )
+        d.add(
+            "embeddings",
+            n,
+            t,
+            {"input_tokens": requests * rng.randint(200, 900), "num_model_requests": requests},
+            {**d.people(rng, rng.choice(org.projects)), "model": model},
+        )
+
+    rng = d.rng("moderations")
+    for n, t in enumerate(d.times(rng, 4)):
+        requests = d.scaled(rng, 5, 80)
+        d.add(
+            "moderations",
+            n,
+            t,
+            {"input_tokens": requests * rng.randint(40, 300), "num_model_requests": requests},
+            {**d.people(rng, org.projects[0]), "model": "omni-moderation-latest"},
+        )
+
+    rng = d.rng("images")
+    for n, t in enumerate(d.times(rng, 4)):
+        requests = d.scaled(rng, 1, 8)
+        if rng.random() < 0.7:
+            model, source = "dall-e-3", "image.generation"
+            size = rng.choice(("1024x1024", "1024x1024", "1024x1792"))
+        else:
+            model = "dall-e-2"
+            source = rng.choice(("image.edit", "image.variation"))
+            size = rng.choice(("512x512", "1024x1024"))
+        d.add(
+            "images",
+            n,
+            t,
+            {"images": requests * rng.randint(1, 4), "num_model_requests": requests},
+            {
+                **d.people(rng, rng.choice(org.projects)),
+                "model": model,
+                "source": source,
+                "size": size,
+            },
+        )
+
+    rng = d.rng("audio_speeches")
+    for n, t in enumerate(d.times(rng, 3)):
+        requests = d.scaled(rng, 2, 20)
+        d.add(
+            "audio_speeches",
+            n,
+            t,
+            {"characters": requests * rng.randint(200, 2500), "num_model_requests": requests},
+            {**d.people(rng, org.projects[-1]), "model": rng.choice(("tts-1", "tts-1-hd"))},
+        )
+
+    rng = d.rng("audio_transcriptions")
+    for n, t in enumerate(d.times(rng, 3)):
+        requests = d.scaled(rng, 1, 12)
+        d.add(
+            "audio_transcriptions",
+            n,
+            t,
+            {"seconds": requests * rng.randint(20, 600), "num_model_requests": requests},
+            {**d.people(rng, org.projects[-1]), "model": "whisper-1"},
+        )
+
+    rng = d.rng("code_interpreter_sessions")
+    for n, t in enumerate(d.times(rng, 3)):
+        d.add(
+            "code_interpreter_sessions",
+            n,
+            t,
+            {"num_sessions": d.scaled(rng, 1, 10)},
+            {"project_id": rng.choice(org.projects)},
+        )
+
+
+def _gauges(d: _Day, index: int, days: int) -> None:
+    """Gauges get one reading per series a day (shortly after midnight), growing over time."""
+    org = d.org
+    at = d.day + 60
+    for n, project in enumerate(org.projects):
+        base = (n + 1) * 40 * 1024**2 * org.scale
+        d.add(
+            "vector_stores",
+            n,
+            at,
+            {"usage_bytes": int(base * (1 + 0.03 * index))},
+            {"project_id": project},
+        )
+    resources = ("uploads", "exports", "tiles/base")
+    for n, resource in enumerate(resources):
+        base = (n + 2) * 150 * 1024**2 * org.scale
+        d.add(
+            "storage_bytes",
+            n,
+            at,
+            {"storage_bytes": int(base * (1 + 0.02 * index))},
+            {"resource": resource, "project_id": org.projects[n % len(org.projects)]},
+        )
+    # Spaces appear over the month: one at the start, more as it goes on.
+    count = 1 + (index * max(1, round(3 * org.scale))) // max(days, 1)
+    for n in range(min(count, 8)):
+        d.add("spaces", n, at, {"spaces": 1}, {"resource": f"space_{n + 1}"})
+
+
+def _generic(d: _Day) -> None:
+    org = d.org
+    rng = d.rng("requests")
+    routes = (
+        ("GET", "/v1/search"),
+        ("POST", "/v1/chat"),
+        ("GET", "/v1/tiles"),
+        ("POST", "/v1/jobs"),
+    )
+    for n, t in enumerate(d.times(rng, 12)):
+        method, route = rng.choice(routes)
+        status = rng.choices(("200", "400", "429", "500"), weights=(93, 4, 2, 1))[0]
+        d.add(
+            "requests",
+            n,
+            t,
+            {"requests": d.scaled(rng, 20, 400)},
+            {
+                **d.people(rng, rng.choice(org.projects)),
+                "method": method,
+                "route": route,
+                "status": status,
+            },
+        )
+    rng = d.rng("tokens")
+    for n, t in enumerate(d.times(rng, 8)):
+        d.add(
+            "tokens",
+            n,
+            t,
+            {"tokens": d.scaled(rng, 2_000, 40_000)},
+            {
+                **d.people(rng, rng.choice(org.projects)),
+                "model": rng.choice(("gpt-4o", "gpt-4o-mini")),
+            },
+        )
+    rng = d.rng("queries")
+    for n, t in enumerate(d.times(rng, 6)):
+        d.add(
+            "queries",
+            n,
+            t,
+            {"queries": d.scaled(rng, 5, 40)},
+            d.people(rng, rng.choice(org.projects)),
+        )
+    rng = d.rng("credits")
+    for n, t in enumerate(d.times(rng, 4)):
+        d.add(
+            "credits",
+            n,
+            t,
+            {"credits": d.scaled(rng, 2, 12)},
+            {
+                **d.people(rng, rng.choice(org.projects)),
+                "reason": rng.choice(("export", "render", "analysis")),
+            },
+        )
+    rng = d.rng("tiles")
+    for n, t in enumerate(d.times(rng, 8)):
+        d.add(
+            "tiles",
+            n,
+            t,
+            {"tiles": d.scaled(rng, 50, 600)},
+            {
+                **d.people(rng, rng.choice(org.projects)),
+                "layer": rng.choice(("base", "satellite", "overlay")),
+            },
+        )
+    rng = d.rng("jobs")
+    for n, t in enumerate(d.times(rng, 3)):
+        d.add(
+            "jobs",
+            n,
+            t,
+            {"jobs": d.scaled(rng, 1, 5)},
+            {
+                **d.people(rng, rng.choice(org.projects)),
+                "kind": rng.choice(("import", "export", "reindex")),
+            },
+        )
+
+
+def _window(days: int, now: int) -> tuple[int, int]:
+    """``[start, end)``: ``days`` whole UTC days up to today, today's ended hours included."""
+    end = now - now % HOUR
+    today = now - now % DAY
+    return today - days * DAY, end
+
+
+def demo_events(
+    *, days: int = 30, now: int, organizations: Sequence[DemoOrg] = ORGANIZATIONS
+) -> Iterator[Event]:
+    """Every demo event of ``days`` whole days before ``now``'s day and of its ended hours."""
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 366:
+        raise ValidationError("days", "must be an integer from 1 to 366")
+    start, end = _window(days, now)
+    for index, day in enumerate(range(start, end, DAY)):
+        # Weekends are quieter, and traffic grows a little over the month.
+        weekday = dt.datetime.fromtimestamp(day, dt.timezone.utc).weekday()
+        level = (0.45 if weekday >= 5 else 1.0) * (0.8 + 0.4 * index / days)
+        for org in organizations:
+            d = _Day(org, day, level)
+            _openai_kinds(d)
+            _gauges(d, index, days)
+            _generic(d)
+            yield from (e for e in d.events if e.time < end)
+
+
+def _sync_ledger(meter: Meter, organizations: Sequence[DemoOrg], now: int) -> None:
+    """Bring the quota ledger in line with the recorded events, so quota checks, plan usage
+    and account usage agree with the usage pages.
+
+    The counters are *set* (not debited): that is what keeps a second run from doubling them.
+    Counters hold this billing period's sums; gauges the latest reading of each series.
+    """
+    quotas = meter.quotas
+    for org in organizations:
+        period = quotas.period(org.id, now)
+        for metric in _LEDGER_COUNTERS:
+            used = meter.total(
+                metric, metric, organization_id=org.id, start_time=period.start, end_time=now + 1
+            )
+            meter.counters.counters_set(
+                Quotas.period_key(org.id, metric, period), int(used), now=now
+            )
+        for metric in ("storage_bytes", "spaces"):
+            rows = meter.totals(
+                metric, organization_id=org.id, start_time=now - now % DAY - DAY, end_time=now + 1
+            )
+            latest = next((v.get(metric) for _, v in reversed(rows) if v.get(metric)), 0)
+            quotas.set_gauge(org.id, metric, int(latest or 0))
+
+
+def populate(
+    meter: Meter,
+    *,
+    days: int = 30,
+    now: int | None = None,
+    organizations: Sequence[DemoOrg] = ORGANIZATIONS,
+) -> DemoSummary:
+    """Fill ``meter``'s store with the demo: plans, assignments, prices and events.
+
+    Safe to run again: plans, assignments and prices are upserted, events are idempotent by
+    id, and the quota ledger is set rather than added to.
+    """
+    now = meter.now() if now is None else now
+    for plan in PLANS:
+        meter.set_plan(plan)
+    for org in organizations:
+        meter.assign_plan(org.id, org.plan, seats=org.seats)
+    for price in demo_prices():
+        meter.set_price(price)
+    start, end = _window(days, now)
+    events = accepted = duplicates = 0
+    batch: list[Event] = []
+    for event in demo_events(days=days, now=now, organizations=organizations):
+        batch.append(event)
+        if len(batch) >= 2_000:
+            result = meter.record_many(batch)
+            events, accepted = events + len(batch), accepted + result.accepted
+            duplicates += result.duplicates
+            batch = []
+    if batch:
+        result = meter.record_many(batch)
+        events, accepted = events + len(batch), accepted + result.accepted
+        duplicates += result.duplicates
+    _sync_ledger(meter, organizations, now)
+    return DemoSummary(tuple(o.id for o in organizations), start, end, events, accepted, duplicates)
+
+
+def create_demo_key(meter: Meter, organization_id: str | None = None) -> tuple[str, ApiKey]:
+    """A fresh admin key (read and write) for the first demo organization.
+
+    A token is shown only once, so each run makes a new key; earlier demo keys of that
+    organization are revoked so that only the one just printed works.
+    """
+    org = organization_id or ORGANIZATIONS[0].id
+    for key in list_keys(meter, org):
+        if key.name == DEMO_KEY_NAME and key.active:
+            revoke_key(meter, key.id)
+    return create_key(meter, org, "admin", ["usage:read", "usage:write"], name=DEMO_KEY_NAME)
