@@ -1,0 +1,543 @@
+"""Metering and the quota guard, independent of any web framework.
+
+:class:`Metering` is what :class:`meterkit.asgi.MeteringMiddleware` and
+:func:`meterkit.flask.init_app` share: an adapter calls :meth:`Metering.begin` before the
+application's endpoint runs (identify the caller, then check and debit the quotas in one atomic
+step) and :meth:`Metering.finish` after the response (settle the reservation to the usage the
+endpoint reported, and record the request). Both are blocking calls that touch the store: the
+ASGI adapter runs them in a worker thread.
+
+The rate-limit headers (``X-RateLimit-*`` and the IETF draft ``RateLimit`` /
+``RateLimit-Policy``), the ``Retry-After`` of a refusal and the default refusal body are built
+here too, from a :class:`~meterkit.quotas.Decision`, so both adapters answer byte for byte alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast
+
+import attrs
+
+from meterkit.auth import Principal, authenticate
+from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
+from meterkit.http.errors import MESSAGES, OPENAI, HttpError
+from meterkit.plans import UNLIMITED
+from meterkit.quotas import RATE_WINDOWS, Decision, Reservation
+from meterkit.validate import check_string
+
+if TYPE_CHECKING:
+    from meterkit.meter import Meter
+
+__all__ = [
+    "DEFAULT_COST",
+    "Cost",
+    "Identify",
+    "Identity",
+    "Metering",
+    "OnRefused",
+    "Refusal",
+    "Ticket",
+    "Unidentified",
+    "Usage",
+    "bearer_token",
+    "merge_headers",
+    "openai_refusal",
+    "rate_limit_headers",
+    "refusal_headers",
+    "retry_after_seconds",
+]
+
+logger = logging.getLogger("meterkit.metering")
+
+R = TypeVar("R")
+Headers: TypeAlias = tuple[tuple[str, str], ...]
+Identity: TypeAlias = "str | Principal | None"
+Identify: TypeAlias = Callable[[R], Identity]
+"""``identify(request) -> organization_id | Principal | None``; ``None`` means "unidentified"."""
+Cost: TypeAlias = "Mapping[str, int] | Callable[[R], Mapping[str, int] | None] | None"
+"""What a request costs before it runs: a fixed mapping, a function of the request, or none."""
+OnRefused: TypeAlias = Callable[[Decision], tuple[int, Sequence[tuple[str, str]], "bytes | str"]]
+"""``on_refused(decision) -> (status, headers, body)``: the answer to a refused request."""
+Unidentified: TypeAlias = Literal["pass", "refuse"]
+
+DEFAULT_COST: Mapping[str, int] = MappingProxyType({"queries": 1})
+"""Every metered request is one query, unless ``cost=`` says otherwise."""
+
+# When nothing better is known (a gauge limit frees up only when something is removed), a
+# refused client is told to come back in a minute rather than hammer the server every second.
+FALLBACK_RETRY_AFTER = 60
+
+
+# -- the request-scoped usage handle ---------------------------------------------------------
+
+
+class Usage:
+    """What the endpoint reports about the request it is serving.
+
+    ``usage.add(tokens=123)`` (or ``usage.add({"tokens": 123})``) adds to what is reported;
+    after the response the reservation is settled to it: a metric the request reserved is
+    committed at the reported amount instead of the reserved one, a metric it did not reserve is
+    debited on top. ``metered`` is false when the caller was not identified: reports are then
+    dropped. Thread-safe, so an endpoint may report from its own worker threads.
+    """
+
+    def __init__(
+        self,
+        organization_id: str | None = None,
+        decision: Decision | None = None,
+        key_id: str | None = None,
+    ) -> None:
+        self.organization_id = organization_id
+        self.decision = decision
+        self.key_id = key_id
+        self._reported: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def metered(self) -> bool:
+        return self.organization_id is not None
+
+    def add(self, amounts: Mapping[str, int] | None = None, /, **more: int) -> None:
+        """Report usage; amounts are whole, non-negative numbers and add up across calls."""
+        clean = _check_report({**(amounts or {}), **more})
+        with self._lock:
+            for metric, amount in clean.items():
+                self._reported[metric] = self._reported.get(metric, 0) + amount
+
+    @property
+    def reported(self) -> dict[str, int]:
+        """A copy of everything reported so far."""
+        with self._lock:
+            return dict(self._reported)
+
+    def __repr__(self) -> str:
+        return f"Usage(organization_id={self.organization_id!r}, reported={self.reported!r})"
+
+
+def _check_report(amounts: Mapping[str, Any], field: str = "usage") -> dict[str, int]:
+    if not isinstance(amounts, Mapping):
+        raise ValidationError(field, "must be a mapping of metric to a whole amount")
+    out: dict[str, int] = {}
+    for metric, amount in amounts.items():
+        check_string(field, metric)
+        if metric in RATE_WINDOWS:
+            raise ValidationError(f"{field}.{metric}", "rate limits are counted per request")
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise ValidationError(f"{field}.{metric}", "must be a non-negative integer")
+        out[metric] = amount
+    return out
+
+
+# -- headers and bodies from a decision --------------------------------------------------------
+
+
+def retry_after_seconds(decision: Decision, now: int) -> int:
+    """Whole seconds (at least 1) a refused client should wait before trying again.
+
+    The decision's own ``retry_after`` when waiting helps; otherwise the time until the deciding
+    limit resets (a request bigger than the whole limit fits no sooner than the next period);
+    otherwise (a gauge) :data:`FALLBACK_RETRY_AFTER`.
+    """
+    if decision.retry_after is not None:
+        return max(1, decision.retry_after)
+    if decision.reset_at is not None:
+        return max(1, decision.reset_at - now)
+    return FALLBACK_RETRY_AFTER
+
+
+def _sf_string(value: str) -> str:
+    """An RFC 8941 sf-string: printable ASCII only, with ``"`` and ``\\`` escaped."""
+    safe = "".join(c if " " <= c <= "~" else "?" for c in value)
+    return '"' + safe.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def rate_limit_headers(
+    decision: Decision, now: int, windows: Mapping[str, int] | None = None
+) -> Headers:
+    """The rate-limit headers describing ``decision``; none when no limit applies.
+
+    ``X-RateLimit-Limit`` / ``-Remaining`` / ``-Reset`` (Unix seconds) describe the deciding
+    limit: the one that refused, or the one with the least room left. ``RateLimit-Policy`` and
+    ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers) list every limited line, named by its
+    metric, with ``w`` the window in seconds where ``windows`` knows it and ``t`` the seconds
+    until it resets (for the refusing line: until a retry can succeed).
+    """
+    limited = [s for s in decision.limits if s.limit != UNLIMITED]
+    if not limited:
+        return ()
+    windows = windows or {}
+    refused = decision.refused_by
+    wait = retry_after_seconds(decision, now) if refused is not None else None
+    reset = now + wait if wait is not None else decision.reset_at
+    headers: list[tuple[str, str]] = [
+        ("X-RateLimit-Limit", str(decision.limit)),
+        ("X-RateLimit-Remaining", str(decision.remaining)),
+    ]
+    if reset is not None:
+        headers.append(("X-RateLimit-Reset", str(reset)))
+    policies: list[str] = []
+    states: list[str] = []
+    for state in limited:
+        name = _sf_string(state.metric)
+        policy = f"{name};q={state.limit}"
+        if state.metric in RATE_WINDOWS:
+            policy += ';qu="requests"'
+        else:
+            policy += f";qu={_sf_string(state.metric)}"
+        window = windows.get(state.metric)
+        if window:
+            policy += f";w={window}"
+        policies.append(policy)
+        item = f"{name};r={state.remaining}"
+        if state.metric == refused and wait is not None:
+            item += f";t={wait}"
+        elif state.reset_at is not None:
+            item += f";t={max(0, state.reset_at - now)}"
+        states.append(item)
+    headers.append(("RateLimit-Policy", ", ".join(policies)))
+    headers.append(("RateLimit", ", ".join(states)))
+    return tuple(headers)
+
+
+def refusal_headers(
+    decision: Decision, now: int, windows: Mapping[str, int] | None = None
+) -> Headers:
+    """``Retry-After`` and the rate-limit headers of a refused request."""
+    return (
+        ("Retry-After", str(retry_after_seconds(decision, now))),
+        *rate_limit_headers(decision, now, windows),
+    )
+
+
+def _describe_rate(metric: str) -> str:
+    return "requests per minute" if RATE_WINDOWS[metric] == 60 else "requests per day"
+
+
+def openai_refusal(decision: Decision) -> tuple[int, Sequence[tuple[str, str]], bytes]:
+    """The default answer to a refusal: a 429 in the OpenAI error shape.
+
+    A rate limit is ``{"type": "requests", "code": "rate_limit_exceeded"}``, a quota
+    ``{"type": "insufficient_quota", "code": "insufficient_quota"}``, as the OpenAI API answers.
+    """
+    metric = decision.refused_by or "quota"
+    state = decision.state(metric)
+    limit = state.limit if state else decision.limit
+    used = state.used if state else decision.used
+    if metric in RATE_WINDOWS:
+        message = (
+            f"Rate limit reached for {_describe_rate(metric)} ({metric}): "
+            f"limit {limit}, used {used}."
+        )
+        kind, code = "requests", "rate_limit_exceeded"
+    else:
+        requested = state.requested if state else 0
+        message = (
+            f"You exceeded your current quota for {metric}: "
+            f"limit {limit}, used {used}, requested {requested}."
+        )
+        kind, code = "insufficient_quota", "insufficient_quota"
+    if decision.retry_after is not None:
+        message += f" Try again in {decision.retry_after}s."
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return 429, (("Content-Type", "application/json"),), json.dumps(body).encode("utf-8")
+
+
+def merge_headers(
+    headers: Iterable[tuple[str, str]], extra: Iterable[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """``headers`` plus each of ``extra`` whose name (case-insensitively) is not there yet."""
+    out = list(headers)
+    present = {name.lower() for name, _ in out}
+    out.extend((name, value) for name, value in extra if name.lower() not in present)
+    return out
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else ``None``."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+# -- what begin() hands back -------------------------------------------------------------------
+
+
+@attrs.frozen
+class Refusal:
+    """An answer given instead of calling the endpoint (429, 401 or 503)."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    decision: Decision | None = None
+
+
+@attrs.define(eq=False)
+class Ticket:
+    """An admitted request: its decision, its reservation (if it reserved anything), the
+    rate-limit headers to add to its response and the handle the endpoint reports usage on."""
+
+    usage: Usage
+    decision: Decision
+    reservation: Reservation | None
+    headers: Headers
+    dimensions: Mapping[str, str]
+
+    @property
+    def organization_id(self) -> str:
+        return self.decision.organization_id
+
+    @property
+    def id(self) -> str:
+        return self.decision.id
+
+
+# -- the guard ---------------------------------------------------------------------------------
+
+
+class Metering(Generic[R]):
+    """Identify, admit, settle and record, for requests of a framework's type ``R``.
+
+    ``authorization(request)`` returns the request's ``Authorization`` header: the default
+    ``identify`` authenticates its bearer token with :func:`meterkit.auth.authenticate`. See
+    ``docs/adapters.md`` for every option.
+    """
+
+    def __init__(
+        self,
+        meter: Meter,
+        *,
+        authorization: Callable[[R], str | None],
+        identify: Identify[R] | None = None,
+        cost: Cost[R] = DEFAULT_COST,
+        on_refused: OnRefused | None = None,
+        record_meter: str | None = "requests",
+        unidentified: Unidentified = "pass",
+        skip: Callable[[R], bool] | None = None,
+        ttl: int = 300,
+        record_refused: bool = False,
+    ) -> None:
+        if unidentified not in ("pass", "refuse"):
+            raise ValidationError("unidentified", "must be 'pass' or 'refuse'")
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+            raise ValidationError("ttl", "must be a positive number of seconds")
+        if cost is not None and not callable(cost):
+            cost = MappingProxyType(_check_report(cost, "cost"))
+        self.meter = meter
+        self.authorization = authorization
+        self.identify = identify
+        self.cost = cost
+        self.on_refused: OnRefused = on_refused or openai_refusal
+        self.unidentified: Unidentified = unidentified
+        self._skip = skip
+        self.ttl = ttl
+        self.record_refused = record_refused
+        self.record_meter = record_meter
+        self._record_measure: str | None = None
+        if record_meter is not None:
+            spec = meter.spec(record_meter, "record_meter")
+            measure = spec.measure(record_meter) or spec.measures[0]
+            self._record_measure = measure.name
+
+    # -- before the request ----------------------------------------------------------------
+
+    def skip(self, request: R) -> bool:
+        """True when ``request`` is not metered at all (the ``skip`` option)."""
+        return self._skip is not None and bool(self._skip(request))
+
+    def begin(self, request: R, *, method: str, path: str) -> Ticket | Refusal | None:
+        """Identify the caller and admit the request, or refuse it. Blocking (store I/O).
+
+        ``None``: the caller is unidentified and may pass unmetered (or the store is down under
+        the fail-open policy). A :class:`Refusal`: answer it instead of calling the endpoint.
+        A :class:`Ticket`: call the endpoint, then :meth:`finish`.
+        """
+        try:
+            who = self._identify(request)
+            if who is None:
+                if self.unidentified == "refuse":
+                    return self._unidentified(request)
+                return None
+            org, key_id = (who, None) if isinstance(who, str) else (who.organization_id, who.key_id)
+            dimensions = {"api_key_id": key_id} if key_id else {}
+            amounts = self._amounts(request)
+            return self._admit(org, key_id, amounts, dimensions, method, path)
+        except StoreUnavailable:
+            if self.meter.quotas.policy == "open":
+                logger.warning("meterkit: store unavailable; %s %s passes unmetered", method, path)
+                return None
+            logger.warning("meterkit: store unavailable; refusing %s %s", method, path)
+            return _error(503, "store_unavailable", (("Retry-After", "1"),))
+
+    def _unidentified(self, request: R) -> Refusal:
+        if self.identify is not None:
+            return _error(401, "unidentified", (), "This request could not be identified.")
+        code = "invalid_api_key" if self.authorization(request) else "missing_api_key"
+        return _error(401, code, (("WWW-Authenticate", "Bearer"),))
+
+    def _identify(self, request: R) -> Identity:
+        if self.identify is not None:
+            who = self.identify(request)
+        else:
+            token = bearer_token(self.authorization(request))
+            who = authenticate(self.meter, token) if token is not None else None
+        if who is not None and not isinstance(who, (str, Principal)):
+            raise TypeError("identify() must return an organization id, a Principal or None")
+        return who
+
+    def _amounts(self, request: R) -> dict[str, int]:
+        cost = self.cost
+        if cost is None:
+            return {}
+        if callable(cost):
+            found = cost(request)
+            return _check_report(found, "cost") if found else {}
+        return dict(cost)
+
+    def _admit(
+        self,
+        org: str,
+        key_id: str | None,
+        amounts: dict[str, int],
+        dimensions: dict[str, str],
+        method: str,
+        path: str,
+    ) -> Ticket | Refusal:
+        reservation: Reservation | None = None
+        try:
+            if amounts:
+                reservation = self.meter.reserve(org, amounts, ttl=self.ttl, dimensions=dimensions)
+                decision = reservation.decision
+            else:
+                # Nothing to hold until the response: the rate limits are decided (and counted)
+                # by one check.
+                decision = self.meter.check(org, {}, dimensions=dimensions)
+                if not decision.allowed:
+                    raise QuotaExceeded(decision)
+        except QuotaExceeded as exc:
+            return self._refuse(cast(Decision, exc.decision), dimensions, method, path)
+        now = self.meter.now()
+        headers = rate_limit_headers(decision, now, self._windows(org, decision, now))
+        usage = Usage(org, decision, key_id)
+        return Ticket(usage, decision, reservation, headers, dimensions)
+
+    def _windows(self, org: str, decision: Decision, now: int) -> dict[str, int]:
+        """Each limited line's window in seconds: the rate window, or the billing period."""
+        out: dict[str, int] = {}
+        period = None
+        for state in decision.limits:
+            if state.limit == UNLIMITED:
+                continue
+            if state.metric in RATE_WINDOWS:
+                out[state.metric] = RATE_WINDOWS[state.metric]
+            elif state.reset_at is not None:
+                period = period or self.meter.quotas.period(org, now)
+                out[state.metric] = period.end - period.start
+        return out
+
+    def _refuse(
+        self, decision: Decision, dimensions: Mapping[str, str], method: str, path: str
+    ) -> Refusal:
+        now = self.meter.now()
+        org = decision.organization_id
+        status, custom, body = self.on_refused(decision)
+        headers = merge_headers(
+            [(str(k), str(v)) for k, v in custom],
+            refusal_headers(decision, now, self._windows(org, decision, now)),
+        )
+        raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+        if self.record_refused:
+            self._record(f"{decision.id}:request", org, dimensions, method, path, status)
+        return Refusal(int(status), tuple(headers), raw, decision)
+
+    # -- after the response ----------------------------------------------------------------
+
+    def finish(
+        self, ticket: Ticket, *, status: int | None, method: str, route: str, failed: bool = False
+    ) -> None:
+        """Settle the reservation and record the request. Blocking (store I/O); never raises.
+
+        A request that raised, answered 5xx or never answered (``status`` ``None``) failed:
+        its reservation is released, so the caller does not pay for the server's failure. Usage
+        the endpoint reported explicitly is counted either way, because it happened.
+        """
+        failed = failed or status is None or status >= 500
+        reported = ticket.usage.reported
+        org = ticket.organization_id
+        extra = dict(reported)
+        reservation = ticket.reservation
+        if reservation is not None:
+            held = reservation.held
+            extra = {m: v for m, v in reported.items() if m not in held}
+            try:
+                if not failed:
+                    reservation.commit({m: reported.get(m, a) for m, a in held.items()})
+                elif any(m in reported for m in held):
+                    reservation.commit({m: reported.get(m, 0) for m in held})
+                else:
+                    reservation.release()
+            except Exception:
+                # The hold expires after its ttl and gives its amounts back.
+                logger.exception("meterkit: could not settle reservation %s", reservation.id)
+        extra = {m: v for m, v in extra.items() if v}
+        if extra:
+            try:
+                self.meter.debit(org, extra, dimensions=ticket.dimensions)
+            except Exception:
+                logger.exception("meterkit: could not count reported usage %s for %s", extra, org)
+        self._record(
+            f"{ticket.id}:request",
+            org,
+            ticket.dimensions,
+            method,
+            route,
+            500 if status is None else status,
+        )
+
+    def _record(
+        self,
+        event_id: str,
+        org: str,
+        dimensions: Mapping[str, str],
+        method: str,
+        route: str,
+        status: int,
+    ) -> None:
+        if self.record_meter is None or self._record_measure is None:
+            return
+        spec = self.meter.spec(self.record_meter)
+        dims = {
+            k: v
+            for k, v in {
+                **dimensions,
+                "method": method.upper()[:64] or "-",
+                "route": route[:256] or "/",
+                "status": str(status),
+            }.items()
+            if spec.dimension(k) is not None
+        }
+        try:
+            self.meter.record(
+                self.record_meter,
+                {self._record_measure: 1},
+                organization_id=org,
+                id=event_id,
+                dimensions=dims,
+            )
+        except Exception:
+            logger.exception("meterkit: could not record request %s", event_id)
+
+
+def _error(
+    status: int, code: str, headers: Sequence[tuple[str, str]], message: str | None = None
+) -> Refusal:
+    text = message if message is not None else MESSAGES[code]
+    response = OPENAI.error(HttpError(status, text, code=code, headers=headers))
+    return Refusal(status, response.headers, response.body)
