@@ -20,7 +20,15 @@ from meterkit.periods import Period
 from meterkit.pricing import Price, PriceBook
 from meterkit.catalog import builtin_meters
 from meterkit.errors import ValidationError
-from meterkit.models import AppendResult, DimValue, Event, MeterSpec, Number, UsagePage
+from meterkit.models import (
+    AppendResult,
+    DimValue,
+    Event,
+    MeterSpec,
+    Number,
+    UsagePage,
+    UsageQuery,
+)
 from meterkit.plugins import get_plugin_manager, make_plugin_manager
 from meterkit.stores.base import CounterStore, Store
 from meterkit.plans import Grant, OrgPlan, Plan
@@ -231,13 +239,18 @@ class Meter:
         secret = self.store.secret()
         if page is not None:
             query = attrs.evolve(query, page_start=engine.decode_cursor(secret, query, page))
+        rows = self._rows(spec, query)
+        return engine.build_page(spec, query, rows, secret)
+
+    def _rows(self, spec: MeterSpec, query: UsageQuery) -> engine.Rows:
+        """The store's native answer, or the engine's over a scan when it has none."""
         self._ensure(spec)
         rows = self.store.aggregate(spec, query)
         if rows is None:
             events = self.store.scan(spec.name, query.organization_id, query.scan_start,
                                      query.page_end)
             rows = engine.aggregate(spec, query, events)
-        return engine.build_page(spec, query, rows, secret)
+        return rows
 
     def totals(
         self, meter: str, *, organization_id: str, start_time: int, end_time: int,
@@ -254,12 +267,7 @@ class Meter:
         )
         count = -(-(query.end_time - query.page_start) // query.width)
         query = attrs.evolve(query, limit=max(count, 1))
-        self._ensure(spec)
-        rows = self.store.aggregate(spec, query)
-        if rows is None:
-            events = self.store.scan(spec.name, query.organization_id, query.scan_start,
-                                     query.page_end)
-            rows = engine.aggregate(spec, query, events)
+        rows = self._rows(spec, query)
         return sorted((start, values) for (start, _group), values in rows.items())
 
     def total(self, meter: str, measure: str, *, organization_id: str, start_time: int,

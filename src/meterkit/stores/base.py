@@ -19,79 +19,6 @@ __all__ = ["CounterStore", "Store"]
 
 
 @runtime_checkable
-class Store(Protocol):
-    url: str
-
-    def ensure_meter(self, spec: MeterSpec) -> None:
-        """Prepare to keep events of ``spec`` (create or widen tables). Idempotent."""
-
-    def append(self, events: Sequence[Event]) -> list[Event]:
-        """Store validated events atomically (all, or on error none); return the new ones.
-
-        An event whose ``(meter, id)`` is already stored (or repeats earlier in the batch)
-        is a duplicate: it changes nothing and is left out of the returned list.
-        """
-
-    def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
-        """Every stored event of ``meter`` and ``organization_id`` with ``start <= time < end``."""
-
-    def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
-        """The query's rows computed natively, or ``None`` to let the engine do it."""
-
-    # -- records: prices, plans, organizations, grants, keys (JSON objects by kind and key) ----
-
-    def put_record(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
-        """Insert or replace one record."""
-
-    def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
-        """One record, or ``None``."""
-
-    def list_records(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
-        """Every record of ``kind`` as ``(key, data)``, ordered by key."""
-
-    def delete_record(self, kind: str, key: str) -> bool:
-        """Remove a record; ``True`` if it existed."""
-
-    # -- quota counters (the CounterStore protocol below) ------------------------------------
-
-    def counters_apply(
-        self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
-    ) -> CounterResult:
-        """Atomically admit all lines or none (:func:`meterkit.counters.admits`).
-
-        First releases every hold that expired at ``now``. Admitted: adds each amount and,
-        with ``hold``, remembers it so it can be settled later. Counters whose
-        ``expires_at <= now`` read as 0. Keys are distinct within one call.
-        """
-
-    def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
-        """Atomically forget a hold and add ``deltas`` (negative to give back).
-
-        ``False`` (and nothing changed) when the hold is unknown: settled, released or expired.
-        """
-
-    def counters_add(
-        self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
-    ) -> list[int]:
-        """Add unconditionally (usage that already happened); the values after."""
-
-    def counters_set(self, key: str, value: int, *, now: int, expires_at: int | None = None) -> None:
-        """Set one counter (a gauge recalculated from its source)."""
-
-    def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
-        """Current values (0 for absent or expired keys), after releasing expired holds."""
-
-    def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
-        """``True`` for the first caller ever to claim ``marker`` (until it expires)."""
-
-    def secret(self) -> bytes:
-        """A random key kept with the data, for signing cursors; the same on every open."""
-
-    def close(self) -> None:
-        """Release connections. The store is not used afterwards."""
-
-
-@runtime_checkable
 class CounterStore(Protocol):
     """Quota counters on their own (``Meter(url, counters="redis://...")``).
 
@@ -132,3 +59,46 @@ class CounterStore(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+@runtime_checkable
+class Store(CounterStore, Protocol):
+    """Events, records and (inherited) quota counters."""
+
+    url: str
+
+    def ensure_meter(self, spec: MeterSpec) -> None:
+        """Prepare to keep events of ``spec`` (create or widen tables). Idempotent."""
+
+    def append(self, events: Sequence[Event]) -> list[Event]:
+        """Store validated events atomically (all, or on error none); return the new ones.
+
+        An event whose ``(meter, id)`` is already stored (or repeats earlier in the batch)
+        is a duplicate: it changes nothing and is left out of the returned list.
+        """
+
+    def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
+        """Every stored event of ``meter`` and ``organization_id`` with ``start <= time < end``."""
+
+    def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
+        """The query's rows computed natively, or ``None`` to let the engine do it."""
+
+    # -- records: prices, plans, organizations, grants, keys (JSON objects by kind and key) ----
+
+    def put_record(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
+        """Insert or replace one record."""
+
+    def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
+        """One record, or ``None``."""
+
+    def list_records(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every record of ``kind`` as ``(key, data)``, ordered by key."""
+
+    def delete_record(self, kind: str, key: str) -> bool:
+        """Remove a record; ``True`` if it existed."""
+
+    def secret(self) -> bytes:
+        """A random key kept with the data, for signing cursors; the same on every open."""
+
+    def close(self) -> None:
+        """Release connections. The store is not used afterwards."""
