@@ -18,6 +18,8 @@ __all__ = ["BUILTIN_PLUGINS", "get_plugin_manager", "make_plugin_manager"]
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "meterkit.stores.memory",
     "meterkit.stores.sqlite",
+    "meterkit.stores.postgres",
+    "meterkit.stores.redis",
 )
 
 _default: pluggy.PluginManager | None = None

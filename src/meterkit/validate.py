@@ -46,6 +46,9 @@ def check_string(field: str, value: object) -> str:
         raise ValidationError(field, "must not be empty")
     if len(value) > MAX_STRING:
         raise ValidationError(field, f"is longer than {MAX_STRING} characters")
+    if "\x00" in value:
+        # No SQL text type stores it; refuse it everywhere so every store behaves alike.
+        raise ValidationError(field, "must not contain NUL characters")
     return value
 
 

@@ -1,0 +1,115 @@
+"""Rebuild quota counters from the durable event store (after Redis lost them, say).
+
+Counters are a fast copy of what the event store already knows: every admitted ``check``,
+every committed reservation and every ``debit`` records an event in the meter named after the
+metric (``tokens``, ``credits``, …; see ``Meter(record_debits=True)``, the default). So when a
+counters backend comes back empty — Redis restarted without persistence, or counters moved to a
+new backend — :func:`rebuild_counters` recomputes:
+
+- each **period counter** of the *current* billing period: the sum of that metric's events
+  from the period's start until now;
+- each **gauge** (``storage_bytes``, ``spaces``): the latest recorded value of each series
+  (one combination of dimensions, e.g. one ``resource``), combined as the meter says (summed).
+
+What it cannot rebuild, because no event records it:
+
+- **reservations held** when the counters were lost: their amounts are not counted again, and
+  their ``commit`` counts the actual amount (an expired or unknown hold is treated so);
+- **rate-limit windows** (requests per minute / per day): they start empty;
+- **gauge changes made without an event** (``Meter.debit`` of a gauge, ``set_gauge``): only
+  recorded gauge events count — run ``Meter.recalculate_storage`` for ``storage_bytes`` when a
+  ``meterkit_stored_assets`` plugin reports the real sizes;
+- **threshold notifications** already sent: the markers are gone, so the 80 % / 100 % hooks may
+  fire once more in this period;
+- metrics with no meter of the same name (their usage was never recorded as events).
+
+It assumes a quota metric's meter holds what the quota layer recorded: events an application
+records itself in such a meter (``meter.record("tokens", ...)``) are counted too.
+
+Requests admitted while a rebuild runs are counted twice or not at all for the metrics being
+rebuilt at that moment; run it before sending traffic to the new counters, or accept that drift.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from meterkit.models import MeterSpec, Number
+from meterkit.quotas import Quotas
+
+if TYPE_CHECKING:
+    from meterkit.meter import Meter
+
+__all__ = ["quota_metrics", "rebuild_counters"]
+
+
+def quota_metrics(meter: Meter) -> list[MeterSpec]:
+    """The meters whose events are quota usage: a meter with a measure of its own name."""
+    return [spec for name, spec in sorted(meter.meters.items()) if spec.measure(name)]
+
+
+def _gauge_value(meter: Meter, spec: MeterSpec, org: str, now: int) -> Number | None:
+    """The latest value of every series of a gauge, combined; ``None`` without any event."""
+    measure = spec.measure(spec.name)
+    assert measure is not None
+    meter.store.ensure_meter(spec)
+    latest: dict[tuple[object, ...], tuple[int, str, Number]] = {}
+    for event in meter.store.scan(spec.name, org, 0, now + 1):
+        value = event.values.get(spec.name)
+        if value is None:
+            continue
+        series = tuple(event.dimensions.get(d) for d in spec.dimension_names)
+        seen = latest.get(series)
+        if seen is None or (event.time, event.id) > seen[:2]:
+            latest[series] = (event.time, event.id, value)
+    if not latest:
+        return None
+    values = [v for _t, _i, v in latest.values()]
+    if measure.aggregation == "max":
+        return max(values)
+    if measure.aggregation == "min":
+        return min(values)
+    total: Number = sum(values)
+    return total
+
+
+def rebuild_counters(meter: Meter, organization_id: str | None = None) -> dict[str, dict[str, int]]:
+    """Recompute ``meter``'s period counters and gauges from its event store.
+
+    Rebuilds one organization, or (``None``) every organization assigned a plan. Returns
+    ``{organization: {metric: value set}}``; a gauge with no recorded event is left alone and
+    not listed. Every value is *set*, not added, so running it twice is harmless.
+    """
+    now = meter.now()
+    if organization_id is not None:
+        orgs = [organization_id]
+    else:
+        orgs = [key for key, _ in meter.store.list_records("org")]
+    counters = meter.counters
+    report: dict[str, dict[str, int]] = {}
+    for org in orgs:
+        period = meter.quotas.period(org, now)
+        values: dict[str, int] = {}
+        for spec in quota_metrics(meter):
+            metric = spec.name
+            measure = spec.measure(metric)
+            assert measure is not None
+            if measure.gauge:
+                gauge = _gauge_value(meter, spec, org, now)
+                if gauge is None:
+                    continue
+                values[metric] = int(gauge)
+                counters.counters_set(Quotas.gauge_key(org, metric), values[metric], now=now)
+                continue
+            total = meter.total(
+                metric, metric, organization_id=org, start_time=period.start, end_time=now + 1
+            )
+            values[metric] = int(total)
+            counters.counters_set(
+                Quotas.period_key(org, metric, period),
+                values[metric],
+                now=now,
+                expires_at=period.end,
+            )
+        report[org] = values
+    return report

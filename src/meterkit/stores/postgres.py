@@ -1,0 +1,996 @@
+"""``postgresql://`` — the shared store for many processes and hosts (psycopg 3 + a pool).
+
+Everything a process keeps in SQLite lives here instead, so every process pointed at the same
+database gives the same answers:
+
+- **Schema** created and migrated by meterkit: ``mk_schema_migrations`` records which versioned
+  migration ran; they run in one transaction under ``pg_advisory_xact_lock``, so processes
+  starting together wait for each other instead of racing on ``CREATE TABLE``.
+- **Events** in one table per meter, ``events_<meter>``, like the SQLite store: primary key
+  ``id``, ``d_<dim>`` and ``v_<measure>`` columns. Values are ``numeric`` and keep their Python
+  type through the *scale*: an ``int`` is stored with scale 0, a ``float`` exactly (its binary
+  value in decimal) with scale >= 1. Scale survives ``SUM``/``MAX``/``MIN``, so aggregates come
+  back with the engine's type as well.
+- **Appends** are one transaction: ``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id`` says
+  exactly which events were new, whichever process raced to store them.
+- **Aggregation** in SQL, the same shape as the SQLite store, equal to the engine.
+- **Counters** are rows of ``mk_counters``, changed in one transaction that locks the touched
+  rows (``SELECT ... FOR UPDATE`` in key order, so two transactions never wait on each other
+  in a cycle); never a table lock. The decision itself is :func:`meterkit.counters.apply`.
+
+Connection failures, pool timeouts and statement timeouts raise
+:class:`~meterkit.errors.StoreUnavailable`; the pool replaces broken connections, so the next
+call works again once the server is back.
+
+URL: any libpq URL (``postgresql://user@host:5432/db?sslmode=require``, or ``postgres://``),
+plus these meterkit options, removed before connecting:
+
+``schema``         keep meterkit's tables in this schema (created if missing)
+``pool_min_size``  connections kept open (default 1)
+``pool_max_size``  connections at most (default 10)
+``pool_timeout``   seconds to wait for a free connection before ``StoreUnavailable`` (default 5)
+
+``connect_timeout`` defaults to 5 seconds. A ``statement_timeout`` can be set the libpq way:
+``?options=-cstatement_timeout%3D2000``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import select
+import threading
+import time as _time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from meterkit import counters
+from meterkit.engine.aggregate import Rows, empty_value
+from meterkit.errors import MeterkitError, StoreUnavailable
+from meterkit.hookspecs import hookimpl
+from meterkit.models import (
+    CounterLine,
+    CounterResult,
+    DimValue,
+    Event,
+    Hold,
+    MeterSpec,
+    Number,
+    UsageQuery,
+)
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import ConnectionPool
+
+__all__ = ["MIGRATIONS", "SCHEMES", "PostgresStore"]
+
+SCHEMES = ("postgresql", "postgres")
+_T = TypeVar("_T")
+_CHUNK = 5000
+_MAX_IDENT = 63  # PostgreSQL silently truncates longer identifiers: never let it.
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")  # unquoted in search_path: lower case
+_SWEEP_EVERY = 60.0
+_PLAIN_SQL = {
+    "sum": "SUM({})",
+    "count": "COUNT({})",
+    "max": "MAX({})",
+    "min": "MIN({})",
+    "unique_count": "COUNT(DISTINCT {})",
+}
+
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        1,
+        "meta, records, counters, holds and claims",
+        (
+            'CREATE TABLE mk_meta (key text COLLATE "C" PRIMARY KEY, value text NOT NULL)',
+            'CREATE TABLE mk_records (kind text COLLATE "C", key text COLLATE "C", '
+            "data jsonb NOT NULL, PRIMARY KEY (kind, key))",
+            'CREATE TABLE mk_counters (key text COLLATE "C" PRIMARY KEY, '
+            "value bigint NOT NULL, expires_at bigint)",
+            "CREATE INDEX mk_counters_expires ON mk_counters (expires_at) "
+            "WHERE expires_at IS NOT NULL",
+            'CREATE TABLE mk_holds (id text COLLATE "C" PRIMARY KEY, organization_id text '
+            "NOT NULL, amounts jsonb NOT NULL, expires_at bigint NOT NULL)",
+            "CREATE INDEX mk_holds_expires ON mk_holds (expires_at)",
+            'CREATE TABLE mk_claims (marker text COLLATE "C" PRIMARY KEY, expires_at bigint)',
+            "CREATE INDEX mk_claims_expires ON mk_claims (expires_at) WHERE expires_at IS NOT NULL",
+        ),
+    ),
+)
+"""``(version, description, statements)``, applied in order, each exactly once per schema.
+
+A later change to the schema is a new entry at the end; entries already released never change.
+"""
+
+
+# -- names and numbers ------------------------------------------------------------------------
+
+
+def _ident(prefix: str, name: str, suffix: str = "") -> str:
+    """``prefix + name + suffix``, shortened with a hash when longer than PostgreSQL allows."""
+    full = f"{prefix}{name}{suffix}"
+    if len(full) <= _MAX_IDENT:
+        return full
+    digest = hashlib.sha1(full.encode()).hexdigest()[:8]
+    keep = _MAX_IDENT - len(prefix) - len(suffix) - len(digest) - 1
+    return f"{prefix}{name[:keep]}_{digest}{suffix}"
+
+
+def _q(name: str) -> str:
+    # Every name here is built from meterkit's own name rule ([a-z][a-z0-9_]*), so quoting is
+    # only there to keep words such as "time" or "user" from meaning anything to SQL.
+    return f'"{name}"'
+
+
+def _table(meter: str) -> str:
+    return _ident("events_", meter)
+
+
+def _dim(name: str) -> str:
+    return _ident("d_", name)
+
+
+def _val(name: str) -> str:
+    return _ident("v_", name)
+
+
+def _lock_key(*parts: str) -> int:
+    """A signed 64-bit advisory-lock key for ``parts``, the same in every process."""
+    digest = hashlib.sha256("\x1f".join(("meterkit", *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _encode(value: Number | None) -> Decimal | None:
+    """A number as ``numeric`` whose scale says its type: 0 for ``int``, >= 1 for ``float``."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        exact = Decimal(value)  # the float's exact binary value; nothing rounded
+        exponent = exact.as_tuple().exponent
+        if isinstance(exponent, int) and exponent >= 0:
+            return Decimal(f"{int(value)}.0")
+        return exact
+    return Decimal(value)
+
+
+def _number(value: Decimal | int) -> Number:
+    """Back from ``numeric``: scale 0 is an ``int``, any other scale a ``float``."""
+    if isinstance(value, int):
+        return value
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent >= 0:
+        return int(value)
+    return float(value)
+
+
+def _decode(value: Decimal | int | None) -> Number | None:
+    return None if value is None else _number(value)
+
+
+# -- connection options -----------------------------------------------------------------------
+
+
+def _conninfo(url: str) -> tuple[str, dict[str, Any]]:
+    """The libpq connection string for ``url`` and meterkit's own options taken out of it."""
+    from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    scheme = "postgresql" if parts.scheme == "postgres" else parts.scheme
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    opts: dict[str, Any] = {"min_size": 1, "max_size": 10, "timeout": 5.0}
+    # libpq rejects query parameters it does not know, so meterkit's own come out first.
+    for key, name, kind in (
+        ("pool_min_size", "min_size", int),
+        ("pool_max_size", "max_size", int),
+        ("pool_timeout", "timeout", float),
+    ):
+        if key in query:
+            try:
+                opts[name] = kind(query.pop(key))
+            except ValueError:
+                raise MeterkitError(f"PostgreSQL URL option {key} must be a number") from None
+    schema = query.pop("schema", None)
+    if schema is not None:
+        if not _SCHEMA_RE.match(schema):
+            raise MeterkitError(f"PostgreSQL URL option schema={schema!r} is not a plain name")
+        query["options"] = f"{query.get('options', '')} -csearch_path={schema}".strip()
+    query.setdefault("connect_timeout", "5")
+    return urlunsplit(
+        (scheme, parts.netloc, parts.path, urlencode(query, quote_via=quote), "")
+    ), opts
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+class PostgresStore:
+    """A :class:`~meterkit.stores.Store` on PostgreSQL, safe to share between threads.
+
+    Nothing is sent to the server until the first call (which also creates or migrates the
+    schema), so a process can start while the database is down and work once it is back.
+    """
+
+    def __init__(self, url: str) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.url = url
+        conninfo, opts = _conninfo(url)
+        self._pool: ConnectionPool[Any] = ConnectionPool(
+            conninfo,
+            min_size=opts["min_size"],
+            max_size=max(opts["max_size"], opts["min_size"]),
+            timeout=opts["timeout"],
+            kwargs={"autocommit": True},
+            check=_check_connection,
+            name="meterkit",
+            open=True,
+        )
+        self._specs: dict[str, MeterSpec] = {}
+        self._secret: bytes | None = None
+        self._boot_lock = threading.Lock()
+        self._clock_lock = threading.Lock()
+        self._clock_offset: tuple[float, float] | None = None  # (measured at, offset)
+        self._next_sweep = 0.0
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _unavailable(self, what: str) -> Iterator[None]:
+        import psycopg
+
+        try:
+            yield
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            # OperationalError covers a refused or dropped connection, PoolTimeout (no free
+            # connection in time), AdminShutdown (pg_terminate_backend) and QueryCanceled
+            # (statement_timeout): the server did not answer, whatever the reason.
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StoreUnavailable(f"PostgreSQL store unavailable while {what}: {detail}") from exc
+
+    def _run(
+        self,
+        what: str,
+        fn: Callable[[psycopg.Cursor[Any]], _T],
+        *,
+        tx: bool = True,
+        pipeline: bool = True,
+        idempotent: bool = False,
+    ) -> _T:
+        """``fn(cursor)`` on a pooled connection, in one transaction when ``tx``.
+
+        Transactions run in pipeline mode: statements whose results are not read yet travel
+        together (``BEGIN`` with the first, ``COMMIT`` with the last writes), which saves a
+        round trip each.
+
+        Run again, because the first try certainly changed nothing: a transaction PostgreSQL
+        aborted as a deadlock victim or serialization failure; and, once, a call whose
+        connection broke before its transaction reached ``COMMIT`` (or that only reads, or
+        is ``idempotent``) — a connection the server dropped just before it was handed out.
+        A connection lost *during* ``COMMIT`` is never retried: the commit may have happened.
+        """
+        import psycopg.errors
+
+        self._bootstrap()
+        reconnected = False
+        with self._unavailable(what):
+            for attempt in itertools.count():
+                reached_commit = False
+                conn = None
+                try:
+                    with self._pool.connection() as conn:
+                        if not tx:
+                            with conn.cursor() as cur:
+                                return fn(cur)
+                        if not pipeline:
+                            with conn.transaction(), conn.cursor() as cur:
+                                result = fn(cur)
+                                reached_commit = True
+                                return result
+                        with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
+                            result = fn(cur)
+                            reached_commit = True
+                            return result
+                except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                    if attempt >= 5:
+                        raise
+                    _time.sleep(random.uniform(0, 0.01 * 2**attempt))
+                except psycopg.OperationalError:
+                    safe = (tx and not reached_commit) or idempotent
+                    if reconnected or conn is None or not conn.broken or not safe:
+                        raise
+                    reconnected = True
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _bootstrap(self) -> None:
+        if self._secret is not None:
+            return
+        with self._boot_lock:
+            if self._secret is not None:
+                return
+            with self._unavailable("opening the store"), self._pool.connection() as conn:
+                secret = _migrate(conn)
+                if secret is None:
+                    conn.execute(
+                        "INSERT INTO mk_meta (key, value) VALUES ('cursor_secret', %s) "
+                        "ON CONFLICT (key) DO NOTHING",
+                        (os.urandom(32).hex(),),
+                    )
+                    row = conn.execute(
+                        "SELECT value FROM mk_meta WHERE key = 'cursor_secret'"
+                    ).fetchone()
+                    assert row is not None
+                    secret = str(row[0])
+            self._secret = bytes.fromhex(secret)
+
+    def db_now(self) -> float:
+        """The database server's clock, as Unix seconds.
+
+        One clock for every process and host: ``Meter(store=store, clock=store.db_now)`` makes
+        every quota window, billing period and event time agree with the database instead of
+        each host's own clock. The offset from the local clock is measured once a minute, so
+        a call costs no round trip.
+        """
+        local = _time.time()
+        with self._clock_lock:
+            cached = self._clock_offset
+            if cached is not None and local - cached[0] < 60:
+                return local + cached[1]
+
+        def ask(cur: psycopg.Cursor[Any]) -> float:
+            before = _time.time()
+            cur.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
+            row = cur.fetchone()
+            after = _time.time()
+            assert row is not None
+            return float(row[0]) - (before + after) / 2
+
+        offset = self._run("reading the database clock", ask, tx=False, idempotent=True)
+        with self._clock_lock:
+            self._clock_offset = (local, offset)
+        return _time.time() + offset
+
+    # -- meters -------------------------------------------------------------------------------
+
+    def ensure_meter(self, spec: MeterSpec) -> None:
+        if self._specs.get(spec.name) == spec:
+            return
+        table = _table(spec.name)
+        columns: dict[str, str] = {
+            "id": 'text COLLATE "C" PRIMARY KEY',
+            "organization_id": 'text COLLATE "C" NOT NULL',
+            "time": "bigint NOT NULL",
+        }
+        for d in spec.dimensions:
+            columns[_dim(d.name)] = "boolean" if d.kind == "bool" else 'text COLLATE "C"'
+        for m in spec.measures:
+            columns[_val(m.name)] = "numeric"
+
+        def have(cur: psycopg.Cursor[Any]) -> set[str]:
+            cur.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                "AND attnum > 0 AND NOT attisdropped",
+                (_q(table),),
+            )
+            return {r[0] for r in cur.fetchall()}
+
+        def create(cur: psycopg.Cursor[Any]) -> None:
+            # DDL only under a lock per table: concurrent CREATE TABLE IF NOT EXISTS can still
+            # fail on the catalog's unique index. Every statement is IF NOT EXISTS, so the
+            # script is right whatever another process did before the lock was granted; it
+            # goes in one round trip (names are meterkit's own, so nothing is interpolated
+            # that could be data).
+            lock = f"meterkit/table/{table}"
+            cols = ", ".join(f"{_q(n)} {t}" for n, t in columns.items())
+            script = [
+                f"SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '/{lock}', 0))",
+                f"CREATE TABLE IF NOT EXISTS {_q(table)} ({cols})",
+                f"CREATE INDEX IF NOT EXISTS {_q(_ident('', table, '_org_time'))} "
+                f"ON {_q(table)} (organization_id, time)",
+            ]
+            for name, kind in columns.items():
+                if name not in existing:
+                    script.append(
+                        f"ALTER TABLE {_q(table)} ADD COLUMN IF NOT EXISTS {_q(name)} {kind}"
+                    )
+            cur.execute(";\n".join(script))
+
+        # Look first: ALTER TABLE takes an exclusive lock on the table even when every column
+        # is there already, and this runs whenever a process starts.
+        existing = self._run("preparing a meter", have, tx=False, idempotent=True)
+        if not set(columns) <= existing:
+            self._run("preparing a meter", create, pipeline=False)
+        self._specs[spec.name] = spec
+
+    # -- events -------------------------------------------------------------------------------
+
+    def append(self, events: Sequence[Event]) -> list[Event]:
+        # Everything is read from the events before the transaction starts: an event that
+        # cannot be read (or a meter never ensured) fails the call with nothing written.
+        seen: set[tuple[str, str]] = set()
+        by_meter: dict[str, list[Event]] = {}
+        for event in events:
+            key = (event.meter, event.id)
+            if key in seen:
+                continue
+            seen.add(key)
+            by_meter.setdefault(event.meter, []).append(event)
+        statements: list[tuple[str, str, list[list[Any]]]] = []
+        for meter, batch in by_meter.items():
+            spec = self._specs[meter]
+            dims, measures = spec.dimension_names, spec.measure_names
+            bools = {d.name for d in spec.dimensions if d.kind == "bool"}
+            cols = ["id", "organization_id", "time"]
+            types = ["text", "text", "bigint"]
+            cols += [_dim(d) for d in dims]
+            types += ["boolean" if d in bools else "text" for d in dims]
+            cols += [_val(m) for m in measures]
+            types += ["numeric"] * len(measures)
+            arrays: list[list[Any]] = [[] for _ in cols]
+            for e in batch:
+                row = [str(e.id), e.organization_id, e.time]
+                row += [e.dimensions.get(d) for d in dims]
+                row += [_encode(e.values.get(m)) for m in measures]
+                for array, value in zip(arrays, row, strict=True):
+                    array.append(value)
+            unnest = ", ".join(f"%s::{t}[]" for t in types)
+            sql = (
+                f"INSERT INTO {_q(_table(meter))} ({', '.join(_q(c) for c in cols)}) "
+                f"SELECT * FROM unnest({unnest}) ON CONFLICT (id) DO NOTHING RETURNING id"
+            )
+            statements.append((meter, sql, arrays))
+
+        def write(cur: psycopg.Cursor[Any]) -> set[tuple[str, str]]:
+            # Every INSERT is sent before any result is read: in pipeline mode they travel
+            # together instead of one round trip each.
+            sent = []
+            for meter, sql, arrays in statements:
+                for i in range(0, len(arrays[0]), _CHUNK):
+                    chunk_cur = cur.connection.cursor()
+                    chunk_cur.execute(sql, [a[i : i + _CHUNK] for a in arrays])
+                    sent.append((meter, chunk_cur))
+            stored: set[tuple[str, str]] = set()
+            for meter, chunk_cur in sent:
+                stored.update((meter, r[0]) for r in chunk_cur.fetchall())
+                chunk_cur.close()
+            return stored
+
+        if not statements:
+            return []
+        stored = self._run("appending events", write)
+        # Keep the first copy of each new (meter, id), in the order given.
+        new: list[Event] = []
+        for event in events:
+            key = (event.meter, str(event.id))
+            if key in stored:
+                stored.discard(key)
+                new.append(event)
+        return new
+
+    def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
+        spec = self._specs[meter]
+        dims, measures = spec.dimension_names, spec.measure_names
+        cols = ", ".join(
+            ["id", "organization_id", "time"]
+            + [_q(_dim(d)) for d in dims]
+            + [_q(_val(m)) for m in measures]
+        )
+        sql = (
+            f"SELECT {cols} FROM {_q(_table(meter))} "
+            "WHERE organization_id = %s AND time >= %s AND time < %s ORDER BY time, id"
+        )
+
+        def read(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+            cur.execute(sql, (organization_id, start, end))
+            return cur.fetchall()
+
+        # Read eagerly: a failure is raised here, not halfway through the caller's loop.
+        rows = self._run("scanning events", read, tx=False, idempotent=True)
+        n = len(dims)
+
+        def events() -> Iterator[Event]:
+            for row in rows:
+                values = {
+                    m: _number(v)
+                    for m, v in zip(measures, row[3 + n :], strict=True)
+                    if v is not None
+                }
+                dvals = {d: v for d, v in zip(dims, row[3 : 3 + n], strict=True) if v is not None}
+                yield Event(row[0], meter, row[1], row[2], values, dvals)
+
+        return events()
+
+    def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
+        where = ["organization_id = %s", "time >= %s", "time < %s"]
+        params: list[Any] = [query.organization_id, query.scan_start, query.page_end]
+        for name, allowed in query.filters:
+            col = _q(_dim(name))
+            present = [v for v in allowed if v is not None]
+            parts = []
+            if present:
+                parts.append(f"{col} = ANY(%s)")
+                params.append(present)
+            if None in allowed:
+                parts.append(f"{col} IS NULL")
+            where.append("(" + " OR ".join(parts) + ")")
+        bucket = f"(time - mod(time, {int(query.width)}))"
+        groups = [_q(_dim(g)) for g in query.group_by]
+        part = ", ".join([bucket, *groups])
+        table = _q(_table(spec.name))
+        cond = " AND ".join(where)
+        ngroups = len(groups)
+
+        def key(row: Sequence[Any]) -> tuple[int, tuple[DimValue, ...]]:
+            return int(row[0]), tuple(row[1 : 1 + ngroups])
+
+        plain = [m for m in spec.measures if not m.gauge and m.aggregation != "latest"]
+        select = [bucket, *groups]
+        select += [_PLAIN_SQL[m.aggregation].format(_q(_val(m.name))) for m in plain]
+        # MAX/MIN over numeric return one of the inputs, scale included, so an int maximum
+        # stays an int; SUM's scale is the largest input scale, so any float makes it a float.
+        queries: list[tuple[str | None, str]] = [
+            (None, f"SELECT {', '.join(select)} FROM {table} WHERE {cond} GROUP BY {part}")
+        ]
+        series = ", ".join([bucket, *(_q(_dim(d)) for d in spec.dimension_names)])
+        for m in spec.measures:
+            if not (m.gauge or m.aggregation == "latest"):
+                continue
+            col = _q(_val(m.name))
+            window = series if m.gauge else part
+            inner = (
+                f"SELECT {bucket} AS b, {', '.join([*groups, col])}, "
+                f"ROW_NUMBER() OVER (PARTITION BY {window} ORDER BY time DESC, id DESC) AS rn "
+                f"FROM {table} WHERE {cond} AND {col} IS NOT NULL"
+            )
+            outer = ", ".join(["b", *groups])
+            if m.gauge:
+                agg = {"sum": "SUM", "max": "MAX", "min": "MIN"}[m.aggregation]
+                sql = (
+                    f"SELECT {outer}, {agg}({col}) FROM ({inner}) AS s "
+                    f"WHERE rn = 1 GROUP BY {outer}"
+                )
+            else:
+                sql = f"SELECT {outer}, {col} FROM ({inner}) AS s WHERE rn = 1"
+            queries.append((m.name, sql))
+
+        def run(cur: psycopg.Cursor[Any]) -> Rows:
+            sent = []
+            for measure, sql in queries:
+                query_cur = cur.connection.cursor()
+                query_cur.execute(sql, params)  # all sent first: one round trip (pipeline)
+                sent.append((measure, query_cur))
+            rows: Rows = {}
+            for measure, query_cur in sent:
+                found = query_cur.fetchall()
+                query_cur.close()
+                for row in found:
+                    if measure is None:
+                        values = {
+                            m.name: _decode(v)
+                            for m, v in zip(plain, row[1 + ngroups :], strict=True)
+                        }
+                        for m in spec.measures:
+                            if values.get(m.name) is None:
+                                values[m.name] = empty_value(m)
+                        rows[key(row)] = values
+                    else:
+                        rows[key(row)][measure] = _decode(row[-1])
+            return rows
+
+        # REPEATABLE READ: every statement sees the same snapshot, so an append landing
+        # between them cannot give a row a gauge without its sums.
+        def snapshot(cur: psycopg.Cursor[Any]) -> Rows:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            return run(cur)
+
+        return self._run("aggregating events", snapshot)
+
+    # -- records ------------------------------------------------------------------------------
+
+    def put_record(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
+        text = json.dumps(data, sort_keys=True)
+
+        def put(cur: psycopg.Cursor[Any]) -> None:
+            cur.execute(
+                "INSERT INTO mk_records (kind, key, data) VALUES (%s, %s, %s::jsonb) "
+                "ON CONFLICT (kind, key) DO UPDATE SET data = excluded.data",
+                (kind, key, text),
+            )
+
+        self._run("writing a record", put, tx=False, idempotent=True)
+
+    def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
+        def get(cur: psycopg.Cursor[Any]) -> dict[str, Any] | None:
+            cur.execute(
+                "SELECT data::text FROM mk_records WHERE kind = %s AND key = %s", (kind, key)
+            )
+            row = cur.fetchone()
+            return json.loads(row[0]) if row else None
+
+        return self._run("reading a record", get, tx=False, idempotent=True)
+
+    def list_records(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        def get(cur: psycopg.Cursor[Any]) -> list[tuple[str, dict[str, Any]]]:
+            cur.execute(
+                "SELECT key, data::text FROM mk_records WHERE kind = %s ORDER BY key", (kind,)
+            )
+            return [(k, json.loads(d)) for k, d in cur.fetchall()]
+
+        return self._run("listing records", get, tx=False, idempotent=True)
+
+    def delete_record(self, kind: str, key: str) -> bool:
+        def delete(cur: psycopg.Cursor[Any]) -> bool:
+            cur.execute("DELETE FROM mk_records WHERE kind = %s AND key = %s", (kind, key))
+            return cur.rowcount > 0
+
+        return self._run("deleting a record", delete, tx=False)
+
+    # -- counters -----------------------------------------------------------------------------
+
+    def counters_apply(
+        self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
+    ) -> CounterResult:
+        def apply(cur: psycopg.Cursor[Any]) -> CounterResult:
+            expired = _pop_expired_holds(cur, now)
+            writes = {line.key for line in lines}
+            writes.update(key for h in expired for key, _ in h.amounts)
+            reads = [line.prev_key for line in lines if line.prev_key]
+            backend = _PgCounters(cur, now, _lock_rows(cur, writes, reads), expired)
+            result = counters.apply(backend, lines, now, hold)
+            backend.flush()
+            return result
+
+        result = self._run("applying a quota decision", apply)
+        self._maybe_sweep(now)
+        return result
+
+    def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
+        def settle(cur: psycopg.Cursor[Any]) -> bool:
+            # Hold rows first, counter rows second, as in counters_apply: the same order in
+            # every transaction is what keeps them from deadlocking.
+            expired = _pop_expired_holds(cur, now)
+            cur.execute(
+                "DELETE FROM mk_holds WHERE id = %s RETURNING id, organization_id, amounts, "
+                "expires_at",
+                (hold_id,),
+            )
+            popped = [_hold(r) for r in cur.fetchall()]
+            writes = {key for key, _ in deltas} if popped else set()
+            writes.update(key for h in expired for key, _ in h.amounts)
+            backend = _PgCounters(cur, now, _lock_rows(cur, writes, []), expired, popped)
+            settled = counters.settle(backend, hold_id, deltas, now)
+            backend.flush()
+            return settled
+
+        return self._run("settling a reservation", settle)
+
+    def counters_add(
+        self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
+    ) -> list[int]:
+        def add(cur: psycopg.Cursor[Any]) -> list[int]:
+            backend = _PgCounters(cur, now, _lock_rows(cur, [k for k, _ in deltas], []), [])
+            values = [backend.add(key, delta, expires_at) for key, delta in deltas]
+            backend.flush()
+            return values
+
+        values = self._run("adding to counters", add)
+        self._maybe_sweep(now)
+        return values
+
+    def counters_set(
+        self, key: str, value: int, *, now: int, expires_at: int | None = None
+    ) -> None:
+        def put(cur: psycopg.Cursor[Any]) -> None:
+            cur.execute(
+                "INSERT INTO mk_counters (key, value, expires_at) VALUES (%s, %s, %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                "expires_at = excluded.expires_at",
+                (key, value, expires_at),
+            )
+
+        self._run("setting a counter", put, tx=False, idempotent=True)
+
+    def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
+        def read(cur: psycopg.Cursor[Any]) -> list[int] | None:
+            # One statement answers both "any hold expired?" and the values; the LEFT JOIN
+            # yields one row even when no counter matches.
+            cur.execute(
+                "SELECT c.key, c.value, c.expires_at, h.expired FROM (SELECT EXISTS "
+                "(SELECT 1 FROM mk_holds WHERE expires_at <= %s) AS expired) AS h "
+                "LEFT JOIN mk_counters AS c ON c.key = ANY(%s)",
+                (now, list(keys)),
+            )
+            rows = cur.fetchall()
+            if rows and rows[0][3]:
+                return None
+            found = {r[0]: int(r[1]) for r in rows if r[0] is not None and _live(r[2], now)}
+            return [found.get(k, 0) for k in keys]
+
+        def release_then_read(cur: psycopg.Cursor[Any]) -> list[int]:
+            # Give expired holds back first, as counters_apply would: reads agree with
+            # decisions.
+            expired = _pop_expired_holds(cur, now)
+            writes = [key for h in expired for key, _ in h.amounts]
+            backend = _PgCounters(cur, now, _lock_rows(cur, writes, keys), expired)
+            counters.release_expired(backend, now)
+            backend.flush()
+            return backend.read(keys, now)
+
+        values = self._run("reading counters", read, tx=False, idempotent=True)
+        if values is None:
+            values = self._run("reading counters", release_then_read)
+        return values
+
+    def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
+        def claim(cur: psycopg.Cursor[Any]) -> bool:
+            # One statement: a new marker is inserted, an expired one taken over, a live one
+            # left alone (and then nothing is returned).
+            cur.execute(
+                "INSERT INTO mk_claims (marker, expires_at) VALUES (%s, %s) "
+                "ON CONFLICT (marker) DO UPDATE SET expires_at = excluded.expires_at "
+                "WHERE mk_claims.expires_at IS NOT NULL AND mk_claims.expires_at <= %s "
+                "RETURNING marker",
+                (marker, expires_at, now),
+            )
+            return cur.fetchone() is not None
+
+        return self._run("claiming a marker", claim, tx=False)
+
+    def _maybe_sweep(self, now: int) -> None:
+        """Now and then, delete counters and claims that expired (they read as absent anyway)."""
+        tick = _time.monotonic()
+        if tick < self._next_sweep:
+            return
+        self._next_sweep = tick + _SWEEP_EVERY
+
+        def sweep(cur: psycopg.Cursor[Any]) -> None:
+            # SKIP LOCKED: never wait for, nor block, a transaction using one of these rows.
+            cur.execute(
+                "DELETE FROM mk_counters WHERE key IN (SELECT key FROM mk_counters "
+                "WHERE expires_at <= %s LIMIT 5000 FOR UPDATE SKIP LOCKED)",
+                (now,),
+            )
+            cur.execute(
+                "DELETE FROM mk_claims WHERE marker IN (SELECT marker FROM mk_claims "
+                "WHERE expires_at <= %s LIMIT 5000 FOR UPDATE SKIP LOCKED)",
+                (now,),
+            )
+
+        # Housekeeping only: the call it followed has already succeeded either way.
+        with suppress(StoreUnavailable):
+            self._run("sweeping expired counters", sweep, tx=False, idempotent=True)
+
+    def secret(self) -> bytes:
+        self._bootstrap()
+        assert self._secret is not None
+        return self._secret
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+# -- migrations -------------------------------------------------------------------------------
+
+
+def _search_path_head(conn: psycopg.Connection[Any]) -> str | None:
+    """The first schema named in ``search_path`` (which may not exist yet)."""
+    row = conn.execute("SHOW search_path").fetchone()
+    for item in str(row[0] if row else "").split(","):
+        name = item.strip()
+        if name.startswith('"') and name.endswith('"'):
+            name = name[1:-1].replace('""', '"')
+        if name and name != "$user":
+            return name
+    return None
+
+
+def _migrate(conn: psycopg.Connection[Any]) -> str | None:
+    """Bring the schema to the last of :data:`MIGRATIONS`; safe from many processes at once.
+
+    Returns the cursor secret when the schema was already current (the common case, answered
+    in two round trips without a lock), else ``None``.
+    """
+    from psycopg import sql
+
+    latest = MIGRATIONS[-1][0]
+
+    def check(done: int | None) -> bool:
+        if done is not None and done > latest:
+            raise MeterkitError(
+                f"the database schema is at version {done}, newer than this meterkit "
+                f"knows ({latest}); upgrade meterkit"
+            )
+        return done == latest
+
+    row = conn.execute("SELECT to_regclass('mk_schema_migrations') IS NOT NULL").fetchone()
+    if row and row[0]:
+        row = conn.execute(
+            "SELECT max(version), (SELECT value FROM mk_meta WHERE key = 'cursor_secret') "
+            "FROM mk_schema_migrations"
+        ).fetchone()
+        if row and check(row[0]) and row[1] is not None:
+            return str(row[1])
+    with conn.transaction():
+        row = conn.execute("SELECT current_schema()").fetchone()
+        schema = row[0] if row else None
+        target = schema or _search_path_head(conn)
+        if target is None:
+            raise MeterkitError("PostgreSQL search_path names no schema to create tables in")
+        # Held until this transaction ends: a second process waits here, then sees the
+        # migrations the first one committed and applies none of them again.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("migrate", target),))
+        if schema is None:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(target)))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS mk_schema_migrations (version integer PRIMARY KEY, "
+            "description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r[0] for r in conn.execute("SELECT version FROM mk_schema_migrations")}
+        if check(max(done, default=None)):
+            return None
+        for version, description, statements in MIGRATIONS:
+            if version in done:
+                continue
+            # One round trip for the whole migration (no parameters: a simple-query script).
+            conn.execute(";\n".join(statements))
+            conn.execute(
+                "INSERT INTO mk_schema_migrations (version, description) VALUES (%s, %s)",
+                (version, description),
+            )
+    return None
+
+
+def _check_connection(conn: psycopg.Connection[Any]) -> None:
+    """Make sure a pooled connection still works before it is handed out.
+
+    An idle connection has nothing to say, so a readable socket means the server spoke: it
+    dropped the connection (restart, ``pg_terminate_backend``, idle timeout). Only then is the
+    connection tried with a round trip; if that fails the pool replaces it, and the caller
+    never sees the dead one. Checking every connection that way would cost a round trip per
+    call.
+    """
+    from psycopg_pool import ConnectionPool
+
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable or conn.closed:
+        ConnectionPool.check_connection(conn)
+
+
+# -- counters ---------------------------------------------------------------------------------
+
+
+def _live(expires_at: int | None, now: int) -> bool:
+    return expires_at is None or expires_at > now
+
+
+def _hold(row: Sequence[Any]) -> Hold:
+    amounts = row[2] if not isinstance(row[2], str) else json.loads(row[2])
+    return Hold(row[0], row[1], tuple((str(k), int(v)) for k, v in amounts), int(row[3]))
+
+
+def _pop_expired_holds(cur: psycopg.Cursor[Any], now: int) -> list[Hold]:
+    # SKIP LOCKED: a hold another transaction is already releasing is theirs to release; not
+    # waiting for it is what lets hold rows be taken before counter rows without deadlocks.
+    cur.execute(
+        "DELETE FROM mk_holds WHERE id IN (SELECT id FROM mk_holds WHERE expires_at <= %s "
+        "ORDER BY id FOR UPDATE SKIP LOCKED) RETURNING id, organization_id, amounts, expires_at",
+        (now,),
+    )
+    return sorted((_hold(r) for r in cur.fetchall()), key=lambda h: h.id)
+
+
+def _lock_rows(
+    cur: psycopg.Cursor[Any], writes: Iterable[str], reads: Iterable[str]
+) -> dict[str, tuple[int, int | None]]:
+    """Lock the counter rows of ``writes`` (creating them) and ``reads``; their values.
+
+    A missing row to be written is inserted as a placeholder that reads exactly like an
+    absent counter (value 0, already expired), so a refused decision leaves nothing that
+    counts, and the sweep deletes it later. Rows are locked in key order in one statement.
+    """
+    wanted = sorted(set(writes))
+    keys = sorted(set(wanted) | set(reads))
+    if not keys:
+        return {}
+    for _ in range(10):
+        if wanted:
+            cur.execute(
+                "INSERT INTO mk_counters (key, value, expires_at) "
+                'SELECT k, 0, 0 FROM unnest(%s::text[]) AS t(k) ORDER BY k COLLATE "C" '
+                "ON CONFLICT (key) DO NOTHING",
+                (wanted,),
+            )
+        cur.execute(
+            "SELECT key, value, expires_at FROM mk_counters WHERE key = ANY(%s) "
+            "ORDER BY key FOR UPDATE",
+            (keys,),
+        )
+        rows = {r[0]: (int(r[1]), r[2]) for r in cur.fetchall()}
+        # A placeholder the sweep deleted between the two statements is simply made again.
+        if all(k in rows for k in wanted):
+            return rows
+    raise StoreUnavailable("PostgreSQL store could not lock its counter rows")
+
+
+class _PgCounters:
+    """Counter primitives over rows this transaction has locked: read once, written once."""
+
+    def __init__(
+        self,
+        cur: psycopg.Cursor[Any],
+        now: int,
+        rows: dict[str, tuple[int, int | None]],
+        expired: list[Hold],
+        popped: list[Hold] | None = None,
+    ) -> None:
+        self.cur, self.now, self.rows = cur, now, rows
+        self.expired = expired
+        self.popped = {h.id: h for h in popped or ()}
+        self.dirty: set[str] = set()
+        self.new_holds: list[Hold] = []
+
+    def _get(self, key: str) -> tuple[int, int | None]:
+        value, expires = self.rows.get(key, (0, None))
+        if not _live(expires, self.now):
+            return 0, None
+        return value, expires
+
+    def read(self, keys: Sequence[str], now: int) -> list[int]:
+        return [self._get(k)[0] for k in keys]
+
+    def add(self, key: str, delta: int, expires_at: int | None) -> int:
+        if key not in self.rows:
+            raise KeyError(f"counter {key!r} was not locked by this transaction")
+        value, expires = self._get(key)
+        value = max(0, value + delta)
+        self.rows[key] = (value, expires_at if expires_at is not None else expires)
+        self.dirty.add(key)
+        return value
+
+    def pop_expired_holds(self, now: int) -> list[Hold]:
+        expired, self.expired = self.expired, []
+        return expired
+
+    def pop_hold(self, hold_id: str) -> Hold | None:
+        return self.popped.pop(hold_id, None)
+
+    def put_hold(self, hold: Hold) -> None:
+        self.new_holds.append(hold)
+
+    def flush(self) -> None:
+        if self.dirty:
+            keys = sorted(self.dirty)
+            self.cur.execute(
+                "UPDATE mk_counters AS c SET value = u.value, expires_at = u.expires_at "
+                "FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS u(key, value, expires_at) "
+                "WHERE c.key = u.key",
+                (keys, [self.rows[k][0] for k in keys], [self.rows[k][1] for k in keys]),
+            )
+        for hold in self.new_holds:
+            self.cur.execute(
+                "INSERT INTO mk_holds (id, organization_id, amounts, expires_at) "
+                "VALUES (%s, %s, %s::jsonb, %s) ON CONFLICT (id) DO UPDATE SET "
+                "organization_id = excluded.organization_id, amounts = excluded.amounts, "
+                "expires_at = excluded.expires_at",
+                (hold.id, hold.organization_id, json.dumps(hold.amounts), hold.expires_at),
+            )
+
+
+# -- plugin -----------------------------------------------------------------------------------
+
+
+@hookimpl
+def meterkit_open_store(url: str, scheme: str) -> PostgresStore | None:
+    return PostgresStore(url) if scheme in SCHEMES else None
+
+
+@hookimpl
+def meterkit_store_schemes() -> list[str]:
+    return list(SCHEMES)

@@ -1,0 +1,368 @@
+"""``redis://`` — quota and rate-limit counters in Redis, beside a durable event store.
+
+``Meter("postgresql://…", counters="redis://host:6379/0")``: events, plans and records stay in
+the event store; the hot counters every request touches live here. Each operation of the
+:class:`~meterkit.stores.base.CounterStore` protocol is one Lua script, so it is atomic on the
+server without locks or round trips:
+
+- **The decision mirrors** :func:`meterkit.counters.fits` **exactly**: a line fits when
+  ``floor(previous * prev_weight) + current + amount <= limit``; all lines fit or nothing is
+  written (all-or-nothing across limits). Counters never go below 0.
+- **O(1) state per key**: a counter is one hash ``{v: value, e: expires_at}``. Expiry is decided
+  with the caller's ``now`` (so every process and a test clock agree with the other stores);
+  the same script also sets ``PEXPIREAT`` a little after ``expires_at`` so Redis frees the
+  memory by itself.
+- **Holds** (reservations) are hashes with an expiry index (a sorted set scored by
+  ``expires_at``); every apply and settle first releases the holds that expired, inside the
+  same script.
+
+URL: ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://`` for TLS, with redis-py's
+query options (``socket_timeout=…``) and meterkit's ``prefix`` (default ``mk:``), which starts
+every key meterkit writes, so several applications can share one database.
+
+**What Redis loses.** A Redis without persistence (``save ""``, ``appendonly no``) keeps
+nothing across a restart, and even with persistence the last second or so of writes can be
+lost. Then period quotas and gauges read 0 until they are rebuilt from the event store with
+:func:`meterkit.recovery.rebuild_counters`; reservations that were held and rate-limit windows
+cannot be rebuilt and start empty. See docs/deployment.md.
+
+Use one Redis server (with replicas if you like), not Redis Cluster: releasing expired holds
+touches keys the script only learns while it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from meterkit.errors import StoreUnavailable
+from meterkit.hookspecs import hookimpl
+from meterkit.models import CounterLine, CounterResult, Hold
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["GRACE_SECONDS", "SCHEMES", "RedisCounters"]
+
+SCHEMES = ("redis", "rediss")
+GRACE_SECONDS = 300
+"""How long after its ``expires_at`` (by the Redis clock) Redis itself deletes a key.
+
+The logical expiry uses the caller's clock; this margin keeps a key alive while clocks of the
+application hosts and of Redis differ by less than it.
+"""
+
+_T = TypeVar("_T")
+
+# Shared by every script. ARGV[1] is the key prefix and ARGV[2] the caller's "now".
+_PRELUDE = f"""
+local prefix = ARGV[1]
+local now = tonumber(ARGV[2])
+local rnow = tonumber(redis.call('TIME')[1])
+local index = prefix .. 'holds'
+
+-- Lua numbers are doubles and redis.call turns them into strings with 14 digits: write
+-- integers through %d so large counters and millisecond timestamps stay exact.
+local function int(n) return string.format('%d', n) end
+
+local function get(key)
+  local r = redis.call('HMGET', key, 'v', 'e')
+  if not r[1] then return 0, nil end
+  local e = r[2] and tonumber(r[2]) or nil
+  if e and e <= now then return 0, nil end
+  return tonumber(r[1]), e
+end
+
+local function put(key, v, e)
+  if e then
+    redis.call('HSET', key, 'v', int(v), 'e', int(e))
+    redis.call('PEXPIREAT', key, int((math.max(e, rnow) + {GRACE_SECONDS}) * 1000))
+  else
+    redis.call('HSET', key, 'v', int(v))
+    redis.call('HDEL', key, 'e')
+    redis.call('PERSIST', key)
+  end
+end
+
+local function add(key, delta, exp)
+  local v, e = get(key)
+  v = v + delta
+  if v < 0 then v = 0 end
+  put(key, v, exp or e)
+  return v
+end
+
+local function release_expired()
+  local ids = redis.call('ZRANGEBYSCORE', index, '-inf', now)
+  for _, id in ipairs(ids) do
+    local hkey = prefix .. 'h:' .. id
+    local fields = redis.call('HGETALL', hkey)
+    for i = 1, #fields, 2 do
+      if string.sub(fields[i], 1, 1) == '#' then
+        add(prefix .. 'c:' .. string.sub(fields[i], 2), -tonumber(fields[i + 1]), nil)
+      end
+    end
+    redis.call('DEL', hkey)
+    redis.call('ZREM', index, id)
+  end
+end
+"""
+
+# KEYS: index, hold key, the n line keys, the n previous-window keys (the line key again for
+# a line without one). ARGV[3] n, [4] hold id ('' for none), [5] its expires_at, [6] its
+# organization; then per line: amount, limit ('' none), expires_at ('' none), has previous
+# ('1'/'0'), previous weight; then the hold's (counter key, amount) pairs.
+# Returns {admitted, used..., previous...}: the state of meterkit.models.CounterResult.
+_APPLY = (
+    _PRELUDE
+    + """
+local n = tonumber(ARGV[3])
+release_expired()
+local cur, prev = {}, {}
+for i = 1, n do
+  local a = 7 + (i - 1) * 5
+  cur[i] = get(KEYS[2 + i])
+  if ARGV[a + 3] == '1' then prev[i] = get(KEYS[2 + n + i]) else prev[i] = 0 end
+end
+local admitted = 1
+for i = 1, n do
+  local a = 7 + (i - 1) * 5
+  if ARGV[a + 1] ~= '' then
+    -- meterkit.counters.fits, line for line
+    local estimate = math.floor(prev[i] * tonumber(ARGV[a + 4])) + cur[i]
+    if estimate + tonumber(ARGV[a]) > tonumber(ARGV[a + 1]) then admitted = 0 end
+  end
+end
+local out = {admitted}
+for i = 1, n do
+  if admitted == 1 then
+    local a = 7 + (i - 1) * 5
+    local exp = nil
+    if ARGV[a + 2] ~= '' then exp = tonumber(ARGV[a + 2]) end
+    out[#out + 1] = add(KEYS[2 + i], tonumber(ARGV[a]), exp)
+  else
+    out[#out + 1] = cur[i]
+  end
+end
+for i = 1, n do out[#out + 1] = prev[i] end
+if admitted == 1 and ARGV[4] ~= '' then
+  local fields = {'org', ARGV[6], 'exp', ARGV[5]}
+  for j = 7 + 5 * n, #ARGV, 2 do
+    fields[#fields + 1] = '#' .. ARGV[j]
+    fields[#fields + 1] = ARGV[j + 1]
+  end
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], unpack(fields))
+  redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
+end
+return out
+"""
+)
+
+# KEYS: index, hold key, the delta keys. ARGV[3] hold id, then one delta per delta key.
+_SETTLE = (
+    _PRELUDE
+    + """
+release_expired()
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[3])
+for i = 3, #KEYS do add(KEYS[i], tonumber(ARGV[i + 1]), nil) end
+return 1
+"""
+)
+
+# KEYS: counters. ARGV[3] expires_at ('' none), then one delta per key.
+_ADD = (
+    _PRELUDE
+    + """
+local exp = nil
+if ARGV[3] ~= '' then exp = tonumber(ARGV[3]) end
+local out = {}
+for i = 1, #KEYS do out[i] = add(KEYS[i], tonumber(ARGV[i + 3]), exp) end
+return out
+"""
+)
+
+# KEYS[1]: the counter. ARGV[3] value, ARGV[4] expires_at ('' none).
+_SET = (
+    _PRELUDE
+    + """
+local exp = nil
+if ARGV[4] ~= '' then exp = tonumber(ARGV[4]) end
+put(KEYS[1], tonumber(ARGV[3]), exp)
+return 1
+"""
+)
+
+# KEYS: counters. Returns their values (0 when absent or expired), after giving expired holds
+# back, as an apply would: reads agree with decisions.
+_READ = (
+    _PRELUDE
+    + """
+release_expired()
+local out = {}
+for i = 1, #KEYS do out[i] = get(KEYS[i]) end
+return out
+"""
+)
+
+# KEYS[1]: the marker. ARGV[3] expires_at ('' never). 1 for the first claim, else 0.
+_CLAIM = (
+    _PRELUDE
+    + """
+local seen = redis.call('GET', KEYS[1])
+if seen and (seen == 'never' or tonumber(seen) > now) then return 0 end
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[1], 'never')
+else
+  redis.call('SET', KEYS[1], ARGV[3])
+  redis.call('PEXPIREAT', KEYS[1], int((math.max(tonumber(ARGV[3]), rnow) + {grace}) * 1000))
+end
+return 1
+""".replace("{grace}", str(GRACE_SECONDS))
+)
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(int(value))
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """``url`` without meterkit's ``prefix`` option (redis-py rejects it), and the prefix."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((v for k, v in query if k == "prefix"), "mk:")
+    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), prefix
+
+
+class RedisCounters:
+    """A :class:`~meterkit.stores.base.CounterStore` on one Redis server; thread-safe."""
+
+    def __init__(self, url: str, *, client: redis.Redis | None = None) -> None:
+        import redis as redis_lib
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        self.url = url
+        clean, self.prefix = _split_url(url)
+        if client is None:
+            # Fail fast: a quota decision waits seconds at most, then the failure policy
+            # (fail closed / open) decides. One quick retry reconnects a connection Redis
+            # dropped (a restart); a script whose reply was lost may then run twice, which
+            # over-counts and never over-admits.
+            client = redis_lib.Redis.from_url(
+                clean,
+                socket_timeout=5.0,
+                socket_connect_timeout=2.0,
+                health_check_interval=30,
+                retry=Retry(
+                    ExponentialBackoff(cap=0.2, base=0.02),
+                    1,
+                    supported_errors=(redis_lib.ConnectionError,),
+                ),
+            )
+        self.client = client
+        # register_script: EVALSHA, loading the script again after Redis forgets it (restart).
+        self._apply = client.register_script(_APPLY)
+        self._settle = client.register_script(_SETTLE)
+        self._add = client.register_script(_ADD)
+        self._set = client.register_script(_SET)
+        self._read = client.register_script(_READ)
+        self._claim = client.register_script(_CLAIM)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}c:{key}"
+
+    @contextmanager
+    def _unavailable(self, what: str) -> Iterator[None]:
+        import redis as redis_lib
+
+        try:
+            yield
+        except (
+            redis_lib.ConnectionError,  # includes BusyLoadingError (restarting, loading data)
+            redis_lib.TimeoutError,
+            redis_lib.exceptions.ReadOnlyError,  # a replica after failover
+        ) as exc:
+            raise StoreUnavailable(f"Redis counters unavailable while {what}: {exc}") from exc
+
+    def _call(self, what: str, script: Callable[..., Any], keys: list[str], args: list[Any]) -> Any:
+        with self._unavailable(what):
+            return script(keys=keys, args=args)
+
+    def _base(self, now: int) -> list[Any]:
+        return [self.prefix, str(int(now))]
+
+    # -- the CounterStore protocol ------------------------------------------------------------
+
+    def counters_apply(
+        self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
+    ) -> CounterResult:
+        n = len(lines)
+        hold_key = f"{self.prefix}h:{hold.id}" if hold is not None else f"{self.prefix}h:"
+        keys = [f"{self.prefix}holds", hold_key]
+        keys += [self._key(line.key) for line in lines]
+        keys += [self._key(line.prev_key or line.key) for line in lines]
+        args = self._base(now)
+        if hold is not None:
+            args += [n, hold.id, str(int(hold.expires_at)), hold.organization_id]
+        else:
+            args += [n, "", "", ""]
+        for line in lines:
+            args += [
+                str(int(line.amount)),
+                _opt(line.limit),
+                _opt(line.expires_at),
+                "1" if line.prev_key else "0",
+                repr(float(line.prev_weight)),  # repr: the exact double, parsed back exactly
+            ]
+        if hold is not None:
+            for key, amount in hold.amounts:
+                args += [key, str(int(amount))]
+        out = self._call("applying a quota decision", self._apply, keys, args)
+        values = [int(v) for v in out]
+        return CounterResult(values[0] == 1, tuple(values[1 : 1 + n]), tuple(values[1 + n :]))
+
+    def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
+        keys = [f"{self.prefix}holds", f"{self.prefix}h:{hold_id}"]
+        keys += [self._key(key) for key, _ in deltas]
+        args = [*self._base(now), hold_id, *(str(int(d)) for _, d in deltas)]
+        return int(self._call("settling a reservation", self._settle, keys, args)) == 1
+
+    def counters_add(
+        self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
+    ) -> list[int]:
+        if not deltas:
+            return []
+        keys = [self._key(key) for key, _ in deltas]
+        args = [*self._base(now), _opt(expires_at), *(str(int(d)) for _, d in deltas)]
+        return [int(v) for v in self._call("adding to counters", self._add, keys, args)]
+
+    def counters_set(
+        self, key: str, value: int, *, now: int, expires_at: int | None = None
+    ) -> None:
+        args = [*self._base(now), str(int(value)), _opt(expires_at)]
+        self._call("setting a counter", self._set, [self._key(key)], args)
+
+    def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
+        if not keys:
+            return []
+        full = [self._key(key) for key in keys]
+        return [int(v) for v in self._call("reading counters", self._read, full, self._base(now))]
+
+    def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
+        args = [*self._base(now), _opt(expires_at)]
+        key = f"{self.prefix}m:{marker}"
+        return int(self._call("claiming a marker", self._claim, [key], args)) == 1
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@hookimpl
+def meterkit_open_counters(url: str, scheme: str) -> RedisCounters | None:
+    return RedisCounters(url) if scheme in SCHEMES else None

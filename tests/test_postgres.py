@@ -1,0 +1,379 @@
+"""The PostgreSQL store: the conformance suite (hypothesis properties included), the Meter on
+top of it, migrations, numbers, clocks and failures.
+
+Needs the server at ``MK_POSTGRES_URL`` (default ``postgresql://postgres@127.0.0.1:5432/test``).
+Every store opened here lives in a schema of its own, named after this run, and the schemas
+are dropped at the end. Unreachable server: skipped, except under ``CI=true``, where it fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meterkit import (
+    AppendResult,
+    Event,
+    Meter,
+    MeterkitError,
+    Plan,
+    StoreUnavailable,
+    ValidationError,
+)
+from meterkit.meter import open_store
+from meterkit.models import Dimension, Measure, MeterSpec
+from meterkit.stores.base import Store
+from meterkit.testing import T0, StoreConformance, make_query, store_rows
+from meterkit.validate import MAX_TIME
+
+pytestmark = pytest.mark.postgres
+
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
+RUN = uuid.uuid4().hex[:8]
+DAY = 86400
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def with_params(url: str, **params: str) -> str:
+    extra = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"{url}{'&' if '?' in url else '?'}{extra}"
+
+
+class Schemas:
+    """Hands out schema-scoped URLs on one server and drops every schema it named."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._n = itertools.count()
+        self._by_location: dict[str, str] = {}
+
+    def new(self, **params: str) -> str:
+        """A URL whose tables live in a schema nobody has used (created on first use)."""
+        return with_params(self.url, schema=f"mk_t{RUN}_{next(self._n)}", **params)
+
+    def for_location(self, location: str) -> str:
+        """The same schema again for the same location: reopening sees the same data."""
+        if location not in self._by_location:
+            self._by_location[location] = self.new()
+        return self._by_location[location]
+
+    def admin(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.url, autocommit=True)
+
+    def drop_all(self) -> None:
+        with self.admin() as conn:
+            rows = conn.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (f"mk_t{RUN}\\_%",)
+            ).fetchall()
+            if rows:
+                conn.execute("DROP SCHEMA " + ", ".join(f'"{n}"' for (n,) in rows) + " CASCADE")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    url = os.environ.get("MK_POSTGRES_URL", DEFAULT_URL)
+    try:
+        import psycopg
+
+        psycopg.connect(url, connect_timeout=3).close()
+    except Exception as exc:
+        reason = f"PostgreSQL at {url} is unreachable ({type(exc).__name__}: {exc})"
+        if in_ci():
+            pytest.fail(f"{reason}; CI=true requires it")
+        pytest.skip(f"{reason}; set MK_POSTGRES_URL to run the PostgreSQL tests")
+    return url
+
+
+@pytest.fixture(scope="module")
+def schemas(postgres_url: str) -> Iterator[Schemas]:
+    found = Schemas(postgres_url)
+    yield found
+    found.drop_all()
+
+
+# -- the conformance suite --------------------------------------------------------------------
+
+
+class TestPostgresStore(StoreConformance):
+    @pytest.fixture(autouse=True)
+    def _schemas(self, schemas: Schemas) -> None:
+        self.schemas = schemas
+
+    def make_store(self, location: Path) -> Store:
+        return open_store(self.schemas.for_location(str(location)))
+
+
+# -- the Meter on PostgreSQL ------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, t: int) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return float(self.t)
+
+
+@pytest.fixture
+def url(schemas: Schemas) -> str:
+    return schemas.new()
+
+
+def completion(id: str, tokens: int = 10, *, time: int = T0, org: str = "org_1") -> Event:
+    return Event(id, "completions", org, time, {"input_tokens": tokens}, {"batch": False})
+
+
+def total_tokens(m: Meter, org: str = "org_1") -> int:
+    page = m.usage(
+        "completions", organization_id=org, start_time=T0, end_time=T0 + 3 * DAY, bucket_width="1d"
+    )
+    return sum(int(r.values["input_tokens"] or 0) for b in page.data for r in b.results)
+
+
+def test_two_meters_share_one_database(url: str) -> None:
+    with Meter(url) as m1, Meter(url) as m2:
+        assert m1.record_many([completion("a"), completion("b", 5)]) == AppendResult(2, 0)
+        assert m2.record_many([completion("b"), completion("c", 7)]) == AppendResult(1, 1)
+        assert total_tokens(m1) == total_tokens(m2) == 10 + 5 + 7
+        # A cursor signed by one process is accepted by another: the secret is in the database.
+        page = m1.usage(
+            "completions",
+            organization_id="org_1",
+            start_time=T0 - DAY,
+            end_time=T0 + 2 * DAY,
+            bucket_width="1d",
+            limit=1,
+        )
+        assert page.next_page is not None
+        m2.usage(
+            "completions",
+            organization_id="org_1",
+            start_time=T0 - DAY,
+            end_time=T0 + 2 * DAY,
+            bucket_width="1d",
+            limit=1,
+            page=page.next_page,
+        )
+
+
+def test_invalid_event_rejects_the_whole_batch(url: str) -> None:
+    with Meter(url) as m:
+        with pytest.raises(ValidationError):
+            m.record_many([completion("g1"), completion("bad", tokens=-1)])
+        assert m.record_many([completion("g1")]) == AppendResult(1, 0)
+
+
+def test_threads_racing_one_store_keep_each_id_once(url: str) -> None:
+    results: list[AppendResult] = []
+    lock = threading.Lock()
+    with Meter(url) as m:
+        barrier = threading.Barrier(6)
+
+        def work(k: int) -> None:
+            barrier.wait()
+            total = AppendResult(0, 0)
+            for i in range(0, 120, 15):
+                ids = range(k * 40 + i, k * 40 + i + 15)
+                total += m.record_many([completion(f"t{n}", n) for n in ids])
+            with lock:
+                results.append(total)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        distinct = set(range(5 * 40 + 120))
+        assert sum(r.accepted for r in results) == len(distinct)
+        assert sum(r.duplicates for r in results) == 6 * 120 - len(distinct)
+        assert total_tokens(m) == sum(distinct)
+
+
+def test_quotas_on_postgres_counters(url: str) -> None:
+    clock = Clock(T0 + 30)
+    with Meter(url, clock=clock) as m:
+        m.set_plan(Plan("pro", limits={"tokens": 100, "queries": 3}, rate_limit_rpm=2))
+        m.assign_plan("org_q", "pro")
+        assert m.check("org_q", {"tokens": 60, "queries": 1}).allowed
+        refused = m.check("org_q", {"tokens": 50, "queries": 1})
+        assert not refused.allowed and refused.refused_by == "tokens"
+        assert m.quotas.used("org_q", "queries") == 1, "a refused request debits nothing"
+        assert m.check("org_q", {"tokens": 1}).allowed
+        assert m.check("org_q", {"tokens": 1}).refused_by == "rate_limit_rpm"
+        clock.t += 60  # next minute: the previous one still weighs half
+        with m.reserve("org_q", {"tokens": 30}) as held:
+            assert m.quotas.used("org_q", "tokens") == 61 + 30
+            held.commit({"tokens": 10})
+        assert m.quotas.used("org_q", "tokens") == 71
+        assert total_tokens_recorded(m, "org_q") == 71
+
+
+def total_tokens_recorded(m: Meter, org: str) -> int:
+    return int(
+        m.total("tokens", "tokens", organization_id=org, start_time=T0 - DAY, end_time=T0 + DAY)
+    )
+
+
+# -- values and names -------------------------------------------------------------------------
+
+
+ODD = MeterSpec("odd_numbers", (Measure("x"), Measure("top", "max"), Measure("u", "unique_count")))
+
+
+def test_numbers_round_trip_exactly_and_aggregate_exactly(url: str) -> None:
+    store = open_store(url)
+    try:
+        store.ensure_meter(ODD)
+        values = [5e-324, 1e-300, 0.1, 2.0, 1e15 + 0.5, 2**53 - 1, 9007199254740992.0, 0, 3]
+        events = [
+            Event(f"n{i}", ODD.name, "o", T0 + i, {"x": v, "top": v, "u": v})
+            for i, v in enumerate(values)
+        ]
+        store.append(events)
+        got = {e.id: e.values["x"] for e in store.scan(ODD.name, "o", 0, MAX_TIME + 1)}
+        for e in events:
+            assert type(got[e.id]) is type(e.values["x"]) and got[e.id] == e.values["x"]
+        query = make_query(ODD, org="o", start=T0, end=T0 + 60, width="1m")
+        (row,) = store_rows(store, ODD, query).values()
+        assert row["x"] == pytest.approx(sum(values), rel=1e-12)
+        assert type(row["x"]) is float
+        assert row["top"] == 9007199254740992.0
+        # 2**53 - 1 (int) and 2**53 (float) differ; 2.0 and 2 would not, but 2 is absent.
+        assert row["u"] == len(set(values))
+    finally:
+        store.close()
+
+
+def test_long_names_are_shortened_without_colliding(url: str) -> None:
+    stem = "m" + "x" * 55
+    a = MeterSpec(stem + "_aaaaaa", (Measure("v" * 63),), (Dimension("d" * 63),))
+    b = MeterSpec(stem + "_bbbbbb", (Measure("v" * 63),), (Dimension("d" * 62 + "e"),))
+    store = open_store(url)
+    try:
+        for spec in (a, b):
+            store.ensure_meter(spec)
+            dim = spec.dimensions[0].name
+            store.append([Event("e", spec.name, "o", T0, {"v" * 63: 1}, {dim: spec.name[-1]})])
+        for spec in (a, b):
+            (event,) = store.scan(spec.name, "o", 0, MAX_TIME + 1)
+            assert event.dimensions == {spec.dimensions[0].name: spec.name[-1]}
+    finally:
+        store.close()
+
+
+# -- schema and migrations --------------------------------------------------------------------
+
+
+def test_migrations_are_recorded_once(schemas: Schemas, url: str) -> None:
+    for _ in range(2):
+        store = open_store(url)
+        store.secret()
+        store.close()
+    schema = url.split("schema=")[1]
+    with schemas.admin() as conn:
+        rows = conn.execute(f'SELECT version FROM "{schema}".mk_schema_migrations').fetchall()
+    assert rows == [(1,)]
+
+
+def test_a_newer_schema_is_refused(schemas: Schemas, url: str) -> None:
+    store = open_store(url)
+    store.secret()
+    store.close()
+    schema = url.split("schema=")[1]
+    with schemas.admin() as conn:
+        conn.execute(
+            f'INSERT INTO "{schema}".mk_schema_migrations (version, description) '
+            "VALUES (999, 'from the future')"
+        )
+    store = open_store(url)
+    try:
+        with pytest.raises(MeterkitError, match="newer than this meterkit"):
+            store.get_record("plan", "x")
+    finally:
+        store.close()
+
+
+def test_bad_schema_option_is_refused(postgres_url: str) -> None:
+    with pytest.raises(MeterkitError, match="schema"):
+        open_store(with_params(postgres_url, schema="x;drop"))
+
+
+def test_database_clock(url: str) -> None:
+    store = open_store(url)
+    try:
+        assert abs(store.db_now() - time.time()) < 5  # type: ignore[attr-defined]
+        with Meter(store=store, clock=store.db_now) as m:  # type: ignore[attr-defined]
+            assert m.record("completions", {"input_tokens": 1}, organization_id="o")
+            (event,) = m.store.scan("completions", "o", 0, MAX_TIME + 1)
+            assert abs(event.time - time.time()) < 5
+    finally:
+        store.close()
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+def test_unreachable_server_is_store_unavailable_fast(postgres_url: str) -> None:
+    # Port 1 on loopback: nothing listens, the connection is refused at once.
+    dead = "postgresql://postgres@127.0.0.1:1/test?pool_timeout=1&connect_timeout=1"
+    store = open_store(dead)  # opening sends nothing yet
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="PostgreSQL store unavailable"):
+            store.get_record("plan", "x")
+        assert time.monotonic() - started < 5
+    finally:
+        store.close()
+    with Meter(dead, policy="closed") as m, pytest.raises(StoreUnavailable):
+        m.check("org", {"tokens": 1})
+    with Meter(dead, policy="open") as m:
+        decision = m.check("org", {"tokens": 1})
+        assert decision.allowed and decision.degraded
+
+
+def test_statement_timeout_is_store_unavailable(url: str) -> None:
+    setup = open_store(url)
+    setup.ensure_meter(ODD)
+    setup.close()
+    store = open_store(with_params(url, options="-cstatement_timeout%3D50"))
+    try:
+        store.ensure_meter(ODD)  # the tables exist: a quick look at the catalog
+        events = [Event(f"t{i}", ODD.name, "o", T0, {"x": i}) for i in range(100_000)]
+        with pytest.raises(StoreUnavailable, match="statement timeout"):
+            store.append(events)  # far longer than 50 ms
+        assert list(store.scan(ODD.name, "o", 0, MAX_TIME + 1)) == [], "rolled back entirely"
+    finally:
+        store.close()
+
+
+def test_terminated_connections_are_replaced(schemas: Schemas, url: str) -> None:
+    app = f"mk_kill_{uuid.uuid4().hex[:8]}"
+    store = open_store(with_params(url, application_name=app, pool_min_size="2"))
+    try:
+        store.put_record("plan", "a", {"n": 1})
+        with schemas.admin() as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (app,),
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        # No restart, no error: the pool notices the dead connections and opens new ones.
+        assert store.get_record("plan", "a") == {"n": 1}
+        store.put_record("plan", "b", {"n": 2})
+        assert [k for k, _ in store.list_records("plan")] == ["a", "b"]
+    finally:
+        store.close()
