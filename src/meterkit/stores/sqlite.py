@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import sqlite_utils
 
 from meterkit import counters
 from meterkit.engine.aggregate import Rows, empty_value
+from meterkit.errors import StoreUnavailable, ValidationError
 from meterkit.hookspecs import hookimpl
 from meterkit.models import (
     CounterLine,
@@ -24,7 +26,7 @@ from meterkit.models import (
     UsageQuery,
 )
 
-__all__ = ["SQLiteStore", "path_from_url"]
+__all__ = ["SQLiteStore", "options_from_url", "path_from_url"]
 
 SCHEMA_VERSION = 1
 _CHUNK = 500
@@ -42,6 +44,26 @@ def path_from_url(url: str) -> str:
     return path
 
 
+SYNCHRONOUS = ("full", "normal")
+
+
+def options_from_url(url: str) -> dict[str, str]:
+    """The ``?key=value`` options of a SQLite URL: ``synchronous`` and ``timeout``."""
+    query = url.split("?", 1)[1] if "?" in url else ""
+    options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    unknown = set(options) - {"synchronous", "timeout"}
+    if unknown:
+        raise ValidationError("url", f"unknown SQLite option {sorted(unknown)[0]!r}")
+    if options.get("synchronous", "full").lower() not in SYNCHRONOUS:
+        raise ValidationError("url", "synchronous must be 'full' or 'normal'")
+    try:
+        if float(options.get("timeout", "30")) <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValidationError("url", "timeout must be a positive number of seconds") from None
+    return options
+
+
 def _table(meter: str) -> str:
     return f"events_{meter}"
 
@@ -57,17 +79,22 @@ def _val(name: str) -> str:
 class SQLiteStore:
     """One connection shared under a lock; ``BEGIN IMMEDIATE`` serialises writers across processes."""
 
-    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
         self.path = path_from_url(url)
+        options = options_from_url(url)
+        # FULL by default: a commit is on disk before append() returns, so an acknowledged
+        # event survives a power loss too. "normal" trades that for write speed.
+        self.synchronous = options.get("synchronous", "full").upper()
         self._lock = threading.RLock()
         conn = sqlite3.connect(
-            self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+            self.path, timeout=float(options.get("timeout", "30")), isolation_level=None,
+            check_same_thread=False,
         )
         self.db = sqlite_utils.Database(conn)
         if self.path != ":memory:":
             self.db.enable_wal()
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
         self._specs: dict[str, MeterSpec] = {}
         with self._lock, self._write():
             self.db.table("mk_meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
@@ -418,13 +445,25 @@ class _Immediate:
     def __enter__(self) -> sqlite3.Connection:
         self.outer = not self.conn.in_transaction
         if self.outer:
-            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                # "database is locked" after the busy timeout, or the file is unreachable.
+                raise StoreUnavailable(f"SQLite could not start a write: {exc}") from exc
         return self.conn
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         if not self.outer:
             return
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is not None:
+            self.conn.execute("ROLLBACK")
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise StoreUnavailable(f"SQLite could not commit: {exc}") from exc
 
 
 @hookimpl

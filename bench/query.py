@@ -1,0 +1,184 @@
+"""The 31-day grouped query: ``Meter.usage`` vs a raw SQL ``GROUP BY`` over the same rows.
+
+For context it also times the same query through the pure-Python engine: once as ``Meter``
+falls back to it (SQLite scan, then :func:`meterkit.engine.aggregate`), once on events
+already in memory. Every path must give the same rows; that is checked, not timed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from data import DAY, MEASURES, METER, QUERY_DAYS, QUERY_END, START, Row, to_event
+from ingest import TABLE
+
+import meterkit
+from meterkit import engine
+from meterkit.engine.aggregate import Rows
+from meterkit.models import MeterSpec, UsageQuery
+from meterkit.stores.sqlite import SQLiteStore
+from meterkit.validate import check_usage_query
+
+__all__ = ["Key", "QueryBench", "Timing", "raw_sql"]
+
+T = TypeVar("T")
+Key = tuple[int, Any, Any]
+"""(bucket start, model, project_id)"""
+Totals = dict[Key, tuple[Any, ...]]
+
+GROUP_BY = ["model", "project_id"]
+END = QUERY_END
+
+
+def raw_sql() -> str:
+    sums = ", ".join(f"SUM(v_{m})" for m in MEASURES)
+    return (
+        f"SELECT (time - time % {DAY}) AS bucket, d_model, d_project_id, {sums} "
+        f"FROM [{TABLE}] WHERE organization_id = ? AND time >= ? AND time < ? "
+        "GROUP BY bucket, d_model, d_project_id"
+    )
+
+
+class Timing:
+    def __init__(self, runs: list[float]) -> None:
+        self.runs = runs
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "median_s": round(self.median, 4),
+            "min_s": round(min(self.runs), 4),
+            "runs_s": [round(r, 4) for r in self.runs],
+        }
+
+
+class _ScanOnly(SQLiteStore):
+    """The SQLite store without its SQL aggregation: ``Meter`` then scans and runs the engine."""
+
+    def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
+        return None
+
+
+def _page_totals(page: meterkit.UsagePage) -> Totals:
+    return {
+        (b.start_time, r.group["model"], r.group["project_id"]): tuple(
+            r.values[m] for m in MEASURES
+        )
+        for b in page.data
+        for r in b.results
+    }
+
+
+def _raw_totals(rows: Sequence[tuple[Any, ...]]) -> Totals:
+    return {(r[0], r[1], r[2]): tuple(0 if v is None else v for v in r[3:]) for r in rows}
+
+
+def _time(fn: Callable[[], T]) -> tuple[float, T]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+class QueryBench:
+    """Runs each path ``repeat`` times (after one warm-up run) and keeps every timing."""
+
+    def __init__(self, mk_path: Path, raw_path: Path, organization_id: str) -> None:
+        self.mk_path = mk_path
+        self.raw_path = raw_path
+        self.org = organization_id
+
+    def usage(self, meter: meterkit.Meter) -> meterkit.UsagePage:
+        page = meter.usage(
+            METER,
+            organization_id=self.org,
+            start_time=START,
+            end_time=END,
+            bucket_width="1d",
+            group_by=GROUP_BY,
+            limit=QUERY_DAYS,
+        )
+        assert not page.has_more and len(page.data) == QUERY_DAYS
+        return page
+
+    def sql_vs_raw(self, repeat: int) -> tuple[Timing, Timing, Timing, Totals]:
+        """meterkit ``usage()`` and raw SQL, interleaved; also ``usage().to_dict()``."""
+        sql = raw_sql()
+        args = (self.org, START, END)
+        mk_runs: list[float] = []
+        raw_runs: list[float] = []
+        dict_runs: list[float] = []
+        with meterkit.Meter(f"sqlite:///{self.mk_path}") as meter:
+            raw = sqlite3.connect(self.raw_path)
+            try:
+                mk_totals = _page_totals(self.usage(meter))  # warm-up
+                raw_totals = _raw_totals(raw.execute(sql, args).fetchall())
+                for _ in range(repeat):
+                    t, page = _time(lambda: self.usage(meter))
+                    mk_runs.append(t)
+                    t, rows = _time(lambda: raw.execute(sql, args).fetchall())
+                    raw_runs.append(t)
+                    t, _ = _time(lambda: self.usage(meter).to_dict())
+                    dict_runs.append(t)
+                    assert _page_totals(page) == mk_totals
+                    assert _raw_totals(rows) == raw_totals
+            finally:
+                raw.close()
+        check_same("meterkit usage()", mk_totals, "raw SQL", raw_totals)
+        return Timing(mk_runs), Timing(raw_runs), Timing(dict_runs), raw_totals
+
+    def engine_scan(self, repeat: int, expected: Totals) -> Timing:
+        """``Meter.usage`` with the store's SQL aggregation turned off: scan + pure engine."""
+        runs = []
+        meter = meterkit.Meter(store=_ScanOnly(f"sqlite:///{self.mk_path}"))
+        with meter:
+            for _ in range(repeat):
+                t, page = _time(lambda: self.usage(meter))
+                runs.append(t)
+                check_same("engine over SQLite scan", _page_totals(page), "raw SQL", expected)
+        return Timing(runs)
+
+    def engine_pure(self, rows: Sequence[Row], repeat: int, expected: Totals) -> Timing:
+        """:func:`meterkit.engine.aggregate` + ``build_page`` on events already in memory."""
+        events = [to_event(r) for r in rows if r[1] == self.org and START <= r[2] < END]
+        spec = meterkit.Meter("memory://").spec(METER)
+        query = check_usage_query(
+            spec,
+            organization_id=self.org,
+            start_time=START,
+            end_time=END,
+            bucket_width="1d",
+            group_by=GROUP_BY,
+            filters=None,
+            limit=QUERY_DAYS,
+        )
+        secret = b"\0" * 32
+        runs = []
+        for _ in range(repeat):
+            t, page = _time(
+                lambda: engine.build_page(
+                    spec, query, engine.aggregate(spec, query, events), secret
+                )
+            )
+            runs.append(t)
+            check_same("pure engine", _page_totals(page), "raw SQL", expected)
+        return Timing(runs)
+
+
+def check_same(name_a: str, a: Totals, name_b: str, b: Totals) -> None:
+    """A correctness guard: both answers must agree row for row (not a speed assertion)."""
+    if a != b:
+        only_a = sorted(set(a) - set(b))[:5]
+        only_b = sorted(set(b) - set(a))[:5]
+        differ = [k for k in sorted(set(a) & set(b)) if a[k] != b[k]][:5]
+        raise AssertionError(
+            f"{name_a} and {name_b} disagree: only in {name_a} {only_a}, "
+            f"only in {name_b} {only_b}, different {[(k, a[k], b[k]) for k in differ]}"
+        )
