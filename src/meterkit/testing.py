@@ -1,0 +1,766 @@
+"""The store conformance suite: one set of tests every meterkit store must pass.
+
+A store author subclasses :class:`StoreConformance` in a pytest module, says how to open the
+store, and pytest collects every test below for it::
+
+    from pathlib import Path
+
+    from meterkit.meter import open_store
+    from meterkit.testing import StoreConformance
+
+    class TestMyStore(StoreConformance):
+        persistent = True          # False for stores that forget everything on close
+
+        def make_store(self, location: Path):
+            return open_store(f"mystore:///{location}")
+
+``make_store(location)`` must return an *empty* store the first time it sees ``location`` (a
+fresh directory) and, when ``persistent`` is true, the same data again when given the same
+``location`` after the earlier store was closed. Stores are used as :class:`~meterkit.Meter`
+uses them: ``ensure_meter`` is called for a meter after opening and before its events are
+appended or read.
+
+The reference for every answer is the pure engine (:func:`meterkit.engine.aggregate`): a store's
+native ``aggregate`` must equal it on the same events, and ``scan`` must hand back exactly the
+events that were appended. This module needs pytest and hypothesis (the ``dev`` extra).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meterkit import engine
+from meterkit.catalog import builtin_meters
+from meterkit.engine.aggregate import Rows
+from meterkit.models import DimValue, Dimension, Event, Measure, MeterSpec, Number, UsageQuery
+from meterkit.stores.base import Store
+from meterkit.validate import BUCKET_WIDTHS, MAX_TIME, check_event, check_usage_query
+
+__all__ = [
+    "COMPLETIONS",
+    "SUITE_METER",
+    "SUITE_METERS",
+    "T0",
+    "VECTOR_STORES",
+    "StoreConformance",
+    "StoreFactory",
+    "assert_rows_match",
+    "normalized",
+    "store_rows",
+]
+
+DAY = 86400
+T0 = 1_730_419_200
+"""2024-11-01T00:00:00Z: a multiple of every bucket width, so offsets from it are boundaries."""
+
+SUITE_METER = MeterSpec(
+    "conformance",
+    measures=(
+        Measure("total"),
+        Measure("calls", "count"),
+        Measure("peak", "max"),
+        Measure("low", "min"),
+        Measure("last", "latest"),
+        Measure("distinct", "unique_count"),
+        Measure("level", "sum", gauge=True),
+        Measure("level_max", "max", gauge=True),
+        Measure("level_min", "min", gauge=True),
+    ),
+    dimensions=(
+        Dimension("region"),
+        Dimension("tier", allowed=frozenset({"free", "pro"})),
+        Dimension("flag", kind="bool"),
+    ),
+)
+"""A meter with every aggregation, gauges combined three ways, and str, enum and bool dims."""
+
+COMPLETIONS = builtin_meters()["completions"]
+VECTOR_STORES = builtin_meters()["vector_stores"]
+SUITE_METERS: tuple[MeterSpec, ...] = (SUITE_METER, COMPLETIONS, VECTOR_STORES)
+
+_END_OF_TIME = MAX_TIME + 1
+_STR_VALUES = ("a", "b", "c")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def normalized(event: Event) -> tuple[Any, ...]:
+    """An event as a comparable tuple that also tells ``1`` from ``1.0`` and ``True`` from ``1``.
+
+    A ``None`` dimension and a missing one mean the same (the engine reads both as ``None``),
+    so ``None`` entries are dropped.
+    """
+    values = tuple(sorted((k, type(v).__name__, v) for k, v in event.values.items()))
+    dims = tuple(
+        sorted((k, type(v).__name__, v) for k, v in event.dimensions.items() if v is not None)
+    )
+    return (event.meter, event.id, event.organization_id, event.time, values, dims)
+
+
+def _sorted_norm(events: Iterable[Event]) -> list[tuple[Any, ...]]:
+    return sorted((normalized(e) for e in events), key=repr)
+
+
+def scan_all(store: Store, meter: str, org: str) -> list[Event]:
+    return list(store.scan(meter, org, 0, _END_OF_TIME))
+
+
+def make_query(
+    spec: MeterSpec,
+    *,
+    org: str,
+    start: int,
+    end: int,
+    width: str,
+    group_by: Sequence[str] = (),
+    filters: Mapping[str, Sequence[DimValue]] | None = None,
+    limit: int | None = None,
+    page: int = 0,
+) -> UsageQuery:
+    """A validated query; ``limit`` defaults to the width's maximum, ``page`` skips pages."""
+    query = check_usage_query(
+        spec,
+        organization_id=org,
+        start_time=start,
+        end_time=end,
+        bucket_width=width,
+        group_by=list(group_by),
+        filters=filters,
+        limit=limit if limit is not None else BUCKET_WIDTHS[width][2],
+    )
+    if page:
+        page_start = query.page_start + page * query.limit * query.width
+        if page_start < query.end_time:
+            query = attrs.evolve(query, page_start=page_start)
+    return query
+
+
+def store_rows(store: Store, spec: MeterSpec, query: UsageQuery) -> Rows:
+    """What :class:`~meterkit.Meter` would aggregate: the native answer, else engine over scan."""
+    rows = store.aggregate(spec, query)
+    if rows is None:
+        events = store.scan(spec.name, query.organization_id, query.scan_start, query.page_end)
+        rows = engine.aggregate(spec, query, events)
+    return rows
+
+
+def _numbers_match(aggregation: str, got: object, want: Number | None) -> bool:
+    if want is None or got is None:
+        return got is want
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        return False
+    # max/min over equal values (1 and 1.0) may pick either one; every other aggregation
+    # determines the type: an int total must stay an int.
+    if aggregation not in ("max", "min") and type(got) is not type(want):
+        return False
+    if isinstance(got, int) and isinstance(want, int):
+        return got == want
+    return math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def assert_rows_match(got: Rows, want: Rows, spec: MeterSpec, context: str = "") -> None:
+    """Same (bucket, group) keys and, measure by measure, the same numbers."""
+    where = f" ({context})" if context else ""
+    assert set(got) == set(want), (
+        f"row keys differ{where}: missing {sorted(set(want) - set(got), key=repr)}, "
+        f"unexpected {sorted(set(got) - set(want), key=repr)}"
+    )
+    for key, values in want.items():
+        for measure in spec.measures:
+            expected = values[measure.name]
+            actual = got[key].get(measure.name)
+            assert _numbers_match(measure.aggregation, actual, expected), (
+                f"{measure.name} ({measure.aggregation}{', gauge' if measure.gauge else ''}) "
+                f"of row {key}{where}: store says {actual!r}, engine says {expected!r}"
+            )
+
+
+def _event(
+    id: str,
+    *,
+    meter: str = SUITE_METER.name,
+    org: str = "org_a",
+    time: int = T0,
+    values: Mapping[str, Number] | None = None,
+    dims: Mapping[str, DimValue] | None = None,
+) -> Event:
+    return Event(id, meter, org, time, dict(values or {"total": 1}), dict(dims or {}))
+
+
+class _InjectedFault(RuntimeError):
+    """Raised on purpose inside an append, standing in for a disk or connection failure."""
+
+
+class _UnusableId(str):
+    """An id that cannot be hashed or compared: a store that looks at it has to fail."""
+
+    def __hash__(self) -> int:
+        raise _InjectedFault("this id cannot be hashed")
+
+    def __eq__(self, other: object) -> bool:
+        raise _InjectedFault("this id cannot be compared")
+
+    def __ne__(self, other: object) -> bool:
+        raise _InjectedFault("this id cannot be compared")
+
+
+class _UnreadableValues(Mapping[str, Number]):
+    """A values mapping that fails when a store reads it."""
+
+    def __getitem__(self, key: str) -> Number:
+        raise _InjectedFault("values cannot be read")
+
+    def __iter__(self) -> Iterator[str]:
+        raise _InjectedFault("values cannot be read")
+
+    def __len__(self) -> int:
+        raise _InjectedFault("values cannot be read")
+
+
+# -- the factory ------------------------------------------------------------------------------
+
+
+class StoreFactory:
+    """Opens stores for one test, each under a directory of its own, and closes them after."""
+
+    def __init__(
+        self, opener: Callable[[Path], Store], root: Path, meters: Sequence[MeterSpec]
+    ) -> None:
+        self._opener = opener
+        self._root = root
+        self._meters = tuple(meters)
+        self._open: list[Store] = []
+        self._fresh = itertools.count()
+
+    def open(self, name: str = "main", *, ensure: bool = True) -> Store:
+        """Open (or reopen) the store kept at ``name``; ``ensure`` prepares the suite's meters."""
+        location = self._root / name
+        location.mkdir(parents=True, exist_ok=True)
+        store = self._opener(location)
+        self._open.append(store)
+        if ensure:
+            for spec in self._meters:
+                store.ensure_meter(spec)
+        return store
+
+    def fresh(self) -> Store:
+        """A new, empty store at a location no other store in this test uses."""
+        return self.open(f"fresh-{next(self._fresh)}")
+
+    def close(self, store: Store) -> None:
+        if any(s is store for s in self._open):
+            self._open = [s for s in self._open if s is not store]
+            store.close()
+
+    def reopen(self, store: Store, name: str = "main") -> Store:
+        """Close ``store`` and open the data at ``name`` again."""
+        self.close(store)
+        return self.open(name)
+
+    def close_all(self) -> None:
+        while self._open:
+            self._open.pop().close()
+
+
+# -- hypothesis strategies --------------------------------------------------------------------
+
+
+def _times() -> st.SearchStrategy[int]:
+    # Half the times sit on or next to a minute / hour / day boundary, where off-by-one
+    # bucketing would show; the rest are spread over three days.
+    boundary = st.builds(
+        lambda unit, k, nudge: T0 + (k * unit) % (3 * DAY) + nudge,
+        st.sampled_from((60, 3600, DAY)),
+        st.integers(0, 3 * 24 * 60),
+        st.sampled_from((-1, 0, 0, 1)),
+    )
+    return st.one_of(boundary, st.integers(T0 - 60, T0 + 3 * DAY + 60))
+
+
+def _numbers() -> st.SearchStrategy[Number]:
+    few_floats = st.one_of(
+        st.sampled_from((0.5, 2.0, 7.25)),
+        st.floats(min_value=0, max_value=100, allow_nan=False, allow_infinity=False),
+    )
+    return st.one_of(st.integers(0, 20), st.integers(0, 20), st.integers(0, 20), few_floats)
+
+
+def _dim_values(dim: Dimension) -> st.SearchStrategy[DimValue]:
+    if dim.kind == "bool":
+        return st.sampled_from((True, False, None))
+    choices = sorted(dim.allowed) if dim.allowed is not None else list(_STR_VALUES)
+    return st.sampled_from([*choices, None])
+
+
+def _events(spec: MeterSpec) -> st.SearchStrategy[Event]:
+    return st.builds(
+        Event,
+        id=st.sampled_from([f"e{i}" for i in range(30)]),
+        meter=st.just(spec.name),
+        organization_id=st.sampled_from(("org_a", "org_b")),
+        time=_times(),
+        values=st.fixed_dictionaries({}, optional={m.name: _numbers() for m in spec.measures}),
+        dimensions=st.fixed_dictionaries(
+            {}, optional={d.name: _dim_values(d) for d in spec.dimensions}
+        ),
+    )
+
+
+@st.composite
+def _queries(draw: st.DrawFn, spec: MeterSpec) -> UsageQuery:
+    width = draw(st.sampled_from(sorted(BUCKET_WIDTHS)))
+    start = draw(_times())
+    end = start + draw(st.one_of(st.integers(1, 2 * 3600), st.integers(1, 3 * DAY + 120)))
+    names = list(spec.dimension_names)
+    group_by = draw(st.lists(st.sampled_from(names), unique=True, max_size=3))
+    filter_on = draw(st.lists(st.sampled_from(names), unique=True, max_size=2))
+    filters = {
+        name: draw(
+            st.lists(_dim_values(spec.dimension(name)), min_size=1, max_size=3)  # type: ignore[arg-type]
+        )
+        for name in filter_on
+    }
+    max_limit = BUCKET_WIDTHS[width][2]
+    limit = draw(st.one_of(st.just(max_limit), st.integers(1, max_limit)))
+    return make_query(
+        spec,
+        org=draw(st.sampled_from(("org_a", "org_b"))),
+        start=start,
+        end=end,
+        width=width,
+        group_by=group_by,
+        filters=filters,
+        limit=limit,
+        page=draw(st.integers(0, 2)),
+    )
+
+
+def _deterministic_events() -> list[Event]:
+    """A fixed data set over three days: boundary times, both orgs, all dims, ints and floats."""
+    rng = random.Random(20241101)
+    offsets = [0, 1, 59, 60, 61, 3599, 3600, 3601, DAY - 1, DAY, DAY + 1, 2 * DAY - 60]
+    offsets += [rng.randrange(-120, 3 * DAY) for _ in range(150)]
+    floats = (0.5, 1.25, 3.0, 9.75)
+    events = []
+    for i, offset in enumerate(offsets):
+        values: dict[str, Number] = {}
+        for j, measure in enumerate(SUITE_METER.measures):
+            if (i + j) % 5 == 4:
+                continue  # some events leave some measures out
+            values[measure.name] = floats[i % 4] if (i * 7 + j) % 6 == 0 else rng.randrange(0, 40)
+        dims: dict[str, DimValue] = {}
+        if i % 4:
+            dims["region"] = _STR_VALUES[i % 3]
+        if i % 5:
+            dims["tier"] = ("free", "pro")[i % 2]
+        if i % 3:
+            dims["flag"] = (True, False, None)[i % 3]
+        org = "org_b" if i % 7 == 0 else "org_a"
+        events.append(Event(f"ev{i}", SUITE_METER.name, org, T0 + offset, values, dims))
+    return events
+
+
+_AGGREGATE_SHAPES: dict[str, dict[str, Any]] = {
+    "everything": {},
+    "group_by_region_and_flag": {"group_by": ("region", "flag")},
+    "filter_with_none": {"filters": {"region": [None, "b"]}, "group_by": ("tier",)},
+    "filter_bool_false": {"filters": {"flag": [False]}, "group_by": ("region",)},
+    "filter_bool_true_or_none": {"filters": {"flag": [True, None], "tier": ["pro"]}},
+    "group_by_every_dimension": {"group_by": ("tier", "flag", "region")},
+    # Limits chosen so that the second page of each width still holds events.
+    "second_page": {"page": 1, "limit": {"1m": 1440, "1h": 24, "1d": 1}, "group_by": ("flag",)},
+}
+
+
+# -- the suite --------------------------------------------------------------------------------
+
+
+class StoreConformance:
+    """Subclass as ``Test<Something>`` and implement :meth:`make_store`.
+
+    Set ``persistent = False`` for a store that keeps nothing once closed; the tests about
+    reopening then skip.
+    """
+
+    persistent: ClassVar[bool] = True
+    meters: ClassVar[tuple[MeterSpec, ...]] = SUITE_METERS
+
+    def make_store(self, location: Path) -> Store:
+        """Open the store whose data lives at ``location`` (an existing directory)."""
+        raise NotImplementedError("a StoreConformance subclass must implement make_store()")
+
+    @pytest.fixture
+    def store_factory(self, tmp_path: Path) -> Iterator[StoreFactory]:
+        factory = StoreFactory(self.make_store, tmp_path, self.meters)
+        try:
+            yield factory
+        finally:
+            factory.close_all()
+
+    @pytest.fixture
+    def store(self, store_factory: StoreFactory) -> Store:
+        return store_factory.open()
+
+    def _require_persistence(self) -> None:
+        if not self.persistent:
+            pytest.skip("this store keeps nothing across reopening")
+
+    # -- the protocol ---------------------------------------------------------------------
+
+    def test_implements_the_store_protocol(self, store: Store) -> None:
+        assert isinstance(store, Store)
+        assert isinstance(store.url, str) and store.url
+
+    def test_fresh_store_is_empty(self, store: Store) -> None:
+        for spec in self.meters:
+            assert scan_all(store, spec.name, "org_a") == []
+
+    # -- append ---------------------------------------------------------------------------
+
+    def test_append_returns_exactly_the_new_events(self, store: Store) -> None:
+        batch = [_event("a", time=T0 + 5), _event("b", time=T0 + 1), _event("c", org="org_b")]
+        assert _sorted_norm(store.append(batch)) == _sorted_norm(batch)
+        more = [_event("a", values={"total": 99}), _event("d"), _event("b")]
+        assert [normalized(e) for e in store.append(more)] == [normalized(more[1])]
+        assert store.append([]) == []
+
+    def test_duplicate_in_a_later_batch_is_not_stored_again(self, store: Store) -> None:
+        first = [_event("a", values={"total": 1}), _event("b", values={"total": 2})]
+        store.append(first)
+        again = [_event("a", values={"total": 50}, time=T0 + 9), _event("c")]
+        assert [e.id for e in store.append(again)] == ["c"]
+        # The first write wins: the later copy of "a" changed nothing.
+        stored = scan_all(store, SUITE_METER.name, "org_a")
+        assert _sorted_norm(stored) == _sorted_norm([*first, again[1]])
+
+    def test_duplicate_within_one_batch_is_stored_once(self, store: Store) -> None:
+        a1 = _event("a", values={"total": 1})
+        a2 = _event("a", values={"total": 7}, time=T0 + 60)
+        b = _event("b")
+        new = store.append([a1, b, a2, b])
+        assert [normalized(e) for e in new] == [normalized(a1), normalized(b)]
+        assert _sorted_norm(scan_all(store, SUITE_METER.name, "org_a")) == _sorted_norm([a1, b])
+
+    def test_same_id_in_two_meters_is_two_events(self, store: Store) -> None:
+        mine = _event("shared", values={"total": 3})
+        theirs = _event("shared", meter=COMPLETIONS.name, values={"input_tokens": 3})
+        assert len(store.append([mine, theirs])) == 2
+        assert _sorted_norm(scan_all(store, SUITE_METER.name, "org_a")) == [normalized(mine)]
+        assert _sorted_norm(scan_all(store, COMPLETIONS.name, "org_a")) == [normalized(theirs)]
+
+    def test_ids_are_unique_per_meter_not_per_organization(self, store: Store) -> None:
+        first = _event("x", org="org_a")
+        assert len(store.append([first])) == 1
+        assert store.append([_event("x", org="org_b")]) == []
+        assert scan_all(store, SUITE_METER.name, "org_b") == []
+
+    def test_idempotent_across_reopen(self, store_factory: StoreFactory) -> None:
+        self._require_persistence()
+        store = store_factory.open()
+        batch = [_event(f"e{i}", time=T0 + i * 611) for i in range(20)]
+        assert len(store.append(batch)) == 20
+        store = store_factory.reopen(store)
+        extra = _event("e20")
+        assert [e.id for e in store.append([*batch, extra])] == ["e20"]
+        store = store_factory.reopen(store)
+        assert store.append(batch) == []
+        assert _sorted_norm(scan_all(store, SUITE_METER.name, "org_a")) == _sorted_norm(
+            [*batch, extra]
+        )
+
+    def _assert_all_or_nothing(
+        self, store_factory: StoreFactory, make_bad: Callable[[], Event]
+    ) -> None:
+        store = store_factory.fresh()
+        good = [
+            _event("g1", time=T0 + 1),
+            _event("g2", meter=COMPLETIONS.name, values={"input_tokens": 4}),
+            _event("g3", time=T0 + 2),
+        ]
+        before = _event("before")
+        store.append([before])
+        try:
+            store.append([*good, make_bad()])
+        except Exception:
+            # It failed: nothing of the batch may be visible, and the store must still work.
+            assert [str(e.id) for e in scan_all(store, SUITE_METER.name, "org_a")] == ["before"]
+            assert scan_all(store, COMPLETIONS.name, "org_a") == []
+            assert _sorted_norm(store.append(good)) == _sorted_norm(good)
+        else:
+            # It succeeded: then all of the good events are stored, not some.
+            assert store.append(good) == []
+            ids = {str(e.id) for e in scan_all(store, SUITE_METER.name, "org_a")}
+            assert {"before", "g1", "g3"} <= ids
+            assert [str(e.id) for e in scan_all(store, COMPLETIONS.name, "org_a")] == ["g2"]
+
+    def test_batch_is_all_or_nothing_when_a_meter_was_never_ensured(
+        self, store_factory: StoreFactory
+    ) -> None:
+        self._assert_all_or_nothing(store_factory, lambda: _event("bad", meter="never_ensured"))
+
+    def test_batch_is_all_or_nothing_when_an_id_is_unusable(
+        self, store_factory: StoreFactory
+    ) -> None:
+        self._assert_all_or_nothing(store_factory, lambda: _event(_UnusableId("bad")))
+
+    def test_batch_is_all_or_nothing_when_values_cannot_be_read(
+        self, store_factory: StoreFactory
+    ) -> None:
+        def bad() -> Event:
+            return Event("bad", SUITE_METER.name, "org_a", T0 + 3, _UnreadableValues(), {})
+
+        self._assert_all_or_nothing(store_factory, bad)
+
+    # -- scan -----------------------------------------------------------------------------
+
+    def test_scan_is_half_open_and_per_organization_and_meter(self, store: Store) -> None:
+        start, end = T0 + 3600, T0 + 7200
+        times = [start - 1, start, start + 1, end - 1, end, end + 1]
+        events = [_event(f"t{t}", time=t) for t in times]
+        other_org = [_event(f"o{t}", org="org_b", time=t) for t in times]
+        other_meter = [
+            _event(f"m{t}", meter=COMPLETIONS.name, values={"input_tokens": 1}, time=t)
+            for t in times
+        ]
+        store.append([*events, *other_org, *other_meter])
+        got = list(store.scan(SUITE_METER.name, "org_a", start, end))
+        want = [e for e in events if start <= e.time < end]
+        assert len(want) == 3
+        assert _sorted_norm(got) == _sorted_norm(want)
+        assert list(store.scan(SUITE_METER.name, "org_c", 0, _END_OF_TIME)) == []
+        assert list(store.scan(SUITE_METER.name, "org_a", start, start)) == []
+
+    def test_dimensions_round_trip(self, store: Store) -> None:
+        events = [
+            _event("t", dims={"flag": True, "region": "north", "tier": "pro"}),
+            _event("f", dims={"flag": False, "region": None}),
+            _event("n", dims={"flag": None, "tier": None}),
+            _event("empty"),
+            _event(
+                "c", meter=COMPLETIONS.name, values={"input_tokens": 1},
+                dims={"batch": False, "model": "gpt-4o", "user_id": None},
+            ),
+        ]
+        store.append(events)
+        got = {e.id: e for e in scan_all(store, SUITE_METER.name, "org_a")}
+        assert got["t"].dimensions["flag"] is True
+        assert got["f"].dimensions["flag"] is False
+        assert got["t"].dimensions["region"] == "north"
+        for eid, name in (("f", "region"), ("n", "flag"), ("n", "tier"), ("empty", "flag")):
+            assert got[eid].dimensions.get(name) is None
+        (completion,) = scan_all(store, COMPLETIONS.name, "org_a")
+        assert completion.dimensions["batch"] is False
+        assert completion.dimensions.get("user_id") is None
+        assert _sorted_norm(got.values()) == _sorted_norm(events[:4])
+
+    def test_numbers_keep_their_type(self, store: Store) -> None:
+        values: dict[str, Number] = {
+            "total": 3, "calls": 3.0, "peak": 2**53 - 1, "low": 0, "last": 0.1, "level": 0.0,
+        }
+        store.append([_event("n", values=values)])
+        (got,) = scan_all(store, SUITE_METER.name, "org_a")
+        assert {k: (type(v), v) for k, v in got.values.items()} == {
+            k: (type(v), v) for k, v in values.items()
+        }
+
+    # -- aggregate ------------------------------------------------------------------------
+
+    def _check_query(self, store: Store, spec: MeterSpec, query: UsageQuery,
+                     appended: Sequence[Event], context: str) -> Rows:
+        want = engine.aggregate(spec, query, appended)
+        scanned = list(
+            store.scan(spec.name, query.organization_id, query.scan_start, query.page_end)
+        )
+        assert_rows_match(engine.aggregate(spec, query, scanned), want, spec, f"{context}, scan")
+        native = store.aggregate(spec, query)
+        if native is not None:
+            assert_rows_match(native, want, spec, f"{context}, native aggregate")
+        return want
+
+    @pytest.mark.parametrize("width", ["1m", "1h", "1d"])
+    @pytest.mark.parametrize("shape", sorted(_AGGREGATE_SHAPES))
+    def test_aggregate_equals_the_engine(self, store: Store, width: str, shape: str) -> None:
+        events = _deterministic_events()
+        store.append(events)
+        params = dict(_AGGREGATE_SHAPES[shape])
+        if isinstance(params.get("limit"), dict):
+            params["limit"] = params["limit"][width]
+        # Starts 30 s into a minute: the first bucket of every width is partial.
+        query = make_query(SUITE_METER, org="org_a", start=T0 + 30, end=T0 + 2 * DAY + 100,
+                           width=width, **params)
+        want = self._check_query(store, SUITE_METER, query, events, f"{shape} {width}")
+        assert want, "the data set should put events in this window"
+
+    def test_aggregate_of_an_empty_window_is_empty(self, store: Store) -> None:
+        store.append(_deterministic_events())
+        query = make_query(SUITE_METER, org="org_a", start=T0 + 10 * DAY,
+                           end=T0 + 11 * DAY, width="1h")
+        assert store_rows(store, SUITE_METER, query) == {}
+        query = make_query(SUITE_METER, org="org_zzz", start=T0, end=T0 + DAY, width="1h")
+        assert store_rows(store, SUITE_METER, query) == {}
+
+    def test_aggregate_completions_with_bool_batch(self, store: Store) -> None:
+        events = []
+        for i in range(60):
+            events.append(Event(
+                f"c{i}", COMPLETIONS.name, "org_a", T0 + i * 1777,
+                {"input_tokens": 100 + i, "output_tokens": i % 9, "num_model_requests": 1},
+                {"batch": (True, False, None)[i % 3], "model": ("gpt-4o", "o1")[i % 2],
+                 "project_id": "proj_a" if i % 4 else None},
+            ))
+        store.append(events)
+        cases: list[dict[str, Any]] = [
+            {"filters": {"batch": [False]}, "group_by": ("model", "project_id")},
+            {"filters": {"batch": [True]}},
+            {"group_by": ("batch",)},
+            {"filters": {"batch": [None, True], "project_id": ["proj_a"]}, "group_by": ("model",)},
+        ]
+        for width in ("1h", "1d"):
+            for params in cases:
+                query = make_query(COMPLETIONS, org="org_a", start=T0 + 7, end=T0 + 2 * DAY,
+                                   width=width, **params)
+                want = self._check_query(store, COMPLETIONS, query, events, f"{params} {width}")
+                assert want
+        # Independent check of one number: non-batch input tokens over the whole range.
+        query = make_query(COMPLETIONS, org="org_a", start=T0, end=T0 + 3 * DAY, width="1d",
+                           filters={"batch": [False]})
+        rows = store_rows(store, COMPLETIONS, query)
+        total = sum(v["input_tokens"] or 0 for v in rows.values())
+        assert total == sum(100 + i for i in range(60) if i % 3 == 1)
+
+    def test_aggregate_vector_stores_gauge(self, store: Store) -> None:
+        # Two projects, each reporting its size several times a day: a day's figure is the
+        # sum of each project's latest report in that day, not the sum of all reports.
+        reports = [
+            ("p1", T0 + 100, 10), ("p1", T0 + 5000, 30), ("p2", T0 + 200, 7),
+            ("p1", T0 + DAY + 1, 5), ("p2", T0 + DAY + 50, 8), ("p2", T0 + 2 * DAY - 1, 2),
+        ]
+        events = [
+            Event(f"v{i}", VECTOR_STORES.name, "org_a", t, {"usage_bytes": b}, {"project_id": p})
+            for i, (p, t, b) in enumerate(reports)
+        ]
+        store.append(events)
+        query = make_query(VECTOR_STORES, org="org_a", start=T0, end=T0 + 2 * DAY, width="1d")
+        rows = self._check_query(store, VECTOR_STORES, query, events, "vector_stores 1d")
+        assert rows == {(T0, ()): {"usage_bytes": 37}, (T0 + DAY, ()): {"usage_bytes": 7}}
+        got = store_rows(store, VECTOR_STORES, query)
+        assert {k: v["usage_bytes"] for k, v in got.items()} == {(T0, ()): 37, (T0 + DAY, ()): 7}
+
+    # -- secret ---------------------------------------------------------------------------
+
+    def test_secret_is_long_and_stable(self, store_factory: StoreFactory) -> None:
+        store = store_factory.open()
+        secret = store.secret()
+        assert isinstance(secret, bytes) and len(secret) >= 16
+        assert store.secret() == secret
+        assert store_factory.fresh().secret() != secret, "each store needs its own random key"
+        if self.persistent:
+            assert store_factory.reopen(store).secret() == secret
+
+    # -- meters ---------------------------------------------------------------------------
+
+    def test_ensure_meter_is_idempotent(self, store: Store) -> None:
+        events = [_event("a"), _event("b", time=T0 + 60)]
+        store.append(events)
+        for _ in range(3):
+            store.ensure_meter(SUITE_METER)
+        assert store.append(events) == []
+        assert _sorted_norm(scan_all(store, SUITE_METER.name, "org_a")) == _sorted_norm(events)
+        assert len(store.append([_event("c")])) == 1
+
+    def test_widening_a_meter_keeps_old_events_readable(
+        self, store_factory: StoreFactory
+    ) -> None:
+        v1 = MeterSpec("widening", (Measure("a"),), (Dimension("x"),))
+        v2 = MeterSpec(
+            "widening",
+            (Measure("a"), Measure("b", "max")),
+            (Dimension("x"), Dimension("y", kind="bool")),
+        )
+        store = store_factory.open()
+        store.ensure_meter(v1)
+        old = [
+            Event("o1", "widening", "org_a", T0 + 10, {"a": 1}, {"x": "p"}),
+            Event("o2", "widening", "org_a", T0 + 20, {"a": 2.5}, {}),
+        ]
+        store.append(old)
+        store.ensure_meter(v2)
+        assert _sorted_norm(scan_all(store, "widening", "org_a")) == _sorted_norm(old)
+        new = Event("n1", "widening", "org_a", T0 + 30, {"a": 1, "b": 4}, {"x": "p", "y": True})
+        assert [e.id for e in store.append([old[0], new])] == ["n1"]
+        everything = [*old, new]
+        assert _sorted_norm(scan_all(store, "widening", "org_a")) == _sorted_norm(everything)
+        for group_by in ((), ("y",), ("x", "y")):
+            query = make_query(v2, org="org_a", start=T0, end=T0 + DAY, width="1h",
+                               group_by=group_by)
+            assert self._check_query(store, v2, query, everything, f"widened {group_by}")
+        if self.persistent:
+            store = store_factory.reopen(store)
+            store.ensure_meter(v2)
+            assert _sorted_norm(scan_all(store, "widening", "org_a")) == _sorted_norm(everything)
+
+    # -- the property ---------------------------------------------------------------------
+
+    @settings(
+        max_examples=80,
+        deadline=None,
+        # Each subclass runs this one method against its own store, hence differing executors;
+        # every example opens a fresh store, so the function-scoped fixture is not shared state.
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.differing_executors,
+            HealthCheck.too_slow,
+        ],
+    )
+    @given(
+        batches=st.lists(
+            st.lists(st.sampled_from(SUITE_METERS).flatmap(_events), max_size=25),
+            min_size=1,
+            max_size=3,
+        ),
+        data=st.data(),
+    )
+    def test_store_agrees_with_the_engine_on_random_events(
+        self, store_factory: StoreFactory, batches: list[list[Event]], data: st.DataObject
+    ) -> None:
+        specs = {spec.name: spec for spec in SUITE_METERS}
+        store = store_factory.fresh()
+        try:
+            seen: set[tuple[str, str]] = set()
+            appended: list[Event] = []
+            for batch in batches:
+                checked = [check_event(specs[e.meter], e) for e in batch]
+                expected_new = []
+                for event in checked:
+                    if (event.meter, event.id) not in seen:
+                        seen.add((event.meter, event.id))
+                        expected_new.append(event)
+                got = store.append(checked)
+                assert [normalized(e) for e in got] == [normalized(e) for e in expected_new]
+                appended.extend(expected_new)
+            for _ in range(data.draw(st.integers(1, 3), label="queries")):
+                spec = data.draw(st.sampled_from(SUITE_METERS), label="meter")
+                query = data.draw(_queries(spec), label="query")
+                want_events = [
+                    e for e in appended
+                    if e.meter == spec.name and e.organization_id == query.organization_id
+                    and query.scan_start <= e.time < query.page_end
+                ]
+                scanned = store.scan(
+                    spec.name, query.organization_id, query.scan_start, query.page_end
+                )
+                assert _sorted_norm(scanned) == _sorted_norm(want_events)
+                self._check_query(store, spec, query, appended, repr(query))
+        finally:
+            store_factory.close(store)
