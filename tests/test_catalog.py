@@ -19,8 +19,14 @@ DAY = 86400
 _PEOPLE_MODEL = ("project_id", "user_id", "api_key_id", "model")
 OPENAI_TABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "completions": (
-        ("input_tokens", "output_tokens", "input_cached_tokens", "input_audio_tokens",
-         "output_audio_tokens", "num_model_requests"),
+        (
+            "input_tokens",
+            "output_tokens",
+            "input_cached_tokens",
+            "input_audio_tokens",
+            "output_audio_tokens",
+            "num_model_requests",
+        ),
         ("project_id", "user_id", "api_key_id", "model", "batch", "service_tier"),
     ),
     "embeddings": (("input_tokens", "num_model_requests"), _PEOPLE_MODEL),
@@ -85,8 +91,9 @@ def test_openai_result_objects_through_a_meter(meter: Meter, kind: str) -> None:
         dims.update(size="1024x1024", source="image.generation")
     values = {n: i + 1 for i, n in enumerate(numbers)}
     meter.record(kind, values, organization_id="org_1", time=T0 + 1, id="e1", dimensions=dims)
-    body = meter.usage(kind, organization_id="org_1", start_time=T0, end_time=T0 + DAY,
-                       group_by=["project_id"]).to_dict()
+    body = meter.usage(
+        kind, organization_id="org_1", start_time=T0, end_time=T0 + DAY, group_by=["project_id"]
+    ).to_dict()
     (bucket,) = body["data"]  # type: ignore[misc]
     (result,) = bucket["results"]
     assert result["object"] == f"organization.usage.{kind}.result"
@@ -114,8 +121,14 @@ def test_generic_meter_records(meter: Meter, name: str) -> None:
     dim = "resource" if name in GAUGES else "project_id"
     events = [(1, 10, "r1"), (2, 20, "r1"), (3, 5, "r2")]
     for i, (t, v, series) in enumerate(events):
-        meter.record(name, {name: v}, organization_id="org_1", time=T0 + t, id=f"g{i}",
-                     dimensions={dim: series})
+        meter.record(
+            name,
+            {name: v},
+            organization_id="org_1",
+            time=T0 + t,
+            id=f"g{i}",
+            dimensions={dim: series},
+        )
     page = meter.usage(name, organization_id="org_1", start_time=T0, end_time=T0 + DAY)
     (result,) = page.data[0].results
     assert result.values[name] == (25 if name in GAUGES else 35)
@@ -131,25 +144,35 @@ def test_builtin_meters_is_a_fresh_dict() -> None:
 APP = MeterSpec(
     "renders",
     (Measure("frames"), Measure("peak_ms", "max"), Measure("formats", "unique_count")),
-    (Dimension("project_id"), Dimension("codec", allowed={"h264", "av1"}),
-     Dimension("hdr", kind="bool")),
+    (
+        Dimension("project_id"),
+        Dimension("codec", allowed={"h264", "av1"}),
+        Dimension("hdr", kind="bool"),
+    ),
 )
 
 
 def record_renders(meter: Meter) -> None:
-    for i, (frames, ms, fmt, codec) in enumerate([(10, 40, 1, "h264"), (5, 90, 2, "av1"),
-                                                  (1, 15, 1, "h264")]):
-        meter.record("renders", {"frames": frames, "peak_ms": ms, "formats": fmt},
-                     organization_id="org_1", time=T0 + i, id=f"r{i}",
-                     dimensions={"codec": codec, "hdr": i == 1})
+    for i, (frames, ms, fmt, codec) in enumerate(
+        [(10, 40, 1, "h264"), (5, 90, 2, "av1"), (1, 15, 1, "h264")]
+    ):
+        meter.record(
+            "renders",
+            {"frames": frames, "peak_ms": ms, "formats": fmt},
+            organization_id="org_1",
+            time=T0 + i,
+            id=f"r{i}",
+            dimensions={"codec": codec, "hdr": i == 1},
+        )
 
 
 def test_application_meter_at_construction(url: str) -> None:
     with Meter(url, meters=[APP]) as meter:
         assert meter.meters["renders"] is APP
         record_renders(meter)
-        page = meter.usage("renders", organization_id="org_1", start_time=T0,
-                           end_time=T0 + DAY, group_by=["hdr"])
+        page = meter.usage(
+            "renders", organization_id="org_1", start_time=T0, end_time=T0 + DAY, group_by=["hdr"]
+        )
         rows = {r.group["hdr"]: dict(r.values) for r in page.data[0].results}
         assert rows == {
             False: {"frames": 11, "peak_ms": 40, "formats": 1},
@@ -157,8 +180,13 @@ def test_application_meter_at_construction(url: str) -> None:
         }
         assert page.to_dict()["data"][0]["results"][0]["object"] == "usage.renders.result"  # type: ignore[index]
         with pytest.raises(ValidationError) as err:
-            meter.record("renders", {"frames": 1}, organization_id="org_1", time=T0,
-                         dimensions={"codec": "vp9"})
+            meter.record(
+                "renders",
+                {"frames": 1},
+                organization_id="org_1",
+                time=T0,
+                dimensions={"codec": "vp9"},
+            )
         assert err.value.field == "event.dimensions.codec"
 
 
@@ -175,13 +203,21 @@ def test_application_meter_registered_later(meter: Meter) -> None:
 def test_application_meter_may_grow_but_not_shrink(meter: Meter) -> None:
     meter.register(APP)
     record_renders(meter)
-    grown = MeterSpec("renders", (*APP.measures, Measure("bytes")),
-                      (*APP.dimensions, Dimension("region")))
+    grown = MeterSpec(
+        "renders", (*APP.measures, Measure("bytes")), (*APP.dimensions, Dimension("region"))
+    )
     meter.register(grown)
-    meter.record("renders", {"frames": 2, "bytes": 7}, organization_id="org_1", time=T0 + 9,
-                 id="r9", dimensions={"region": "eu"})
-    page = meter.usage("renders", organization_id="org_1", start_time=T0, end_time=T0 + DAY,
-                       group_by=["region"])
+    meter.record(
+        "renders",
+        {"frames": 2, "bytes": 7},
+        organization_id="org_1",
+        time=T0 + 9,
+        id="r9",
+        dimensions={"region": "eu"},
+    )
+    page = meter.usage(
+        "renders", organization_id="org_1", start_time=T0, end_time=T0 + DAY, group_by=["region"]
+    )
     rows = {r.group["region"]: r.values for r in page.data[0].results}
     assert rows["eu"]["frames"] == 2 and rows["eu"]["bytes"] == 7
     assert rows[None]["frames"] == 16 and rows[None]["bytes"] == 0
@@ -204,8 +240,7 @@ def test_register_meters_hook(url: str) -> None:
     with Meter(url, plugins=[AppMeters()]) as meter:
         assert meter.meters["renders"] == APP
         record_renders(meter)
-        page = meter.usage("renders", organization_id="org_1", start_time=T0,
-                           end_time=T0 + DAY)
+        page = meter.usage("renders", organization_id="org_1", start_time=T0, end_time=T0 + DAY)
         assert page.data[0].results[0].values["frames"] == 16
     # The plugin was registered on that meter's own plugin manager only.
     with Meter("memory://") as plain:

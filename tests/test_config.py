@@ -30,7 +30,8 @@ name = "Professional"
 billing_cycle = "monthly"
 rate_limit_rpm = 60
 rate_limit_per_day = 10000
-limits = {{ tokens = 100000, queries = -1, spaces = 5, credits = 50000, storage_bytes = 1073741824 }}
+limits = {{ tokens = 100000, queries = -1, spaces = 5, credits = 50000, \
+storage_bytes = 1073741824 }}
 
 [organizations.org_1]
 plan = "pro"
@@ -60,8 +61,13 @@ def test_issue_example_opens_and_applies(config_path: Path) -> None:
         [price] = list(m.prices())
         assert price.unit_price == Decimal("2.50") and price.per == 1000000
         assert price.effective_from == 1704067200  # 2024-01-01T00:00:00Z
-        m.record("completions", {"input_tokens": 2_000_000}, organization_id="org_1",
-                 time=NOV_1_2024, dimensions={"model": "gpt-4o"})
+        m.record(
+            "completions",
+            {"input_tokens": 2_000_000},
+            organization_id="org_1",
+            time=NOV_1_2024,
+            dimensions={"model": "gpt-4o"},
+        )
         page = m.costs(organization_id="org_1", start_time=NOV_1_2024, limit=1)
         [result] = page.data[0].results
         assert result.amount == Decimal("5.00")  # 2M tokens at $2.50 per 1M
@@ -81,7 +87,9 @@ def test_url_override_replaces_store(config_path: Path) -> None:
 
 
 def test_counters_and_policy_keys(tmp_path: Path) -> None:
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
         store = "memory://"
         counters = "sqlite:///{tmp_path}/counters.db"
         policy = "open"
@@ -90,30 +98,37 @@ def test_counters_and_policy_keys(tmp_path: Path) -> None:
 
         [plans.free]
         limits = {{ queries = 2 }}
-    """)
+    """,
+    )
     with meterkit.Meter.from_config(path) as m:
         assert m.counters is not m.store and m.counters.url.endswith("counters.db")
         assert m.quotas.policy == "open" and m.quotas.thresholds == (0.5, 1.0)
         # default_plan applies to organizations without an assignment
-        assert [m.check("anyone", {"queries": 1}).allowed for _ in range(3)] == [
-            True, True, False
-        ]
+        assert [m.check("anyone", {"queries": 1}).allowed for _ in range(3)] == [True, True, False]
 
 
 def test_application_meters(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         store = "memory://"
 
         [[meters]]
         name = "reports"
         measures = [{ name = "pages" }, { name = "size", aggregation = "max" }]
         dimensions = [{ name = "project_id" }, { name = "draft", kind = "bool" }]
-    """)
+    """,
+    )
     with meterkit.Meter.from_config(path) as m:
         spec = m.spec("reports")
         assert spec.measure_names == ("pages", "size")
-        assert m.record("reports", {"pages": 3, "size": 7}, organization_id="o",
-                        time=NOV_1_2024, dimensions={"draft": True})
+        assert m.record(
+            "reports",
+            {"pages": 3, "size": 7},
+            organization_id="o",
+            time=NOV_1_2024,
+            dimensions={"draft": True},
+        )
 
 
 @pytest.mark.parametrize(
@@ -143,13 +158,15 @@ def test_bad_files_name_the_field(tmp_path: Path, text: str, field: str) -> None
     ("price", "field"),
     [
         ('unit_price = "abc"', "prices[0].unit_price"),
-        ('unit_price = 2.5', "prices[0].unit_price"),  # a float is inexact money
+        ("unit_price = 2.5", "prices[0].unit_price"),  # a float is inexact money
         ('unit_price = "1"\nper = 0', "prices[0].per"),
     ],
 )
 def test_bad_prices_write_nothing(tmp_path: Path, price: str, field: str) -> None:
     db = tmp_path / "bad.db"
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
         store = "sqlite:///{db}"
 
         [plans.pro]
@@ -164,7 +181,8 @@ def test_bad_prices_write_nothing(tmp_path: Path, price: str, field: str) -> Non
         line_item = "in"
         quantity_unit = "tokens"
         {price}
-    """)
+    """,
+    )
     with pytest.raises(meterkit.ValidationError) as info:
         meterkit.Meter.from_config(path)
     assert info.value.field == field

@@ -26,18 +26,38 @@ START = T0 + 50  # not aligned: the first bucket still starts at T0
 END = T0 + 4 * DAY
 
 
-def price(meter: str, measure: str, unit_price: str, line_item: str, unit: str,
-          **kw: Any) -> Price:
+def price(meter: str, measure: str, unit_price: str, line_item: str, unit: str, **kw: Any) -> Price:
     return Price(meter, measure, unit_price, line_item=line_item, quantity_unit=unit, **kw)
 
 
 PRICES = [
-    price("completions", "input_tokens", "2.50", "gpt-4o, input", "tokens",
-          per=1_000_000, where={"model": "gpt-4o"}),
-    price("completions", "output_tokens", "10.00", "gpt-4o, output", "tokens",
-          per=1_000_000, where={"model": "gpt-4o"}),
-    price("completions", "input_tokens", "0.15", "gpt-4o-mini, input", "tokens",
-          per=1_000_000, where={"model": "gpt-4o-mini"}),
+    price(
+        "completions",
+        "input_tokens",
+        "2.50",
+        "gpt-4o, input",
+        "tokens",
+        per=1_000_000,
+        where={"model": "gpt-4o"},
+    ),
+    price(
+        "completions",
+        "output_tokens",
+        "10.00",
+        "gpt-4o, output",
+        "tokens",
+        per=1_000_000,
+        where={"model": "gpt-4o"},
+    ),
+    price(
+        "completions",
+        "input_tokens",
+        "0.15",
+        "gpt-4o-mini, input",
+        "tokens",
+        per=1_000_000,
+        where={"model": "gpt-4o-mini"},
+    ),
     price("images", "images", "0.04", "dall-e-3", "images", where={"model": "dall-e-3"}),
 ]
 
@@ -50,8 +70,7 @@ def m(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Meter]:
     meter.close()
 
 
-def record(m: Meter, meter: str, time: int, values: dict[str, int], eid: str,
-           **dims: Any) -> None:
+def record(m: Meter, meter: str, time: int, values: dict[str, int], eid: str, **dims: Any) -> None:
     assert m.record(meter, values, organization_id="org_1", time=time, id=eid, dimensions=dims)
 
 
@@ -60,21 +79,75 @@ def usage(m: Meter) -> Meter:
     for p in PRICES:
         save_price(m.store, p, specs=m.meters)
     # Hand-computed charges in the comments.
-    record(m, "completions", T0 + 10, {"input_tokens": 1_000_000}, "before_start",
-           model="gpt-4o", project_id="p1", api_key_id="k1")  # before start_time: left out
-    record(m, "completions", T0 + 100, {"input_tokens": 1_000_000, "output_tokens": 200_000,
-                                        "num_model_requests": 1}, "e1",
-           model="gpt-4o", project_id="p1", api_key_id="k1")  # 2.50 + 2.00
-    record(m, "completions", T0 + 3600, {"input_tokens": 2_000_000}, "e2",
-           model="gpt-4o-mini", project_id="p2", api_key_id="k2")  # 0.30
-    record(m, "images", T0 + 7200, {"images": 3, "num_model_requests": 1}, "e3",
-           model="dall-e-3", project_id="p1", api_key_id="k2")  # 0.12
-    record(m, "completions", T0 + DAY + 5, {"input_tokens": 400_000}, "e4",
-           model="gpt-4o", project_id="p2", api_key_id="k1")  # 1.00
-    record(m, "completions", T0 + 3 * DAY + DAY - 1, {"output_tokens": 50_000}, "e5",
-           model="gpt-4o", project_id="p1", api_key_id="k1")  # 0.50
-    record(m, "completions", END, {"input_tokens": 1_000_000}, "at_end",
-           model="gpt-4o", project_id="p1")  # end_time is exclusive: left out
+    record(
+        m,
+        "completions",
+        T0 + 10,
+        {"input_tokens": 1_000_000},
+        "before_start",
+        model="gpt-4o",
+        project_id="p1",
+        api_key_id="k1",
+    )  # before start_time: left out
+    record(
+        m,
+        "completions",
+        T0 + 100,
+        {"input_tokens": 1_000_000, "output_tokens": 200_000, "num_model_requests": 1},
+        "e1",
+        model="gpt-4o",
+        project_id="p1",
+        api_key_id="k1",
+    )  # 2.50 + 2.00
+    record(
+        m,
+        "completions",
+        T0 + 3600,
+        {"input_tokens": 2_000_000},
+        "e2",
+        model="gpt-4o-mini",
+        project_id="p2",
+        api_key_id="k2",
+    )  # 0.30
+    record(
+        m,
+        "images",
+        T0 + 7200,
+        {"images": 3, "num_model_requests": 1},
+        "e3",
+        model="dall-e-3",
+        project_id="p1",
+        api_key_id="k2",
+    )  # 0.12
+    record(
+        m,
+        "completions",
+        T0 + DAY + 5,
+        {"input_tokens": 400_000},
+        "e4",
+        model="gpt-4o",
+        project_id="p2",
+        api_key_id="k1",
+    )  # 1.00
+    record(
+        m,
+        "completions",
+        T0 + 3 * DAY + DAY - 1,
+        {"output_tokens": 50_000},
+        "e5",
+        model="gpt-4o",
+        project_id="p1",
+        api_key_id="k1",
+    )  # 0.50
+    record(
+        m,
+        "completions",
+        END,
+        {"input_tokens": 1_000_000},
+        "at_end",
+        model="gpt-4o",
+        project_id="p1",
+    )  # end_time is exclusive: left out
     return m
 
 
@@ -87,8 +160,10 @@ def query(m: Meter, **kw: Any) -> CostsPage:
 def amounts(page: CostsPage) -> list[list[tuple[Any, ...]]]:
     """Per bucket: (line_item, project_id, api_key_id, amount, quantity, unit) of each result."""
     return [
-        [(r.line_item, r.project_id, r.api_key_id, r.amount, r.quantity, r.quantity_unit)
-         for r in b.results]
+        [
+            (r.line_item, r.project_id, r.api_key_id, r.amount, r.quantity, r.quantity_unit)
+            for r in b.results
+        ]
         for b in page.data
     ]
 
@@ -114,16 +189,40 @@ def test_to_dict_is_the_openai_costs_envelope(usage: Meter) -> None:
     assert out == {
         "object": "page",
         "data": [
-            {"object": "bucket", "start_time": T0, "end_time": T0 + DAY, "results": [
-                {"object": "organization.costs.result",
-                 "amount": {"value": 4.92, "currency": "usd"},
-                 "line_item": None, "project_id": None, "api_key_id": None}]},
-            {"object": "bucket", "start_time": T0 + DAY, "end_time": T0 + 2 * DAY, "results": [
-                {"object": "organization.costs.result",
-                 "amount": {"value": 1.0, "currency": "usd"},
-                 "line_item": None, "project_id": None, "api_key_id": None}]},
-            {"object": "bucket", "start_time": T0 + 2 * DAY, "end_time": T0 + 3 * DAY,
-             "results": []},
+            {
+                "object": "bucket",
+                "start_time": T0,
+                "end_time": T0 + DAY,
+                "results": [
+                    {
+                        "object": "organization.costs.result",
+                        "amount": {"value": 4.92, "currency": "usd"},
+                        "line_item": None,
+                        "project_id": None,
+                        "api_key_id": None,
+                    }
+                ],
+            },
+            {
+                "object": "bucket",
+                "start_time": T0 + DAY,
+                "end_time": T0 + 2 * DAY,
+                "results": [
+                    {
+                        "object": "organization.costs.result",
+                        "amount": {"value": 1.0, "currency": "usd"},
+                        "line_item": None,
+                        "project_id": None,
+                        "api_key_id": None,
+                    }
+                ],
+            },
+            {
+                "object": "bucket",
+                "start_time": T0 + 2 * DAY,
+                "end_time": T0 + 3 * DAY,
+                "results": [],
+            },
         ],
         "has_more": False,
         "next_page": None,
@@ -147,8 +246,11 @@ def test_group_by_line_item_adds_quantity_and_unit(usage: Meter) -> None:
     assert result == {
         "object": "organization.costs.result",
         "amount": {"value": 2.5, "currency": "usd"},
-        "line_item": "gpt-4o, input", "project_id": None, "api_key_id": None,
-        "quantity": 1_000_000, "quantity_unit": "tokens",
+        "line_item": "gpt-4o, input",
+        "project_id": None,
+        "api_key_id": None,
+        "quantity": 1_000_000,
+        "quantity_unit": "tokens",
     }
     # Without line_item grouping there is no quantity at all (not even null).
     result = query(usage, group_by=["project_id"]).to_dict()["data"][0]["results"][0]
@@ -207,22 +309,35 @@ def test_paging_to_the_end(usage: Meter) -> None:
 
 
 def test_each_currency_is_its_own_result(m: Meter) -> None:
-    save_price(m.store, price("embeddings", "input_tokens", "0.02", "embed", "tokens",
-                              per=1000, currency="EUR"), specs=m.meters)
-    save_price(m.store, price("completions", "input_tokens", "1", "chat", "tokens", per=1000),
-               specs=m.meters)
+    save_price(
+        m.store,
+        price("embeddings", "input_tokens", "0.02", "embed", "tokens", per=1000, currency="EUR"),
+        specs=m.meters,
+    )
+    save_price(
+        m.store,
+        price("completions", "input_tokens", "1", "chat", "tokens", per=1000),
+        specs=m.meters,
+    )
     record(m, "embeddings", T0 + 1, {"input_tokens": 3000}, "a")
     record(m, "completions", T0 + 2, {"input_tokens": 500}, "b")
     page = query(m, start_time=T0, end_time=T0 + DAY)
     assert [(r.currency, r.amount) for r in page.data[0].results] == [
-        ("eur", D("0.06")), ("usd", D("0.5"))
+        ("eur", D("0.06")),
+        ("usd", D("0.5")),
     ]
     assert page.totals() == {"eur": D("0.06"), "usd": D("0.5")}
 
 
 def test_tiers_count_from_the_period_start_and_ignore_filters(m: Meter) -> None:
-    tiered = Price("tokens", "tokens", line_item="tokens", quantity_unit="tokens",
-                   tiers=[Tier(100, "0.10"), Tier(None, "0.01")], tier_mode="graduated")
+    tiered = Price(
+        "tokens",
+        "tokens",
+        line_item="tokens",
+        quantity_unit="tokens",
+        tiers=[Tier(100, "0.10"), Tier(None, "0.01")],
+        tier_mode="graduated",
+    )
     save_price(m.store, tiered, specs=m.meters)
     record(m, "tokens", T0 + 5, {"tokens": 90}, "a", project_id="p1")  # 9.00, before the window
     record(m, "tokens", T0 + 9 * DAY, {"tokens": 20}, "b", project_id="p2")  # 1.00 + 0.10
@@ -230,8 +345,9 @@ def test_tiers_count_from_the_period_start_and_ignore_filters(m: Meter) -> None:
     window = {"start_time": T0 + 9 * DAY, "end_time": T0 + 10 * DAY}
     assert query(m, **window).totals() == {"usd": D("1.40")}
     by_project = amounts(query(m, group_by=["project_id"], **window))
-    assert by_project == [[(None, "p1", None, D("0.30"), None, None),
-                           (None, "p2", None, D("1.10"), None, None)]]
+    assert by_project == [
+        [(None, "p1", None, D("0.30"), None, None), (None, "p2", None, D("1.10"), None, None)]
+    ]
     only_p1 = query(m, filters={"project_id": ["p1"]}, **window)
     assert only_p1.totals() == {"usd": D("0.30")}
     # With daily billing periods the November 1 usage no longer counts towards the tiers.
@@ -240,9 +356,14 @@ def test_tiers_count_from_the_period_start_and_ignore_filters(m: Meter) -> None:
 
 
 def test_volume_tiers_use_the_whole_period_total(m: Meter) -> None:
-    volume = Price("tokens", "tokens", line_item="tokens", quantity_unit="tokens",
-                   tiers=[Tier(100, "0.10"), Tier(None, "0.05", flat_fee="1")],
-                   tier_mode="volume")
+    volume = Price(
+        "tokens",
+        "tokens",
+        line_item="tokens",
+        quantity_unit="tokens",
+        tiers=[Tier(100, "0.10"), Tier(None, "0.05", flat_fee="1")],
+        tier_mode="volume",
+    )
     save_price(m.store, volume, specs=m.meters)
     record(m, "tokens", T0 + 5, {"tokens": 80}, "a")
     window = {"start_time": T0, "end_time": T0 + DAY}
@@ -267,8 +388,12 @@ price_strings = st.builds(
     prices=st.tuples(price_strings, price_strings),
     per=st.sampled_from([1, 1000, 1_000_000]),
     events=st.lists(
-        st.tuples(st.integers(0, 5 * DAY - 1), st.integers(0, 10**7),
-                  st.sampled_from(["gpt-4o", "gpt-4o-mini"]), st.sampled_from(["p1", "p2"])),
+        st.tuples(
+            st.integers(0, 5 * DAY - 1),
+            st.integers(0, 10**7),
+            st.sampled_from(["gpt-4o", "gpt-4o-mini"]),
+            st.sampled_from(["p1", "p2"]),
+        ),
         max_size=15,
     ),
 )
@@ -278,53 +403,104 @@ def test_random_usage_prices_to_the_exact_sum(
     m = Meter("memory://")
     unit = dict(zip(["gpt-4o", "gpt-4o-mini"], prices, strict=True))
     for model, unit_price in unit.items():
-        save_price(m.store, price("completions", "input_tokens", unit_price, model, "tokens",
-                                  per=per, where={"model": model}), specs=m.meters)
+        save_price(
+            m.store,
+            price(
+                "completions",
+                "input_tokens",
+                unit_price,
+                model,
+                "tokens",
+                per=per,
+                where={"model": model},
+            ),
+            specs=m.meters,
+        )
     expected: dict[tuple[int, str], Fraction] = {}
     for i, (offset, tokens, model, project) in enumerate(events):
-        record(m, "completions", T0 + offset, {"input_tokens": tokens}, f"e{i}", model=model,
-               project_id=project)
+        record(
+            m,
+            "completions",
+            T0 + offset,
+            {"input_tokens": tokens},
+            f"e{i}",
+            model=model,
+            project_id=project,
+        )
         if not tokens:
             continue  # a zero value is no usage: it makes no result row
         key = (offset // DAY, project)
-        expected[key] = expected.get(key, Fraction(0)) + Fraction(tokens) * Fraction(
-            unit[model]) / per
+        expected[key] = (
+            expected.get(key, Fraction(0)) + Fraction(tokens) * Fraction(unit[model]) / per
+        )
     page = query(m, start_time=T0, end_time=T0 + 5 * DAY, group_by=["project_id"])
-    got = {(day, r.project_id): Fraction(r.amount)
-           for day, b in enumerate(page.data) for r in b.results}
+    got = {
+        (day, r.project_id): Fraction(r.amount)
+        for day, b in enumerate(page.data)
+        for r in b.results
+    }
     assert got == expected
 
 
 def test_unpriced_usage_is_listed_never_free(usage: Meter) -> None:
-    record(usage, "completions", T0 + 500, {"input_tokens": 70}, "u1", model="gpt-5",
-           project_id="p1")
-    record(usage, "completions", T0 + 900, {"input_tokens": 30, "output_tokens": 0}, "u2",
-           model="gpt-5", project_id="p1")
+    record(
+        usage, "completions", T0 + 500, {"input_tokens": 70}, "u1", model="gpt-5", project_id="p1"
+    )
+    record(
+        usage,
+        "completions",
+        T0 + 900,
+        {"input_tokens": 30, "output_tokens": 0},
+        "u2",
+        model="gpt-5",
+        project_id="p1",
+    )
     record(usage, "completions", T0 + DAY, {"input_tokens": 5}, "u3")  # no model at all
     book = load_book(usage.store, usage.meters)
-    found = unpriced(usage.store, usage.meters, book, organization_id="org_1",
-                     start_time=START, end_time=END, meters=["completions"])
-    assert [(u.measure, dict(u.dimensions), u.quantity, u.first_time, u.last_time)
-            for u in found] == [
+    found = unpriced(
+        usage.store,
+        usage.meters,
+        book,
+        organization_id="org_1",
+        start_time=START,
+        end_time=END,
+        meters=["completions"],
+    )
+    assert [
+        (u.measure, dict(u.dimensions), u.quantity, u.first_time, u.last_time) for u in found
+    ] == [
         ("input_tokens", {}, D(5), T0 + DAY, T0 + DAY),
         ("input_tokens", {"model": "gpt-5", "project_id": "p1"}, D(100), T0 + 500, T0 + 900),
-        ("num_model_requests", {"api_key_id": "k1", "model": "gpt-4o", "project_id": "p1"},
-         D(1), T0 + 100, T0 + 100),
+        (
+            "num_model_requests",
+            {"api_key_id": "k1", "model": "gpt-4o", "project_id": "p1"},
+            D(1),
+            T0 + 100,
+            T0 + 100,
+        ),
     ]
     # The costs page leaves that usage out; unpriced() is where it shows.
     assert query(usage).totals() == {"usd": D("6.42")}
-    everything = unpriced(usage.store, usage.meters, book, organization_id="org_1",
-                          start_time=START, end_time=END)
+    everything = unpriced(
+        usage.store, usage.meters, book, organization_id="org_1", start_time=START, end_time=END
+    )
     assert {(u.meter, u.measure) for u in everything} == {
-        ("completions", "input_tokens"), ("completions", "num_model_requests"),
+        ("completions", "input_tokens"),
+        ("completions", "num_model_requests"),
         ("images", "num_model_requests"),
     }
 
 
 def test_an_empty_book_costs_nothing(m: Meter) -> None:
     record(m, "tokens", T0, {"tokens": 5}, "a")
-    page = costs_page(m.store, m.meters, PriceBook(), organization_id="org_1", start_time=T0,
-                      end_time=T0 + 2 * DAY)
+    page = costs_page(
+        m.store,
+        m.meters,
+        PriceBook(),
+        organization_id="org_1",
+        start_time=T0,
+        end_time=T0 + 2 * DAY,
+    )
     assert [b.results for b in page.data] == [(), ()]
 
 
@@ -367,6 +543,5 @@ def test_a_priced_meter_that_is_not_registered_is_an_error(m: Meter) -> None:
     book = PriceBook([price("tokens", "tokens", "1", "t", "tokens")])
     specs = {k: v for k, v in m.meters.items() if k != "tokens"}
     with pytest.raises(ValidationError) as info:
-        costs_page(m.store, specs, book, organization_id="org_1", start_time=T0,
-                   end_time=T0 + DAY)
+        costs_page(m.store, specs, book, organization_id="org_1", start_time=T0, end_time=T0 + DAY)
     assert info.value.field == "meter"

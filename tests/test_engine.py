@@ -190,9 +190,7 @@ class Scenario:
 def scenarios(draw: st.DrawFn) -> Scenario:
     bucket_width = draw(st.sampled_from(sorted(WIDTHS)))
     width = WIDTHS[bucket_width]
-    start = draw(st.sampled_from(BASES)) + draw(
-        st.one_of(st.just(0), st.integers(0, 3 * width))
-    )
+    start = draw(st.sampled_from(BASES)) + draw(st.one_of(st.just(0), st.integers(0, 3 * width)))
     end = start + draw(st.integers(1, 40 * width))
     aligned = start - start % width
     edge_times = [start - 1, start, aligned, end - 1, end, aligned + width, aligned + width - 1]
@@ -271,9 +269,7 @@ def check_paging(pages: Sequence[meterkit.UsagePage], limits: Sequence[int], tot
     assert seen == total
 
 
-SETTINGS = settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
@@ -398,8 +394,12 @@ def totals(page: meterkit.UsagePage) -> list[tuple[int, int, int]]:
 
 def usage(meter: Meter, start: int, end: int, width: str, **kw: Any) -> meterkit.UsagePage:
     return meter.usage(
-        "completions", organization_id="org_1", start_time=start, end_time=end,
-        bucket_width=width, **kw,
+        "completions",
+        organization_id="org_1",
+        start_time=start,
+        end_time=end,
+        bucket_width=width,
+        **kw,
     )
 
 
@@ -408,7 +408,12 @@ def test_bucket_boundaries(meter: Meter) -> None:
     end = t + 3 * 3600
     put(
         meter,
-        t - 1, t, t + 3599, t + 3600, end - 1, end,
+        t - 1,
+        t,
+        t + 3599,
+        t + 3600,
+        end - 1,
+        end,
         tokens=[1000, 1, 2, 4, 8, 2000],
     )
     page = usage(meter, t, end, "1h")
@@ -466,8 +471,11 @@ def test_year_end(meter: Meter) -> None:
 def test_leap_day(meter: Meter) -> None:
     put(
         meter,
-        ts(2024, 2, 28, 23, 59, 59), ts(2024, 2, 29), ts(2024, 2, 29, 13, 30),
-        ts(2024, 2, 29, 23, 59, 59), ts(2024, 3, 1),
+        ts(2024, 2, 28, 23, 59, 59),
+        ts(2024, 2, 29),
+        ts(2024, 2, 29, 13, 30),
+        ts(2024, 2, 29, 23, 59, 59),
+        ts(2024, 3, 1),
         tokens=[1, 2, 4, 8, 16],
     )
     daily = usage(meter, ts(2024, 2, 28), ts(2024, 3, 2), "1d")
@@ -538,38 +546,87 @@ def completions_result(group: Mapping[str, Any], numbers: Mapping[str, int]) -> 
 
 def test_page_envelope_completions(meter: Meter) -> None:
     day = ts(2024, 11, 1)
-    dims = {"project_id": "proj_a", "user_id": "user_1", "api_key_id": "key_1",
-            "model": "gpt-4o", "service_tier": "default"}
-    meter.record("completions", {"input_tokens": 120, "output_tokens": 40,
-                                 "input_cached_tokens": 20, "num_model_requests": 1},
-                 organization_id="org_1", time=day + 10, id="evt_1",
-                 dimensions={**dims, "batch": False})
-    meter.record("completions", {"input_tokens": 5, "num_model_requests": 1},
-                 organization_id="org_1", time=day + 20, id="evt_2",
-                 dimensions={**dims, "batch": True})
-    meter.record("completions", {"input_tokens": 7, "num_model_requests": 2},
-                 organization_id="org_1", time=day + 86400, id="evt_3",
-                 dimensions={**dims, "model": "gpt-4o-mini", "batch": False})
-    page = meter.usage("completions", organization_id="org_1", start_time=day,
-                       end_time=day + 3 * 86400, bucket_width="1d",
-                       group_by=["batch", "model"], limit=2)
+    dims = {
+        "project_id": "proj_a",
+        "user_id": "user_1",
+        "api_key_id": "key_1",
+        "model": "gpt-4o",
+        "service_tier": "default",
+    }
+    meter.record(
+        "completions",
+        {
+            "input_tokens": 120,
+            "output_tokens": 40,
+            "input_cached_tokens": 20,
+            "num_model_requests": 1,
+        },
+        organization_id="org_1",
+        time=day + 10,
+        id="evt_1",
+        dimensions={**dims, "batch": False},
+    )
+    meter.record(
+        "completions",
+        {"input_tokens": 5, "num_model_requests": 1},
+        organization_id="org_1",
+        time=day + 20,
+        id="evt_2",
+        dimensions={**dims, "batch": True},
+    )
+    meter.record(
+        "completions",
+        {"input_tokens": 7, "num_model_requests": 2},
+        organization_id="org_1",
+        time=day + 86400,
+        id="evt_3",
+        dimensions={**dims, "model": "gpt-4o-mini", "batch": False},
+    )
+    page = meter.usage(
+        "completions",
+        organization_id="org_1",
+        start_time=day,
+        end_time=day + 3 * 86400,
+        bucket_width="1d",
+        group_by=["batch", "model"],
+        limit=2,
+    )
     body = page.to_dict()
     assert isinstance(body["next_page"], str)
     expected = {
         "object": "page",
         "data": [
-            {"object": "bucket", "start_time": day, "end_time": day + 86400, "results": [
-                completions_result({"batch": False, "model": "gpt-4o"},
-                                   {"input_tokens": 120, "output_tokens": 40,
-                                    "input_cached_tokens": 20, "num_model_requests": 1}),
-                completions_result({"batch": True, "model": "gpt-4o"},
-                                   {"input_tokens": 5, "num_model_requests": 1}),
-            ]},
-            {"object": "bucket", "start_time": day + 86400, "end_time": day + 2 * 86400,
-             "results": [
-                completions_result({"batch": False, "model": "gpt-4o-mini"},
-                                   {"input_tokens": 7, "num_model_requests": 2}),
-            ]},
+            {
+                "object": "bucket",
+                "start_time": day,
+                "end_time": day + 86400,
+                "results": [
+                    completions_result(
+                        {"batch": False, "model": "gpt-4o"},
+                        {
+                            "input_tokens": 120,
+                            "output_tokens": 40,
+                            "input_cached_tokens": 20,
+                            "num_model_requests": 1,
+                        },
+                    ),
+                    completions_result(
+                        {"batch": True, "model": "gpt-4o"},
+                        {"input_tokens": 5, "num_model_requests": 1},
+                    ),
+                ],
+            },
+            {
+                "object": "bucket",
+                "start_time": day + 86400,
+                "end_time": day + 2 * 86400,
+                "results": [
+                    completions_result(
+                        {"batch": False, "model": "gpt-4o-mini"},
+                        {"input_tokens": 7, "num_model_requests": 2},
+                    ),
+                ],
+            },
         ],
         "has_more": True,
         "next_page": body["next_page"],
@@ -582,13 +639,26 @@ def test_page_envelope_completions(meter: Meter) -> None:
     # Plain JSON types throughout: it survives a round trip unchanged.
     assert json.loads(json.dumps(body)) == body
 
-    last = meter.usage("completions", organization_id="org_1", start_time=day,
-                       end_time=day + 3 * 86400, bucket_width="1d",
-                       group_by=["batch", "model"], limit=2, page=page.next_page).to_dict()
+    last = meter.usage(
+        "completions",
+        organization_id="org_1",
+        start_time=day,
+        end_time=day + 3 * 86400,
+        bucket_width="1d",
+        group_by=["batch", "model"],
+        limit=2,
+        page=page.next_page,
+    ).to_dict()
     assert last == {
         "object": "page",
-        "data": [{"object": "bucket", "start_time": day + 2 * 86400,
-                  "end_time": day + 3 * 86400, "results": []}],
+        "data": [
+            {
+                "object": "bucket",
+                "start_time": day + 2 * 86400,
+                "end_time": day + 3 * 86400,
+                "results": [],
+            }
+        ],
         "has_more": False,
         "next_page": None,
     }
@@ -600,16 +670,37 @@ def test_page_envelope_ungrouped_and_gauge(meter: Meter) -> None:
     for i, (t, size, project) in enumerate(
         [(10, 100, "p1"), (20, 150, "p1"), (30, 1000, "p2"), (40, 7, "p3")]
     ):
-        meter.record("vector_stores", {"usage_bytes": size}, organization_id="org_1",
-                     time=day + t, id=f"vs_{i}", dimensions={"project_id": project})
-    body = meter.usage("vector_stores", organization_id="org_1", start_time=day,
-                       end_time=day + 86400, filters={"project_id": ["p1", "p2"]}).to_dict()
+        meter.record(
+            "vector_stores",
+            {"usage_bytes": size},
+            organization_id="org_1",
+            time=day + t,
+            id=f"vs_{i}",
+            dimensions={"project_id": project},
+        )
+    body = meter.usage(
+        "vector_stores",
+        organization_id="org_1",
+        start_time=day,
+        end_time=day + 86400,
+        filters={"project_id": ["p1", "p2"]},
+    ).to_dict()
     assert body == {
         "object": "page",
-        "data": [{"object": "bucket", "start_time": day, "end_time": day + 86400, "results": [
-            {"object": "organization.usage.vector_stores.result", "project_id": None,
-             "usage_bytes": 1150},
-        ]}],
+        "data": [
+            {
+                "object": "bucket",
+                "start_time": day,
+                "end_time": day + 86400,
+                "results": [
+                    {
+                        "object": "organization.usage.vector_stores.result",
+                        "project_id": None,
+                        "usage_bytes": 1150,
+                    },
+                ],
+            }
+        ],
         "has_more": False,
         "next_page": None,
     }
@@ -633,7 +724,7 @@ def paged() -> Iterator[tuple[Meter, str]]:
 
 
 def _unwrap(cursor: str) -> bytes:
-    raw = cursor[len("page_"):]
+    raw = cursor[len("page_") :]
     return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
 
 
@@ -643,7 +734,7 @@ def _wrap(token: bytes) -> str:
 
 def _forgeries(cursor: str) -> list[object]:
     token = _unwrap(cursor)
-    flipped = [_wrap(token[:i] + bytes([token[i] ^ 1]) + token[i + 1:]) for i in range(len(token))]
+    flipped = [_wrap(token[:i] + bytes([token[i] ^ 1]) + token[i + 1 :]) for i in range(len(token))]
     payload, sig = token.split(b".", 1)
     # A valid-looking bucket start further on, with the original signature.
     moved = _wrap(str(int(payload) + 86400).encode() + b"." + sig)
@@ -668,8 +759,7 @@ def test_forged_cursors_are_rejected(paged: tuple[Meter, str]) -> None:
     meter, cursor = paged
     for forged in _forgeries(cursor):
         with pytest.raises(ValidationError) as err:
-            meter.usage("completions", organization_id="org_1", limit=3,
-                        page=forged, **SPAN)  # type: ignore[arg-type]
+            meter.usage("completions", organization_id="org_1", limit=3, page=forged, **SPAN)  # type: ignore[arg-type]
         assert err.value.field == "page", forged
 
 
@@ -687,8 +777,13 @@ def test_forged_cursors_are_rejected(paged: tuple[Meter, str]) -> None:
 )
 def test_foreign_cursor_is_rejected(paged: tuple[Meter, str], change: dict[str, Any]) -> None:
     meter, cursor = paged
-    args: dict[str, Any] = {"meter": "completions", "organization_id": "org_1", "limit": 3,
-                            **SPAN, **change}
+    args: dict[str, Any] = {
+        "meter": "completions",
+        "organization_id": "org_1",
+        "limit": 3,
+        **SPAN,
+        **change,
+    }
     if args["bucket_width"] == "1h":
         args["end_time"] = DAY0 + 100 * 3600
     name = args.pop("meter")
@@ -701,15 +796,37 @@ def test_cursor_changing_limit_and_end_time_continues(paged: tuple[Meter, str]) 
     meter, cursor = paged
     # A bigger page, and end_time moved on (as with "end_time = now"): resume at bucket 3.
     later = DAY0 + 12 * 86400
-    page = meter.usage("completions", organization_id="org_1", start_time=DAY0, end_time=later,
-                       bucket_width="1d", limit=31, page=cursor)
+    page = meter.usage(
+        "completions",
+        organization_id="org_1",
+        start_time=DAY0,
+        end_time=later,
+        bucket_width="1d",
+        limit=31,
+        page=cursor,
+    )
     assert [b.start_time for b in page.data] == [DAY0 + i * 86400 for i in range(3, 12)]
     assert [b.results[0].values["input_tokens"] if b.results else 0 for b in page.data] == [
-        4, 5, 6, 7, 8, 9, 10, 0, 0,
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+        10,
+        0,
+        0,
     ]
     assert page.has_more is False and page.next_page is None
-    smaller = meter.usage("completions", organization_id="org_1", start_time=DAY0,
-                          end_time=DAY0 + 5 * 86400, bucket_width="1d", limit=1, page=cursor)
+    smaller = meter.usage(
+        "completions",
+        organization_id="org_1",
+        start_time=DAY0,
+        end_time=DAY0 + 5 * 86400,
+        bucket_width="1d",
+        limit=1,
+        page=cursor,
+    )
     assert [b.start_time for b in smaller.data] == [DAY0 + 3 * 86400]
     assert smaller.has_more is True
 
@@ -717,8 +834,14 @@ def test_cursor_changing_limit_and_end_time_continues(paged: tuple[Meter, str]) 
 def test_cursor_past_a_shortened_end_time_is_rejected(paged: tuple[Meter, str]) -> None:
     meter, cursor = paged
     with pytest.raises(ValidationError) as err:
-        meter.usage("completions", organization_id="org_1", start_time=DAY0,
-                    end_time=DAY0 + 2 * 86400, bucket_width="1d", page=cursor)
+        meter.usage(
+            "completions",
+            organization_id="org_1",
+            start_time=DAY0,
+            end_time=DAY0 + 2 * 86400,
+            bucket_width="1d",
+            page=cursor,
+        )
     assert err.value.field == "page"
 
 

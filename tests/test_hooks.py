@@ -36,8 +36,12 @@ HOOKS = _hooks()
 
 def test_hooks_are_found() -> None:
     # Guards the tests below against passing vacuously.
-    assert {"meterkit_open_store", "meterkit_store_schemes", "meterkit_register_meters",
-            "meterkit_events_recorded"} <= set(HOOKS)
+    assert {
+        "meterkit_open_store",
+        "meterkit_store_schemes",
+        "meterkit_register_meters",
+        "meterkit_events_recorded",
+    } <= set(HOOKS)
     assert all(name.startswith("meterkit_") for name in HOOKS)
     pm = make_plugin_manager(entry_points=False)
     assert {name for name in vars(pm.hook) if name.startswith("meterkit_")} == set(HOOKS)
@@ -179,13 +183,19 @@ def test_observer_error_propagates_but_events_stay() -> None:
 
     with Meter("memory://", plugins=[Failing()]) as meter:
         with pytest.raises(RuntimeError, match="observer broke"):
-            meter.record("completions", {"input_tokens": 4}, organization_id="org_1",
-                         time=T0, id="kept")
+            meter.record(
+                "completions", {"input_tokens": 4}, organization_id="org_1", time=T0, id="kept"
+            )
         # Stored despite the error: recording it again is a duplicate, and it is counted.
-        assert meter.record("completions", {"input_tokens": 4}, organization_id="org_1",
-                            time=T0, id="kept") is False
-        page = meter.usage("completions", organization_id="org_1", start_time=T0,
-                           end_time=T0 + 86400)
+        assert (
+            meter.record(
+                "completions", {"input_tokens": 4}, organization_id="org_1", time=T0, id="kept"
+            )
+            is False
+        )
+        page = meter.usage(
+            "completions", organization_id="org_1", start_time=T0, end_time=T0 + 86400
+        )
         assert page.data[0].results[0].values["input_tokens"] == 4
 
 

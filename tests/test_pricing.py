@@ -169,8 +169,14 @@ def tiered(tiers: list[tuple[int | None, str, str]], mode: str, per: int) -> Pri
 def month_costs(m: Meter, price: Price) -> Decimal:
     book = PriceBook([price], m.meters)
     page = costs_page(
-        m.store, m.meters, book, organization_id="org_1", start_time=NOV, end_time=DEC,
-        limit=31, secret=b"k",
+        m.store,
+        m.meters,
+        book,
+        organization_id="org_1",
+        start_time=NOV,
+        end_time=DEC,
+        limit=31,
+        secret=b"k",
     )
     return page.totals().get("usd", Decimal(0))
 
@@ -180,8 +186,11 @@ def month_costs(m: Meter, price: Price) -> Decimal:
     tiers=tier_sheets(),
     mode=st.sampled_from(["graduated", "volume"]),
     per=st.sampled_from(EXACT_PERS),
-    split=st.lists(st.tuples(st.integers(0, 25), st.integers(0, 29), st.integers(0, DAY - 1)),
-                   min_size=1, max_size=8),
+    split=st.lists(
+        st.tuples(st.integers(0, 25), st.integers(0, 29), st.integers(0, DAY - 1)),
+        min_size=1,
+        max_size=8,
+    ),
 )
 def test_tiered_month_total_matches_oracle_however_events_are_split(
     tiers: list[tuple[int | None, str, str]],
@@ -196,8 +205,13 @@ def test_tiered_month_total_matches_oracle_however_events_are_split(
 
     spread = Meter("memory://")
     for i, (quantity, day, second) in enumerate(split):
-        spread.record("tokens", {"tokens": quantity}, organization_id="org_1",
-                      time=NOV + day * DAY + second, id=f"e{i}")
+        spread.record(
+            "tokens",
+            {"tokens": quantity},
+            organization_id="org_1",
+            time=NOV + day * DAY + second,
+            id=f"e{i}",
+        )
     whole = Meter("memory://")
     whole.record("tokens", {"tokens": units}, organization_id="org_1", time=NOV + 5, id="all")
 
@@ -242,8 +256,11 @@ def test_tier_boundaries(price: Price, quantities: list[int], expected: str) -> 
 
 
 def test_flat_fee_is_charged_with_the_event_that_enters_the_tier() -> None:
-    events = [event(NOV + 10, 60, "a"), event(NOV + DAY + 10, 60, "b"),
-              event(NOV + 2 * DAY + 10, 60, "c")]
+    events = [
+        event(NOV + 10, 60, "a"),
+        event(NOV + DAY + 10, 60, "b"),
+        event(NOV + 2 * DAY + 10, 60, "c"),
+    ]
     fees = [c for c in rate(PriceBook([GRADUATED]), events) if c.flat_fee]
     assert [(c.event.id, c.amount, c.tier) for c in fees] == [("b", Decimal("1.00"), 1)]
     fees = [c for c in rate(PriceBook([VOLUME]), events) if c.flat_fee]
@@ -256,8 +273,9 @@ def test_tiers_restart_each_billing_period() -> None:
     charges = rate(PriceBook([GRADUATED]), events)
     assert [(c.event.id, c.tier) for c in charges] == [("nov", 0), ("dec", 0)]
     daily = BillingCycle("daily").period_at
-    charges = rate(PriceBook([GRADUATED]), [event(NOV + 5, 100, "a"), event(NOV + DAY, 1, "b")],
-                   daily)
+    charges = rate(
+        PriceBook([GRADUATED]), [event(NOV + 5, 100, "a"), event(NOV + DAY, 1, "b")], daily
+    )
     assert total(charges) == Decimal("10.10")
 
 
@@ -271,7 +289,9 @@ def test_units_of_one_second_are_ordered_by_event_id() -> None:
     charges = rate(PriceBook([GRADUATED]), events)
     # "a" comes first: its 100 units fill tier 1, so "b" enters tier 2 and pays the fee.
     assert [(c.event.id, c.tier, c.flat_fee) for c in charges] == [
-        ("a", 0, False), ("b", 1, True), ("b", 1, False)
+        ("a", 0, False),
+        ("b", 1, True),
+        ("b", 1, False),
     ]
 
 
@@ -291,8 +311,15 @@ def test_versions_switch_mid_day_to_the_second() -> None:
     m = Meter("memory://")
     for i, (t, q) in enumerate([(NOON - 1, 3), (NOON, 5), (NOON + 3600, 7), (NOV + 1, 11)]):
         m.record("tokens", {"tokens": q}, organization_id="org_1", time=t, id=f"e{i}")
-    page = costs_page(m.store, m.meters, book, organization_id="org_1", start_time=NOV,
-                      end_time=NOV + DAY, secret=b"k")
+    page = costs_page(
+        m.store,
+        m.meters,
+        book,
+        organization_id="org_1",
+        start_time=NOV,
+        end_time=NOV + DAY,
+        secret=b"k",
+    )
     (bucket,) = page.data
     # (3 + 11) at 1.00, then (5 + 7) at 2.00: one day bucket holding both versions.
     assert [r.amount for r in bucket.results] == [Decimal("38.00")]
@@ -305,8 +332,9 @@ def test_no_price_before_the_first_version() -> None:
 
 def test_tier_counting_runs_across_versions_of_a_line() -> None:
     v1 = tokens_price(tiers=[Tier(10, "1"), Tier(None, "0.5")], tier_mode="graduated")
-    v2 = tokens_price(tiers=[Tier(10, "2"), Tier(None, "0.25")], tier_mode="graduated",
-                      effective_from=NOON)
+    v2 = tokens_price(
+        tiers=[Tier(10, "2"), Tier(None, "0.25")], tier_mode="graduated", effective_from=NOON
+    )
     events = [event(NOON - 5, 8, "a"), event(NOON + 5, 4, "b")]
     # a: 8 units of tier 1 at v1 (8); b: 2 more of tier 1 and 2 of tier 2, at v2 (4 + 0.5).
     assert total(rate(PriceBook([v1, v2]), events)) == Decimal("12.50")
@@ -316,8 +344,15 @@ def test_tier_counting_runs_across_versions_of_a_line() -> None:
 
 
 def completions_price(unit_price: str, where: dict[str, Any], **kw: Any) -> Price:
-    return Price("completions", "input_tokens", unit_price, line_item=f"in {unit_price}",
-                 quantity_unit="tokens", where=where, **kw)
+    return Price(
+        "completions",
+        "input_tokens",
+        unit_price,
+        line_item=f"in {unit_price}",
+        quantity_unit="tokens",
+        where=where,
+        **kw,
+    )
 
 
 def test_most_specific_match_wins() -> None:
@@ -350,9 +385,12 @@ def test_equally_specific_lines_tie_break_on_their_where_not_on_order() -> None:
     for prices in ([by_model, by_project], [by_project, by_model]):
         # Documented: the where whose sorted [name, value] JSON sorts first ("model" < "project").
         assert PriceBook(prices).match("completions", "input_tokens", dims, 0) == by_model
-    assert PriceBook([by_project, by_model]).match(
-        "completions", "input_tokens", {"project_id": "p1"}, 0
-    ) == by_project
+    assert (
+        PriceBook([by_project, by_model]).match(
+            "completions", "input_tokens", {"project_id": "p1"}, 0
+        )
+        == by_project
+    )
 
 
 def test_a_bool_where_does_not_match_a_string() -> None:
@@ -376,9 +414,13 @@ def test_ids_derive_from_line_and_start() -> None:
 
 
 def test_round_trip_keeps_decimals_as_strings() -> None:
-    price = tokens_price(per=1000, where={"model": "m"}, effective_from=NOV,
-                         tiers=[Tier(10, "0.10", "1.5"), Tier(None, "0.0500")],
-                         tier_mode="volume")
+    price = tokens_price(
+        per=1000,
+        where={"model": "m"},
+        effective_from=NOV,
+        tiers=[Tier(10, "0.10", "1.5"), Tier(None, "0.0500")],
+        tier_mode="volume",
+    )
     data = price_to_dict(price)
     assert data["tiers"][1] == {"up_to": None, "unit_price": "0.0500", "flat_fee": "0"}
     assert data["unit_price"] is None
@@ -388,8 +430,13 @@ def test_round_trip_keeps_decimals_as_strings() -> None:
 def test_config_tables_convert() -> None:
     # What a TOML [[prices]] table parses to: a string price and an aware datetime.
     table = {
-        "meter": "completions", "measure": "input_tokens", "where": {"model": "gpt-4o"},
-        "unit_price": "2.50", "per": 1000000, "currency": "USD", "line_item": "gpt-4o, input",
+        "meter": "completions",
+        "measure": "input_tokens",
+        "where": {"model": "gpt-4o"},
+        "unit_price": "2.50",
+        "per": 1000000,
+        "currency": "USD",
+        "line_item": "gpt-4o, input",
         "quantity_unit": "tokens",
         "effective_from": dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
     }
@@ -402,8 +449,11 @@ def test_config_tables_convert() -> None:
 
 
 GOOD: dict[str, Any] = {
-    "meter": "completions", "measure": "input_tokens", "unit_price": "1",
-    "line_item": "x", "quantity_unit": "tokens",
+    "meter": "completions",
+    "measure": "input_tokens",
+    "unit_price": "1",
+    "line_item": "x",
+    "quantity_unit": "tokens",
 }
 TIERS = [{"up_to": 10, "unit_price": "1"}, {"up_to": None, "unit_price": "0.5"}]
 
@@ -428,24 +478,61 @@ TIERS = [{"up_to": 10, "unit_price": "1"}, {"up_to": None, "unit_price": "0.5"}]
         ({"unit_price": None, "tiers": TIERS}, "tier_mode"),
         ({"tiers": TIERS, "tier_mode": "graduated"}, "unit_price"),
         ({"unit_price": None, "tier_mode": "stairs", "tiers": TIERS}, "tier_mode"),
-        ({"unit_price": None, "tier_mode": "volume",
-          "tiers": [{"up_to": 10, "unit_price": "1"}, {"up_to": 20, "unit_price": "1"}]}, "tiers"),
-        ({"unit_price": None, "tier_mode": "volume",
-          "tiers": [{"up_to": 10, "unit_price": "1"}, {"up_to": 10, "unit_price": "1"},
-                    {"up_to": None, "unit_price": "1"}]}, "tiers[1].up_to"),
-        ({"unit_price": None, "tier_mode": "volume",
-          "tiers": [{"up_to": None, "unit_price": "1"}, {"up_to": None, "unit_price": "1"}]},
-         "tiers[0].up_to"),
-        ({"unit_price": None, "tier_mode": "volume",
-          "tiers": [{"up_to": 0, "unit_price": "1"}, {"up_to": None, "unit_price": "1"}]},
-         "tiers[0].up_to"),
-        ({"unit_price": None, "tier_mode": "volume",
-          "tiers": [{"up_to": 5, "unit_price": 0.5}, {"up_to": None, "unit_price": "1"}]},
-         "tiers[0].unit_price"),
-        ({"unit_price": None, "tier_mode": "volume",
-          "tiers": [{"up_to": 5, "unit_price": "1"}, {"up_to": None, "unit_price": "1",
-                                                      "flat_fee": "-2"}]},
-         "tiers[1].flat_fee"),
+        (
+            {
+                "unit_price": None,
+                "tier_mode": "volume",
+                "tiers": [{"up_to": 10, "unit_price": "1"}, {"up_to": 20, "unit_price": "1"}],
+            },
+            "tiers",
+        ),
+        (
+            {
+                "unit_price": None,
+                "tier_mode": "volume",
+                "tiers": [
+                    {"up_to": 10, "unit_price": "1"},
+                    {"up_to": 10, "unit_price": "1"},
+                    {"up_to": None, "unit_price": "1"},
+                ],
+            },
+            "tiers[1].up_to",
+        ),
+        (
+            {
+                "unit_price": None,
+                "tier_mode": "volume",
+                "tiers": [{"up_to": None, "unit_price": "1"}, {"up_to": None, "unit_price": "1"}],
+            },
+            "tiers[0].up_to",
+        ),
+        (
+            {
+                "unit_price": None,
+                "tier_mode": "volume",
+                "tiers": [{"up_to": 0, "unit_price": "1"}, {"up_to": None, "unit_price": "1"}],
+            },
+            "tiers[0].up_to",
+        ),
+        (
+            {
+                "unit_price": None,
+                "tier_mode": "volume",
+                "tiers": [{"up_to": 5, "unit_price": 0.5}, {"up_to": None, "unit_price": "1"}],
+            },
+            "tiers[0].unit_price",
+        ),
+        (
+            {
+                "unit_price": None,
+                "tier_mode": "volume",
+                "tiers": [
+                    {"up_to": 5, "unit_price": "1"},
+                    {"up_to": None, "unit_price": "1", "flat_fee": "-2"},
+                ],
+            },
+            "tiers[1].flat_fee",
+        ),
         ({"colour": "red"}, "colour"),
         ({"id": " padded "}, "id"),
     ],

@@ -39,10 +39,22 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Meter,
     observer = Observer()
     with Meter(url, plugins=[observer]) as meter:
         # One stored event per meter the tests write to, so later scans see a known baseline.
-        meter.record("completions", GOOD_VALUES, organization_id=ORG, time=T0, id="witness",
-                     dimensions=GOOD_DIMS)
-        meter.record("images", {"images": 1}, organization_id=ORG, time=T0, id="witness",
-                     dimensions={"size": "256x256", "source": "image.edit"})
+        meter.record(
+            "completions",
+            GOOD_VALUES,
+            organization_id=ORG,
+            time=T0,
+            id="witness",
+            dimensions=GOOD_DIMS,
+        )
+        meter.record(
+            "images",
+            {"images": 1},
+            organization_id=ORG,
+            time=T0,
+            id="witness",
+            dimensions={"size": "256x256", "source": "image.edit"},
+        )
         observer.seen.clear()
         yield meter, observer
 
@@ -156,17 +168,21 @@ BAD_EVENTS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("change", "field"), [c[1:] for c in BAD_EVENTS],
-                         ids=[c[0] for c in BAD_EVENTS])
-def test_bad_event_via_record(env: tuple[Meter, Observer], change: dict[str, Any],
-                              field: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "field"), [c[1:] for c in BAD_EVENTS], ids=[c[0] for c in BAD_EVENTS]
+)
+def test_bad_event_via_record(
+    env: tuple[Meter, Observer], change: dict[str, Any], field: str
+) -> None:
     assert_rejected(env, f"event.{field}", record(**change))
 
 
-@pytest.mark.parametrize(("change", "field"), [c[1:] for c in BAD_EVENTS],
-                         ids=[c[0] for c in BAD_EVENTS])
-def test_bad_event_via_record_many(env: tuple[Meter, Observer], change: dict[str, Any],
-                                   field: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "field"), [c[1:] for c in BAD_EVENTS], ids=[c[0] for c in BAD_EVENTS]
+)
+def test_bad_event_via_record_many(
+    env: tuple[Meter, Observer], change: dict[str, Any], field: str
+) -> None:
     # The good event before the bad one is not stored either: a batch is all or nothing.
     assert_rejected(env, f"events[1].{field}", record_batch(**change))
 
@@ -180,11 +196,18 @@ def test_bad_event_via_record_many(env: tuple[Meter, Observer], change: dict[str
         ({"source": ""}, "event.dimensions.source"),
     ],
 )
-def test_disallowed_image_values(env: tuple[Meter, Observer], dimensions: dict[str, Any],
-                                 field: str) -> None:
+def test_disallowed_image_values(
+    env: tuple[Meter, Observer], dimensions: dict[str, Any], field: str
+) -> None:
     def call(meter: Meter) -> None:
-        meter.record("images", {"images": 1}, organization_id=ORG, time=T0, id="img_new",
-                     dimensions=dimensions)
+        meter.record(
+            "images",
+            {"images": 1},
+            organization_id=ORG,
+            time=T0,
+            id="img_new",
+            dimensions=dimensions,
+        )
 
     assert_rejected(env, field, call)
 
@@ -200,8 +223,14 @@ def test_record_many_rejects_non_events(env: tuple[Meter, Observer]) -> None:
 def test_limits_are_inclusive(env: tuple[Meter, Observer]) -> None:
     meter, observer = env
     longest = "y" * 256
-    assert meter.record("completions", {"input_tokens": 0}, organization_id=longest, time=0,
-                        id=longest, dimensions={"model": longest, "batch": None})
+    assert meter.record(
+        "completions",
+        {"input_tokens": 0},
+        organization_id=longest,
+        time=0,
+        id=longest,
+        dimensions={"model": longest, "batch": None},
+    )
     (event,) = observer.seen
     assert (event.id, event.organization_id, event.time) == (longest, longest, 0)
     assert event.dimensions["model"] == longest
@@ -212,12 +241,17 @@ def test_aware_datetime_is_converted(env: tuple[Meter, Observer]) -> None:
     plus_two = dt.timezone(dt.timedelta(hours=2))
     # 02:00:30.9 at UTC+2 is 00:00:30 UTC, counted by its whole second.
     when = dt.datetime(2024, 11, 1, 2, 0, 30, 900_000, tzinfo=plus_two)
-    assert meter.record("completions", {"input_tokens": 3}, organization_id=ORG, time=when,
-                        id="aware")
+    assert meter.record(
+        "completions", {"input_tokens": 3}, organization_id=ORG, time=when, id="aware"
+    )
     assert [e.time for e in observer.seen] == [T0 + 30]
-    page = meter.usage("completions", organization_id=ORG, bucket_width="1m",
-                       start_time=dt.datetime(2024, 11, 1, tzinfo=dt.timezone.utc),
-                       end_time=dt.datetime(2024, 11, 1, 2, 1, tzinfo=plus_two))
+    page = meter.usage(
+        "completions",
+        organization_id=ORG,
+        bucket_width="1m",
+        start_time=dt.datetime(2024, 11, 1, tzinfo=dt.timezone.utc),
+        end_time=dt.datetime(2024, 11, 1, 2, 1, tzinfo=plus_two),
+    )
     assert [b.start_time for b in page.data] == [T0]
     # The witness (input_tokens 10) and this event share the first minute.
     assert page.data[0].results[0].values["input_tokens"] == 13
@@ -278,13 +312,13 @@ BAD_QUERIES: list[tuple[str, dict[str, Any], str]] = [
     ("filter empty list", {"filters": {"model": []}}, "filters.model"),
     ("filter long value", {"filters": {"model": [LONG]}}, "filters.model"),
     ("filters not a mapping", {"filters": ["model"]}, "filters"),
-    ("image size not allowed", {"meter": "images", "filters": {"size": ["1x1"]}},
-     "filters.size"),
+    ("image size not allowed", {"meter": "images", "filters": {"size": ["1x1"]}}, "filters.size"),
 ]
 
 
-@pytest.mark.parametrize(("change", "field"), [c[1:] for c in BAD_QUERIES],
-                         ids=[c[0] for c in BAD_QUERIES])
+@pytest.mark.parametrize(
+    ("change", "field"), [c[1:] for c in BAD_QUERIES], ids=[c[0] for c in BAD_QUERIES]
+)
 def test_bad_query(env: tuple[Meter, Observer], change: dict[str, Any], field: str) -> None:
     assert_rejected(env, field, query(**change))
 
@@ -298,8 +332,14 @@ def test_good_query_edges_are_accepted(env: tuple[Meter, Observer]) -> None:
     query(end_time=T0 + 1)(meter)
     query(group_by=["batch", "model", "batch"])(meter)
     query(filters={"batch": [False, None], "model": ["gpt-4o"]})(meter)
-    page = meter.usage("completions", organization_id=ORG, start_time=T0, end_time=T0 + 86400,
-                       group_by=("batch",), filters={"batch": (False,)})
+    page = meter.usage(
+        "completions",
+        organization_id=ORG,
+        start_time=T0,
+        end_time=T0 + 86400,
+        group_by=("batch",),
+        filters={"batch": (False,)},
+    )
     assert page.data[0].results[0].group["batch"] is False
 
 
@@ -349,13 +389,18 @@ def _m(*names: str) -> tuple[Measure, ...]:
         pytest.param(lambda: MeterSpec(7, _m("n")), id="name not a string"),
         pytest.param(lambda: MeterSpec("m", ()), id="no measures"),
         pytest.param(lambda: MeterSpec("m", _m("n", "n")), id="duplicate measure"),
-        pytest.param(lambda: MeterSpec("m", _m("n"), (Dimension("d"), Dimension("d"))),
-                     id="duplicate dimension"),
-        pytest.param(lambda: MeterSpec("m", _m("model"), (Dimension("model"),)),
-                     id="measure named like a dimension"),
+        pytest.param(
+            lambda: MeterSpec("m", _m("n"), (Dimension("d"), Dimension("d"))),
+            id="duplicate dimension",
+        ),
+        pytest.param(
+            lambda: MeterSpec("m", _m("model"), (Dimension("model"),)),
+            id="measure named like a dimension",
+        ),
         pytest.param(lambda: MeterSpec("m", _m("object")), id="measure named object"),
-        pytest.param(lambda: MeterSpec("m", _m("n"), (Dimension("object"),)),
-                     id="dimension named object"),
+        pytest.param(
+            lambda: MeterSpec("m", _m("n"), (Dimension("object"),)), id="dimension named object"
+        ),
         pytest.param(lambda: Measure("Tokens"), id="bad measure name"),
         pytest.param(lambda: Dimension("user id"), id="bad dimension name"),
         pytest.param(lambda: Measure("n", "avg"), id="unknown aggregation"),

@@ -3,9 +3,6 @@
 from meterkit.errors import MeterkitError, QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.hookspecs import hookimpl
 from meterkit.meter import Meter
-from meterkit.periods import BillingCycle, Period
-from meterkit.plans import Grant, OrgPlan, Plan
-from meterkit.quotas import Decision, LimitState, Reservation
 from meterkit.models import (
     AppendResult,
     Bucket,
@@ -17,6 +14,9 @@ from meterkit.models import (
     UsagePage,
     UsageQuery,
 )
+from meterkit.periods import BillingCycle, Period
+from meterkit.plans import Grant, OrgPlan, Plan
+from meterkit.quotas import Decision, LimitState, Reservation
 
 __all__ = [
     "AppendResult",

@@ -31,8 +31,17 @@ if TYPE_CHECKING:
 
 __all__ = ["Config", "load_config"]
 
-_TOP = {"store", "counters", "policy", "default_plan", "thresholds", "meters", "prices",
-        "plans", "organizations"}
+_TOP = {
+    "store",
+    "counters",
+    "policy",
+    "default_plan",
+    "thresholds",
+    "meters",
+    "prices",
+    "plans",
+    "organizations",
+}
 
 
 @attrs.frozen
@@ -85,8 +94,10 @@ def _table(field: str, value: object) -> dict[str, Any]:
 def _only(field: str, data: Mapping[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise ValidationError(f"{field}.{unknown[0]}" if field else unknown[0],
-                              f"unknown key (allowed: {sorted(allowed)})")
+        raise ValidationError(
+            f"{field}.{unknown[0]}" if field else unknown[0],
+            f"unknown key (allowed: {sorted(allowed)})",
+        )
 
 
 def _wrap(field: str, build: Any) -> Any:
@@ -110,8 +121,9 @@ def _meters(items: object) -> tuple[MeterSpec, ...]:
         def build(data: dict[str, Any] = data) -> MeterSpec:
             measures = [Measure(**_table("measures", m)) for m in data.get("measures", [])]
             dims = [Dimension(**_table("dimensions", d)) for d in data.get("dimensions", [])]
-            return MeterSpec(data.get("name", ""), measures, dims,
-                             result_object=data.get("result_object", ""))
+            return MeterSpec(
+                data.get("name", ""), measures, dims, result_object=data.get("result_object", "")
+            )
 
         specs.append(_wrap(field, build))
     return tuple(specs)
@@ -122,15 +134,30 @@ def _plans(items: object) -> tuple[Plan, ...]:
     for plan_id, raw in _table("plans", items).items():
         field = f"plans.{plan_id}"
         data = _table(field, raw)
-        _only(field, data, {"name", "billing_cycle", "anchor_day", "limits", "rate_limit_rpm",
-                            "rate_limit_per_day", "credits_per_seat"})
+        _only(
+            field,
+            data,
+            {
+                "name",
+                "billing_cycle",
+                "anchor_day",
+                "limits",
+                "rate_limit_rpm",
+                "rate_limit_per_day",
+                "credits_per_seat",
+            },
+        )
         limits = _table(f"{field}.limits", data.get("limits", {}))
 
-        def build(data: dict[str, Any] = data, plan_id: str = plan_id,
-                  limits: dict[str, Any] = limits) -> Plan:
+        def build(
+            data: dict[str, Any] = data, plan_id: str = plan_id, limits: dict[str, Any] = limits
+        ) -> Plan:
             cycle = BillingCycle(data.get("billing_cycle", "monthly"), data.get("anchor_day", 1))
             return Plan(
-                id=plan_id, name=data.get("name", plan_id), billing_cycle=cycle, limits=limits,
+                id=plan_id,
+                name=data.get("name", plan_id),
+                billing_cycle=cycle,
+                limits=limits,
                 rate_limit_rpm=data.get("rate_limit_rpm", -1),
                 rate_limit_per_day=data.get("rate_limit_per_day", -1),
                 credits_per_seat=data.get("credits_per_seat"),
@@ -152,8 +179,7 @@ def _organizations(items: object, plan_ids: set[str]) -> tuple[OrgPlan, ...]:
         _only(field, data, {"plan", "seats"})
         if data.get("plan") not in plan_ids:
             raise ValidationError(f"{field}.plan", f"unknown plan {data.get('plan')!r}")
-        orgs.append(_wrap(field, lambda d=data, o=org_id: OrgPlan(o, d["plan"],
-                                                                  d.get("seats", 1))))
+        orgs.append(_wrap(field, lambda d=data, o=org_id: OrgPlan(o, d["plan"], d.get("seats", 1))))
     return tuple(orgs)
 
 

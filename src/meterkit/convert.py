@@ -58,9 +58,7 @@ def make_native_converter() -> cattrs.Converter:
             "dimensions": dict(e.dimensions),
         },
     )
-    conv.register_unstructure_hook(
-        AppendResult, make_dict_unstructure_fn(AppendResult, conv)
-    )
+    conv.register_unstructure_hook(AppendResult, make_dict_unstructure_fn(AppendResult, conv))
     return conv
 
 
@@ -104,7 +102,9 @@ def make_camel_converter() -> cattrs.Converter:
 
         names = [a.name for a in attrs.fields(cls)]  # type: ignore[misc]
         base: Any = make_dict_unstructure_fn(
-            cls, conv, **{n: override(rename=_camel(n)) for n in names}  # type: ignore[arg-type]
+            cls,
+            conv,
+            **{n: override(rename=_camel(n)) for n in names},  # type: ignore[arg-type]
         )
 
         def unstructure(obj: Any) -> dict[str, Any]:

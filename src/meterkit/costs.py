@@ -301,8 +301,9 @@ def costs_page(
         scan_low = period_of(low).start if modes else low
         scan_high = period_of(high - 1).end if "volume" in modes else high
         store.ensure_meter(spec)
-        events.extend(store.scan(meter, query.organization_id, min(scan_low, low),
-                                 max(scan_high, high)))
+        events.extend(
+            store.scan(meter, query.organization_id, min(scan_low, low), max(scan_high, high))
+        )
 
     by_line = "line_item" in query.group_by
     # Each charge's fields are the tuple (project_id, api_key_id, line_item); these are the
@@ -338,7 +339,10 @@ def costs_page(
     for (start, group, currency, unit), (tally, quantity) in sorted(
         sums.items(),
         key=lambda item: (
-            item[0][0], [_order(v) for v in item[0][1]], item[0][2], item[0][3] or ""
+            item[0][0],
+            [_order(v) for v in item[0][1]],
+            item[0][2],
+            item[0][3] or "",
         ),
     ):
         values = dict(zip(query.group_by, group, strict=True))

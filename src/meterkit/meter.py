@@ -14,11 +14,9 @@ import pluggy
 
 from meterkit import costs as costs_module
 from meterkit import engine, pricing, summaries
+from meterkit.catalog import builtin_meters
 from meterkit.config import load_config
 from meterkit.costs import CostsPage, UnpricedUsage
-from meterkit.periods import Period
-from meterkit.pricing import Price, PriceBook
-from meterkit.catalog import builtin_meters
 from meterkit.errors import ValidationError
 from meterkit.models import (
     AppendResult,
@@ -29,10 +27,12 @@ from meterkit.models import (
     UsagePage,
     UsageQuery,
 )
-from meterkit.plugins import get_plugin_manager, make_plugin_manager
-from meterkit.stores.base import CounterStore, Store
+from meterkit.periods import Period
 from meterkit.plans import Grant, OrgPlan, Plan
+from meterkit.plugins import get_plugin_manager, make_plugin_manager
+from meterkit.pricing import Price, PriceBook
 from meterkit.quotas import Decision, Policy, Quotas, Reservation
+from meterkit.stores.base import CounterStore, Store
 from meterkit.validate import check_event, check_usage_query
 
 __all__ = ["DEFAULT_URL", "Meter", "open_counters", "open_store"]
@@ -92,8 +92,10 @@ class Meter:
         self.store: Store = store if store is not None else open_store(url, self.pm)
         self.url = self.store.url
         self.counters: CounterStore = (
-            self.store if counters is None
-            else open_counters(counters, self.pm) if isinstance(counters, str)
+            self.store
+            if counters is None
+            else open_counters(counters, self.pm)
+            if isinstance(counters, str)
             else counters
         )
         self._lock = threading.Lock()
@@ -104,8 +106,13 @@ class Meter:
                 self.register(spec)
         for spec in meters:
             self.register(spec)
-        self.quotas = Quotas(self, policy=policy, thresholds=thresholds,
-                             default_plan=default_plan, record_debits=record_debits)
+        self.quotas = Quotas(
+            self,
+            policy=policy,
+            thresholds=thresholds,
+            default_plan=default_plan,
+            record_debits=record_debits,
+        )
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], **overrides: Any) -> Meter:
@@ -138,7 +145,9 @@ class Meter:
                 missing = set(known.measure_names) - set(spec.measure_names)
                 missing |= set(known.dimension_names) - set(spec.dimension_names)
                 if missing:
-                    raise ValidationError("spec", f"cannot drop {sorted(missing)} from {spec.name!r}")
+                    raise ValidationError(
+                        "spec", f"cannot drop {sorted(missing)} from {spec.name!r}"
+                    )
                 self._ready.discard(spec.name)
             self._specs[spec.name] = spec
         return spec
@@ -247,13 +256,19 @@ class Meter:
         self._ensure(spec)
         rows = self.store.aggregate(spec, query)
         if rows is None:
-            events = self.store.scan(spec.name, query.organization_id, query.scan_start,
-                                     query.page_end)
+            events = self.store.scan(
+                spec.name, query.organization_id, query.scan_start, query.page_end
+            )
             rows = engine.aggregate(spec, query, events)
         return rows
 
     def totals(
-        self, meter: str, *, organization_id: str, start_time: int, end_time: int,
+        self,
+        meter: str,
+        *,
+        organization_id: str,
+        start_time: int,
+        end_time: int,
         bucket_width: str = "1d",
     ) -> list[tuple[int, dict[str, Number | None]]]:
         """Per-bucket totals (no grouping) over any span, as ``(bucket_start, values)``.
@@ -262,22 +277,30 @@ class Meter:
         """
         spec = self.spec(meter)
         query = check_usage_query(
-            spec, organization_id=organization_id, start_time=start_time, end_time=end_time,
-            bucket_width=bucket_width, group_by=(), filters=None, limit=None,
+            spec,
+            organization_id=organization_id,
+            start_time=start_time,
+            end_time=end_time,
+            bucket_width=bucket_width,
+            group_by=(),
+            filters=None,
+            limit=None,
         )
         count = -(-(query.end_time - query.page_start) // query.width)
         query = attrs.evolve(query, limit=max(count, 1))
         rows = self._rows(spec, query)
         return sorted((start, values) for (start, _group), values in rows.items())
 
-    def total(self, meter: str, measure: str, *, organization_id: str, start_time: int,
-              end_time: int) -> Number:
+    def total(
+        self, meter: str, measure: str, *, organization_id: str, start_time: int, end_time: int
+    ) -> Number:
         """The sum of a counter measure over ``[start_time, end_time)``."""
         spec = self.spec(meter)
         if spec.measure(measure) is None:
             raise ValidationError("measure", f"meter {meter!r} has no measure {measure!r}")
-        rows = self.totals(meter, organization_id=organization_id, start_time=start_time,
-                           end_time=end_time)
+        rows = self.totals(
+            meter, organization_id=organization_id, start_time=start_time, end_time=end_time
+        )
         return sum((v.get(measure) or 0) for _, v in rows)
 
     # -- prices and costs (see meterkit.pricing, meterkit.costs) -------------------------------
@@ -306,21 +329,36 @@ class Meter:
     ) -> CostsPage:
         """One page of daily costs: OpenAI costs semantics, exact Decimal amounts."""
         return costs_module.costs_page(
-            self.store, self._specs, self.prices(),
-            organization_id=organization_id, start_time=start_time,
+            self.store,
+            self._specs,
+            self.prices(),
+            organization_id=organization_id,
+            start_time=start_time,
             end_time=end_time if end_time is not None else self.now(),
-            bucket_width=bucket_width, group_by=group_by, filters=filters, limit=limit,
-            page=page, period_of=self._period_of(organization_id),
+            bucket_width=bucket_width,
+            group_by=group_by,
+            filters=filters,
+            limit=limit,
+            page=page,
+            period_of=self._period_of(organization_id),
         )
 
     def unpriced(
-        self, *, organization_id: str, start_time: Any, end_time: Any = None,
+        self,
+        *,
+        organization_id: str,
+        start_time: Any,
+        end_time: Any = None,
         meters: Iterable[str] | None = None,
     ) -> list[UnpricedUsage]:
         """Usage no price matched: listed, never silently costed at zero."""
         return costs_module.unpriced(
-            self.store, self._specs, self.prices(), organization_id=organization_id,
-            start_time=start_time, end_time=end_time if end_time is not None else self.now(),
+            self.store,
+            self._specs,
+            self.prices(),
+            organization_id=organization_id,
+            start_time=start_time,
+            end_time=end_time if end_time is not None else self.now(),
             meters=meters,
         )
 
@@ -346,23 +384,38 @@ class Meter:
         return self.quotas.grant(organization_id, credits, expires_at=expires_at)
 
     def check(
-        self, organization_id: str, amounts: Mapping[str, int], *, debit: bool = True,
-        requests: int = 1, dimensions: Mapping[str, Any] | None = None,
+        self,
+        organization_id: str,
+        amounts: Mapping[str, int],
+        *,
+        debit: bool = True,
+        requests: int = 1,
+        dimensions: Mapping[str, Any] | None = None,
     ) -> Decision:
-        """Atomically admit and debit ``amounts`` against every limit, or refuse and debit nothing."""
-        return self.quotas.check(organization_id, amounts, debit=debit, requests=requests,
-                                 dimensions=dimensions)
+        """Atomically admit and debit ``amounts`` against every limit, or refuse and debit none."""
+        return self.quotas.check(
+            organization_id, amounts, debit=debit, requests=requests, dimensions=dimensions
+        )
 
     def reserve(
-        self, organization_id: str, amounts: Mapping[str, int], *, ttl: int = 300,
-        requests: int = 1, dimensions: Mapping[str, Any] | None = None,
+        self,
+        organization_id: str,
+        amounts: Mapping[str, int],
+        *,
+        ttl: int = 300,
+        requests: int = 1,
+        dimensions: Mapping[str, Any] | None = None,
     ) -> Reservation:
         """Hold ``amounts`` until ``commit(actual)`` or ``release()``; raises QuotaExceeded."""
-        return self.quotas.reserve(organization_id, amounts, ttl=ttl, requests=requests,
-                                   dimensions=dimensions)
+        return self.quotas.reserve(
+            organization_id, amounts, ttl=ttl, requests=requests, dimensions=dimensions
+        )
 
     def debit(
-        self, organization_id: str, amounts: Mapping[str, int], *,
+        self,
+        organization_id: str,
+        amounts: Mapping[str, int],
+        *,
         dimensions: Mapping[str, Any] | None = None,
     ) -> Decision:
         """Count usage that already happened, without a limit check."""
@@ -370,8 +423,9 @@ class Meter:
 
     # -- summaries (see meterkit.summaries) ---------------------------------------------------
 
-    def plan_usage(self, organization_id: str, start_date: Any = None,
-                   end_date: Any = None) -> dict[str, Any]:
+    def plan_usage(
+        self, organization_id: str, start_date: Any = None, end_date: Any = None
+    ) -> dict[str, Any]:
         """Usage over a date range against the plan's limits (ENDPOINTS.md §2)."""
         return summaries.plan_usage(self, organization_id, start_date, end_date)
 

@@ -14,8 +14,8 @@ __all__ = [
     "Bucket",
     "CounterLine",
     "CounterResult",
-    "Dimension",
     "DimValue",
+    "Dimension",
     "Event",
     "GroupRow",
     "Hold",
@@ -27,8 +27,8 @@ __all__ = [
     "UsageQuery",
 ]
 
-Number = Union[int, float]
-DimValue = Union[str, bool, None]
+Number = Union[int, float]  # noqa: UP007 - a runtime alias, evaluated on Python 3.10 too
+DimValue = Union[str, bool, None]  # noqa: UP007
 Aggregation = Literal["sum", "count", "max", "min", "latest", "unique_count"]
 AGGREGATIONS: tuple[str, ...] = ("sum", "count", "max", "min", "latest", "unique_count")
 GAUGE_AGGREGATIONS: tuple[str, ...] = ("sum", "max", "min")

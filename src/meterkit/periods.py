@@ -59,8 +59,10 @@ class BillingCycle:
     def __attrs_post_init__(self) -> None:
         if self.kind not in ("monthly", "daily"):
             raise ValidationError("billing_cycle", "must be 'monthly' or 'daily'")
-        if isinstance(self.anchor_day, bool) or not isinstance(self.anchor_day, int) or not (
-            1 <= self.anchor_day <= 31
+        if (
+            isinstance(self.anchor_day, bool)
+            or not isinstance(self.anchor_day, int)
+            or not (1 <= self.anchor_day <= 31)
         ):
             raise ValidationError("anchor_day", "must be an integer from 1 to 31")
 

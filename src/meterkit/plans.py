@@ -30,7 +30,7 @@ class Plan:
     ``limits`` maps a metric (``tokens``, ``queries``, ``credits``, …) to its allowance per
     billing period; gauge metrics (``spaces``, ``storage_bytes``) are limits on what exists at
     once. ``-1`` is unlimited. With ``credits_per_seat`` the credit allowance is
-    ``seats × credits_per_seat`` instead of ``limits["credits"]``.
+    ``seats * credits_per_seat`` instead of ``limits["credits"]``.
     """
 
     id: str
@@ -59,7 +59,9 @@ class Plan:
 
     def limit(self, metric: str, seats: int = 1) -> int:
         if metric == "credits" and self.credits_per_seat is not None:
-            return UNLIMITED if self.credits_per_seat == UNLIMITED else seats * self.credits_per_seat
+            return (
+                UNLIMITED if self.credits_per_seat == UNLIMITED else seats * self.credits_per_seat
+            )
         return self.limits.get(metric, UNLIMITED)
 
     def to_record(self) -> dict[str, Any]:
@@ -78,8 +80,9 @@ class Plan:
         return cls(
             id=plan_id,
             name=data.get("name", ""),
-            billing_cycle=BillingCycle(data.get("billing_cycle", "monthly"),
-                                       data.get("anchor_day", 1)),
+            billing_cycle=BillingCycle(
+                data.get("billing_cycle", "monthly"), data.get("anchor_day", 1)
+            ),
             limits=dict(data.get("limits", {})),
             rate_limit_rpm=data.get("rate_limit_rpm", UNLIMITED),
             rate_limit_per_day=data.get("rate_limit_per_day", UNLIMITED),

@@ -1,4 +1,6 @@
-"""The plugin manager: built-in stores, then third-party plugins from entry-point group ``meterkit``.
+"""The plugin manager: built-in stores, then third-party plugins from entry points.
+
+Third-party plugins register in the entry-point group ``meterkit``.
 
 Entry points are loaded the first time a plugin manager is needed, not at import.
 """
@@ -25,7 +27,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 _default: pluggy.PluginManager | None = None
 
 
-def make_plugin_manager(extra: Iterable[object] = (), *, entry_points: bool = True) -> pluggy.PluginManager:
+def make_plugin_manager(
+    extra: Iterable[object] = (), *, entry_points: bool = True
+) -> pluggy.PluginManager:
     """A new plugin manager with the built-ins, the installed entry points and ``extra``."""
     pm = pluggy.PluginManager("meterkit")
     pm.add_hookspecs(hookspecs)

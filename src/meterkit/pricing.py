@@ -144,8 +144,7 @@ def to_decimal(field: str, value: object) -> Decimal:
     if number < 0:
         raise ValidationError(field, "must not be negative")
     if number and (
-        -int(number.as_tuple().exponent) > _MAX_PLACES
-        or number.adjusted() >= _MAX_INT_DIGITS
+        -int(number.as_tuple().exponent) > _MAX_PLACES or number.adjusted() >= _MAX_INT_DIGITS
     ):
         raise ValidationError(
             field,
@@ -466,9 +465,7 @@ class PriceBook:
                     f"prices {other!r} and {price.id!r} are versions of one line with one start",
                 )
             by_id[price.id] = price
-        self._prices = tuple(
-            sorted(by_id.values(), key=lambda p: (p.line, p.effective_from))
-        )
+        self._prices = tuple(sorted(by_id.values(), key=lambda p: (p.line, p.effective_from)))
         lines: dict[tuple[str, str, str], _Line] = {}
         for price in self._prices:
             line = lines.get(price.line)
@@ -513,8 +510,7 @@ class PriceBook:
         keep = [
             p
             for p in self._prices
-            if p.id != price.id
-            and (p.line, p.effective_from) != (price.line, price.effective_from)
+            if p.id != price.id and (p.line, p.effective_from) != (price.line, price.effective_from)
         ]
         return PriceBook([*keep, price], specs)
 
@@ -739,9 +735,7 @@ def price_to_dict(price: Price) -> dict[str, Any]:
     return out
 
 
-def price_from_dict(
-    data: Mapping[str, Any], specs: Mapping[str, MeterSpec] | None = None
-) -> Price:
+def price_from_dict(data: Mapping[str, Any], specs: Mapping[str, MeterSpec] | None = None) -> Price:
     """A price from its native form, or from a configuration table (``effective_from`` may be
     an aware datetime, ``unit_price`` a string); checked against ``specs`` when given.
     Unknown keys are a ``ValidationError``."""

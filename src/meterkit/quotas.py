@@ -129,8 +129,13 @@ class Reservation:
     """
 
     def __init__(
-        self, quotas: Quotas, decision: Decision, held: dict[str, int],
-        keys: dict[str, _Line], expires_at: int, dimensions: Mapping[str, Any] | None,
+        self,
+        quotas: Quotas,
+        decision: Decision,
+        held: dict[str, int],
+        keys: dict[str, _Line],
+        expires_at: int,
+        dimensions: Mapping[str, Any] | None,
     ) -> None:
         self._quotas = quotas
         self.decision = decision
@@ -238,7 +243,11 @@ class Quotas:
         return assignment
 
     def grant(
-        self, organization_id: str, credits: int, *, expires_at: int | None = None,
+        self,
+        organization_id: str,
+        credits: int,
+        *,
+        expires_at: int | None = None,
         id: str | None = None,
     ) -> Grant:
         """Add purchased credits, by default for the rest of the current billing period."""
@@ -251,7 +260,8 @@ class Quotas:
         grant = Grant(id or f"grant_{uuid.uuid4().hex}", organization_id, credits, now, expires_at)
         check_id("id", grant.id)
         self.store.put_record(
-            f"grant:{organization_id}", grant.id,
+            f"grant:{organization_id}",
+            grant.id,
             {"credits": credits, "granted_at": now, "expires_at": expires_at},
         )
         self._forget()
@@ -325,12 +335,15 @@ class Quotas:
         limit = plan.limit(metric, assignment.seats if assignment else 1)
         if metric == "credits" and limit != UNLIMITED:
             at = self.meter.now() if at is None else at
-            limit += sum(g.credits for g in grants
-                         if g.granted_at <= at and (g.expires_at is None or at < g.expires_at))
+            limit += sum(
+                g.credits
+                for g in grants
+                if g.granted_at <= at and (g.expires_at is None or at < g.expires_at)
+            )
         return limit
 
     def _lines(self, org: str, amounts: dict[str, int], requests: int, now: int) -> list[_Line]:
-        assignment, plan, _ = self._lookup(org)
+        _, plan, _ = self._lookup(org)
         cycle = plan.billing_cycle if plan else DEFAULT_CYCLE
         period = cycle.period_at(now)
         lines: list[_Line] = []
@@ -338,8 +351,9 @@ class Quotas:
             limit = self.limit_for(org, metric, now)
             cap = None if limit == UNLIMITED else limit
             if self.is_gauge(metric):
-                lines.append(_Line(metric, CounterLine(self.gauge_key(org, metric), amount, cap),
-                                   None, None))
+                lines.append(
+                    _Line(metric, CounterLine(self.gauge_key(org, metric), amount, cap), None, None)
+                )
             else:
                 key = self.period_key(org, metric, period)
                 lines.append(_Line(metric, CounterLine(key, amount, cap), period.end, period))
@@ -351,9 +365,12 @@ class Quotas:
                 start = now - now % window
                 weight = (window - (now - start)) / window
                 counter = CounterLine(
-                    f"r\x1f{org}\x1f{window}\x1f{start}", requests, rate,
+                    f"r\x1f{org}\x1f{window}\x1f{start}",
+                    requests,
+                    rate,
                     expires_at=start + 2 * window,
-                    prev_key=f"r\x1f{org}\x1f{window}\x1f{start - window}", prev_weight=weight,
+                    prev_key=f"r\x1f{org}\x1f{window}\x1f{start - window}",
+                    prev_weight=weight,
                 )
                 lines.append(_Line(metric, counter, start + window, None, window))
         return lines
@@ -361,32 +378,47 @@ class Quotas:
     # -- decisions ----------------------------------------------------------------------------
 
     def check(
-        self, organization_id: str, amounts: Mapping[str, int], *, debit: bool = True,
-        requests: int = 1, dimensions: Mapping[str, Any] | None = None,
+        self,
+        organization_id: str,
+        amounts: Mapping[str, int],
+        *,
+        debit: bool = True,
+        requests: int = 1,
+        dimensions: Mapping[str, Any] | None = None,
     ) -> Decision:
         """Admit (and debit) ``amounts`` plus ``requests`` against every limit, or refuse all.
 
         ``debit=False`` only looks: nothing is counted and a later call may decide otherwise.
         """
-        decision, _ = self._decide(organization_id, amounts, requests, debit=debit, hold_ttl=None,
-                                   dimensions=dimensions)
+        decision, _ = self._decide(
+            organization_id, amounts, requests, debit=debit, hold_ttl=None, dimensions=dimensions
+        )
         return decision
 
     def reserve(
-        self, organization_id: str, amounts: Mapping[str, int], *, ttl: int = 300,
-        requests: int = 1, dimensions: Mapping[str, Any] | None = None,
+        self,
+        organization_id: str,
+        amounts: Mapping[str, int],
+        *,
+        ttl: int = 300,
+        requests: int = 1,
+        dimensions: Mapping[str, Any] | None = None,
     ) -> Reservation:
         """Hold ``amounts`` now; raises :class:`QuotaExceeded` if any limit refuses."""
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
             raise ValidationError("ttl", "must be a positive number of seconds")
-        decision, reservation = self._decide(organization_id, amounts, requests, debit=True,
-                                             hold_ttl=ttl, dimensions=dimensions)
+        decision, reservation = self._decide(
+            organization_id, amounts, requests, debit=True, hold_ttl=ttl, dimensions=dimensions
+        )
         if reservation is None:
             raise QuotaExceeded(decision)
         return reservation
 
     def debit(
-        self, organization_id: str, amounts: Mapping[str, int], *,
+        self,
+        organization_id: str,
+        amounts: Mapping[str, int],
+        *,
         dimensions: Mapping[str, Any] | None = None,
     ) -> Decision:
         """Count usage that already happened, whatever the limits say (it is never refused)."""
@@ -394,8 +426,11 @@ class Quotas:
         clean = _check_amounts(amounts)
         now = self.meter.now()
         lines = self._lines(org, clean, 0, now)
-        values = self._guard(lambda: self.counters.counters_add(
-            [(ln.counter.key, ln.counter.amount) for ln in lines], now=now))
+        values = self._guard(
+            lambda: self.counters.counters_add(
+                [(ln.counter.key, ln.counter.amount) for ln in lines], now=now
+            )
+        )
         if values is None:
             return Decision(True, org, degraded=True)
         result = CounterResult(True, tuple(values), tuple(0 for _ in lines))
@@ -431,8 +466,14 @@ class Quotas:
             raise
 
     def _decide(
-        self, organization_id: str, amounts: Mapping[str, int], requests: int, *, debit: bool,
-        hold_ttl: int | None, dimensions: Mapping[str, Any] | None,
+        self,
+        organization_id: str,
+        amounts: Mapping[str, int],
+        requests: int,
+        *,
+        debit: bool,
+        hold_ttl: int | None,
+        dimensions: Mapping[str, Any] | None,
     ) -> tuple[Decision, Reservation | None]:
         org = check_id("organization_id", organization_id)
         clean = _check_amounts(amounts)
@@ -449,10 +490,16 @@ class Quotas:
         counters = [ln.counter for ln in lines]
         hold = None
         if hold_ttl is not None:
-            hold = Hold(decision_id, org,
-                        tuple((ln.counter.key, ln.counter.amount) for ln in lines
-                              if ln.window == 0 and ln.counter.amount),
-                        now + hold_ttl)
+            hold = Hold(
+                decision_id,
+                org,
+                tuple(
+                    (ln.counter.key, ln.counter.amount)
+                    for ln in lines
+                    if ln.window == 0 and ln.counter.amount
+                ),
+                now + hold_ttl,
+            )
         if debit:
             result = self._guard(lambda: self.counters.counters_apply(counters, now=now, hold=hold))
         else:
@@ -470,8 +517,14 @@ class Quotas:
         return decision, Reservation(self, decision, clean, keyed, now + hold_ttl, dimensions)
 
     def _degraded(
-        self, org: str, decision_id: str, amounts: dict[str, int], lines: Sequence[_Line],
-        hold_ttl: int | None, now: int, dimensions: Mapping[str, Any] | None,
+        self,
+        org: str,
+        decision_id: str,
+        amounts: dict[str, int],
+        lines: Sequence[_Line],
+        hold_ttl: int | None,
+        now: int,
+        dimensions: Mapping[str, Any] | None,
     ) -> tuple[Decision, Reservation | None]:
         """Fail open: admit without counting. A reservation holds nothing, but committing it
         counts the actual amounts (its hold is unknown to the store, as if it had expired)."""
@@ -484,8 +537,10 @@ class Quotas:
     def _peek(self, counters: Sequence[CounterLine], now: int) -> CounterResult:
         current = self.counters.counters_read([c.key for c in counters], now=now)
         prev_keys = [c.prev_key or "" for c in counters]
-        previous = [v if c.prev_key else 0 for c, v in
-                    zip(counters, self.counters.counters_read(prev_keys, now=now))]
+        previous = [
+            v if c.prev_key else 0
+            for c, v in zip(counters, self.counters.counters_read(prev_keys, now=now))
+        ]
         admitted = all(fits(c, u, p) for c, u, p in zip(counters, current, previous))
         used = [u + c.amount for c, u in zip(counters, current)] if admitted else current
         return CounterResult(admitted, tuple(used), tuple(previous))
@@ -501,12 +556,15 @@ class Quotas:
             estimate = used + math.floor(prev * counter.prev_weight)
             limit = UNLIMITED if counter.limit is None else counter.limit
             remaining = UNLIMITED if counter.limit is None else max(0, counter.limit - estimate)
-            states.append(LimitState(line.metric, counter.amount, estimate, limit, remaining,
-                                     line.reset_at))
+            states.append(
+                LimitState(line.metric, counter.amount, estimate, limit, remaining, line.reset_at)
+            )
             if not result.admitted and refused_by is None and not fits(counter, used, prev):
                 refused_by = line.metric
                 retry_after = self._retry_after(line, used, prev, now)
-        return Decision(result.admitted, org, tuple(states), refused_by, retry_after, id=decision_id)
+        return Decision(
+            result.admitted, org, tuple(states), refused_by, retry_after, id=decision_id
+        )
 
     @staticmethod
     def _retry_after(line: _Line, current: int, previous: int, now: int) -> int | None:
@@ -533,8 +591,12 @@ class Quotas:
         return max(1, line.reset_at - now)
 
     def _after_debit(
-        self, decision: Decision, lines: Sequence[_Line], amounts: Mapping[str, int],
-        dimensions: Mapping[str, Any] | None, now: int,
+        self,
+        decision: Decision,
+        lines: Sequence[_Line],
+        amounts: Mapping[str, int],
+        dimensions: Mapping[str, Any] | None,
+        now: int,
     ) -> None:
         result_used = {s.metric: s.used for s in decision.limits}
         self._thresholds_from(decision.organization_id, lines, result_used)
@@ -555,17 +617,28 @@ class Quotas:
                     break
                 scope = line.period.start if line.period else "gauge"
                 marker = f"t\x1f{org}\x1f{line.metric}\x1f{scope}\x1f{threshold}"
-                if self.counters.claim_once(marker, now=self.meter.now(),
-                                         expires_at=line.period.end if line.period else None):
+                if self.counters.claim_once(
+                    marker,
+                    now=self.meter.now(),
+                    expires_at=line.period.end if line.period else None,
+                ):
                     self.meter.pm.hook.meterkit_quota_threshold(
-                        meter=self.meter, organization_id=org, metric=line.metric,
-                        threshold=threshold, used=value, limit=limit,
+                        meter=self.meter,
+                        organization_id=org,
+                        metric=line.metric,
+                        threshold=threshold,
+                        used=value,
+                        limit=limit,
                         period_start=line.period.start if line.period else None,
                     )
 
     def _record(
-        self, event_id: str, org: str, amounts: Mapping[str, int],
-        dimensions: Mapping[str, Any] | None, now: int,
+        self,
+        event_id: str,
+        org: str,
+        amounts: Mapping[str, int],
+        dimensions: Mapping[str, Any] | None,
+        now: int,
     ) -> None:
         from meterkit.models import Event
 
@@ -602,8 +675,10 @@ class Quotas:
                 [(lines[m].counter.key, a) for m, a in actual.items() if m in lines], now=now
             )
         values = self.counters.counters_read([ln.counter.key for ln in lines.values()], now=now)
-        self._thresholds_from(reservation.organization_id, list(lines.values()),
-                              dict(zip(lines, values)))
+        self._thresholds_from(
+            reservation.organization_id, list(lines.values()), dict(zip(lines, values))
+        )
         if self.record_debits:
-            self._record(reservation.id, reservation.organization_id, actual,
-                         reservation._dimensions, now)
+            self._record(
+                reservation.id, reservation.organization_id, actual, reservation._dimensions, now
+            )

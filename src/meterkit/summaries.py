@@ -179,13 +179,17 @@ def account_usage(meter: Meter, organization_id: str, role: str = "member") -> d
     usage = AccountUsage(
         storage=Storage(quotas.used(org, "storage_bytes"), quotas.limit_for(org, "storage_bytes")),
         credits=Credits(
-            used=used, limit=allowance, available=available,
+            used=used,
+            limit=allowance,
+            available=available,
             billing_period=plan.billing_cycle.kind if plan else "monthly",
-            period_start=_iso(period.start), period_end=_iso(period.last_second),
+            period_start=_iso(period.start),
+            period_end=_iso(period.last_second),
             purchased_balance=purchased if admin else None,
         ),
         plan=PlanInfo(
-            tier=plan.id if plan else "none", name=plan.name if plan else "",
+            tier=plan.id if plan else "none",
+            name=plan.name if plan else "",
             billing_cycle=plan.billing_cycle.kind if plan else "monthly",
         ),
         seats=Seats(seats, plan.credits_per_seat if plan else None) if admin else None,
@@ -210,8 +214,7 @@ def current_usage(meter: Meter, organization_id: str) -> dict[str, Any]:
     credits = counted("credits")
     purchased = sum(g.credits for g in quotas.grants(org, now))
     credits["available"] = (
-        UNLIMITED if credits["limit"] == UNLIMITED
-        else max(0, credits["limit"] - credits["used"])
+        UNLIMITED if credits["limit"] == UNLIMITED else max(0, credits["limit"] - credits["used"])
     )
     credits["purchased"] = purchased
     return {
@@ -236,21 +239,22 @@ def usage_history(meter: Meter, organization_id: str, months: object = 6) -> lis
     out = []
     for period in meter.quotas._cycle(org).history(now, months):
         end = min(period.end, now + 1)
-        out.append({
-            "month": utc(period.start).strftime("%Y-%m"),
-            "period_start": _iso(period.start),
-            "period_end": _iso(period.last_second),
-            "tile_requests": _sum(meter, "tiles", org, period.start, end),
-            "peak_storage_bytes": _peak(meter, org, period, end),
-        })
+        out.append(
+            {
+                "month": utc(period.start).strftime("%Y-%m"),
+                "period_start": _iso(period.start),
+                "period_end": _iso(period.last_second),
+                "tile_requests": _sum(meter, "tiles", org, period.start, end),
+                "peak_storage_bytes": _peak(meter, org, period, end),
+            }
+        )
     return out
 
 
 def _peak(meter: Meter, org: str, period: Period, end: int) -> int:
     if end <= period.start:
         return 0
-    rows = meter.totals("storage_bytes", organization_id=org, start_time=period.start,
-                        end_time=end)
+    rows = meter.totals("storage_bytes", organization_id=org, start_time=period.start, end_time=end)
     return int(max((v.get("storage_bytes") or 0 for _, v in rows), default=0))
 
 
@@ -271,11 +275,19 @@ def recalculate_storage(meter: Meter, organization_id: str) -> dict[str, Any]:
     total = sum(sizes.values())
     now = meter.now()
     run = uuid.uuid4().hex
-    meter.record_many([
-        Event(f"recalc_{run}:{resource}", "storage_bytes", org, now, {"storage_bytes": size},
-              {"resource": resource})
-        for resource, size in sorted(sizes.items())
-    ])
+    meter.record_many(
+        [
+            Event(
+                f"recalc_{run}:{resource}",
+                "storage_bytes",
+                org,
+                now,
+                {"storage_bytes": size},
+                {"resource": resource},
+            )
+            for resource, size in sorted(sizes.items())
+        ]
+    )
     meter.quotas.set_gauge(org, "storage_bytes", total)
     return {
         "organization_id": org,

@@ -167,9 +167,7 @@ def check_event(spec: MeterSpec, event: Event, field: str = "event") -> Event:
             values[name] = value
             continue
         if not isinstance(name, str) or spec.measure(name) is None:
-            raise ValidationError(
-                f"{field}.values", f"meter {spec.name!r} has no measure {name!r}"
-            )
+            raise ValidationError(f"{field}.values", f"meter {spec.name!r} has no measure {name!r}")
         values[name] = check_number(f"{field}.values.{name}", value)
     dims_index = idx.dims
     dims: dict[str, DimValue] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from meterkit.engine.aggregate import Rows, aggregate, empty_value, matches
 from meterkit.engine.cursor import decode_cursor, encode_cursor
-from meterkit.engine.page import build_page, bucket_starts
+from meterkit.engine.page import bucket_starts, build_page
 
 __all__ = [
     "Rows",

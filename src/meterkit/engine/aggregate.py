@@ -40,7 +40,9 @@ class _Acc:
         self.series: dict[tuple[DimValue, ...], tuple[int, str, Number]] = {}
 
 
-def _add(measure: Measure, acc: _Acc, event: Event, value: Number, series: tuple[DimValue, ...]) -> None:
+def _add(
+    measure: Measure, acc: _Acc, event: Event, value: Number, series: tuple[DimValue, ...]
+) -> None:
     agg = measure.aggregation
     if measure.gauge:
         seen = acc.series.get(series)
@@ -97,6 +99,5 @@ def aggregate(spec: MeterSpec, query: UsageQuery, events: Iterable[Event]) -> Ro
             if value is not None:
                 _add(measure, acc, event, value, series)
     return {
-        key: {m.name: _finish(m, acc) for m, acc in zip(measures, row)}
-        for key, row in accs.items()
+        key: {m.name: _finish(m, acc) for m, acc in zip(measures, row)} for key, row in accs.items()
     }

@@ -19,8 +19,14 @@ def _fingerprint(query: UsageQuery) -> bytes:
     # end_time and limit are left out on purpose: a client paging with "end_time = now"
     # or a new page size still continues the same listing.
     return json.dumps(
-        [query.meter, query.organization_id, query.start_time, query.bucket_width,
-         list(query.group_by), [[k, sorted(map(repr, v))] for k, v in query.filters]],
+        [
+            query.meter,
+            query.organization_id,
+            query.start_time,
+            query.bucket_width,
+            list(query.group_by),
+            [[k, sorted(map(repr, v))] for k, v in query.filters],
+        ],
         separators=(",", ":"),
     ).encode()
 

@@ -9,8 +9,7 @@ aggregates :meth:`Store.scan`. A native answer must equal the engine's on the sa
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from meterkit.engine.aggregate import Rows
 from meterkit.models import CounterLine, CounterResult, Event, Hold, MeterSpec, UsageQuery
@@ -48,7 +47,9 @@ class CounterStore(Protocol):
     ) -> list[int]:
         """Add unconditionally (usage that already happened); the values after."""
 
-    def counters_set(self, key: str, value: int, *, now: int, expires_at: int | None = None) -> None:
+    def counters_set(
+        self, key: str, value: int, *, now: int, expires_at: int | None = None
+    ) -> None:
         """Set one counter (a gauge recalculated from its source)."""
 
     def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:

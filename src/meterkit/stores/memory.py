@@ -9,7 +9,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from meterkit import counters
-
 from meterkit.engine.aggregate import Rows
 from meterkit.hookspecs import hookimpl
 from meterkit.models import CounterLine, CounterResult, Event, Hold, MeterSpec, UsageQuery
@@ -96,7 +95,9 @@ class MemoryStore:
             backend = self._backend(now)
             return [backend.add(key, delta, expires_at) for key, delta in deltas]
 
-    def counters_set(self, key: str, value: int, *, now: int, expires_at: int | None = None) -> None:
+    def counters_set(
+        self, key: str, value: int, *, now: int, expires_at: int | None = None
+    ) -> None:
         with self._lock:
             self._counters[key] = (value, expires_at)
 

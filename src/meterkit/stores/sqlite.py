@@ -30,15 +30,20 @@ __all__ = ["SQLiteStore", "options_from_url", "path_from_url"]
 
 SCHEMA_VERSION = 1
 _CHUNK = 500
-_PLAIN_SQL = {"sum": "SUM({})", "count": "COUNT({})", "max": "MAX({})", "min": "MIN({})",
-              "unique_count": "COUNT(DISTINCT {})"}
+_PLAIN_SQL = {
+    "sum": "SUM({})",
+    "count": "COUNT({})",
+    "max": "MAX({})",
+    "min": "MIN({})",
+    "unique_count": "COUNT(DISTINCT {})",
+}
 
 
 def path_from_url(url: str) -> str:
     """``sqlite:///rel.db`` → ``rel.db``; ``sqlite:////abs.db`` → ``/abs.db``."""
     if not url.startswith("sqlite:///"):
         raise ValueError(f"not a sqlite URL: {url!r} (expected sqlite:///path.db)")
-    path = url[len("sqlite:///"):].split("?", 1)[0]
+    path = url[len("sqlite:///") :].split("?", 1)[0]
     if not path:
         raise ValueError("sqlite URL has no path")
     return path
@@ -77,7 +82,7 @@ def _val(name: str) -> str:
 
 
 class SQLiteStore:
-    """One connection shared under a lock; ``BEGIN IMMEDIATE`` serialises writers across processes."""
+    """One connection shared under a lock; ``BEGIN IMMEDIATE`` serialises writing processes."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -88,7 +93,9 @@ class SQLiteStore:
         self.synchronous = options.get("synchronous", "full").upper()
         self._lock = threading.RLock()
         conn = sqlite3.connect(
-            self.path, timeout=float(options.get("timeout", "30")), isolation_level=None,
+            self.path,
+            timeout=float(options.get("timeout", "30")),
+            isolation_level=None,
             check_same_thread=False,
         )
         self.db = sqlite_utils.Database(conn)
@@ -97,7 +104,9 @@ class SQLiteStore:
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         self._specs: dict[str, MeterSpec] = {}
         with self._lock, self._write():
-            self.db.table("mk_meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            self.db.table("mk_meta").create(
+                {"key": str, "value": str}, pk="key", if_not_exists=True
+            )
             self.db.table("mk_records").create(
                 {"kind": str, "key": str, "data": str}, pk=("kind", "key"), if_not_exists=True
             )
@@ -106,11 +115,10 @@ class SQLiteStore:
             )
             self.db.table("mk_holds").create(
                 {"id": str, "organization_id": str, "amounts": str, "expires_at": int},
-                pk="id", if_not_exists=True,
+                pk="id",
+                if_not_exists=True,
             )
-            conn.execute(
-                "CREATE INDEX IF NOT EXISTS idx_mk_holds_expires ON mk_holds (expires_at)"
-            )
+            conn.execute("CREATE INDEX IF NOT EXISTS idx_mk_holds_expires ON mk_holds (expires_at)")
             self.db.table("mk_claims").create(
                 {"marker": str, "expires_at": int}, pk="marker", if_not_exists=True
             )
@@ -144,8 +152,9 @@ class SQLiteStore:
                 columns[_val(m.name)] = bytes
             with self._write():
                 if not table.exists():
-                    table.create(columns, pk="id", not_null={"organization_id", "time"},
-                                 if_not_exists=True)
+                    table.create(
+                        columns, pk="id", not_null={"organization_id", "time"}, if_not_exists=True
+                    )
                     self.conn.execute(
                         f"CREATE INDEX IF NOT EXISTS [idx_{table.name}_org_time] "
                         f"ON [{table.name}] (organization_id, time)"
@@ -170,11 +179,14 @@ class SQLiteStore:
                 stored: set[str] = set()
                 ids = list({e.id for e in batch})
                 for i in range(0, len(ids), _CHUNK):
-                    chunk = ids[i:i + _CHUNK]
-                    stored.update(r[0] for r in conn.execute(
-                        f"SELECT id FROM [{table}] WHERE id IN ({', '.join('?' * len(chunk))})",
-                        chunk,
-                    ))
+                    chunk = ids[i : i + _CHUNK]
+                    stored.update(
+                        r[0]
+                        for r in conn.execute(
+                            f"SELECT id FROM [{table}] WHERE id IN ({', '.join('?' * len(chunk))})",
+                            chunk,
+                        )
+                    )
                 fresh = []
                 for e in batch:
                     if e.id not in stored:
@@ -191,8 +203,13 @@ class SQLiteStore:
                     f"INSERT INTO [{table}] ({', '.join(f'[{c}]' for c in cols)}) "
                     f"VALUES ({', '.join('?' * len(cols))})",
                     [
-                        (e.id, e.organization_id, e.time,
-                         *map(e.dimensions.get, dims), *map(e.values.get, measures))
+                        (
+                            e.id,
+                            e.organization_id,
+                            e.time,
+                            *map(e.dimensions.get, dims),
+                            *map(e.values.get, measures),
+                        )
                         for e in fresh
                     ],
                 )
@@ -209,7 +226,8 @@ class SQLiteStore:
         measures = spec.measure_names
         cols = ", ".join(
             ["id", "organization_id", "time"]
-            + [f"[{_dim(d)}]" for d in dims] + [f"[{_val(m)}]" for m in measures]
+            + [f"[{_dim(d)}]" for d in dims]
+            + [f"[{_val(m)}]" for m in measures]
         )
         with self._lock:
             rows = self.conn.execute(
@@ -219,10 +237,13 @@ class SQLiteStore:
             ).fetchall()
         n = len(dims)
         for row in rows:
-            dvals = row[3:3 + n]
+            dvals = row[3 : 3 + n]
             yield Event(
-                row[0], meter, row[1], row[2],
-                {m: v for m, v in zip(measures, row[3 + n:]) if v is not None},
+                row[0],
+                meter,
+                row[1],
+                row[2],
+                {m: v for m, v in zip(measures, row[3 + n :]) if v is not None},
                 {d: (bool(v) if d in bools else v) for d, v in zip(dims, dvals) if v is not None},
             )
 
@@ -258,7 +279,7 @@ class SQLiteStore:
         def key(row: Sequence[Any]) -> tuple[int, tuple[DimValue, ...]]:
             group = tuple(
                 bool(v) if (g in bools and v is not None) else v
-                for g, v in zip(query.group_by, row[1:1 + len(groups)])
+                for g, v in zip(query.group_by, row[1 : 1 + len(groups)])
             )
             return row[0], group
 
@@ -268,7 +289,7 @@ class SQLiteStore:
         rows: Rows = {}
         sql = f"SELECT {', '.join(select)} FROM {table} WHERE {cond} GROUP BY {part}"
         for row in self.conn.execute(sql, params):
-            values = dict(zip([m.name for m in plain], row[1 + len(groups):]))
+            values = dict(zip([m.name for m in plain], row[1 + len(groups) :]))
             for m in spec.measures:
                 if values.get(m.name) is None:
                     values[m.name] = empty_value(m)
@@ -280,15 +301,17 @@ class SQLiteStore:
             col = f"[{_val(m.name)}]"
             window = series if m.gauge else part
             inner = (
-                f"SELECT {bucket} AS b, {', '.join(groups + [col]) if groups else col}, "
+                f"SELECT {bucket} AS b, {', '.join([*groups, col])}, "
                 f"ROW_NUMBER() OVER (PARTITION BY {window} ORDER BY time DESC, id DESC) AS rn "
                 f"FROM {table} WHERE {cond} AND {col} IS NOT NULL"
             )
             outer_groups = ", ".join(["b", *groups])
             if m.gauge:
                 agg = {"sum": "SUM", "max": "MAX", "min": "MIN"}[m.aggregation]
-                sql = (f"SELECT {outer_groups}, {agg}({col}) FROM ({inner}) "
-                       f"WHERE rn = 1 GROUP BY {outer_groups}")
+                sql = (
+                    f"SELECT {outer_groups}, {agg}({col}) FROM ({inner}) "
+                    f"WHERE rn = 1 GROUP BY {outer_groups}"
+                )
             else:
                 sql = f"SELECT {outer_groups}, {col} FROM ({inner}) WHERE rn = 1"
             for row in self.conn.execute(sql, params):
@@ -343,7 +366,9 @@ class SQLiteStore:
             backend = _SQLiteCounters(conn, now)
             return [backend.add(key, delta, expires_at) for key, delta in deltas]
 
-    def counters_set(self, key: str, value: int, *, now: int, expires_at: int | None = None) -> None:
+    def counters_set(
+        self, key: str, value: int, *, now: int, expires_at: int | None = None
+    ) -> None:
         with self._lock, self._write() as conn:
             conn.execute(
                 "INSERT INTO mk_counters(key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) "
@@ -368,11 +393,13 @@ class SQLiteStore:
         with self._lock, self._write() as conn:
             conn.execute(
                 "DELETE FROM mk_claims WHERE marker = ? AND expires_at IS NOT NULL "
-                "AND expires_at <= ?", (marker, now),
+                "AND expires_at <= ?",
+                (marker, now),
             )
             cur = conn.execute(
                 "INSERT INTO mk_claims(marker, expires_at) VALUES (?, ?) "
-                "ON CONFLICT(marker) DO NOTHING", (marker, expires_at),
+                "ON CONFLICT(marker) DO NOTHING",
+                (marker, expires_at),
             )
             return cur.rowcount == 1
 
