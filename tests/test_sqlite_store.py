@@ -63,3 +63,56 @@ def test_busy_database_fails_open(tmp_path: Path) -> None:
     other.execute("ROLLBACK")
     assert m.quotas.used("o", "tokens") == 0
     m.close()
+
+
+def test_every_aggregation_is_answered_in_sql(tmp_path: Path) -> None:
+    """The store's own SQL answers (no fallback to the engine), and equals the engine."""
+    from meterkit import Dimension, Measure, MeterSpec, engine
+    from meterkit.validate import check_usage_query
+
+    spec = MeterSpec(
+        "mixed",
+        [
+            Measure("total"),
+            Measure("seen", "count"),
+            Measure("peak", "max"),
+            Measure("low", "min"),
+            Measure("last", "latest"),
+            Measure("kinds", "unique_count"),
+            Measure("held", gauge=True),
+        ],
+        [Dimension("project_id"), Dimension("flag", kind="bool")],
+    )
+    with meterkit.Meter(f"sqlite:///{tmp_path}/m.db", meters=[spec]) as m:
+        for i in range(40):
+            m.record(
+                "mixed",
+                {
+                    "total": i,
+                    "seen": 1,
+                    "peak": i % 7,
+                    "low": i % 5,
+                    "last": i,
+                    "kinds": i % 3,
+                    "held": 10 * i,
+                },
+                organization_id="o",
+                time=i * 1800,
+                id=f"e{i}",
+                dimensions={"project_id": f"p{i % 2}", "flag": i % 3 == 0},
+            )
+        for group_by in ([], ["project_id"], ["flag"]):
+            query = check_usage_query(
+                spec,
+                organization_id="o",
+                start_time=0,
+                end_time=3 * 86400,
+                bucket_width="1h",
+                group_by=group_by,
+                filters={"flag": [True, None]},
+                limit=72,
+            )
+            native = m.store.aggregate(spec, query)
+            assert native is not None
+            events = m.store.scan("mixed", "o", query.scan_start, query.page_end)
+            assert native == engine.aggregate(spec, query, events)

@@ -51,19 +51,19 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from meterkit import counters
-from meterkit.engine.aggregate import Rows, empty_value
+from meterkit.engine.aggregate import Rows
 from meterkit.errors import MeterkitError, StoreUnavailable
 from meterkit.hookspecs import hookimpl
 from meterkit.models import (
     CounterLine,
     CounterResult,
-    DimValue,
     Event,
     Hold,
     MeterSpec,
     Number,
     UsageQuery,
 )
+from meterkit.stores import sqlagg
 
 if TYPE_CHECKING:
     import psycopg
@@ -77,14 +77,6 @@ _CHUNK = 5000
 _MAX_IDENT = 63  # PostgreSQL silently truncates longer identifiers: never let it.
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")  # unquoted in search_path: lower case
 _SWEEP_EVERY = 60.0
-_PLAIN_SQL = {
-    "sum": "SUM({})",
-    "count": "COUNT({})",
-    "max": "MAX({})",
-    "min": "MIN({})",
-    "unique_count": "COUNT(DISTINCT {})",
-}
-
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (
         1,
@@ -173,6 +165,17 @@ def _number(value: Decimal | int) -> Number:
 
 def _decode(value: Decimal | int | None) -> Number | None:
     return None if value is None else _number(value)
+
+
+_DIALECT = sqlagg.Dialect(
+    table=lambda meter: _q(_table(meter)),
+    dim=lambda name: _q(_dim(name)),
+    val=lambda name: _q(_val(name)),
+    member=lambda column, values: (f"{column} = ANY(%s)", [values]),
+    placeholder="%s",
+    modulo="mod({}, {})",
+    subquery_alias=" AS s",
+)
 
 
 # -- connection options -----------------------------------------------------------------------
@@ -508,81 +511,22 @@ class PostgresStore:
         return events()
 
     def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
-        where = ["organization_id = %s", "time >= %s", "time < %s"]
-        params: list[Any] = [query.organization_id, query.scan_start, query.page_end]
-        for name, allowed in query.filters:
-            col = _q(_dim(name))
-            present = [v for v in allowed if v is not None]
-            parts = []
-            if present:
-                parts.append(f"{col} = ANY(%s)")
-                params.append(present)
-            if None in allowed:
-                parts.append(f"{col} IS NULL")
-            where.append("(" + " OR ".join(parts) + ")")
-        bucket = f"(time - mod(time, {int(query.width)}))"
-        groups = [_q(_dim(g)) for g in query.group_by]
-        part = ", ".join([bucket, *groups])
-        table = _q(_table(spec.name))
-        cond = " AND ".join(where)
-        ngroups = len(groups)
-
-        def key(row: Sequence[Any]) -> tuple[int, tuple[DimValue, ...]]:
-            return int(row[0]), tuple(row[1 : 1 + ngroups])
-
-        plain = [m for m in spec.measures if not m.gauge and m.aggregation != "latest"]
-        select = [bucket, *groups]
-        select += [_PLAIN_SQL[m.aggregation].format(_q(_val(m.name))) for m in plain]
-        # MAX/MIN over numeric return one of the inputs, scale included, so an int maximum
-        # stays an int; SUM's scale is the largest input scale, so any float makes it a float.
-        queries: list[tuple[str | None, str]] = [
-            (None, f"SELECT {', '.join(select)} FROM {table} WHERE {cond} GROUP BY {part}")
-        ]
-        series = ", ".join([bucket, *(_q(_dim(d)) for d in spec.dimension_names)])
-        for m in spec.measures:
-            if not (m.gauge or m.aggregation == "latest"):
-                continue
-            col = _q(_val(m.name))
-            window = series if m.gauge else part
-            inner = (
-                f"SELECT {bucket} AS b, {', '.join([*groups, col])}, "
-                f"ROW_NUMBER() OVER (PARTITION BY {window} ORDER BY time DESC, id DESC) AS rn "
-                f"FROM {table} WHERE {cond} AND {col} IS NOT NULL"
-            )
-            outer = ", ".join(["b", *groups])
-            if m.gauge:
-                agg = {"sum": "SUM", "max": "MAX", "min": "MIN"}[m.aggregation]
-                sql = (
-                    f"SELECT {outer}, {agg}({col}) FROM ({inner}) AS s "
-                    f"WHERE rn = 1 GROUP BY {outer}"
-                )
-            else:
-                sql = f"SELECT {outer}, {col} FROM ({inner}) AS s WHERE rn = 1"
-            queries.append((m.name, sql))
+        plan = sqlagg.statements(spec, query, _DIALECT)
+        params = list(plan.params)
 
         def run(cur: psycopg.Cursor[Any]) -> Rows:
             sent = []
-            for measure, sql in queries:
+            for measure, sql in plan.sql:
                 query_cur = cur.connection.cursor()
                 query_cur.execute(sql, params)  # all sent first: one round trip (pipeline)
                 sent.append((measure, query_cur))
-            rows: Rows = {}
+            answers = []
             for measure, query_cur in sent:
-                found = query_cur.fetchall()
+                answers.append((measure, query_cur.fetchall()))
                 query_cur.close()
-                for row in found:
-                    if measure is None:
-                        values = {
-                            m.name: _decode(v)
-                            for m, v in zip(plain, row[1 + ngroups :], strict=True)
-                        }
-                        for m in spec.measures:
-                            if values.get(m.name) is None:
-                                values[m.name] = empty_value(m)
-                        rows[key(row)] = values
-                    else:
-                        rows[key(row)][measure] = _decode(row[-1])
-            return rows
+            # MAX/MIN over numeric return one of the inputs, scale included, so an int maximum
+            # stays an int; SUM's scale is the largest input scale, so any float makes it one.
+            return sqlagg.merge_rows(spec, query, answers, value=_decode)
 
         # REPEATABLE READ: every statement sees the same snapshot, so an append landing
         # between them cannot give a row a gauge without its sums.

@@ -13,7 +13,7 @@ from typing import Any
 import sqlite_utils
 
 from meterkit import counters
-from meterkit.engine.aggregate import Rows, empty_value
+from meterkit.engine.aggregate import Rows
 from meterkit.errors import StoreUnavailable, ValidationError
 from meterkit.hookspecs import hookimpl
 from meterkit.models import (
@@ -25,18 +25,12 @@ from meterkit.models import (
     MeterSpec,
     UsageQuery,
 )
+from meterkit.stores import sqlagg
 
 __all__ = ["SQLiteStore", "options_from_url", "path_from_url"]
 
 SCHEMA_VERSION = 1
 _CHUNK = 500
-_PLAIN_SQL = {
-    "sum": "SUM({})",
-    "count": "COUNT({})",
-    "max": "MAX({})",
-    "min": "MIN({})",
-    "unique_count": "COUNT(DISTINCT {})",
-}
 
 
 def path_from_url(url: str) -> str:
@@ -69,6 +63,10 @@ def options_from_url(url: str) -> dict[str, str]:
     return options
 
 
+def _member(column: str, values: list[Any]) -> tuple[str, list[Any]]:
+    return f"{column} IN ({', '.join('?' * len(values))})", values
+
+
 def _table(meter: str) -> str:
     return f"events_{meter}"
 
@@ -79,6 +77,14 @@ def _dim(name: str) -> str:
 
 def _val(name: str) -> str:
     return f"v_{name}"
+
+
+_DIALECT = sqlagg.Dialect(
+    table=lambda meter: f"[{_table(meter)}]",
+    dim=lambda name: f"[{_dim(name)}]",
+    val=lambda name: f"[{_val(name)}]",
+    member=_member,
+)
 
 
 class SQLiteStore:
@@ -256,67 +262,20 @@ class SQLiteStore:
             return None
 
     def _aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows:
-        where = ["organization_id = ?", "time >= ?", "time < ?"]
-        params: list[Any] = [query.organization_id, query.scan_start, query.page_end]
-        for name, allowed in query.filters:
-            col = f"[{_dim(name)}]"
-            present = [v for v in allowed if v is not None]
-            parts = []
-            if present:
-                parts.append(f"{col} IN ({', '.join('?' * len(present))})")
-                params.extend(present)
-            if None in allowed:
-                parts.append(f"{col} IS NULL")
-            where.append("(" + " OR ".join(parts) + ")")
-        w = query.width
-        bucket = f"(time - time % {w})"
-        groups = [f"[{_dim(g)}]" for g in query.group_by]
-        part = ", ".join([bucket, *groups])
-        table = f"[{_table(spec.name)}]"
-        cond = " AND ".join(where)
+        plan = sqlagg.statements(spec, query, _DIALECT)
         bools = {d.name for d in spec.dimensions if d.kind == "bool"}
 
-        def key(row: Sequence[Any]) -> tuple[int, tuple[DimValue, ...]]:
-            group = tuple(
-                bool(v) if (g in bools and v is not None) else v
-                for g, v in zip(query.group_by, row[1 : 1 + len(groups)])
-            )
-            return row[0], group
+        def group(name: str, value: Any) -> DimValue:
+            return bool(value) if name in bools and value is not None else value
 
-        plain = [m for m in spec.measures if not m.gauge and m.aggregation != "latest"]
-        select = [f"{bucket}", *groups]
-        select += [_PLAIN_SQL[m.aggregation].format(f"[{_val(m.name)}]") for m in plain]
-        rows: Rows = {}
-        sql = f"SELECT {', '.join(select)} FROM {table} WHERE {cond} GROUP BY {part}"
-        for row in self.conn.execute(sql, params):
-            values = dict(zip([m.name for m in plain], row[1 + len(groups) :]))
-            for m in spec.measures:
-                if values.get(m.name) is None:
-                    values[m.name] = empty_value(m)
-            rows[key(row)] = values
-        series = ", ".join([bucket, *(f"[{_dim(d)}]" for d in spec.dimension_names)])
-        for m in spec.measures:
-            if not (m.gauge or m.aggregation == "latest"):
-                continue
-            col = f"[{_val(m.name)}]"
-            window = series if m.gauge else part
-            inner = (
-                f"SELECT {bucket} AS b, {', '.join([*groups, col])}, "
-                f"ROW_NUMBER() OVER (PARTITION BY {window} ORDER BY time DESC, id DESC) AS rn "
-                f"FROM {table} WHERE {cond} AND {col} IS NOT NULL"
-            )
-            outer_groups = ", ".join(["b", *groups])
-            if m.gauge:
-                agg = {"sum": "SUM", "max": "MAX", "min": "MIN"}[m.aggregation]
-                sql = (
-                    f"SELECT {outer_groups}, {agg}({col}) FROM ({inner}) "
-                    f"WHERE rn = 1 GROUP BY {outer_groups}"
-                )
-            else:
-                sql = f"SELECT {outer_groups}, {col} FROM ({inner}) WHERE rn = 1"
-            for row in self.conn.execute(sql, params):
-                rows[key(row)][m.name] = row[-1]
-        return rows
+        # One read transaction: in WAL mode every statement sees the same snapshot, so an
+        # append from another process between them cannot split a row.
+        self.conn.execute("BEGIN")
+        try:
+            answers = [(m, self.conn.execute(sql, plan.params).fetchall()) for m, sql in plan.sql]
+        finally:
+            self.conn.execute("COMMIT")
+        return sqlagg.merge_rows(spec, query, answers, group=group)
 
     # -- records ------------------------------------------------------------------------------
 
