@@ -73,15 +73,18 @@ def stored_ids(meter: Meter, org: str = "org_1") -> list[str]:
 
 def total_tokens(meter: Meter, org: str = "org_1") -> int:
     """input_tokens summed over the first three days after T0, through the public query API."""
-    page = meter.usage("completions", organization_id=org, start_time=T0,
-                       end_time=T0 + 3 * DAY, bucket_width="1d")
+    page = meter.usage(
+        "completions", organization_id=org, start_time=T0, end_time=T0 + 3 * DAY, bucket_width="1d"
+    )
     return sum(int(r.values["input_tokens"] or 0) for b in page.data for r in b.results)
 
 
 def test_record_reports_new_then_duplicate(store_url: str) -> None:
     with Meter(store_url) as m:
         kwargs: dict[str, Any] = {
-            "organization_id": "org_1", "time": T0 + 5, "id": "evt_1",
+            "organization_id": "org_1",
+            "time": T0 + 5,
+            "id": "evt_1",
             "dimensions": {"model": "gpt-4o", "batch": False},
         }
         assert m.record("completions", {"input_tokens": 120}, **kwargs) is True
@@ -104,8 +107,10 @@ def test_record_many_counts_accepted_and_duplicates(store_url: str) -> None:
     [
         (completion("bad", tokens=-1), "events[2].values.input_tokens"),
         (completion("bad", batch="yes"), "events[2].dimensions.batch"),
-        (Event("bad", "completions", "org_1", T0, {"input_tokens": True}),
-         "events[2].values.input_tokens"),
+        (
+            Event("bad", "completions", "org_1", T0, {"input_tokens": True}),
+            "events[2].values.input_tokens",
+        ),
         (Event("bad", "no_such_meter", "org_1", T0, {"x": 1}), "events[2].meter"),
     ],
 )
@@ -163,8 +168,10 @@ def test_sqlite_meter_is_idempotent_across_reopen(tmp_path: Path) -> None:
         assert m.record_many(batch) == AppendResult(50, 0)
     with Meter(url) as m:
         assert m.record_many(batch) == AppendResult(0, 50)
-        assert m.record("completions", {"input_tokens": 5}, organization_id="org_1",
-                        time=T0, id="e7") is False
+        assert (
+            m.record("completions", {"input_tokens": 5}, organization_id="org_1", time=T0, id="e7")
+            is False
+        )
         assert m.record_many([*batch[:3], completion("e50", tokens=50)]) == AppendResult(1, 3)
     with Meter(url) as m:
         assert total_tokens(m) == sum(range(51))
@@ -174,19 +181,36 @@ def test_sqlite_meter_is_idempotent_across_reopen(tmp_path: Path) -> None:
 def test_two_meters_on_one_sqlite_file(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     with Meter(url) as m1, Meter(url) as m2:
-        assert m1.record("completions", {"input_tokens": 3}, organization_id="org_1",
-                         time=T0, id="x") is True
-        assert m2.record("completions", {"input_tokens": 3}, organization_id="org_1",
-                         time=T0, id="x") is False
+        assert (
+            m1.record("completions", {"input_tokens": 3}, organization_id="org_1", time=T0, id="x")
+            is True
+        )
+        assert (
+            m2.record("completions", {"input_tokens": 3}, organization_id="org_1", time=T0, id="x")
+            is False
+        )
         assert m2.record_many([completion("x"), completion("y", tokens=4)]) == AppendResult(1, 1)
         assert m1.record_many([completion("y"), completion("z", tokens=5)]) == AppendResult(1, 1)
         # Each sees what the other wrote, including a page cursor signed by the other.
         assert total_tokens(m1) == total_tokens(m2) == 3 + 4 + 5
-        page = m1.usage("completions", organization_id="org_1", start_time=T0,
-                        end_time=T0 + 3 * DAY, bucket_width="1d", limit=1)
+        page = m1.usage(
+            "completions",
+            organization_id="org_1",
+            start_time=T0,
+            end_time=T0 + 3 * DAY,
+            bucket_width="1d",
+            limit=1,
+        )
         assert page.next_page is not None
-        m2.usage("completions", organization_id="org_1", start_time=T0,
-                 end_time=T0 + 3 * DAY, bucket_width="1d", limit=1, page=page.next_page)
+        m2.usage(
+            "completions",
+            organization_id="org_1",
+            start_time=T0,
+            end_time=T0 + 3 * DAY,
+            bucket_width="1d",
+            limit=1,
+            page=page.next_page,
+        )
 
 
 def test_threads_racing_one_meter_store_each_id_once(store_url: str) -> None:
@@ -202,7 +226,7 @@ def test_threads_racing_one_meter_store_each_id_once(store_url: str) -> None:
             barrier.wait()
             total = AppendResult(0, 0)
             for i in range(0, len(ids), 15):
-                total += m.record_many([completion(f"t{n}", tokens=n) for n in ids[i:i + 15]])
+                total += m.record_many([completion(f"t{n}", tokens=n) for n in ids[i : i + 15]])
             with lock:
                 results.append(total)
 
@@ -219,15 +243,13 @@ def test_threads_racing_one_meter_store_each_id_once(store_url: str) -> None:
         assert total_tokens(m) == sum(distinct)
 
 
-def _append_from_process(
-    url: str, ids: Sequence[int], barrier: Any, results: Any
-) -> None:
+def _append_from_process(url: str, ids: Sequence[int], barrier: Any, results: Any) -> None:
     with Meter(url) as m:
         barrier.wait()
         total = AppendResult(0, 0)
         for i in range(0, len(ids), 25):
             # Each id always carries the same value, whichever process gets to store it.
-            total += m.record_many([completion(f"p{n}", tokens=n) for n in ids[i:i + 25]])
+            total += m.record_many([completion(f"p{n}", tokens=n) for n in ids[i : i + 25]])
         results.put((total.accepted, total.duplicates))
 
 
