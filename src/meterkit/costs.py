@@ -24,7 +24,7 @@ from meterkit.convert import openai_converter
 from meterkit.engine.cursor import decode_cursor, encode_cursor
 from meterkit.engine.page import bucket_starts
 from meterkit.errors import ValidationError
-from meterkit.models import DimValue, Event, MeterSpec, UsageQuery
+from meterkit.models import Dimension, DimValue, Event, Measure, MeterSpec, UsageQuery
 from meterkit.periods import Period
 from meterkit.pricing import (
     EXACT_CONTEXT,
@@ -36,7 +36,7 @@ from meterkit.pricing import (
     to_units,
 )
 from meterkit.stores.base import Store
-from meterkit.validate import check_id, check_string, check_time
+from meterkit.validate import check_id, check_time, check_usage_query
 
 __all__ = [
     "COSTS_GROUPS",
@@ -55,6 +55,8 @@ __all__ = [
 COSTS_METER = "costs"  # the name costs queries carry in their cursors
 COSTS_OBJECT = "organization.costs.result"
 COSTS_GROUPS: tuple[str, ...] = ("project_id", "line_item", "api_key_id")
+# The shape a costs query is checked against: its groups are the dimensions it may use.
+COSTS_SPEC = MeterSpec(COSTS_METER, [Measure("amount")], [Dimension(name) for name in COSTS_GROUPS])
 COSTS_DEFAULT_LIMIT = 7
 COSTS_MAX_LIMIT = 180
 DAY = 86400
@@ -177,18 +179,6 @@ register_costs_hooks(openai_converter)
 # -- validation ------------------------------------------------------------------------------
 
 
-def _names(field: str, value: object, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-        raise ValidationError(field, f"must be a list of {', '.join(allowed)}")
-    out: list[str] = []
-    for name in value:
-        if name not in allowed:
-            raise ValidationError(field, f"{name!r} is not one of {', '.join(allowed)}")
-        if name not in out:
-            out.append(name)
-    return tuple(out)
-
-
 def check_costs_query(
     *,
     organization_id: object,
@@ -203,46 +193,16 @@ def check_costs_query(
 
     ``filters`` maps ``project_id``, ``api_key_id`` or ``line_item`` to the allowed values.
     """
-    org = check_id("organization_id", organization_id)
-    start = check_time("start_time", start_time)
-    end = check_time("end_time", end_time)
-    if end <= start:
-        raise ValidationError("end_time", "must be greater than start_time")
-    if bucket_width != "1d":
-        raise ValidationError("bucket_width", "costs support only '1d'")
-    if limit is None:
-        limit = COSTS_DEFAULT_LIMIT
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise ValidationError("limit", "must be an integer")
-    if not 1 <= limit <= COSTS_MAX_LIMIT:
-        raise ValidationError("limit", f"must be between 1 and {COSTS_MAX_LIMIT}")
-    groups = _names("group_by", group_by if group_by is not None else (), COSTS_GROUPS)
-    items: list[tuple[str, tuple[DimValue, ...]]] = []
-    if filters is not None:
-        if not isinstance(filters, Mapping):
-            raise ValidationError("filters", "must be a mapping of field to allowed values")
-        for name, allowed in filters.items():
-            field = f"filters.{name}"
-            if name not in COSTS_GROUPS:
-                raise ValidationError(field, f"costs filter on {', '.join(COSTS_GROUPS)} only")
-            if isinstance(allowed, (str, bytes, Mapping)) or not isinstance(allowed, Iterable):
-                raise ValidationError(field, "must be a list of values")
-            values = tuple(dict.fromkeys(check_string(field, v) for v in allowed))
-            if not values:
-                raise ValidationError(field, "must not be empty")
-            items.append((name, values))
-    items.sort(key=lambda item: item[0])
-    return UsageQuery(
-        meter=COSTS_METER,
-        organization_id=org,
-        start_time=start,
-        end_time=end,
-        bucket_width="1d",
-        width=DAY,
-        group_by=groups,
-        filters=tuple(items),
+    return check_usage_query(
+        COSTS_SPEC,
+        organization_id=organization_id,
+        start_time=start_time,
+        end_time=end_time,
+        bucket_width=bucket_width,
+        group_by=group_by,
+        filters=filters,
         limit=limit,
-        page_start=start - start % DAY,
+        widths={"1d": (DAY, COSTS_DEFAULT_LIMIT, COSTS_MAX_LIMIT)},
     )
 
 

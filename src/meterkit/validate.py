@@ -217,16 +217,20 @@ def check_usage_query(
     group_by: object,
     filters: object,
     limit: object,
+    widths: Mapping[str, tuple[int, int, int]] = BUCKET_WIDTHS,
 ) -> UsageQuery:
-    """Validate a bucket query's parameters; ``page_start`` is set to the first bucket."""
+    """Validate a bucket query's parameters; ``page_start`` is set to the first bucket.
+
+    ``widths`` maps each allowed ``bucket_width`` to (seconds, default limit, max limit).
+    """
     org = check_id("organization_id", organization_id)
     start = check_time("start_time", start_time)
     end = check_time("end_time", end_time)
     if end <= start:
         raise ValidationError("end_time", "must be greater than start_time")
-    if not isinstance(bucket_width, str) or bucket_width not in BUCKET_WIDTHS:
-        raise ValidationError("bucket_width", f"must be one of {list(BUCKET_WIDTHS)}")
-    width, default_limit, max_limit = BUCKET_WIDTHS[bucket_width]
+    if not isinstance(bucket_width, str) or bucket_width not in widths:
+        raise ValidationError("bucket_width", f"must be one of {list(widths)}")
+    width, default_limit, max_limit = widths[bucket_width]
     if limit is None:
         limit = default_limit
     if isinstance(limit, bool) or not isinstance(limit, int):
