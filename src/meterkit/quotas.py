@@ -106,7 +106,8 @@ class _Line:
     window: int = 0
 
 
-def _check_amounts(amounts: object, field: str = "amounts") -> dict[str, int]:
+def check_amounts(amounts: object, field: str = "amounts") -> dict[str, int]:
+    """``{metric: whole amount >= 0}``, or a ValidationError naming ``field.metric``."""
     if not isinstance(amounts, Mapping):
         raise ValidationError(field, "must be a mapping of metric to a whole amount")
     out: dict[str, int] = {}
@@ -150,7 +151,7 @@ class Reservation:
 
     def commit(self, actual: Mapping[str, int] | None = None) -> None:
         """Settle to the real amounts (default: what was held). Over the hold is debited too."""
-        amounts = dict(self.held) if actual is None else _check_amounts(actual, "actual")
+        amounts = dict(self.held) if actual is None else check_amounts(actual, "actual")
         unknown = set(amounts) - set(self.held)
         if unknown:
             raise ValidationError("actual", f"not held by this reservation: {sorted(unknown)}")
@@ -423,7 +424,7 @@ class Quotas:
     ) -> Decision:
         """Count usage that already happened, whatever the limits say (it is never refused)."""
         org = check_id("organization_id", organization_id)
-        clean = _check_amounts(amounts)
+        clean = check_amounts(amounts)
         now = self.meter.now()
         lines = self._lines(org, clean, 0, now)
         values = self._guard(
@@ -476,7 +477,7 @@ class Quotas:
         dimensions: Mapping[str, Any] | None,
     ) -> tuple[Decision, Reservation | None]:
         org = check_id("organization_id", organization_id)
-        clean = _check_amounts(amounts)
+        clean = check_amounts(amounts)
         if isinstance(requests, bool) or not isinstance(requests, int) or requests < 0:
             raise ValidationError("requests", "must be a non-negative integer")
         now = self.meter.now()

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Generic, Literal, TypeAlias, TypeVar, cast
 
 import attrs
 
@@ -27,8 +27,7 @@ from meterkit.auth import Principal, authenticate
 from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.http.errors import MESSAGES, OPENAI, HttpError
 from meterkit.plans import UNLIMITED
-from meterkit.quotas import RATE_WINDOWS, Decision, Reservation
-from meterkit.validate import check_string
+from meterkit.quotas import RATE_WINDOWS, Decision, Reservation, check_amounts
 
 if TYPE_CHECKING:
     from meterkit.meter import Meter
@@ -104,7 +103,7 @@ class Usage:
 
     def add(self, amounts: Mapping[str, int] | None = None, /, **more: int) -> None:
         """Report usage; amounts are whole, non-negative numbers and add up across calls."""
-        clean = _check_report({**(amounts or {}), **more})
+        clean = check_amounts({**(amounts or {}), **more}, "usage")
         with self._lock:
             for metric, amount in clean.items():
                 self._reported[metric] = self._reported.get(metric, 0) + amount
@@ -117,20 +116,6 @@ class Usage:
 
     def __repr__(self) -> str:
         return f"Usage(organization_id={self.organization_id!r}, reported={self.reported!r})"
-
-
-def _check_report(amounts: Mapping[str, Any], field: str = "usage") -> dict[str, int]:
-    if not isinstance(amounts, Mapping):
-        raise ValidationError(field, "must be a mapping of metric to a whole amount")
-    out: dict[str, int] = {}
-    for metric, amount in amounts.items():
-        check_string(field, metric)
-        if metric in RATE_WINDOWS:
-            raise ValidationError(f"{field}.{metric}", "rate limits are counted per request")
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-            raise ValidationError(f"{field}.{metric}", "must be a non-negative integer")
-        out[metric] = amount
-    return out
 
 
 # -- headers and bodies from a decision --------------------------------------------------------
@@ -329,7 +314,7 @@ class Metering(Generic[R]):
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
             raise ValidationError("ttl", "must be a positive number of seconds")
         if cost is not None and not callable(cost):
-            cost = MappingProxyType(_check_report(cost, "cost"))
+            cost = MappingProxyType(check_amounts(cost, "cost"))
         self.meter = meter
         self.authorization = authorization
         self.identify = identify
@@ -398,7 +383,7 @@ class Metering(Generic[R]):
             return {}
         if callable(cost):
             found = cost(request)
-            return _check_report(found, "cost") if found else {}
+            return check_amounts(found, "cost") if found else {}
         return dict(cost)
 
     def _admit(
