@@ -323,6 +323,14 @@ def test_database_clock(url: str) -> None:
         store.close()
 
 
+def test_database_clock_is_the_default(url: str) -> None:
+    with Meter(url) as m:
+        # Without a clock of its own, a meter on PostgreSQL decides windows by the database's.
+        assert m.clock == m.store.db_now  # type: ignore[attr-defined]
+    with Meter(url, clock=lambda: 1_730_419_200) as m:
+        assert m.now() == 1_730_419_200
+
+
 # -- failures ---------------------------------------------------------------------------------
 
 

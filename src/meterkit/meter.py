@@ -69,7 +69,8 @@ class Meter:
 
     ``Meter("sqlite:///usage.db")`` (the default is ``sqlite:///meterkit.db``), or
     ``Meter("memory://")``. ``plugins`` are registered on a plugin manager of this meter's
-    own; ``clock`` returns Unix seconds and is used wherever "now" is needed.
+    own; ``clock`` returns Unix seconds and is used wherever "now" is needed (default: the
+    store's ``db_now`` where it has one, such as PostgreSQL's, else ``time.time``).
     """
 
     def __init__(
@@ -78,7 +79,7 @@ class Meter:
         *,
         meters: Iterable[MeterSpec] = (),
         plugins: Iterable[object] = (),
-        clock: Clock = _time.time,
+        clock: Clock | None = None,
         store: Store | None = None,
         counters: str | CounterStore | None = None,
         policy: Policy = "closed",
@@ -88,9 +89,11 @@ class Meter:
     ) -> None:
         plugins = tuple(plugins)
         self.pm = make_plugin_manager(plugins) if plugins else get_plugin_manager()
-        self.clock = clock
         self.store: Store = store if store is not None else open_store(url, self.pm)
         self.url = self.store.url
+        # A store that can tell the time (PostgreSQL) decides windows and periods by one clock
+        # for every process and host; otherwise the local clock.
+        self.clock: Clock = clock or getattr(self.store, "db_now", None) or _time.time
         self.counters: CounterStore = (
             self.store
             if counters is None
