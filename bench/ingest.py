@@ -2,28 +2,42 @@
 
 Both sides write the same rows, in the same batches, into a table of the same shape (the
 raw table is created from the DDL meterkit itself emitted: text primary key on ``id``, index
-on ``(organization_id, time)``), with the same durability settings as meterkit's SQLite
-store: WAL journal, ``synchronous=NORMAL``, one ``BEGIN IMMEDIATE`` transaction per batch.
+on ``(organization_id, time)``), with the same durability as meterkit's SQLite store: WAL
+journal, one ``BEGIN IMMEDIATE`` transaction per batch, and the store's own ``synchronous``
+setting, read from the :class:`~meterkit.stores.sqlite.SQLiteStore` the meter opened (``FULL``
+by default, ``NORMAL`` with ``?synchronous=normal``) and checked on both connections.
 
-The two sides take turns batch by batch. Only the call that stores a batch is timed: the
-batch's ``Event`` objects (meterkit) or tuples (raw) are built beforehand, as the input each
-side is handed.
+Each :class:`Target` is one meterkit file and its raw twin at one ``synchronous`` setting.
+All sides of all targets take turns batch by batch (the order rotating from batch to batch),
+so the files grow in step and other load on the machine falls on every side alike. Only the
+call that stores a batch is timed: the batch's ``Event`` objects (meterkit) or tuples (raw)
+are built beforehand, as the input each side is handed.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data import DIMENSIONS, MEASURES, METER, Row, batches, to_event
 
 import meterkit
+from meterkit.stores.sqlite import SQLiteStore
 
-__all__ = ["IngestFigures", "ingest", "prepare_schema", "raw_connect", "table_ddl"]
+__all__ = [
+    "COLUMNS",
+    "TABLE",
+    "IngestFigures",
+    "Target",
+    "ingest",
+    "prepare_schema",
+    "raw_connect",
+    "table_ddl",
+]
 
 TABLE = f"events_{METER}"
 # The store's column names, in the order of a data.Row.
@@ -34,6 +48,8 @@ COLUMNS = (
     *(f"d_{d}" for d in DIMENSIONS),
     *(f"v_{m}" for m in MEASURES),
 )
+# PRAGMA synchronous answers with a number.
+_SYNCHRONOUS_LEVEL = {"OFF": 0, "NORMAL": 1, "FULL": 2, "EXTRA": 3}
 
 
 @dataclass
@@ -51,8 +67,24 @@ class IngestFigures:
         return {**asdict(self), "events_per_s": round(self.events_per_s)}
 
 
-def _url(path: Path) -> str:
-    return f"sqlite:///{path}"
+@dataclass
+class Target:
+    """A meterkit file and its raw twin, both written at one ``synchronous`` setting.
+
+    ``options`` is the SQLite URL's query (``""``: the store's default, ``FULL``).
+    ``synchronous`` is filled in by :func:`ingest` from the store meterkit opened.
+    """
+
+    mk_path: Path
+    raw_path: Path
+    options: str = ""
+    synchronous: str = ""
+    mk: IngestFigures = field(default_factory=lambda: IngestFigures(0, 0, 0.0, 0))
+    raw: IngestFigures = field(default_factory=lambda: IngestFigures(0, 0, 0.0, 0))
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.mk_path}{'?' + self.options if self.options else ''}"
 
 
 def table_ddl(path: Path) -> list[str]:
@@ -76,65 +108,101 @@ def table_ddl(path: Path) -> list[str]:
 
 def prepare_schema(path: Path) -> list[str]:
     """Let meterkit create its (empty) events table in ``path``, and return its DDL."""
-    with meterkit.Meter(_url(path)) as meter:
+    with meterkit.Meter(f"sqlite:///{path}") as meter:
         meter.store.ensure_meter(meter.spec(METER))
     return table_ddl(path)
 
 
-def raw_connect(path: Path) -> sqlite3.Connection:
+def _synchronous(conn: sqlite3.Connection) -> int:
+    row = conn.execute("PRAGMA synchronous").fetchone()
+    return int(row[0])
+
+
+def raw_connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    """A raw connection with the store's settings: WAL and its ``synchronous`` level."""
+    if synchronous not in _SYNCHRONOUS_LEVEL:
+        raise ValueError(f"unknown synchronous setting {synchronous!r}")
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=wal")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
     return conn
 
 
 def ingest(
-    mk_path: Path, raw_path: Path, ddl: Sequence[str], rows: Sequence[Row], batch_size: int
-) -> tuple[IngestFigures, IngestFigures]:
-    """Store ``rows`` batch by batch through meterkit and through raw ``sqlite3``.
+    targets: Sequence[Target], ddl: Sequence[str], rows: Sequence[Row], batch_size: int
+) -> None:
+    """Store ``rows`` batch by batch through meterkit and through raw ``sqlite3``, per target.
 
-    The two sides take turns batch by batch (alternating which goes first), so both files
-    grow in step and other load on the machine falls on both alike. meterkit calls
-    ``Meter.record_many``; raw runs ``INSERT OR IGNORE`` (the raw way to keep ids unique
-    without failing the batch) through ``executemany`` in ``BEGIN IMMEDIATE`` … ``COMMIT``.
+    meterkit calls ``Meter.record_many``; raw runs ``INSERT OR IGNORE`` (the raw way to keep
+    ids unique without failing the batch) through ``executemany`` in ``BEGIN IMMEDIATE`` …
+    ``COMMIT``. Figures are added to each target's ``mk`` and ``raw``.
     """
     sql = (
         f"INSERT OR IGNORE INTO [{TABLE}] ({', '.join(COLUMNS)}) "
         f"VALUES ({', '.join('?' * len(COLUMNS))})"
     )
-    mk = IngestFigures(len(rows), 0, 0.0, 0)
-    raw = IngestFigures(len(rows), 0, 0.0, 0)
-    conn = raw_connect(raw_path)
+    meters: list[meterkit.Meter] = []
+    conns: list[sqlite3.Connection] = []
+    sides: list[Callable[[Sequence[Row]], None]] = []
     try:
-        for statement in ddl:
-            conn.execute(
-                statement.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1).replace(
-                    "CREATE INDEX", "CREATE INDEX IF NOT EXISTS", 1
+        for target in targets:
+            meter = meterkit.Meter(target.url)
+            meters.append(meter)
+            store = meter.store
+            if not isinstance(store, SQLiteStore):
+                raise TypeError(f"{target.url} did not open a SQLiteStore")
+            # The raw side runs at whatever durability the store chose for itself.
+            target.synchronous = store.synchronous
+            conn = raw_connect(target.raw_path, store.synchronous)
+            conns.append(conn)
+            for statement in ddl:
+                conn.execute(
+                    statement.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1).replace(
+                        "CREATE INDEX", "CREATE INDEX IF NOT EXISTS", 1
+                    )
                 )
+            level = _synchronous(store.conn)
+            assert level == _synchronous(conn) == _SYNCHRONOUS_LEVEL[store.synchronous], (
+                target.url,
+                level,
+                _synchronous(conn),
             )
-        with meterkit.Meter(_url(mk_path)) as meter:
-
-            def run_mk(chunk: Sequence[Row]) -> None:
-                events = [to_event(r) for r in chunk]
-                t0 = time.perf_counter()
-                result = meter.record_many(events)
-                mk.seconds += time.perf_counter() - t0
-                mk.accepted += result.accepted
-                mk.batches += 1
-
-            def run_raw(chunk: Sequence[Row]) -> None:
-                t0 = time.perf_counter()
-                conn.execute("BEGIN IMMEDIATE")
-                cursor = conn.executemany(sql, chunk)
-                conn.execute("COMMIT")
-                raw.seconds += time.perf_counter() - t0
-                raw.accepted += cursor.rowcount
-                raw.batches += 1
-
-            for i, chunk in enumerate(batches(rows, batch_size)):
-                first, second = (run_mk, run_raw) if i % 2 == 0 else (run_raw, run_mk)
-                first(chunk)
-                second(chunk)
+            sides += [_mk_side(meter, target.mk), _raw_side(conn, sql, target.raw)]
+            target.mk.events += len(rows)
+            target.raw.events += len(rows)
+        for i, chunk in enumerate(batches(rows, batch_size)):
+            k = i % len(sides)
+            for side in sides[k:] + sides[:k]:
+                side(chunk)
     finally:
-        conn.close()
-    return mk, raw
+        for conn in conns:
+            conn.close()
+        for meter in meters:
+            meter.close()
+
+
+def _mk_side(meter: meterkit.Meter, figures: IngestFigures) -> Callable[[Sequence[Row]], None]:
+    def run(chunk: Sequence[Row]) -> None:
+        events = [to_event(r) for r in chunk]
+        t0 = time.perf_counter()
+        result = meter.record_many(events)
+        figures.seconds += time.perf_counter() - t0
+        figures.accepted += result.accepted
+        figures.batches += 1
+
+    return run
+
+
+def _raw_side(
+    conn: sqlite3.Connection, sql: str, figures: IngestFigures
+) -> Callable[[Sequence[Row]], None]:
+    def run(chunk: Sequence[Row]) -> None:
+        t0 = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        cursor = conn.executemany(sql, chunk)
+        conn.execute("COMMIT")
+        figures.seconds += time.perf_counter() - t0
+        figures.accepted += cursor.rowcount
+        figures.batches += 1
+
+    return run

@@ -1,12 +1,17 @@
-"""meterkit benchmarks: durable SQLite ingest and a 31-day grouped query, each against raw
-``sqlite3`` on the same rows in the same run, printed as ratios.
+"""meterkit benchmarks, each against a raw baseline in the same run, printed as ratios.
 
-    python bench/run.py                   # 1,000,000 events (a few minutes)
-    python bench/run.py --quick           # ~20k events, a smoke run
-    python bench/run.py --only query --dir bench/.data/1m   # reuse files kept by --dir
+ingest: durable SQLite ingest vs raw ``sqlite3``; query: a 31-day grouped query vs raw SQL;
+quotas: quota check-and-debit vs the ``limits`` library; middleware: a Starlette app served by
+uvicorn with and without ``MeteringMiddleware``; scale: PostgreSQL ingest and PostgreSQL /
+Redis quota checks vs raw psycopg and ``limits`` on Redis.
+
+    python bench/run.py                   # everything (about 10 minutes)
+    python bench/run.py --quick           # a smoke run of everything, about a minute
+    python bench/run.py --only quotas     # one part: ingest, query, quotas, middleware, scale
+    python bench/run.py --only query --dir bench/.data/q   # reuse files kept by --dir
 
 Speed is measured here and never asserted; the only assertions are correctness guards
-(meterkit and raw SQL must give the same rows). Results go to ``--out`` as JSON.
+(meterkit and the baseline must give the same answers). Results go to ``--out`` as JSON.
 """
 
 from __future__ import annotations
@@ -28,39 +33,75 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import middleware
+import quotas
+import scale
 from data import MEASURES, QUERY_DAYS, QUERY_END, START, Dataset, generate, to_event
-from ingest import IngestFigures, ingest, prepare_schema, table_ddl
+from ingest import IngestFigures, Target, ingest, prepare_schema, table_ddl
 from query import QueryBench, Timing
+from report import fmt_rate, fmt_s, table
 
 import meterkit
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "results" / "latest.json"
+RESULTS = HERE / "results"
+PARTS = ("ingest", "query", "quotas", "middleware", "scale")
 MK_DB = "mk.db"
 RAW_DB = "raw.db"
+MK_NORMAL_DB = "mk-normal.db"
+RAW_NORMAL_DB = "raw-normal.db"
 MARKER = "dataset.json"
+# 1,550,000 events put 1,020,046 of them in the query's 31-day window of its organization.
+DEFAULT_EVENTS = 1_550_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--events", type=int, default=1_000_000, help="events to generate")
-    p.add_argument("--quick", action="store_true", help="smoke run: 20k events, 3 repeats")
-    p.add_argument("--only", choices=["ingest", "query"], help="run one benchmark only")
+    p.add_argument("--events", type=int, default=DEFAULT_EVENTS, help="events to generate")
+    p.add_argument("--quick", action="store_true", help="smoke run: small sizes, short runs")
+    p.add_argument("--only", choices=PARTS, help="run one benchmark only")
     p.add_argument("--batch", type=int, default=10_000, help="events per record_many call")
     p.add_argument("--repeat", type=int, default=7, help="timed runs per query path")
     p.add_argument("--seed", type=int, default=20241101, help="data generator seed")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per quota-check contender")
+    p.add_argument(
+        "--seconds", type=float, default=0.6, help="seconds per round of a quota-check contender"
+    )
+    p.add_argument("--threads", type=int, default=4, help="threads for the concurrent checks")
+    p.add_argument("--http-rounds", type=int, default=3, help="load runs per HTTP server")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per HTTP load run")
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP requests")
+    p.add_argument(
+        "--scale-events", type=int, default=200_000, help="events ingested into PostgreSQL"
+    )
+    p.add_argument(
+        "--postgres",
+        default=os.environ.get("MK_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+        help="PostgreSQL for --only scale (default $MK_POSTGRES_URL or the local server)",
+    )
+    p.add_argument(
+        "--redis",
+        default=os.environ.get("MK_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="Redis for --only scale (default $MK_BENCH_REDIS_URL or the local server, db 0)",
+    )
     p.add_argument(
         "--dir",
         type=Path,
         help="keep the database files here (default: a temporary directory); "
         "--only query reuses files a previous run left for the same data",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="JSON results file (default bench/results/latest.json; "
+        "with --only PART, bench/results/PART.json)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -71,8 +112,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.events = 20_000
         args.repeat = min(args.repeat, 3)
         args.batch = min(args.batch, 2_000)
-    if args.events < 1 or args.batch < 1 or args.repeat < 1:
-        p.error("--events, --batch and --repeat must be positive")
+        args.rounds = min(args.rounds, 2)
+        args.seconds = min(args.seconds, 0.2)
+        args.http_rounds = 1
+        args.duration = min(args.duration, 1.0)
+        args.scale_events = min(args.scale_events, 10_000)
+    positive = ("events", "batch", "repeat", "rounds", "threads", "http_rounds", "concurrency")
+    if any(getattr(args, k) < 1 for k in positive) or args.scale_events < 1:
+        p.error("counts and sizes must be positive")
+    if args.seconds <= 0 or args.duration <= 0:
+        p.error("--seconds and --duration must be positive")
+    if args.out is None:
+        args.out = RESULTS / (f"{args.only}.json" if args.only else "latest.json")
     return args
 
 
@@ -104,27 +155,6 @@ def dataset_key(data: Dataset) -> dict[str, Any]:
     return {"events": len(data.rows), "seed": data.seed, "meterkit": meterkit.__version__}
 
 
-def fmt_rate(x: float) -> str:
-    return f"{x:,.0f}/s"
-
-
-def fmt_s(x: float) -> str:
-    return f"{x * 1000:,.1f} ms" if x < 1 else f"{x:,.2f} s"
-
-
-def table(title: str, rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [title]
-    for j, r in enumerate(rows):
-        cells = zip(r, widths, strict=True)
-        lines.append(
-            "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
-        )
-        if j == 0:
-            lines.append("  " + "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def profile(fn: Callable[[], object], title: str, limit: int = 20) -> None:
     prof = cProfile.Profile()
     prof.runcall(fn)
@@ -134,19 +164,32 @@ def profile(fn: Callable[[], object], title: str, limit: int = 20) -> None:
 
 
 def run_ingest(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, Any]:
-    mk_path, raw_path = work / MK_DB, work / RAW_DB
-    remove_db(mk_path)
-    remove_db(raw_path)
+    full = Target(work / MK_DB, work / RAW_DB)
+    normal = Target(work / MK_NORMAL_DB, work / RAW_NORMAL_DB, "synchronous=normal")
+    for t in (full, normal):
+        remove_db(t.mk_path)
+        remove_db(t.raw_path)
     (work / MARKER).unlink(missing_ok=True)
-    ddl = prepare_schema(mk_path)
-    print(f"ingest: {len(data.rows):,} events in batches of {args.batch:,} ...", flush=True)
-    mk, raw = ingest(mk_path, raw_path, ddl, data.rows, args.batch)
-    assert mk.accepted == raw.accepted == len(data.rows), (mk, raw)
-    mk_bytes, raw_bytes = file_bytes(mk_path), file_bytes(raw_path)
-    # Every id again: nothing new may be stored.
-    mk_dup, raw_dup = ingest(mk_path, raw_path, ddl, data.rows, args.batch)
-    assert mk_dup.accepted == 0 and raw_dup.accepted == 0, (mk_dup, raw_dup)
-    assert table_ddl(raw_path) == ddl
+    ddl = prepare_schema(full.mk_path)
+    assert prepare_schema(normal.mk_path) == ddl
+    print(
+        f"ingest: {len(data.rows):,} events in batches of {args.batch:,}, at the store's default "
+        "durability and at synchronous=normal, all four files in turn ...",
+        flush=True,
+    )
+    ingest([full, normal], ddl, data.rows, args.batch)
+    for t in (full, normal):
+        assert t.mk.accepted == t.raw.accepted == len(data.rows), (t.mk, t.raw)
+    assert (full.synchronous, normal.synchronous) == ("FULL", "NORMAL"), (full, normal)
+    sizes = {t.synchronous: (file_bytes(t.mk_path), file_bytes(t.raw_path)) for t in (full, normal)}
+    # Every id again (at the default durability): nothing new may be stored.
+    dup = Target(full.mk_path, full.raw_path)
+    ingest([dup], ddl, data.rows, args.batch)
+    assert dup.mk.accepted == 0 and dup.raw.accepted == 0, (dup.mk, dup.raw)
+    assert table_ddl(full.raw_path) == table_ddl(normal.raw_path) == ddl
+    for t in (normal,):  # only the default-durability files are queried
+        remove_db(t.mk_path)
+        remove_db(t.raw_path)
     (work / MARKER).write_text(json.dumps(dataset_key(data)))
     if args.profile:
         events = [to_event(r) for r in data.rows[: args.batch]]
@@ -157,42 +200,61 @@ def run_ingest(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str,
             profile(lambda: meter.record_many(events), f"record_many({len(events):,} events)")
         remove_db(scratch)
 
-    def side(fresh: IngestFigures, dup: IngestFigures, size: int) -> dict[str, Any]:
-        return {**fresh.as_dict(), "file_bytes": size, "duplicate_reingest": dup.as_dict()}
+    def side(fresh: IngestFigures, size: int, dup: IngestFigures | None) -> dict[str, Any]:
+        out = {**fresh.as_dict(), "file_bytes": size}
+        if dup is not None:
+            out["duplicate_reingest"] = dup.as_dict()
+        return out
 
+    mk_n, raw_n = sizes["NORMAL"]
+    mk_f, raw_f = sizes["FULL"]
     result = {
         "batch": args.batch,
-        "meterkit": side(mk, mk_dup, mk_bytes),
-        "raw": side(raw, raw_dup, raw_bytes),
+        "synchronous": full.synchronous,
+        "meterkit": side(full.mk, mk_f, dup.mk),
+        "raw": side(full.raw, raw_f, dup.raw),
         # How many times longer meterkit takes than raw sqlite3 (1.0 = as fast).
-        "ratio_meterkit_over_raw": round(mk.seconds / raw.seconds, 2),
-        "duplicate_ratio_meterkit_over_raw": round(mk_dup.seconds / raw_dup.seconds, 2),
+        "ratio_meterkit_over_raw": round(full.mk.seconds / full.raw.seconds, 2),
+        "duplicate_ratio_meterkit_over_raw": round(dup.mk.seconds / dup.raw.seconds, 2),
+        "synchronous_normal": {
+            "url_option": "?synchronous=normal",
+            "meterkit": side(normal.mk, mk_n, None),
+            "raw": side(normal.raw, raw_n, None),
+            "ratio_meterkit_over_raw": round(normal.mk.seconds / normal.raw.seconds, 2),
+        },
     }
+
+    def line(name: str, f: IngestFigures, dup_s: str, size: int) -> tuple[str, ...]:
+        return (
+            name,
+            fmt_rate(f.events_per_s),
+            f"{f.seconds:.2f}",
+            dup_s,
+            f"{size / 2**20:.1f} MiB",
+        )
+
     print(
         table(
-            f"\nDurable ingest into SQLite ({len(data.rows):,} events, WAL, synchronous=NORMAL, "
+            f"\nDurable ingest into SQLite ({len(data.rows):,} events, WAL, "
             f"1 transaction per {args.batch:,})",
             [
                 ("", "events/s", "seconds", "re-ingest dups", "file"),
+                line("meterkit record_many, FULL", full.mk, f"{dup.mk.seconds:.2f} s", mk_f),
+                line("raw sqlite3 executemany, FULL", full.raw, f"{dup.raw.seconds:.2f} s", raw_f),
                 (
-                    "meterkit record_many",
-                    fmt_rate(mk.events_per_s),
-                    f"{mk.seconds:.2f}",
-                    f"{mk_dup.seconds:.2f} s",
-                    f"{mk_bytes / 2**20:.1f} MiB",
-                ),
-                (
-                    "raw sqlite3 executemany",
-                    fmt_rate(raw.events_per_s),
-                    f"{raw.seconds:.2f}",
-                    f"{raw_dup.seconds:.2f} s",
-                    f"{raw_bytes / 2**20:.1f} MiB",
-                ),
-                (
-                    "ratio meterkit/raw (time)",
+                    "ratio meterkit/raw (time), FULL",
                     f"{result['ratio_meterkit_over_raw']:.2f}x",
                     "",
                     f"{result['duplicate_ratio_meterkit_over_raw']:.2f}x",
+                    "",
+                ),
+                line("meterkit record_many, NORMAL", normal.mk, "", mk_n),
+                line("raw sqlite3 executemany, NORMAL", normal.raw, "", raw_n),
+                (
+                    "ratio meterkit/raw (time), NORMAL",
+                    f"{result['synchronous_normal']['ratio_meterkit_over_raw']:.2f}x",
+                    "",
+                    "",
                     "",
                 ),
             ],
@@ -218,7 +280,7 @@ def ensure_loaded(args: argparse.Namespace, data: Dataset, work: Path) -> None:
     remove_db(raw_path)
     print(f"query: loading {len(data.rows):,} events (not timed) ...", flush=True)
     ddl = prepare_schema(mk_path)
-    ingest(mk_path, raw_path, ddl, data.rows, args.batch)
+    ingest([Target(mk_path, raw_path)], ddl, data.rows, args.batch)
     marker.write_text(json.dumps(dataset_key(data)))
 
 
@@ -292,6 +354,15 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
     return result
 
 
+def redact(url: str) -> str:
+    """``url`` without its password, for the results file."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -301,15 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    t0 = time.perf_counter()
-    data = generate(args.events, args.seed)
-    gen_s = time.perf_counter() - t0
-    print(
-        f"data: {len(data.rows):,} completions events, {len(data.organizations)} orgs, "
-        f"{data.projects} projects, {data.users} users, {data.api_keys} API keys, "
-        f"generated in {gen_s:.1f} s",
-        flush=True,
-    )
+    parts = [args.only] if args.only else list(PARTS)
+    shown = {k: v for k, v in vars(args).items() if k not in ("dir", "out")}
+    shown["postgres"], shown["redis"] = redact(args.postgres), redact(args.redis)
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "meterkit": meterkit.__version__,
@@ -319,8 +384,21 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         # Other work on the machine skews every figure; the load average says how much.
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "args": {k: v for k, v in vars(args).items() if k not in ("dir", "out")},
-        "data": {
+        "args": shown,
+        "parts": {},
+    }
+    data: Dataset | None = None
+    if "ingest" in parts or "query" in parts:
+        t0 = time.perf_counter()
+        data = generate(args.events, args.seed)
+        gen_s = time.perf_counter() - t0
+        print(
+            f"data: {len(data.rows):,} completions events, {len(data.organizations)} orgs, "
+            f"{data.projects} projects, {data.users} users, {data.api_keys} API keys, "
+            f"generated in {gen_s:.1f} s",
+            flush=True,
+        )
+        results["data"] = {
             "events": len(data.rows),
             "seed": data.seed,
             "organizations": len(data.organizations),
@@ -328,15 +406,31 @@ def main(argv: list[str] | None = None) -> int:
             "users": data.users,
             "api_keys": data.api_keys,
             "generate_s": round(gen_s, 2),
-        },
-    }
+        }
     with workdir(args.dir) as work:
-        if args.only != "query":
-            results["ingest"] = run_ingest(args, data, work)
-        if args.only != "ingest":
-            if args.only == "query":
-                ensure_loaded(args, data, work)
-            results["query"] = run_query(args, data, work)
+        for part in parts:
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            if part == "ingest":
+                assert data is not None
+                results["ingest"] = run_ingest(args, data, work)
+            elif part == "query":
+                assert data is not None
+                if args.only == "query":
+                    ensure_loaded(args, data, work)
+                results["query"] = run_query(args, data, work)
+            elif part == "quotas":
+                results["quotas"] = quotas.run(args, work)
+            elif part == "middleware":
+                results["middleware"] = middleware.run(args, work)
+            elif part == "scale":
+                results["scale"] = scale.run(args, work)
+            # Per part: how long it took, and the 1-minute load average before and after it.
+            results["parts"][part] = {
+                "seconds": round(time.perf_counter() - t0, 1),
+                "loadavg_1m_before": round(load, 2),
+                "loadavg_1m_after": round(os.getloadavg()[0], 2),
+            }
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     results["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)

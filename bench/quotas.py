@@ -1,0 +1,371 @@
+"""Quota check-and-debit per second: ``Meter.check`` vs the ``limits`` library's ``hit``.
+
+Every meterkit check decides three limits in one atomic, all-or-nothing step — the
+``tokens`` quota of the billing period (100 tokens a check), ``rate_limit_rpm`` and
+``rate_limit_per_day`` (sliding window counters) — and debits all three; by default
+(``record_debits=True``) an admitted check is also recorded as a ``tokens`` event, which is
+what ``Meter.check`` does out of the box. Limits are set so high that every check is admitted:
+this measures the cost of saying yes.
+
+The baseline is the ``limits`` library on the same machine in the same run: a fixed-window
+``hit`` on ``MemoryStorage`` (one limit, one counter); for context also three fixed-window hits
+in a row (one per limit, as an application would check three limits with ``limits``: not
+atomic, an earlier hit stays counted when a later one refuses), its sliding-window counter
+(the algorithm meterkit's rate limits use) and its moving window (one entry per hit: a hit
+costs more the more hits the window holds, so each timed slice starts a fresh key).
+
+Every contender runs for ``seconds`` per round, from 1 thread and from ``threads`` threads
+(all on one organization, the contended case); rounds rotate the order so other load on the
+machine falls on every contender alike; the median of the rounds is reported. Ratios are
+meterkit checks/s over ``limits`` fixed-window hits/s: ``1.00x`` is as many decisions per
+second, ``0.10x`` a tenth. Correctness guards (not speed assertions): nothing is refused, and
+each meter's ``tokens`` counter equals 100 times the checks it admitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from limits import (
+    RateLimitItem,
+    RateLimitItemPerDay,
+    RateLimitItemPerMinute,
+    RateLimitItemPerMonth,
+    storage,
+    strategies,
+)
+from report import fmt_rate, fmt_ratio, median, table
+
+import meterkit
+from meterkit import Plan
+from meterkit.stores.base import CounterStore
+
+__all__ = [
+    "AMOUNTS",
+    "Contender",
+    "LimitsContender",
+    "MeterContender",
+    "Op",
+    "measure",
+    "report",
+    "run",
+    "run_for",
+]
+
+Op = Callable[[], bool]
+"""One decision; ``True`` when admitted."""
+
+TOKENS = 100
+AMOUNTS = {"tokens": TOKENS}
+PLAN = Plan(
+    "bench",
+    "Bench",
+    limits={"tokens": 10**15},
+    rate_limit_rpm=10**9,
+    rate_limit_per_day=10**12,
+)
+# The same three limits for the `limits` library (its tokens quota: a calendar-ish month).
+PER_MINUTE = RateLimitItemPerMinute(10**9)
+PER_DAY = RateLimitItemPerDay(10**12)
+PER_MONTH = RateLimitItemPerMonth(10**15)
+BURST = 4  # calls between two looks at the clock
+
+
+@dataclass
+class Slice:
+    calls: int
+    refused: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.calls / self.seconds
+
+
+def _loop(op: Op, deadline: float) -> tuple[int, int, float]:
+    calls = refused = 0
+    while True:
+        for _ in range(BURST):
+            if not op():
+                refused += 1
+        calls += BURST
+        now = time.perf_counter()
+        if now >= deadline:
+            return calls, refused, now
+
+
+def run_for(op: Op, threads: int, seconds: float) -> Slice:
+    """Call ``op`` from ``threads`` threads for about ``seconds``; what got done and how fast."""
+    if threads == 1:
+        t0 = time.perf_counter()
+        calls, refused, end = _loop(op, t0 + seconds)
+        return Slice(calls, refused, end - t0)
+    start: list[float] = []
+    results: list[tuple[int, int, float]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(threads, action=lambda: start.append(time.perf_counter()))
+
+    def worker() -> None:
+        barrier.wait()
+        out = _loop(op, start[0] + seconds)
+        with lock:
+            results.append(out)
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert len(results) == threads, "a worker thread failed"
+    return Slice(
+        sum(r[0] for r in results),
+        sum(r[1] for r in results),
+        max(r[2] for r in results) - start[0],
+    )
+
+
+class Contender:
+    """Something that answers "may this request go ahead?"; ``op()`` gives a fresh slice's op."""
+
+    name: str
+    baseline = False
+    calls = 0
+
+    def op(self) -> Op:
+        raise NotImplementedError
+
+    def verify(self) -> None:
+        """A correctness guard after the runs."""
+
+    def close(self) -> None:
+        """Release what the contender holds."""
+
+
+class MeterContender(Contender):
+    """``Meter.check(org, {"tokens": 100})`` against the bench plan: three limits at once."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        organization_id: str,
+        *,
+        counters: str | CounterStore | None = None,
+        record_debits: bool = True,
+    ) -> None:
+        self.name = name
+        self.org = organization_id
+        self.meter = meterkit.Meter(url, counters=counters, record_debits=record_debits)
+        try:
+            self.meter.set_plan(PLAN)
+            self.meter.assign_plan(organization_id, PLAN.id)
+            self.period = self.meter.quotas.period(organization_id).start
+            self.base = self.meter.quotas.used(organization_id, "tokens")
+            decision = self.meter.check(organization_id, AMOUNTS)  # warm-up, untimed
+            metrics = sorted(s.metric for s in decision.limits)
+            assert decision.allowed, decision
+            assert metrics == ["rate_limit_per_day", "rate_limit_rpm", "tokens"], metrics
+        except BaseException:
+            self.meter.close()
+            raise
+        self.calls = 1
+
+    def op(self) -> Op:
+        check, org = self.meter.check, self.org
+        return lambda: check(org, AMOUNTS).allowed
+
+    def verify(self) -> None:
+        if self.meter.quotas.period(self.org).start != self.period:
+            return  # the billing period rolled over during the run: nothing to compare
+        used = self.meter.quotas.used(self.org, "tokens") - self.base
+        assert used == TOKENS * self.calls, (self.name, used, TOKENS * self.calls)
+
+    def close(self) -> None:
+        self.meter.close()
+
+
+class LimitsContender(Contender):
+    """The ``limits`` library: ``hit`` of one item, or of each of several (not atomic)."""
+
+    def __init__(
+        self,
+        name: str,
+        limiter: strategies.RateLimiter,
+        items: Sequence[tuple[RateLimitItem, int]],
+        identifier: str,
+        *,
+        baseline: bool = False,
+    ) -> None:
+        self.name = name
+        self.limiter = limiter
+        self.items = list(items)
+        self.identifier = identifier
+        self.baseline = baseline
+        self.slices = 0
+        assert self.op()()  # warm-up, untimed
+        self.calls = 1
+
+    def op(self) -> Op:
+        # A fresh key per slice: the moving window keeps one entry per hit, and its cost per
+        # hit grows with them; the counters of the other strategies do not care.
+        self.slices += 1
+        key = f"{self.identifier}-{self.slices}"
+        hit = self.limiter.hit
+        if len(self.items) == 1:
+            item, cost = self.items[0]
+            if cost == 1:
+                return lambda: hit(item, key)
+            return lambda: hit(item, key, cost=cost)
+        (a, ca), (b, cb), (c, cc) = self.items
+        return lambda: hit(a, key, cost=ca) and hit(b, key, cost=cb) and hit(c, key, cost=cc)
+
+
+def limits_contenders(
+    make_storage: Callable[[], storage.Storage], where: str, identifier: str, *, moving: bool
+) -> list[Contender]:
+    """The ``limits`` baselines on one kind of storage."""
+    fixed = strategies.FixedWindowRateLimiter
+    out: list[Contender] = [
+        LimitsContender(
+            f"limits fixed window hit ({where})",
+            fixed(make_storage()),
+            [(PER_MINUTE, 1)],
+            identifier,
+            baseline=True,
+        ),
+        LimitsContender(
+            f"limits fixed window, 3 hits ({where})",
+            fixed(make_storage()),
+            [(PER_MONTH, TOKENS), (PER_MINUTE, 1), (PER_DAY, 1)],
+            identifier,
+        ),
+        LimitsContender(
+            f"limits sliding window counter hit ({where})",
+            strategies.SlidingWindowCounterRateLimiter(make_storage()),
+            [(PER_MINUTE, 1)],
+            identifier,
+        ),
+    ]
+    if moving:
+        out.append(
+            LimitsContender(
+                f"limits moving window hit ({where})",
+                strategies.MovingWindowRateLimiter(make_storage()),
+                [(PER_MINUTE, 1)],
+                identifier,
+            )
+        )
+    return out
+
+
+def measure(
+    contenders: Sequence[Contender], thread_counts: Sequence[int], rounds: int, seconds: float
+) -> dict[str, dict[int, list[float]]]:
+    """Calls per second of each contender, per thread count, one figure per round.
+
+    Rounds rotate the order of the contenders; a thread count's rounds all run before the
+    next thread count's.
+    """
+    rates: dict[str, dict[int, list[float]]] = {c.name: {} for c in contenders}
+    for threads in thread_counts:
+        for r in range(rounds):
+            k = r % len(contenders)
+            for c in [*contenders[k:], *contenders[:k]]:
+                s = run_for(c.op(), threads, seconds)
+                assert s.refused == 0, f"{c.name}: {s.refused} of {s.calls} refused"
+                c.calls += s.calls
+                rates[c.name].setdefault(threads, []).append(s.rate)
+    return rates
+
+
+def report(
+    title: str,
+    contenders: Sequence[Contender],
+    rates: dict[str, dict[int, list[float]]],
+    thread_counts: Sequence[int],
+    unit: str = "checks/s",
+) -> dict[str, Any]:
+    """Print one table per thread count; the JSON-ready figures and ratios."""
+    base = next(c for c in contenders if c.baseline)
+    out: dict[str, Any] = {"baseline": base.name, "by_threads": {}}
+    for threads in thread_counts:
+        base_rate = median(rates[base.name][threads])
+        rows: list[tuple[str, ...]] = [
+            ("", f"{unit} (median)", "min", "max", f"vs {base.name.split(' (')[0]}")
+        ]
+        figures: dict[str, Any] = {}
+        for c in contenders:
+            runs = rates[c.name][threads]
+            m = median(runs)
+            ratio = m / base_rate
+            rows.append(
+                (c.name, fmt_rate(m), fmt_rate(min(runs)), fmt_rate(max(runs)), fmt_ratio(ratio))
+            )
+            figures[c.name] = {
+                "per_s_median": round(m),
+                "per_s_runs": [round(x) for x in runs],
+                "ratio_over_baseline": round(ratio, 4),
+            }
+        label = "1 thread" if threads == 1 else f"{threads} threads"
+        print(table(f"\n{title}, {label}; median of {len(runs)} rounds", rows), flush=True)
+        out["by_threads"][str(threads)] = figures
+    return out
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """memory:// and SQLite (FULL, NORMAL) against ``limits`` on ``MemoryStorage``."""
+    threads = sorted({1, args.threads})
+    print(
+        f"quotas: check-and-debit of 3 limits; {args.rounds} rounds x {args.seconds:g} s per "
+        f"contender, {' and '.join(map(str, threads))} thread(s) ...",
+        flush=True,
+    )
+    sqlite_full = work / "quotas-full.db"
+    sqlite_normal = work / "quotas-normal.db"
+    sqlite_nodebit = work / "quotas-full-nodebit.db"
+    contenders: list[Contender] = []
+    try:
+        contenders += [
+            MeterContender("meterkit memory://", "memory://", "org_q0"),
+            MeterContender(
+                "meterkit memory://, record_debits=False",
+                "memory://",
+                "org_q1",
+                record_debits=False,
+            ),
+            MeterContender("meterkit SQLite (FULL)", f"sqlite:///{sqlite_full}", "org_q2"),
+            MeterContender(
+                "meterkit SQLite (FULL), record_debits=False",
+                f"sqlite:///{sqlite_nodebit}",
+                "org_q3",
+                record_debits=False,
+            ),
+            MeterContender(
+                "meterkit SQLite (synchronous=normal)",
+                f"sqlite:///{sqlite_normal}?synchronous=normal",
+                "org_q4",
+            ),
+        ]
+        contenders += limits_contenders(storage.MemoryStorage, "memory", "org_q", moving=True)
+        rates = measure(contenders, threads, args.rounds, args.seconds)
+        for c in contenders:
+            c.verify()
+        result = report("Quota check-and-debit, 3 limits", contenders, rates, threads)
+    finally:
+        for c in contenders:
+            c.close()
+    result.update(
+        {
+            "limits": {"tokens": 10**15, "rate_limit_rpm": 10**9, "rate_limit_per_day": 10**12},
+            "amounts": AMOUNTS,
+            "rounds": args.rounds,
+            "seconds_per_round": args.seconds,
+        }
+    )
+    return result
