@@ -28,7 +28,7 @@ from meterkit import (
     StoreUnavailable,
     ValidationError,
 )
-from meterkit.meter import open_store
+from meterkit.meter import StoreClock, open_store
 from meterkit.models import Dimension, Measure, MeterSpec
 from meterkit.stores.base import Store
 from meterkit.testing import T0, StoreConformance, make_query, store_rows
@@ -326,7 +326,8 @@ def test_database_clock(url: str) -> None:
 def test_database_clock_is_the_default(url: str) -> None:
     with Meter(url) as m:
         # Without a clock of its own, a meter on PostgreSQL decides windows by the database's.
-        assert m.clock == m.store.db_now  # type: ignore[attr-defined]
+        assert isinstance(m.clock, StoreClock) and m.clock.db_now == m.store.db_now  # type: ignore[attr-defined]
+        assert abs(m.now() - m.store.db_now()) < 2  # type: ignore[attr-defined]
     with Meter(url, clock=lambda: 1_730_419_200) as m:
         assert m.now() == 1_730_419_200
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time as _time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -17,7 +18,7 @@ from meterkit import engine, pricing, summaries
 from meterkit.catalog import builtin_meters
 from meterkit.config import load_config
 from meterkit.costs import CostsPage, UnpricedUsage
-from meterkit.errors import ValidationError
+from meterkit.errors import StoreUnavailable, ValidationError
 from meterkit.models import (
     AppendResult,
     DimValue,
@@ -52,6 +53,22 @@ def open_store(url: str, pm: pluggy.PluginManager | None = None) -> Store:
         known = sorted({s for group in pm.hook.meterkit_store_schemes() for s in group})
         raise ValidationError("url", f"no store for scheme {scheme!r}; installed: {known}")
     return store
+
+
+class StoreClock:
+    """The store's clock (``store.db_now``), or the local one while the store cannot answer.
+
+    Falling back keeps a fail-open quota policy working during an outage.
+    """
+
+    def __init__(self, db_now: Clock) -> None:
+        self.db_now = db_now
+
+    def __call__(self) -> float:
+        try:
+            return self.db_now()
+        except StoreUnavailable:
+            return _time.time()
 
 
 def open_counters(url: str, pm: pluggy.PluginManager | None = None) -> CounterStore:
@@ -93,7 +110,8 @@ class Meter:
         self.url = self.store.url
         # A store that can tell the time (PostgreSQL) decides windows and periods by one clock
         # for every process and host; otherwise the local clock.
-        self.clock: Clock = clock or getattr(self.store, "db_now", None) or _time.time
+        db_now = getattr(self.store, "db_now", None)
+        self.clock: Clock = clock or (StoreClock(db_now) if db_now else _time.time)
         self.counters: CounterStore = (
             self.store
             if counters is None
@@ -102,6 +120,7 @@ class Meter:
             else counters
         )
         self._lock = threading.Lock()
+        self._tx = threading.local()
         self._specs = builtin_meters()
         self._ready: set[str] = set()
         for group in self.pm.hook.meterkit_register_meters():
@@ -166,9 +185,10 @@ class Meter:
         return spec
 
     def _ensure(self, spec: MeterSpec) -> None:
-        if spec.name not in self._ready:
-            self.store.ensure_meter(spec)
-            self._ready.add(spec.name)
+        # Every time: the store remembers what it created, and forgets it if the transaction
+        # that created it rolled back.
+        self.store.ensure_meter(spec)
+        self._ready.add(spec.name)
 
     def now(self) -> int:
         return int(self.clock())
@@ -218,8 +238,48 @@ class Meter:
             self._ensure(self._specs[name])
         new = self.store.append(checked)
         if new:
-            self.pm.hook.meterkit_events_recorded(meter=self, events=tuple(new))
+            recorded = tuple(new)
+            self.notify(lambda: self.pm.hook.meterkit_events_recorded(meter=self, events=recorded))
         return AppendResult(len(new), len(checked) - len(new))
+
+    # -- transactions -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Make the writes inside one store transaction, where the store can (SQLite, memory).
+
+        Recording, quota debits and settles inside either all happen or (on an exception)
+        none do, with one commit instead of one each. Observers — the recorded-events and
+        threshold hooks — are told after the outermost transaction commits. Stores without
+        transactions across calls (PostgreSQL, whose calls are each atomic) run the writes one
+        by one.
+        """
+        state = self._tx
+        depth: int = getattr(state, "depth", 0)
+        if depth == 0:
+            state.pending = []
+        state.depth = depth + 1
+        committed = False
+        try:
+            begin = getattr(self.store, "transaction", None)
+            with begin() if begin is not None else contextlib.nullcontext():
+                yield
+            committed = True
+        finally:
+            state.depth = depth
+            pending: list[Callable[[], object]] = state.pending if depth == 0 else []
+            if depth == 0:
+                state.pending = []
+        if committed:
+            for call in pending:
+                call()
+
+    def notify(self, call: Callable[[], object]) -> None:
+        """Run an observer call now, or after the current transaction commits."""
+        if getattr(self._tx, "depth", 0):
+            self._tx.pending.append(call)
+        else:
+            call()
 
     # -- queries ------------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ and the previous one's, weighted by how much of it still overlaps the last 60 s 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import threading
 import time as _time
@@ -427,17 +429,20 @@ class Quotas:
         clean = check_amounts(amounts)
         now = self.meter.now()
         lines = self._lines(org, clean, 0, now)
-        values = self._guard(
-            lambda: self.counters.counters_add(
-                [(ln.counter.key, ln.counter.amount) for ln in lines], now=now
-            )
-        )
-        if values is None:
-            return Decision(True, org, degraded=True)
-        result = CounterResult(True, tuple(values), tuple(0 for _ in lines))
-        decision = self._describe(org, lines, result, now, f"dbt_{uuid.uuid4().hex}")
-        self._after_debit(decision, lines, clean, dimensions, now)
-        return decision
+        decision_id = f"dbt_{uuid.uuid4().hex}"
+
+        def add() -> Decision:
+            with self._atomic():
+                values = self.counters.counters_add(
+                    [(ln.counter.key, ln.counter.amount) for ln in lines], now=now
+                )
+                result = CounterResult(True, tuple(values), tuple(0 for _ in lines))
+                decision = self._describe(org, lines, result, now, decision_id)
+                self._after_debit(decision, lines, clean, dimensions, now)
+                return decision
+
+        decision: Decision | None = self._guard(add)
+        return decision if decision is not None else Decision(True, org, degraded=True)
 
     def set_gauge(self, organization_id: str, metric: str, value: int) -> None:
         """Set a gauge metric's current value (e.g. storage recalculated from real assets)."""
@@ -457,6 +462,12 @@ class Quotas:
             key = self.period_key(organization_id, metric, self.period(organization_id, now))
         value: int = self.counters.counters_read([key], now=now)[0]
         return value
+
+    def _atomic(self) -> contextlib.AbstractContextManager[None]:
+        """One transaction for counters and events, when both live in the same store."""
+        if self.counters is self.meter.store:
+            return self.meter.transaction()
+        return contextlib.nullcontext()
 
     def _guard(self, call: Any) -> Any:
         try:
@@ -501,17 +512,21 @@ class Quotas:
                 ),
                 now + hold_ttl,
             )
-        if debit:
-            result = self._guard(lambda: self.counters.counters_apply(counters, now=now, hold=hold))
-        else:
-            result = self._guard(lambda: self._peek(counters, now))
+
+        def apply() -> CounterResult:
+            # The debit and the event that records it commit together where the store can.
+            with self._atomic():
+                result: CounterResult = self.counters.counters_apply(counters, now=now, hold=hold)
+                if result.admitted and hold_ttl is None:
+                    decision = self._describe(org, lines, result, now, decision_id)
+                    self._after_debit(decision, lines, clean, dimensions, now)
+                return result
+
+        result = self._guard(apply if debit else lambda: self._peek(counters, now))
         if result is None:
             return self._degraded(org, decision_id, clean, lines, hold_ttl, now, dimensions)
         decision = self._describe(org, lines, result, now, decision_id)
-        if not (decision.allowed and debit):
-            return decision, None
-        if hold_ttl is None:
-            self._after_debit(decision, lines, clean, dimensions, now)
+        if not (decision.allowed and debit) or hold_ttl is None:
             return decision, None
         self._thresholds(org, lines, result)
         keyed = {ln.metric: ln for ln in lines if ln.window == 0}
@@ -623,14 +638,17 @@ class Quotas:
                     now=self.meter.now(),
                     expires_at=line.period.end if line.period else None,
                 ):
-                    self.meter.pm.hook.meterkit_quota_threshold(
-                        meter=self.meter,
-                        organization_id=org,
-                        metric=line.metric,
-                        threshold=threshold,
-                        used=value,
-                        limit=limit,
-                        period_start=line.period.start if line.period else None,
+                    self.meter.notify(
+                        functools.partial(
+                            self.meter.pm.hook.meterkit_quota_threshold,
+                            meter=self.meter,
+                            organization_id=org,
+                            metric=line.metric,
+                            threshold=threshold,
+                            used=value,
+                            limit=limit,
+                            period_start=line.period.start if line.period else None,
+                        )
                     )
 
     def _record(
@@ -663,13 +681,24 @@ class Quotas:
                 continue
             target = 0 if actual is None else actual[metric]
             deltas.append((line.counter.key, target - held))
+        settle_done = False
         try:
-            settled = self.counters.counters_settle(reservation.id, deltas, now=now)
+            with self._atomic():
+                settled = self.counters.counters_settle(reservation.id, deltas, now=now)
+                settle_done = True
+                if actual is not None:
+                    self._settled(reservation, actual, settled, now)
         except Exception:
-            reservation._reopen()  # the settle is atomic: nothing changed, it may be retried
+            # Nothing changed if the settle itself failed, or if it shared a transaction that
+            # rolled back: the reservation may be settled again.
+            if not settle_done or self.counters is self.meter.store:
+                reservation._reopen()
             raise
-        if actual is None:
-            return
+
+    def _settled(
+        self, reservation: Reservation, actual: dict[str, int], settled: bool, now: int
+    ) -> None:
+        lines = reservation._lines
         if not settled:
             # The hold expired and gave its amounts back; the usage still happened.
             self.counters.counters_add(

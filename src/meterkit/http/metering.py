@@ -453,6 +453,18 @@ class Metering(Generic[R]):
         its reservation is released, so the caller does not pay for the server's failure. Usage
         the endpoint reported explicitly is counted either way, because it happened.
         """
+        try:
+            # Settling, reported usage and the request record: one commit where the store can,
+            # all or nothing. If it fails the hold expires after its ttl and gives its amounts
+            # back, so a request is never charged twice.
+            with self.meter.transaction():
+                self._finish(ticket, status=status, method=method, route=route, failed=failed)
+        except Exception:
+            logger.exception("meterkit: could not settle request %s", ticket.id)
+
+    def _finish(
+        self, ticket: Ticket, *, status: int | None, method: str, route: str, failed: bool
+    ) -> None:
         failed = failed or status is None or status >= 500
         reported = ticket.usage.reported
         org = ticket.organization_id
@@ -461,22 +473,15 @@ class Metering(Generic[R]):
         if reservation is not None:
             held = reservation.held
             extra = {m: v for m, v in reported.items() if m not in held}
-            try:
-                if not failed:
-                    reservation.commit({m: reported.get(m, a) for m, a in held.items()})
-                elif any(m in reported for m in held):
-                    reservation.commit({m: reported.get(m, 0) for m in held})
-                else:
-                    reservation.release()
-            except Exception:
-                # The hold expires after its ttl and gives its amounts back.
-                logger.exception("meterkit: could not settle reservation %s", reservation.id)
+            if not failed:
+                reservation.commit({m: reported.get(m, a) for m, a in held.items()})
+            elif any(m in reported for m in held):
+                reservation.commit({m: reported.get(m, 0) for m in held})
+            else:
+                reservation.release()
         extra = {m: v for m, v in extra.items() if v}
         if extra:
-            try:
-                self.meter.debit(org, extra, dimensions=ticket.dimensions)
-            except Exception:
-                logger.exception("meterkit: could not count reported usage %s for %s", extra, org)
+            self.meter.debit(org, extra, dimensions=ticket.dimensions)
         self._record(
             f"{ticket.id}:request",
             org,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -27,6 +28,12 @@ class MemoryStore:
         self._counters: dict[str, tuple[int, int | None]] = {}
         self._holds: dict[str, Hold] = {}
         self._claims: dict[str, int | None] = {}
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Hold the store's lock around every call made inside, in this thread."""
+        with self._lock:
+            yield
 
     def ensure_meter(self, spec: MeterSpec) -> None:
         with self._lock:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlite_utils
@@ -109,6 +110,7 @@ class SQLiteStore:
             self.db.enable_wal()
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         self._specs: dict[str, MeterSpec] = {}
+        self._undo: list[tuple[str, MeterSpec | None]] = []
         with self._lock, self._write():
             self.db.table("mk_meta").create(
                 {"key": str, "value": str}, pk="key", if_not_exists=True
@@ -142,7 +144,21 @@ class SQLiteStore:
         return conn
 
     def _write(self) -> _Immediate:
-        return _Immediate(self.conn)
+        return _Immediate(self.conn, self._forget_rolled_back, self._undo.clear)
+
+    def _forget_rolled_back(self) -> None:
+        for name, previous in reversed(self._undo):
+            if previous is None:
+                self._specs.pop(name, None)
+            else:
+                self._specs[name] = previous
+        self._undo.clear()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One ``BEGIN IMMEDIATE`` transaction around every call made inside, in this thread."""
+        with self._lock, self._write():
+            yield
 
     def ensure_meter(self, spec: MeterSpec) -> None:
         with self._lock:
@@ -170,6 +186,9 @@ class SQLiteStore:
                     for name, kind in columns.items():
                         if name not in have:
                             table.add_column(name, kind)
+            if self.conn.in_transaction:
+                # Inside a caller's transaction the DDL may yet roll back; remember what to undo.
+                self._undo.append((spec.name, self._specs.get(spec.name)))
             self._specs[spec.name] = spec
 
     def append(self, events: Sequence[Event]) -> list[Event]:
@@ -424,8 +443,15 @@ class _SQLiteCounters:
 class _Immediate:
     """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error), nestable by depth."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        on_rollback: Callable[[], object] = lambda: None,
+        on_commit: Callable[[], object] = lambda: None,
+    ) -> None:
         self.conn = conn
+        self.on_rollback = on_rollback  # e.g. forget tables whose creation was rolled back
+        self.on_commit = on_commit
         self.outer = False
 
     def __enter__(self) -> sqlite3.Connection:
@@ -443,13 +469,16 @@ class _Immediate:
             return
         if exc_type is not None:
             self.conn.execute("ROLLBACK")
+            self.on_rollback()
             return
         try:
             self.conn.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
+            self.on_rollback()
             raise StoreUnavailable(f"SQLite could not commit: {exc}") from exc
+        self.on_commit()
 
 
 @hookimpl
