@@ -365,7 +365,7 @@ def _queries(draw: st.DrawFn, spec: MeterSpec, hot: Sequence[int]) -> UsageQuery
     if mode == "everything":
         # All the data on one page: every event counts somewhere.
         width = draw(st.sampled_from(("1h", "1d")))
-        start = T0 - 60 - draw(st.integers(0, 90))
+        start = T0 - 120 - draw(st.integers(0, 90))
         end = T0 + 3 * DAY + 120 + draw(st.integers(0, 90))
         limit, page = BUCKET_WIDTHS[width][2], 0
     elif mode == "at_events":
