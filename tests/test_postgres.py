@@ -9,16 +9,18 @@ are dropped at the end. Unreachable server: skipped, except under ``CI=true``, w
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+import services
 from meterkit import (
     AppendResult,
     Event,
@@ -36,18 +38,8 @@ from meterkit.validate import MAX_TIME
 
 pytestmark = pytest.mark.postgres
 
-DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 RUN = uuid.uuid4().hex[:8]
 DAY = 86400
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def with_params(url: str, **params: str) -> str:
-    extra = "&".join(f"{k}={v}" for k, v in params.items())
-    return f"{url}{'&' if '?' in url else '?'}{extra}"
 
 
 class Schemas:
@@ -60,7 +52,7 @@ class Schemas:
 
     def new(self, **params: str) -> str:
         """A URL whose tables live in a schema nobody has used (created on first use)."""
-        return with_params(self.url, schema=f"mk_t{RUN}_{next(self._n)}", **params)
+        return services.with_params(self.url, schema=f"mk_t{RUN}_{next(self._n)}", **params)
 
     def for_location(self, location: str) -> str:
         """The same schema again for the same location: reopening sees the same data."""
@@ -74,27 +66,12 @@ class Schemas:
         return psycopg.connect(self.url, autocommit=True)
 
     def drop_all(self) -> None:
-        with self.admin() as conn:
-            rows = conn.execute(
-                "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (f"mk_t{RUN}\\_%",)
-            ).fetchall()
-            if rows:
-                conn.execute("DROP SCHEMA " + ", ".join(f'"{n}"' for (n,) in rows) + " CASCADE")
+        services.drop_schemas(self.url, f"mk_t{RUN}\\_")
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
-    url = os.environ.get("MK_POSTGRES_URL", DEFAULT_URL)
-    try:
-        import psycopg
-
-        psycopg.connect(url, connect_timeout=3).close()
-    except Exception as exc:
-        reason = f"PostgreSQL at {url} is unreachable ({type(exc).__name__}: {exc})"
-        if in_ci():
-            pytest.fail(f"{reason}; CI=true requires it")
-        pytest.skip(f"{reason}; set MK_POSTGRES_URL to run the PostgreSQL tests")
-    return url
+    return services.postgres_url()
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +285,7 @@ def test_a_newer_schema_is_refused(schemas: Schemas, url: str) -> None:
 
 def test_bad_schema_option_is_refused(postgres_url: str) -> None:
     with pytest.raises(MeterkitError, match="schema"):
-        open_store(with_params(postgres_url, schema="x;drop"))
+        open_store(services.with_params(postgres_url, schema="x;drop"))
 
 
 def test_database_clock(url: str) -> None:
@@ -357,20 +334,27 @@ def test_statement_timeout_is_store_unavailable(url: str) -> None:
     setup = open_store(url)
     setup.ensure_meter(ODD)
     setup.close()
-    store = open_store(with_params(url, options="-cstatement_timeout%3D50"))
+    schema = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["schema"][0]
+    store = open_store(services.with_params(url, options="-cstatement_timeout%3D200"))
+    blocker = psycopg.connect(url.split("?", 1)[0])
     try:
         store.ensure_meter(ODD)  # the tables exist: a quick look at the catalog
-        events = [Event(f"t{i}", ODD.name, "o", T0, {"x": i}) for i in range(100_000)]
+        # Another transaction holds the table, so the append must wait past the timeout.
+        blocker.execute(f'LOCK TABLE "{schema}".events_odd_numbers IN ACCESS EXCLUSIVE MODE')
+        events = [Event(f"t{i}", ODD.name, "o", T0, {"x": i}) for i in range(10)]
         with pytest.raises(StoreUnavailable, match="statement timeout"):
-            store.append(events)  # far longer than 50 ms
+            store.append(events)
+        blocker.rollback()
         assert list(store.scan(ODD.name, "o", 0, MAX_TIME + 1)) == [], "rolled back entirely"
+        assert len(store.append(events)) == 10  # and the store recovers at once
     finally:
+        blocker.close()
         store.close()
 
 
 def test_terminated_connections_are_replaced(schemas: Schemas, url: str) -> None:
     app = f"mk_kill_{uuid.uuid4().hex[:8]}"
-    store = open_store(with_params(url, application_name=app, pool_min_size="2"))
+    store = open_store(services.with_params(url, application_name=app, pool_min_size="2"))
     try:
         store.put_record("plan", "a", {"n": 1})
         with schemas.admin() as admin:

@@ -10,7 +10,6 @@ skips its tests, except under ``CI=true``, where it fails them.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 
 import meterkit
+import services
 from meterkit import Meter, Plan, QuotaExceeded, StoreUnavailable
 from meterkit.meter import open_counters, open_store
 from meterkit.models import CounterLine, Hold
@@ -30,59 +30,21 @@ from meterkit.stores.memory import MemoryStore
 from meterkit.stores.redis import RedisCounters
 from meterkit.stores.sqlite import SQLiteStore
 
-REDIS_DEFAULT = "redis://127.0.0.1:6379/15"
-POSTGRES_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
 RUN = uuid.uuid4().hex[:8]
 T0 = 1_730_419_200  # 2024-11-01T00:00:00Z
 DAY = 86400
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def unreachable(what: str, env: str, url: str, exc: BaseException) -> None:
-    reason = f"{what} at {url} is unreachable ({type(exc).__name__}: {exc})"
-    if in_ci():
-        pytest.fail(f"{reason}; CI=true requires it")
-    pytest.skip(f"{reason}; set {env} to run these tests")
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    url = os.environ.get("MK_REDIS_URL", REDIS_DEFAULT)
-    try:
-        import redis
-
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-    except Exception as exc:
-        unreachable("Redis", "MK_REDIS_URL", url, exc)
-    return url
+    return services.redis_url()
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    url = os.environ.get("MK_POSTGRES_URL", POSTGRES_DEFAULT)
-    try:
-        import psycopg
-
-        psycopg.connect(url, connect_timeout=3).close()
-    except Exception as exc:
-        unreachable("PostgreSQL", "MK_POSTGRES_URL", url, exc)
+    url = services.postgres_url()
     yield url
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (f"mk_r{RUN}\\_%",)
-        ).fetchall()
-        if rows:
-            conn.execute("DROP SCHEMA " + ", ".join(f'"{n}"' for (n,) in rows) + " CASCADE")
-
-
-def with_param(url: str, **params: str) -> str:
-    extra = "&".join(f"{k}={v}" for k, v in params.items())
-    return f"{url}{'&' if '?' in url else '?'}{extra}"
+    services.drop_schemas(url, f"mk_r{RUN}\\_")
 
 
 class RedisSpace:
@@ -97,7 +59,7 @@ class RedisSpace:
 
     def url(self, suffix: str = "") -> str:
         """The counters URL for this space (``suffix`` makes a sub-space)."""
-        return with_param(self.base, prefix=self.prefix + suffix)
+        return services.with_params(self.base, prefix=self.prefix + suffix)
 
     def keys(self) -> list[bytes]:
         return sorted(self.client.scan_iter(match=self.prefix + "*"))

@@ -13,7 +13,6 @@ skipped when unreachable, failed under ``CI=true``.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import services
 from meterkit import Event, Meter, Plan, StoreUnavailable
 from meterkit.meter import open_store
 from meterkit.stores.base import Store
@@ -29,65 +29,35 @@ from meterkit.validate import MAX_TIME
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-POSTGRES_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
-REDIS_DEFAULT = "redis://127.0.0.1:6379/15"
 RUN = uuid.uuid4().hex[:8]
 T0 = 1_730_419_200 + 3600  # 2024-11-01T01:00:00Z: one billing period, one rate window
 ORG = "org_race"
 PROCESSES, THREADS = 4, 8
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def unreachable(what: str, env: str, url: str, exc: BaseException) -> None:
-    reason = f"{what} at {url} is unreachable ({type(exc).__name__}: {exc})"
-    if in_ci():
-        pytest.fail(f"{reason}; CI=true requires it")
-    pytest.skip(f"{reason}; set {env} to run these tests")
-
-
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    url = os.environ.get("MK_POSTGRES_URL", POSTGRES_DEFAULT)
-    try:
-        import psycopg
-
-        psycopg.connect(url, connect_timeout=3).close()
-    except Exception as exc:
-        unreachable("PostgreSQL", "MK_POSTGRES_URL", url, exc)
+    url = services.postgres_url()
     yield url
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (f"mk_s{RUN}\\_%",)
-        ).fetchall()
-        if rows:
-            conn.execute("DROP SCHEMA " + ", ".join(f'"{n}"' for (n,) in rows) + " CASCADE")
+    services.drop_schemas(url, f"mk_s{RUN}\\_")
 
 
 @pytest.fixture
 def schema_url(postgres_url: str) -> str:
     """A URL on a schema nobody has created yet."""
     schema = f"mk_s{RUN}_{uuid.uuid4().hex[:10]}"
-    return f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema={schema}"
+    return services.with_params(postgres_url, schema=schema)
 
 
 @pytest.fixture
 def fresh_redis() -> Iterator[str]:
     """A counters URL with a key prefix of its own on the test Redis; its keys go afterwards."""
-    url = os.environ.get("MK_REDIS_URL", REDIS_DEFAULT)
-    prefix = f"mkt{RUN}:{uuid.uuid4().hex[:8]}:"
-    try:
-        import redis
+    import redis
 
-        client = redis.Redis.from_url(url, socket_connect_timeout=2)
-        client.ping()
-    except Exception as exc:
-        unreachable("Redis", "MK_REDIS_URL", url, exc)
-    yield f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
+    url = services.redis_url()
+    prefix = f"mkt{RUN}:{uuid.uuid4().hex[:8]}:"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    yield services.with_params(url, prefix=prefix)
     keys = list(client.scan_iter(match=prefix + "*"))
     if keys:
         client.delete(*keys)

@@ -1,0 +1,67 @@
+"""The PostgreSQL and Redis servers the scale-out tests need, and clean-up after them.
+
+An unreachable server skips its tests with the reason, except under ``CI=true``, where the
+servers are part of the job and a missing one fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NoReturn
+
+import pytest
+
+POSTGRES_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_DEFAULT = "redis://127.0.0.1:6379/15"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unreachable(what: str, env: str, url: str, exc: BaseException) -> NoReturn:
+    reason = f"{what} at {url} is unreachable ({type(exc).__name__}: {exc})"
+    if in_ci():
+        pytest.fail(f"{reason}; CI=true requires it")
+    pytest.skip(f"{reason}; set {env} to run these tests")
+
+
+def postgres_url() -> str:
+    """``MK_POSTGRES_URL`` (or the local default), once a connection to it succeeded."""
+    url = os.environ.get("MK_POSTGRES_URL", POSTGRES_DEFAULT)
+    try:
+        import psycopg
+
+        psycopg.connect(url, connect_timeout=3).close()
+    except Exception as exc:
+        unreachable("PostgreSQL", "MK_POSTGRES_URL", url, exc)
+    return url
+
+
+def redis_url() -> str:
+    """``MK_REDIS_URL`` (or the local default), once it answered a PING."""
+    url = os.environ.get("MK_REDIS_URL", REDIS_DEFAULT)
+    try:
+        import redis
+
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except Exception as exc:
+        unreachable("Redis", "MK_REDIS_URL", url, exc)
+    return url
+
+
+def drop_schemas(url: str, prefix: str) -> None:
+    """Drop every schema whose name starts with ``prefix`` (a test run's own)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (f"{prefix}%",)
+        ).fetchall()
+        if rows:
+            conn.execute("DROP SCHEMA " + ", ".join(f'"{n}"' for (n,) in rows) + " CASCADE")
+
+
+def with_params(url: str, **params: str) -> str:
+    extra = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"{url}{'&' if '?' in url else '?'}{extra}"
