@@ -446,63 +446,24 @@ def _generic(d: _Day) -> None:
                 "status": status,
             },
         )
-    rng = d.rng("tokens")
-    for n, t in enumerate(d.times(rng, 8)):
-        d.add(
-            "tokens",
-            n,
-            t,
-            {"tokens": d.scaled(rng, 2_000, 40_000)},
-            {
-                **d.people(rng, rng.choice(org.projects)),
-                "model": rng.choice(("gpt-4o", "gpt-4o-mini")),
-            },
-        )
-    rng = d.rng("queries")
-    for n, t in enumerate(d.times(rng, 6)):
-        d.add(
-            "queries",
-            n,
-            t,
-            {"queries": d.scaled(rng, 5, 40)},
-            d.people(rng, rng.choice(org.projects)),
-        )
-    rng = d.rng("credits")
-    for n, t in enumerate(d.times(rng, 4)):
-        d.add(
-            "credits",
-            n,
-            t,
-            {"credits": d.scaled(rng, 2, 12)},
-            {
-                **d.people(rng, rng.choice(org.projects)),
-                "reason": rng.choice(("export", "render", "analysis")),
-            },
-        )
-    rng = d.rng("tiles")
-    for n, t in enumerate(d.times(rng, 8)):
-        d.add(
-            "tiles",
-            n,
-            t,
-            {"tiles": d.scaled(rng, 50, 600)},
-            {
-                **d.people(rng, rng.choice(org.projects)),
-                "layer": rng.choice(("base", "satellite", "overlay")),
-            },
-        )
-    rng = d.rng("jobs")
-    for n, t in enumerate(d.times(rng, 3)):
-        d.add(
-            "jobs",
-            n,
-            t,
-            {"jobs": d.scaled(rng, 1, 5)},
-            {
-                **d.people(rng, rng.choice(org.projects)),
-                "kind": rng.choice(("import", "export", "reindex")),
-            },
-        )
+    for meter, per_day, (low, high), dimension, choices in _COUNTED:
+        rng = d.rng(meter)
+        for n, t in enumerate(d.times(rng, per_day)):
+            values = {meter: d.scaled(rng, low, high)}
+            dims = d.people(rng, rng.choice(org.projects))
+            if dimension is not None:
+                dims[dimension] = rng.choice(choices)
+            d.add(meter, n, t, values, dims)
+
+
+# Generic counter meters: events per day, value range, and the one extra dimension they vary.
+_COUNTED: tuple[tuple[str, int, tuple[int, int], str | None, tuple[str, ...]], ...] = (
+    ("tokens", 8, (2_000, 40_000), "model", ("gpt-4o", "gpt-4o-mini")),
+    ("queries", 6, (5, 40), None, ()),
+    ("credits", 4, (2, 12), "reason", ("export", "render", "analysis")),
+    ("tiles", 8, (50, 600), "layer", ("base", "satellite", "overlay")),
+    ("jobs", 3, (1, 5), "kind", ("import", "export", "reindex")),
+)
 
 
 def _window(days: int, now: int) -> tuple[int, int]:
