@@ -394,14 +394,17 @@ class _SQLiteCounters:
 
     def __init__(self, conn: sqlite3.Connection, now: int) -> None:
         self.conn, self.now = conn, now
+        # What this transaction has read or written, so a counter is selected once.
+        self.seen: dict[str, tuple[int, int | None]] = {}
 
     def _get(self, key: str) -> tuple[int, int | None]:
-        row = self.conn.execute(
-            "SELECT value, expires_at FROM mk_counters WHERE key = ?", (key,)
-        ).fetchone()
-        if row is None or (row[1] is not None and row[1] <= self.now):
-            return 0, None
-        return int(row[0]), row[1]
+        if key not in self.seen:
+            row = self.conn.execute(
+                "SELECT value, expires_at FROM mk_counters WHERE key = ?", (key,)
+            ).fetchone()
+            live = row is not None and (row[1] is None or row[1] > self.now)
+            self.seen[key] = (int(row[0]), row[1]) if live else (0, None)
+        return self.seen[key]
 
     def read(self, keys: Sequence[str], now: int) -> list[int]:
         return [self._get(k)[0] for k in keys]
@@ -409,11 +412,13 @@ class _SQLiteCounters:
     def add(self, key: str, delta: int, expires_at: int | None) -> int:
         value, expires = self._get(key)
         value = max(0, value + delta)
+        expires = expires_at if expires_at is not None else expires
         self.conn.execute(
             "INSERT INTO mk_counters(key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) "
             "DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
-            (key, value, expires_at if expires_at is not None else expires),
+            (key, value, expires),
         )
+        self.seen[key] = (value, expires)
         return value
 
     def _holds(self, sql: str, params: tuple[Any, ...]) -> list[Hold]:
