@@ -468,18 +468,21 @@ def test_each_organization_reads_only_its_own_usage(env: Env) -> None:
 # -- costs -------------------------------------------------------------------------------------
 
 
+GPT4O_INPUT = Price(
+    "completions",
+    "input_tokens",
+    "2.50",
+    per=1_000_000,
+    line_item="gpt-4o, input",
+    quantity_unit="tokens",
+    where={"model": "gpt-4o"},
+)
+
+
 def test_costs_page(env: Env) -> None:
     save_price(
         env.meter.store,
-        Price(
-            "completions",
-            "input_tokens",
-            "2.50",
-            per=1_000_000,
-            line_item="gpt-4o, input",
-            quantity_unit="tokens",
-            where={"model": "gpt-4o"},
-        ),
+        GPT4O_INPUT,
         specs=env.meter.meters,
     )
     save_price(
@@ -1363,15 +1366,7 @@ _TYPES = st.sampled_from(
 _FUZZ = make_env()
 save_price(
     _FUZZ.meter.store,
-    Price(
-        "completions",
-        "input_tokens",
-        "2.50",
-        per=1_000_000,
-        line_item="gpt-4o, input",
-        quantity_unit="tokens",
-        where={"model": "gpt-4o"},
-    ),
+    GPT4O_INPUT,
     specs=_FUZZ.meter.meters,
 )
 _ROUTES = [(r.method, r.path) for r in _FUZZ.app.routes if not r.hidden]
