@@ -389,6 +389,18 @@ def check_operations_ndjson_at_both_paths(s: Served) -> None:
     assert_openai_error(r, 404)
 
 
+def ingested(body: Mapping[str, Any]) -> dict[str, int]:
+    """An ingest answer's totals, once checked against its per-event statuses."""
+    statuses = [e["status"] for e in body["events"]]
+    for total, status in (
+        ("accepted", "accepted"),
+        ("duplicates", "duplicate"),
+        ("conflicts", "conflict"),
+    ):
+        assert body[total] == statuses.count(status), body
+    return {"accepted": body["accepted"], "duplicates": body["duplicates"]}
+
+
 def check_event_ingest(s: Served) -> None:
     event = {"id": "e1", "meter": "tokens", "time": T0 + 3 * DAY, "values": {"tokens": 5}}
     r = send(
@@ -398,7 +410,13 @@ def check_event_ingest(s: Served) -> None:
         body=[event, {**event, "id": "e2"}, event],
         token=s.tokens["admin"],
     )
-    assert (r.status, r.json()) == (200, {"accepted": 2, "duplicates": 1})
+    assert r.status == 200
+    assert {k: r.json()[k] for k in ("accepted", "duplicates", "conflicts")} == {
+        "accepted": 2,
+        "duplicates": 1,
+        "conflicts": 0,
+    }
+    assert [e["status"] for e in r.json()["events"]] == ["accepted", "accepted", "duplicate"]
     ndjson = json.dumps({**event, "id": "e3"}) + "\n"
     r = send(
         s.client,
@@ -408,7 +426,7 @@ def check_event_ingest(s: Served) -> None:
         content_type="application/x-ndjson",
         token=s.tokens["admin"],
     )
-    assert (r.status, r.json()) == (200, {"accepted": 1, "duplicates": 0})
+    assert (r.status, ingested(r.json())) == (200, {"accepted": 1, "duplicates": 0})
     assert (
         s.meter.total("tokens", "tokens", organization_id="org_a", start_time=T0, end_time=NOW)
         == 15

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
@@ -239,7 +240,7 @@ def test_a_body_arriving_in_pieces_and_the_body_limit(
         )
     )
     assert sent[0]["status"] == 200
-    assert sent[1]["body"] == b'{"accepted":1,"duplicates":0}'
+    assert json.loads(sent[1]["body"])["accepted"] == 1
     small = StarletteClient(create_app(meter, max_body_bytes=40))
     r = send(
         small,

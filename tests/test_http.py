@@ -89,6 +89,8 @@ class Env:
         bearer = token if token is not None else (self.tokens[key] if key else None)
         if bearer is not None:
             hdrs["authorization"] = f"Bearer {bearer}"
+        if content_type is None and body is not None and not isinstance(body, bytes):
+            content_type = "application/json"
         if content_type is not None:
             hdrs["content-type"] = content_type
         raw = (
@@ -807,10 +809,23 @@ def tokens_on_day7(env: Env, org: str = "org_a") -> int:
     )
 
 
+def counts(r: Any) -> dict[str, int]:
+    """The totals of an ingest answer, after checking they agree with its per-event statuses."""
+    body = data(r)
+    statuses = [e["status"] for e in body["events"]]
+    assert body["accepted"] == statuses.count("accepted")
+    assert body["duplicates"] == statuses.count("duplicate")
+    assert body["conflicts"] == statuses.count("conflict")
+    return {k: body[k] for k in ("accepted", "duplicates") if k in body} | (
+        {"conflicts": body["conflicts"]} if body["conflicts"] else {}
+    )
+
+
 def test_ingest_a_json_array_with_duplicates(env: Env) -> None:
     batch = [native("e1", 5), native("e2", 7, organization_id="org_a"), native("e1", 5)]
     r = env.send("POST", "/v1/events", body=batch, key="writer")
-    assert (r.status, data(r)) == (200, {"accepted": 2, "duplicates": 1})
+    assert (r.status, counts(r)) == (200, {"accepted": 2, "duplicates": 1})
+    assert [e["status"] for e in data(r)["events"]] == ["accepted", "accepted", "duplicate"]
     r = env.send(
         "POST",
         "/v1/events",
@@ -818,14 +833,52 @@ def test_ingest_a_json_array_with_duplicates(env: Env) -> None:
         key="writer",
         content_type="application/json; charset=utf-8",
     )
-    assert data(r) == {"accepted": 0, "duplicates": 3}
+    assert counts(r) == {"accepted": 0, "duplicates": 3}
     assert tokens_on_day7(env) == 12
+
+
+def test_ingest_reports_an_id_reused_with_other_data(env: Env) -> None:
+    env.send("POST", "/v1/events", body=[native("e1", 5)], key="writer")
+    batch = [native("e1", 5), native("e1", 6), native("e2", 1)]
+    r = env.send("POST", "/v1/events", body=batch, key="writer")
+    assert r.status == 200 and counts(r) == {"accepted": 1, "duplicates": 1, "conflicts": 1}
+    assert data(r)["events"] == [
+        {"id": "e1", "meter": "tokens", "status": "duplicate"},
+        {"id": "e1", "meter": "tokens", "status": "conflict"},
+        {"id": "e2", "meter": "tokens", "status": "accepted"},
+    ]
+    assert tokens_on_day7(env) == 6  # the stored e1 (5) is unchanged, e2 added
+
+
+def test_ingest_ids_belong_to_the_organization(env: Env) -> None:
+    # org_b uses an id first; org_a's own event of that id is still new, not a duplicate.
+    r = env.send("POST", "/v1/events", body=[native("shared", 9)], key="other")
+    assert counts(r) == {"accepted": 1, "duplicates": 0}
+    r = env.send("POST", "/v1/events", body=[native("shared", 5)], key="writer")
+    assert counts(r) == {"accepted": 1, "duplicates": 0}
+    assert tokens_on_day7(env) == 5 and tokens_on_day7(env, "org_b") == 9
+
+
+def test_ingest_needs_a_known_content_type(env: Env) -> None:
+    body = json.dumps([native("x")]).encode()
+    for content_type in (None, "text/plain", "application/x-www-form-urlencoded"):
+        r = env.send("POST", "/v1/events", body=body, content_type=content_type)
+        error = assert_openai_error(r, 415)
+        assert error["code"] == "unsupported_media_type"
+        for media in (
+            "application/json",
+            "application/x-ndjson",
+            "application/cloudevents+json",
+            "application/cloudevents-batch+json",
+        ):
+            assert media in error["message"] and media in (header(r, "accept-post") or "")
+    assert tokens_on_day7(env) == 0
 
 
 def test_ingest_ndjson(env: Env) -> None:
     body = "\n".join(json.dumps(native(f"n{i}", i)) for i in range(1, 5)) + "\n\n"
     r = env.send("POST", "/v1/events", body=body.encode(), content_type="application/x-ndjson")
-    assert (r.status, data(r)) == (200, {"accepted": 4, "duplicates": 0})
+    assert (r.status, counts(r)) == (200, {"accepted": 4, "duplicates": 0})
     assert tokens_on_day7(env) == 10
     r = env.send("POST", "/v1/events", body=b'{"id": "n1"\n', content_type="application/x-ndjson")
     assert_openai_error(r, 400)
@@ -840,38 +893,46 @@ def test_ingest_cloudevents(env: Env) -> None:
     r = env.send(
         "POST", "/v1/events", body=batch, content_type="application/cloudevents-batch+json"
     )
-    assert (r.status, data(r)) == (200, {"accepted": 3, "duplicates": 0})
+    assert (r.status, counts(r)) == (200, {"accepted": 3, "duplicates": 0})
     assert tokens_on_day7(env) == 7  # c2 is at 00:00:00.75Z, c3 (no time) is now (day 10)
     stored = {e.id: e for e in env.meter.store.scan("tokens", "org_a", 0, NOW + 1)}
     assert stored["c2"].time == T0 + 7 * DAY and stored["c3"].time == NOW
     again = env.send(
         "POST", "/v1/events", body=batch[:1], content_type="application/cloudevents-batch+json"
     )
-    assert data(again) == {"accepted": 0, "duplicates": 1}
+    assert counts(again) == {"accepted": 0, "duplicates": 1}
     single = env.send(
         "POST", "/v1/events", body=cloud("c9", 1), content_type="application/cloudevents+json"
     )
-    assert data(single) == {"accepted": 1, "duplicates": 0}
+    assert counts(single) == {"accepted": 1, "duplicates": 0}
+
+
+JSON_TYPE = "application/json"
 
 
 @pytest.mark.parametrize(
     ("content_type", "batch", "status", "param"),
     [
-        (None, [native("ok"), native("bad", values={"nope": 1})], 422, "events[1].values"),
-        (None, [native("ok"), native("bad", tokens=-1)], 422, "events[1].values.tokens"),
-        (None, [native("ok"), {"meter": "tokens", "values": {"tokens": 1}}], 422, "events[1].id"),
-        (None, [native("ok"), native("bad", meter="nope")], 422, "events[1].meter"),
-        (None, [native("ok"), native("bad", colour="red")], 422, "events[1]"),
-        (None, [native("ok"), "event"], 422, "events[1]"),
-        (None, [native("ok"), native("bad", time="yesterday")], 422, "events[1].time"),
+        (JSON_TYPE, [native("ok"), native("bad", values={"nope": 1})], 422, "events[1].values"),
+        (JSON_TYPE, [native("ok"), native("bad", tokens=-1)], 422, "events[1].values.tokens"),
         (
-            None,
+            JSON_TYPE,
+            [native("ok"), {"meter": "tokens", "values": {"tokens": 1}}],
+            422,
+            "events[1].id",
+        ),
+        (JSON_TYPE, [native("ok"), native("bad", meter="nope")], 422, "events[1].meter"),
+        (JSON_TYPE, [native("ok"), native("bad", colour="red")], 422, "events[1]"),
+        (JSON_TYPE, [native("ok"), "event"], 422, "events[1]"),
+        (JSON_TYPE, [native("ok"), native("bad", time="yesterday")], 422, "events[1].time"),
+        (
+            JSON_TYPE,
             [native("ok"), native("bad", organization_id="org_b")],
             403,
             "events[1].organization_id",
         ),
-        (None, {"id": "x"}, 400, None),
-        (None, b"[{", 400, None),
+        (JSON_TYPE, {"id": "x"}, 400, None),
+        (JSON_TYPE, b"[{", 400, None),
         ("text/plain", [native("ok")], 415, None),
         (
             "application/cloudevents-batch+json",
@@ -928,14 +989,14 @@ def test_ingest_limits_and_scope(env: Env) -> None:
             "POST",
             "/v1/events",
             (),
-            {"authorization": f"Bearer {env.tokens['admin']}"},
+            {"authorization": f"Bearer {env.tokens['admin']}", "content-type": JSON_TYPE},
             json.dumps([native(f"x{i}") for i in range(5)]).encode(),
         )
     )
     assert assert_openai_error(r, 413)["code"] == "payload_too_large"
     assert_openai_error(env.send("POST", "/v1/events", body=[native("e")], key="member"), 403)
     r = env.send("POST", "/v1/events", body=[native("e")], key="other")
-    assert data(r) == {"accepted": 1, "duplicates": 0}  # org_b's own event, defaulted
+    assert counts(r) == {"accepted": 1, "duplicates": 0}  # org_b's own event, defaulted
     assert tokens_on_day7(env, "org_b") == 5 and tokens_on_day7(env) == 0
     assert data(env.send("POST", "/v1/events", body=[]))["accepted"] == 0
 

@@ -14,6 +14,7 @@ import pytest
 
 import meterkit
 from meterkit import AppendResult, Event, Meter, ValidationError
+from meterkit.errors import EventConflict
 from meterkit.meter import open_store
 from meterkit.stores.base import Store
 from meterkit.stores.memory import MemoryStore
@@ -88,7 +89,14 @@ def test_record_reports_new_then_duplicate(store_url: str) -> None:
             "dimensions": {"model": "gpt-4o", "batch": False},
         }
         assert m.record("completions", {"input_tokens": 120}, **kwargs) is True
-        assert m.record("completions", {"input_tokens": 999}, **kwargs) is False
+        assert m.record("completions", {"input_tokens": 120}, **kwargs) is False
+        # The same id with other data is a conflict: refused, the stored event kept.
+        with pytest.raises(EventConflict) as caught:
+            m.record("completions", {"input_tokens": 999}, **kwargs)
+        assert caught.value.field == "id" and caught.value.ids == ("evt_1",)
+        assert total_tokens(m) == 120
+        # Another organization's event of the same id is its own.
+        assert m.record("completions", {"input_tokens": 7}, **{**kwargs, "organization_id": "o2"})
         assert total_tokens(m) == 120
 
 
@@ -168,10 +176,8 @@ def test_sqlite_meter_is_idempotent_across_reopen(tmp_path: Path) -> None:
         assert m.record_many(batch) == AppendResult(50, 0)
     with Meter(url) as m:
         assert m.record_many(batch) == AppendResult(0, 50)
-        assert (
+        with pytest.raises(EventConflict):
             m.record("completions", {"input_tokens": 5}, organization_id="org_1", time=T0, id="e7")
-            is False
-        )
         assert m.record_many([*batch[:3], completion("e50", tokens=50)]) == AppendResult(1, 3)
     with Meter(url) as m:
         assert total_tokens(m) == sum(range(51))
@@ -189,8 +195,13 @@ def test_two_meters_on_one_sqlite_file(tmp_path: Path) -> None:
             m2.record("completions", {"input_tokens": 3}, organization_id="org_1", time=T0, id="x")
             is False
         )
-        assert m2.record_many([completion("x"), completion("y", tokens=4)]) == AppendResult(1, 1)
-        assert m1.record_many([completion("y"), completion("z", tokens=5)]) == AppendResult(1, 1)
+        # "x" was recorded with other data by the other process: a conflict.
+        assert m2.record_many([completion("x"), completion("y", tokens=4)]) == AppendResult(
+            1, 0, ("x",)
+        )
+        assert m1.record_many([completion("y", tokens=4), completion("z", tokens=5)]) == (
+            AppendResult(1, 1)
+        )
         # Each sees what the other wrote, including a page cursor signed by the other.
         assert total_tokens(m1) == total_tokens(m2) == 3 + 4 + 5
         page = m1.usage(

@@ -1,6 +1,12 @@
 """meterkit: embeddable usage metering — buckets, costs and quotas."""
 
-from meterkit.errors import MeterkitError, QuotaExceeded, StoreUnavailable, ValidationError
+from meterkit.errors import (
+    EventConflict,
+    MeterkitError,
+    QuotaExceeded,
+    StoreUnavailable,
+    ValidationError,
+)
 from meterkit.hookspecs import hookimpl
 from meterkit.meter import Meter
 from meterkit.models import (
@@ -25,6 +31,7 @@ __all__ = [
     "Decision",
     "Dimension",
     "Event",
+    "EventConflict",
     "Grant",
     "LimitState",
     "Measure",

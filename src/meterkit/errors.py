@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["MeterkitError", "QuotaExceeded", "StoreUnavailable", "ValidationError"]
+__all__ = [
+    "EventConflict",
+    "MeterkitError",
+    "QuotaExceeded",
+    "StoreUnavailable",
+    "ValidationError",
+]
 
 
 class MeterkitError(Exception):
@@ -16,6 +22,23 @@ class ValidationError(MeterkitError, ValueError):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}")
+
+
+class EventConflict(ValidationError):
+    """An event id already recorded for this organization and meter with other data.
+
+    The stored event is unchanged and nothing of the new one was recorded. ``ids`` lists the
+    conflicting ids.
+    """
+
+    def __init__(self, field: str, ids: tuple[str, ...]) -> None:
+        self.ids = ids
+        shown = ", ".join(repr(i) for i in ids[:5])
+        super().__init__(
+            field,
+            f"id {shown} is already recorded for this organization and meter with other data; "
+            "the stored event is unchanged (use a new id for new usage)",
+        )
 
 
 class StoreUnavailable(MeterkitError):

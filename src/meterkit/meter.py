@@ -18,7 +18,8 @@ from meterkit import engine, pricing, summaries
 from meterkit.catalog import builtin_meters
 from meterkit.config import load_config
 from meterkit.costs import CostsPage, UnpricedUsage
-from meterkit.errors import StoreUnavailable, ValidationError
+from meterkit.errors import EventConflict, StoreUnavailable, ValidationError
+from meterkit.idempotency import classify
 from meterkit.models import (
     AppendResult,
     DimValue,
@@ -205,7 +206,11 @@ class Meter:
         id: str | None = None,
         dimensions: Mapping[str, DimValue] | None = None,
     ) -> bool:
-        """Record one event. ``True`` if it is new, ``False`` if its id was already recorded."""
+        """Record one event. ``True`` if it is new, ``False`` if it was already recorded.
+
+        The same ``id`` for the same organization and meter with *other* data (time, values or
+        dimensions) raises :class:`~meterkit.errors.EventConflict`; the stored event is kept.
+        """
         event = Event(
             id=id if id is not None else f"evt_{uuid.uuid4().hex}",
             meter=meter,
@@ -214,10 +219,18 @@ class Meter:
             values=values,
             dimensions=dimensions if dimensions is not None else {},
         )
-        return self._append([event], single=True).accepted == 1
+        result = self._append([event], single=True)
+        if result.conflicts:
+            raise EventConflict("id", result.conflicts)
+        return result.accepted == 1
 
     def record_many(self, events: Iterable[Event]) -> AppendResult:
-        """Record a batch in one transaction: all of it, or (on any invalid event) none."""
+        """Record a batch in one transaction: all of it, or (on any invalid event) none.
+
+        Ids already recorded with the same data are counted as ``duplicates``; ids recorded
+        with other data are listed in ``conflicts`` (they change nothing and the rest of the
+        batch is stored). ``statuses`` gives each event's outcome in order.
+        """
         if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
             raise ValidationError("events", "must be a list of Event")
         return self._append(list(events), single=False)
@@ -237,10 +250,11 @@ class Meter:
         for name in {e.meter for e in checked}:
             self._ensure(self._specs[name])
         new = self.store.append(checked)
+        result = classify(checked, new, self.store.get_events)
         if new:
             recorded = tuple(new)
             self.notify(lambda: self.pm.hook.meterkit_events_recorded(meter=self, events=recorded))
-        return AppendResult(len(new), len(checked) - len(new))
+        return result
 
     # -- transactions -------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ __all__ = [
     "DimValue",
     "Dimension",
     "Event",
+    "EventStatus",
     "GroupRow",
     "Hold",
     "Measure",
@@ -127,7 +128,11 @@ class MeterSpec:
 
 @attrs.frozen(eq=True, hash=False)
 class Event:
-    """One usage event. ``(meter, id)`` identifies it forever: appending it again is a no-op."""
+    """One usage event. ``(organization_id, meter, id)`` identifies it forever.
+
+    Appending the same key again with the same payload (time, values, dimensions) is a no-op;
+    with another payload it is a *conflict*: reported, and the stored event is kept unchanged.
+    """
 
     id: str
     meter: str
@@ -137,15 +142,32 @@ class Event:
     dimensions: Mapping[str, DimValue] = attrs.field(factory=dict)
 
 
+EventStatus = Literal["accepted", "duplicate", "conflict"]
+
+
 @attrs.frozen
 class AppendResult:
-    """What an append did: how many events were new, how many were already stored."""
+    """What an append did, per event and in total.
+
+    ``accepted`` events were new; ``duplicates`` were already stored with the same payload
+    (a retry: nothing changed); ``conflicts`` lists the ids that were already stored — or
+    came earlier in the same batch — with *other* data: the stored event is kept unchanged
+    and the new data is not recorded. ``statuses`` gives each input event's outcome in the
+    order given (empty when the result was built by hand).
+    """
 
     accepted: int
     duplicates: int
+    conflicts: tuple[str, ...] = ()
+    statuses: tuple[EventStatus, ...] = attrs.field(default=(), repr=False, eq=False)
 
     def __add__(self, other: AppendResult) -> AppendResult:
-        return AppendResult(self.accepted + other.accepted, self.duplicates + other.duplicates)
+        return AppendResult(
+            self.accepted + other.accepted,
+            self.duplicates + other.duplicates,
+            self.conflicts + other.conflicts,
+            self.statuses + other.statuses,
+        )
 
 
 @attrs.frozen

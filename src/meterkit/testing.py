@@ -516,11 +516,67 @@ class StoreConformance:
         assert _sorted_norm(scan_all(store, SUITE_METER.name, "org_a")) == [normalized(mine)]
         assert _sorted_norm(scan_all(store, COMPLETIONS.name, "org_a")) == [normalized(theirs)]
 
-    def test_ids_are_unique_per_meter_not_per_organization(self, store: Store) -> None:
-        first = _event("x", org="org_a")
+    def test_ids_are_unique_per_organization_and_meter(self, store: Store) -> None:
+        # One organization using an id first must not swallow another's event of that id.
+        first = _event("x", org="org_a", values={"total": 1})
+        theirs = _event("x", org="org_b", values={"total": 2})
         assert len(store.append([first])) == 1
-        assert store.append([_event("x", org="org_b")]) == []
-        assert scan_all(store, SUITE_METER.name, "org_b") == []
+        assert [normalized(e) for e in store.append([theirs])] == [normalized(theirs)]
+        assert store.append([_event("x", org="org_b", values={"total": 2})]) == []
+        assert _sorted_norm(scan_all(store, SUITE_METER.name, "org_a")) == [normalized(first)]
+        assert _sorted_norm(scan_all(store, SUITE_METER.name, "org_b")) == [normalized(theirs)]
+
+    def test_same_id_for_two_organizations_in_one_batch(self, store: Store) -> None:
+        a, b = _event("y", org="org_a"), _event("y", org="org_b", values={"total": 5})
+        assert _sorted_norm(store.append([a, b, a])) == _sorted_norm([a, b])
+
+    def test_get_events_reads_stored_copies_of_one_organization(self, store: Store) -> None:
+        mine = _event("g", values={"total": 3}, dims={"region": "eu"})
+        theirs = _event("g", org="org_b", values={"total": 4})
+        store.append([mine, theirs, _event("h")])
+        got = store.get_events(SUITE_METER.name, "org_a", ["g", "missing", "g"])
+        assert [normalized(e) for e in got] == [normalized(mine)]
+        got_b = store.get_events(SUITE_METER.name, "org_b", ["g", "h"])
+        assert [normalized(e) for e in got_b] == [normalized(theirs)]
+        assert store.get_events(SUITE_METER.name, "org_a", []) == []
+        assert store.get_events(COMPLETIONS.name, "org_a", ["g"]) == []
+
+    def test_meter_reports_conflicts_and_keeps_the_stored_event(
+        self, store_factory: StoreFactory
+    ) -> None:
+        from meterkit.errors import EventConflict
+        from meterkit.meter import Meter
+
+        meter = Meter(store=store_factory.open(), meters=self.meters, clock=lambda: T0 + DAY)
+        kept = _event("c1", values={"total": 1, "peak": 2}, dims={"region": "eu"})
+        assert meter.record_many([kept]).accepted == 1
+        same = attrs.evolve(kept, dimensions={"region": "eu", "tier": None})
+        other_time = attrs.evolve(kept, time=kept.time + 1)
+        other_value = attrs.evolve(kept, values={"total": 2, "peak": 2})
+        other_dim = attrs.evolve(kept, dimensions={"region": "us"})
+        other_org = attrs.evolve(kept, organization_id="org_b", values={"total": 9})
+        result = meter.record_many([same, other_time, other_value, other_dim, other_org])
+        assert result.statuses == ("duplicate", "conflict", "conflict", "conflict", "accepted")
+        assert (result.accepted, result.duplicates, result.conflicts) == (1, 1, ("c1",) * 3)
+        # In one batch: the first copy is the reference for the later ones.
+        batch = [
+            _event("c2", values={"total": 1}),
+            _event("c2", values={"total": 1}),
+            _event("c2", values={"total": 8}),
+        ]
+        assert meter.record_many(batch).statuses == ("accepted", "duplicate", "conflict")
+        with pytest.raises(EventConflict) as caught:
+            meter.record(
+                SUITE_METER.name,
+                {"total": 5},
+                organization_id="org_a",
+                time=kept.time,
+                id="c1",
+                dimensions={"region": "eu"},
+            )
+        assert caught.value.field == "id" and caught.value.ids == ("c1",)
+        stored = {e.id: normalized(e) for e in scan_all(meter.store, SUITE_METER.name, "org_a")}
+        assert stored == {"c1": normalized(kept), "c2": normalized(batch[0])}
 
     def test_idempotent_across_reopen(self, store_factory: StoreFactory) -> None:
         self._require_persistence()
@@ -827,14 +883,14 @@ class StoreConformance:
         specs = {spec.name: spec for spec in SUITE_METERS}
         store = store_factory.fresh()
         try:
-            seen: set[tuple[str, str]] = set()
+            seen: set[tuple[str, str, str]] = set()
             appended: list[Event] = []
             for batch in scenario.batches:
                 checked = [check_event(specs[e.meter], e) for e in batch]
                 expected_new = []
                 for event in checked:
-                    if (event.meter, event.id) not in seen:
-                        seen.add((event.meter, event.id))
+                    if (event.meter, event.organization_id, event.id) not in seen:
+                        seen.add((event.meter, event.organization_id, event.id))
                         expected_new.append(event)
                 got = store.append(checked)
                 assert [normalized(e) for e in got] == [normalized(e) for e in expected_new]

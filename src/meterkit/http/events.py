@@ -1,16 +1,20 @@
 """Event ingest, ``POST /v1/events``: meterkit's native events, NDJSON, or a CloudEvents batch.
 
-The body is read by its content type:
+The body is read by its ``Content-Type``, which is required (anything else is 415, with the
+accepted types in the message and in an ``Accept-Post`` header):
 
-* ``application/json`` (or none): a JSON array of native events (``id``, ``meter``,
+* ``application/json``: a JSON array of native events (``id``, ``meter``,
   ``organization_id``, ``time``, ``values``, ``dimensions``; see ``meterkit.convert``);
 * ``application/x-ndjson``: one native event per line;
 * ``application/cloudevents-batch+json``: a JSON array of CloudEvents 1.0 (structured mode);
   ``application/cloudevents+json``: a single one.
 
 A batch is stored all-or-nothing: one invalid event, or one for another organization, and
-nothing is stored. The answer counts new and already-stored events, ``{"accepted": n,
-"duplicates": m}``; sending the same batch again is safe.
+nothing is stored. The answer counts new events, retries of stored ones and conflicts (an id
+this organization already used for the meter with other data: the stored event is kept), and
+gives each event's status in order: ``{"accepted": n, "duplicates": m, "conflicts": k,
+"events": [{"id": ..., "meter": ..., "status": "accepted" | "duplicate" | "conflict"}]}``.
+Sending the same batch again is safe.
 """
 
 from __future__ import annotations
@@ -66,9 +70,21 @@ def parse_rfc3339(value: object, field: str) -> int:
     return math.floor(stamp)
 
 
+ACCEPTED_TYPES = (JSON, NDJSON, CLOUDEVENTS_BATCH, CLOUDEVENT)
+
+
 def _media_type(call: Call) -> str:
-    raw = call.request.header("content-type") or JSON
-    return raw.split(";", 1)[0].strip().lower()
+    raw = call.request.header("content-type") or ""
+    media = raw.split(";", 1)[0].strip().lower()
+    if media not in ACCEPTED_TYPES:
+        shown = f"not {media[:80]!r}" if media else "with a Content-Type header"
+        raise HttpError(
+            415,
+            f"Send the events as {', '.join(ACCEPTED_TYPES)}; the request came {shown}.",
+            code="unsupported_media_type",
+            headers=(("accept-post", ", ".join(ACCEPTED_TYPES)),),
+        )
+    return media
 
 
 def _items(call: Call, media: str) -> list[Any]:
@@ -164,12 +180,6 @@ def _cloud(call: Call, item: Any, field: str) -> Event:
 
 def _ingest(call: Call) -> Response:
     media = _media_type(call)
-    if media not in (JSON, NDJSON, CLOUDEVENTS_BATCH, CLOUDEVENT):
-        raise HttpError(
-            415,
-            f"Send {JSON}, {NDJSON} or {CLOUDEVENTS_BATCH}, not {media[:80]!r}.",
-            code="unsupported_media_type",
-        )
     read = _cloud if media in (CLOUDEVENTS_BATCH, CLOUDEVENT) else _native
     events = [read(call, item, f"events[{i}]") for i, item in enumerate(_items(call, media))]
     for i, event in enumerate(events):
@@ -177,7 +187,17 @@ def _ingest(call: Call) -> Response:
         if event.id is None:
             raise ValidationError(f"events[{i}].id", "is required (it makes retries safe)")
     result = call.meter.record_many(events)
-    return json_response({"accepted": result.accepted, "duplicates": result.duplicates})
+    return json_response(
+        {
+            "accepted": result.accepted,
+            "duplicates": result.duplicates,
+            "conflicts": len(result.conflicts),
+            "events": [
+                {"id": e.id, "meter": e.meter, "status": status}
+                for e, status in zip(events, result.statuses, strict=True)
+            ],
+        }
+    )
 
 
 _EVENT: Mapping[str, Any] = {
@@ -224,8 +244,31 @@ SCHEMAS: dict[str, Any] = {
     "CloudEvent": dict(_CLOUD_EVENT),
     "Ingested": {
         "type": "object",
-        "properties": {"accepted": {"type": "integer"}, "duplicates": {"type": "integer"}},
-        "required": ["accepted", "duplicates"],
+        "properties": {
+            "accepted": {"type": "integer", "description": "New events, now stored."},
+            "duplicates": {
+                "type": "integer",
+                "description": "Events already stored with the same data: nothing changed.",
+            },
+            "conflicts": {
+                "type": "integer",
+                "description": "Ids already used with other data: the stored event is kept.",
+            },
+            "events": {
+                "type": "array",
+                "description": "Each event's outcome, in the order sent.",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "meter": {"type": "string"},
+                        "status": {"enum": ["accepted", "duplicate", "conflict"]},
+                    },
+                    "required": ["id", "meter", "status"],
+                },
+            },
+        },
+        "required": ["accepted", "duplicates", "conflicts", "events"],
     },
 }
 

@@ -1,9 +1,10 @@
 """The protocol every store implements.
 
-A store keeps events (idempotently, by ``(meter, id)``) and hands them back for a time range.
-It *may* also answer a bucket query natively (SQL ``GROUP BY``, or pre-aggregated rollups
-later): :meth:`Store.aggregate` returns ``None`` when it will not, and the engine then
-aggregates :meth:`Store.scan`. A native answer must equal the engine's on the same events.
+A store keeps events (idempotently, by ``(organization_id, meter, id)``) and hands them back
+for a time range. It *may* also answer a bucket query natively (SQL ``GROUP BY``, or pre-
+aggregated rollups later): :meth:`Store.aggregate` returns ``None`` when it will not, and the
+engine then aggregates :meth:`Store.scan`. A native answer must equal the engine's on the same
+events.
 """
 
 from __future__ import annotations
@@ -74,9 +75,15 @@ class Store(CounterStore, Protocol):
     def append(self, events: Sequence[Event]) -> list[Event]:
         """Store validated events atomically (all, or on error none); return the new ones.
 
-        An event whose ``(meter, id)`` is already stored (or repeats earlier in the batch)
-        is a duplicate: it changes nothing and is left out of the returned list.
+        An event whose ``(organization_id, meter, id)`` is already stored (or repeats earlier
+        in the batch) changes nothing and is left out of the returned list, whatever its
+        payload: the same id in another organization is another event. Telling a duplicate
+        from a conflict (same key, other data) is :class:`~meterkit.Meter`'s job, from
+        :meth:`get_events`.
         """
+
+    def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:
+        """The stored events of ``meter`` and ``organization_id`` with these ids (any order)."""
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
         """Every stored event of ``meter`` and ``organization_id`` with ``start <= time < end``."""

@@ -21,7 +21,8 @@ class MemoryStore:
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self._lock = threading.RLock()
-        self._ids: dict[str, set[str]] = {}
+        # (meter, organization_id) -> id -> event: ids are unique within a tenant's meter.
+        self._ids: dict[tuple[str, str], dict[str, Event]] = {}
         self._events: dict[tuple[str, str], list[Event]] = {}
         self._secret = os.urandom(32)
         self._records: dict[str, dict[str, dict[str, Any]]] = {}
@@ -36,24 +37,29 @@ class MemoryStore:
             yield
 
     def ensure_meter(self, spec: MeterSpec) -> None:
-        with self._lock:
-            self._ids.setdefault(spec.name, set())
+        pass
 
     def append(self, events: Sequence[Event]) -> list[Event]:
         with self._lock:
             # Decide first, then write: an error while reading the batch leaves nothing behind.
             new: list[Event] = []
-            batch: set[tuple[str, str]] = set()
+            batch: set[tuple[str, str, str]] = set()
             for event in events:
-                key = (event.meter, event.id)
-                if event.id in self._ids.get(event.meter, ()) or key in batch:
+                key = (event.meter, event.organization_id, event.id)
+                if key in batch or event.id in self._ids.get(key[:2], ()):
                     continue
                 batch.add(key)
                 new.append(event)
             for event in new:
-                self._ids.setdefault(event.meter, set()).add(event.id)
-                self._events.setdefault((event.meter, event.organization_id), []).append(event)
+                tenant = (event.meter, event.organization_id)
+                self._ids.setdefault(tenant, {})[event.id] = event
+                self._events.setdefault(tenant, []).append(event)
             return new
+
+    def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:
+        with self._lock:
+            stored = self._ids.get((meter, organization_id), {})
+            return [stored[i] for i in dict.fromkeys(ids) if i in stored]
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
         with self._lock:

@@ -7,11 +7,11 @@ database gives the same answers:
   migration ran; they run in one transaction under ``pg_advisory_xact_lock``, so processes
   starting together wait for each other instead of racing on ``CREATE TABLE``.
 - **Events** in one table per meter, ``events_<meter>``, like the SQLite store: primary key
-  ``id``, ``d_<dim>`` and ``v_<measure>`` columns. Values are ``numeric`` and keep their Python
-  type through the *scale*: an ``int`` is stored with scale 0, a ``float`` exactly (its binary
-  value in decimal) with scale >= 1. Scale survives ``SUM``/``MAX``/``MIN``, so aggregates come
-  back with the engine's type as well.
-- **Appends** are one transaction: ``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id`` says
+  ``(organization_id, id)``, ``d_<dim>`` and ``v_<measure>`` columns. Values are ``numeric``
+  and keep their Python type through the *scale*: an ``int`` is stored with scale 0, a
+  ``float`` exactly (its binary value in decimal) with scale >= 1. Scale survives
+  ``SUM``/``MAX``/``MIN``, so aggregates come back with the engine's type as well.
+- **Appends** are one transaction: ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` says
   exactly which events were new, whichever process raced to store them.
 - **Aggregation** in SQL, the same shape as the SQLite store, equal to the engine.
 - **Counters** are rows of ``mk_counters``, changed in one transaction that locks the touched
@@ -94,6 +94,28 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "CREATE INDEX mk_holds_expires ON mk_holds (expires_at)",
             'CREATE TABLE mk_claims (marker text COLLATE "C" PRIMARY KEY, expires_at bigint)',
             "CREATE INDEX mk_claims_expires ON mk_claims (expires_at) WHERE expires_at IS NOT NULL",
+        ),
+    ),
+    (
+        2,
+        "event ids unique per organization: primary key (organization_id, id)",
+        (
+            # Every events table of this schema whose primary key is still (id) alone. Rows
+            # were unique by id, so none collide under the wider key; nothing is copied.
+            """DO $$
+DECLARE t record;
+BEGIN
+  FOR t IN
+    SELECT c.oid::regclass AS tab, k.conname
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = current_schema()
+    JOIN pg_constraint k ON k.conrelid = c.oid AND k.contype = 'p'
+    WHERE c.relkind IN ('r', 'p') AND c.relname LIKE 'events\\_%' AND array_length(k.conkey, 1) = 1
+  LOOP
+    EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I, ADD PRIMARY KEY (organization_id, id)',
+                   t.tab, t.conname);
+  END LOOP;
+END $$""",
         ),
     ),
 )
@@ -367,7 +389,7 @@ class PostgresStore:
             return
         table = _table(spec.name)
         columns: dict[str, str] = {
-            "id": 'text COLLATE "C" PRIMARY KEY',
+            "id": 'text COLLATE "C" NOT NULL',
             "organization_id": 'text COLLATE "C" NOT NULL',
             "time": "bigint NOT NULL",
         }
@@ -392,6 +414,7 @@ class PostgresStore:
             # that could be data).
             lock = f"meterkit/table/{table}"
             cols = ", ".join(f"{_q(n)} {t}" for n, t in columns.items())
+            cols += ", PRIMARY KEY (organization_id, id)"
             script = [
                 f"SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '/{lock}', 0))",
                 f"CREATE TABLE IF NOT EXISTS {_q(table)} ({cols})",
@@ -417,10 +440,10 @@ class PostgresStore:
     def append(self, events: Sequence[Event]) -> list[Event]:
         # Everything is read from the events before the transaction starts: an event that
         # cannot be read (or a meter never ensured) fails the call with nothing written.
-        seen: set[tuple[str, str]] = set()
+        seen: set[tuple[str, str, str]] = set()
         by_meter: dict[str, list[Event]] = {}
         for event in events:
-            key = (event.meter, event.id)
+            key = (event.meter, event.organization_id, event.id)
             if key in seen:
                 continue
             seen.add(key)
@@ -446,11 +469,12 @@ class PostgresStore:
             unnest = ", ".join(f"%s::{t}[]" for t in types)
             sql = (
                 f"INSERT INTO {_q(_table(meter))} ({', '.join(_q(c) for c in cols)}) "
-                f"SELECT * FROM unnest({unnest}) ON CONFLICT (id) DO NOTHING RETURNING id"
+                f"SELECT * FROM unnest({unnest}) ON CONFLICT (organization_id, id) DO NOTHING "
+                "RETURNING organization_id, id"
             )
             statements.append((meter, sql, arrays))
 
-        def write(cur: psycopg.Cursor[Any]) -> set[tuple[str, str]]:
+        def write(cur: psycopg.Cursor[Any]) -> set[tuple[str, str, str]]:
             # Every INSERT is sent before any result is read: in pipeline mode they travel
             # together instead of one round trip each.
             sent = []
@@ -459,25 +483,46 @@ class PostgresStore:
                     chunk_cur = cur.connection.cursor()
                     chunk_cur.execute(sql, [a[i : i + _CHUNK] for a in arrays])
                     sent.append((meter, chunk_cur))
-            stored: set[tuple[str, str]] = set()
+            stored: set[tuple[str, str, str]] = set()
             for meter, chunk_cur in sent:
-                stored.update((meter, r[0]) for r in chunk_cur.fetchall())
+                stored.update((meter, r[0], r[1]) for r in chunk_cur.fetchall())
                 chunk_cur.close()
             return stored
 
         if not statements:
             return []
         stored = self._run("appending events", write)
-        # Keep the first copy of each new (meter, id), in the order given.
+        # Keep the first copy of each new (meter, organization_id, id), in the order given.
         new: list[Event] = []
         for event in events:
-            key = (event.meter, str(event.id))
+            key = (event.meter, event.organization_id, str(event.id))
             if key in stored:
                 stored.discard(key)
                 new.append(event)
         return new
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
+        return self._select(
+            meter,
+            "organization_id = %s AND time >= %s AND time < %s ORDER BY time, id",
+            (organization_id, start, end),
+            "scanning events",
+        )
+
+    def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:
+        unique = list(dict.fromkeys(ids))
+        if not unique:
+            return []
+        return list(
+            self._select(
+                meter,
+                "organization_id = %s AND id = ANY(%s::text[])",
+                (organization_id, unique),
+                "reading events",
+            )
+        )
+
+    def _select(self, meter: str, where: str, params: Sequence[Any], what: str) -> Iterator[Event]:
         spec = self._specs[meter]
         dims, measures = spec.dimension_names, spec.measure_names
         cols = ", ".join(
@@ -485,17 +530,14 @@ class PostgresStore:
             + [_q(_dim(d)) for d in dims]
             + [_q(_val(m)) for m in measures]
         )
-        sql = (
-            f"SELECT {cols} FROM {_q(_table(meter))} "
-            "WHERE organization_id = %s AND time >= %s AND time < %s ORDER BY time, id"
-        )
+        sql = f"SELECT {cols} FROM {_q(_table(meter))} WHERE {where}"
 
         def read(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
-            cur.execute(sql, (organization_id, start, end))
+            cur.execute(sql, params)
             return cur.fetchall()
 
         # Read eagerly: a failure is raised here, not halfway through the caller's loop.
-        rows = self._run("scanning events", read, tx=False, idempotent=True)
+        rows = self._run(what, read, tx=False, idempotent=True)
         n = len(dims)
 
         def events() -> Iterator[Event]:

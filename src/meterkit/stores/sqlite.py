@@ -30,7 +30,8 @@ from meterkit.stores import sqlagg
 
 __all__ = ["SQLiteStore", "options_from_url", "path_from_url"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: events keyed by ``id`` per meter. 2: keyed by ``(organization_id, id)``."""
 _CHUNK = 500
 
 
@@ -131,12 +132,42 @@ class SQLiteStore:
                 {"marker": str, "expires_at": int}, pk="marker", if_not_exists=True
             )
             conn.execute(
-                "INSERT INTO mk_meta(key, value) VALUES ('schema_version', ?), ('cursor_secret', ?)"
+                "INSERT INTO mk_meta(key, value) VALUES ('cursor_secret', ?)"
                 " ON CONFLICT(key) DO NOTHING",
-                (str(SCHEMA_VERSION), os.urandom(32).hex()),
+                (os.urandom(32).hex(),),
             )
+            # Under BEGIN IMMEDIATE: a second process opening the file now waits, then finds
+            # the version this one wrote and migrates nothing again.
+            self._migrate()
         row = conn.execute("SELECT value FROM mk_meta WHERE key = 'cursor_secret'").fetchone()
         self._secret = bytes.fromhex(row[0])
+
+    def _migrate(self) -> None:
+        """Bring an older file to :data:`SCHEMA_VERSION`; the caller holds the write lock."""
+        row = self.conn.execute("SELECT value FROM mk_meta WHERE key = 'schema_version'").fetchone()
+        tables = [t for t in self.db.table_names() if t.startswith("events_")]
+        version = int(row[0]) if row else (1 if tables else SCHEMA_VERSION)
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"{self.path} is at schema version {version}, newer than this meterkit knows "
+                f"({SCHEMA_VERSION}); upgrade meterkit"
+            )
+        if version < 2:
+            for name in tables:
+                # Rebuild with ids unique per organization: every row is copied, none can
+                # collide (they were unique by id alone), and the index is recreated.
+                for sql in self.db.table(name).transform_sql(pk=("organization_id", "id")):
+                    self.conn.execute(sql)
+                self.conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS [idx_{name}_org_time] "
+                    f"ON [{name}] (organization_id, time)"
+                )
+        if row is None or version != SCHEMA_VERSION:
+            self.conn.execute(
+                "INSERT INTO mk_meta(key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -175,7 +206,10 @@ class SQLiteStore:
             with self._write():
                 if not table.exists():
                     table.create(
-                        columns, pk="id", not_null={"organization_id", "time"}, if_not_exists=True
+                        columns,
+                        pk=("organization_id", "id"),
+                        not_null={"organization_id", "time"},
+                        if_not_exists=True,
                     )
                     self.conn.execute(
                         f"CREATE INDEX IF NOT EXISTS [idx_{table.name}_org_time] "
@@ -201,21 +235,27 @@ class SQLiteStore:
                 table = _table(meter)
                 # Under the write lock nobody else can insert, so "not there yet" stays true
                 # until our INSERT: the returned list is exactly what was stored.
-                stored: set[str] = set()
-                ids = list({e.id for e in batch})
-                for i in range(0, len(ids), _CHUNK):
-                    chunk = ids[i : i + _CHUNK]
-                    stored.update(
-                        r[0]
-                        for r in conn.execute(
-                            f"SELECT id FROM [{table}] WHERE id IN ({', '.join('?' * len(chunk))})",
-                            chunk,
+                stored: set[tuple[str, str]] = set()
+                by_org: dict[str, set[str]] = {}
+                for e in batch:
+                    by_org.setdefault(e.organization_id, set()).add(e.id)
+                for org, org_ids in by_org.items():
+                    ids = list(org_ids)
+                    for i in range(0, len(ids), _CHUNK):
+                        chunk = ids[i : i + _CHUNK]
+                        stored.update(
+                            (org, r[0])
+                            for r in conn.execute(
+                                f"SELECT id FROM [{table}] WHERE organization_id = ? "
+                                f"AND id IN ({', '.join('?' * len(chunk))})",
+                                [org, *chunk],
+                            )
                         )
-                    )
                 fresh = []
                 for e in batch:
-                    if e.id not in stored:
-                        stored.add(e.id)
+                    key = (e.organization_id, e.id)
+                    if key not in stored:
+                        stored.add(key)
                         fresh.append(e)
                 if not fresh:
                     continue
@@ -245,6 +285,27 @@ class SQLiteStore:
         return new
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
+        return self._select(
+            meter,
+            "organization_id = ? AND time >= ? AND time < ? ORDER BY time, id",
+            [organization_id, start, end],
+        )
+
+    def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:
+        unique = list(dict.fromkeys(ids))
+        found: list[Event] = []
+        for i in range(0, len(unique), _CHUNK):
+            chunk = unique[i : i + _CHUNK]
+            found.extend(
+                self._select(
+                    meter,
+                    f"organization_id = ? AND id IN ({', '.join('?' * len(chunk))})",
+                    [organization_id, *chunk],
+                )
+            )
+        return found
+
+    def _select(self, meter: str, where: str, params: list[Any]) -> Iterator[Event]:
         spec = self._specs[meter]
         dims = spec.dimension_names
         bools = {d.name for d in spec.dimensions if d.kind == "bool"}
@@ -256,9 +317,7 @@ class SQLiteStore:
         )
         with self._lock:
             rows = self.conn.execute(
-                f"SELECT {cols} FROM [{_table(meter)}] "
-                "WHERE organization_id = ? AND time >= ? AND time < ? ORDER BY time, id",
-                (organization_id, start, end),
+                f"SELECT {cols} FROM [{_table(meter)}] WHERE {where}", params
             ).fetchall()
         n = len(dims)
         for row in rows:

@@ -1,0 +1,75 @@
+"""Duplicates and conflicts: what became of each event of an append.
+
+An event is identified by ``(organization_id, meter, id)``. Stores only keep the first copy
+of a key; this module tells, for every event handed to them, whether it was new, a retry of
+what is stored (same payload), or a *conflict* (same key, other payload), so that every store
+reports the same thing without repeating the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from meterkit.models import AppendResult, Event, EventStatus
+
+__all__ = ["classify", "payload"]
+
+Key = tuple[str, str, str]
+GetEvents = Callable[[str, str, Sequence[str]], list[Event]]
+
+
+def key(event: Event) -> Key:
+    return (event.organization_id, event.meter, event.id)
+
+
+def payload(event: Event) -> tuple[object, ...]:
+    """What two copies of one event must agree on: time, values and set dimensions.
+
+    A dimension given as ``None`` is the same as one not given (neither is stored); numbers
+    compare by value, so ``3`` and ``3.0`` are the same amount.
+    """
+    dims = frozenset((k, v) for k, v in event.dimensions.items() if v is not None)
+    values = frozenset((k, v) for k, v in event.values.items() if v is not None)
+    return (event.time, values, dims)
+
+
+def classify(events: Sequence[Event], new: Sequence[Event], get_events: GetEvents) -> AppendResult:
+    """The outcome of appending ``events`` (validated), of which the store kept ``new``.
+
+    The reference copy of a key is the stored one when the key was there before, else the
+    first copy in this batch; every other copy is a duplicate or a conflict against it.
+    ``get_events(meter, organization_id, ids)`` is only asked about keys that were not new.
+    """
+    # By key, not identity: a store may hand back copies of the events it kept.
+    fresh = {key(e) for e in new}
+    reference: dict[Key, Event] = {}
+    missing: dict[tuple[str, str], list[str]] = {}
+    for event in events:
+        k = key(event)
+        if k in fresh:
+            reference.setdefault(k, event)
+        elif k not in reference:
+            reference[k] = event  # placeholder until the stored copy is read
+            missing.setdefault((event.meter, event.organization_id), []).append(event.id)
+    for (meter, org), ids in missing.items():
+        found = {key(stored): stored for stored in get_events(meter, org, ids)}
+        for i in ids:
+            k = (org, meter, i)
+            # Absent only if the stored copy vanished (retention) since the append.
+            reference[k] = found.get(k, reference[k])
+    statuses: list[EventStatus] = []
+    conflicts: list[str] = []
+    accepted = duplicates = 0
+    for event in events:
+        k = key(event)
+        if k in fresh:
+            fresh.discard(k)
+            statuses.append("accepted")
+            accepted += 1
+        elif payload(reference[k]) == payload(event):
+            statuses.append("duplicate")
+            duplicates += 1
+        else:
+            statuses.append("conflict")
+            conflicts.append(event.id)
+    return AppendResult(accepted, duplicates, tuple(conflicts), tuple(statuses))
