@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,14 +47,34 @@ def _reported() -> Iterator[None]:
         raise click.ClickException(f"the store is unavailable: {exc}") from None
 
 
-def _open(config: Path | None, db: str | None) -> Meter:
+class StartedClock:
+    """A clock that read ``start`` when it was made and has run on in real time since
+    (or, ``frozen``, reads ``start`` for ever)."""
+
+    def __init__(self, start: float, *, frozen: bool = False) -> None:
+        self.start = start
+        self.frozen = frozen
+        self.origin = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.start if self.frozen else self.start + (time.monotonic() - self.origin)
+
+
+def _open(
+    config: Path | None, db: str | None, now: int | None = None, *, frozen: bool = False
+) -> Meter:
     """The meter a command works on: ``--config`` (its store, or ``--db`` instead), else
-    ``--db``, else the embedded default."""
+    ``--db``, else the embedded default. With ``now``, its clock starts at that Unix time."""
     url = db or DEFAULT_URL
+    if frozen and now is None:
+        raise BadInput("--freeze-clock needs --now")
+    extra: dict[str, Any] = {} if now is None else {"clock": StartedClock(now, frozen=frozen)}
     try:
         if config is not None:
-            return Meter.from_config(config, url=db) if db else Meter.from_config(config)
-        return Meter(url)
+            if db:
+                return Meter.from_config(config, url=db, **extra)
+            return Meter.from_config(config, **extra)
+        return Meter(url, **extra)
     except ValidationError as exc:
         if config is None or (db and exc.field == "url"):
             raise BadInput(f"--db: {exc.message}") from None
@@ -132,14 +153,36 @@ _log_level = click.option(
 )
 
 
+_now = click.option(
+    "--now",
+    type=click.IntRange(0),
+    default=None,
+    metavar="SECONDS",
+    help="Start the clock at this Unix time (it then runs on): reproducible dates.",
+)
+_freeze = click.option(
+    "--freeze-clock", "frozen", is_flag=True, help="Keep the clock at --now instead of running on."
+)
+
+
 @main.command()
 @_store_options
 @_host
 @_port
+@_now
+@_freeze
 @_log_level
-def serve(config: Path | None, db: str | None, host: str, port: int, log_level: str) -> None:
+def serve(
+    config: Path | None,
+    db: str | None,
+    host: str,
+    port: int,
+    now: int | None,
+    frozen: bool,
+    log_level: str,
+) -> None:
     """Serve every HTTP endpoint (usage, costs, plan and account usage, operations, ingest)."""
-    _serve(_open(config, db), host, port, log_level)
+    _serve(_open(config, db, now, frozen=frozen), host, port, log_level)
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -298,7 +341,8 @@ print(page)
     type=click.IntRange(0),
     default=None,
     metavar="SECONDS",
-    help="Generate as if it were this Unix time (default: the clock); same value, same data.",
+    help="Generate and serve as if it were this Unix time (the clock then runs on from there; "
+    "default: the real clock); same value, same data.",
 )
 @_log_level
 def demo(
@@ -309,7 +353,7 @@ def demo(
 
     if not no_serve:
         _uvicorn()  # before anything is written or a key is shown: fail early without it
-    meter = _open(None, db)
+    meter = _open(None, db, now)
     try:
         with _reported():
             summary = populate(meter, days=days, now=now)
