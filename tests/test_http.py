@@ -718,7 +718,19 @@ def test_operation_history_months(env: Env) -> None:
 def test_operation_bad_bodies(
     env: Env, path: str, body: Any, status: int, param: str | None
 ) -> None:
-    assert_openai_error(env.send("POST", path, body=body), status, param)
+    r = env.send("POST", path, body=body, content_type=JSON_TYPE if body is not None else None)
+    assert_openai_error(r, status, param)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_operations_refuse_bodies_that_are_not_json(env: Env, content_type: str | None) -> None:
+    body = json.dumps({"organization_id": "org_a"}).encode()
+    for path in ("/v1/op/usage.current", "/v1/usage/history"):
+        r = env.send("POST", path, body=body, content_type=content_type)
+        error = assert_openai_error(r, 415)
+        assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+    ok = env.send("POST", "/v1/usage/current", body=body, content_type="application/json")
+    assert ok.status == 200
 
 
 def test_operations_refuse_other_organizations_scopes_and_members(env: Env) -> None:
@@ -767,7 +779,7 @@ def test_recalculate_storage_without_a_plugin_is_501() -> None:
                 "POST",
                 "/v1/usage/recalculate_storage",
                 (),
-                {"authorization": f"Bearer {token}"},
+                {"authorization": f"Bearer {token}", "content-type": JSON_TYPE},
                 b'{"organization_id": "org_a"}',
             )
         )

@@ -12,12 +12,34 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from meterkit.models import CounterLine, CounterResult, Hold
+from meterkit.validate import MAX_VALUE
 
-__all__ = ["CounterBackend", "admits", "apply", "fits", "release_expired", "settle"]
+__all__ = [
+    "MAX_COUNTER",
+    "CounterBackend",
+    "admits",
+    "apply",
+    "clamp",
+    "fits",
+    "release_expired",
+    "settle",
+]
+
+MAX_COUNTER = MAX_VALUE
+"""The largest amount, limit or counter value: every backend holds it exactly (Redis Lua
+numbers are doubles, exact up to 2**53). Amounts beyond it are refused before any counter is
+touched; a limitless line that would pass it is refused too, so a counter never wraps."""
+
+
+def clamp(value: int) -> int:
+    """A counter's new value: never negative, never past :data:`MAX_COUNTER`."""
+    return 0 if value < 0 else MAX_COUNTER if value > MAX_COUNTER else value
 
 
 def fits(line: CounterLine, current: int, previous: int) -> bool:
-    """Whether ``line.amount`` more fits under ``line.limit`` (always, without a limit)."""
+    """Whether ``line.amount`` more fits under ``line.limit`` and :data:`MAX_COUNTER`."""
+    if current + line.amount > MAX_COUNTER:
+        return False
     if line.limit is None:
         return True
     estimate = math.floor(previous * line.prev_weight) + current

@@ -40,6 +40,7 @@ from meterkit.validate import check_event, check_usage_query
 __all__ = ["DEFAULT_URL", "Meter", "open_counters", "open_store"]
 
 DEFAULT_URL = "sqlite:///meterkit.db"
+DEFAULT_FUTURE_SKEW = 300
 Clock = Callable[[], float]
 
 
@@ -89,6 +90,9 @@ class Meter:
     ``Meter("memory://")``. ``plugins`` are registered on a plugin manager of this meter's
     own; ``clock`` returns Unix seconds and is used wherever "now" is needed (default: the
     store's ``db_now`` where it has one, such as PostgreSQL's, else ``time.time``).
+    ``max_future_skew`` is how many seconds ahead of that clock an event's time may be
+    (default 300; ``None`` accepts any time): usage cannot happen in the future, and an event
+    stamped far ahead would otherwise count in a period that has not begun.
     """
 
     def __init__(
@@ -104,7 +108,15 @@ class Meter:
         thresholds: Sequence[float] = (0.8, 1.0),
         default_plan: str | None = None,
         record_debits: bool = True,
+        max_future_skew: int | None = DEFAULT_FUTURE_SKEW,
     ) -> None:
+        if max_future_skew is not None and (
+            isinstance(max_future_skew, bool)
+            or not isinstance(max_future_skew, int)
+            or max_future_skew < 0
+        ):
+            raise ValidationError("max_future_skew", "must be a non-negative whole number or None")
+        self.max_future_skew = max_future_skew
         plugins = tuple(plugins)
         self.pm = make_plugin_manager(plugins) if plugins else get_plugin_manager()
         self.store: Store = store if store is not None else open_store(url, self.pm)
@@ -237,14 +249,23 @@ class Meter:
 
     def _append(self, events: Sequence[Event], *, single: bool) -> AppendResult:
         checked = []
+        now = self.now() if events else 0
+        latest = None if self.max_future_skew is None else now + self.max_future_skew
         for i, event in enumerate(events):
             field = "event" if single else f"events[{i}]"
             if not isinstance(event, Event):
                 raise ValidationError(field, "must be a meterkit.Event")
             spec = self.spec(event.meter, f"{field}.meter")
             if event.time is None:
-                event = attrs.evolve(event, time=self.now())
-            checked.append(check_event(spec, event, field))
+                event = attrs.evolve(event, time=now)
+            event = check_event(spec, event, field)
+            if latest is not None and event.time > latest:
+                raise ValidationError(
+                    f"{field}.time",
+                    f"is {event.time - now} s ahead of the clock; at most "
+                    f"{self.max_future_skew} s is accepted (max_future_skew)",
+                )
+            checked.append(event)
         if not checked:
             return AppendResult(0, 0)
         for name in {e.meter for e in checked}:

@@ -63,11 +63,15 @@ class Measure:
     A *gauge* measure is not summed over time: each series (one full combination of
     dimension values) contributes its latest value in the bucket, and the series are then
     combined with ``aggregation`` (``sum``, ``max`` or ``min``).
+
+    Values are whole numbers (tokens, requests, bytes) unless the measure is ``fractional``
+    (seconds of compute, say): then floats are kept as given.
     """
 
     name: str = attrs.field(validator=_check_name("measure"))
     aggregation: Aggregation = "sum"
     gauge: bool = False
+    fractional: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:

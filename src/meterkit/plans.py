@@ -9,7 +9,7 @@ import attrs
 
 from meterkit.errors import ValidationError
 from meterkit.periods import BillingCycle
-from meterkit.validate import check_id, check_string
+from meterkit.validate import MAX_VALUE, check_id, check_string
 
 __all__ = ["UNLIMITED", "Grant", "OrgPlan", "Plan", "check_limit"]
 
@@ -17,9 +17,11 @@ UNLIMITED = -1
 
 
 def check_limit(field: str, value: object) -> int:
-    """A limit is a non-negative integer, or ``-1`` for unlimited."""
+    """A limit is a non-negative integer up to ``MAX_VALUE``, or ``-1`` for unlimited."""
     if isinstance(value, bool) or not isinstance(value, int) or value < UNLIMITED:
         raise ValidationError(field, "must be a non-negative integer, or -1 for unlimited")
+    if value > MAX_VALUE:
+        raise ValidationError(field, f"must not exceed {MAX_VALUE}")
     return value
 
 

@@ -25,7 +25,7 @@ from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.models import CounterLine, CounterResult, Hold
 from meterkit.periods import BillingCycle, Period
 from meterkit.plans import UNLIMITED, Grant, OrgPlan, Plan
-from meterkit.validate import check_id, check_string
+from meterkit.validate import MAX_VALUE, check_id, check_string, check_time
 
 if TYPE_CHECKING:
     from meterkit.meter import Meter
@@ -108,8 +108,24 @@ class _Line:
     window: int = 0
 
 
+MAX_TTL = 366 * 86400
+
+
+def check_count(field: str, value: object, *, minimum: int = 0) -> int:
+    """A whole number from ``minimum`` to :data:`MAX_VALUE` (what every counter holds exactly)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "positive" if minimum == 1 else "non-negative"
+        raise ValidationError(field, f"must be a {what} integer")
+    if value > MAX_VALUE:
+        raise ValidationError(field, f"must not exceed {MAX_VALUE}")
+    return value
+
+
 def check_amounts(amounts: object, field: str = "amounts") -> dict[str, int]:
-    """``{metric: whole amount >= 0}``, or a ValidationError naming ``field.metric``."""
+    """``{metric: whole amount >= 0}``, or a ValidationError naming ``field.metric``.
+
+    Every amount is checked before any counter is touched, so a refused call changes nothing.
+    """
     if not isinstance(amounts, Mapping):
         raise ValidationError(field, "must be a mapping of metric to a whole amount")
     out: dict[str, int] = {}
@@ -117,9 +133,7 @@ def check_amounts(amounts: object, field: str = "amounts") -> dict[str, int]:
         check_string(field, metric)
         if metric in RATE_WINDOWS:
             raise ValidationError(f"{field}.{metric}", "rate limits are counted per request")
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-            raise ValidationError(f"{field}.{metric}", "must be a non-negative integer")
-        out[metric] = amount
+        out[metric] = check_count(f"{field}.{metric}", amount)
     return out
 
 
@@ -255,8 +269,9 @@ class Quotas:
     ) -> Grant:
         """Add purchased credits, by default for the rest of the current billing period."""
         check_id("organization_id", organization_id)
-        if isinstance(credits, bool) or not isinstance(credits, int) or credits <= 0:
-            raise ValidationError("credits", "must be a positive integer")
+        check_count("credits", credits, minimum=1)
+        if expires_at is not None:
+            check_time("expires_at", expires_at)
         now = self.meter.now()
         if expires_at is None:
             expires_at = self._cycle(organization_id).period_at(now).end
@@ -343,7 +358,7 @@ class Quotas:
                 for g in grants
                 if g.granted_at <= at and (g.expires_at is None or at < g.expires_at)
             )
-        return limit
+        return min(limit, MAX_VALUE)
 
     def _lines(self, org: str, amounts: dict[str, int], requests: int, now: int) -> list[_Line]:
         _, plan, _ = self._lookup(org)
@@ -408,8 +423,8 @@ class Quotas:
         dimensions: Mapping[str, Any] | None = None,
     ) -> Reservation:
         """Hold ``amounts`` now; raises :class:`QuotaExceeded` if any limit refuses."""
-        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
-            raise ValidationError("ttl", "must be a positive number of seconds")
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_TTL:
+            raise ValidationError("ttl", f"must be a whole number of seconds from 1 to {MAX_TTL}")
         decision, reservation = self._decide(
             organization_id, amounts, requests, debit=True, hold_ttl=ttl, dimensions=dimensions
         )
@@ -449,8 +464,7 @@ class Quotas:
         org = check_id("organization_id", organization_id)
         if not self.is_gauge(metric):
             raise ValidationError("metric", f"{metric!r} is not a gauge meter")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValidationError("value", "must be a non-negative integer")
+        check_count("value", value)
         self.counters.counters_set(self.gauge_key(org, metric), value, now=self.meter.now())
 
     def used(self, organization_id: str, metric: str, at: int | None = None) -> int:
@@ -489,8 +503,7 @@ class Quotas:
     ) -> tuple[Decision, Reservation | None]:
         org = check_id("organization_id", organization_id)
         clean = check_amounts(amounts)
-        if isinstance(requests, bool) or not isinstance(requests, int) or requests < 0:
-            raise ValidationError("requests", "must be a non-negative integer")
+        check_count("requests", requests)
         now = self.meter.now()
         decision_id = f"{'rsv' if hold_ttl else 'dec'}_{uuid.uuid4().hex}"
         try:

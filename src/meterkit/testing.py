@@ -66,15 +66,15 @@ T0 = 1_730_419_200
 SUITE_METER = MeterSpec(
     "conformance",
     measures=(
-        Measure("total"),
+        Measure("total", fractional=True),
         Measure("calls", "count"),
-        Measure("peak", "max"),
-        Measure("low", "min"),
-        Measure("last", "latest"),
-        Measure("distinct", "unique_count"),
-        Measure("level", "sum", gauge=True),
-        Measure("level_max", "max", gauge=True),
-        Measure("level_min", "min", gauge=True),
+        Measure("peak", "max", fractional=True),
+        Measure("low", "min", fractional=True),
+        Measure("last", "latest", fractional=True),
+        Measure("distinct", "unique_count", fractional=True),
+        Measure("level", "sum", gauge=True, fractional=True),
+        Measure("level_max", "max", gauge=True, fractional=True),
+        Measure("level_min", "min", gauge=True, fractional=True),
     ),
     dimensions=(
         Dimension("region"),
@@ -288,12 +288,15 @@ def _times() -> st.SearchStrategy[int]:
     return st.one_of(boundary, st.integers(T0 - 60, T0 + 3 * DAY + 60))
 
 
-def _numbers() -> st.SearchStrategy[Number]:
+def _numbers(fractional: bool = True) -> st.SearchStrategy[Number]:
+    ints = st.integers(0, 20)
+    if not fractional:
+        return ints
     few_floats = st.one_of(
         st.sampled_from((0.5, 2.0, 7.25)),
         st.floats(min_value=0, max_value=100, allow_nan=False, allow_infinity=False),
     )
-    return st.one_of(st.integers(0, 20), st.integers(0, 20), st.integers(0, 20), few_floats)
+    return st.one_of(ints, ints, ints, few_floats)
 
 
 def _dim_values(dim: Dimension) -> st.SearchStrategy[DimValue]:
@@ -306,8 +309,11 @@ def _dim_values(dim: Dimension) -> st.SearchStrategy[DimValue]:
 
 def _values(spec: MeterSpec) -> st.SearchStrategy[dict[str, Number]]:
     # Each measure is present three times in four, so rows usually hold several values.
-    maybe = st.one_of(st.none(), _numbers(), _numbers(), _numbers())
-    return st.fixed_dictionaries({m.name: maybe for m in spec.measures}).map(
+    def maybe(m: Measure) -> st.SearchStrategy[Number | None]:
+        number = _numbers(m.fractional)
+        return st.one_of(st.none(), number, number, number)
+
+    return st.fixed_dictionaries({m.name: maybe(m) for m in spec.measures}).map(
         lambda values: {k: v for k, v in values.items() if v is not None}
     )
 

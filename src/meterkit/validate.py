@@ -36,7 +36,10 @@ BUCKET_WIDTHS: dict[str, tuple[int, int, int]] = {
 }
 
 
-_CONTROL = re.compile("[\x00-\x1f]")
+_CONTROL = re.compile("[\x00-\x1f\ud800-\udfff]")
+# What no store keeps as text: NUL (no SQL text type stores it) and lone surrogates (not
+# UTF-8 at all). Refused everywhere, so every store accepts and refuses the same strings.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def check_string(field: str, value: object) -> str:
@@ -46,9 +49,10 @@ def check_string(field: str, value: object) -> str:
         raise ValidationError(field, "must not be empty")
     if len(value) > MAX_STRING:
         raise ValidationError(field, f"is longer than {MAX_STRING} characters")
-    if "\x00" in value:
-        # No SQL text type stores it; refuse it everywhere so every store behaves alike.
-        raise ValidationError(field, "must not contain NUL characters")
+    bad = _UNSTORABLE.search(value)
+    if bad is not None:
+        what = "NUL characters" if bad.group() == "\x00" else "lone surrogates (not UTF-8)"
+        raise ValidationError(field, f"must not contain {what}")
     return value
 
 
@@ -74,7 +78,11 @@ def check_time(field: str, value: object) -> int:
     return value
 
 
-def check_number(field: str, value: object) -> Number:
+def check_number(field: str, value: object, *, fractional: bool = True) -> Number:
+    """A finite number from 0 to :data:`MAX_VALUE`; a whole one unless ``fractional``.
+
+    A whole float (``3.0``) given for a whole-number measure is taken as the int ``3``.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError(field, f"must be a number, not {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
@@ -83,6 +91,12 @@ def check_number(field: str, value: object) -> Number:
         raise ValidationError(field, "must not be negative")
     if value > MAX_VALUE:
         raise ValidationError(field, f"must not exceed {MAX_VALUE}")
+    if not fractional and isinstance(value, float):
+        if not value.is_integer():
+            raise ValidationError(
+                field, "must be a whole number (this measure is not declared fractional)"
+            )
+        return int(value)
     return value
 
 
@@ -115,11 +129,12 @@ def _plain_id(value: object) -> bool:
 class _SpecIndex:
     """A meter's measure names and dimensions by name, for validating many events fast."""
 
-    __slots__ = ("dims", "measures", "spec")
+    __slots__ = ("dims", "fractional", "measures", "spec")
 
     def __init__(self, spec: MeterSpec) -> None:
         self.spec = spec
         self.measures = frozenset(spec.measure_names)
+        self.fractional = frozenset(m.name for m in spec.measures if m.fractional)
         self.dims = {d.name: (d.kind == "bool", d.allowed) for d in spec.dimensions}
 
 
@@ -154,21 +169,21 @@ def check_event(spec: MeterSpec, event: Event, field: str = "event") -> Event:
         raise ValidationError(f"{field}.values", "must be a mapping of measure to number")
     if not isinstance(event.dimensions, Mapping):
         raise ValidationError(f"{field}.dimensions", "must be a mapping of dimension to value")
-    measures = idx.measures
+    measures, fractional = idx.measures, idx.fractional
     values: dict[str, Number] = {}
     for name, value in event.values.items():
         kind = type(value)
         if (
             type(name) is str
             and name in measures
-            and (kind is int or kind is float)
+            and (kind is int or (kind is float and name in fractional))
             and 0 <= value <= MAX_VALUE  # False for NaN: the full check names it
         ):
             values[name] = value
             continue
         if not isinstance(name, str) or spec.measure(name) is None:
             raise ValidationError(f"{field}.values", f"meter {spec.name!r} has no measure {name!r}")
-        values[name] = check_number(f"{field}.values.{name}", value)
+        values[name] = check_number(f"{field}.values.{name}", value, fractional=name in fractional)
     dims_index = idx.dims
     dims: dict[str, DimValue] = {}
     for name, dim_value in event.dimensions.items():
@@ -186,6 +201,7 @@ def check_event(spec: MeterSpec, event: Event, field: str = "event") -> Event:
                 type(dim_value) is str
                 and 0 < len(dim_value) <= MAX_STRING
                 and (allowed is None or dim_value in allowed)
+                and not _UNSTORABLE.search(dim_value)
             ):
                 dims[name] = dim_value
                 continue

@@ -77,7 +77,7 @@ def _media_type(call: Call) -> str:
     raw = call.request.header("content-type") or ""
     media = raw.split(";", 1)[0].strip().lower()
     if media not in ACCEPTED_TYPES:
-        shown = f"not {media[:80]!r}" if media else "with a Content-Type header"
+        shown = f"not {media[:80]!r}" if media else "without a Content-Type header"
         raise HttpError(
             415,
             f"Send the events as {', '.join(ACCEPTED_TYPES)}; the request came {shown}.",

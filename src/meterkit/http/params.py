@@ -65,9 +65,24 @@ def parse_json(text: str | bytes) -> Any:
 
 
 def json_body(request: Request, *, empty: Any = None) -> Any:
-    """The request body as JSON (``empty`` for no body); a malformed body is a 400."""
+    """The request body as JSON (``empty`` for no body).
+
+    A body sent as anything but ``application/json`` (or a ``+json`` type) is a 415, a
+    malformed one a 400.
+    """
     if not request.body.strip():
         return empty
+    media = (request.header("content-type") or "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        shown = f"not {media[:80]!r}" if media else "without a Content-Type header"
+        raise HttpError(
+            415,
+            f"Send the body as application/json; the request came {shown}.",
+            code="unsupported_media_type",
+            headers=(("accept-post", "application/json"),),
+        )
     try:
         return parse_json(request.body.decode("utf-8"))
     except UnicodeDecodeError:

@@ -157,7 +157,7 @@ class _MemoryCounters:
 
     def add(self, key: str, delta: int, expires_at: int | None) -> int:
         value, expires = self._get(key)
-        value = max(0, value + delta)
+        value = counters.clamp(value + delta)
         self.values[key] = (value, expires_at if expires_at is not None else expires)
         return value
 

@@ -935,7 +935,7 @@ class _PgCounters:
         if key not in self.rows:
             raise KeyError(f"counter {key!r} was not locked by this transaction")
         value, expires = self._get(key)
-        value = max(0, value + delta)
+        value = counters.clamp(value + delta)
         self.rows[key] = (value, expires_at if expires_at is not None else expires)
         self.dirty.add(key)
         return value

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from meterkit.counters import MAX_COUNTER
 from meterkit.errors import StoreUnavailable
 from meterkit.hookspecs import hookimpl
 from meterkit.models import CounterLine, CounterResult, Hold
@@ -90,6 +91,7 @@ local function add(key, delta, exp)
   local v, e = get(key)
   v = v + delta
   if v < 0 then v = 0 end
+  if v > {MAX_COUNTER} then v = {MAX_COUNTER} end
   put(key, v, exp or e)
   return v
 end
@@ -134,6 +136,7 @@ for i = 1, n do
     local estimate = math.floor(prev[i] * tonumber(ARGV[a + 4])) + cur[i]
     if estimate + tonumber(ARGV[a]) > tonumber(ARGV[a + 1]) then admitted = 0 end
   end
+  if cur[i] + tonumber(ARGV[a]) > {MAX_COUNTER} then admitted = 0 end
 end
 local out = {admitted}
 for i = 1, n do
@@ -158,7 +161,7 @@ if admitted == 1 and ARGV[4] ~= '' then
   redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
 end
 return out
-"""
+""".replace("{MAX_COUNTER}", str(MAX_COUNTER))
 )
 
 # KEYS: index, hold key, the delta keys. ARGV[3] hold id, then one delta per delta key.

@@ -470,7 +470,7 @@ class _SQLiteCounters:
 
     def add(self, key: str, delta: int, expires_at: int | None) -> int:
         value, expires = self._get(key)
-        value = max(0, value + delta)
+        value = counters.clamp(value + delta)
         expires = expires_at if expires_at is not None else expires
         self.conn.execute(
             "INSERT INTO mk_counters(key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) "
