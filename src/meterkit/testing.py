@@ -584,6 +584,39 @@ class StoreConformance:
         stored = {e.id: normalized(e) for e in scan_all(meter.store, SUITE_METER.name, "org_a")}
         assert stored == {"c1": normalized(kept), "c2": normalized(batch[0])}
 
+    def test_every_valid_string_round_trips(self, store: Store) -> None:
+        # What validation lets through, the store must keep exactly (and find by).
+        texts = ["Ω≈ç√", "'; DROP TABLE x; --", "q\"uo'te", "🦄 astral", "\u202eRTL", "x" * 256]
+        events = [
+            _event(t, org=t, values={"total": i + 1}, dims={"region": t})
+            for i, t in enumerate(texts)
+        ]
+        assert _sorted_norm(store.append(events)) == _sorted_norm(events)
+        assert store.append(events) == []
+        for e in events:
+            assert [
+                normalized(g) for g in scan_all(store, SUITE_METER.name, e.organization_id)
+            ] == [normalized(e)]
+            got = store.get_events(SUITE_METER.name, e.organization_id, [e.id])
+            assert [normalized(g) for g in got] == [normalized(e)]
+
+    def test_meter_refuses_unstorable_strings_before_the_store(
+        self, store_factory: StoreFactory
+    ) -> None:
+        from meterkit.errors import ValidationError
+        from meterkit.meter import Meter
+
+        meter = Meter(store=store_factory.open(), meters=self.meters, clock=lambda: T0 + DAY)
+        for bad in ("a\x00b", "\ud800", "x" * 257, ""):
+            for event in (
+                _event(bad),
+                _event("ok", org=bad),
+                _event("ok", dims={"region": bad}),
+            ):
+                with pytest.raises(ValidationError):
+                    meter.record_many([_event("fine"), event])
+        assert scan_all(meter.store, SUITE_METER.name, "org_a") == []
+
     def test_idempotent_across_reopen(self, store_factory: StoreFactory) -> None:
         self._require_persistence()
         store = store_factory.open()
