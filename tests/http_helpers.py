@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import attrs
 
 from meterkit import Meter, Plan, StoreUnavailable, hookimpl
-from meterkit.auth import create_key
+from meterkit.auth import create_key, revoke_key
 from meterkit.catalog import OPENAI_KINDS
 from meterkit.pricing import Price
 
@@ -665,14 +665,25 @@ def check_exception_and_5xx_release(make: MakeGuarded) -> None:
 
 def check_unidentified_callers(make: MakeGuarded) -> None:
     meter, tokens = guard_meter()
-    app = make(meter)
-    for headers in ({}, {"authorization": "Bearer mk_not_a_key"}, {"authorization": "Basic x"}):
-        r = send(app.client(), "GET", "/work/3", headers=headers)
-        assert r.status == 200 and r.json()["organization_id"] is None
-        assert r.header("x-ratelimit-limit") is None
-    assert app.calls["work"] == 3 and requests_recorded(meter) == {}
+    revoked, key = create_key(meter, "org_a", "admin", ["usage:read"])
+    assert revoke_key(meter, key.id)
+    lenient = make(meter, unidentified="pass")
+    # Without credentials, "pass" lets the caller through unmetered ...
+    r = send(lenient.client(), "GET", "/work/3")
+    assert r.status == 200 and r.json()["organization_id"] is None
+    assert r.header("x-ratelimit-limit") is None
+    assert lenient.calls["work"] == 1 and requests_recorded(meter) == {}
     assert used(meter, "tokens") == 0  # an unmetered report goes nowhere
-    strict = make(meter, unidentified="refuse")
+    # ... but presented credentials that identify nobody are a 401, always.
+    for headers in (
+        {"authorization": "Bearer mk_not_a_key"},
+        {"authorization": "Basic x"},
+        {"authorization": f"Bearer {revoked}"},
+    ):
+        r = send(lenient.client(), "GET", "/work/3", headers=headers)
+        assert_openai_error(r, 401, "invalid_api_key")
+    assert lenient.calls["work"] == 1
+    strict = make(meter)  # the default refuses callers without credentials
     r = send(strict.client(), "GET", "/work/0", headers={"authorization": "Bearer nope"})
     assert_openai_error(r, 401, "invalid_api_key")
     assert r.header("www-authenticate") == "Bearer"

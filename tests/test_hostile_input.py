@@ -179,14 +179,20 @@ NONE_MEANS_SOMETHING = {
 }
 
 
-@pytest.mark.parametrize("path", sorted(STRING_PATHS))
-@pytest.mark.parametrize("bad", UNSTORABLE, ids=repr)
+@pytest.mark.parametrize(
+    ("path", "bad"),
+    [
+        # None is left out where it has a meaning of its own (NONE_MEANS_SOMETHING).
+        pytest.param(path, bad, id=f"{path}-{bad!r}")
+        for path in sorted(STRING_PATHS)
+        for bad in UNSTORABLE
+        if not (bad is None and path in NONE_MEANS_SOMETHING)
+    ],
+)
 def test_unstorable_strings_are_refused_on_every_path(
     meter_factory: Callable[[], Meter], path: str, bad: Any
 ) -> None:
     m = meter_factory()
-    if bad is None and path in NONE_MEANS_SOMETHING:
-        pytest.skip(NONE_MEANS_SOMETHING[path])
     before = counters_of(m)
     with pytest.raises(ValidationError):
         STRING_PATHS[path](m, bad)

@@ -253,7 +253,7 @@ class MeteringMiddleware:
         cost: Cost[Scope] = DEFAULT_COST,
         on_refused: OnRefused | None = None,
         record_meter: str | None = "requests",
-        unidentified: Unidentified = "pass",
+        unidentified: Unidentified = "refuse",
         skip: Callable[[Scope], bool] | None = None,
         ttl: int = 300,
         record_refused: bool = False,
@@ -274,7 +274,7 @@ class MeteringMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.metering.skip(scope):
+        if scope["type"] != "http" or self.metering.skip(scope, _route_path(scope)):
             await self.app(scope, receive, send)
             return
         method: str = scope.get("method", "GET")

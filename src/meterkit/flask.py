@@ -168,7 +168,7 @@ def init_metering(
     cost: Cost[FlaskRequest] = DEFAULT_COST,
     on_refused: OnRefused | None = None,
     record_meter: str | None = "requests",
-    unidentified: Unidentified = "pass",
+    unidentified: Unidentified = "refuse",
     skip: Callable[[FlaskRequest], bool] | None = None,
     ttl: int = 300,
     record_refused: bool = False,
@@ -192,7 +192,7 @@ def init_metering(
         blueprint = app.extensions.get(EXTENSION, {}).get("blueprint")
         if blueprint is not None and request.blueprint == blueprint:
             return None  # the usage API itself is not metered
-        if metering.skip(request):
+        if metering.skip(request, request.path):
             return None
         outcome = metering.begin(request, method=request.method, path=request.path)
         if isinstance(outcome, Refusal):
@@ -244,7 +244,7 @@ def init_app(
     cost: Cost[FlaskRequest] = DEFAULT_COST,
     on_refused: OnRefused | None = None,
     record_meter: str | None = "requests",
-    unidentified: Unidentified = "pass",
+    unidentified: Unidentified = "refuse",
     skip: Callable[[FlaskRequest], bool] | None = None,
     ttl: int = 300,
     record_refused: bool = False,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -304,7 +305,7 @@ class Metering(Generic[R]):
         cost: Cost[R] = DEFAULT_COST,
         on_refused: OnRefused | None = None,
         record_meter: str | None = "requests",
-        unidentified: Unidentified = "pass",
+        unidentified: Unidentified = "refuse",
         skip: Callable[[R], bool] | None = None,
         ttl: int = 300,
         record_refused: bool = False,
@@ -333,8 +334,12 @@ class Metering(Generic[R]):
 
     # -- before the request ----------------------------------------------------------------
 
-    def skip(self, request: R) -> bool:
-        """True when ``request`` is not metered at all (the ``skip`` option)."""
+    def skip(self, request: R, path: str | None = None) -> bool:
+        """True when ``request`` is not metered at all: meterkit's own endpoints (``path``,
+        below any mount point: a customer who spent their quota can still read their usage),
+        or the ``skip`` option."""
+        if path is not None and own_endpoint(path):
+            return True
         return self._skip is not None and bool(self._skip(request))
 
     def begin(self, request: R, *, method: str, path: str) -> Ticket | Refusal | None:
@@ -347,7 +352,10 @@ class Metering(Generic[R]):
         try:
             who = self._identify(request)
             if who is None:
-                if self.unidentified == "refuse":
+                # Credentials that were presented but do not identify anyone (unknown, revoked,
+                # expired, malformed) are refused whatever `unidentified` says: only a caller
+                # who presented none may pass unmetered.
+                if self.unidentified == "refuse" or self.authorization(request):
                     return self._unidentified(request)
                 return None
             org, key_id = (who, None) if isinstance(who, str) else (who.organization_id, who.key_id)
@@ -523,6 +531,21 @@ class Metering(Generic[R]):
             )
         except Exception:
             logger.exception("meterkit: could not record request %s", event_id)
+
+
+_OWN_PATHS: re.Pattern[str] | None = None
+
+
+def own_endpoint(path: str) -> bool:
+    """Whether ``path`` (below any prefix) is one of meterkit's own HTTP endpoints."""
+    global _OWN_PATHS
+    if _OWN_PATHS is None:
+        from meterkit.http.app import default_surfaces
+
+        templates = sorted({r.path for s in default_surfaces() for r in s.routes})
+        alternatives = "|".join(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(t)) for t in templates)
+        _OWN_PATHS = re.compile(f"(?:/.*)?(?:{alternatives})")
+    return _OWN_PATHS.fullmatch(path) is not None
 
 
 def _error(
