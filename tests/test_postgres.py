@@ -331,6 +331,33 @@ def test_unreachable_server_is_store_unavailable_fast(postgres_url: str) -> None
         assert decision.allowed and decision.degraded
 
 
+def test_an_unreachable_server_costs_one_timeout_and_names_its_cause(postgres_url: str) -> None:
+    base = postgres_url.rsplit("/", 1)[0]
+    cases = {
+        "postgresql://postgres@127.0.0.1:1/test": "Connection refused",
+        f"{base}/mk_no_such_database": 'database "mk_no_such_database" does not exist',
+        base.replace("postgres@", "mk_no_such_role@") + "/test": 'role "mk_no_such_role"',
+    }
+    for dead, cause in cases.items():
+        with Meter(f"{dead}?pool_timeout=1&connect_timeout=1", policy="closed") as m:
+            waits: list[float] = []
+            pool = m.store._pool  # type: ignore[attr-defined]
+            connection = pool.connection
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                waits.append(1.0)
+                return connection(*args, **kwargs)
+
+            pool.connection = counted
+            with pytest.raises(StoreUnavailable) as caught:
+                m.check("org", {"tokens": 1})  # the clock, then the decision
+            # One wait for a connection in all: the decision does not wait a second time
+            # after the clock found the server unreachable.
+            assert waits == [1.0], dead
+            message = str(caught.value)
+            assert cause in message and "\n" not in message, message
+
+
 def test_statement_timeout_is_store_unavailable(url: str) -> None:
     setup = open_store(url)
     setup.ensure_meter(ODD)

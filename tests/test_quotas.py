@@ -75,10 +75,13 @@ class FlakyCounters:
     def __init__(self, store: Any) -> None:
         self._store = store
         self.down = False
+        self.records_down = False  # plans, organizations and keys unreadable too
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._store, name)
-        if name.startswith("counters_") and self.down:
+        if (name.startswith("counters_") and self.down) or (
+            name.endswith("_record") and self.records_down
+        ):
 
             def unavailable(*_: object, **__: object) -> Any:
                 raise StoreUnavailable("counters are not answering")
@@ -948,6 +951,46 @@ def test_commit_that_cannot_reach_the_store_may_be_retried(
     reservation.commit({"tokens": 30})
     assert m.quotas.used(ORG, "tokens") == 30
     assert tokens_recorded(m) == 30
+
+
+def test_fail_open_settles_and_debits_without_raising_during_an_outage(
+    flaky: FlakyCounters, clock: Clock
+) -> None:
+    m = Meter(store=flaky, clock=clock, policy="open")
+    on_plan(m, limits={"tokens": 100})
+    held = m.reserve(ORG, {"tokens": 40})
+    flaky.down = True
+    degraded = m.reserve(ORG, {"tokens": 10})
+    assert degraded.decision.degraded
+    held.commit({"tokens": 30})  # the store is down: not settled, and not raised either
+    degraded.release()
+    degraded_too = m.reserve(ORG, {"tokens": 5})
+    degraded_too.commit()
+    assert m.debit(ORG, {"tokens": 7}).degraded
+    flaky.down = False
+    # The unsettled hold gives its 40 back when it expires; nothing else was counted.
+    assert m.quotas.used(ORG, "tokens") == 40
+    clock.t += 301
+    assert m.quotas.used(ORG, "tokens") == 0
+
+
+def test_fail_closed_debit_raises_when_the_plan_cannot_be_read(
+    flaky: FlakyCounters, clock: Clock
+) -> None:
+    m = Meter(store=flaky, clock=clock, policy="closed")
+    on_plan(m, limits={"tokens": 100})
+    m.quotas._forget()
+    flaky.down = True
+    flaky.records_down = True
+    with pytest.raises(StoreUnavailable):
+        m.debit(ORG, {"tokens": 1})
+    with pytest.raises(StoreUnavailable):
+        m.check(ORG, {"tokens": 1})
+    m.quotas.policy = "open"
+    assert m.debit(ORG, {"tokens": 1}).degraded
+    assert m.check(ORG, {"tokens": 1}).degraded
+    flaky.down = flaky.records_down = False
+    assert m.quotas.used(ORG, "tokens") == 0
 
 
 def test_bad_policy_is_refused() -> None:

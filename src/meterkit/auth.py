@@ -3,8 +3,13 @@
 A token looks like ``mk_3f9a0c1d2e4b5a69_<secret>``: a configurable prefix, the key id (16 hex
 digits) and a secret of 32 random bytes (43 URL-safe base64 characters). The token is shown
 once, by :func:`create_key`; the store keeps only the SHA-256 of the whole token, under the
-record kind ``"api_key"`` keyed by the key id. A 256-bit random secret cannot be guessed from
-its hash, so no slow password hash is needed, and checking a key costs one record read.
+record kind ``"api_key"`` keyed by the key id, and an index record ``"api_key_sha256"`` keyed
+by that hash. A 256-bit random secret cannot be guessed from its hash, so no slow password hash
+is needed.
+
+A token is looked up by its hash, never by the id it names: a token that identifies nobody is
+one missing index record whether its key id exists, is revoked or was never issued, so what a
+check costs tells nothing about which ids exist. Revoking a key removes its index record.
 
 :func:`authenticate` first asks the ``meterkit_authenticate`` hook (an application's own
 sessions or tokens), then meterkit's keys.
@@ -16,6 +21,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "HASH_KIND",
     "KEY_KIND",
     "ROLES",
     "SCOPES",
@@ -42,6 +49,8 @@ __all__ = [
 ]
 
 KEY_KIND = "api_key"
+HASH_KIND = "api_key_sha256"
+_INDEXED: weakref.WeakSet[Meter] = weakref.WeakSet()
 DEFAULT_PREFIX = "mk_"
 ROLES: tuple[str, ...] = ("member", "admin")
 SCOPES: tuple[str, ...] = ("usage:read", "usage:write")
@@ -55,8 +64,6 @@ _MAX_TOKEN = 256
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,16}")
 _ID_RE = re.compile(r"[0-9a-f]{16}")
 _SECRET_RE = re.compile(r"[A-Za-z0-9_-]{43}")
-# Compared against when a key id is unknown, so a miss costs about what a hit costs.
-_DUMMY_HASH = hashlib.sha256(b"meterkit: no such key").hexdigest()
 
 
 def _check_role(value: object) -> str:
@@ -169,20 +176,23 @@ def create_key(
     secret = secrets.token_urlsafe(_SECRET_BYTES)
     token = f"{prefix}{key_id}_{secret}"
     key = ApiKey(key_id, org, role, scope_set, prefix, name, meter.now())
-    meter.store.put_record(
-        KEY_KIND,
-        key_id,
-        {
-            "organization_id": org,
-            "role": role,
-            "scopes": sorted(scope_set),
-            "prefix": prefix,
-            "name": name,
-            "created_at": key.created_at,
-            "revoked_at": None,
-            "sha256": _hash(token),
-        },
-    )
+    digest = _hash(token)
+    with meter.transaction():
+        meter.store.put_record(
+            KEY_KIND,
+            key_id,
+            {
+                "organization_id": org,
+                "role": role,
+                "scopes": sorted(scope_set),
+                "prefix": prefix,
+                "name": name,
+                "created_at": key.created_at,
+                "revoked_at": None,
+                "sha256": digest,
+            },
+        )
+        meter.store.put_record(HASH_KIND, digest, {"id": key_id})
     return token, key
 
 
@@ -213,8 +223,25 @@ def revoke_key(meter: Meter, key_id: str) -> bool:
     data = meter.store.get_record(KEY_KIND, key_id)
     if data is None or data.get("revoked_at") is not None:
         return False
-    meter.store.put_record(KEY_KIND, key_id, {**data, "revoked_at": meter.now()})
+    with meter.transaction():
+        # The index record goes first where the store has no transaction: a key is never
+        # left usable while marked revoked.
+        if isinstance(data.get("sha256"), str):
+            meter.store.delete_record(HASH_KIND, data["sha256"])
+        meter.store.put_record(KEY_KIND, key_id, {**data, "revoked_at": meter.now()})
     return True
+
+
+def _index_keys(meter: Meter) -> None:
+    """Give keys created before the hash index their index record (once per process)."""
+    if meter in _INDEXED:
+        return
+    for key_id, data in meter.store.list_records(KEY_KIND):
+        digest = data.get("sha256")
+        if data.get("revoked_at") is None and isinstance(digest, str):
+            if meter.store.get_record(HASH_KIND, digest) is None:
+                meter.store.put_record(HASH_KIND, digest, {"id": key_id})
+    _INDEXED.add(meter)
 
 
 def _split(token: str) -> tuple[str, str] | None:
@@ -234,13 +261,15 @@ def _check_key(meter: Meter, token: str) -> Principal | None:
     if parts is None:
         return None
     prefix, key_id = parts
+    _index_keys(meter)
+    digest = _hash(token)
+    ref = meter.store.get_record(HASH_KIND, digest)
+    if ref is None or ref.get("id") != key_id:
+        return None
     data = meter.store.get_record(KEY_KIND, key_id)
     expected = data.get("sha256") if data is not None else None
-    if not isinstance(expected, str):
-        hmac.compare_digest(_hash(token), _DUMMY_HASH)
-        return None
-    # The hash covers prefix, id and secret, so one constant-time comparison checks all three.
-    if not hmac.compare_digest(_hash(token), expected):
+    # Found by the hash of the whole token, so this only guards against a damaged index.
+    if not isinstance(expected, str) or not hmac.compare_digest(digest, expected):
         return None
     if data is None or data.get("revoked_at") is not None or data.get("prefix") != prefix:
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import threading
 import time as _time
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["Decision", "LimitState", "Quotas", "Reservation"]
 
 RATE_WINDOWS = {"rate_limit_rpm": 60, "rate_limit_per_day": 86400}
+logger = logging.getLogger("meterkit")
 DEFAULT_CYCLE = BillingCycle()
 Policy = Literal["closed", "open"]
 
@@ -443,10 +445,10 @@ class Quotas:
         org = check_id("organization_id", organization_id)
         clean = check_amounts(amounts)
         now = self.meter.now()
-        lines = self._lines(org, clean, 0, now)
         decision_id = f"dbt_{uuid.uuid4().hex}"
 
         def add() -> Decision:
+            lines = self._lines(org, clean, 0, now)  # the plan lookup follows the policy too
             with self._atomic():
                 values = self.counters.counters_add(
                     [(ln.counter.key, ln.counter.amount) for ln in lines], now=now
@@ -701,6 +703,17 @@ class Quotas:
                 settle_done = True
                 if actual is not None:
                     self._settled(reservation, actual, settled, now)
+        except StoreUnavailable:
+            if self.policy == "open":
+                # Fail open, as the decision did: the request is not failed for it. The hold
+                # (if any) expires after its ttl and gives its amounts back.
+                logger.warning(
+                    "meterkit: store unavailable; reservation %s not settled", reservation.id
+                )
+                return
+            if not settle_done or self.counters is self.meter.store:
+                reservation._reopen()
+            raise
         except Exception:
             # Nothing changed if the settle itself failed, or if it shared a transaction that
             # rolled back: the reservation may be settled again.

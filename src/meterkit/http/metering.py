@@ -351,6 +351,12 @@ class Metering(Generic[R]):
         """
         try:
             who = self._identify(request)
+        except StoreUnavailable:
+            # Whoever it is cannot be told while the store is down: never admitted, whatever
+            # the policy (fail-open is about quotas of known callers, not about identity).
+            logger.warning("meterkit: store unavailable; cannot identify %s %s", method, path)
+            return _error(503, "store_unavailable", (("Retry-After", "1"),))
+        try:
             if who is None:
                 # Credentials that were presented but do not identify anyone (unknown, revoked,
                 # expired, malformed) are refused whatever `unidentified` says: only a caller

@@ -248,8 +248,16 @@ class PostgresStore:
 
         self.url = url
         conninfo, opts = _conninfo(url)
+        self._timeout: float = opts["timeout"]
+        # Why the pool could not connect, as the server or libpq said it (the pool connects in
+        # the background, so a caller would otherwise only learn "no connection in time").
+        self._connect_error: str | None = None
+        # (monotonic time, message) of the last "no connection in time": for the next
+        # pool_timeout seconds every call fails at once instead of waiting again.
+        self._down: tuple[float, str] | None = None
         self._pool: ConnectionPool[Any] = ConnectionPool(
             conninfo,
+            connection_class=_connection_class(self),
             min_size=opts["min_size"],
             max_size=max(opts["max_size"], opts["min_size"]),
             timeout=opts["timeout"],
@@ -267,18 +275,30 @@ class PostgresStore:
 
     # -- plumbing -----------------------------------------------------------------------------
 
+    def _connect_failed(self, exc: BaseException) -> None:
+        self._connect_error = _one_line(exc).removeprefix("connection failed: ")
+
     @contextmanager
     def _unavailable(self, what: str) -> Iterator[None]:
         import psycopg
+        from psycopg_pool import PoolTimeout
 
+        down = self._down
+        if down is not None and _time.monotonic() - down[0] < self._timeout:
+            raise StoreUnavailable(f"PostgreSQL store unavailable while {what}: {down[1]}")
         try:
             yield
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             # OperationalError covers a refused or dropped connection, PoolTimeout (no free
             # connection in time), AdminShutdown (pg_terminate_backend) and QueryCanceled
             # (statement_timeout): the server did not answer, whatever the reason.
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            detail = _one_line(exc)
+            if isinstance(exc, PoolTimeout):
+                if self._connect_error is not None:
+                    detail = f"{self._connect_error} (no connection within {self._timeout:g} s)"
+                self._down = (_time.monotonic(), detail)
             raise StoreUnavailable(f"PostgreSQL store unavailable while {what}: {detail}") from exc
+        self._down = None
 
     def _run(
         self,
@@ -296,15 +316,18 @@ class PostgresStore:
         round trip each.
 
         Run again, because the first try certainly changed nothing: a transaction PostgreSQL
-        aborted as a deadlock victim or serialization failure; and, once, a call whose
+        aborted as a deadlock victim or serialization failure; and a call whose
         connection broke before its transaction reached ``COMMIT`` (or that only reads, or
-        is ``idempotent``) — a connection the server dropped just before it was handed out.
+        is ``idempotent``) — a connection the server dropped just before it was handed out —
+        on as many connections as the pool keeps open, plus one.
         A connection lost *during* ``COMMIT`` is never retried: the commit may have happened.
         """
         import psycopg.errors
 
         self._bootstrap()
-        reconnected = False
+        # Every pooled connection may have been dropped at once (a server restart): a call
+        # that certainly changed nothing may try as many of them as the pool keeps, plus one.
+        reconnects = self._pool.min_size + 1
         with self._unavailable(what):
             for attempt in itertools.count():
                 reached_commit = False
@@ -329,9 +352,9 @@ class PostgresStore:
                     _time.sleep(random.uniform(0, 0.01 * 2**attempt))
                 except psycopg.OperationalError:
                     safe = (tx and not reached_commit) or idempotent
-                    if reconnected or conn is None or not conn.broken or not safe:
+                    if reconnects <= 0 or conn is None or not conn.broken or not safe:
                         raise
-                    reconnected = True
+                    reconnects -= 1
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _bootstrap(self) -> None:
@@ -831,6 +854,29 @@ def _migrate(conn: psycopg.Connection[Any]) -> str | None:
                 (version, description),
             )
     return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
+
+
+def _connection_class(store: PostgresStore) -> type[psycopg.Connection[Any]]:
+    """A connection class that tells ``store`` why a connection attempt failed."""
+    import psycopg
+
+    class Connection(psycopg.Connection[Any]):
+        @classmethod
+        def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            try:
+                conn = super().connect(*args, **kwargs)
+            except psycopg.OperationalError as exc:
+                store._connect_failed(exc)
+                raise
+            store._connect_error = None
+            return conn
+
+    return Connection
 
 
 def _check_connection(conn: psycopg.Connection[Any]) -> None:
