@@ -228,7 +228,7 @@ def test_a_miss_does_the_same_work_as_a_wrong_secret(
     Counted, not timed: every well-formed token that fails costs one hash of the token and one
     read of the hash index, and never reads the record of the id it names.
     """
-    token, key = create_key(meter, "org_a", "member", ["usage:read"])
+    token, _ = create_key(meter, "org_a", "member", ["usage:read"])
     revoked_token, revoked = create_key(meter, "org_a", "member", ["usage:read"])
     revoke_key(meter, revoked.id)
     assert authenticate(meter, token) is not None  # once per process: index older keys

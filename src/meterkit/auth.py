@@ -238,9 +238,12 @@ def _index_keys(meter: Meter) -> None:
         return
     for key_id, data in meter.store.list_records(KEY_KIND):
         digest = data.get("sha256")
-        if data.get("revoked_at") is None and isinstance(digest, str):
-            if meter.store.get_record(HASH_KIND, digest) is None:
-                meter.store.put_record(HASH_KIND, digest, {"id": key_id})
+        if (
+            data.get("revoked_at") is None
+            and isinstance(digest, str)
+            and meter.store.get_record(HASH_KIND, digest) is None
+        ):
+            meter.store.put_record(HASH_KIND, digest, {"id": key_id})
     _INDEXED.add(meter)
 
 
