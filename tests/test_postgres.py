@@ -344,7 +344,9 @@ def test_an_unreachable_server_costs_one_timeout_and_names_its_cause(postgres_ur
             pool = m.store._pool  # type: ignore[attr-defined]
             connection = pool.connection
 
-            def counted(*args: Any, **kwargs: Any) -> Any:
+            def counted(
+                *args: Any, waits: list[float] = waits, connection: Any = connection, **kwargs: Any
+            ) -> Any:
                 waits.append(1.0)
                 return connection(*args, **kwargs)
 
