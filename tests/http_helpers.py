@@ -755,6 +755,33 @@ def check_store_unavailable(make: MakeGuarded, monkeypatch: Any) -> None:
     assert app.calls["work"] == 1
 
 
+def check_own_endpoints_are_never_metered(make: MakeGuarded) -> None:
+    """meterkit's endpoints, served from the guarded app under /meterkit, are exempt: exactly
+    those, not the application's own routes that happen to share a path (/healthz)."""
+    meter, tokens = guard_meter()
+    app = make(meter, record_refused=True)
+    client = app.client()
+    tight = tokens["tight"]
+    assert [send(client, "GET", "/work/0", token=tight).status for _ in range(3)] == [200, 200, 429]
+    for _ in range(3):
+        r = send(
+            client, "GET", f"/meterkit{USAGE}/completions", [("start_time", str(T0))], token=tight
+        )
+        assert r.status == 200 and r.header("x-ratelimit-limit") is None
+        assert send(client, "GET", "/meterkit/v1/usage", token=tight).status == 200
+        assert send(client, "GET", "/meterkit/healthz").status == 200
+        assert send(client, "GET", "/meterkit/openapi.json").status == 200
+    # The application's own /healthz is the application's: still guarded.
+    assert send(client, "GET", "/healthz", token=tight).status == 429
+    assert app.calls["healthz"] == 0
+    kid = key_id(tight)
+    assert requests_recorded(meter, "org_t") == {
+        ("GET", app.work_route, "200", kid): 2,
+        ("GET", "/work/0", "429", kid): 1,  # refused before routing: the path
+        ("GET", "/healthz", "429", kid): 1,
+    }
+
+
 GUARD_CHECKS: list[Callable[[MakeGuarded], None]] = [
     check_admitted_gets_headers_and_is_recorded,
     check_quota_refusal,
@@ -764,6 +791,7 @@ GUARD_CHECKS: list[Callable[[MakeGuarded], None]] = [
     check_unidentified_callers,
     check_custom_identify_and_skip,
     check_custom_refusal_shape,
+    check_own_endpoints_are_never_metered,
 ]
 
 

@@ -33,6 +33,7 @@ from meterkit.http.metering import (
     Unidentified,
     Usage,
     merge_headers,
+    own_endpoint,
 )
 
 if TYPE_CHECKING:
@@ -232,6 +233,30 @@ def _route_template(scope: Scope, child: Scope, path: str) -> str:
     return (prefix + template) or "/"
 
 
+def _mounted_at(app: Any, prefix: str = "", depth: int = 0) -> list[str]:
+    """The prefixes at which a :class:`MeterkitApp` serves inside ``app``.
+
+    Follows Starlette-style routers (``routes``, each ``Mount`` with its ``path`` and ``app``)
+    and middleware wrappers (``app``); ``""`` when ``app`` is meterkit's own app at the root.
+    """
+    if isinstance(app, MeterkitApp):
+        return [prefix]
+    if depth > 16:
+        return []
+    found: list[str] = []
+    routes = getattr(app, "routes", None)
+    if isinstance(routes, (list, tuple)):
+        for route in routes:
+            sub, path = getattr(route, "app", None), getattr(route, "path", None)
+            if sub is not None and isinstance(path, str) and not hasattr(route, "endpoint"):
+                found += _mounted_at(sub, prefix + path.rstrip("/"), depth + 1)
+    else:
+        inner = getattr(app, "app", None)
+        if inner is not None and inner is not app:
+            found += _mounted_at(inner, prefix, depth + 1)
+    return found
+
+
 class MeteringMiddleware:
     """Meters and guards every HTTP request to ``app``.
 
@@ -260,6 +285,7 @@ class MeteringMiddleware:
     ) -> None:
         self.app = app
         self.meter = meter
+        self._own: tuple[str, ...] | None = None
         self.metering: Metering[Scope] = Metering(
             meter,
             authorization=_authorization,
@@ -273,12 +299,27 @@ class MeteringMiddleware:
             record_refused=record_refused,
         )
 
+    def is_own(self, path: str) -> bool:
+        """Whether ``path`` (below this app's root) goes to meterkit's own endpoints: a
+        :func:`create_app` app that ``app`` is, or mounts (Starlette and FastAPI routers)."""
+        if self._own is None:
+            self._own = tuple(_mounted_at(self.app))
+        for prefix in self._own:
+            if prefix == "" and own_endpoint(path):
+                return True
+            if prefix and (path == prefix or path.startswith(prefix + "/")):
+                return True
+        return False
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.metering.skip(scope, _route_path(scope)):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = _route_path(scope)
+        if self.metering.skip(scope, own=self.is_own(path)):
             await self.app(scope, receive, send)
             return
         method: str = scope.get("method", "GET")
-        path = _route_path(scope)
         outcome = await anyio.to_thread.run_sync(
             lambda: self.metering.begin(scope, method=method, path=path)
         )

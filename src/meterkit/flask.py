@@ -190,9 +190,9 @@ def init_metering(
 
     def before() -> FlaskResponse | None:
         blueprint = app.extensions.get(EXTENSION, {}).get("blueprint")
-        if blueprint is not None and request.blueprint == blueprint:
-            return None  # the usage API itself is not metered
-        if metering.skip(request, request.path):
+        # meterkit's own endpoints (its blueprint) are never metered, counted or refused.
+        own = blueprint is not None and request.blueprint == blueprint
+        if metering.skip(request, own=own):
             return None
         outcome = metering.begin(request, method=request.method, path=request.path)
         if isinstance(outcome, Refusal):

@@ -334,11 +334,11 @@ class Metering(Generic[R]):
 
     # -- before the request ----------------------------------------------------------------
 
-    def skip(self, request: R, path: str | None = None) -> bool:
-        """True when ``request`` is not metered at all: meterkit's own endpoints (``path``,
-        below any mount point: a customer who spent their quota can still read their usage),
-        or the ``skip`` option."""
-        if path is not None and own_endpoint(path):
+    def skip(self, request: R, *, own: bool = False) -> bool:
+        """True when ``request`` is not metered at all: it goes to meterkit's ``own``
+        endpoints (a customer who spent their quota can still read their usage), or the
+        ``skip`` option says so."""
+        if own:
             return True
         return self._skip is not None and bool(self._skip(request))
 
@@ -543,14 +543,14 @@ _OWN_PATHS: re.Pattern[str] | None = None
 
 
 def own_endpoint(path: str) -> bool:
-    """Whether ``path`` (below any prefix) is one of meterkit's own HTTP endpoints."""
+    """Whether ``path`` is one of meterkit's own HTTP endpoint paths (``/healthz``, …)."""
     global _OWN_PATHS
     if _OWN_PATHS is None:
         from meterkit.http.app import default_surfaces
 
         templates = sorted({r.path for s in default_surfaces() for r in s.routes})
         alternatives = "|".join(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(t)) for t in templates)
-        _OWN_PATHS = re.compile(f"(?:/.*)?(?:{alternatives})")
+        _OWN_PATHS = re.compile(f"(?:{alternatives})")
     return _OWN_PATHS.fullmatch(path) is not None
 
 
