@@ -28,7 +28,6 @@ from http_helpers import (
     NOW,
     QUOTA,
     T0,
-    USAGE,
     Client,
     MakeGuarded,
     Query,
