@@ -149,10 +149,22 @@ def test_serve_refuses_bad_options(args: tuple[str, ...], message: str) -> None:
     assert message in result.stderr and "Traceback" not in result.output
 
 
-def test_unopenable_store_is_one_line_exit_1(tmp_path: Path) -> None:
-    result = run("keys", "list", "--org", "o", "--db", f"sqlite:///{tmp_path}/no/such/dir/x.db")
-    assert result.exit_code == 1
-    assert "cannot open the store" in result.stderr and "Traceback" not in result.output
+def test_a_store_in_a_missing_folder_is_one_line_naming_db(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/no/such/dir/x.db"
+    result = run("keys", "create", "--org", "o", "--db", db)
+    assert result.exit_code == 2
+    assert "--db" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [("keys", "list", "--org", "o"), ("keys", "revoke", "0" * 16)])
+def test_a_mistyped_db_for_a_command_that_creates_nothing_creates_nothing(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    typo = tmp_path / "usgae.db"
+    result = run(*command, "--db", f"sqlite:///{typo}")
+    assert result.exit_code == 2 and "--db" in result.stderr and "does not exist" in result.stderr
+    assert not typo.exists() and list(tmp_path.iterdir()) == []
 
 
 def _counts(db: str) -> dict[str, list[tuple[int, dict[str, float | None]]]]:

@@ -197,3 +197,61 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(meterkit.ValidationError) as info:
         load_config(tmp_path / "absent.toml")
     assert info.value.field == "config"
+
+
+def test_the_documented_example_loads_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # its store is a relative sqlite:///meterkit.db
+    path = write(tmp_path, example)
+    with meterkit.Meter.from_config(path) as m:
+        assert {p.id for p in m.quotas.plans()} == {"free", "pro"}
+        assert m.quotas.plan_of("org_1")[1] is not None
+        assert m.quotas.plan_of("nobody")[1].id == "free"  # type: ignore[union-attr]
+        assert "reports" in m.meters and len(list(m.prices())) == 1
+
+
+def test_a_mistyped_plan_metric_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "typo.db"
+    path = write(
+        tmp_path,
+        f"""
+        store = "sqlite:///{db}"
+
+        [plans.basic]
+        limits = {{ tokens = 5 }}
+
+        [plans.pro]
+        limits = {{ tokens = 5, querys = 10 }}
+    """,
+    )
+    with pytest.raises(meterkit.ValidationError) as info:
+        meterkit.Meter.from_config(path)
+    assert info.value.field == "plans.pro.limits.querys"
+    assert "queries" in info.value.message and "tokens" in info.value.message
+    with meterkit.Meter(f"sqlite:///{db}") as m:
+        assert m.quotas.plans() == []
+        with pytest.raises(meterkit.ValidationError) as caught:
+            m.set_plan(meterkit.Plan("p", limits={"querys": 1}))
+        assert caught.value.field == "limits.querys"
+        assert m.quotas.plans() == []
+        # An application's own meter makes its name a metric.
+        m.register(meterkit.MeterSpec("widgets", [meterkit.Measure("widgets")]))
+        m.set_plan(meterkit.Plan("p", limits={"widgets": 1}))
+
+
+@pytest.mark.parametrize(
+    "store",
+    ["nosuch://x", "sqlite:///{tmp}/no/such/folder/x.db", "sqlite:///{tmp}/x.db?synchronous=bogus"],
+)
+def test_a_bad_store_url_is_reported_under_store(tmp_path: Path, store: str) -> None:
+    path = write(tmp_path, f'store = "{store.format(tmp=tmp_path)}"\n')
+    with pytest.raises(meterkit.ValidationError) as info:
+        meterkit.Meter.from_config(path)
+    assert info.value.field == "store"
+    # An override is the caller's own argument, and named as such.
+    with pytest.raises(meterkit.ValidationError) as info:
+        meterkit.Meter.from_config(write(tmp_path, ""), url=store.format(tmp=tmp_path))
+    assert info.value.field == "url"

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meterkit import Meter, Plan, StoreUnavailable, hookimpl
+from meterkit import Meter, Plan, StoreUnavailable, ValidationError, hookimpl
 from meterkit.auth import Principal, create_key, revoke_key
 from meterkit.catalog import OPENAI_KINDS
 from meterkit.http import HttpApp, Request, Response
@@ -595,6 +595,12 @@ def test_plan_usage(env: Env) -> None:
         ([("end_date", "2024-11-01\n")], "end_date", "date_from_datetime_parsing"),
         ([("start_date", "2024-11-05"), ("end_date", "2024-11-04")], "start_date", "value_error"),
         ([("start_date", "2025-01-01")], "start_date", "value_error"),
+        ([("start_date", "1969-12-31")], "start_date", "value_error"),
+        ([("start_date", "0001-01-01"), ("end_date", "0001-01-02")], "start_date", "value_error"),
+        ([("end_date", "9999-12-31")], "end_date", "value_error"),
+        ([("start_date", "9999-12-31"), ("end_date", "9999-12-31")], "start_date", "value_error"),
+        # Before the default start (the 1st of this month): end_date's fault, not start_date's.
+        ([("end_date", "2024-10-31")], "end_date", "value_error"),
     ],
 )
 def test_plan_usage_bad_dates_are_fastapi_422(
@@ -607,6 +613,43 @@ def test_plan_usage_bad_dates_are_fastapi_422(
     detail = body["detail"][0]
     assert detail["loc"] == ["query", field]
     assert detail["type"] == kind and isinstance(detail["msg"], str) and detail["msg"]
+    assert "start_time" not in detail["msg"] and "end_time" not in detail["msg"]
+    # The input named is the one at fault, as sent.
+    assert detail["input"] == dict(query)[field]
+
+
+def test_plan_usage_rules_have_one_message_in_python_and_over_http(env: Env) -> None:
+    with pytest.raises(ValidationError) as caught:
+        env.meter.plan_usage("org_a", "2024-11-05", "2024-11-04")
+    r = env.send("GET", "/api/v1/usage", [("start_date", "2024-11-05"), ("end_date", "2024-11-04")])
+    assert data(r)["detail"][0]["msg"] == caught.value.message
+    for edge in ("1970-01-01", "9999-12-30"):
+        assert (
+            env.send("GET", "/api/v1/usage", [("start_date", edge), ("end_date", edge)]).status
+            == 200
+        )
+
+
+@pytest.mark.parametrize("path", ["/v1/organization/usage/completions", "/v1/organization/costs"])
+def test_a_future_start_without_an_end_is_the_starts_fault(env: Env, path: str) -> None:
+    r = env.send("GET", path, [("start_time", str(NOW + DAY))])
+    error = assert_openai_error(r, 400, "start_time")
+    assert "end_time" in error["message"]  # it says what to do: give one
+    with pytest.raises(ValidationError) as caught:
+        env.meter.usage("completions", organization_id="org_a", start_time=NOW)
+    assert caught.value.field == "start_time"
+
+
+def test_indexed_array_parameters_are_read_not_ignored(env: Env) -> None:
+    plain = [("start_time", str(T0)), ("group_by", "model"), ("group_by", "project_id")]
+    indexed = [("start_time", str(T0)), ("group_by[0]", "model"), ("group_by[1]", "project_id")]
+    usage = "/v1/organization/usage/completions"
+    assert data(env.send("GET", usage, indexed)) == data(env.send("GET", usage, plain))
+    bad = [("start_time", str(T0)), ("group_by[0]", "model"), ("group_by[1]", "colour")]
+    assert_openai_error(env.send("GET", usage, bad), 400, "group_by")
+    filtered = [("start_time", str(T0)), ("models[0]", "no-such-model")]
+    buckets = data(env.send("GET", usage, filtered))["data"]
+    assert buckets and all(b["results"] == [] for b in buckets)
 
 
 def test_plan_usage_auth_errors_are_fastapi_shaped(env: Env) -> None:

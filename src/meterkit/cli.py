@@ -61,11 +61,27 @@ class StartedClock:
 
 
 def _open(
-    config: Path | None, db: str | None, now: int | None = None, *, frozen: bool = False
+    config: Path | None,
+    db: str | None,
+    now: int | None = None,
+    *,
+    frozen: bool = False,
+    existing: bool = False,
 ) -> Meter:
     """The meter a command works on: ``--config`` (its store, or ``--db`` instead), else
-    ``--db``, else the embedded default. With ``now``, its clock starts at that Unix time."""
+    ``--db``, else the embedded default. With ``now``, its clock starts at that Unix time;
+    with ``existing`` (commands that only read or change what is there), a SQLite ``--db``
+    must name a file that exists: a typo is reported instead of creating an empty store."""
     url = db or DEFAULT_URL
+    if existing and db and db.startswith("sqlite:///"):
+        from meterkit.stores.sqlite import path_from_url
+
+        try:
+            path = path_from_url(db)
+        except ValueError as exc:
+            raise BadInput(f"--db: {exc}") from None
+        if path != ":memory:" and not Path(path).exists():
+            raise BadInput(f"--db: {path} does not exist (this command creates no store)")
     if frozen and now is None:
         raise BadInput("--freeze-clock needs --now")
     extra: dict[str, Any] = {} if now is None else {"clock": StartedClock(now, frozen=frozen)}
@@ -238,7 +254,7 @@ def _when(ts: int | None) -> str:
 @_store_options
 def keys_list(organization_id: str, as_json: bool, config: Path | None, db: str | None) -> None:
     """List an organization's keys, revoked ones included (never their tokens)."""
-    with _open(config, db) as meter, _reported():
+    with _open(config, db, existing=True) as meter, _reported():
         found = list_keys(meter, organization_id)
     if as_json:
         for key in found:
@@ -279,7 +295,7 @@ def keys_list(organization_id: str, as_json: bool, config: Path | None, db: str 
 @_store_options
 def keys_revoke(key_id: str, config: Path | None, db: str | None) -> None:
     """Revoke a key at once (its record stays, marked revoked)."""
-    with _open(config, db) as meter, _reported():
+    with _open(config, db, existing=True) as meter, _reported():
         key = get_key(meter, key_id)
         if key is None:
             raise click.ClickException(f"no key {key_id!r}")

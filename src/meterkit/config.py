@@ -68,6 +68,11 @@ class Config:
     def apply(self, meter: Meter) -> None:
         """Write the prices, plans and assignments into the meter's store (idempotent)."""
         prices = [self._price(meter, i, data) for i, data in enumerate(self.prices)]
+        for plan in self.plans:  # every plan checked before any is written
+            try:
+                meter.quotas.check_plan_metrics(plan)
+            except ValidationError as exc:
+                raise ValidationError(f"plans.{plan.id}.{exc.field}", exc.message) from None
         for plan in self.plans:
             meter.set_plan(plan)
         for org in self.organizations:

@@ -35,7 +35,7 @@ from meterkit.plugins import get_plugin_manager, make_plugin_manager
 from meterkit.pricing import Price, PriceBook
 from meterkit.quotas import Decision, Policy, Quotas, Reservation
 from meterkit.stores.base import CounterStore, Store
-from meterkit.validate import check_event, check_usage_query
+from meterkit.validate import check_event, check_time, check_usage_query
 
 __all__ = ["DEFAULT_URL", "Meter", "open_counters", "open_store"]
 
@@ -157,9 +157,15 @@ class Meter:
         """
         config = load_config(path)
         kwargs = config.meter_kwargs()
-        url = overrides.pop("url", None) or config.store
+        override = overrides.pop("url", None)
+        url = override or config.store
         kwargs.update(overrides)
-        meter = cls(url, **kwargs)
+        try:
+            meter = cls(url, **kwargs)
+        except ValidationError as exc:
+            if exc.field == "url" and not override:
+                raise ValidationError("store", exc.message) from None  # the file's own key
+            raise
         try:
             config.apply(meter)
         except BaseException:
@@ -205,6 +211,16 @@ class Meter:
 
     def now(self) -> int:
         return int(self.clock())
+
+    def _end_now(self, start_time: Any) -> int:
+        """The default ``end_time`` (now), once ``start_time`` is known to lie before it: a
+        start in the future is the start's fault, not that of an end nobody gave."""
+        now = self.now()
+        if check_time("start_time", start_time) >= now:
+            raise ValidationError(
+                "start_time", f"must be before now ({now}) when no end_time is given"
+            )
+        return now
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -337,7 +353,7 @@ class Meter:
             spec,
             organization_id=organization_id,
             start_time=start_time,
-            end_time=end_time if end_time is not None else self.now(),
+            end_time=end_time if end_time is not None else self._end_now(start_time),
             bucket_width=bucket_width,
             group_by=group_by,
             filters=filters,
@@ -432,7 +448,7 @@ class Meter:
             self.prices(),
             organization_id=organization_id,
             start_time=start_time,
-            end_time=end_time if end_time is not None else self.now(),
+            end_time=end_time if end_time is not None else self._end_now(start_time),
             bucket_width=bucket_width,
             group_by=group_by,
             filters=filters,

@@ -239,9 +239,26 @@ class Quotas:
 
     # -- plans, assignments, grants ---------------------------------------------------------
 
+    def metrics(self) -> list[str]:
+        """The metrics a plan may limit: every meter whose main measure has its own name
+        (``tokens``, ``queries``, ``storage_bytes``, …, and the application's own)."""
+        return sorted(name for name, spec in self.meter.meters.items() if spec.measure(name))
+
+    def check_plan_metrics(self, plan: Plan) -> None:
+        """Refuse a plan limiting a metric no meter counts (a typo such as ``querys``)."""
+        known = self.metrics()
+        for metric in plan.limits:
+            if metric not in known:
+                raise ValidationError(
+                    f"limits.{metric}",
+                    f"unknown metric {metric!r}; known: {', '.join(known)} "
+                    "(register a meter of that name to limit another)",
+                )
+
     def set_plan(self, plan: Plan) -> Plan:
         if not isinstance(plan, Plan):
             raise ValidationError("plan", "must be a meterkit.Plan")
+        self.check_plan_metrics(plan)
         self.store.put_record("plan", plan.id, plan.to_record())
         self._forget()
         return plan

@@ -47,15 +47,21 @@ def _metric(used: int, limit: int) -> UsageMetric:
     return UsageMetric(int(used), limit, remaining)
 
 
+FIRST_DATE = dt.date(1970, 1, 1)
+LAST_DATE = dt.date(9999, 12, 30)  # its whole day still ends within Unix seconds meterkit keeps
+
+
 def _date(field: str, value: object) -> dt.date:
     if isinstance(value, dt.datetime):
         raise ValidationError(field, "must be a date (YYYY-MM-DD), not a datetime")
     if isinstance(value, dt.date):
+        if not FIRST_DATE <= value <= LAST_DATE:
+            raise ValidationError(field, f"must be a date from {FIRST_DATE} to {LAST_DATE}")
         return value
     if isinstance(value, str):
         try:
             if len(value) == 10:
-                return dt.date.fromisoformat(value)
+                return _date(field, dt.date.fromisoformat(value))
         except ValueError:
             pass
         raise ValidationError(field, f"{value!r} is not a valid date (YYYY-MM-DD)")
@@ -101,6 +107,11 @@ def plan_usage(
     start = _date("start_date", start_date) if start_date is not None else today.replace(day=1)
     end = _date("end_date", end_date) if end_date is not None else today
     if start > end:
+        if start_date is None:
+            raise ValidationError(
+                "end_date",
+                f"must not be before start_date, which defaults to the 1st of this month ({start})",
+            )
         raise ValidationError("start_date", "must not be after end_date")
     _, plan = meter.quotas.plan_of(org)
     lo, hi = _stamp(start), _stamp(end) + DAY

@@ -15,6 +15,14 @@ import attrs
 __all__ = ["Request", "Response", "json_response", "ndjson_response"]
 
 
+def _indexed(key: str, name: str) -> bool:
+    """``name[]`` or ``name[<digits>]``."""
+    if not (key.startswith(name) and key.endswith("]") and key[len(name) : len(name) + 1] == "["):
+        return False
+    index = key[len(name) + 1 : -1]
+    return index == "" or (index.isascii() and index.isdigit())
+
+
 @attrs.frozen
 class Request:
     """A parsed request. ``headers`` keys are lower-case; ``query`` keeps repeated keys."""
@@ -29,8 +37,9 @@ class Request:
         return self.headers.get(name.lower(), default)
 
     def query_all(self, name: str) -> list[str]:
-        """Every value of ``name``, from ``name=a&name=b`` and ``name[]=a`` alike."""
-        return [v for k, v in self.query if k == name or k == f"{name}[]"]
+        """Every value of ``name``, in the order sent: from ``name=a&name=b``, ``name[]=a`` and
+        the indexed ``name[0]=a&name[1]=b`` alike (never silently ignored)."""
+        return [v for k, v in self.query if k == name or _indexed(k, name)]
 
     def query_one(self, name: str) -> str | None:
         values = self.query_all(name)

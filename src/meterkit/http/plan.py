@@ -10,6 +10,7 @@ import datetime as dt
 import re
 from typing import Any
 
+from meterkit.errors import ValidationError
 from meterkit.http.core import Response, json_response
 from meterkit.http.errors import FASTAPI, ParamError
 from meterkit.http.params import one
@@ -40,13 +41,14 @@ def _date(call: Call, name: str) -> dt.date | None:
 
 def _usage(call: Call) -> Response:
     start, end = _date(call, "start_date"), _date(call, "end_date")
-    if start is not None and end is not None and start > end:
-        raise ParamError(
-            "start_date",
-            "Value error, start_date must not be after end_date",
-            input=start.isoformat(),
-        )
-    return json_response(call.meter.plan_usage(call.organization_id, start, end))
+    try:
+        # The rules (range, order) live once, in Meter.plan_usage; only the input is added.
+        usage = call.meter.plan_usage(call.organization_id, start, end)
+    except ValidationError as exc:
+        if exc.field not in ("start_date", "end_date"):
+            raise
+        raise ParamError(exc.field, exc.message, input=one(call.request, exc.field)) from None
+    return json_response(usage)
 
 
 def _metric() -> dict[str, Any]:

@@ -100,6 +100,9 @@ class SQLiteStore:
         # event survives a power loss too. "normal" trades that for write speed.
         self.synchronous = options.get("synchronous", "full").upper()
         self._lock = threading.RLock()
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if self.path != ":memory:" and not os.path.isdir(folder):
+            raise ValidationError("url", f"the folder of {self.path!r} does not exist: {folder}")
         conn = sqlite3.connect(
             self.path,
             timeout=float(options.get("timeout", "30")),
