@@ -255,3 +255,16 @@ def test_a_bad_store_url_is_reported_under_store(tmp_path: Path, store: str) -> 
     with pytest.raises(meterkit.ValidationError) as info:
         meterkit.Meter.from_config(write(tmp_path, ""), url=store.format(tmp=tmp_path))
     assert info.value.field == "url"
+
+
+def test_max_future_skew_key(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/skew.db"
+    with meterkit.Meter.from_config(write(tmp_path, f'store = "{db}"\nmax_future_skew = 5\n')) as m:
+        assert m.max_future_skew == 5
+    with meterkit.Meter.from_config(
+        write(tmp_path, f'store = "{db}"\nmax_future_skew = -1\n')
+    ) as m:
+        assert m.max_future_skew is None
+    with pytest.raises(meterkit.ValidationError) as info:
+        meterkit.Meter.from_config(write(tmp_path, f'store = "{db}"\nmax_future_skew = "5"\n'))
+    assert info.value.field == "max_future_skew"

@@ -37,6 +37,7 @@ _TOP = {
     "policy",
     "default_plan",
     "thresholds",
+    "max_future_skew",
     "meters",
     "prices",
     "plans",
@@ -51,6 +52,7 @@ class Config:
     policy: str = "closed"
     default_plan: str | None = None
     thresholds: tuple[float, ...] = (0.8, 1.0)
+    max_future_skew: int | None = 300
     meters: tuple[MeterSpec, ...] = ()
     prices: tuple[dict[str, Any], ...] = ()
     plans: tuple[Plan, ...] = ()
@@ -62,6 +64,7 @@ class Config:
             "policy": self.policy,
             "default_plan": self.default_plan,
             "thresholds": self.thresholds,
+            "max_future_skew": self.max_future_skew,
             "meters": self.meters,
         }
 
@@ -225,6 +228,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 1 for t in thresholds
     ):
         raise ValidationError("thresholds", "must be a list of fractions in (0, 1]")
+    skew = raw.get("max_future_skew", 300)
+    if isinstance(skew, bool) or not isinstance(skew, int) or skew < -1:
+        raise ValidationError(
+            "max_future_skew", "must be whole seconds >= 0, or -1 to accept any future time"
+        )
     plans = _plans(raw.get("plans", {}))
     default_plan = raw.get("default_plan")
     if default_plan is not None and default_plan not in {p.id for p in plans}:
@@ -238,6 +246,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         policy=policy,
         default_plan=default_plan,
         thresholds=tuple(float(t) for t in thresholds),
+        max_future_skew=None if skew == -1 else skew,
         meters=_meters(raw.get("meters", [])),
         prices=tuple(_times(p) for p in prices),
         plans=plans,

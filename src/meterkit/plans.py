@@ -47,6 +47,8 @@ class Plan:
         check_id("plan.id", self.id)
         if not isinstance(self.name, str):
             raise ValidationError("plan.name", "must be a string")
+        if self.name:
+            check_string("plan.name", self.name)
         if not isinstance(self.billing_cycle, BillingCycle):
             raise ValidationError("plan.billing_cycle", "must be a BillingCycle")
         if not isinstance(self.limits, Mapping):

@@ -617,6 +617,22 @@ class StoreConformance:
                     meter.record_many([_event("fine"), event])
         assert scan_all(meter.store, SUITE_METER.name, "org_a") == []
 
+    def test_records_with_unstorable_text_are_refused_by_every_store(self, store: Store) -> None:
+        from meterkit.errors import ValidationError
+
+        store.put_record("plan", "kept", {"name": "Ω 🦄 'quoted'", "nested": [{"a": "b"}]})
+        for bad in ({"name": "a\x00b"}, {"name": "\ud800"}, {"n": [{"x\udfff": 1}]}):
+            with pytest.raises(ValidationError):
+                store.put_record("plan", "bad", bad)
+        with pytest.raises(ValidationError):
+            store.put_record("plan", "bad\x00key", {})
+        assert store.get_record("plan", "bad") is None
+        assert [k for k, _ in store.list_records("plan")] == ["kept"]
+        assert store.get_record("plan", "kept") == {
+            "name": "Ω 🦄 'quoted'",
+            "nested": [{"a": "b"}],
+        }
+
     def test_idempotent_across_reopen(self, store_factory: StoreFactory) -> None:
         self._require_persistence()
         store = store_factory.open()

@@ -18,6 +18,7 @@ __all__ = [
     "MAX_VALUE",
     "check_event",
     "check_id",
+    "check_record",
     "check_string",
     "check_time",
     "check_usage_query",
@@ -54,6 +55,30 @@ def check_string(field: str, value: object) -> str:
         what = "NUL characters" if bad.group() == "\x00" else "lone surrogates (not UTF-8)"
         raise ValidationError(field, f"must not contain {what}")
     return value
+
+
+def check_record(kind: str, key: str, data: object) -> None:
+    """A record every store can keep as JSON text: no NUL and no lone surrogate in any key or
+    string, at any depth (PostgreSQL's ``jsonb`` refuses both; SQLite would keep them). Every
+    store calls this before writing, so all of them accept and refuse the same records."""
+
+    def walk(path: str, value: object) -> None:
+        if isinstance(value, str):
+            bad = _UNSTORABLE.search(value)
+            if bad is not None:
+                what = "NUL characters" if bad.group() == "\x00" else "lone surrogates (not UTF-8)"
+                raise ValidationError(path, f"must not contain {what}")
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{path}.{k}", k)
+                walk(f"{path}.{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(f"{path}[{i}]", item)
+
+    walk("kind", kind)
+    walk("key", key)
+    walk(kind, data)
 
 
 def check_id(field: str, value: object) -> str:

@@ -13,6 +13,7 @@ from meterkit import counters
 from meterkit.engine.aggregate import Rows
 from meterkit.hookspecs import hookimpl
 from meterkit.models import CounterLine, CounterResult, Event, Hold, MeterSpec, UsageQuery
+from meterkit.validate import check_record
 
 __all__ = ["MemoryStore"]
 
@@ -72,6 +73,7 @@ class MemoryStore:
     # -- records ------------------------------------------------------------------------------
 
     def put_record(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
+        check_record(kind, key, data)
         with self._lock:
             self._records.setdefault(kind, {})[key] = json.loads(json.dumps(data))
 

@@ -64,6 +64,7 @@ from meterkit.models import (
     UsageQuery,
 )
 from meterkit.stores import sqlagg
+from meterkit.validate import check_record
 
 if TYPE_CHECKING:
     import psycopg
@@ -604,6 +605,7 @@ class PostgresStore:
     # -- records ------------------------------------------------------------------------------
 
     def put_record(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
+        check_record(kind, key, data)
         text = json.dumps(data, sort_keys=True)
 
         def put(cur: psycopg.Cursor[Any]) -> None:

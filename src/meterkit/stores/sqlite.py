@@ -27,6 +27,7 @@ from meterkit.models import (
     UsageQuery,
 )
 from meterkit.stores import sqlagg
+from meterkit.validate import check_record
 
 __all__ = ["SQLiteStore", "options_from_url", "path_from_url"]
 
@@ -361,6 +362,7 @@ class SQLiteStore:
     # -- records ------------------------------------------------------------------------------
 
     def put_record(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
+        check_record(kind, key, data)
         with self._lock, self._write() as conn:
             conn.execute(
                 "INSERT INTO mk_records(kind, key, data) VALUES (?, ?, ?) "
