@@ -20,7 +20,7 @@ def parse_instant(text: str) -> int:
 
 
 EDGES = (
-    "2025-03-01T00:00:00Z",  # the first second of a month
+    "2025-03-01T00:00:00Z",  # the first second of a month (first: .ci/run runs everything here)
     "2025-12-31T23:59:59Z",  # the last second of a year
     "2024-02-29T12:00:00Z",  # a leap day
     "2025-01-31T00:00:00Z",  # the day a cycle anchored on the 31st starts

@@ -203,7 +203,7 @@ def test_tiered_month_total_matches_oracle_however_events_are_split(
     oracle = oracle_graduated if mode == "graduated" else oracle_volume
     expected = oracle(tiers, units, per)
 
-    spread = Meter("memory://")
+    spread = Meter("memory://", max_future_skew=None)
     for i, (quantity, day, second) in enumerate(split):
         spread.record(
             "tokens",
@@ -212,7 +212,7 @@ def test_tiered_month_total_matches_oracle_however_events_are_split(
             time=NOV + day * DAY + second,
             id=f"e{i}",
         )
-    whole = Meter("memory://")
+    whole = Meter("memory://", max_future_skew=None)
     whole.record("tokens", {"tokens": units}, organization_id="org_1", time=NOV + 5, id="all")
 
     got = month_costs(spread, price)
