@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import sqlite_utils
 
+import processes
 import services
 from meterkit import AppendResult, Event, Meter
 from meterkit.stores.postgres import MIGRATIONS
@@ -51,17 +52,7 @@ def _open_and_record(url: str, k: int, barrier: Any, results: Any) -> None:
 def open_at_once(url: str) -> list[Any]:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(PROCESSES)
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(target=_open_and_record, args=(url, k, barrier, results))
-        for k in range(PROCESSES)
-    ]
-    for proc in procs:
-        proc.start()
-    out = [results.get(timeout=120) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=60)
-    return out
+    return processes.spawn(_open_and_record, lambda k: (url, k, barrier), PROCESSES)
 
 
 def check_migrated(url: str) -> None:

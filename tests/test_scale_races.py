@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import processes
 import services
 from meterkit import Event, Meter, Plan, StoreUnavailable
 from meterkit.meter import open_store
@@ -72,21 +73,7 @@ def admin(url: str) -> Any:
 
 
 def spawn(target: Any, args_for: Any) -> list[Any]:
-    """Run ``target(*args_for(i), results)`` in PROCESSES fresh interpreters; their results."""
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args_for(i), results)) for i in range(PROCESSES)]
-    for proc in procs:
-        proc.start()
-    try:
-        outcomes = [results.get(timeout=120) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(30)
-    errors = [o for o in outcomes if isinstance(o, str)]
-    assert not errors, errors[0]
-    assert all(proc.exitcode == 0 for proc in procs)
-    return outcomes
+    return processes.spawn(target, args_for, PROCESSES)
 
 
 # -- 4 processes x 8 threads racing one quota -------------------------------------------------
