@@ -914,6 +914,28 @@ def test_ingest_ids_belong_to_the_organization(env: Env) -> None:
     assert tokens_on_day7(env) == 5 and tokens_on_day7(env, "org_b") == 9
 
 
+@pytest.mark.parametrize(
+    ("event", "param"),
+    [
+        ({"id": "\ud800"}, "events[0].id"),
+        ({"dimensions": {"model": "x\udfffy"}}, "events[0].dimensions.model"),
+        ({"dimensions": {"model": "a\u0000b"}}, "events[0].dimensions.model"),
+        ({"meter": "tok\ud800ens"}, "events[0].meter"),
+        ({"values": {"tokens": 2**53}}, "events[0].values.tokens"),
+        ({"values": {"tokens": 1.5}}, "events[0].values.tokens"),
+        ({"time": NOW + 301}, "events[0].time"),
+    ],
+)
+def test_hostile_events_over_http_are_422_never_500(
+    env: Env, event: dict[str, Any], param: str
+) -> None:
+    # Escaped in the JSON text, as a client would send them: lone surrogates and NUL included.
+    body = json.dumps([{**native("h1", 1), **event}]).encode()
+    r = env.send("POST", "/v1/events", body=body, content_type=JSON_TYPE)
+    assert_openai_error(r, 422, param)
+    assert tokens_on_day7(env) == 0
+
+
 def test_ingest_needs_a_known_content_type(env: Env) -> None:
     body = json.dumps([native("x")]).encode()
     for content_type in (None, "text/plain", "application/x-www-form-urlencoded"):

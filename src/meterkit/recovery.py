@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from meterkit.counters import clamp
 from meterkit.models import MeterSpec, Number
 from meterkit.quotas import Quotas
 
@@ -98,13 +99,13 @@ def rebuild_counters(meter: Meter, organization_id: str | None = None) -> dict[s
                 gauge = _gauge_value(meter, spec, org, now)
                 if gauge is None:
                     continue
-                values[metric] = int(gauge)
+                values[metric] = clamp(int(gauge))
                 counters.counters_set(Quotas.gauge_key(org, metric), values[metric], now=now)
                 continue
             total = meter.total(
                 metric, metric, organization_id=org, start_time=period.start, end_time=now + 1
             )
-            values[metric] = int(total)
+            values[metric] = clamp(int(total))  # a sum of many events may pass the bound
             counters.counters_set(
                 Quotas.period_key(org, metric, period),
                 values[metric],
