@@ -57,6 +57,13 @@ def check_string(field: str, value: object) -> str:
     return value
 
 
+def _storable(text: str) -> bool:
+    """No NUL and no lone surrogate; ASCII text (the common case) is told without a regex."""
+    if text.isascii():
+        return "\x00" not in text
+    return _UNSTORABLE.search(text) is None
+
+
 def check_record(kind: str, key: str, data: object) -> None:
     """A record every store can keep as JSON text: no NUL and no lone surrogate in any key or
     string, at any depth (PostgreSQL's ``jsonb`` refuses both; SQLite would keep them). Every
@@ -226,7 +233,7 @@ def check_event(spec: MeterSpec, event: Event, field: str = "event") -> Event:
                 type(dim_value) is str
                 and 0 < len(dim_value) <= MAX_STRING
                 and (allowed is None or dim_value in allowed)
-                and not _UNSTORABLE.search(dim_value)
+                and (("\x00" not in dim_value and dim_value.isascii()) or _storable(dim_value))
             ):
                 dims[name] = dim_value
                 continue
