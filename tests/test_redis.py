@@ -21,6 +21,7 @@ import pytest
 import meterkit
 import services
 from meterkit import Meter, Plan, QuotaExceeded, StoreUnavailable
+from meterkit.counters import MAX_COUNTER
 from meterkit.meter import open_counters, open_store
 from meterkit.models import CounterLine, Hold
 from meterkit.recovery import rebuild_counters
@@ -208,6 +209,16 @@ def test_refused_apply_leaves_nothing_behind(backend: CounterStore) -> None:
     assert backend.counters_read(["never"], now=NOW) == [0]
     backend.counters_add([("never", 2)], now=NOW)
     assert backend.counters_read(["never"], now=NOW + 10**6) == [2]
+
+
+def test_counters_never_pass_the_bound(backend: CounterStore) -> None:
+    # 2**53 - 1: what a Redis Lua double still holds exactly; no backend goes past it.
+    assert backend.counters_apply([CounterLine("big", MAX_COUNTER)], now=NOW).admitted
+    refused = backend.counters_apply([CounterLine("small", 1, 10), CounterLine("big", 1)], now=NOW)
+    assert not refused.admitted  # no limit on "big", but no room either: all or nothing
+    assert backend.counters_read(["big", "small"], now=NOW) == [MAX_COUNTER, 0]
+    assert backend.counters_add([("big", MAX_COUNTER)], now=NOW) == [MAX_COUNTER]  # saturates
+    assert backend.counters_add([("big", -2 * MAX_COUNTER)], now=NOW) == [0]
 
 
 def test_counters_never_go_below_zero(backend: CounterStore) -> None:

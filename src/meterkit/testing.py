@@ -633,6 +633,17 @@ class StoreConformance:
             "nested": [{"a": "b"}],
         }
 
+    def test_counters_never_pass_the_bound(self, store: Store) -> None:
+        from meterkit.counters import MAX_COUNTER
+        from meterkit.models import CounterLine
+
+        assert store.counters_apply([CounterLine("big", MAX_COUNTER)], now=T0).admitted
+        lines = [CounterLine("small", 1, 10), CounterLine("big", 1)]
+        assert not store.counters_apply(lines, now=T0).admitted
+        assert store.counters_read(["big", "small"], now=T0) == [MAX_COUNTER, 0]
+        assert store.counters_add([("big", MAX_COUNTER)], now=T0) == [MAX_COUNTER]
+        assert store.counters_add([("big", -2 * MAX_COUNTER)], now=T0) == [0]
+
     def test_idempotent_across_reopen(self, store_factory: StoreFactory) -> None:
         self._require_persistence()
         store = store_factory.open()
