@@ -1161,3 +1161,97 @@ def test_debit_counts_past_the_limit(m: Meter) -> None:
     assert m.quotas.used(ORG, "tokens") == 130
     refused = m.check(ORG, {"tokens": 1})
     assert (refused.refused_by, refused.used, refused.remaining) == ("tokens", 130, 0)
+
+
+# -- compiled limits -----------------------------------------------------------------------------
+
+
+class Monotonic:
+    """``time.monotonic`` as the quota cache sees it, moved by hand."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def monotonic(monkeypatch: pytest.MonkeyPatch) -> Monotonic:
+    fake = Monotonic()
+    monkeypatch.setattr("meterkit.quotas._time.monotonic", fake)
+    return fake
+
+
+class CountingStore:
+    """A real store that counts the record reads made through it."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name in ("get_record", "list_records"):
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                self.reads += 1
+                return attr(*args, **kwargs)
+
+            return counted
+        return attr
+
+
+def test_decisions_read_no_records_between_refreshes(
+    url: str, clock: Clock, monotonic: Monotonic
+) -> None:
+    store = CountingStore(Meter(url).store)
+    m = Meter(store=store, clock=clock, record_debits=False)  # type: ignore[arg-type]
+    on_plan(m, limits={"tokens": 1000}, rate_limit_rpm=100)
+    assert m.check(ORG, {"tokens": 1}).allowed
+    store.reads = 0
+    for i in range(50):
+        clock.t = T0 + i  # the clock moves, within the period and the minute's window ...
+        assert m.check(ORG, {"tokens": 1, "queries": 1}).allowed
+    assert store.reads == 0  # ... and nothing about the plan is read again
+    monotonic.t += m.quotas.cache_seconds
+    assert m.check(ORG, {"tokens": 1}).allowed
+    assert store.reads > 0  # the refresh reads the plan, assignment and grants once more
+    m.close()
+
+
+def test_a_change_by_another_process_is_seen_within_the_refresh_bound(
+    tmp_path: Path, clock: Clock, monotonic: Monotonic
+) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    with Meter(url, clock=clock) as here, Meter(url, clock=clock) as there:
+        assert here.quotas.cache_seconds <= 1.0
+        on_plan(here, limits={"tokens": 10})
+        assert there.check(ORG, {"tokens": 5}).allowed
+        here.set_plan(Plan("pro", name="Pro", limits={"tokens": 5}))
+        # The process that made the change sees it at once ...
+        assert not here.check(ORG, {"tokens": 1}).allowed
+        # ... another within the refresh bound: before it, its compiled limit stands.
+        assert there.quotas.limit_for(ORG, "tokens") == 10
+        monotonic.t += there.quotas.cache_seconds
+        refused = there.check(ORG, {"tokens": 1})
+        assert not refused.allowed and refused.limit == 5
+
+
+def test_compiled_limits_follow_grant_and_period_boundaries(
+    open_meter: Callable[..., Meter], clock: Clock, monotonic: Monotonic
+) -> None:
+    m = open_meter(record_debits=False)
+    on_plan(m, limits={"credits": 10})
+    m.grant_credits(ORG, 5, expires_at=T0 + 100)
+    assert m.check(ORG, {"credits": 15}, debit=False).allowed
+    clock.t = T0 + 99
+    assert m.check(ORG, {"credits": 15}, debit=False).allowed
+    clock.t = T0 + 100  # the grant has ended, with no refresh in between
+    assert not m.check(ORG, {"credits": 11}, debit=False).allowed
+    assert m.check(ORG, {"credits": 10}).allowed
+    period = m.quotas.period(ORG)
+    clock.t = period.end  # a new period: new counters, the full allowance again
+    assert m.check(ORG, {"credits": 10}).allowed
+    clock.t = period.end - 1  # and back: the old period's counter is still spent
+    assert not m.check(ORG, {"credits": 1}).allowed

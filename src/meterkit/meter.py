@@ -191,6 +191,9 @@ class Meter:
                     )
                 self._ready.discard(spec.name)
             self._specs[spec.name] = spec
+        quotas: Quotas | None = getattr(self, "quotas", None)
+        if quotas is not None:
+            quotas._forget()  # compiled limits know which metrics are gauges
         return spec
 
     @property

@@ -100,6 +100,26 @@ class Decision:
 
 
 @attrs.define
+class _Compiled:
+    """An organization's limits as decisions need them, computed once.
+
+    Valid while ``period.start <= now < valid_until`` (the period's end, or the next moment a
+    grant starts or ends) and until ``refresh_at`` (monotonic): then the plan, assignment and
+    grants are read again, so a change made by another process is seen within the refresh
+    bound. ``quota`` memoizes each metric's ``(counter key, cap, reset_at, period)``.
+    """
+
+    refresh_at: float
+    valid_until: int
+    period: Period
+    plan: Plan | None
+    seats: int
+    credits: int  # purchased credits valid over the whole of [period.start, valid_until)
+    rates: tuple[tuple[str, int, int], ...]  # (metric, window seconds, requests allowed)
+    quota: dict[str, tuple[str, int | None, int | None, Period | None]] = attrs.field(factory=dict)
+
+
+@attrs.define
 class _Line:
     """A counter line and what the decision needs to describe it."""
 
@@ -213,7 +233,7 @@ class Quotas:
         *,
         policy: Policy = "closed",
         thresholds: Sequence[float] = (0.8, 1.0),
-        cache_seconds: float = 5.0,
+        cache_seconds: float = 1.0,
         record_debits: bool = True,
         default_plan: str | None = None,
     ) -> None:
@@ -226,6 +246,7 @@ class Quotas:
         self.record_debits = record_debits
         self.default_plan = default_plan
         self._cache: dict[str, tuple[float, tuple[OrgPlan | None, Plan | None, list[Grant]]]] = {}
+        self._compiled: dict[str, _Compiled] = {}
         self._cache_lock = threading.Lock()
 
     @property
@@ -332,7 +353,11 @@ class Quotas:
         else:
             assignment = None
         plan = self.get_plan(assignment.plan) if assignment else None
-        value = (assignment, plan, self.grants(org))
+        grants = [
+            Grant(key, org, d["credits"], d["granted_at"], d["expires_at"])
+            for key, d in self.store.list_records(f"grant:{org}")
+        ]
+        value = (assignment, plan, grants)
         with self._cache_lock:
             self._cache[org] = (now + self.cache_seconds, value)
         return value
@@ -340,6 +365,45 @@ class Quotas:
     def _forget(self) -> None:
         with self._cache_lock:
             self._cache.clear()
+            self._compiled.clear()
+
+    def _compile(self, org: str, now: int) -> _Compiled:
+        """The organization's compiled limits at ``now`` (see :class:`_Compiled`)."""
+        mono = _time.monotonic()
+        with self._cache_lock:
+            hit = self._compiled.get(org)
+        if hit is not None and mono < hit.refresh_at and hit.period.start <= now < hit.valid_until:
+            return hit
+        assignment, plan, grants = self._lookup(org)
+        cycle = plan.billing_cycle if plan else DEFAULT_CYCLE
+        period = cycle.period_at(now)
+        valid_until = period.end
+        for g in grants:
+            for edge in (g.granted_at, g.expires_at):
+                if edge is not None and now < edge < valid_until:
+                    valid_until = edge
+        credits = sum(
+            g.credits
+            for g in grants
+            if g.granted_at <= now and (g.expires_at is None or now < g.expires_at)
+        )
+        rates = tuple(
+            (metric, window, getattr(plan, metric))
+            for metric, window in RATE_WINDOWS.items()
+            if plan is not None and getattr(plan, metric) != UNLIMITED
+        )
+        compiled = _Compiled(
+            refresh_at=mono + self.cache_seconds,
+            valid_until=valid_until,
+            period=period,
+            plan=plan,
+            seats=assignment.seats if assignment else 1,
+            credits=credits,
+            rates=rates,
+        )
+        with self._cache_lock:
+            self._compiled[org] = compiled
+        return compiled
 
     def _cycle(self, org: str) -> BillingCycle:
         _, plan = self.plan_of(org)
@@ -379,26 +443,31 @@ class Quotas:
             )
         return min(limit, MAX_VALUE)
 
+    def _quota_line(
+        self, org: str, metric: str, c: _Compiled
+    ) -> tuple[str, int | None, int | None, Period | None]:
+        """One metric's (counter key, cap, reset_at, period), memoized in ``c``."""
+        found = c.quota.get(metric)
+        if found is None:
+            limit = UNLIMITED if c.plan is None else c.plan.limit(metric, c.seats)
+            if metric == "credits" and limit != UNLIMITED:
+                limit += c.credits
+            cap = None if limit == UNLIMITED else min(limit, MAX_VALUE)
+            if self.is_gauge(metric):
+                found = (self.gauge_key(org, metric), cap, None, None)
+            else:
+                found = (self.period_key(org, metric, c.period), cap, c.period.end, c.period)
+            c.quota[metric] = found
+        return found
+
     def _lines(self, org: str, amounts: dict[str, int], requests: int, now: int) -> list[_Line]:
-        _, plan, _ = self._lookup(org)
-        cycle = plan.billing_cycle if plan else DEFAULT_CYCLE
-        period = cycle.period_at(now)
+        c = self._compile(org, now)
         lines: list[_Line] = []
         for metric, amount in amounts.items():
-            limit = self.limit_for(org, metric, now)
-            cap = None if limit == UNLIMITED else limit
-            if self.is_gauge(metric):
-                lines.append(
-                    _Line(metric, CounterLine(self.gauge_key(org, metric), amount, cap), None, None)
-                )
-            else:
-                key = self.period_key(org, metric, period)
-                lines.append(_Line(metric, CounterLine(key, amount, cap), period.end, period))
-        if plan is not None and requests:
-            for metric, window in RATE_WINDOWS.items():
-                rate = getattr(plan, metric)
-                if rate == UNLIMITED:
-                    continue
+            key, cap, reset_at, period = self._quota_line(org, metric, c)
+            lines.append(_Line(metric, CounterLine(key, amount, cap), reset_at, period))
+        if requests:
+            for metric, window, rate in c.rates:
                 start = now - now % window
                 weight = (window - (now - start)) / window
                 counter = CounterLine(
@@ -545,19 +614,23 @@ class Quotas:
                 now + hold_ttl,
             )
 
+        described: list[Decision] = []
+
         def apply() -> CounterResult:
             # The debit and the event that records it commit together where the store can.
             with self._atomic():
                 result: CounterResult = self.counters.counters_apply(counters, now=now, hold=hold)
                 if result.admitted and hold_ttl is None:
-                    decision = self._describe(org, lines, result, now, decision_id)
-                    self._after_debit(decision, lines, clean, dimensions, now)
+                    described.append(self._describe(org, lines, result, now, decision_id))
+                    self._after_debit(described[0], lines, clean, dimensions, now)
                 return result
 
         result = self._guard(apply if debit else lambda: self._peek(counters, now))
         if result is None:
             return self._degraded(org, decision_id, clean, lines, hold_ttl, now, dimensions)
-        decision = self._describe(org, lines, result, now, decision_id)
+        decision = (
+            described[0] if described else self._describe(org, lines, result, now, decision_id)
+        )
         if not (decision.allowed and debit) or hold_ttl is None:
             return decision, None
         self._thresholds(org, lines, result)
