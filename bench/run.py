@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--redis",
-        default=os.environ.get("MK_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        default=os.environ.get("MK_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
         help="Redis for --only scale (default $MK_BENCH_REDIS_URL or the local server, db 0)",
     )
     p.add_argument(
