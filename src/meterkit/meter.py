@@ -36,6 +36,7 @@ from meterkit.pricing import Price, PriceBook
 from meterkit.quotas import Decision, Policy, Quotas, Reservation
 from meterkit.stores.base import CounterStore, Store
 from meterkit.validate import check_event, check_time, check_usage_query
+from meterkit.writer import GroupWriter
 
 __all__ = ["DEFAULT_URL", "Meter", "open_counters", "open_store"]
 
@@ -134,6 +135,8 @@ class Meter:
         )
         self._lock = threading.Lock()
         self._tx = threading.local()
+        # Concurrent record() / record_many() calls share one store transaction each time.
+        self._writer = GroupWriter(self.store.append, self.store.get_events)
         self._specs = builtin_meters()
         self._ready: set[str] = set()
         for group in self.pm.hook.meterkit_register_meters():
@@ -289,8 +292,12 @@ class Meter:
             return AppendResult(0, 0)
         for name in {e.meter for e in checked}:
             self._ensure(self._specs[name])
-        new = self.store.append(checked)
-        result = classify(checked, new, self.store.get_events)
+        if getattr(self._tx, "depth", 0):
+            # Inside a transaction the events commit with the rest of it, not in a group.
+            new = self.store.append(checked)
+            result = classify(checked, new, self.store.get_events)
+        else:
+            result, new = self._writer.append(checked)
         if new:
             recorded = tuple(new)
             self.notify(lambda: self.pm.hook.meterkit_events_recorded(meter=self, events=recorded))

@@ -196,6 +196,11 @@ class SQLiteStore:
             yield
 
     def ensure_meter(self, spec: MeterSpec) -> None:
+        # Known already: no lock, so callers queueing for a group commit do not wait here on
+        # the write in flight.
+        known = self._specs.get(spec.name)
+        if known is spec or known == spec:
+            return
         with self._lock:
             if self._specs.get(spec.name) == spec:
                 return
