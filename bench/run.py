@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import middleware
 import quotas
+import records
 import scale
 from data import MEASURES, QUERY_DAYS, QUERY_END, START, Dataset, generate, to_event
 from ingest import IngestFigures, Target, ingest, prepare_schema, table_ddl
@@ -49,7 +50,7 @@ import meterkit
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PARTS = ("ingest", "query", "quotas", "middleware", "scale")
+PARTS = ("ingest", "query", "quotas", "records", "middleware", "scale")
 MK_DB = "mk.db"
 RAW_DB = "raw.db"
 MK_NORMAL_DB = "mk-normal.db"
@@ -421,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["query"] = run_query(args, data, work)
             elif part == "quotas":
                 results["quotas"] = quotas.run(args, work)
+            elif part == "records":
+                results["records"] = records.run(args, work)
             elif part == "middleware":
                 results["middleware"] = middleware.run(args, work)
             elif part == "scale":
