@@ -744,10 +744,12 @@ def check_store_unavailable(make: MakeGuarded, monkeypatch: Any) -> None:
     meter.quotas.policy = "open"
     r = send(app.client(), "GET", "/work/0", token=tokens["admin"])
     assert r.status == 200 and app.calls["work"] == 1 and r.header("x-ratelimit-limit") is None
-    # ... but only for a caller the store has identified: with the keys unreadable too, no
-    # token (real, unknown or junk) is admitted, whatever the policy.
+    # ... but only for a caller the store has identified: with the keys unreadable too, a
+    # token it cannot check (unknown, or not checked within the last second) is never
+    # admitted, whatever the policy.
     monkeypatch.setattr(meter.store, "get_record", down)
-    for token in (tokens["admin"], "mk_0000000000000000_" + "A" * 43):
+    fresh = create_key(meter, "org_a", "admin", ["usage:read"])[0]  # valid, never checked
+    for token in (fresh, "mk_0000000000000000_" + "A" * 43):
         r = send(app.client(), "GET", "/work/0", token=token)
         assert_openai_error(r, 503, "store_unavailable")
     # A token that is not even well-formed is refused without asking the store.

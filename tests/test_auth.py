@@ -261,7 +261,12 @@ def test_a_miss_does_the_same_work_as_a_wrong_secret(
         seen.append(list(work))
     assert seen[0] == seen[1] == seen[2], seen
     assert seen[0] == [("hash", len(token)), ("read", "api_key_sha256")]
-    # A good token: the index, then its own record.
+    # A good token found valid within the last second: its hash, and nothing read.
+    work.clear()
+    assert authenticate(meter, token) is not None
+    assert work == [("hash", len(token))]
+    # Checked afresh: the index, then its own record.
+    auth._CACHES.pop(meter, None)
     work.clear()
     assert authenticate(meter, token) is not None
     assert work == [
@@ -270,6 +275,25 @@ def test_a_miss_does_the_same_work_as_a_wrong_secret(
         ("read", "api_key"),
         ("compare", (64, 64)),
     ]
+
+
+def test_revocation_is_seen_at_once_here_and_within_the_bound_elsewhere(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("meterkit.auth._time.monotonic", lambda: now[0])
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    with Meter(url, clock=lambda: NOW) as here, Meter(url, clock=lambda: NOW) as there:
+        token, key = create_key(here, "org_a", "member", ["usage:read"])
+        other, other_key = create_key(here, "org_a", "member", ["usage:read"])
+        for m in (here, there):
+            assert authenticate(m, token) is not None and authenticate(m, other) is not None
+        assert revoke_key(here, key.id)
+        assert authenticate(here, token) is None  # the revoking process: at once
+        assert authenticate(there, token) is not None  # another: trusted a moment longer ...
+        now[0] += auth.KEY_CACHE_SECONDS
+        assert authenticate(there, token) is None  # ... and no longer than the bound
+        assert authenticate(there, other) is not None and other_key.id != key.id
 
 
 def test_keys_from_before_the_hash_index_still_authenticate() -> None:

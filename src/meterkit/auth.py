@@ -21,6 +21,8 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time as _time
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_PREFIX",
     "HASH_KIND",
+    "KEY_CACHE_SECONDS",
     "KEY_KIND",
     "ROLES",
     "SCOPES",
@@ -50,6 +53,11 @@ __all__ = [
 
 KEY_KIND = "api_key"
 HASH_KIND = "api_key_sha256"
+KEY_CACHE_SECONDS = 1.0
+"""How long a process trusts a token it found valid before reading the store again: a key
+revoked by another process stops working there within this bound (at once where revoked)."""
+_KEY_CACHE_SIZE = 10_000
+_CACHES: weakref.WeakKeyDictionary[Meter, _KeyCache] = weakref.WeakKeyDictionary()
 _INDEXED: weakref.WeakSet[Meter] = weakref.WeakSet()
 DEFAULT_PREFIX = "mk_"
 ROLES: tuple[str, ...] = ("member", "admin")
@@ -229,6 +237,7 @@ def revoke_key(meter: Meter, key_id: str) -> bool:
         if isinstance(data.get("sha256"), str):
             meter.store.delete_record(HASH_KIND, data["sha256"])
         meter.store.put_record(KEY_KIND, key_id, {**data, "revoked_at": meter.now()})
+    _cache(meter).forget(key_id)  # at once here; other processes within KEY_CACHE_SECONDS
     return True
 
 
@@ -259,13 +268,54 @@ def _split(token: str) -> tuple[str, str] | None:
     return prefix, key_id
 
 
+class _KeyCache:
+    """Tokens recently found valid, by their hash, for :data:`KEY_CACHE_SECONDS`.
+
+    Only hits are kept: a token that identifies nobody is looked up in the store every time,
+    so it costs the same whether its id exists or not, and junk cannot fill the cache.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entries: dict[str, tuple[float, Principal]] = {}
+
+    def get(self, digest: str) -> Principal | None:
+        with self.lock:
+            hit = self.entries.get(digest)
+        if hit is None or hit[0] <= _time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        with self.lock:
+            if len(self.entries) >= _KEY_CACHE_SIZE:
+                self.entries.clear()
+            self.entries[digest] = (_time.monotonic() + KEY_CACHE_SECONDS, principal)
+
+    def forget(self, key_id: str) -> None:
+        with self.lock:
+            for digest, (_, principal) in list(self.entries.items()):
+                if principal.key_id == key_id:
+                    del self.entries[digest]
+
+
+def _cache(meter: Meter) -> _KeyCache:
+    found = _CACHES.get(meter)
+    if found is None:
+        found = _CACHES.setdefault(meter, _KeyCache())
+    return found
+
+
 def _check_key(meter: Meter, token: str) -> Principal | None:
     parts = _split(token)
     if parts is None:
         return None
     prefix, key_id = parts
-    _index_keys(meter)
     digest = _hash(token)
+    cached = _cache(meter).get(digest)
+    if cached is not None:
+        return cached
+    _index_keys(meter)
     ref = meter.store.get_record(HASH_KIND, digest)
     if ref is None or ref.get("id") != key_id:
         return None
@@ -276,7 +326,9 @@ def _check_key(meter: Meter, token: str) -> Principal | None:
         return None
     if data is None or data.get("revoked_at") is not None or data.get("prefix") != prefix:
         return None
-    return _from_record(key_id, data).principal()
+    principal = _from_record(key_id, data).principal()
+    _cache(meter).put(digest, principal)
+    return principal
 
 
 def authenticate(meter: Meter, token: str) -> Principal | None:
