@@ -136,7 +136,10 @@ class Meter:
         self._lock = threading.Lock()
         self._tx = threading.local()
         # Concurrent record() / record_many() calls share one store transaction each time.
-        self._writer = GroupWriter(self.store.append, self.store.get_events)
+        self._writer = GroupWriter(
+            lambda events: self.store.append(events),
+            lambda meter, org, ids: self.store.get_events(meter, org, ids),
+        )
         self._specs = builtin_meters()
         self._ready: set[str] = set()
         for group in self.pm.hook.meterkit_register_meters():
