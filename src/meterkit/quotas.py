@@ -247,6 +247,8 @@ class Quotas:
         self.default_plan = default_plan
         self._cache: dict[str, tuple[float, tuple[OrgPlan | None, Plan | None, list[Grant]]]] = {}
         self._compiled: dict[str, _Compiled] = {}
+        # Bumped by every change: an entry read before a change is never kept after it.
+        self._generation = 0
         self._cache_lock = threading.Lock()
 
     @property
@@ -345,6 +347,7 @@ class Quotas:
             hit = self._cache.get(org)
             if hit is not None and hit[0] > now:
                 return hit[1]
+            generation = self._generation
         data = self.store.get_record("org", org)
         if data is not None:
             assignment: OrgPlan | None = OrgPlan(org, data["plan"], data.get("seats", 1))
@@ -359,11 +362,13 @@ class Quotas:
         ]
         value = (assignment, plan, grants)
         with self._cache_lock:
-            self._cache[org] = (now + self.cache_seconds, value)
+            if self._generation == generation:
+                self._cache[org] = (now + self.cache_seconds, value)
         return value
 
     def _forget(self) -> None:
         with self._cache_lock:
+            self._generation += 1
             self._cache.clear()
             self._compiled.clear()
 
@@ -372,6 +377,7 @@ class Quotas:
         mono = _time.monotonic()
         with self._cache_lock:
             hit = self._compiled.get(org)
+            generation = self._generation
         if hit is not None and mono < hit.refresh_at and hit.period.start <= now < hit.valid_until:
             return hit
         assignment, plan, grants = self._lookup(org)
@@ -402,7 +408,8 @@ class Quotas:
             rates=rates,
         )
         with self._cache_lock:
-            self._compiled[org] = compiled
+            if self._generation == generation:
+                self._compiled[org] = compiled
         return compiled
 
     def _cycle(self, org: str) -> BillingCycle:
