@@ -46,8 +46,12 @@ __all__ = ["Server", "build_app", "run"]
 # -- the server (runs in the child process) --------------------------------------------------
 
 
-def build_app(db: str | None) -> Any:
-    """The hello-world app, wrapped in ``MeteringMiddleware`` over ``db`` when given."""
+def build_app(db: str | None, token_file: str | None = None) -> Any:
+    """The hello-world app, wrapped in ``MeteringMiddleware`` over ``db`` when given.
+
+    A ``memory://`` store lives in this process only, so it is prepared here and its key's
+    token written to ``token_file`` for the benchmark to send.
+    """
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import PlainTextResponse
@@ -62,7 +66,12 @@ def build_app(db: str | None) -> Any:
     import meterkit
     from meterkit.asgi import MeteringMiddleware
 
-    return MeteringMiddleware(app, meter=meterkit.Meter(db))
+    meter = meterkit.Meter(db)
+    if db.startswith("memory://"):
+        token = prepare(meter)
+        if token_file is not None:
+            Path(token_file).write_text(token)
+    return MeteringMiddleware(app, meter=meter)
 
 
 def serve(argv: Sequence[str]) -> int:
@@ -71,9 +80,10 @@ def serve(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="middleware.py serve")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--db", help="a store URL: wrap the app in MeteringMiddleware over it")
+    p.add_argument("--token-file", help="memory:// only: write the prepared key's token here")
     args = p.parse_args(argv)
     uvicorn.run(
-        build_app(args.db),
+        build_app(args.db, args.token_file),
         host="127.0.0.1",
         port=args.port,
         log_level="warning",
@@ -95,22 +105,28 @@ def free_port() -> int:
 def prepare_store(url: str) -> str:
     """The plan, the organization and an API key in ``url``; returns the key's token."""
     import meterkit
+
+    with meterkit.Meter(url) as meter:
+        return prepare(meter)
+
+
+def prepare(meter: Any) -> str:
+    """The plan, the organization and an API key in ``meter``'s store; the key's token."""
     from meterkit import Plan
     from meterkit.auth import create_key
 
-    with meterkit.Meter(url) as meter:
-        meter.set_plan(
-            Plan(
-                "bench",
-                "Bench",
-                limits={"queries": 10**12},
-                rate_limit_rpm=10**9,
-                rate_limit_per_day=10**12,
-            )
+    meter.set_plan(
+        Plan(
+            "bench",
+            "Bench",
+            limits={"queries": 10**12},
+            rate_limit_rpm=10**9,
+            rate_limit_per_day=10**12,
         )
-        meter.assign_plan(ORG, "bench")
-        token, _ = create_key(meter, ORG, "member", ["usage:read"])
-    return token
+    )
+    meter.assign_plan(ORG, "bench")
+    token, _ = create_key(meter, ORG, "member", ["usage:read"])
+    return str(token)
 
 
 def queries_used(url: str) -> int:
@@ -138,8 +154,9 @@ class Load:
 class Server:
     name: str
     db: str | None
-    token: str
+    token: str | None  # None: a memory:// server prepares its own key and writes token_file
     log: Path
+    token_file: Path | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     runs: list[Load] = field(default_factory=list)
@@ -152,6 +169,9 @@ class Server:
         cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--port", str(self.port)]
         if self.db is not None:
             cmd += ["--db", self.db]
+        if self.token_file is not None:
+            self.token_file.unlink(missing_ok=True)
+            cmd += ["--token-file", str(self.token_file)]
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
@@ -160,7 +180,11 @@ class Server:
         while True:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
+            if self.token is None and self.token_file is not None and self.token_file.exists():
+                self.token = self.token_file.read_text().strip() or None
             try:
+                if self.token is None:
+                    raise httpx.ConnectError("the server has not written its token yet")
                 r = httpx.get(self.url, headers=auth(self.token), timeout=2.0)
             except httpx.TransportError:
                 if time.monotonic() > deadline:
@@ -293,6 +317,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     servers = [
         # The plain app is sent the same header as the metered ones, and ignores it.
         Server("Starlette hello-world", None, full_token, work / "http-plain.log"),
+        Server(
+            "+ MeteringMiddleware, memory://",
+            "memory://",
+            None,
+            work / "http-memory.log",
+            token_file=work / "http-memory.token",
+        ),
         Server("+ MeteringMiddleware, SQLite (FULL)", full_db, full_token, work / "http-full.log"),
         Server(
             "+ MeteringMiddleware, SQLite (synchronous=normal)",
@@ -312,10 +343,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for s in servers:
             s.wait_ready()
         for s in servers:  # warm-up, not counted
+            assert s.token is not None
             generate_load(wrk, s.url, s.token, args.concurrency, 1.0)
         for r in range(args.http_rounds):
             k = r % len(servers)
             for s in [*servers[k:], *servers[:k]]:
+                assert s.token is not None
                 load = generate_load(wrk, s.url, s.token, args.concurrency, args.duration)
                 assert load.non_2xx == 0 and load.errors == 0, (s.name, load)
                 s.runs.append(load)
@@ -324,6 +357,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             s.stop()
     for s in servers[1:]:
         assert s.db is not None
+        if s.db.startswith("memory://"):
+            continue  # its counters lived in the server process, gone with it
         used = queries_used(s.db)
         seen = sum(load.requests for load in s.runs)
         assert used >= seen, (s.name, used, seen)
