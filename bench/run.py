@@ -37,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import flask_guard
 import middleware
 import quotas
 import records
@@ -50,7 +51,7 @@ import meterkit
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PARTS = ("ingest", "query", "quotas", "records", "middleware", "scale")
+PARTS = ("ingest", "query", "quotas", "records", "middleware", "flask", "scale")
 MK_DB = "mk.db"
 RAW_DB = "raw.db"
 MK_NORMAL_DB = "mk-normal.db"
@@ -426,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["records"] = records.run(args, work)
             elif part == "middleware":
                 results["middleware"] = middleware.run(args, work)
+            elif part == "flask":
+                results["flask"] = flask_guard.run(args, work)
             elif part == "scale":
                 results["scale"] = scale.run(args, work)
             # Per part: how long it took, and the 1-minute load average before and after it.
