@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from meterkit.models import AppendResult, Event, EventStatus
 
-__all__ = ["classify", "payload", "same_payload"]
+__all__ = ["classify", "same_payload"]
 
 Key = tuple[str, str, str]
 GetEvents = Callable[[str, str, Sequence[str]], list[Event]]
@@ -20,17 +20,6 @@ GetEvents = Callable[[str, str, Sequence[str]], list[Event]]
 
 def key(event: Event) -> Key:
     return (event.organization_id, event.meter, event.id)
-
-
-def payload(event: Event) -> tuple[object, ...]:
-    """What two copies of one event must agree on: time, values and set dimensions.
-
-    A dimension given as ``None`` is the same as one not given (neither is stored); numbers
-    compare by value, so ``3`` and ``3.0`` are the same amount.
-    """
-    dims = frozenset((k, v) for k, v in event.dimensions.items() if v is not None)
-    values = frozenset((k, v) for k, v in event.values.items() if v is not None)
-    return (event.time, values, dims)
 
 
 def _same_map(a: Mapping[str, object], b: Mapping[str, object]) -> bool:
@@ -42,7 +31,11 @@ def _same_map(a: Mapping[str, object], b: Mapping[str, object]) -> bool:
 
 
 def same_payload(a: Event, b: Event) -> bool:
-    """``payload(a) == payload(b)``, without building either in the common case."""
+    """Whether two copies of one event agree on time, values and set dimensions.
+
+    A dimension given as ``None`` is the same as one not given (neither is stored); numbers
+    compare by value, so ``3`` and ``3.0`` are the same amount.
+    """
     return (
         a.time == b.time and _same_map(a.values, b.values) and _same_map(a.dimensions, b.dimensions)
     )

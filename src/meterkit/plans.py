@@ -122,3 +122,6 @@ class Grant:
     credits: int
     granted_at: int
     expires_at: int | None
+
+    def valid_at(self, t: int) -> bool:
+        return self.granted_at <= t and (self.expires_at is None or t < self.expires_at)

@@ -330,12 +330,13 @@ class Quotas:
     def grants(self, organization_id: str, at: int | None = None) -> list[Grant]:
         """Grants valid at ``at`` (default now)."""
         at = self.meter.now() if at is None else at
-        out = []
-        for key, d in self.store.list_records(f"grant:{organization_id}"):
-            grant = Grant(key, organization_id, d["credits"], d["granted_at"], d["expires_at"])
-            if grant.granted_at <= at and (grant.expires_at is None or at < grant.expires_at):
-                out.append(grant)
-        return out
+        return [g for g in self._read_grants(organization_id) if g.valid_at(at)]
+
+    def _read_grants(self, org: str) -> list[Grant]:
+        return [
+            Grant(key, org, d["credits"], d["granted_at"], d["expires_at"])
+            for key, d in self.store.list_records(f"grant:{org}")
+        ]
 
     def plan_of(self, organization_id: str) -> tuple[OrgPlan | None, Plan | None]:
         assignment, plan, _ = self._lookup(organization_id)
@@ -356,11 +357,7 @@ class Quotas:
         else:
             assignment = None
         plan = self.get_plan(assignment.plan) if assignment else None
-        grants = [
-            Grant(key, org, d["credits"], d["granted_at"], d["expires_at"])
-            for key, d in self.store.list_records(f"grant:{org}")
-        ]
-        value = (assignment, plan, grants)
+        value = (assignment, plan, self._read_grants(org))
         with self._cache_lock:
             if self._generation == generation:
                 self._cache[org] = (now + self.cache_seconds, value)
@@ -388,11 +385,7 @@ class Quotas:
             for edge in (g.granted_at, g.expires_at):
                 if edge is not None and now < edge < valid_until:
                     valid_until = edge
-        credits = sum(
-            g.credits
-            for g in grants
-            if g.granted_at <= now and (g.expires_at is None or now < g.expires_at)
-        )
+        credits = sum(g.credits for g in grants if g.valid_at(now))
         rates = tuple(
             (metric, window, getattr(plan, metric))
             for metric, window in RATE_WINDOWS.items()
@@ -437,18 +430,9 @@ class Quotas:
 
     def limit_for(self, organization_id: str, metric: str, at: int | None = None) -> int:
         """The limit in force for ``metric`` (``-1`` unlimited), purchased credits included."""
-        assignment, plan, grants = self._lookup(organization_id)
-        if plan is None:
-            return UNLIMITED
-        limit = plan.limit(metric, assignment.seats if assignment else 1)
-        if metric == "credits" and limit != UNLIMITED:
-            at = self.meter.now() if at is None else at
-            limit += sum(
-                g.credits
-                for g in grants
-                if g.granted_at <= at and (g.expires_at is None or at < g.expires_at)
-            )
-        return min(limit, MAX_VALUE)
+        at = self.meter.now() if at is None else at
+        _, cap, _, _ = self._quota_line(organization_id, metric, self._compile(organization_id, at))
+        return UNLIMITED if cap is None else cap
 
     def _quota_line(
         self, org: str, metric: str, c: _Compiled

@@ -50,18 +50,15 @@ def check_string(field: str, value: object) -> str:
         raise ValidationError(field, "must not be empty")
     if len(value) > MAX_STRING:
         raise ValidationError(field, f"is longer than {MAX_STRING} characters")
-    bad = _UNSTORABLE.search(value)
-    if bad is not None:
-        what = "NUL characters" if bad.group() == "\x00" else "lone surrogates (not UTF-8)"
-        raise ValidationError(field, f"must not contain {what}")
+    _refuse_unstorable(field, value)
     return value
 
 
-def _storable(text: str) -> bool:
-    """No NUL and no lone surrogate; ASCII text (the common case) is told without a regex."""
-    if text.isascii():
-        return "\x00" not in text
-    return _UNSTORABLE.search(text) is None
+def _refuse_unstorable(field: str, text: str) -> None:
+    bad = _UNSTORABLE.search(text)
+    if bad is not None:
+        what = "NUL characters" if bad.group() == "\x00" else "lone surrogates (not UTF-8)"
+        raise ValidationError(field, f"must not contain {what}")
 
 
 def check_record(kind: str, key: str, data: object) -> None:
@@ -71,10 +68,7 @@ def check_record(kind: str, key: str, data: object) -> None:
 
     def walk(path: str, value: object) -> None:
         if isinstance(value, str):
-            bad = _UNSTORABLE.search(value)
-            if bad is not None:
-                what = "NUL characters" if bad.group() == "\x00" else "lone surrogates (not UTF-8)"
-                raise ValidationError(path, f"must not contain {what}")
+            _refuse_unstorable(path, value)
         elif isinstance(value, Mapping):
             for k, v in value.items():
                 walk(f"{path}.{k}", k)
@@ -233,7 +227,11 @@ def check_event(spec: MeterSpec, event: Event, field: str = "event") -> Event:
                 type(dim_value) is str
                 and 0 < len(dim_value) <= MAX_STRING
                 and (allowed is None or dim_value in allowed)
-                and (("\x00" not in dim_value and dim_value.isascii()) or _storable(dim_value))
+                # ASCII text, the common case, is told without the regex.
+                and (
+                    ("\x00" not in dim_value and dim_value.isascii())
+                    or not _UNSTORABLE.search(dim_value)
+                )
             ):
                 dims[name] = dim_value
                 continue
