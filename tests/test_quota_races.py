@@ -72,9 +72,26 @@ def frequent_thread_switches() -> Iterator[None]:
     sys.setswitchinterval(before)
 
 
+class Meters:
+    """``meters()`` gives the meter a racing thread should use, all on one store;
+    ``meters.checker()`` one that sees what every one of them decided (they flushed)."""
+
+    def __init__(self, make: Callable[[], Meter], opened: list[Meter]) -> None:
+        self.make = make
+        self.opened = opened
+
+    def __call__(self) -> Meter:
+        return self.make()
+
+    def checker(self) -> Meter:
+        for meter in self.opened:
+            meter.flush()
+        return self.make()
+
+
 @pytest.fixture(params=["memory", "sqlite-shared", "sqlite-per-thread"])
-def meters(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Meter]]:
-    """``meters()`` gives the meter a racing thread should use, all on one store."""
+def meters(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Meters]:
+    """The meters of one race (see :class:`Meters`)."""
     clock = Clock(T0)
     opened: list[Meter] = []
 
@@ -85,10 +102,10 @@ def meters(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[
 
     if request.param == "memory":
         shared = open_one("memory://")
-        yield lambda: shared
+        yield Meters(lambda: shared, opened)
     elif request.param == "sqlite-shared":
         shared = open_one(f"sqlite:///{tmp_path / 'race.db'}")
-        yield lambda: shared
+        yield Meters(lambda: shared, opened)
     else:
         url = f"sqlite:///{tmp_path / 'race.db'}"
         open_one(url)
@@ -98,7 +115,7 @@ def meters(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[
             with lock:
                 return open_one(url)
 
-        yield per_thread
+        yield Meters(per_thread, opened)
     for meter in opened:
         meter.close()
 
@@ -126,7 +143,7 @@ def race_to_refusal(meter: Meter, org: str, limit: int, rng: random.Random, top:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("top", [1, 3])
-def test_threads_admit_exactly_the_limit(meters: Callable[[], Meter], top: int) -> None:
+def test_threads_admit_exactly_the_limit(meters: Meters, top: int) -> None:
     limit = 100
     setup_plan(meters(), ORG, limits={"tokens": limit})
     for round_ in range(ROUNDS):
@@ -139,12 +156,12 @@ def test_threads_admit_exactly_the_limit(meters: Callable[[], Meter], top: int) 
 
         admitted = run_threads(THREADS, work)
         assert sum(admitted) == limit, f"round {round_}: {admitted}"
-        checker = meters()
+        checker = meters.checker()
         assert checker.quotas.used(org, "tokens") == limit
         assert tokens_recorded(checker, org) == limit
 
 
-def test_threads_admit_exactly_the_rate_per_minute(meters: Callable[[], Meter]) -> None:
+def test_threads_admit_exactly_the_rate_per_minute(meters: Meters) -> None:
     rpm = 40
     for round_ in range(3):
         org = f"{ORG}_rpm_{round_}"
@@ -167,7 +184,7 @@ def test_threads_admit_exactly_the_rate_per_minute(meters: Callable[[], Meter]) 
 
 
 @pytest.mark.slow
-def test_reservations_racing_commits_and_releases(meters: Callable[[], Meter]) -> None:
+def test_reservations_racing_commits_and_releases(meters: Meters) -> None:
     limit = 400
     setup_plan(meters(), ORG, limits={"tokens": limit})
 
@@ -207,7 +224,7 @@ def test_reservations_racing_commits_and_releases(meters: Callable[[], Meter]) -
 
     results = run_threads(THREADS, work)
     committed = sum(c for c, _ in results)
-    checker = meters()
+    checker = meters.checker()
     assert checker.quotas.used(ORG, "tokens") == committed
     assert tokens_recorded(checker) == committed
     assert committed <= limit

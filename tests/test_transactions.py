@@ -35,7 +35,11 @@ def observer() -> Observer:
 
 @pytest.fixture
 def meter(tmp_path: Path, observer: Observer) -> Iterator[meterkit.Meter]:
-    m = meterkit.Meter(f"sqlite:///{tmp_path}/t.db", plugins=[observer], clock=lambda: T)
+    # Decided in the store, one transaction each: what these tests look at. (Leased
+    # decisions make no transaction of their own; tests/test_leases.py covers them.)
+    m = meterkit.Meter(
+        f"sqlite:///{tmp_path}/t.db", plugins=[observer], clock=lambda: T, leases=False
+    )
     m.set_plan(Plan("p", limits={"tokens": 100}))
     m.assign_plan("org", "p")
     yield m

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import os
 import threading
 import time as _time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +23,7 @@ from meterkit.config import load_config
 from meterkit.costs import CostsPage, UnpricedUsage
 from meterkit.errors import EventConflict, StoreUnavailable, ValidationError
 from meterkit.idempotency import classify
+from meterkit.leases import DEFAULT_TTL as DEFAULT_LEASE_TTL
 from meterkit.models import (
     AppendResult,
     DimValue,
@@ -42,7 +46,33 @@ __all__ = ["DEFAULT_URL", "Meter", "open_counters", "open_store"]
 
 DEFAULT_URL = "sqlite:///meterkit.db"
 DEFAULT_FUTURE_SKEW = 300
+DEFAULT_FLUSH_INTERVAL = 0.05
+MAX_QUEUED = 100_000
 Clock = Callable[[], float]
+logger = logging.getLogger("meterkit")
+_open_meters: weakref.WeakSet[Meter] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    # Leased units go back and queued debit events are written before the interpreter ends.
+    for meter in list(_open_meters):
+        try:
+            meter.close()
+        except Exception:  # pragma: no cover - reported, the other meters still close
+            logger.exception("meterkit: closing %s at exit failed", meter.url)
+
+
+def _forget_queue_after_fork() -> None:
+    # The queue and the flusher thread belong to the parent, which writes what it queued.
+    for meter in list(_open_meters):
+        meter._queued = []
+        meter._flusher = None
+        meter._flush_lock = threading.Lock()
+        meter._queue_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_queue_after_fork)
 
 
 def open_store(url: str, pm: pluggy.PluginManager | None = None) -> Store:
@@ -110,6 +140,9 @@ class Meter:
         default_plan: str | None = None,
         record_debits: bool = True,
         max_future_skew: int | None = DEFAULT_FUTURE_SKEW,
+        leases: bool = True,
+        lease_ttl: int = DEFAULT_LEASE_TTL,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     ) -> None:
         if max_future_skew is not None and (
             isinstance(max_future_skew, bool)
@@ -118,6 +151,17 @@ class Meter:
         ):
             raise ValidationError("max_future_skew", "must be a non-negative whole number or None")
         self.max_future_skew = max_future_skew
+        if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, int) or lease_ttl < 2:
+            raise ValidationError("lease_ttl", "must be a whole number of seconds, at least 2")
+        if (
+            isinstance(flush_interval, bool)
+            or not isinstance(flush_interval, (int, float))
+            or not 0 < flush_interval <= lease_ttl / 4
+        ):
+            raise ValidationError(
+                "flush_interval", "must be a number of seconds above 0 and at most lease_ttl / 4"
+            )
+        self.flush_interval = float(flush_interval)
         plugins = tuple(plugins)
         self.pm = make_plugin_manager(plugins) if plugins else get_plugin_manager()
         self.store: Store = store if store is not None else open_store(url, self.pm)
@@ -147,13 +191,23 @@ class Meter:
                 self.register(spec)
         for spec in meters:
             self.register(spec)
+        # Decisions' debit events wait here for the next flush (see flush()).
+        self._queued: list[Event] = []
+        self._queue_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._closed = False
         self.quotas = Quotas(
             self,
             policy=policy,
             thresholds=thresholds,
             default_plan=default_plan,
             record_debits=record_debits,
+            leases=leases and getattr(self.counters, "shared", True),
+            lease_ttl=lease_ttl,
         )
+        _open_meters.add(self)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], **overrides: Any) -> Meter:
@@ -380,6 +434,7 @@ class Meter:
 
     def _rows(self, spec: MeterSpec, query: UsageQuery) -> engine.Rows:
         """The store's native answer, or the engine's over a scan when it has none."""
+        self._sync()
         self._ensure(spec)
         rows = self.store.aggregate(spec, query)
         if rows is None:
@@ -455,6 +510,7 @@ class Meter:
         page: str | None = None,
     ) -> CostsPage:
         """One page of daily costs: OpenAI costs semantics, exact Decimal amounts."""
+        self._sync()
         return costs_module.costs_page(
             self.store,
             self._specs,
@@ -479,6 +535,7 @@ class Meter:
         meters: Iterable[str] | None = None,
     ) -> list[UnpricedUsage]:
         """Usage no price matched: listed, never silently costed at zero."""
+        self._sync()
         return costs_module.unpriced(
             self.store,
             self._specs,
@@ -575,12 +632,106 @@ class Meter:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self.counters is not self.store:
-            self.counters.close()
-        self.store.close()
+        """Give back leased quota, write queued debit events, then release the store."""
+        if self._closed:
+            return
+        self._closed = True
+        _open_meters.discard(self)
+        self._wake.set()
+        flusher = self._flusher
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join(timeout=max(5.0, 10 * self.flush_interval))
+        try:
+            self.flush(closing=True)
+        except Exception:
+            logger.exception("meterkit: the last flush of %s failed", self.url)
+        finally:
+            if self.counters is not self.store:
+                self.counters.close()
+            self.store.close()
+
+    # -- the flush: debit events and lease reports ------------------------------------------
+
+    def flush(self, *, closing: bool = False) -> None:
+        """Write queued debit events and report leased quota now.
+
+        Decisions admitted from a lease queue their debit events and count their units in the
+        lease; a background thread does this every ``flush_interval`` seconds. Call it where
+        the next step must see every decision made so far (queries do, for this meter).
+        ``closing`` also gives back every lease.
+        """
+        with self._flush_lock:
+            leases = self.quotas.leases
+            if leases is not None and (closing or leases.pending()):
+                leases.report(self.now(), closing=closing)
+            with self._queue_lock:
+                events, self._queued = self._queued, []
+            if events:
+                try:
+                    for name in {e.meter for e in events}:
+                        self._ensure(self._specs[name])
+                    self._writer.append(events)
+                except BaseException:
+                    with self._queue_lock:
+                        self._queued[:0] = events  # kept, in order, for the next flush
+                    raise
+
+    def _sync(self) -> None:
+        """Flush when this meter holds anything a query should see."""
+        if getattr(self._tx, "depth", 0):
+            return
+        leases = self.quotas.leases
+        if self._queued or (leases is not None and leases.unreported()):
+            self.flush()
+
+    def _queue(self, events: Sequence[Event]) -> None:
+        """Queue validated events for the next flush, without waiting for it."""
+        with self._queue_lock:
+            self._queued.extend(events)
+            backlog = len(self._queued)
+        self._start_flusher()
+        if backlog > MAX_QUEUED:
+            self.flush()  # the store is slower than the decisions: they wait for it now
+
+    def _start_flusher(self) -> None:
+        if self._flusher is not None or self._closed:
+            return
+        with self._queue_lock:
+            if self._flusher is not None:
+                return
+            thread = threading.Thread(
+                target=_flush_loop,
+                args=(weakref.ref(self), self._wake, self.flush_interval),
+                name="meterkit-flush",
+                daemon=True,
+            )
+            self._flusher = thread
+        thread.start()
 
     def __enter__(self) -> Meter:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _flush_loop(ref: weakref.ref[Meter], wake: threading.Event, interval: float) -> None:
+    """Flush every ``interval`` seconds until the meter closes or is collected.
+
+    While the store fails, the wait doubles up to 5 s and only the first failure is logged;
+    what was not written stays queued, and decisions go on against their leases meanwhile.
+    """
+    wait = interval
+    while not wake.wait(wait):
+        meter = ref()
+        if meter is None or meter._closed:
+            return
+        try:
+            meter.flush()
+        except Exception:
+            if wait == interval:
+                logger.warning("meterkit: flush failed; retrying", exc_info=True)
+            wait = min(5.0, wait * 2)
+        else:
+            wait = interval
+        del meter

@@ -23,10 +23,12 @@ import attrs
 
 from meterkit.counters import fits
 from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
-from meterkit.models import CounterLine, CounterResult, Hold
+from meterkit.ids import new_id
+from meterkit.leases import DEFAULT_TTL, LEASED, Contended, Leases
+from meterkit.models import CounterLine, CounterResult, Event, Hold
 from meterkit.periods import BillingCycle, Period
 from meterkit.plans import UNLIMITED, Grant, OrgPlan, Plan
-from meterkit.validate import MAX_VALUE, check_id, check_string, check_time
+from meterkit.validate import MAX_VALUE, check_event, check_id, check_string, check_time
 
 if TYPE_CHECKING:
     from meterkit.meter import Meter
@@ -117,6 +119,9 @@ class _Compiled:
     credits: int  # purchased credits valid over the whole of [period.start, valid_until)
     rates: tuple[tuple[str, int, int], ...]  # (metric, window seconds, requests allowed)
     quota: dict[str, tuple[str, int | None, int | None, Period | None]] = attrs.field(factory=dict)
+    # The lines of recent decisions at ``lines_at`` (a second), by (amounts, requests).
+    lines: dict[tuple[tuple[tuple[str, int], ...], int], list[_Line]] = attrs.field(factory=dict)
+    lines_at: int = -1
 
 
 @attrs.define
@@ -236,6 +241,8 @@ class Quotas:
         cache_seconds: float = 1.0,
         record_debits: bool = True,
         default_plan: str | None = None,
+        leases: bool = False,
+        lease_ttl: int = DEFAULT_TTL,
     ) -> None:
         if policy not in ("closed", "open"):
             raise ValidationError("policy", "must be 'closed' or 'open'")
@@ -250,6 +257,12 @@ class Quotas:
         # Bumped by every change: an entry read before a change is never kept after it.
         self._generation = 0
         self._cache_lock = threading.Lock()
+        # Threshold markers this process has claimed (or seen claimed): asked of the store once.
+        self._claimed: set[str] = set()
+        # Counters other processes share: quota lines count their leased units too.
+        self._shared = bool(getattr(self.counters, "shared", True))
+        self._in_memory = not getattr(self.meter.store, "shared", True)
+        self.leases: Leases | None = Leases(self.counters, ttl=lease_ttl) if leases else None
 
     @property
     def store(self) -> Any:
@@ -453,10 +466,29 @@ class Quotas:
 
     def _lines(self, org: str, amounts: dict[str, int], requests: int, now: int) -> list[_Line]:
         c = self._compile(org, now)
+        if c.lines_at != now:
+            c.lines_at, c.lines = now, {}
+        shape = (tuple(amounts.items()), requests)
+        found = c.lines.get(shape)
+        if found is None:
+            found = self._build_lines(org, c, amounts, requests, now)
+            if len(c.lines) < 64:
+                c.lines[shape] = found
+        return found
+
+    def _build_lines(
+        self, org: str, c: _Compiled, amounts: dict[str, int], requests: int, now: int
+    ) -> list[_Line]:
         lines: list[_Line] = []
+        shared = self._shared
         for metric, amount in amounts.items():
             key, cap, reset_at, period = self._quota_line(org, metric, c)
-            lines.append(_Line(metric, CounterLine(key, amount, cap), reset_at, period))
+            counter = (
+                CounterLine(key, amount, cap, None, key + LEASED, 1.0)
+                if shared and period is not None
+                else CounterLine(key, amount, cap)
+            )
+            lines.append(_Line(metric, counter, reset_at, period))
         if requests:
             for metric, window, rate in c.rates:
                 start = now - now % window
@@ -522,7 +554,7 @@ class Quotas:
         org = check_id("organization_id", organization_id)
         clean = check_amounts(amounts)
         now = self.meter.now()
-        decision_id = f"dbt_{uuid.uuid4().hex}"
+        decision_id = new_id("dbt")
 
         def add() -> Decision:
             lines = self._lines(org, clean, 0, now)  # the plan lookup follows the policy too
@@ -554,11 +586,14 @@ class Quotas:
         else:
             key = self.period_key(organization_id, metric, self.period(organization_id, now))
         value: int = self.counters.counters_read([key], now=now)[0]
+        if self.leases is not None:
+            value += self.leases.consumed(key)  # decided here, not reported yet
         return value
 
     def _atomic(self) -> contextlib.AbstractContextManager[None]:
-        """One transaction for counters and events, when both live in the same store."""
-        if self.counters is self.meter.store:
+        """One transaction for counters and events, when both live in the same store (in
+        memory, each counter call is atomic and debit events are queued: none is needed)."""
+        if self.counters is self.meter.store and not self._in_memory:
             return self.meter.transaction()
         return contextlib.nullcontext()
 
@@ -584,13 +619,22 @@ class Quotas:
         clean = check_amounts(amounts)
         check_count("requests", requests)
         now = self.meter.now()
-        decision_id = f"{'rsv' if hold_ttl else 'dec'}_{uuid.uuid4().hex}"
+        decision_id = new_id("rsv" if hold_ttl else "dec")
         try:
             lines = self._lines(org, clean, requests, now)
         except StoreUnavailable:
             if self.policy == "open":
                 return self._degraded(org, decision_id, clean, [], hold_ttl, now, dimensions)
             raise
+        if (
+            debit
+            and hold_ttl is None
+            and self.leases is not None
+            and all(ln.window or ln.period is not None for ln in lines)
+        ):
+            leased = self._leased(org, lines, clean, now, decision_id, dimensions)
+            if leased is not None:
+                return leased, None
         counters = [ln.counter for ln in lines]
         hold = None
         if hold_ttl is not None:
@@ -627,6 +671,34 @@ class Quotas:
         self._thresholds(org, lines, result)
         keyed = {ln.metric: ln for ln in lines if ln.window == 0}
         return decision, Reservation(self, decision, clean, keyed, now + hold_ttl, dimensions)
+
+    def _leased(
+        self,
+        org: str,
+        lines: list[_Line],
+        amounts: dict[str, int],
+        now: int,
+        decision_id: str,
+        dimensions: Mapping[str, Any] | None,
+    ) -> Decision | None:
+        """Decide from this process's leases (``None``: contended, decide in the store)."""
+        assert self.leases is not None
+        events = self._debit_events(decision_id, org, amounts, dimensions, now)
+        try:
+            result = self.leases.decide(org, lines, now)
+        except Contended:
+            return None
+        except StoreUnavailable:
+            if self.policy == "open":
+                return self._degraded(org, decision_id, amounts, [], None, now, dimensions)[0]
+            raise
+        self.meter._start_flusher()
+        decision = self._describe(org, lines, result, now, decision_id)
+        if result.admitted:
+            self._thresholds_from(org, lines, {s.metric: s.used for s in decision.limits})
+            if events:
+                self.meter._queue(events)
+        return decision
 
     def _degraded(
         self,
@@ -729,11 +801,18 @@ class Quotas:
                     break
                 scope = line.period.start if line.period else "gauge"
                 marker = f"t\x1f{org}\x1f{line.metric}\x1f{scope}\x1f{threshold}"
-                if self.counters.claim_once(
+                if line.period is not None and marker in self._claimed:
+                    continue  # a period's marker is claimed once for ever; a gauge's may expire
+                claimed = self.counters.claim_once(
                     marker,
                     now=self.meter.now(),
                     expires_at=line.period.end if line.period else None,
-                ):
+                )
+                if line.period is not None:
+                    if len(self._claimed) > 100_000:
+                        self._claimed.clear()
+                    self._claimed.add(marker)
+                if claimed:
                     self.meter.notify(
                         functools.partial(
                             self.meter.pm.hook.meterkit_quota_threshold,
@@ -755,17 +834,40 @@ class Quotas:
         dimensions: Mapping[str, Any] | None,
         now: int,
     ) -> None:
-        from meterkit.models import Event
-
-        events = []
-        for metric, amount in amounts.items():
-            spec = self.meter.meters.get(metric)
-            if spec is None or spec.measure(metric) is None or self.is_gauge(metric) or not amount:
-                continue
-            dims = {k: v for k, v in (dimensions or {}).items() if spec.dimension(k)}
-            events.append(Event(f"{event_id}:{metric}", metric, org, now, {metric: amount}, dims))
-        if events:
+        events = self._debit_events(event_id, org, amounts, dimensions, now)
+        if not events:
+            return
+        if self._in_memory and not getattr(self.meter._tx, "depth", 0):
+            # Nothing survives the process anyway: written by the next flush (or query).
+            self.meter._queue(events)
+        else:
             self.meter.record_many(events)
+
+    def _debit_events(
+        self,
+        event_id: str,
+        org: str,
+        amounts: Mapping[str, int],
+        dimensions: Mapping[str, Any] | None,
+        now: int,
+    ) -> list[Event]:
+        """The validated events recording a debit (none when ``record_debits`` is off)."""
+        if not self.record_debits:
+            return []
+        events = []
+        specs = self.meter._specs
+        for metric, amount in amounts.items():
+            spec = specs.get(metric)
+            measure = spec.measure(metric) if spec is not None and amount else None
+            if spec is None or measure is None or measure.gauge:
+                continue
+            if not dimensions:  # every part is checked already: the org, the amount, our id
+                events.append(Event(f"{event_id}:{metric}", metric, org, now, {metric: amount}))
+                continue
+            dims = {k: v for k, v in dimensions.items() if spec.dimension(k)}
+            event = Event(f"{event_id}:{metric}", metric, org, now, {metric: amount}, dims)
+            events.append(check_event(spec, event, "debit"))
+        return events
 
     def _settle(self, reservation: Reservation, actual: dict[str, int] | None) -> None:
         now = self.meter.now()

@@ -81,6 +81,9 @@ def rebuild_counters(meter: Meter, organization_id: str | None = None) -> dict[s
     ``{organization: {metric: value set}}``; a gauge with no recorded event is left alone and
     not listed. Every value is *set*, not added, so running it twice is harmless.
     """
+    # This process's leases and queued debits reach the store first, so the events hold all
+    # this meter decided; leases taken afterwards start from the rebuilt counters.
+    meter.flush(closing=True)
     now = meter.now()
     if organization_id is not None:
         orgs = [organization_id]

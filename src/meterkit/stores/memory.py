@@ -19,6 +19,9 @@ __all__ = ["MemoryStore"]
 
 
 class MemoryStore:
+    shared = False
+    """Nobody else sees these counters: decisions are made directly, without leases."""
+
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self._lock = threading.RLock()

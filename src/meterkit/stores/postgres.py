@@ -929,8 +929,9 @@ def _lock_rows(
     absent counter (value 0, already expired), so a refused decision leaves nothing that
     counts, and the sweep deletes it later. Rows are locked in key order in one statement.
     """
-    wanted = sorted(set(writes))
-    keys = sorted(set(wanted) | set(reads))
+    # Rows read are made too: under READ COMMITTED a row another transaction is inserting
+    # would be invisible to the SELECT below even after waiting for it, and read as 0.
+    wanted = keys = sorted(set(writes) | set(reads))
     if not keys:
         return {}
     for _ in range(10):

@@ -509,7 +509,8 @@ class _SQLiteCounters:
 
     def put_hold(self, hold: Hold) -> None:
         self.conn.execute(
-            "INSERT INTO mk_holds(id, organization_id, amounts, expires_at) VALUES (?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO mk_holds(id, organization_id, amounts, expires_at) "
+            "VALUES (?, ?, ?, ?)",
             (hold.id, hold.organization_id, json.dumps(hold.amounts), hold.expires_at),
         )
 

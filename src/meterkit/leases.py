@@ -1,0 +1,470 @@
+"""Leased quota: decisions in memory against blocks of units taken from the shared counters.
+
+A process that decides often against a shared store (SQLite, PostgreSQL, Redis) takes room in
+blocks: one atomic :meth:`~meterkit.stores.base.CounterStore.counters_apply` moves a block of
+units for every line that needs one into this process's lease, all-or-nothing; decisions then
+consume the lease in memory, without a store call.
+
+How the units are counted, for a quota counter ``K``:
+
+- ``K`` holds the units *consumed* (admitted), and ``K`` + :data:`LEASED` the units leased
+  out and not consumed yet, by every process. A line fits when ``K + leased + amount`` is
+  within the limit, whoever asks: a lease and a direct decision see the same room.
+- Each organization's leases in this process are one :class:`~meterkit.models.Hold` on the
+  leased counters, rewritten by every take and report in the same atomic call that changes
+  the counters. A report (every flush, a few times a second) moves the consumed units from
+  the leased counter to ``K`` and gives back leases that went idle.
+- A holder killed with ``kill -9`` stops reporting: its hold expires ``ttl`` seconds after its
+  last report and gives back what it held, so its units are stranded only until then. Units
+  it consumed after its last report are given back with them: they are part of what a crash
+  loses (docs/quotas.md).
+- Rate-limit windows lease per window: the block is counted in the window at once, and what
+  is left unused is given back when the window ends, the lease goes idle or the meter closes.
+
+Blocks adapt to traffic (twice what was consumed in the last interval) and never exceed an
+eighth of the room the store reported, so they shrink to **exactly what is asked** as the limit
+nears: a race still admits exactly the limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+
+from meterkit.counters import MAX_COUNTER
+from meterkit.models import CounterLine, CounterResult, Hold
+
+__all__ = ["DEFAULT_TTL", "LEASED", "Contended", "LeaseLine", "Leases"]
+
+logger = logging.getLogger("meterkit")
+
+LEASED = "\x1fleased"
+"""Suffix of the counter holding a quota counter's leased, unconsumed units."""
+
+DEFAULT_TTL = 30
+"""Seconds a lease is held without a report; a holder stops using it after half of that."""
+
+_FIRST_BLOCK = 16
+_Ask = tuple[int, int, int, int]  # (need, block, have, line index)
+
+
+class LeaseLine(Protocol):
+    """What a lease needs of one line of a decision."""
+
+    @property
+    def counter(self) -> CounterLine: ...
+
+    @property
+    def window(self) -> int: ...
+
+    @property
+    def reset_at(self) -> int | None: ...
+
+
+class _Counters(Protocol):
+    def counters_apply(
+        self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
+    ) -> CounterResult: ...
+
+    def counters_settle(
+        self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int
+    ) -> bool: ...
+
+    def counters_add(
+        self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
+    ) -> list[int]: ...
+
+
+class Contended(Exception):
+    """Other threads kept using up the room this decision took: decide in the store."""
+
+
+@attrs.define(eq=False)
+class _Lease:
+    """This process's lease on one counter."""
+
+    key: str  # the counter consumption lands on
+    org: str
+    limit: int | None
+    rate: bool  # a rate window: the block is counted in ``key`` at once
+    ends: int  # the end of the period or window ``key`` counts
+    usable_until: int  # meter clock: half a ttl after the hold was last written, at most ``ends``
+    unused: int = 0
+    consumed: int = 0  # since the last report (quota leases)
+    taken: int = 0  # what the hold records for this lease (quota leases)
+    seen: int = 0  # the counted total at the last take, this lease included
+    block: int = _FIRST_BLOCK
+    recent: int = 0  # consumed since the last report: sizes the next block
+    fresh: bool = True  # taken since the last report
+    closing: bool = False  # being given back: decisions no longer use it
+
+    def usable(self, counter: CounterLine, now: int) -> bool:
+        return not self.closing and self.limit == counter.limit and now < self.usable_until
+
+    def room_for(self, counter: CounterLine, now: int) -> bool:
+        return self.unused >= counter.amount and self.usable(counter, now)
+
+
+@attrs.define(eq=False)
+class _Org:
+    """One organization's hold, and the lock that orders its store calls."""
+
+    org: str
+    hold_id: str
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    expires_at: int = 0  # of the hold as last written; 0: none in the store
+
+
+_live: weakref.WeakSet[Leases] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    # Leases belong to the process that took them: a forked child starts with none, and never
+    # gives back (or reports) its parent's units.
+    for leases in list(_live):
+        leases._reset()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class Leases:
+    """Every lease one meter holds, and the reports that keep the store in step with them."""
+
+    def __init__(self, counters: _Counters, *, ttl: int = DEFAULT_TTL) -> None:
+        self.counters = counters
+        self.ttl = ttl
+        self.takes = 0  # store calls made to take room, for tests and benchmarks
+        self._reset()
+        _live.add(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._leases: dict[str, _Lease] = {}
+        self._orgs: dict[str, _Org] = {}
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def decide(self, org: str, lines: Sequence[LeaseLine], now: int) -> CounterResult:
+        """Admit every line from the leases (taking room where short) or refuse them all."""
+        with self._lock:
+            admitted = self._consume(lines, now)
+        if admitted is not None:
+            return admitted
+        state = self._org(org)
+        with state.lock:  # one take at a time per organization; decisions go on meanwhile
+            for _attempt in range(3):
+                with self._lock:
+                    lapsed = self._lapse_if_expired(state, now)
+                if lapsed:
+                    self._count_lapsed(lapsed, now)
+                with self._lock:
+                    admitted = self._consume(lines, now)
+                    if admitted is not None:
+                        return admitted
+                    leases = [self._leases.get(ln.counter.key) for ln in lines]
+                    asks = [
+                        (*self._ask(ln, lease, now), i)
+                        for i, (ln, lease) in enumerate(zip(lines, leases))
+                        if lease is None or not lease.room_for(ln.counter, now)
+                    ]
+                result = self._take(state, org, lines, asks, now)
+                if not result.admitted and any(b > n for n, b, _, _ in asks):
+                    if not self._could_fit(lines, asks, result):
+                        return self._refusal(lines, leases, asks, result)
+                    asks = [(need, need, have, i) for need, _, have, i in asks]
+                    result = self._take(state, org, lines, asks, now)
+                if not result.admitted:
+                    return self._refusal(lines, leases, asks, result)
+        raise Contended()
+
+    def _consume(self, lines: Sequence[LeaseLine], now: int) -> CounterResult | None:
+        """Every line's amount from its lease, or (when one is short) nothing. Under the lock."""
+        leases = []
+        for ln in lines:
+            lease = self._leases.get(ln.counter.key)
+            if lease is None or not lease.room_for(ln.counter, now):
+                return None
+            leases.append(lease)
+        used = []
+        for ln, lease in zip(lines, leases):
+            amount = ln.counter.amount
+            lease.unused -= amount
+            lease.recent += amount
+            if not lease.rate:
+                lease.consumed += amount
+            used.append(lease.seen - lease.unused)
+        return CounterResult(True, tuple(used), (0,) * len(lines))
+
+    @staticmethod
+    def _ask(line: LeaseLine, lease: _Lease | None, now: int) -> tuple[int, int, int]:
+        """``(need, block, have)`` for a short line: the units needed on top of the lease's
+        usable ones, and the block to ask for (at least ``need``, an eighth of the room at
+        most)."""
+        counter = line.counter
+        amount = counter.amount
+        if lease is not None and lease.usable(counter, now):
+            have = lease.unused
+            size = lease.block
+            if lease.limit is not None:
+                size = min(size, (lease.limit - lease.seen) // 8)
+        else:
+            have = 0
+            size = min(_FIRST_BLOCK * max(amount, 1), MAX_COUNTER // 2)
+            if counter.limit is not None:
+                size = min(size, counter.limit // 8)
+        need = amount - have
+        return need, max(need, size), have
+
+    @staticmethod
+    def _could_fit(
+        lines: Sequence[LeaseLine], asks: Sequence[_Ask], refused: CounterResult
+    ) -> bool:
+        """Whether exactly what is needed fits where the blocks did not, by the refusal."""
+        for j, (need, _, _, i) in enumerate(asks):
+            limit = lines[i].counter.limit
+            limit = MAX_COUNTER if limit is None else limit
+            counted = refused.used[j] + math.floor(refused.previous[j] * _weight(lines[i]))
+            if counted + need > limit:
+                return False
+        return True
+
+    def _take(
+        self, state: _Org, org: str, lines: Sequence[LeaseLine], asks: Sequence[_Ask], now: int
+    ) -> CounterResult:
+        """One atomic store call taking a block for every short line, all or none."""
+        store_lines = []
+        grow: dict[str, int] = {}
+        for _need, block, _have, i in asks:
+            c = lines[i].counter
+            if lines[i].window:
+                store_lines.append(attrs.evolve(c, amount=block))
+            else:
+                # Without a limit the counter's ceiling still bounds consumed + leased.
+                limit = MAX_COUNTER if c.limit is None else c.limit
+                store_lines.append(CounterLine(c.key + LEASED, block, limit, None, c.key, 1.0))
+                grow[c.key] = grow.get(c.key, 0) + block
+        hold = None
+        if grow:
+            with self._lock:
+                amounts = self._held(org)
+            for key, block in grow.items():
+                amounts[key + LEASED] = amounts.get(key + LEASED, 0) + block
+            hold = Hold(state.hold_id, org, tuple(sorted(amounts.items())), now + self.ttl)
+        self.takes += 1
+        result = self.counters.counters_apply(store_lines, now=now, hold=hold)
+        if not result.admitted:
+            return result
+        with self._lock:
+            for j, (_need, block, _have, i) in enumerate(asks):
+                line = lines[i]
+                c = line.counter
+                lease = self._leases.get(c.key)
+                ends = line.reset_at if line.reset_at is not None else now + self.ttl
+                if lease is None or not lease.usable(c, now):
+                    if lease is not None:
+                        # Another limit, or lapsed: its units go back at the next report.
+                        lease.closing = True
+                        self._leases[f"{c.key}\x1f{uuid.uuid4().hex}"] = lease
+                    lease = _Lease(c.key, org, c.limit, bool(line.window), ends, ends)
+                    self._leases[c.key] = lease
+                lease.unused += block
+                if not lease.rate:
+                    lease.taken += block
+                lease.seen = result.used[j] + math.floor(result.previous[j] * _weight(line))
+                lease.fresh = True
+            if hold is not None:
+                self._held_anew(state, org, now)
+        return result
+
+    def _held(self, org: str) -> dict[str, int]:
+        """What the organization's hold records now: each quota lease's taken units."""
+        amounts: dict[str, int] = {}
+        for lease in self._leases.values():
+            if lease.org == org and not lease.rate and lease.taken:
+                key = lease.key + LEASED
+                amounts[key] = amounts.get(key, 0) + lease.taken
+        return amounts
+
+    def _held_anew(self, state: _Org, org: str, now: int) -> None:
+        """The hold was just written: every quota lease of ``org`` is good for half a ttl."""
+        state.expires_at = now + self.ttl
+        until = now + self.ttl // 2
+        for lease in self._leases.values():
+            if lease.org == org and not lease.rate and not lease.closing:
+                lease.usable_until = min(until, lease.ends)
+
+    def _lapse_if_expired(self, state: _Org, now: int) -> list[tuple[_Lease, int]]:
+        """The store gives back a hold at its expiry: its units are no longer this process's.
+
+        Returns the leases whose consumed units are still to be counted (by the caller, before
+        its next take), as ``(lease, consumed)``. Under the lock.
+        """
+        if not state.expires_at or now < state.expires_at:
+            return []
+        logger.warning("meterkit: a lease expired before it was reported; its units went back")
+        state.expires_at = 0
+        lapsed = []
+        for lease in self._leases.values():
+            if lease.org == state.org and not lease.rate:
+                lease.taken = lease.unused = 0
+                lease.closing = True
+                if lease.consumed:
+                    lapsed.append((lease, lease.consumed))
+        return lapsed
+
+    def _count_lapsed(self, lapsed: list[tuple[_Lease, int]], now: int) -> None:
+        """Count what lapsed leases consumed; under the organization's lock."""
+        self.counters.counters_add([(lease.key, c) for lease, c in lapsed], now=now)
+        with self._lock:
+            for lease, c in lapsed:
+                lease.consumed -= c
+
+    def _org(self, org: str) -> _Org:
+        with self._lock:
+            state = self._orgs.get(org)
+            if state is None:
+                state = self._orgs[org] = _Org(org, f"lse_{uuid.uuid4().hex}")
+            return state
+
+    def _refusal(
+        self,
+        lines: Sequence[LeaseLine],
+        leases: Sequence[_Lease | None],
+        asks: Sequence[_Ask],
+        refused: CounterResult,
+    ) -> CounterResult:
+        """The refusal as the decision's own lines describe it: what is counted for each line,
+        apart from this process's unused units that could have served it."""
+        used: list[int] = []
+        previous: list[int] = []
+        by_line = {i: (j, have) for j, (_need, _block, have, i) in enumerate(asks)}
+        for i, line in enumerate(lines):
+            found = by_line.get(i)
+            if found is None:
+                lease = leases[i]
+                used.append(lease.seen - lease.unused if lease is not None else 0)
+                previous.append(0)
+            elif line.window:
+                j, have = found
+                used.append(max(0, refused.used[j] - have))
+                previous.append(refused.previous[j])
+            else:  # the store line was (leased, consumed); the decision line is (consumed, leased)
+                j, have = found
+                used.append(refused.previous[j])
+                previous.append(max(0, refused.used[j] - have))
+        return CounterResult(False, tuple(used), tuple(previous))
+
+    # -- reports ------------------------------------------------------------------------------
+
+    def pending(self) -> bool:
+        """Whether this process holds any lease (a report would change the store)."""
+        return bool(self._leases)
+
+    def unreported(self) -> bool:
+        """Whether units were consumed that the store does not count yet."""
+        with self._lock:
+            return any(lease.consumed for lease in self._leases.values())
+
+    def consumed(self, key: str) -> int:
+        """Units of ``key`` consumed here and not reported yet."""
+        with self._lock:
+            return sum(ls.consumed for ls in self._leases.values() if ls.key == key)
+
+    def report(self, now: int, *, closing: bool = False) -> None:
+        """Count consumed units, give back idle leases (every lease when ``closing``).
+
+        One atomic store call per organization: the counters change and the hold is
+        rewritten together, so nothing is ever counted twice or lost by a failure part way.
+        """
+        with self._lock:
+            orgs = list({lease.org for lease in self._leases.values()})
+        for org in orgs:
+            self._report_org(self._org(org), org, now, closing)
+
+    def _report_org(self, state: _Org, org: str, now: int, closing: bool) -> None:
+        with state.lock:
+            with self._lock:
+                lapsed = self._lapse_if_expired(state, now)
+            if lapsed:
+                self._count_lapsed(lapsed, now)
+            with self._lock:
+                plan = []
+                deltas: dict[str, int] = {}
+                for name, lease in self._leases.items():
+                    if lease.org != org:
+                        continue
+                    drop = (
+                        closing
+                        or lease.closing
+                        or now >= lease.usable_until
+                        or not (lease.recent or lease.fresh)
+                    )
+                    if drop:
+                        lease.closing = True
+                    given_back = lease.unused if drop else 0
+                    consumed = lease.consumed
+                    if lease.rate:
+                        if given_back:
+                            deltas[lease.key] = deltas.get(lease.key, 0) - given_back
+                    else:
+                        if consumed:
+                            deltas[lease.key] = deltas.get(lease.key, 0) + consumed
+                        freed = min(lease.taken, consumed + given_back)
+                        if freed:
+                            held = lease.key + LEASED
+                            deltas[held] = deltas.get(held, 0) - freed
+                    plan.append((name, lease, consumed, given_back, drop))
+                    if not drop:
+                        lease.block = max(1, 2 * lease.recent)
+                        lease.recent, lease.fresh = 0, False
+                amounts = self._held(org)
+                for _name, lease, consumed, given_back, _drop in plan:
+                    if not lease.rate and lease.taken:
+                        held = lease.key + LEASED
+                        left = amounts[held] - min(lease.taken, consumed + given_back)
+                        if left:
+                            amounts[held] = left
+                        else:
+                            del amounts[held]
+            changes = [(key, delta) for key, delta in deltas.items() if delta]
+            if amounts:
+                hold = Hold(state.hold_id, org, tuple(sorted(amounts.items())), now + self.ttl)
+                lines = [CounterLine(key, delta) for key, delta in changes]
+                if not self.counters.counters_apply(lines, now=now, hold=hold).admitted:
+                    # Only a counter at its ceiling refuses a line without a limit.
+                    logger.error("meterkit: lease report for %s refused; retried later", org)
+                    return
+            elif state.expires_at:
+                if not self.counters.counters_settle(state.hold_id, changes, now=now):
+                    # Expired in the store meanwhile: what it held went back already.
+                    self.counters.counters_add(
+                        [(k, d) for k, d in changes if not k.endswith(LEASED)], now=now
+                    )
+            elif changes:
+                self.counters.counters_add(changes, now=now)
+            with self._lock:
+                for name, lease, consumed, given_back, drop in plan:
+                    lease.consumed -= consumed
+                    lease.taken -= min(lease.taken, consumed + given_back)
+                    lease.unused -= given_back
+                    if drop and self._leases.get(name) is lease:
+                        del self._leases[name]
+                if amounts:
+                    self._held_anew(state, org, now)
+                else:
+                    state.expires_at = 0
+                    if not any(ls.org == org for ls in self._leases.values()):
+                        self._orgs.pop(org, None)
+
+
+def _weight(line: LeaseLine) -> float:
+    return line.counter.prev_weight if line.window else 1.0
