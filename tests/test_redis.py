@@ -334,6 +334,25 @@ def test_holds_release_only_their_own_amounts(backend: CounterStore) -> None:
     assert backend.counters_read(["t"], now=NOW + 6) == [100]
 
 
+def test_a_hold_of_a_known_id_is_replaced_with_its_expiry(backend: CounterStore) -> None:
+    # Leases rewrite one hold per organization with every take and report.
+    backend.counters_apply([CounterLine("t", 7)], now=NOW, hold=hold_of("l", NOW + 5, t=7))
+    lines = [CounterLine("t", -3), CounterLine("u", 2)]
+    assert backend.counters_apply(
+        lines, now=NOW + 1, hold=hold_of("l", NOW + 50, t=4, u=2)
+    ).admitted
+    backend.counters_apply([], now=NOW + 5)  # the first expiry is gone with the first hold
+    assert backend.counters_read(["t", "u"], now=NOW + 5) == [4, 2]
+    backend.counters_apply([], now=NOW + 50)
+    assert backend.counters_read(["t", "u"], now=NOW + 50) == [0, 0]
+
+
+def test_negative_amounts_without_a_limit_give_back(backend: CounterStore) -> None:
+    backend.counters_add([("t", 5)], now=NOW)
+    result = backend.counters_apply([CounterLine("t", -2), CounterLine("v", -1)], now=NOW)
+    assert (result.admitted, result.used) == (True, (3, 0))
+
+
 # -- claims -----------------------------------------------------------------------------------
 
 

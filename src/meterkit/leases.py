@@ -170,6 +170,16 @@ class Leases:
                     admitted = self._consume(lines, now)
                     if admitted is not None:
                         return admitted
+                    stale = False
+                    for ln in lines:
+                        lease = self._leases.get(ln.counter.key)
+                        if lease is not None and not lease.usable(ln.counter, now):
+                            lease.closing = stale = True
+                if stale:
+                    # Taken under another limit or too long ago: give it back first, so this
+                    # process's own old units do not stand in its way.
+                    self._report_locked(state, state.org, now, closing=False)
+                with self._lock:
                     leases = [self._leases.get(ln.counter.key) for ln in lines]
                     asks = [
                         (*self._ask(ln, lease, now), i)
@@ -392,78 +402,82 @@ class Leases:
 
     def _report_org(self, state: _Org, org: str, now: int, closing: bool) -> None:
         with state.lock:
-            with self._lock:
-                lapsed = self._lapse_if_expired(state, now)
-            if lapsed:
-                self._count_lapsed(lapsed, now)
-            with self._lock:
-                plan = []
-                deltas: dict[str, int] = {}
-                for name, lease in self._leases.items():
-                    if lease.org != org:
-                        continue
-                    drop = (
-                        closing
-                        or lease.closing
-                        or now >= lease.usable_until
-                        or not (lease.recent or lease.fresh)
-                    )
-                    if drop:
-                        lease.closing = True
-                    given_back = lease.unused if drop else 0
-                    consumed = lease.consumed
-                    if lease.rate:
-                        if given_back:
-                            deltas[lease.key] = deltas.get(lease.key, 0) - given_back
-                    else:
-                        if consumed:
-                            deltas[lease.key] = deltas.get(lease.key, 0) + consumed
-                        freed = min(lease.taken, consumed + given_back)
-                        if freed:
-                            held = lease.key + LEASED
-                            deltas[held] = deltas.get(held, 0) - freed
-                    plan.append((name, lease, consumed, given_back, drop))
-                    if not drop:
-                        lease.block = max(1, 2 * lease.recent)
-                        lease.recent, lease.fresh = 0, False
-                amounts = self._held(org)
-                for _name, lease, consumed, given_back, _drop in plan:
-                    if not lease.rate and lease.taken:
-                        held = lease.key + LEASED
-                        left = amounts[held] - min(lease.taken, consumed + given_back)
-                        if left:
-                            amounts[held] = left
-                        else:
-                            del amounts[held]
-            changes = [(key, delta) for key, delta in deltas.items() if delta]
-            if amounts:
-                hold = Hold(state.hold_id, org, tuple(sorted(amounts.items())), now + self.ttl)
-                lines = [CounterLine(key, delta) for key, delta in changes]
-                if not self.counters.counters_apply(lines, now=now, hold=hold).admitted:
-                    # Only a counter at its ceiling refuses a line without a limit.
-                    logger.error("meterkit: lease report for %s refused; retried later", org)
-                    return
-            elif state.expires_at:
-                if not self.counters.counters_settle(state.hold_id, changes, now=now):
-                    # Expired in the store meanwhile: what it held went back already.
-                    self.counters.counters_add(
-                        [(k, d) for k, d in changes if not k.endswith(LEASED)], now=now
-                    )
-            elif changes:
-                self.counters.counters_add(changes, now=now)
-            with self._lock:
-                for name, lease, consumed, given_back, drop in plan:
-                    lease.consumed -= consumed
-                    lease.taken -= min(lease.taken, consumed + given_back)
-                    lease.unused -= given_back
-                    if drop and self._leases.get(name) is lease:
-                        del self._leases[name]
-                if amounts:
-                    self._held_anew(state, org, now)
+            self._report_locked(state, org, now, closing)
+
+    def _report_locked(self, state: _Org, org: str, now: int, closing: bool) -> None:
+        """The report of one organization; the caller holds its lock."""
+        with self._lock:
+            lapsed = self._lapse_if_expired(state, now)
+        if lapsed:
+            self._count_lapsed(lapsed, now)
+        with self._lock:
+            plan = []
+            deltas: dict[str, int] = {}
+            for name, lease in self._leases.items():
+                if lease.org != org:
+                    continue
+                drop = (
+                    closing
+                    or lease.closing
+                    or now >= lease.usable_until
+                    or not (lease.recent or lease.fresh)
+                )
+                if drop:
+                    lease.closing = True
+                given_back = lease.unused if drop else 0
+                consumed = lease.consumed
+                if lease.rate:
+                    if given_back:
+                        deltas[lease.key] = deltas.get(lease.key, 0) - given_back
                 else:
-                    state.expires_at = 0
-                    if not any(ls.org == org for ls in self._leases.values()):
-                        self._orgs.pop(org, None)
+                    if consumed:
+                        deltas[lease.key] = deltas.get(lease.key, 0) + consumed
+                    freed = min(lease.taken, consumed + given_back)
+                    if freed:
+                        held = lease.key + LEASED
+                        deltas[held] = deltas.get(held, 0) - freed
+                plan.append((name, lease, consumed, given_back, drop))
+                if not drop:
+                    lease.block = max(1, 2 * lease.recent)
+                    lease.recent, lease.fresh = 0, False
+            amounts = self._held(org)
+            for _name, lease, consumed, given_back, _drop in plan:
+                if not lease.rate and lease.taken:
+                    held = lease.key + LEASED
+                    left = amounts[held] - min(lease.taken, consumed + given_back)
+                    if left:
+                        amounts[held] = left
+                    else:
+                        del amounts[held]
+        changes = [(key, delta) for key, delta in deltas.items() if delta]
+        if amounts:
+            hold = Hold(state.hold_id, org, tuple(sorted(amounts.items())), now + self.ttl)
+            lines = [CounterLine(key, delta) for key, delta in changes]
+            if not self.counters.counters_apply(lines, now=now, hold=hold).admitted:
+                # Only a counter at its ceiling refuses a line without a limit.
+                logger.error("meterkit: lease report for %s refused; retried later", org)
+                return
+        elif state.expires_at:
+            if not self.counters.counters_settle(state.hold_id, changes, now=now):
+                # Expired in the store meanwhile: what it held went back already.
+                self.counters.counters_add(
+                    [(k, d) for k, d in changes if not k.endswith(LEASED)], now=now
+                )
+        elif changes:
+            self.counters.counters_add(changes, now=now)
+        with self._lock:
+            for name, lease, consumed, given_back, drop in plan:
+                lease.consumed -= consumed
+                lease.taken -= min(lease.taken, consumed + given_back)
+                lease.unused -= given_back
+                if drop and self._leases.get(name) is lease:
+                    del self._leases[name]
+            if amounts:
+                self._held_anew(state, org, now)
+            else:
+                state.expires_at = 0
+                if not any(ls.org == org for ls in self._leases.values()):
+                    self._orgs.pop(org, None)
 
 
 def _weight(line: LeaseLine) -> float:

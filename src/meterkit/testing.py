@@ -633,6 +633,18 @@ class StoreConformance:
             "nested": [{"a": "b"}],
         }
 
+    def test_a_hold_of_a_known_id_is_replaced(self, store: Store) -> None:
+        from meterkit.models import CounterLine, Hold
+
+        first = Hold("lease", "org", (("t", 7),), T0 + 5)
+        store.counters_apply([CounterLine("t", 7)], now=T0, hold=first)
+        again = Hold("lease", "org", (("t", 4),), T0 + 50)
+        assert store.counters_apply([CounterLine("t", -3)], now=T0 + 1, hold=again).admitted
+        store.counters_apply([], now=T0 + 5)
+        assert store.counters_read(["t"], now=T0 + 5) == [4]
+        store.counters_apply([], now=T0 + 50)
+        assert store.counters_read(["t"], now=T0 + 50) == [0]
+
     def test_counters_never_pass_the_bound(self, store: Store) -> None:
         from meterkit.counters import MAX_COUNTER
         from meterkit.models import CounterLine

@@ -33,8 +33,10 @@ class CounterStore(Protocol):
         """Atomically admit all lines or none (:func:`meterkit.counters.admits`).
 
         First releases every hold that expired at ``now``. Admitted: adds each amount and,
-        with ``hold``, remembers it so it can be settled later. Counters whose
-        ``expires_at <= now`` read as 0. Keys are distinct within one call.
+        with ``hold``, remembers it so it can be settled later; a hold of an id already held
+        replaces it, amounts and expiry (leases rewrite theirs this way). Counters whose
+        ``expires_at <= now`` read as 0. Keys are distinct within one call. A line without a
+        limit may have a negative amount (a give-back); counters never go below 0.
         """
 
     def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
