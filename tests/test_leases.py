@@ -302,3 +302,30 @@ def test_a_lease_holder_killed_mid_race_strands_units_only_until_expiry(
         "tokens", "tokens", organization_id=ORG, start_time=day, end_time=day + 2 * 86400
     )
     assert recorded == limit
+
+
+def test_leased_reservations_hold_commit_release_and_expire(open_meter: OpenMeter) -> None:
+    clock = Clock(T0)
+    a, b = open_meter(clock), open_meter(clock)
+    on_plan(a, limits={"tokens": 100})
+    less = a.reserve(ORG, {"tokens": 30})
+    more = a.reserve(ORG, {"tokens": 10})
+    gone = a.reserve(ORG, {"tokens": 20})
+    abandoned = a.reserve(ORG, {"tokens": 15}, ttl=60)
+    assert a.quotas.used(ORG, "tokens") == 75, "held counts as used"
+    less.commit({"tokens": 12})
+    more.commit({"tokens": 25})  # over the hold: the usage happened, it is counted
+    gone.release()
+    assert a.quotas.used(ORG, "tokens") == 12 + 25 + 15
+    clock.t = T0 + 60  # the abandoned reservation's ttl is over: its 15 go back
+    assert a.quotas.used(ORG, "tokens") == 37
+    abandoned.commit({"tokens": 4})  # expired: still counted, as usage that happened
+    a.flush(release_leases=True)
+    assert b.quotas.used(ORG, "tokens") == 41
+    assert admit_until_refused(b) == 100 - 41
+    b.flush()
+    day = T0 - T0 % 86400
+    recorded = a.total(
+        "tokens", "tokens", organization_id=ORG, start_time=day, end_time=day + 86400
+    )
+    assert recorded == 100

@@ -85,7 +85,7 @@ class Meters:
 
     def checker(self) -> Meter:
         for meter in self.opened:
-            meter.flush()
+            meter.flush(release_leases=True)
         return self.make()
 
 

@@ -941,7 +941,7 @@ def test_fail_open_reservation_is_degraded_and_counts_once_settled(
 def test_commit_that_cannot_reach_the_store_may_be_retried(
     flaky: FlakyCounters, clock: Clock
 ) -> None:
-    m = Meter(store=flaky, clock=clock)
+    m = Meter(store=flaky, clock=clock, leases=False)  # settled in the store
     on_plan(m, limits={"tokens": 100})
     reservation = m.reserve(ORG, {"tokens": 40})
     flaky.down = True
@@ -954,10 +954,27 @@ def test_commit_that_cannot_reach_the_store_may_be_retried(
     assert tokens_recorded(m) == 30
 
 
+def test_a_leased_reservation_settles_without_the_store(flaky: FlakyCounters, clock: Clock) -> None:
+    m = Meter(store=flaky, clock=clock)
+    on_plan(m, limits={"tokens": 100})
+    reservation = m.reserve(ORG, {"tokens": 40})
+    flaky.down = True
+    if m.quotas.leases is None:  # memory://: decided and settled in the store itself
+        with pytest.raises(StoreUnavailable):
+            reservation.commit({"tokens": 30})
+        flaky.down = False
+        reservation.commit({"tokens": 30})
+    else:
+        reservation.commit({"tokens": 30})  # held in this process's lease: no store call
+        flaky.down = False
+    assert m.quotas.used(ORG, "tokens") == 30
+    assert tokens_recorded(m) == 30
+
+
 def test_fail_open_settles_and_debits_without_raising_during_an_outage(
     flaky: FlakyCounters, clock: Clock
 ) -> None:
-    m = Meter(store=flaky, clock=clock, policy="open")
+    m = Meter(store=flaky, clock=clock, policy="open", leases=False)  # settled in the store
     on_plan(m, limits={"tokens": 100})
     held = m.reserve(ORG, {"tokens": 40})
     flaky.down = True

@@ -99,6 +99,7 @@ class _Lease:
     usable_until: int  # meter clock: half a ttl after the hold was last written, at most ``ends``
     unused: int = 0
     consumed: int = 0  # since the last report (quota leases)
+    reserved: int = 0  # held by open reservations, neither unused nor consumed yet
     taken: int = 0  # what the hold records for this lease (quota leases)
     seen: int = 0  # the counted total at the last take, this lease included
     block: int = _FIRST_BLOCK
@@ -150,24 +151,37 @@ class Leases:
         self._lock = threading.Lock()
         self._leases: dict[str, _Lease] = {}
         self._orgs: dict[str, _Org] = {}
+        # Open reservations: id -> (expires_at, [(lease, units held)]).
+        self._reservations: dict[str, tuple[int, list[tuple[_Lease, int]]]] = {}
 
     # -- decisions ----------------------------------------------------------------------------
 
-    def decide(self, org: str, lines: Sequence[LeaseLine], now: int) -> CounterResult:
-        """Admit every line from the leases (taking room where short) or refuse them all."""
+    def decide(
+        self,
+        org: str,
+        lines: Sequence[LeaseLine],
+        now: int,
+        reservation: tuple[str, int] | None = None,
+    ) -> CounterResult:
+        """Admit every line from the leases (taking room where short) or refuse them all.
+
+        With ``reservation`` (its id and expiry), quota units are held for it until
+        :meth:`settle`, or until the expiry, when the next report gives them back.
+        """
         with self._lock:
-            admitted = self._consume(lines, now)
+            admitted = self._consume(lines, now, reservation)
         if admitted is not None:
             return admitted
         state = self._org(org)
         with state.lock:  # one take at a time per organization; decisions go on meanwhile
             for _attempt in range(3):
                 with self._lock:
+                    self._expire_reservations(now)
                     lapsed = self._lapse_if_expired(state, now)
                 if lapsed:
-                    self._count_lapsed(lapsed, now)
+                    self._count_lapsed(state, lapsed, now)
                 with self._lock:
-                    admitted = self._consume(lines, now)
+                    admitted = self._consume(lines, now, reservation)
                     if admitted is not None:
                         return admitted
                     stale = False
@@ -196,7 +210,9 @@ class Leases:
                     return self._refusal(lines, leases, asks, result)
         raise Contended()
 
-    def _consume(self, lines: Sequence[LeaseLine], now: int) -> CounterResult | None:
+    def _consume(
+        self, lines: Sequence[LeaseLine], now: int, reservation: tuple[str, int] | None
+    ) -> CounterResult | None:
         """Every line's amount from its lease, or (when one is short) nothing. Under the lock."""
         leases = []
         for ln in lines:
@@ -205,14 +221,62 @@ class Leases:
                 return None
             leases.append(lease)
         used = []
+        held: list[tuple[_Lease, int]] = []
         for ln, lease in zip(lines, leases):
             amount = ln.counter.amount
             lease.unused -= amount
             lease.recent += amount
-            if not lease.rate:
+            if lease.rate:
+                pass  # a request counts in its window for good
+            elif reservation is not None:
+                lease.reserved += amount
+                held.append((lease, amount))
+            else:
                 lease.consumed += amount
             used.append(lease.seen - lease.unused)
+        if reservation is not None:
+            self._reservations[reservation[0]] = (reservation[1], held)
         return CounterResult(True, tuple(used), (0,) * len(lines))
+
+    def settle(
+        self, reservation_id: str, actual: dict[str, int] | None
+    ) -> list[tuple[str, int]] | None:
+        """Settle a reservation made from leases: ``actual`` units by counter key are consumed
+        (``None``: released), the rest goes back to the lease.
+
+        Returns what the leases could not cover (usage over the hold, to be added to the
+        counters directly), or ``None`` when the reservation is unknown: settled already, or
+        expired and given back.
+        """
+        with self._lock:
+            found = self._reservations.pop(reservation_id, None)
+            if found is None:
+                return None
+            extra: list[tuple[str, int]] = []
+            for lease, amount in found[1]:
+                lease.reserved -= amount
+                use = 0 if actual is None else actual.pop(lease.key, 0)
+                if use <= amount:
+                    lease.consumed += use
+                    lease.unused += amount - use
+                    continue
+                lease.consumed += amount
+                more = use - amount
+                if not lease.closing and lease.unused >= more:
+                    lease.unused -= more
+                    lease.consumed += more
+                else:
+                    extra.append((lease.key, more))
+            return extra
+
+    def _expire_reservations(self, now: int) -> None:
+        """Reservations nobody settled give their units back at their expiry. Under the lock."""
+        for rid, (expires_at, held) in list(self._reservations.items()):
+            if expires_at <= now:
+                del self._reservations[rid]
+                for lease, amount in held:
+                    lease.reserved -= amount
+                    lease.unused += amount
 
     @staticmethod
     def _ask(line: LeaseLine, lease: _Lease | None, now: int) -> tuple[int, int, int]:
@@ -327,16 +391,29 @@ class Leases:
             if lease.org == state.org and not lease.rate:
                 lease.taken = lease.unused = 0
                 lease.closing = True
-                if lease.consumed:
+                if lease.consumed or lease.reserved:
                     lapsed.append((lease, lease.consumed))
         return lapsed
 
-    def _count_lapsed(self, lapsed: list[tuple[_Lease, int]], now: int) -> None:
-        """Count what lapsed leases consumed; under the organization's lock."""
-        self.counters.counters_add([(lease.key, c) for lease, c in lapsed], now=now)
+    def _count_lapsed(self, state: _Org, lapsed: list[tuple[_Lease, int]], now: int) -> None:
+        """Count what lapsed leases consumed, and hold again what open reservations hold: it
+        was admitted. Under the organization's lock."""
+        lines = [CounterLine(lease.key, c) for lease, c in lapsed if c]
+        held: dict[str, int] = {}
+        for lease, _ in lapsed:
+            if lease.reserved:
+                held[lease.key + LEASED] = held.get(lease.key + LEASED, 0) + lease.reserved
+        lines += [CounterLine(key, amount) for key, amount in held.items()]
+        hold = None
+        if held:
+            hold = Hold(state.hold_id, state.org, tuple(sorted(held.items())), now + self.ttl)
+        self.counters.counters_apply(lines, now=now, hold=hold)
         with self._lock:
             for lease, c in lapsed:
                 lease.consumed -= c
+                lease.taken = lease.reserved
+            if hold is not None:
+                state.expires_at = now + self.ttl
 
     def _org(self, org: str) -> _Org:
         with self._lock:
@@ -384,10 +461,17 @@ class Leases:
         with self._lock:
             return any(lease.consumed for lease in self._leases.values())
 
-    def consumed(self, key: str) -> int:
-        """Units of ``key`` consumed here and not reported yet."""
+    def consumed(self, key: str, now: int) -> int:
+        """Units of ``key`` consumed here and not reported yet, and held by open reservations."""
         with self._lock:
-            return sum(ls.consumed for ls in self._leases.values() if ls.key == key)
+            self._expire_reservations(now)
+            return sum(ls.consumed + ls.reserved for ls in self._leases.values() if ls.key == key)
+
+    def unused(self, key: str, now: int) -> int:
+        """Units of ``key`` leased here and free to use (counted as leased in the store)."""
+        with self._lock:
+            self._expire_reservations(now)
+            return sum(ls.unused for ls in self._leases.values() if ls.key == key)
 
     def report(self, now: int, *, closing: bool = False) -> None:
         """Count consumed units, give back idle leases (every lease when ``closing``).
@@ -396,6 +480,7 @@ class Leases:
         rewritten together, so nothing is ever counted twice or lost by a failure part way.
         """
         with self._lock:
+            self._expire_reservations(now)
             orgs = list({lease.org for lease in self._leases.values()})
         for org in orgs:
             self._report_org(self._org(org), org, now, closing)
@@ -409,7 +494,7 @@ class Leases:
         with self._lock:
             lapsed = self._lapse_if_expired(state, now)
         if lapsed:
-            self._count_lapsed(lapsed, now)
+            self._count_lapsed(state, lapsed, now)
         with self._lock:
             plan = []
             deltas: dict[str, int] = {}
@@ -420,7 +505,7 @@ class Leases:
                     closing
                     or lease.closing
                     or now >= lease.usable_until
-                    or not (lease.recent or lease.fresh)
+                    or not (lease.recent or lease.fresh or lease.reserved)
                 )
                 if drop:
                     lease.closing = True
@@ -470,8 +555,8 @@ class Leases:
                 lease.consumed -= consumed
                 lease.taken -= min(lease.taken, consumed + given_back)
                 lease.unused -= given_back
-                if drop and self._leases.get(name) is lease:
-                    del self._leases[name]
+                if drop and not lease.reserved and self._leases.get(name) is lease:
+                    del self._leases[name]  # one with open reservations stays until they settle
             if amounts:
                 self._held_anew(state, org, now)
             else:

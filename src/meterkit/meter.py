@@ -642,7 +642,7 @@ class Meter:
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join(timeout=max(5.0, 10 * self.flush_interval))
         try:
-            self.flush(closing=True)
+            self.flush(release_leases=True)
         except Exception:
             logger.exception("meterkit: the last flush of %s failed", self.url)
         finally:
@@ -652,18 +652,18 @@ class Meter:
 
     # -- the flush: debit events and lease reports ------------------------------------------
 
-    def flush(self, *, closing: bool = False) -> None:
+    def flush(self, *, release_leases: bool = False) -> None:
         """Write queued debit events and report leased quota now.
 
         Decisions admitted from a lease queue their debit events and count their units in the
         lease; a background thread does this every ``flush_interval`` seconds. Call it where
         the next step must see every decision made so far (queries do, for this meter).
-        ``closing`` also gives back every lease.
+        ``release_leases`` also gives back every unused lease (held reservations stay).
         """
         with self._flush_lock:
             leases = self.quotas.leases
-            if leases is not None and (closing or leases.pending()):
-                leases.report(self.now(), closing=closing)
+            if leases is not None and (release_leases or leases.pending()):
+                leases.report(self.now(), closing=release_leases)
             with self._queue_lock:
                 events, self._queued = self._queued, []
             if events:

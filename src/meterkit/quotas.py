@@ -191,6 +191,7 @@ class Reservation:
         self._dimensions = dimensions
         self._lock = threading.Lock()
         self.settled = False
+        self._leased = False  # held in this process's leases, not in the store
 
     def commit(self, actual: Mapping[str, int] | None = None) -> None:
         """Settle to the real amounts (default: what was held). Over the hold is debited too."""
@@ -587,7 +588,7 @@ class Quotas:
             key = self.period_key(organization_id, metric, self.period(organization_id, now))
         value: int = self.counters.counters_read([key], now=now)[0]
         if self.leases is not None:
-            value += self.leases.consumed(key)  # decided here, not reported yet
+            value += self.leases.consumed(key, now)  # decided here, not reported yet
         return value
 
     def _atomic(self) -> contextlib.AbstractContextManager[None]:
@@ -628,13 +629,12 @@ class Quotas:
             raise
         if (
             debit
-            and hold_ttl is None
             and self.leases is not None
             and all(ln.window or ln.period is not None for ln in lines)
         ):
-            leased = self._leased(org, lines, clean, now, decision_id, dimensions)
+            leased = self._leased(org, lines, clean, now, decision_id, dimensions, hold_ttl)
             if leased is not None:
-                return leased, None
+                return leased
         counters = [ln.counter for ln in lines]
         hold = None
         if hold_ttl is not None:
@@ -680,25 +680,37 @@ class Quotas:
         now: int,
         decision_id: str,
         dimensions: Mapping[str, Any] | None,
-    ) -> Decision | None:
-        """Decide from this process's leases (``None``: contended, decide in the store)."""
+        hold_ttl: int | None,
+    ) -> tuple[Decision, Reservation | None] | None:
+        """Decide from this process's leases (``None``: contended, decide in the store).
+
+        A reservation holds its quota units in the leases until it is settled; its debit
+        events are queued when it commits.
+        """
         assert self.leases is not None
-        events = self._debit_events(decision_id, org, amounts, dimensions, now)
+        events = [] if hold_ttl else self._debit_events(decision_id, org, amounts, dimensions, now)
+        held = (decision_id, now + hold_ttl) if hold_ttl else None
         try:
-            result = self.leases.decide(org, lines, now)
+            result = self.leases.decide(org, lines, now, held)
         except Contended:
             return None
         except StoreUnavailable:
             if self.policy == "open":
-                return self._degraded(org, decision_id, amounts, [], None, now, dimensions)[0]
+                return self._degraded(org, decision_id, amounts, lines, hold_ttl, now, dimensions)
             raise
         self.meter._start_flusher()
         decision = self._describe(org, lines, result, now, decision_id)
-        if result.admitted:
-            self._thresholds_from(org, lines, {s.metric: s.used for s in decision.limits})
-            if events:
-                self.meter._queue(events)
-        return decision
+        if not result.admitted:
+            return decision, None
+        self._thresholds_from(org, lines, {s.metric: s.used for s in decision.limits})
+        if events:
+            self.meter._queue(events)
+        if hold_ttl is None:
+            return decision, None
+        keyed = {ln.metric: ln for ln in lines if ln.window == 0}
+        reservation = Reservation(self, decision, amounts, keyed, now + hold_ttl, dimensions)
+        reservation._leased = True
+        return decision, reservation
 
     def _degraded(
         self,
@@ -725,6 +737,13 @@ class Quotas:
             v if c.prev_key else 0
             for c, v in zip(counters, self.counters.counters_read(prev_keys, now=now))
         ]
+        if self.leases is not None:
+            # Units leased here are this process's room: only others' leases stand in the way.
+            for i, c in enumerate(counters):
+                if c.prev_key and c.prev_key.endswith(LEASED):
+                    current[i] += self.leases.consumed(c.key, now)
+                    previous[i] = max(0, previous[i] - self.leases.unused(c.key, now))
+                    previous[i] -= min(previous[i], self.leases.consumed(c.key, now))
         admitted = all(fits(c, u, p) for c, u, p in zip(counters, current, previous))
         used = [u + c.amount for c, u in zip(counters, current)] if admitted else current
         return CounterResult(admitted, tuple(used), tuple(previous))
@@ -872,6 +891,9 @@ class Quotas:
     def _settle(self, reservation: Reservation, actual: dict[str, int] | None) -> None:
         now = self.meter.now()
         lines = reservation._lines
+        if reservation._leased and self.leases is not None:
+            self._settle_leased(reservation, actual, now)
+            return
         deltas = []
         for metric, held in reservation.held.items():
             line = lines.get(metric)
@@ -903,6 +925,41 @@ class Quotas:
             if not settle_done or self.counters is self.meter.store:
                 reservation._reopen()
             raise
+
+    def _settle_leased(
+        self, reservation: Reservation, actual: dict[str, int] | None, now: int
+    ) -> None:
+        assert self.leases is not None
+        lines = reservation._lines
+        by_key = (
+            None
+            if actual is None
+            else {lines[m].counter.key: a for m, a in actual.items() if m in lines}
+        )
+        extra = self.leases.settle(reservation.id, dict(by_key) if by_key is not None else None)
+        if extra is None and by_key:
+            extra = list(by_key.items())  # expired and given back: the usage still happened
+        if actual is None:
+            return
+        if extra:
+            try:
+                self.counters.counters_add([(k, a) for k, a in extra if a], now=now)
+            except StoreUnavailable:
+                if self.policy != "open":
+                    raise
+                logger.warning(
+                    "meterkit: store unavailable; usage of %s not counted", reservation.id
+                )
+        used = {m: s.used for m, s in ((m, reservation.decision.state(m)) for m in lines) if s}
+        for metric in actual:
+            if metric in used:
+                used[metric] += max(0, actual[metric] - reservation.held.get(metric, 0))
+        self._thresholds_from(reservation.organization_id, list(lines.values()), used)
+        events = self._debit_events(
+            reservation.id, reservation.organization_id, actual, reservation._dimensions, now
+        )
+        if events:
+            self.meter._queue(events)
 
     def _settled(
         self, reservation: Reservation, actual: dict[str, int], settled: bool, now: int

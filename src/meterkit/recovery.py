@@ -83,7 +83,7 @@ def rebuild_counters(meter: Meter, organization_id: str | None = None) -> dict[s
     """
     # This process's leases and queued debits reach the store first, so the events hold all
     # this meter decided; leases taken afterwards start from the rebuilt counters.
-    meter.flush(closing=True)
+    meter.flush(release_leases=True)
     now = meter.now()
     if organization_id is not None:
         orgs = [organization_id]
