@@ -329,3 +329,30 @@ def test_leased_reservations_hold_commit_release_and_expire(open_meter: OpenMete
         "tokens", "tokens", organization_id=ORG, start_time=day, end_time=day + 86400
     )
     assert recorded == 100
+
+
+def test_record_later_validates_now_and_writes_at_the_flush(open_meter: OpenMeter) -> None:
+    from meterkit import Event, ValidationError
+
+    m = open_meter(Clock(T0))
+    good = Event("r1", "requests", ORG, T0, {"requests": 1})
+    bad = Event("r2", "requests", ORG, T0, {"requests": -1})
+    with pytest.raises(ValidationError) as caught:
+        m.record_later([good, bad])
+    assert caught.value.field == "events[1].values.requests"
+    assert m._queued == [], "nothing of a bad batch is queued"
+    m.record_later([good])
+    other = open_meter(Clock(T0))
+    day = T0 - T0 % 86400
+
+    def seen(meter: Meter) -> int:
+        page = meter.total(
+            "requests", "requests", organization_id=ORG, start_time=day, end_time=day + 86400
+        )
+        return int(page)
+
+    assert seen(other) == 0, "not written before the flush"
+    assert seen(m) == 1, "a meter's own queries flush it first"
+    m.record_later([good])
+    m.flush()
+    assert seen(other) == 1, "the same id again changes nothing"

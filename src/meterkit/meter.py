@@ -326,7 +326,29 @@ class Meter:
             raise ValidationError("events", "must be a list of Event")
         return self._append(list(events), single=False)
 
+    def record_later(self, events: Iterable[Event]) -> None:
+        """Validate ``events`` now and queue them for the next flush, without waiting.
+
+        For usage that must not hold up a request (the metering middleware's request events):
+        a bad event raises here and nothing is queued; a good one is written within
+        ``flush_interval`` seconds, by :meth:`flush` or :meth:`close`. Until then a crash can
+        lose it, unlike :meth:`record`, which returns once the event is durable. Ids stay
+        idempotent: queuing an event already stored changes nothing.
+        """
+        if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
+            raise ValidationError("events", "must be a list of Event")
+        checked = self._checked(list(events), single=False)
+        if checked:
+            self._queue(checked)
+
     def _append(self, events: Sequence[Event], *, single: bool) -> AppendResult:
+        checked = self._checked(events, single=single)
+        if not checked:
+            return AppendResult(0, 0)
+        return self._stored(checked)
+
+    def _checked(self, events: Sequence[Event], *, single: bool) -> list[Event]:
+        """Every event validated against its meter and the clock, or a ValidationError."""
         checked = []
         now = self.now() if events else 0
         latest = None if self.max_future_skew is None else now + self.max_future_skew
@@ -345,8 +367,10 @@ class Meter:
                     f"{self.max_future_skew} s is accepted (max_future_skew)",
                 )
             checked.append(event)
-        if not checked:
-            return AppendResult(0, 0)
+        return checked
+
+    def _stored(self, checked: list[Event]) -> AppendResult:
+        """Store validated events (grouped with other callers') and tell the observers."""
         for name in {e.meter for e in checked}:
             self._ensure(self._specs[name])
         if getattr(self._tx, "depth", 0):

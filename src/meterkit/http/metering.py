@@ -14,6 +14,7 @@ here too, from a :class:`~meterkit.quotas.Decision`, so both adapters answer byt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -27,6 +28,7 @@ import attrs
 from meterkit.auth import Principal, authenticate
 from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.http.errors import MESSAGES, OPENAI, HttpError
+from meterkit.models import Event
 from meterkit.plans import UNLIMITED
 from meterkit.quotas import RATE_WINDOWS, Decision, Reservation, check_amounts
 
@@ -468,10 +470,11 @@ class Metering(Generic[R]):
         the endpoint reported explicitly is counted either way, because it happened.
         """
         try:
-            # Settling, reported usage and the request record: one commit where the store can,
-            # all or nothing. If it fails the hold expires after its ttl and gives its amounts
-            # back, so a request is never charged twice.
-            with self.meter.transaction():
+            # Settling and reported usage: one commit where the store decides (a leased
+            # reservation settles in memory). If it fails the hold expires after its ttl and
+            # gives its amounts back, so a request is never charged twice.
+            settles_in_store = ticket.reservation is not None and not ticket.reservation._leased
+            with self.meter.transaction() if settles_in_store else contextlib.nullcontext():
                 self._finish(ticket, status=status, method=method, route=route, failed=failed)
         except Exception:
             logger.exception("meterkit: could not settle request %s", ticket.id)
@@ -527,14 +530,12 @@ class Metering(Generic[R]):
             }.items()
             if spec.dimension(k) is not None
         }
+        event = Event(
+            event_id, self.record_meter, org, self.meter.now(), {self._record_measure: 1}, dims
+        )
         try:
-            self.meter.record(
-                self.record_meter,
-                {self._record_measure: 1},
-                organization_id=org,
-                id=event_id,
-                dimensions=dims,
-            )
+            # Written by the meter's next flush: the request is not held up by a commit.
+            self.meter.record_later([event])
         except Exception:
             logger.exception("meterkit: could not record request %s", event_id)
 
