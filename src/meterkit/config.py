@@ -11,7 +11,7 @@ import datetime as dt
 import os
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -26,8 +26,25 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 if TYPE_CHECKING:
-    from meterkit.meter import Meter
+    from meterkit.models import MeterSpec
     from meterkit.pricing import Price
+    from meterkit.quotas import Quotas
+
+
+class Meter(Protocol):
+    """What a configuration writes into: a :class:`~meterkit.Meter`."""
+
+    quotas: Quotas
+
+    @property
+    def meters(self) -> Mapping[str, MeterSpec]: ...
+
+    def set_plan(self, plan: Plan) -> Plan: ...
+
+    def assign_plan(self, organization_id: str, plan: str, *, seats: int = 1) -> OrgPlan: ...
+
+    def set_price(self, price: Price | Mapping[str, Any]) -> Price: ...
+
 
 __all__ = ["Config", "load_config"]
 

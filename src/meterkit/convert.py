@@ -121,3 +121,16 @@ def make_camel_converter() -> cattrs.Converter:
 native_converter = make_native_converter()
 openai_converter = make_openai_converter()
 camel_converter = make_camel_converter()
+
+
+def _register_page_format() -> None:
+    from meterkit import models
+
+    def to_openai(page: UsagePage) -> dict[str, object]:
+        out: dict[str, object] = openai_converter.unstructure(page)
+        return out
+
+    models._to_openai = to_openai
+
+
+_register_page_format()

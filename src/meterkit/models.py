@@ -275,7 +275,11 @@ class UsagePage:
 
     def to_dict(self) -> dict[str, object]:
         """The OpenAI page envelope: ``{"object": "page", "data": [...], ...}``."""
-        from meterkit.convert import openai_converter
+        if _to_openai is None:  # pragma: no cover - meterkit's __init__ loads the format
+            raise RuntimeError("meterkit.convert is not loaded")
+        return _to_openai(self)
 
-        out: dict[str, object] = openai_converter.unstructure(self)
-        return out
+
+_to_openai: Callable[[UsagePage], dict[str, object]] | None = None
+"""The OpenAI wire format's unstructure, set by :mod:`meterkit.convert` when it loads (the
+format knows the models; the models do not import the format)."""

@@ -16,8 +16,8 @@ import math
 import threading
 import time as _time
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 
@@ -31,7 +31,36 @@ from meterkit.plans import UNLIMITED, Grant, OrgPlan, Plan
 from meterkit.validate import MAX_VALUE, check_event, check_id, check_string, check_time
 
 if TYPE_CHECKING:
-    from meterkit.meter import Meter
+    import pluggy
+
+    from meterkit.models import AppendResult, MeterSpec
+    from meterkit.stores.base import CounterStore, Store
+
+
+class Host(Protocol):
+    """What the decisions need of the meter that composes them (:class:`~meterkit.Meter`)."""
+
+    store: Store
+    counters: CounterStore
+    pm: pluggy.PluginManager
+    _specs: dict[str, MeterSpec]
+    _tx: threading.local
+
+    @property
+    def meters(self) -> Mapping[str, MeterSpec]: ...
+
+    def now(self) -> int: ...
+
+    def notify(self, call: Callable[[], object]) -> None: ...
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def record_many(self, events: Iterable[Event]) -> AppendResult: ...
+
+    def _queue(self, events: Sequence[Event]) -> None: ...
+
+    def _start_flusher(self) -> None: ...
+
 
 __all__ = ["Decision", "LimitState", "Quotas", "Reservation"]
 
@@ -235,7 +264,7 @@ class Quotas:
 
     def __init__(
         self,
-        meter: Meter,
+        meter: Host,
         *,
         policy: Policy = "closed",
         thresholds: Sequence[float] = (0.8, 1.0),

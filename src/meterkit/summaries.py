@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -22,7 +22,39 @@ from meterkit.plans import UNLIMITED
 from meterkit.validate import check_id
 
 if TYPE_CHECKING:
-    from meterkit.meter import Meter
+    import pluggy
+
+    from meterkit.models import AppendResult, Event, MeterSpec, Number
+    from meterkit.quotas import Quotas
+
+
+class Meter(Protocol):
+    """What the summaries need of a :class:`~meterkit.Meter`."""
+
+    quotas: Quotas
+    pm: pluggy.PluginManager
+
+    @property
+    def meters(self) -> Mapping[str, MeterSpec]: ...
+
+    def now(self) -> int: ...
+
+    def total(
+        self, meter: str, measure: str, *, organization_id: str, start_time: int, end_time: int
+    ) -> Number: ...
+
+    def totals(
+        self,
+        meter: str,
+        *,
+        organization_id: str,
+        start_time: int,
+        end_time: int,
+        bucket_width: str = "1d",
+    ) -> list[tuple[int, dict[str, Number | None]]]: ...
+
+    def record_many(self, events: Iterable[Event]) -> AppendResult: ...
+
 
 __all__ = [
     "account_usage",

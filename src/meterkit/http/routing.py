@@ -8,7 +8,7 @@ need (auth, scope, error shape, parameters, responses).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -17,8 +17,14 @@ from meterkit.http.errors import ErrorShape
 
 if TYPE_CHECKING:
     from meterkit.auth import Principal
-    from meterkit.http.app import HttpApp
     from meterkit.meter import Meter
+
+
+class Served(Protocol):
+    """What a handler may ask of the app serving it (``HttpApp`` is one)."""
+
+    def openapi(self) -> dict[str, Any]: ...
+
 
 __all__ = [
     "Call",
@@ -78,7 +84,7 @@ class Call:
     meter: Meter
     principal: Principal | None
     path_params: Mapping[str, str]
-    app: HttpApp
+    app: Served
 
     @property
     def caller(self) -> Principal:
