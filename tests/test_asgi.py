@@ -10,8 +10,10 @@ import json
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
+from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -43,7 +45,7 @@ from http_helpers import (
     send,
     used,
 )
-from meterkit import Decision, Meter
+from meterkit import Decision, Meter, Plan
 from meterkit.asgi import MeteringMiddleware, create_app, current_usage
 from meterkit.http.metering import rate_limit_headers, retry_after_seconds
 from meterkit.quotas import LimitState
@@ -543,3 +545,58 @@ def test_headers_of_a_gauge_and_of_no_limit_at_all() -> None:
     }
     odd = Decision(True, "org", (LimitState('a"b\\c\u00e9', 1, 1, 9, 8, None),))
     assert dict(rate_limit_headers(odd, NOW))["RateLimit"] == '"a\\"b\\\\c?";r=8'
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite"])
+def test_the_guard_decides_on_the_loop_when_it_can(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = url if url == "memory://" else f"sqlite:///{tmp_path / 'g.db'}"
+    meter, tokens = guard_meter(store)
+    hops: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__qualname__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+
+    async def endpoint(request: StarletteRequest) -> Response:
+        return PlainTextResponse("ok")
+
+    # Limits with room for blocks (a limit of 5 queries would be leased one by one).
+    meter.set_plan(
+        Plan("wide", limits={"queries": 10**6}, rate_limit_rpm=10**5, rate_limit_per_day=10**6)
+    )
+    meter.assign_plan("org_a", "wide")
+    app = MeteringMiddleware(Starlette(routes=[Route("/", endpoint)]), meter=meter)
+    headers = {"authorization": f"Bearer {tokens['admin']}"}
+
+    async def go(n: int) -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [(await client.get("/", headers=headers)).status_code for _ in range(n)]
+
+    assert asyncio.run(go(1)) == [200]
+    # On SQLite the first request read the key and took leases in a worker thread; on
+    # memory:// everything is in this process from the start.
+    assert bool(hops) == (url != "memory://")
+    # Blocks double with each take (16, 32, 64, ...): after a few, the next requests find the
+    # key and the room in memory: no thread hop, and every one is counted.
+    assert asyncio.run(go(60)) == [200] * 60
+    hops.clear()
+    assert asyncio.run(go(40)) == [200] * 40
+    assert hops == []
+    meter.flush()
+    assert used(meter, "queries") == 101
+    assert (
+        meter.total(
+            "requests", "requests", organization_id="org_a", start_time=0, end_time=meter.now() + 1
+        )
+        == 101
+    )
+    # Limits to read again (a plan changed) are read from the store, off the loop.
+    meter.quotas._forget()
+    assert asyncio.run(go(1)) == [200]
+    assert bool(hops) == (url != "memory://")

@@ -24,6 +24,7 @@ from meterkit.http.app import HttpApp
 from meterkit.http.core import Request, Response
 from meterkit.http.metering import (
     DEFAULT_COST,
+    NEEDS_STORE,
     Cost,
     Identify,
     Metering,
@@ -320,9 +321,12 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         method: str = scope.get("method", "GET")
-        outcome = await anyio.to_thread.run_sync(
-            lambda: self.metering.begin(scope, method=method, path=path)
-        )
+        # On the loop when the key is cached and the lease has room; else in a worker thread.
+        outcome = self.metering.begin_local(scope, method=method, path=path)
+        if outcome is NEEDS_STORE:
+            outcome = await anyio.to_thread.run_sync(
+                lambda: self.metering.begin(scope, method=method, path=path)
+            )
         if isinstance(outcome, Refusal):
             await _send_whole(send, outcome.status, outcome.headers, outcome.body)
             return
@@ -371,9 +375,13 @@ class MeteringMiddleware:
             route = _route_template(scope, child, path)
             # Settle even when the request was cancelled (the client went away): the hold
             # would otherwise wait for its ttl.
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(
-                    lambda: self.metering.finish(
-                        ticket, status=status, method=method, route=route, failed=failed
+            done = self.metering.finish_local(
+                ticket, status=status, method=method, route=route, failed=failed
+            )
+            if not done:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(
+                        lambda: self.metering.finish(
+                            ticket, status=status, method=method, route=route, failed=failed
+                        )
                     )
-                )

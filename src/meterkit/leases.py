@@ -210,6 +210,17 @@ class Leases:
                     return self._refusal(lines, leases, asks, result)
         raise Contended()
 
+    def decide_local(
+        self,
+        lines: Sequence[LeaseLine],
+        now: int,
+        reservation: tuple[str, int] | None = None,
+    ) -> CounterResult | None:
+        """Admit from the leases as they are, or ``None`` (nothing consumed) when one is short:
+        never a store call, so it may run on an event loop."""
+        with self._lock:
+            return self._consume(lines, now, reservation)
+
     def _consume(
         self, lines: Sequence[LeaseLine], now: int, reservation: tuple[str, int] | None
     ) -> CounterResult | None:
@@ -351,6 +362,8 @@ class Leases:
                     lease = _Lease(c.key, org, c.limit, bool(line.window), ends, ends)
                     self._leases[c.key] = lease
                 lease.unused += block
+                # Used up before a report: the traffic outgrew the block, so the next doubles.
+                lease.block = min(max(lease.block, block) * 2, MAX_COUNTER // 2)
                 if not lease.rate:
                     lease.taken += block
                 lease.seen = result.used[j] + math.floor(result.previous[j] * _weight(line))

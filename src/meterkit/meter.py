@@ -67,6 +67,7 @@ def _forget_queue_after_fork() -> None:
     # The queue and the flusher thread belong to the parent, which writes what it queued.
     for meter in list(_open_meters):
         meter._queued = []
+        meter._deferred = []
         meter._flusher = None
         meter._flush_lock = threading.Lock()
         meter._queue_lock = threading.Lock()
@@ -193,6 +194,7 @@ class Meter:
             self.register(spec)
         # Decisions' debit events wait here for the next flush (see flush()).
         self._queued: list[Event] = []
+        self._deferred: list[Callable[[], object]] = []
         self._queue_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._flusher: threading.Thread | None = None
@@ -685,6 +687,17 @@ class Meter:
         ``release_leases`` also gives back every unused lease (held reservations stay).
         """
         with self._flush_lock:
+            with self._queue_lock:
+                deferred, self._deferred = self._deferred, []
+            for i, call in enumerate(deferred):
+                try:
+                    call()
+                except StoreUnavailable:
+                    with self._queue_lock:  # kept, in order, for the next flush
+                        self._deferred[:0] = deferred[i:]
+                    raise
+                except Exception:
+                    logger.exception("meterkit: deferred store call failed")
             leases = self.quotas.leases
             if leases is not None and (release_leases or leases.pending()):
                 leases.report(self.now(), closing=release_leases)
@@ -705,17 +718,24 @@ class Meter:
         if getattr(self._tx, "depth", 0):
             return
         leases = self.quotas.leases
-        if self._queued or (leases is not None and leases.unreported()):
+        if self._queued or self._deferred or (leases is not None and leases.unreported()):
             self.flush()
 
-    def _queue(self, events: Sequence[Event]) -> None:
-        """Queue validated events for the next flush, without waiting for it."""
+    def _queue(self, events: Sequence[Event], *, wait: bool = True) -> None:
+        """Queue validated events for the next flush, without waiting for it (unless the
+        backlog is too long and ``wait`` allows it: then the store sets the pace)."""
         with self._queue_lock:
             self._queued.extend(events)
             backlog = len(self._queued)
         self._start_flusher()
-        if backlog > MAX_QUEUED:
+        if wait and backlog > MAX_QUEUED:
             self.flush()  # the store is slower than the decisions: they wait for it now
+
+    def _defer(self, call: Callable[[], object]) -> None:
+        """Run ``call`` at the next flush, in the flushing thread (store I/O off a loop)."""
+        with self._queue_lock:
+            self._deferred.append(call)
+        self._start_flusher()
 
     def _start_flusher(self) -> None:
         if self._flusher is not None or self._closed:

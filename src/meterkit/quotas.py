@@ -16,7 +16,7 @@ import math
 import threading
 import time as _time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
@@ -57,7 +57,9 @@ class Host(Protocol):
 
     def record_many(self, events: Iterable[Event]) -> AppendResult: ...
 
-    def _queue(self, events: Sequence[Event]) -> None: ...
+    def _queue(self, events: Sequence[Event], *, wait: bool = True) -> None: ...
+
+    def _defer(self, call: Callable[[], object]) -> None: ...
 
     def _start_flusher(self) -> None: ...
 
@@ -289,9 +291,14 @@ class Quotas:
         self._cache_lock = threading.Lock()
         # Threshold markers this process has claimed (or seen claimed): asked of the store once.
         self._claimed: set[str] = set()
+        # Set while settling on an event loop: what needs the store is deferred to the flush.
+        self._no_io = threading.local()
         # Counters other processes share: quota lines count their leased units too.
         self._shared = bool(getattr(self.counters, "shared", True))
         self._in_memory = not getattr(self.meter.store, "shared", True)
+        self.all_in_memory = self._in_memory and not self._shared
+        """Plans, counters and events all live in this process (``memory://``): deciding and
+        settling never wait on I/O."""
         self.leases: Leases | None = Leases(self.counters, ttl=lease_ttl) if leases else None
 
     @property
@@ -635,6 +642,67 @@ class Quotas:
                 return None
             raise
 
+    def decide_local(
+        self,
+        organization_id: str,
+        amounts: Mapping[str, int],
+        *,
+        ttl: int | None = None,
+        dimensions: Mapping[str, Any] | None = None,
+    ) -> tuple[Decision, Reservation | None] | None:
+        """An admitted decision (a reservation with ``ttl``) made without any store I/O, or
+        ``None`` when it needs the store: limits not compiled, a lease short of room, a
+        refusal to describe. For an event loop: ``None`` means "ask :meth:`check` or
+        :meth:`reserve` in a thread". Nothing is consumed when it answers ``None``.
+        """
+        if self.leases is None:
+            return None
+        org = check_id("organization_id", organization_id)
+        clean = check_amounts(amounts)
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
+            raise ValidationError("ttl", f"must be a whole number of seconds from 1 to {MAX_TTL}")
+        now = self.meter.now()
+        if self.compiled(org, now) is None:
+            return None
+        lines = self._lines(org, clean, 1, now)
+        if not all(ln.window or ln.period is not None for ln in lines):
+            return None
+        decision_id = new_id("rsv" if ttl else "dec")
+        events = [] if ttl else self._debit_events(decision_id, org, clean, dimensions, now)
+        result = self.leases.decide_local(lines, now, (decision_id, now + ttl) if ttl else None)
+        if result is None:
+            return None
+        decision = self._describe(org, lines, result, now, decision_id)
+        used = {s.metric: s.used for s in decision.limits}
+        self.meter._defer(lambda: self._thresholds_from(org, lines, used))
+        if events:
+            self.meter._queue(events, wait=False)
+        if ttl is None:
+            return decision, None
+        keyed = {ln.metric: ln for ln in lines if ln.window == 0}
+        reservation = Reservation(self, decision, clean, keyed, now + ttl, dimensions)
+        reservation._leased = True
+        return decision, reservation
+
+    @contextlib.contextmanager
+    def no_io(self) -> Iterator[None]:
+        """Within: settling a leased reservation defers what needs the store to the flush."""
+        self._no_io.on = True
+        try:
+            yield
+        finally:
+            self._no_io.on = False
+
+    def compiled(self, organization_id: str, now: int) -> Period | None:
+        """The billing period of an organization whose limits are compiled and fresh at
+        ``now`` (no store read needed to decide), else ``None``."""
+        mono = _time.monotonic()
+        with self._cache_lock:
+            hit = self._compiled.get(organization_id)
+        if hit is not None and mono < hit.refresh_at and hit.period.start <= now < hit.valid_until:
+            return hit.period
+        return None
+
     def _decide(
         self,
         organization_id: str,
@@ -958,6 +1026,7 @@ class Quotas:
     def _settle_leased(
         self, reservation: Reservation, actual: dict[str, int] | None, now: int
     ) -> None:
+        local = getattr(self._no_io, "on", False)
         assert self.leases is not None
         lines = reservation._lines
         by_key = (
@@ -970,7 +1039,10 @@ class Quotas:
             extra = list(by_key.items())  # expired and given back: the usage still happened
         if actual is None:
             return
-        if extra:
+        if extra and local:
+            adds = [(k, a) for k, a in extra if a]
+            self.meter._defer(lambda: self.counters.counters_add(adds, now=now))
+        elif extra:
             try:
                 self.counters.counters_add([(k, a) for k, a in extra if a], now=now)
             except StoreUnavailable:
@@ -983,12 +1055,14 @@ class Quotas:
         for metric in actual:
             if metric in used:
                 used[metric] += max(0, actual[metric] - reservation.held.get(metric, 0))
-        self._thresholds_from(reservation.organization_id, list(lines.values()), used)
-        events = self._debit_events(
-            reservation.id, reservation.organization_id, actual, reservation._dimensions, now
-        )
+        org = reservation.organization_id
+        if local:
+            self.meter._defer(lambda: self._thresholds_from(org, list(lines.values()), used))
+        else:
+            self._thresholds_from(org, list(lines.values()), used)
+        events = self._debit_events(reservation.id, org, actual, reservation._dimensions, now)
         if events:
-            self.meter._queue(events)
+            self.meter._queue(events, wait=not local)
 
     def _settled(
         self, reservation: Reservation, actual: dict[str, int], settled: bool, now: int

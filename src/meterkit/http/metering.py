@@ -15,6 +15,8 @@ here too, from a :class:`~meterkit.quotas.Decision`, so both adapters answer byt
 from __future__ import annotations
 
 import contextlib
+import enum
+import functools
 import json
 import logging
 import re
@@ -25,10 +27,11 @@ from typing import TYPE_CHECKING, Generic, Literal, TypeAlias, TypeVar, cast
 
 import attrs
 
-from meterkit.auth import Principal, authenticate
+from meterkit.auth import Principal, authenticate, cached_principal
 from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.http.errors import MESSAGES, OPENAI, HttpError
 from meterkit.models import Event
+from meterkit.periods import Period
 from meterkit.plans import UNLIMITED
 from meterkit.quotas import RATE_WINDOWS, Decision, Reservation, check_amounts
 
@@ -37,10 +40,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_COST",
+    "NEEDS_STORE",
     "Cost",
     "Identify",
     "Identity",
     "Metering",
+    "NeedsStore",
     "OnRefused",
     "Refusal",
     "Ticket",
@@ -138,6 +143,7 @@ def retry_after_seconds(decision: Decision, now: int) -> int:
     return FALLBACK_RETRY_AFTER
 
 
+@functools.lru_cache(maxsize=1024)  # metric names: a handful, on every response
 def _sf_string(value: str) -> str:
     """An RFC 8941 sf-string: printable ASCII only, with ``"`` and ``\\`` escaped."""
     safe = "".join(c if " " <= c <= "~" else "?" for c in value)
@@ -377,6 +383,46 @@ class Metering(Generic[R]):
             logger.warning("meterkit: store unavailable; refusing %s %s", method, path)
             return _error(503, "store_unavailable", (("Retry-After", "1"),))
 
+    def begin_local(
+        self, request: R, *, method: str, path: str
+    ) -> Ticket | Refusal | NeedsStore | None:
+        """:meth:`begin` without any store I/O, for an event loop: the caller's key from the
+        cache, the decision from this process's leases. :data:`NEEDS_STORE` (nothing was
+        decided or consumed) when that is not enough: then call :meth:`begin` in a thread.
+        """
+        if self.identify is not None or callable(self.cost):
+            return NEEDS_STORE  # user code, which may block
+        token = bearer_token(self.authorization(request))
+        if token is None:
+            if self.unidentified == "refuse" or self.authorization(request):
+                return self._unidentified(request)
+            return None
+        if (
+            self.meter.quotas.all_in_memory
+            and not self.meter.pm.hook.meterkit_authenticate.get_hookimpls()
+        ):
+            # Keys, plans and counters are all in this process's memory: decide right here.
+            return self.begin(request, method=method, path=path)
+        who = cached_principal(self.meter, token)
+        if who is None:
+            return NEEDS_STORE
+        org, key_id = who.organization_id, who.key_id
+        now = self.meter.now()
+        period = self.meter.quotas.compiled(org, now)
+        if period is None:
+            return NEEDS_STORE
+        dimensions = {"api_key_id": key_id} if key_id else {}
+        amounts = dict(self.cost) if self.cost else {}
+        got = self.meter.quotas.decide_local(
+            org, amounts, ttl=self.ttl if amounts else None, dimensions=dimensions
+        )
+        if got is None:
+            return NEEDS_STORE
+        decision, reservation = got
+        windows = self._windows(org, decision, now, period)
+        headers = rate_limit_headers(decision, now, windows)
+        return Ticket(Usage(org, decision, key_id), decision, reservation, headers, dimensions)
+
     def _unidentified(self, request: R) -> Refusal:
         if self.identify is not None:
             return _error(401, "unidentified", (), "This request could not be identified.")
@@ -429,10 +475,11 @@ class Metering(Generic[R]):
         usage = Usage(org, decision, key_id)
         return Ticket(usage, decision, reservation, headers, dimensions)
 
-    def _windows(self, org: str, decision: Decision, now: int) -> dict[str, int]:
+    def _windows(
+        self, org: str, decision: Decision, now: int, period: Period | None = None
+    ) -> dict[str, int]:
         """Each limited line's window in seconds: the rate window, or the billing period."""
         out: dict[str, int] = {}
-        period = None
         for state in decision.limits:
             if state.limit == UNLIMITED:
                 continue
@@ -459,6 +506,31 @@ class Metering(Generic[R]):
         return Refusal(int(status), tuple(headers), raw, decision)
 
     # -- after the response ----------------------------------------------------------------
+
+    def finish_local(
+        self, ticket: Ticket, *, status: int | None, method: str, route: str, failed: bool = False
+    ) -> bool:
+        """:meth:`finish` without any store I/O, when the request's reservation came from a
+        lease and it reported no usage beyond what it held; ``False`` (nothing done) otherwise:
+        then call :meth:`finish` in a thread. Never raises."""
+        reservation = ticket.reservation
+        if self.meter.quotas.all_in_memory:
+            try:
+                self._finish(ticket, status=status, method=method, route=route, failed=failed)
+            except Exception:
+                logger.exception("meterkit: could not settle request %s", ticket.id)
+            return True
+        if reservation is not None and not reservation._leased:
+            return False
+        held = reservation.held if reservation is not None else {}
+        if any(v for m, v in ticket.usage.reported.items() if m not in held):
+            return False  # a debit of usage nobody reserved: the store's
+        try:
+            with self.meter.quotas.no_io():
+                self._finish(ticket, status=status, method=method, route=route, failed=failed)
+        except Exception:
+            logger.exception("meterkit: could not settle request %s", ticket.id)
+        return True
 
     def finish(
         self, ticket: Ticket, *, status: int | None, method: str, route: str, failed: bool = False
@@ -535,10 +607,21 @@ class Metering(Generic[R]):
         )
         try:
             # Written by the meter's next flush: the request is not held up by a commit.
-            self.meter.record_later([event])
+            if getattr(self.meter.quotas._no_io, "on", False):
+                self.meter._queue(self.meter._checked([event], single=False), wait=False)
+            else:
+                self.meter.record_later([event])
         except Exception:
             logger.exception("meterkit: could not record request %s", event_id)
 
+
+class NeedsStore(enum.Enum):
+    """What :meth:`Metering.begin_local` answers when only the store can tell."""
+
+    NEEDS_STORE = "needs_store"
+
+
+NEEDS_STORE = NeedsStore.NEEDS_STORE
 
 _OWN_PATHS: re.Pattern[str] | None = None
 
