@@ -7,12 +7,13 @@ servers are part of the job and a missing one fails the run.
 from __future__ import annotations
 
 import os
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
 POSTGRES_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_DEFAULT = "redis://127.0.0.1:6379/15"
+REDIS_CLUSTER_DEFAULT = "redis+cluster://127.0.0.1:7000/0"
 
 
 def in_ci() -> bool:
@@ -48,6 +49,26 @@ def redis_url() -> str:
     except Exception as exc:
         unreachable("Redis", "MK_REDIS_URL", url, exc)
     return url
+
+
+def redis_cluster_url() -> str:
+    """``MK_REDIS_CLUSTER_URL`` (or the local default), once the cluster answered a PING.
+
+    ``.ci/run`` starts a three-node cluster on ports 7000-7002 (see its cluster step).
+    """
+    url = os.environ.get("MK_REDIS_CLUSTER_URL", REDIS_CLUSTER_DEFAULT)
+    try:
+        cluster_client(url).ping()
+    except Exception as exc:
+        unreachable("Redis Cluster", "MK_REDIS_CLUSTER_URL", url, exc)
+    return url
+
+
+def cluster_client(url: str) -> Any:
+    from redis.cluster import RedisCluster
+
+    plain = "redis://" + url.split("://", 1)[1]
+    return RedisCluster.from_url(plain.split("?")[0], socket_connect_timeout=2)
 
 
 def drop_schemas(url: str, prefix: str) -> None:

@@ -44,20 +44,22 @@ def postgres_base() -> Iterator[str]:
 OpenMeter = Callable[..., Meter]
 
 
-@pytest.fixture(params=["sqlite", "postgres", "postgres+redis"])
+@pytest.fixture(params=["sqlite", "postgres", "postgres+redis", "postgres+redis-cluster"])
 def open_meter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenMeter]:
     """``open_meter(clock)``: another meter (another process's view) on one shared store."""
     counters = None
-    keys: list[str] = []
+    keys: list[tuple[str, str]] = []
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'shared.db'}"
     else:
         base = request.getfixturevalue("postgres_base")
         url = services.with_params(base, schema=f"mk_l{RUN}_{uuid.uuid4().hex[:10]}")
-        if request.param == "postgres+redis":
+        if request.param != "postgres":
             prefix = f"mkl{RUN}:{uuid.uuid4().hex[:8]}:"
-            counters = services.with_params(services.redis_url(), prefix=prefix)
-            keys.append(prefix)
+            cluster = request.param.endswith("cluster")
+            server = services.redis_cluster_url() if cluster else services.redis_url()
+            counters = services.with_params(server, prefix=prefix)
+            keys.append((server, prefix))
     opened: list[Meter] = []
 
     def make(clock: Clock, **options: object) -> Meter:
@@ -68,14 +70,16 @@ def open_meter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenM
     yield make
     for meter in opened:
         meter.close()
-    if keys:
+    for server, prefix in keys:
         import redis
 
-        client = redis.Redis.from_url(services.redis_url())
-        for prefix in keys:
-            found = list(client.scan_iter(match=prefix + "*"))
-            if found:
-                client.delete(*found)
+        if server.startswith("redis+cluster"):
+            client = services.cluster_client(server)
+        else:
+            client = redis.Redis.from_url(server)
+        found = list(client.scan_iter(match=prefix + "*"))
+        if found:
+            client.delete(*found)
         client.close()
 
 

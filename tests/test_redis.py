@@ -71,6 +71,23 @@ class RedisSpace:
             self.client.delete(*keys)
 
 
+class ClusterSpace(RedisSpace):
+    """A key prefix of its own on the test Redis Cluster (keys spread over its nodes)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.prefix = f"mkt{RUN}:{uuid.uuid4().hex[:8]}:"
+        self.client = services.cluster_client(base)
+
+
+@pytest.fixture
+def fresh_cluster() -> Iterator[RedisSpace]:
+    space = ClusterSpace(services.redis_cluster_url())
+    yield space
+    space.wipe()
+    space.client.close()
+
+
 @pytest.fixture
 def fresh_redis(redis_url: str) -> Iterator[RedisSpace]:
     space = RedisSpace(redis_url)
@@ -84,7 +101,7 @@ def postgres_schema_url(base: str) -> str:
     return f"{base}{'&' if '?' in base else '?'}schema={schema}"
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "postgres", "redis", "redis-cluster"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CounterStore]:
     """A fresh counters backend of each kind."""
     kind = request.param
@@ -96,8 +113,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CounterS
     elif kind == "postgres":
         opened = open_store(postgres_schema_url(request.getfixturevalue("postgres_url")))
     else:
-        opened = open_counters(request.getfixturevalue("fresh_redis").url())
-        assert isinstance(opened, RedisCounters)
+        space = "fresh_redis" if kind == "redis" else "fresh_cluster"
+        opened = open_counters(request.getfixturevalue(space).url())
+        assert isinstance(opened, RedisCounters) and opened.cluster == (kind != "redis")
     assert isinstance(opened, CounterStore)
     yield opened
     opened.close()
@@ -249,6 +267,9 @@ def test_read_of_absent_keys_is_zero(backend: CounterStore) -> None:
 
 def test_keys_may_hold_any_text(backend: CounterStore) -> None:
     keys = ["q\x1forg\x1ftokens\x1f1730419200", "with space", "ünïcødé ✓", "a:b:c", "#hash"]
+    if getattr(backend, "cluster", False):
+        # On a cluster one operation's keys belong to one organization (one hash slot).
+        keys = [keys[0], *(f"q\x1forg\x1f{k}" for k in keys[1:])]
     backend.counters_add([(k, i + 1) for i, k in enumerate(keys)], now=NOW)
     hold = Hold("h", "org", ((keys[0], 1), (keys[4], 1)), NOW + 5)
     assert backend.counters_apply([CounterLine(keys[2], 1, 10)], now=NOW, hold=hold).admitted

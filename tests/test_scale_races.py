@@ -52,13 +52,18 @@ def schema_url(postgres_url: str) -> str:
 
 
 @pytest.fixture
-def fresh_redis() -> Iterator[str]:
-    """A counters URL with a key prefix of its own on the test Redis; its keys go afterwards."""
+def fresh_redis(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A counters URL with a key prefix of its own on the test Redis (or the three-node
+    Redis Cluster); its keys go afterwards."""
     import redis
 
-    url = services.redis_url()
     prefix = f"mkt{RUN}:{uuid.uuid4().hex[:8]}:"
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    if request.node.callspec.params.get("counters") == "redis":
+        url = services.redis_url()
+        client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    else:
+        url = services.redis_cluster_url()
+        client = services.cluster_client(url)
     yield services.with_params(url, prefix=prefix)
     keys = list(client.scan_iter(match=prefix + "*"))
     if keys:
@@ -111,12 +116,12 @@ def _race_quota(url: str, counters: str | None, barrier: Any, results: Any) -> N
         results.put(f"{type(exc).__name__}: {exc}")
 
 
-@pytest.mark.parametrize("counters", ["postgres", "redis"])
+@pytest.mark.parametrize("counters", ["postgres", "redis", "redis-cluster"])
 def test_processes_and_threads_racing_one_quota_admit_exactly_the_limit(
     request: pytest.FixtureRequest, schema_url: str, counters: str
 ) -> None:
     limit = 61
-    counters_url = request.getfixturevalue("fresh_redis") if counters == "redis" else None
+    counters_url = request.getfixturevalue("fresh_redis") if counters != "postgres" else None
     with Meter(schema_url, counters=counters_url, clock=FrozenClock()) as m:
         m.set_plan(Plan("race", limits={"tokens": limit}))
         m.assign_plan(ORG, "race")

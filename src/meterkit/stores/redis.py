@@ -26,15 +26,17 @@ lost. Then period quotas and gauges read 0 until they are rebuilt from the event
 :func:`meterkit.recovery.rebuild_counters`; reservations that were held and rate-limit windows
 cannot be rebuilt and start empty. See docs/deployment.md.
 
-Use one Redis server (with replicas if you like), not Redis Cluster: releasing expired holds
-touches keys the script only learns while it runs.
+**Redis Cluster**: ``redis+cluster://host:port/0``. Each key carries the hash tag of the
+organization it belongs to (the second ``\x1f``-separated field of meterkit's keys), so every
+key one script touches — counters, holds, the expiry index — is in one slot. Keys of several
+organizations in one call are refused (``ValueError``): meterkit never makes such a call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from meterkit.counters import MAX_COUNTER
@@ -42,12 +44,10 @@ from meterkit.errors import StoreUnavailable
 from meterkit.hookspecs import hookimpl
 from meterkit.models import CounterLine, CounterResult, Hold
 
-if TYPE_CHECKING:
-    import redis
-
 __all__ = ["GRACE_SECONDS", "SCHEMES", "RedisCounters"]
 
-SCHEMES = ("redis", "rediss")
+CLUSTER_SCHEMES = ("redis+cluster",)
+SCHEMES = ("redis", "rediss", *CLUSTER_SCHEMES)
 GRACE_SECONDS = 300
 """How long after its ``expires_at`` (by the Redis clock) Redis itself deletes a key.
 
@@ -245,13 +245,23 @@ def _split_url(url: str) -> tuple[str, str]:
 class RedisCounters:
     """A :class:`~meterkit.stores.base.CounterStore` on one Redis server; thread-safe."""
 
-    def __init__(self, url: str, *, client: redis.Redis | None = None) -> None:
+    def __init__(self, url: str, *, client: Any = None) -> None:
         import redis as redis_lib
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
 
         self.url = url
         clean, self.prefix = _split_url(url)
+        self.cluster = urlsplit(url).scheme in CLUSTER_SCHEMES
+        if client is None and self.cluster:
+            from redis.cluster import RedisCluster
+
+            # One decision's keys share a slot (see _space): each script runs on one node.
+            client = RedisCluster.from_url(
+                urlunsplit(("redis", *urlsplit(clean)[1:])),
+                socket_timeout=5.0,
+                socket_connect_timeout=2.0,
+            )
         if client is None:
             # Fail fast: a quota decision waits seconds at most, then the failure policy
             # (fail closed / open) decides. One quick retry reconnects a connection Redis
@@ -277,8 +287,15 @@ class RedisCounters:
         self._read = client.register_script(_READ)
         self._claim = client.register_script(_CLAIM)
 
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}c:{key}"
+    def _space(self, keys: Iterable[str]) -> str:
+        """The prefix of every key one operation touches: on a cluster, with the hash tag of
+        the organization the keys belong to (``q␟org␟…``), so they share one slot."""
+        if not self.cluster:
+            return self.prefix
+        tags = {key.split("\x1f", 2)[1] if "\x1f" in key else "_" for key in keys}
+        if len(tags) > 1:
+            raise ValueError(f"one operation's keys span organizations: {sorted(tags)}")
+        return f"{self.prefix}{{{tags.pop() if tags else '_'}}}"
 
     @contextmanager
     def _unavailable(self, what: str) -> Iterator[None]:
@@ -297,8 +314,9 @@ class RedisCounters:
         with self._unavailable(what):
             return script(keys=keys, args=args)
 
-    def _base(self, now: int) -> list[Any]:
-        return [self.prefix, str(int(now))]
+    @staticmethod
+    def _base(space: str, now: int) -> list[Any]:
+        return [space, str(int(now))]
 
     # -- the CounterStore protocol ------------------------------------------------------------
 
@@ -306,11 +324,13 @@ class RedisCounters:
         self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
     ) -> CounterResult:
         n = len(lines)
-        hold_key = f"{self.prefix}h:{hold.id}" if hold is not None else f"{self.prefix}h:"
-        keys = [f"{self.prefix}holds", hold_key]
-        keys += [self._key(line.key) for line in lines]
-        keys += [self._key(line.prev_key or line.key) for line in lines]
-        args = self._base(now)
+        prev = [line.prev_key for line in lines if line.prev_key]
+        sp = self._space([line.key for line in lines] + prev)
+        hold_key = f"{sp}h:{hold.id}" if hold is not None else f"{sp}h:"
+        keys = [f"{sp}holds", hold_key]
+        keys += [f"{sp}c:{line.key}" for line in lines]
+        keys += [f"{sp}c:{line.prev_key or line.key}" for line in lines]
+        args = self._base(sp, now)
         if hold is not None:
             args += [n, hold.id, str(int(hold.expires_at)), hold.organization_id]
         else:
@@ -331,9 +351,10 @@ class RedisCounters:
         return CounterResult(values[0] == 1, tuple(values[1 : 1 + n]), tuple(values[1 + n :]))
 
     def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
-        keys = [f"{self.prefix}holds", f"{self.prefix}h:{hold_id}"]
-        keys += [self._key(key) for key, _ in deltas]
-        args = [*self._base(now), hold_id, *(str(int(d)) for _, d in deltas)]
+        sp = self._space(key for key, _ in deltas)
+        keys = [f"{sp}holds", f"{sp}h:{hold_id}"]
+        keys += [f"{sp}c:{key}" for key, _ in deltas]
+        args = [*self._base(sp, now), hold_id, *(str(int(d)) for _, d in deltas)]
         return int(self._call("settling a reservation", self._settle, keys, args)) == 1
 
     def counters_add(
@@ -341,25 +362,30 @@ class RedisCounters:
     ) -> list[int]:
         if not deltas:
             return []
-        keys = [self._key(key) for key, _ in deltas]
-        args = [*self._base(now), _opt(expires_at), *(str(int(d)) for _, d in deltas)]
+        sp = self._space(key for key, _ in deltas)
+        keys = [f"{sp}c:{key}" for key, _ in deltas]
+        args = [*self._base(sp, now), _opt(expires_at), *(str(int(d)) for _, d in deltas)]
         return [int(v) for v in self._call("adding to counters", self._add, keys, args)]
 
     def counters_set(
         self, key: str, value: int, *, now: int, expires_at: int | None = None
     ) -> None:
-        args = [*self._base(now), str(int(value)), _opt(expires_at)]
-        self._call("setting a counter", self._set, [self._key(key)], args)
+        sp = self._space([key])
+        args = [*self._base(sp, now), str(int(value)), _opt(expires_at)]
+        self._call("setting a counter", self._set, [f"{sp}c:{key}"], args)
 
     def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
         if not keys:
             return []
-        full = [self._key(key) for key in keys]
-        return [int(v) for v in self._call("reading counters", self._read, full, self._base(now))]
+        sp = self._space(keys)
+        full = [f"{sp}c:{key}" for key in keys]
+        out = self._call("reading counters", self._read, full, self._base(sp, now))
+        return [int(v) for v in out]
 
     def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
-        args = [*self._base(now), _opt(expires_at)]
-        key = f"{self.prefix}m:{marker}"
+        sp = self._space([marker])
+        args = [*self._base(sp, now), _opt(expires_at)]
+        key = f"{sp}m:{marker}"
         return int(self._call("claiming a marker", self._claim, [key], args)) == 1
 
     def close(self) -> None:
