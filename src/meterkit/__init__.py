@@ -9,6 +9,7 @@ from meterkit.errors import (
 )
 from meterkit.hookspecs import hookimpl
 from meterkit.meter import Meter
+from meterkit.metrics import Metric, Source
 from meterkit.models import (
     AppendResult,
     Bucket,
@@ -38,12 +39,14 @@ __all__ = [
     "Meter",
     "MeterSpec",
     "MeterkitError",
+    "Metric",
     "OrgPlan",
     "Period",
     "Plan",
     "QuotaExceeded",
     "Reservation",
     "Result",
+    "Source",
     "StoreUnavailable",
     "UsagePage",
     "UsageQuery",

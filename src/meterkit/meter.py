@@ -24,10 +24,12 @@ from meterkit.costs import CostsPage, UnpricedUsage
 from meterkit.errors import EventConflict, StoreUnavailable, ValidationError
 from meterkit.idempotency import classify
 from meterkit.leases import DEFAULT_TTL as DEFAULT_LEASE_TTL
+from meterkit.metrics import Metric, check_metric
 from meterkit.models import (
     AppendResult,
     DimValue,
     Event,
+    Measure,
     MeterSpec,
     Number,
     UsagePage,
@@ -67,6 +69,7 @@ def _forget_queue_after_fork() -> None:
     # The queue and the flusher thread belong to the parent, which writes what it queued.
     for meter in list(_open_meters):
         meter._queued = []
+        meter._queued_uncounted = []
         meter._deferred = []
         meter._flusher = None
         meter._flush_lock = threading.Lock()
@@ -141,6 +144,7 @@ class Meter:
         default_plan: str | None = None,
         record_debits: bool = True,
         max_future_skew: int | None = DEFAULT_FUTURE_SKEW,
+        metrics: Iterable[Metric] = (),
         leases: bool = True,
         lease_ttl: int = DEFAULT_LEASE_TTL,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
@@ -182,9 +186,10 @@ class Meter:
         self._tx = threading.local()
         # Concurrent record() / record_many() calls share one store transaction each time.
         self._writer = GroupWriter(
-            lambda events: self.store.append(events),
+            self._append_and_count,
             lambda meter, org, ids: self.store.get_events(meter, org, ids),
         )
+        self._metrics: dict[str, Metric] = {}
         self._specs = builtin_meters()
         self._ready: set[str] = set()
         for group in self.pm.hook.meterkit_register_meters():
@@ -192,8 +197,10 @@ class Meter:
                 self.register(spec)
         for spec in meters:
             self.register(spec)
-        # Decisions' debit events wait here for the next flush (see flush()).
+        # Decisions' debit events (counted already) and events still to count wait here for
+        # the next flush (see flush()).
         self._queued: list[Event] = []
+        self._queued_uncounted: list[Event] = []
         self._deferred: list[Callable[[], object]] = []
         self._queue_lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -209,6 +216,8 @@ class Meter:
             leases=leases and getattr(self.counters, "shared", True),
             lease_ttl=lease_ttl,
         )
+        for metric in metrics:
+            self.define_metric(metric)
         _open_meters.add(self)
 
     @classmethod
@@ -257,6 +266,19 @@ class Meter:
         if quotas is not None:
             quotas._forget()  # compiled limits know which metrics are gauges
         return spec
+
+    def define_metric(self, metric: Metric) -> Metric:
+        """Define what a plan metric counts (see :mod:`meterkit.metrics`): its own meter's
+        events plus ``metric.sources``. A metric without a meter of its name gets one (a
+        plain counter), where decisions record what they admit."""
+        if not isinstance(metric, Metric):
+            raise ValidationError("metric", "must be a meterkit.Metric")
+        if metric.name not in self._specs:
+            self.register(MeterSpec(metric.name, (Measure(metric.name),)))
+        check_metric(metric, self._specs)
+        self._metrics[metric.name] = metric
+        self.quotas._forget()
+        return metric
 
     @property
     def meters(self) -> Mapping[str, MeterSpec]:
@@ -341,7 +363,7 @@ class Meter:
             raise ValidationError("events", "must be a list of Event")
         checked = self._checked(list(events), single=False)
         if checked:
-            self._queue(checked)
+            self._queue(checked, counted=False)
 
     def _append(self, events: Sequence[Event], *, single: bool) -> AppendResult:
         checked = self._checked(events, single=single)
@@ -371,13 +393,29 @@ class Meter:
             checked.append(event)
         return checked
 
-    def _stored(self, checked: list[Event]) -> AppendResult:
+    def _record_counted(self, events: Sequence[Event]) -> None:
+        """Record a decision's debit events: their units are counted already."""
+        self._stored(self._checked(events, single=False), counted=True)
+
+    def _append_and_count(self, events: Sequence[Event]) -> list[Event]:
+        """The group writer's write: the new events, and their usage counted, in one store
+        transaction where the store has them."""
+        begin = getattr(self.store, "transaction", None)
+        with begin() if begin is not None else contextlib.nullcontext():
+            new = self.store.append(events)
+            if new:
+                self.quotas.feed(new)
+        return new
+
+    def _stored(self, checked: list[Event], *, counted: bool = False) -> AppendResult:
         """Store validated events (grouped with other callers') and tell the observers."""
         for name in {e.meter for e in checked}:
             self._ensure(self._specs[name])
-        if getattr(self._tx, "depth", 0):
+        if getattr(self._tx, "depth", 0) or counted:
             # Inside a transaction the events commit with the rest of it, not in a group.
             new = self.store.append(checked)
+            if new and not counted:
+                self.quotas.feed(new)
             result = classify(checked, new, self.store.get_events)
         else:
             result, new = self._writer.append(checked)
@@ -702,31 +740,51 @@ class Meter:
             if leases is not None and (release_leases or leases.pending()):
                 leases.report(self.now(), closing=release_leases)
             with self._queue_lock:
-                events, self._queued = self._queued, []
-            if events:
+                counted, self._queued = self._queued, []
+                uncounted, self._queued_uncounted = self._queued_uncounted, []
+            if counted or uncounted:
                 try:
-                    for name in {e.meter for e in events}:
-                        self._ensure(self._specs[name])
-                    self._writer.append(events)
+                    self._write_queued(counted, uncounted)
                 except BaseException:
-                    with self._queue_lock:
-                        self._queued[:0] = events  # kept, in order, for the next flush
+                    with self._queue_lock:  # kept, in order, for the next flush
+                        self._queued[:0] = counted
+                        self._queued_uncounted[:0] = uncounted
                     raise
+
+    def _write_queued(self, counted: list[Event], uncounted: list[Event]) -> None:
+        """Write queued events in one store transaction (where the store has them), count the
+        new ones not counted yet, and tell the observers after it commits."""
+        events = counted + uncounted
+        for name in {e.meter for e in events}:
+            self._ensure(self._specs[name])
+        with self.transaction():
+            new = self.store.append(events)
+            waiting = {id(e) for e in uncounted}
+            to_count = [e for e in new if id(e) in waiting]
+            if to_count:
+                self.quotas.feed(to_count)
+            if new:
+                recorded = tuple(new)
+                self.notify(
+                    lambda: self.pm.hook.meterkit_events_recorded(meter=self, events=recorded)
+                )
 
     def _sync(self) -> None:
         """Flush when this meter holds anything a query should see."""
         if getattr(self._tx, "depth", 0):
             return
         leases = self.quotas.leases
-        if self._queued or self._deferred or (leases is not None and leases.unreported()):
+        queued = self._queued or self._queued_uncounted or self._deferred
+        if queued or (leases is not None and leases.unreported()):
             self.flush()
 
-    def _queue(self, events: Sequence[Event], *, wait: bool = True) -> None:
+    def _queue(self, events: Sequence[Event], *, wait: bool = True, counted: bool = True) -> None:
         """Queue validated events for the next flush, without waiting for it (unless the
-        backlog is too long and ``wait`` allows it: then the store sets the pace)."""
+        backlog is too long and ``wait`` allows it: then the store sets the pace).
+        ``counted``: a decision's debits, already in the counters; else counted when written."""
         with self._queue_lock:
-            self._queued.extend(events)
-            backlog = len(self._queued)
+            (self._queued if counted else self._queued_uncounted).extend(events)
+            backlog = len(self._queued) + len(self._queued_uncounted)
         self._start_flusher()
         if wait and backlog > MAX_QUEUED:
             self.flush()  # the store is slower than the decisions: they wait for it now

@@ -25,6 +25,7 @@ from meterkit.counters import fits
 from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.ids import new_id
 from meterkit.leases import DEFAULT_TTL, LEASED, Contended, Leases
+from meterkit.metrics import Metric, contributions
 from meterkit.models import CounterLine, CounterResult, Event, Hold
 from meterkit.periods import BillingCycle, Period
 from meterkit.plans import UNLIMITED, Grant, OrgPlan, Plan
@@ -44,6 +45,7 @@ class Host(Protocol):
     counters: CounterStore
     pm: pluggy.PluginManager
     _specs: dict[str, MeterSpec]
+    _metrics: dict[str, Metric]
     _tx: threading.local
 
     @property
@@ -57,7 +59,11 @@ class Host(Protocol):
 
     def record_many(self, events: Iterable[Event]) -> AppendResult: ...
 
-    def _queue(self, events: Sequence[Event], *, wait: bool = True) -> None: ...
+    def _record_counted(self, events: Sequence[Event]) -> None: ...
+
+    def _queue(
+        self, events: Sequence[Event], *, wait: bool = True, counted: bool = True
+    ) -> None: ...
 
     def _defer(self, call: Callable[[], object]) -> None: ...
 
@@ -291,6 +297,7 @@ class Quotas:
         self._cache_lock = threading.Lock()
         # Threshold markers this process has claimed (or seen claimed): asked of the store once.
         self._claimed: set[str] = set()
+        self._sources_cache: tuple[object, int, list[Metric]] | None = None
         # Set while settling on an event loop: what needs the store is deferred to the flush.
         self._no_io = threading.local()
         # Counters other processes share: quota lines count their leased units too.
@@ -314,8 +321,48 @@ class Quotas:
 
     def metrics(self) -> list[str]:
         """The metrics a plan may limit: every meter whose main measure has its own name
-        (``tokens``, ``queries``, ``storage_bytes``, …, and the application's own)."""
-        return sorted(name for name, spec in self.meter.meters.items() if spec.measure(name))
+        (``tokens``, ``queries``, ``storage_bytes``, …, and the application's own), and every
+        metric defined with :meth:`~meterkit.Meter.define_metric`."""
+        own = {name for name, spec in self.meter.meters.items() if spec.measure(name)}
+        return sorted(own | set(self.meter._metrics))
+
+    def metric_sources(self) -> list[Metric]:
+        """Every counted (not gauge) metric with the sources that feed it, own meter first."""
+        specs = self.meter._specs
+        found = self._sources_cache
+        if found is None or found[0] is not specs or found[1] != self._generation:
+            names = [n for n, spec in specs.items() if (m := spec.measure(n)) and not m.gauge]
+            defined = self.meter._metrics
+            metrics = [
+                defined.get(name, Metric(name)).effective(specs)
+                for name in sorted(set(names) | set(defined))
+            ]
+            found = self._sources_cache = (specs, self._generation, metrics)
+        return found[2]
+
+    def feed(self, events: Sequence[Event]) -> None:
+        """Count recorded usage in the period counters of the metrics it belongs to.
+
+        For events that did not come from a decision (those are counted when admitted): what
+        ``record`` / ``record_many``, ingest and the middleware store. An event counts in the
+        organization's billing period containing its time.
+        """
+        found = contributions(self.metric_sources(), events)
+        if not found:
+            return
+        by_org: dict[str, dict[str, int]] = {}
+        for (org, metric), items in found.items():
+            cycle = self._cycle(org)
+            deltas = by_org.setdefault(org, {})
+            period: Period | None = None
+            for t, amount in items:
+                if period is None or not period.start <= t < period.end:
+                    period = cycle.period_at(t)
+                key = self.period_key(org, metric, period)
+                deltas[key] = deltas.get(key, 0) + amount
+        now = self.meter.now()
+        for org in sorted(by_org):  # one call per organization (one hash slot on a cluster)
+            self.counters.counters_add(sorted(by_org[org].items()), now=now)
 
     def check_plan_metrics(self, plan: Plan) -> None:
         """Refuse a plan limiting a metric no meter counts (a typo such as ``querys``)."""
@@ -957,7 +1004,7 @@ class Quotas:
             # Nothing survives the process anyway: written by the next flush (or query).
             self.meter._queue(events)
         else:
-            self.meter.record_many(events)
+            self.meter._record_counted(events)  # counted already: recorded, not fed again
 
     def _debit_events(
         self,

@@ -21,10 +21,9 @@ What it cannot rebuild, because no event records it:
   ``meterkit_stored_assets`` plugin reports the real sizes;
 - **threshold notifications** already sent: the markers are gone, so the 80 % / 100 % hooks may
   fire once more in this period;
-- metrics with no meter of the same name (their usage was never recorded as events).
-
-It assumes a quota metric's meter holds what the quota layer recorded: events an application
-records itself in such a meter (``meter.record("tokens", ...)``) are counted too.
+A metric counts its own meter's events — what decisions recorded and what the application
+recorded there itself — and those of the sources it is defined over (:mod:`meterkit.metrics`),
+exactly as they were counted when recorded.
 
 Requests admitted while a rebuild runs are counted twice or not at all for the metrics being
 rebuilt at that moment; run it before sending traffic to the new counters, or accept that drift.
@@ -35,6 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from meterkit.counters import clamp
+from meterkit.metrics import contributions
 from meterkit.models import MeterSpec, Number
 from meterkit.quotas import Quotas
 
@@ -45,8 +45,24 @@ __all__ = ["quota_metrics", "rebuild_counters"]
 
 
 def quota_metrics(meter: Meter) -> list[MeterSpec]:
-    """The meters whose events are quota usage: a meter with a measure of its own name."""
+    """The meters of every quota metric: a meter with a measure of its own name (defined
+    metrics get one)."""
     return [spec for name, spec in sorted(meter.meters.items()) if spec.measure(name)]
+
+
+def _metric_total(meter: Meter, metric: str, org: str, start: int, end: int) -> int:
+    """What the metric counts over ``[start, end)``: its own meter's events (decisions record
+    there) and those of its sources, by the same rule that counts them as they are recorded."""
+    found = next((m for m in meter.quotas.metric_sources() if m.name == metric), None)
+    if found is None:
+        return 0
+    total = 0
+    for meter_name in dict.fromkeys(s.meter for s in found.sources):
+        meter.store.ensure_meter(meter.spec(meter_name))
+        events = meter.store.scan(meter_name, org, start, end)
+        for items in contributions([found], events).values():
+            total += sum(amount for _, amount in items)
+    return total
 
 
 def _gauge_value(meter: Meter, spec: MeterSpec, org: str, now: int) -> Number | None:
@@ -105,9 +121,7 @@ def rebuild_counters(meter: Meter, organization_id: str | None = None) -> dict[s
                 values[metric] = clamp(int(gauge))
                 counters.counters_set(Quotas.gauge_key(org, metric), values[metric], now=now)
                 continue
-            total = meter.total(
-                metric, metric, organization_id=org, start_time=period.start, end_time=now + 1
-            )
+            total = _metric_total(meter, metric, org, period.start, now + 1)
             values[metric] = clamp(int(total))  # a sum of many events may pass the bound
             counters.counters_set(
                 Quotas.period_key(org, metric, period),

@@ -608,7 +608,9 @@ class Metering(Generic[R]):
         try:
             # Written by the meter's next flush: the request is not held up by a commit.
             if getattr(self.meter.quotas._no_io, "on", False):
-                self.meter._queue(self.meter._checked([event], single=False), wait=False)
+                self.meter._queue(
+                    self.meter._checked([event], single=False), wait=False, counted=False
+                )
             else:
                 self.meter.record_later([event])
         except Exception:
