@@ -1,9 +1,10 @@
 """PostgreSQL and Redis: ingest events/s and quota checks/s against raw baselines.
 
 **Ingest**: ``Meter("postgresql://…").record_many(batch)`` (one transaction per batch:
-``INSERT … SELECT FROM unnest(…) ON CONFLICT (id) DO NOTHING RETURNING id``) against raw
-psycopg ``executemany`` of the same rows (``INSERT … VALUES (…) ON CONFLICT (id) DO NOTHING``,
-one transaction per batch; psycopg pipelines the statements) into a table of the same shape
+``INSERT … SELECT FROM unnest(…) ON CONFLICT (organization_id, id) DO NOTHING RETURNING id``)
+against raw psycopg ``executemany`` of the same rows (``INSERT … VALUES (…) ON CONFLICT
+(organization_id, id) DO NOTHING``, one transaction per batch; psycopg pipelines the
+statements) into a table of the same shape
 (``CREATE TABLE … (LIKE events_completions INCLUDING ALL)``: same columns, types, collations,
 primary key and index) in the same database. For context also ``COPY … FROM STDIN`` of the
 same rows into a third such table (COPY has no ``ON CONFLICT``: it cannot skip a duplicate,
@@ -117,7 +118,7 @@ def ingest(pg_url: str, rows: Sequence[Row], batch_size: int) -> dict[str, Any]:
     cols = ", ".join(f'"{c}"' for c in COLUMNS)
     insert = (
         f'INSERT INTO {SCHEMA}."{RAW_TABLE}" ({cols}) '
-        f"VALUES ({', '.join(['%s'] * len(COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+        f"VALUES ({', '.join(['%s'] * len(COLUMNS))}) ON CONFLICT (organization_id, id) DO NOTHING"
     )
     copy = f'COPY {SCHEMA}."{COPY_TABLE}" ({cols}) FROM STDIN'
     mk = IngestFigures(len(rows), 0, 0.0, 0)

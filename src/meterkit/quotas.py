@@ -194,11 +194,37 @@ def check_amounts(amounts: object, field: str = "amounts") -> dict[str, int]:
         raise ValidationError(field, "must be a mapping of metric to a whole amount")
     out: dict[str, int] = {}
     for metric, amount in amounts.items():
-        check_string(field, metric)
-        if metric in RATE_WINDOWS:
-            raise ValidationError(f"{field}.{metric}", "rate limits are counted per request")
-        out[metric] = check_count(f"{field}.{metric}", amount)
+        if type(metric) is not str or metric not in _GOOD_NAMES:
+            check_string(field, metric)
+            if metric in RATE_WINDOWS:
+                raise ValidationError(f"{field}.{metric}", "rate limits are counted per request")
+            _remember(_GOOD_NAMES, metric)
+        if type(amount) is int and 0 <= amount <= MAX_VALUE:
+            out[metric] = amount  # the common case of check_count, without a field name
+        else:
+            out[metric] = check_count(f"{field}.{metric}", amount)
     return out
+
+
+# Names and ids already found valid (exact ``str`` only): checked once, not on every decision.
+_GOOD_NAMES: set[str] = set()
+_GOOD_IDS: set[str] = set()
+
+
+def _remember(seen: set[str], value: str) -> None:
+    if type(value) is str:
+        if len(seen) >= 100_000:
+            seen.clear()
+        seen.add(value)
+
+
+def check_org(value: object) -> str:
+    """:func:`~meterkit.validate.check_id` of an ``organization_id``, remembered once valid."""
+    if type(value) is str and value in _GOOD_IDS:
+        return value
+    org = check_id("organization_id", value)
+    _remember(_GOOD_IDS, org)
+    return org
 
 
 class Reservation:
@@ -635,7 +661,7 @@ class Quotas:
         dimensions: Mapping[str, Any] | None = None,
     ) -> Decision:
         """Count usage that already happened, whatever the limits say (it is never refused)."""
-        org = check_id("organization_id", organization_id)
+        org = check_org(organization_id)
         clean = check_amounts(amounts)
         now = self.meter.now()
         decision_id = new_id("dbt")
@@ -656,7 +682,7 @@ class Quotas:
 
     def set_gauge(self, organization_id: str, metric: str, value: int) -> None:
         """Set a gauge metric's current value (e.g. storage recalculated from real assets)."""
-        org = check_id("organization_id", organization_id)
+        org = check_org(organization_id)
         if not self.is_gauge(metric):
             raise ValidationError("metric", f"{metric!r} is not a gauge meter")
         check_count("value", value)
@@ -704,7 +730,7 @@ class Quotas:
         """
         if self.leases is None:
             return None
-        org = check_id("organization_id", organization_id)
+        org = check_org(organization_id)
         clean = check_amounts(amounts)
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
             raise ValidationError("ttl", f"must be a whole number of seconds from 1 to {MAX_TTL}")
@@ -760,7 +786,7 @@ class Quotas:
         hold_ttl: int | None,
         dimensions: Mapping[str, Any] | None,
     ) -> tuple[Decision, Reservation | None]:
-        org = check_id("organization_id", organization_id)
+        org = check_org(organization_id)
         clean = check_amounts(amounts)
         check_count("requests", requests)
         now = self.meter.now()

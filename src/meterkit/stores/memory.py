@@ -99,8 +99,43 @@ class MemoryStore:
     def counters_apply(
         self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
     ) -> CounterResult:
+        # meterkit.counters.apply, inlined over the dicts: this store decides on the request
+        # path of memory:// meters, without leases.
+        fits = counters.fits
         with self._lock:
-            return counters.apply(self._backend(now), lines, now, hold)
+            if self._holds:
+                counters.release_expired(self._backend(now), now)
+            values = self._counters
+            live: list[tuple[int, int | None]] = []
+            previous: list[int] = []
+            admitted = True
+            for line in lines:
+                value, expires = values.get(line.key, _ABSENT)
+                if expires is not None and expires <= now:
+                    value, expires = _ABSENT
+                prev = 0
+                if line.prev_key:
+                    prev, prev_expires = values.get(line.prev_key, _ABSENT)
+                    if prev_expires is not None and prev_expires <= now:
+                        prev = 0
+                live.append((value, expires))
+                previous.append(prev)
+                if admitted and not fits(line, value, prev):
+                    admitted = False
+            if not admitted:
+                return CounterResult(False, tuple(v for v, _ in live), tuple(previous))
+            used = []
+            clamp = counters.clamp
+            for line, (value, expires) in zip(lines, live):
+                value = clamp(value + line.amount)
+                values[line.key] = (
+                    value,
+                    line.expires_at if line.expires_at is not None else expires,
+                )
+                used.append(value)
+            if hold is not None:
+                self._holds[hold.id] = hold
+            return CounterResult(True, tuple(used), tuple(previous))
 
     def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
         with self._lock:
@@ -141,6 +176,9 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
+
+
+_ABSENT: tuple[int, int | None] = (0, None)
 
 
 class _MemoryCounters:
