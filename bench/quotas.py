@@ -70,6 +70,7 @@ PLAN = Plan(
     rate_limit_rpm=10**9,
     rate_limit_per_day=10**12,
 )
+ONE_LIMIT = Plan("bench1", "Bench, one limit", limits={"tokens": 10**15})
 # The same three limits for the `limits` library (its tokens quota: a calendar-ish month).
 PER_MINUTE = RateLimitItemPerMinute(10**9)
 PER_DAY = RateLimitItemPerDay(10**12)
@@ -158,19 +159,25 @@ class MeterContender(Contender):
         *,
         counters: str | CounterStore | None = None,
         record_debits: bool = True,
+        plan: Plan = PLAN,
     ) -> None:
         self.name = name
         self.org = organization_id
         self.meter = meterkit.Meter(url, counters=counters, record_debits=record_debits)
         try:
-            self.meter.set_plan(PLAN)
-            self.meter.assign_plan(organization_id, PLAN.id)
+            self.meter.set_plan(plan)
+            self.meter.assign_plan(organization_id, plan.id)
             self.period = self.meter.quotas.period(organization_id).start
             self.base = self.meter.quotas.used(organization_id, "tokens")
             decision = self.meter.check(organization_id, AMOUNTS)  # warm-up, untimed
             metrics = sorted(s.metric for s in decision.limits)
             assert decision.allowed, decision
-            assert metrics == ["rate_limit_per_day", "rate_limit_rpm", "tokens"], metrics
+            expected = (
+                ["tokens"]
+                if plan is ONE_LIMIT
+                else ["rate_limit_per_day", "rate_limit_rpm", "tokens"]
+            )
+            assert metrics == expected, metrics
         except BaseException:
             self.meter.close()
             raise
@@ -414,6 +421,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "memory://",
                 "org_q1",
                 record_debits=False,
+            ),
+            MeterContender(
+                "meterkit memory://, 1 limit (vs 1 hit)", "memory://", "org_q5", plan=ONE_LIMIT
             ),
             MeterContender("meterkit SQLite (FULL)", f"sqlite:///{sqlite_full}", "org_q2"),
             MeterContender(
