@@ -360,3 +360,16 @@ def test_record_later_validates_now_and_writes_at_the_flush(open_meter: OpenMete
     m.record_later([good])
     m.flush()
     assert seen(other) == 1, "the same id again changes nothing"
+
+
+def test_a_check_inside_a_transaction_rolls_back_with_it(tmp_path: Path) -> None:
+    # SQLite: Meter.transaction() spans calls there, so a check inside one is decided in the
+    # store and commits or rolls back with the rest, as documented.
+    with Meter(f"sqlite:///{tmp_path / 't.db'}", clock=Clock(T0)) as m:
+        on_plan(m, limits={"tokens": 100})
+        with pytest.raises(LookupError), m.transaction():
+            assert m.check(ORG, {"tokens": 30}).allowed
+            raise LookupError("the work failed")
+        m.flush()
+        assert m.quotas.used(ORG, "tokens") == 0
+        assert m.check(ORG, {"tokens": 100}).allowed

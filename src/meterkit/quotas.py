@@ -800,6 +800,8 @@ class Quotas:
         if (
             debit
             and self.leases is not None
+            # Inside Meter.transaction() a decision commits (or rolls back) with the rest.
+            and not getattr(self.meter._tx, "depth", 0)
             and all(ln.window or ln.period is not None for ln in lines)
         ):
             leased = self._leased(org, lines, clean, now, decision_id, dimensions, hold_ttl)
