@@ -324,6 +324,8 @@ class Quotas:
         # Threshold markers this process has claimed (or seen claimed): asked of the store once.
         self._claimed: set[str] = set()
         self._sources_cache: tuple[object, int, list[Metric]] | None = None
+        # Debit dimensions already validated, by (metric, items): most requests repeat them.
+        self._good_dims: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
         # Set while settling on an event loop: what needs the store is deferred to the flush.
         self._no_io = threading.local()
         # Counters other processes share: quota lines count their leased units too.
@@ -487,6 +489,7 @@ class Quotas:
         return value
 
     def _forget(self) -> None:
+        self._good_dims.clear()  # a meter re-registered may keep other dimensions
         with self._cache_lock:
             self._generation += 1
             self._cache.clear()
@@ -747,7 +750,8 @@ class Quotas:
             return None
         decision = self._describe(org, lines, result, now, decision_id)
         used = {s.metric: s.used for s in decision.limits}
-        self.meter._defer(lambda: self._thresholds_from(org, lines, used))
+        if self._near_threshold(lines, used):
+            self.meter._defer(lambda: self._thresholds_from(org, lines, used))
         if events:
             self.meter._queue(events, wait=False)
         if ttl is None:
@@ -978,6 +982,17 @@ class Quotas:
         if self.record_debits:
             self._record(decision.id, decision.organization_id, amounts, dimensions, now)
 
+    def _near_threshold(self, lines: Sequence[_Line], used: Mapping[str, int]) -> bool:
+        """Whether any limited line reached the lowest threshold (only then can one fire)."""
+        if not self.thresholds:
+            return False
+        lowest = self.thresholds[0]
+        for line in lines:
+            limit = line.counter.limit
+            if not line.window and limit and used.get(line.metric, 0) >= lowest * limit:
+                return True
+        return False
+
     def _thresholds(self, org: str, lines: Sequence[_Line], result: CounterResult) -> None:
         self._thresholds_from(org, lines, {ln.metric: u for ln, u in zip(lines, result.used)})
 
@@ -1055,9 +1070,25 @@ class Quotas:
             if not dimensions:  # every part is checked already: the org, the amount, our id
                 events.append(Event(f"{event_id}:{metric}", metric, org, now, {metric: amount}))
                 continue
-            dims = {k: v for k, v in dimensions.items() if spec.dimension(k)}
-            event = Event(f"{event_id}:{metric}", metric, org, now, {metric: amount}, dims)
-            events.append(check_event(spec, event, "debit"))
+            shape = (metric, tuple(dimensions.items()))
+            try:
+                dims = self._good_dims.get(shape)
+            except TypeError:  # an unhashable value: the full check says what is wrong
+                dims = None
+            if dims is None:
+                known = spec.dimension_names
+                picked = {k: v for k, v in dimensions.items() if k in known}
+                event = Event(f"{event_id}:{metric}", metric, org, now, {metric: amount}, picked)
+                checked = check_event(spec, event, "debit")
+                events.append(checked)
+                if len(self._good_dims) >= 10_000:
+                    self._good_dims.clear()
+                self._good_dims[shape] = dict(checked.dimensions)
+                continue
+            # The same dimensions passed the same meter's check before: only the id is new.
+            events.append(
+                Event(f"{event_id}:{metric}", metric, org, now, {metric: amount}, dict(dims))
+            )
         return events
 
     def _settle(self, reservation: Reservation, actual: dict[str, int] | None) -> None:
@@ -1132,7 +1163,8 @@ class Quotas:
                 used[metric] += max(0, actual[metric] - reservation.held.get(metric, 0))
         org = reservation.organization_id
         if local:
-            self.meter._defer(lambda: self._thresholds_from(org, list(lines.values()), used))
+            if self._near_threshold(list(lines.values()), used):
+                self.meter._defer(lambda: self._thresholds_from(org, list(lines.values()), used))
         else:
             self._thresholds_from(org, list(lines.values()), used)
         events = self._debit_events(reservation.id, org, actual, reservation._dimensions, now)

@@ -167,10 +167,15 @@ def rate_limit_headers(
     windows = windows or {}
     refused = decision.refused_by
     wait = retry_after_seconds(decision, now) if refused is not None else None
-    reset = now + wait if wait is not None else decision.reset_at
+    decider = decision._decider()  # what decision.limit / .remaining / .reset_at describe
+    if decider is None:
+        limit, remaining, reset_at = decision.limit, decision.remaining, decision.reset_at
+    else:
+        limit, remaining, reset_at = decider.limit, decider.remaining, decider.reset_at
+    reset = now + wait if wait is not None else reset_at
     headers: list[tuple[str, str]] = [
-        ("X-RateLimit-Limit", str(decision.limit)),
-        ("X-RateLimit-Remaining", str(decision.remaining)),
+        ("X-RateLimit-Limit", str(limit)),
+        ("X-RateLimit-Remaining", str(remaining)),
     ]
     if reset is not None:
         headers.append(("X-RateLimit-Reset", str(reset)))
@@ -592,6 +597,7 @@ class Metering(Generic[R]):
         if self.record_meter is None or self._record_measure is None:
             return
         spec = self.meter.spec(self.record_meter)
+        known = spec.dimension_names
         dims = {
             k: v
             for k, v in {
@@ -600,7 +606,7 @@ class Metering(Generic[R]):
                 "route": route[:256] or "/",
                 "status": str(status),
             }.items()
-            if spec.dimension(k) is not None
+            if k in known
         }
         event = Event(
             event_id, self.record_meter, org, self.meter.now(), {self._record_measure: 1}, dims
