@@ -162,3 +162,59 @@ def test_counters_are_the_rebuild_of_the_events(
         assert fed == in_period + admitted
         assert rebuild_counters(m, ORG)[ORG]["tokens"] == fed
         assert m.quotas.used(ORG, "tokens") == fed
+
+
+class _NoTransactions:
+    """A store with no transaction across calls (as PostgreSQL): a memory store, less that."""
+
+    def __init__(self) -> None:
+        from meterkit.stores.memory import MemoryStore
+
+        self._inner = MemoryStore()
+        self.url = "memory://"
+
+    def __getattr__(self, name: str) -> object:
+        if name == "transaction":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+class _DownCounters:
+    """Counters elsewhere (as Redis) that stop answering when ``down``."""
+
+    def __init__(self) -> None:
+        from meterkit.stores.memory import MemoryStore
+
+        self._inner = MemoryStore()
+        self.url = "memory://counters"
+        self.down = False
+
+    def __getattr__(self, name: str) -> object:
+        found = getattr(self._inner, name)
+        if not name.startswith("counters_"):
+            return found
+
+        def call(*args: object, **kwargs: object) -> object:
+            if self.down:
+                from meterkit import StoreUnavailable
+
+                raise StoreUnavailable("counters are not answering")
+            return found(*args, **kwargs)
+
+        return call
+
+
+def test_events_are_stored_when_only_counting_them_fails() -> None:
+    counters = _DownCounters()
+    with Meter(
+        store=_NoTransactions(),  # type: ignore[arg-type]
+        counters=counters,  # type: ignore[arg-type]
+        clock=Clock(T0),
+        metrics=[TOKENS],
+    ) as m:
+        counters.down = True
+        assert m.record_many([completion(1, 30, 20)]).accepted == 1, "stored, and said so"
+        assert m.record_many([completion(1, 30, 20)]).duplicates == 1
+        counters.down = False
+        assert m.quotas.used(ORG, "tokens") == 0, "not counted while the counters were down"
+        assert rebuild_counters(m, ORG)[ORG]["tokens"] == 50

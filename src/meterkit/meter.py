@@ -401,7 +401,21 @@ class Meter:
         """The group writer's write: the new events, and their usage counted, in one store
         transaction where the store has them."""
         begin = getattr(self.store, "transaction", None)
-        with begin() if begin is not None else contextlib.nullcontext():
+        if begin is None:
+            # No transaction across calls (PostgreSQL): the events are durable once appended,
+            # whatever happens to counting them (counters elsewhere, Redis say, may be down).
+            new = self.store.append(events)
+            if new:
+                try:
+                    self.quotas.feed(new)
+                except StoreUnavailable:
+                    logger.warning(
+                        "meterkit: %d events stored but not counted in the quota counters "
+                        "(unavailable); recovery.rebuild_counters counts them",
+                        len(new),
+                    )
+            return new
+        with begin():
             new = self.store.append(events)
             if new:
                 self.quotas.feed(new)
