@@ -401,25 +401,32 @@ class Meter:
         """The group writer's write: the new events, and their usage counted, in one store
         transaction where the store has them."""
         begin = getattr(self.store, "transaction", None)
-        if begin is None:
-            # No transaction across calls (PostgreSQL): the events are durable once appended,
-            # whatever happens to counting them (counters elsewhere, Redis say, may be down).
+        with begin() if begin is not None else contextlib.nullcontext():
             new = self.store.append(events)
-            if new:
-                try:
-                    self.quotas.feed(new)
-                except StoreUnavailable:
-                    logger.warning(
-                        "meterkit: %d events stored but not counted in the quota counters "
-                        "(unavailable); recovery.rebuild_counters counts them",
-                        len(new),
-                    )
-            return new
-        with begin():
-            new = self.store.append(events)
-            if new:
-                self.quotas.feed(new)
+            self._count(new)
         return new
+
+    def _count(self, new: Sequence[Event]) -> None:
+        """Count newly stored events in the quota counters.
+
+        Where the store has no transaction across calls (PostgreSQL), the events are durable
+        once appended, whatever happens to counting them: a failure of the counters (Redis
+        down, say) is logged, not raised, so the events stay acknowledged and are never
+        stored "again" as duplicates; :func:`~meterkit.recovery.rebuild_counters` counts them.
+        """
+        if not new:
+            return
+        if getattr(self.store, "transaction", None) is not None:
+            self.quotas.feed(new)  # in the store's transaction: a failure undoes the append
+            return
+        try:
+            self.quotas.feed(new)
+        except StoreUnavailable:
+            logger.warning(
+                "meterkit: %d events stored but not counted in the quota counters "
+                "(unavailable); recovery.rebuild_counters counts them",
+                len(new),
+            )
 
     def _stored(self, checked: list[Event], *, counted: bool = False) -> AppendResult:
         """Store validated events (grouped with other callers') and tell the observers."""
@@ -428,8 +435,8 @@ class Meter:
         if getattr(self._tx, "depth", 0) or counted:
             # Inside a transaction the events commit with the rest of it, not in a group.
             new = self.store.append(checked)
-            if new and not counted:
-                self.quotas.feed(new)
+            if not counted:
+                self._count(new)
             result = classify(checked, new, self.store.get_events)
         else:
             result, new = self._writer.append(checked)
@@ -774,9 +781,7 @@ class Meter:
         with self.transaction():
             new = self.store.append(events)
             waiting = {id(e) for e in uncounted}
-            to_count = [e for e in new if id(e) in waiting]
-            if to_count:
-                self.quotas.feed(to_count)
+            self._count([e for e in new if id(e) in waiting])
             if new:
                 recorded = tuple(new)
                 self.notify(
