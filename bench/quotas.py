@@ -160,10 +160,13 @@ class MeterContender(Contender):
         counters: str | CounterStore | None = None,
         record_debits: bool = True,
         plan: Plan = PLAN,
+        leases: bool = True,
     ) -> None:
         self.name = name
         self.org = organization_id
-        self.meter = meterkit.Meter(url, counters=counters, record_debits=record_debits)
+        self.meter = meterkit.Meter(
+            url, counters=counters, record_debits=record_debits, leases=leases
+        )
         try:
             self.meter.set_plan(plan)
             self.meter.assign_plan(organization_id, plan.id)

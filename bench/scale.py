@@ -235,6 +235,8 @@ def checks(pg_url: str | None, redis_url: str | None, args: argparse.Namespace) 
                     "org_s1",
                     record_debits=False,
                 ),
+                # Every decision a store call (one statement) and a durable debit event.
+                MeterContender("meterkit PostgreSQL, leases=False", mk_url, "org_s4", leases=False),
             ]
         if redis_url is not None:
             events = with_query(pg_url, schema=SCHEMA) if pg_url is not None else "memory://"

@@ -31,7 +31,7 @@ from meterkit import (
     ValidationError,
 )
 from meterkit.meter import StoreClock, open_store
-from meterkit.models import Dimension, Measure, MeterSpec
+from meterkit.models import CounterLine, Dimension, Hold, Measure, MeterSpec
 from meterkit.stores.base import Store
 from meterkit.stores.postgres import MIGRATIONS
 from meterkit.testing import T0, StoreConformance, make_query, store_rows
@@ -404,5 +404,32 @@ def test_terminated_connections_are_replaced(schemas: Schemas, url: str) -> None
         assert store.get_record("plan", "a") == {"n": 1}
         store.put_record("plan", "b", {"n": 2})
         assert [k for k, _ in store.list_records("plan")] == ["a", "b"]
+    finally:
+        store.close()
+
+
+def test_a_decision_in_the_store_is_one_statement(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(url)
+    try:
+        store.counters_apply([CounterLine("warm", 1)], now=T0)  # the schema exists now
+        sent: list[str] = []
+        real = psycopg.Cursor.execute
+
+        def counted(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            sent.append(str(query))
+            return real(self, query, *args, **kwargs)
+
+        monkeypatch.setattr(psycopg.Cursor, "execute", counted)
+        lines = [
+            CounterLine("q\x1fo\x1ftokens", 5, 10, None, "q\x1fo\x1ftokens\x1fleased", 1.0),
+            CounterLine("r\x1fo\x1f60\x1f0", 1, 3, T0 + 120, "r\x1fo\x1f60\x1f-60", 0.5),
+        ]
+        hold = Hold("h1", "o", (("q\x1fo\x1ftokens", 5),), T0 + 30)
+        result = store.counters_apply(lines, now=T0, hold=hold)
+        assert (result.admitted, result.used, result.previous) == (True, (5, 1), (0, 0))
+        assert len(sent) == 1, sent  # one round trip, in autocommit: its own transaction
+        assert not store.counters_apply([CounterLine("q\x1fo\x1ftokens", 6, 10)], now=T0).admitted
     finally:
         store.close()

@@ -78,6 +78,116 @@ _CHUNK = 5000
 _MAX_IDENT = 63  # PostgreSQL silently truncates longer identifiers: never let it.
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")  # unquoted in search_path: lower case
 _SWEEP_EVERY = 60.0
+# meterkit.counters.apply, line for line, as the Lua script of the Redis store mirrors it:
+# expired holds given back first (SKIP LOCKED), every row it touches locked in key order
+# (placeholders made for absent ones, read as 0), all lines admitted or none, the hold written
+# (or replaced) with them. Returns {admitted, used..., previous...}.
+_APPLY_FUNCTION = """
+CREATE OR REPLACE FUNCTION mk_counters_apply(
+  k text[], amt bigint[], lim bigint[], exp bigint[], pk text[], w float8[], now_ bigint,
+  hid text, horg text, hamounts jsonb, hexp bigint
+) RETURNS bigint[] LANGUAGE plpgsql AS $fn$
+DECLARE
+  n int := coalesce(array_length(k, 1), 0);
+  maxc constant bigint := 9007199254740991;
+  rel_k text[] := '{}';
+  rel_a bigint[] := '{}';
+  want text[];
+  rk text[];
+  rv bigint[];
+  re bigint[];
+  dirty boolean[];
+  cur bigint[] := '{}';
+  prev bigint[] := '{}';
+  used bigint[] := '{}';
+  ok boolean := true;
+  h record;
+  item jsonb;
+  i int;
+  j int;
+  tries int := 0;
+BEGIN
+  FOR h IN
+    WITH gone AS (
+      DELETE FROM mk_holds WHERE id IN (
+        SELECT id FROM mk_holds WHERE expires_at <= now_ ORDER BY id FOR UPDATE SKIP LOCKED
+      ) RETURNING id, amounts
+    ) SELECT id, amounts FROM gone ORDER BY id
+  LOOP
+    FOR item IN SELECT value FROM jsonb_array_elements(h.amounts) LOOP
+      rel_k := rel_k || (item->>0);
+      rel_a := rel_a || (item->>1)::bigint;
+    END LOOP;
+  END LOOP;
+  want := ARRAY(
+    SELECT DISTINCT (x COLLATE "C") AS y FROM unnest(k || pk || rel_k) AS x
+    WHERE x IS NOT NULL ORDER BY y
+  );
+  LOOP
+    INSERT INTO mk_counters (key, value, expires_at)
+      SELECT x, 0, 0 FROM unnest(want) AS x ORDER BY x COLLATE "C"
+      ON CONFLICT (key) DO NOTHING;
+    SELECT array_agg(s.key ORDER BY s.key), array_agg(s.value ORDER BY s.key),
+           array_agg(s.expires_at ORDER BY s.key)
+      INTO rk, rv, re
+      FROM (SELECT key, value, expires_at FROM mk_counters WHERE key = ANY(want)
+            ORDER BY key FOR UPDATE) AS s;
+    -- A placeholder the sweep deleted between the two statements is simply made again.
+    EXIT WHEN coalesce(array_length(rk, 1), 0) = coalesce(array_length(want, 1), 0);
+    tries := tries + 1;
+    IF tries >= 10 THEN
+      RAISE EXCEPTION 'meterkit: could not lock its counter rows';
+    END IF;
+  END LOOP;
+  dirty := array_fill(false, ARRAY[coalesce(array_length(rk, 1), 0)]);
+  FOR i IN 1 .. coalesce(array_length(rk, 1), 0) LOOP
+    IF re[i] IS NOT NULL AND re[i] <= now_ THEN  -- expired (or a placeholder): absent
+      rv[i] := 0;
+      re[i] := NULL;
+    END IF;
+  END LOOP;
+  FOR j IN 1 .. coalesce(array_length(rel_k, 1), 0) LOOP
+    i := array_position(rk, rel_k[j]);
+    rv[i] := greatest(0, least(maxc, rv[i] - rel_a[j]));
+    dirty[i] := true;
+  END LOOP;
+  FOR j IN 1 .. n LOOP
+    cur := cur || rv[array_position(rk, k[j])];
+    prev := prev || CASE WHEN pk[j] IS NULL THEN 0 ELSE rv[array_position(rk, pk[j])] END;
+    IF cur[j] + amt[j] > maxc THEN
+      ok := false;
+    ELSIF lim[j] IS NOT NULL
+          AND floor(prev[j]::float8 * w[j])::bigint + cur[j] + amt[j] > lim[j] THEN
+      ok := false;
+    END IF;
+  END LOOP;
+  IF ok THEN
+    FOR j IN 1 .. n LOOP
+      i := array_position(rk, k[j]);
+      rv[i] := greatest(0, least(maxc, rv[i] + amt[j]));
+      IF exp[j] IS NOT NULL THEN
+        re[i] := exp[j];
+      END IF;
+      dirty[i] := true;
+      used := used || rv[i];
+    END LOOP;
+    IF hid IS NOT NULL THEN
+      INSERT INTO mk_holds (id, organization_id, amounts, expires_at)
+        VALUES (hid, horg, hamounts, hexp)
+        ON CONFLICT (id) DO UPDATE SET organization_id = excluded.organization_id,
+          amounts = excluded.amounts, expires_at = excluded.expires_at;
+    END IF;
+  ELSE
+    used := cur;
+  END IF;
+  UPDATE mk_counters AS c SET value = u.v, expires_at = u.e
+    FROM unnest(rk, rv, re, dirty) AS u(key, v, e, d)
+    WHERE u.d AND c.key = u.key;
+  RETURN ARRAY[CASE WHEN ok THEN 1 ELSE 0 END]::bigint[] || used || prev;
+END
+$fn$
+"""
+
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (
         1,
@@ -118,6 +228,11 @@ BEGIN
   END LOOP;
 END $$""",
         ),
+    ),
+    (
+        3,
+        "counters_apply in one round trip: the decision as a server-side function",
+        (_APPLY_FUNCTION,),
     ),
 )
 """``(version, description, statements)``, applied in order, each exactly once per schema.
@@ -648,17 +763,36 @@ class PostgresStore:
     def counters_apply(
         self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
     ) -> CounterResult:
-        def apply(cur: psycopg.Cursor[Any]) -> CounterResult:
-            expired = _pop_expired_holds(cur, now)
-            writes = {line.key for line in lines}
-            writes.update(key for h in expired for key, _ in h.amounts)
-            reads = [line.prev_key for line in lines if line.prev_key]
-            backend = _PgCounters(cur, now, _lock_rows(cur, writes, reads), expired)
-            result = counters.apply(backend, lines, now, hold)
-            backend.flush()
-            return result
+        n = len(lines)
+        params = (
+            [line.key for line in lines],
+            [line.amount for line in lines],
+            [line.limit for line in lines],
+            [line.expires_at for line in lines],
+            [line.prev_key for line in lines],
+            [float(line.prev_weight) for line in lines],
+            now,
+            hold.id if hold is not None else None,
+            hold.organization_id if hold is not None else None,
+            json.dumps(hold.amounts) if hold is not None else None,
+            hold.expires_at if hold is not None else None,
+        )
 
-        result = self._run("applying a quota decision", apply)
+        def apply(cur: psycopg.Cursor[Any]) -> list[int]:
+            # One statement, its own transaction: one round trip for the whole decision.
+            cur.execute(
+                "SELECT mk_counters_apply(%s::text[], %s::bigint[], %s::bigint[], "
+                "%s::bigint[], %s::text[], %s::float8[], %s, %s, %s, %s::jsonb, %s)",
+                params,
+            )
+            row = cur.fetchone()
+            assert row is not None
+            return [int(v) for v in row[0]]
+
+        # A reply lost with its connection may be applied again on the next one: that counts
+        # a decision twice (never admits past a limit), as a Redis script retried does.
+        values = self._run("applying a quota decision", apply, tx=False, idempotent=True)
+        result = CounterResult(values[0] == 1, tuple(values[1 : 1 + n]), tuple(values[1 + n :]))
         self._maybe_sweep(now)
         return result
 
