@@ -145,6 +145,11 @@ def test_application_meters(tmp_path: Path) -> None:
         ('store = "memory://"\n[organizations.o]\nplan = "gold"', "organizations.o.plan"),
         ('store = "memory://"\ndefault_plan = "gold"', "default_plan"),
         ('store = "memory://"\nthresholds = [1.5]', "thresholds"),
+        ('store = "memory://"\nleases = "yes"', "leases"),
+        ('store = "memory://"\nlease_ttl = 1', "lease_ttl"),
+        ('store = "memory://"\nflush_interval = 60', "flush_interval"),
+        ('store = "memory://"\n[metrics.m]\nsources = "nodot"', "metrics.m.expression"),
+        ('store = "memory://"\n[metrics.m]\nsum = "a.b"', "metrics.m.sum"),
         ("store = [", "config"),
     ],
 )
@@ -268,3 +273,45 @@ def test_max_future_skew_key(tmp_path: Path) -> None:
     with pytest.raises(meterkit.ValidationError) as info:
         meterkit.Meter.from_config(write(tmp_path, f'store = "{db}"\nmax_future_skew = "5"\n'))
     assert info.value.field == "max_future_skew"
+
+
+def test_leases_and_metrics_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+        store = "sqlite:///{tmp_path}/l.db"
+        leases = false
+        lease_ttl = 60
+        flush_interval = 0.2
+
+        [metrics.llm]
+        sources = "completions.input_tokens + completions.output_tokens"
+        where = {{ model = ["gpt-4o"] }}
+
+        [plans.p]
+        limits = {{ llm = 100 }}
+
+        [organizations.o]
+        plan = "p"
+        """,
+    )
+    with meterkit.Meter.from_config(path, clock=lambda: NOV_1_2024 + 60) as m:
+        assert m.quotas.leases is None and m.flush_interval == 0.2
+        m.record(
+            "completions",
+            {"input_tokens": 60, "output_tokens": 30},
+            organization_id="o",
+            dimensions={"model": "gpt-4o"},
+        )
+        m.record(
+            "completions", {"input_tokens": 500}, organization_id="o", dimensions={"model": "x"}
+        )
+        assert m.quotas.used("o", "llm") == 90
+        assert not m.check("o", {"llm": 11}).allowed
+
+
+def test_a_metric_over_an_unknown_measure_names_its_table(tmp_path: Path) -> None:
+    path = write(tmp_path, 'store = "memory://"\n[metrics.m]\nsources = "completions.nope"')
+    with pytest.raises(meterkit.ValidationError) as info:
+        meterkit.Meter.from_config(path)
+    assert info.value.field == "metrics.m.sources[0].measure"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 
 from meterkit.errors import ValidationError
+from meterkit.metrics import Metric
 from meterkit.models import Dimension, Measure, MeterSpec
 from meterkit.periods import BillingCycle
 from meterkit.plans import OrgPlan, Plan
@@ -55,7 +56,11 @@ _TOP = {
     "default_plan",
     "thresholds",
     "max_future_skew",
+    "leases",
+    "lease_ttl",
+    "flush_interval",
     "meters",
+    "metrics",
     "prices",
     "plans",
     "organizations",
@@ -70,7 +75,11 @@ class Config:
     default_plan: str | None = None
     thresholds: tuple[float, ...] = (0.8, 1.0)
     max_future_skew: int | None = 300
+    leases: bool = True
+    lease_ttl: int = 30
+    flush_interval: float = 0.05
     meters: tuple[MeterSpec, ...] = ()
+    metrics: tuple[Metric, ...] = ()
     prices: tuple[dict[str, Any], ...] = ()
     plans: tuple[Plan, ...] = ()
     organizations: tuple[OrgPlan, ...] = ()
@@ -82,7 +91,11 @@ class Config:
             "default_plan": self.default_plan,
             "thresholds": self.thresholds,
             "max_future_skew": self.max_future_skew,
+            "leases": self.leases,
+            "lease_ttl": self.lease_ttl,
+            "flush_interval": self.flush_interval,
             "meters": self.meters,
+            "metrics": self.metrics,
         }
 
     def apply(self, meter: Meter) -> None:
@@ -152,6 +165,21 @@ def _meters(items: object) -> tuple[MeterSpec, ...]:
 
         specs.append(_wrap(field, build))
     return tuple(specs)
+
+
+def _metrics(items: object) -> tuple[Metric, ...]:
+    """``[metrics.NAME]`` tables: ``sources = "meter.measure + ..."``, optional ``where``."""
+    out = []
+    for name, raw in _table("metrics", items).items():
+        field = f"metrics.{name}"
+        data = _table(field, raw)
+        _only(field, data, {"sources", "where"})
+        where = _table(f"{field}.where", data.get("where", {}))
+        try:
+            out.append(Metric.parse(name, data.get("sources", ""), where=where or None))
+        except ValidationError as exc:
+            raise ValidationError(f"{field}.{exc.field}", exc.message) from None
+    return tuple(out)
 
 
 def _plans(items: object) -> tuple[Plan, ...]:
@@ -250,6 +278,21 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ValidationError(
             "max_future_skew", "must be whole seconds >= 0, or -1 to accept any future time"
         )
+    leases = raw.get("leases", True)
+    if not isinstance(leases, bool):
+        raise ValidationError("leases", "must be true or false")
+    lease_ttl = raw.get("lease_ttl", 30)
+    if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, int) or lease_ttl < 2:
+        raise ValidationError("lease_ttl", "must be a whole number of seconds, at least 2")
+    flush_interval = raw.get("flush_interval", 0.05)
+    if (
+        isinstance(flush_interval, bool)
+        or not isinstance(flush_interval, (int, float))
+        or not 0 < flush_interval <= lease_ttl / 4
+    ):
+        raise ValidationError(
+            "flush_interval", "must be a number of seconds above 0 and at most lease_ttl / 4"
+        )
     plans = _plans(raw.get("plans", {}))
     default_plan = raw.get("default_plan")
     if default_plan is not None and default_plan not in {p.id for p in plans}:
@@ -264,7 +307,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         default_plan=default_plan,
         thresholds=tuple(float(t) for t in thresholds),
         max_future_skew=None if skew == -1 else skew,
+        leases=leases,
+        lease_ttl=lease_ttl,
+        flush_interval=float(flush_interval),
         meters=_meters(raw.get("meters", [])),
+        metrics=_metrics(raw.get("metrics", {})),
         prices=tuple(_times(p) for p in prices),
         plans=plans,
         organizations=_organizations(raw.get("organizations", {}), {p.id for p in plans}),

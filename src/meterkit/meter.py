@@ -228,6 +228,7 @@ class Meter:
         """
         config = load_config(path)
         kwargs = config.meter_kwargs()
+        metrics = kwargs.pop("metrics", ())
         override = overrides.pop("url", None)
         url = override or config.store
         kwargs.update(overrides)
@@ -238,6 +239,14 @@ class Meter:
                 raise ValidationError("store", exc.message) from None  # the file's own key
             raise
         try:
+            for metric in metrics:
+                try:
+                    meter.define_metric(metric)
+                except ValidationError as exc:  # named after the file's [metrics.NAME] table
+                    tail = exc.field.removeprefix("metric.").removeprefix("metric")
+                    raise ValidationError(
+                        f"metrics.{metric.name}{'.' + tail if tail else ''}", exc.message
+                    ) from None
             config.apply(meter)
         except BaseException:
             meter.close()
