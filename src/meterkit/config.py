@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 
 from meterkit.errors import ValidationError
+from meterkit.leases import DEFAULT_FLUSH_INTERVAL, DEFAULT_TTL, check_timing
 from meterkit.metrics import Metric
 from meterkit.models import Dimension, Measure, MeterSpec
 from meterkit.periods import BillingCycle
@@ -76,8 +77,8 @@ class Config:
     thresholds: tuple[float, ...] = (0.8, 1.0)
     max_future_skew: int | None = 300
     leases: bool = True
-    lease_ttl: int = 30
-    flush_interval: float = 0.05
+    lease_ttl: int = DEFAULT_TTL
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL
     meters: tuple[MeterSpec, ...] = ()
     metrics: tuple[Metric, ...] = ()
     prices: tuple[dict[str, Any], ...] = ()
@@ -281,18 +282,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     leases = raw.get("leases", True)
     if not isinstance(leases, bool):
         raise ValidationError("leases", "must be true or false")
-    lease_ttl = raw.get("lease_ttl", 30)
-    if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, int) or lease_ttl < 2:
-        raise ValidationError("lease_ttl", "must be a whole number of seconds, at least 2")
-    flush_interval = raw.get("flush_interval", 0.05)
-    if (
-        isinstance(flush_interval, bool)
-        or not isinstance(flush_interval, (int, float))
-        or not 0 < flush_interval <= lease_ttl / 4
-    ):
-        raise ValidationError(
-            "flush_interval", "must be a number of seconds above 0 and at most lease_ttl / 4"
-        )
+    lease_ttl, flush_interval = check_timing(
+        raw.get("lease_ttl", DEFAULT_TTL), raw.get("flush_interval", DEFAULT_FLUSH_INTERVAL)
+    )
     plans = _plans(raw.get("plans", {}))
     default_plan = raw.get("default_plan")
     if default_plan is not None and default_plan not in {p.id for p in plans}:

@@ -40,9 +40,18 @@ from typing import Protocol
 import attrs
 
 from meterkit.counters import MAX_COUNTER
+from meterkit.errors import ValidationError
 from meterkit.models import CounterLine, CounterResult, Hold
 
-__all__ = ["DEFAULT_TTL", "LEASED", "Contended", "LeaseLine", "Leases"]
+__all__ = [
+    "DEFAULT_FLUSH_INTERVAL",
+    "DEFAULT_TTL",
+    "LEASED",
+    "Contended",
+    "LeaseLine",
+    "Leases",
+    "check_timing",
+]
 
 logger = logging.getLogger("meterkit")
 
@@ -51,6 +60,26 @@ LEASED = "\x1fleased"
 
 DEFAULT_TTL = 30
 """Seconds a lease is held without a report; a holder stops using it after half of that."""
+
+DEFAULT_FLUSH_INTERVAL = 0.05
+"""Seconds between background flushes of queued debit events and lease reports."""
+
+
+def check_timing(lease_ttl: object, flush_interval: object) -> tuple[int, float]:
+    """``(lease_ttl, flush_interval)``, or a ValidationError naming the one that is wrong: a
+    lease must be reported several times within its ttl."""
+    if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, int) or lease_ttl < 2:
+        raise ValidationError("lease_ttl", "must be a whole number of seconds, at least 2")
+    if (
+        isinstance(flush_interval, bool)
+        or not isinstance(flush_interval, (int, float))
+        or not 0 < flush_interval <= lease_ttl / 4
+    ):
+        raise ValidationError(
+            "flush_interval", "must be a number of seconds above 0 and at most lease_ttl / 4"
+        )
+    return lease_ttl, float(flush_interval)
+
 
 _FIRST_BLOCK = 16
 _Ask = tuple[int, int, int, int]  # (need, block, have, line index)
@@ -468,6 +497,11 @@ class Leases:
     def pending(self) -> bool:
         """Whether this process holds any lease (a report would change the store)."""
         return bool(self._leases)
+
+    def steady(self, org: str) -> threading.Lock:
+        """Held, no take or report of ``org`` runs: the store's counters and this process's
+        leases can be read together."""
+        return self._org(org).lock
 
     def unreported(self) -> bool:
         """Whether units were consumed that the store does not count yet."""

@@ -23,6 +23,7 @@ from meterkit.config import load_config
 from meterkit.costs import CostsPage, UnpricedUsage
 from meterkit.errors import EventConflict, StoreUnavailable, ValidationError
 from meterkit.idempotency import classify
+from meterkit.leases import DEFAULT_FLUSH_INTERVAL, check_timing
 from meterkit.leases import DEFAULT_TTL as DEFAULT_LEASE_TTL
 from meterkit.metrics import Metric, check_metric
 from meterkit.models import (
@@ -48,7 +49,6 @@ __all__ = ["DEFAULT_URL", "Meter", "open_counters", "open_store"]
 
 DEFAULT_URL = "sqlite:///meterkit.db"
 DEFAULT_FUTURE_SKEW = 300
-DEFAULT_FLUSH_INTERVAL = 0.05
 MAX_QUEUED = 100_000
 Clock = Callable[[], float]
 logger = logging.getLogger("meterkit")
@@ -156,17 +156,7 @@ class Meter:
         ):
             raise ValidationError("max_future_skew", "must be a non-negative whole number or None")
         self.max_future_skew = max_future_skew
-        if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, int) or lease_ttl < 2:
-            raise ValidationError("lease_ttl", "must be a whole number of seconds, at least 2")
-        if (
-            isinstance(flush_interval, bool)
-            or not isinstance(flush_interval, (int, float))
-            or not 0 < flush_interval <= lease_ttl / 4
-        ):
-            raise ValidationError(
-                "flush_interval", "must be a number of seconds above 0 and at most lease_ttl / 4"
-            )
-        self.flush_interval = float(flush_interval)
+        lease_ttl, self.flush_interval = check_timing(lease_ttl, flush_interval)
         plugins = tuple(plugins)
         self.pm = make_plugin_manager(plugins) if plugins else get_plugin_manager()
         self.store: Store = store if store is not None else open_store(url, self.pm)

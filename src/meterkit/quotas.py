@@ -698,10 +698,13 @@ class Quotas:
             key = self.gauge_key(organization_id, metric)
         else:
             key = self.period_key(organization_id, metric, self.period(organization_id, now))
-        value: int = self.counters.counters_read([key], now=now)[0]
-        if self.leases is not None:
-            value += self.leases.consumed(key, now)  # decided here, not reported yet
-        return value
+        if self.leases is None:
+            value: int = self.counters.counters_read([key], now=now)[0]
+            return value
+        # No report of this organization may move units between the two reads.
+        with self.leases.steady(organization_id):
+            value = self.counters.counters_read([key], now=now)[0]
+            return value + self.leases.consumed(key, now)  # decided here, not reported yet
 
     def _atomic(self) -> contextlib.AbstractContextManager[None]:
         """One transaction for counters and events, when both live in the same store (in
