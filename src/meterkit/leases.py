@@ -197,8 +197,7 @@ class Leases:
         With ``reservation`` (its id and expiry), quota units are held for it until
         :meth:`settle`, or until the expiry, when the next report gives them back.
         """
-        with self._lock:
-            admitted = self._consume(lines, now, reservation)
+        admitted = self.decide_local(lines, now, reservation)
         if admitted is not None:
             return admitted
         state = self._org(org)
@@ -206,9 +205,7 @@ class Leases:
             for _attempt in range(3):
                 with self._lock:
                     self._expire_reservations(now)
-                    lapsed = self._lapse_if_expired(state, now)
-                if lapsed:
-                    self._count_lapsed(state, lapsed, now)
+                self._recover_lapse(state, now)
                 with self._lock:
                     admitted = self._consume(lines, now, reservation)
                     if admitted is not None:
@@ -221,7 +218,7 @@ class Leases:
                 if stale:
                     # Taken under another limit or too long ago: give it back first, so this
                     # process's own old units do not stand in its way.
-                    self._report_locked(state, state.org, now, closing=False)
+                    self._report_locked(state, now, closing=False)
                 with self._lock:
                     leases = [self._leases.get(ln.counter.key) for ln in lines]
                     asks = [
@@ -229,12 +226,12 @@ class Leases:
                         for i, (ln, lease) in enumerate(zip(lines, leases))
                         if lease is None or not lease.room_for(ln.counter, now)
                     ]
-                result = self._take(state, org, lines, asks, now)
+                result = self._take(state, lines, asks, now)
                 if not result.admitted and any(b > n for n, b, _, _ in asks):
                     if not self._could_fit(lines, asks, result):
                         return self._refusal(lines, leases, asks, result)
                     asks = [(need, need, have, i) for need, _, have, i in asks]
-                    result = self._take(state, org, lines, asks, now)
+                    result = self._take(state, lines, asks, now)
                 if not result.admitted:
                     return self._refusal(lines, leases, asks, result)
         raise Contended()
@@ -352,9 +349,10 @@ class Leases:
         return True
 
     def _take(
-        self, state: _Org, org: str, lines: Sequence[LeaseLine], asks: Sequence[_Ask], now: int
+        self, state: _Org, lines: Sequence[LeaseLine], asks: Sequence[_Ask], now: int
     ) -> CounterResult:
         """One atomic store call taking a block for every short line, all or none."""
+        org = state.org
         store_lines = []
         grow: dict[str, int] = {}
         for _need, block, _have, i in asks:
@@ -398,7 +396,7 @@ class Leases:
                 lease.seen = result.used[j] + math.floor(result.previous[j] * _weight(line))
                 lease.fresh = True
             if hold is not None:
-                self._held_anew(state, org, now)
+                self._held_anew(state, now)
         return result
 
     def _held(self, org: str) -> dict[str, int]:
@@ -410,12 +408,13 @@ class Leases:
                 amounts[key] = amounts.get(key, 0) + lease.taken
         return amounts
 
-    def _held_anew(self, state: _Org, org: str, now: int) -> None:
-        """The hold was just written: every quota lease of ``org`` is good for half a ttl."""
+    def _held_anew(self, state: _Org, now: int) -> None:
+        """The hold was just written: every quota lease of its organization is good for half a
+        ttl."""
         state.expires_at = now + self.ttl
         until = now + self.ttl // 2
         for lease in self._leases.values():
-            if lease.org == org and not lease.rate and not lease.closing:
+            if lease.org == state.org and not lease.rate and not lease.closing:
                 lease.usable_until = min(until, lease.ends)
 
     def _lapse_if_expired(self, state: _Org, now: int) -> list[tuple[_Lease, int]]:
@@ -436,6 +435,14 @@ class Leases:
                 if lease.consumed or lease.reserved:
                     lapsed.append((lease, lease.consumed))
         return lapsed
+
+    def _recover_lapse(self, state: _Org, now: int) -> None:
+        """When the organization's hold expired in the store, count what its leases consumed
+        and hold again what open reservations hold. Under the organization's lock."""
+        with self._lock:
+            lapsed = self._lapse_if_expired(state, now)
+        if lapsed:
+            self._count_lapsed(state, lapsed, now)
 
     def _count_lapsed(self, state: _Org, lapsed: list[tuple[_Lease, int]], now: int) -> None:
         """Count what lapsed leases consumed, and hold again what open reservations hold: it
@@ -530,21 +537,18 @@ class Leases:
             self._expire_reservations(now)
             orgs = list({lease.org for lease in self._leases.values()})
         for org in orgs:
-            self._report_org(self._org(org), org, now, closing)
+            state = self._org(org)
+            with state.lock:
+                self._report_locked(state, now, closing)
 
-    def _report_org(self, state: _Org, org: str, now: int, closing: bool) -> None:
-        with state.lock:
-            self._report_locked(state, org, now, closing)
-
-    def _report_locked(self, state: _Org, org: str, now: int, closing: bool) -> None:
+    def _report_locked(self, state: _Org, now: int, closing: bool) -> None:
         """The report of one organization; the caller holds its lock."""
-        with self._lock:
-            lapsed = self._lapse_if_expired(state, now)
-        if lapsed:
-            self._count_lapsed(state, lapsed, now)
+        org = state.org
+        self._recover_lapse(state, now)
         with self._lock:
             plan = []
             deltas: dict[str, int] = {}
+            amounts: dict[str, int] = {}  # what the hold keeps: taken units not freed
             for name, lease in self._leases.items():
                 if lease.org != org:
                     continue
@@ -558,6 +562,7 @@ class Leases:
                     lease.closing = True
                 given_back = lease.unused if drop else 0
                 consumed = lease.consumed
+                freed = 0
                 if lease.rate:
                     if given_back:
                         deltas[lease.key] = deltas.get(lease.key, 0) - given_back
@@ -565,22 +570,15 @@ class Leases:
                     if consumed:
                         deltas[lease.key] = deltas.get(lease.key, 0) + consumed
                     freed = min(lease.taken, consumed + given_back)
+                    held = lease.key + LEASED
                     if freed:
-                        held = lease.key + LEASED
                         deltas[held] = deltas.get(held, 0) - freed
-                plan.append((name, lease, consumed, given_back, drop))
+                    if lease.taken > freed:
+                        amounts[held] = amounts.get(held, 0) + lease.taken - freed
+                plan.append((name, lease, consumed, given_back, freed, drop))
                 if not drop:
                     lease.block = max(1, 2 * lease.recent)
                     lease.recent, lease.fresh = 0, False
-            amounts = self._held(org)
-            for _name, lease, consumed, given_back, _drop in plan:
-                if not lease.rate and lease.taken:
-                    held = lease.key + LEASED
-                    left = amounts[held] - min(lease.taken, consumed + given_back)
-                    if left:
-                        amounts[held] = left
-                    else:
-                        del amounts[held]
         changes = [(key, delta) for key, delta in deltas.items() if delta]
         if amounts:
             hold = Hold(state.hold_id, org, tuple(sorted(amounts.items())), now + self.ttl)
@@ -598,14 +596,14 @@ class Leases:
         elif changes:
             self.counters.counters_add(changes, now=now)
         with self._lock:
-            for name, lease, consumed, given_back, drop in plan:
+            for name, lease, consumed, given_back, freed, drop in plan:
                 lease.consumed -= consumed
-                lease.taken -= min(lease.taken, consumed + given_back)
+                lease.taken -= freed
                 lease.unused -= given_back
                 if drop and not lease.reserved and self._leases.get(name) is lease:
                     del self._leases[name]  # one with open reservations stays until they settle
             if amounts:
-                self._held_anew(state, org, now)
+                self._held_anew(state, now)
             else:
                 state.expires_at = 0
                 if not any(ls.org == org for ls in self._leases.values()):

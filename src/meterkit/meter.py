@@ -360,9 +360,13 @@ class Meter:
         """
         if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
             raise ValidationError("events", "must be a list of Event")
-        checked = self._checked(list(events), single=False)
+        self._record_later(list(events))
+
+    def _record_later(self, events: Sequence[Event], *, wait: bool = True) -> None:
+        """:meth:`record_later`; ``wait=False`` never writes on this thread (an event loop)."""
+        checked = self._checked(events, single=False)
         if checked:
-            self._queue(checked, counted=False)
+            self._queue(checked, wait=wait, counted=False)
 
     def _append(self, events: Sequence[Event], *, single: bool) -> AppendResult:
         checked = self._checked(events, single=single)
@@ -429,20 +433,28 @@ class Meter:
 
     def _stored(self, checked: list[Event], *, counted: bool = False) -> AppendResult:
         """Store validated events (grouped with other callers') and tell the observers."""
-        for name in {e.meter for e in checked}:
-            self._ensure(self._specs[name])
+        self._ensure_meters_of(checked)
         if getattr(self._tx, "depth", 0) or counted:
-            # Inside a transaction the events commit with the rest of it, not in a group.
+            # Inside a transaction the events commit with the rest of it, not in a group (a
+            # decision's debits are written in the decision's own transaction).
             new = self.store.append(checked)
             if not counted:
                 self._count(new)
             result = classify(checked, new, self.store.get_events)
         else:
             result, new = self._writer.append(checked)
+        self._tell_recorded(new)
+        return result
+
+    def _ensure_meters_of(self, events: Sequence[Event]) -> None:
+        for name in {e.meter for e in events}:
+            self._ensure(self._specs[name])
+
+    def _tell_recorded(self, new: Sequence[Event]) -> None:
+        """The ``meterkit_events_recorded`` hook, after the current transaction commits."""
         if new:
             recorded = tuple(new)
             self.notify(lambda: self.pm.hook.meterkit_events_recorded(meter=self, events=recorded))
-        return result
 
     # -- transactions -------------------------------------------------------------------------
 
@@ -775,17 +787,12 @@ class Meter:
         """Write queued events in one store transaction (where the store has them), count the
         new ones not counted yet, and tell the observers after it commits."""
         events = counted + uncounted
-        for name in {e.meter for e in events}:
-            self._ensure(self._specs[name])
+        self._ensure_meters_of(events)
         with self.transaction():
             new = self.store.append(events)
             waiting = {id(e) for e in uncounted}
             self._count([e for e in new if id(e) in waiting])
-            if new:
-                recorded = tuple(new)
-                self.notify(
-                    lambda: self.pm.hook.meterkit_events_recorded(meter=self, events=recorded)
-                )
+            self._tell_recorded(new)
 
     def _sync(self) -> None:
         """Flush when this meter holds anything a query should see."""

@@ -185,6 +185,13 @@ def check_count(field: str, value: object, *, minimum: int = 0) -> int:
     return value
 
 
+def check_ttl(ttl: object) -> int:
+    """A reservation's ``ttl``: whole seconds from 1 to :data:`MAX_TTL`."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_TTL:
+        raise ValidationError("ttl", f"must be a whole number of seconds from 1 to {MAX_TTL}")
+    return ttl
+
+
 def check_amounts(amounts: object, field: str = "amounts") -> dict[str, int]:
     """``{metric: whole amount >= 0}``, or a ValidationError naming ``field.metric``.
 
@@ -323,7 +330,7 @@ class Quotas:
         self._cache_lock = threading.Lock()
         # Threshold markers this process has claimed (or seen claimed): asked of the store once.
         self._claimed: set[str] = set()
-        self._sources_cache: tuple[object, int, list[Metric]] | None = None
+        self._sources_cache: tuple[int, list[Metric]] | None = None
         # Debit dimensions already validated, by (metric, items): most requests repeat them.
         self._good_dims: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
         # Set while settling on an event loop: what needs the store is deferred to the flush.
@@ -357,16 +364,16 @@ class Quotas:
     def metric_sources(self) -> list[Metric]:
         """Every counted (not gauge) metric with the sources that feed it, own meter first."""
         specs = self.meter._specs
-        found = self._sources_cache
-        if found is None or found[0] is not specs or found[1] != self._generation:
+        found = self._sources_cache  # registering a meter or defining a metric bumps it
+        if found is None or found[0] != self._generation:
             names = [n for n, spec in specs.items() if (m := spec.measure(n)) and not m.gauge]
             defined = self.meter._metrics
             metrics = [
                 defined.get(name, Metric(name)).effective(specs)
                 for name in sorted(set(names) | set(defined))
             ]
-            found = self._sources_cache = (specs, self._generation, metrics)
-        return found[2]
+            found = self._sources_cache = (self._generation, metrics)
+        return found[1]
 
     def feed(self, events: Sequence[Event]) -> None:
         """Count recorded usage in the period counters of the metrics it belongs to.
@@ -495,14 +502,26 @@ class Quotas:
             self._cache.clear()
             self._compiled.clear()
 
-    def _compile(self, org: str, now: int) -> _Compiled:
-        """The organization's compiled limits at ``now`` (see :class:`_Compiled`)."""
-        mono = _time.monotonic()
+    def _fresh(self, org: str, now: int) -> tuple[_Compiled | None, int]:
+        """The organization's compiled limits if still good at ``now``, and the generation
+        they were looked up at."""
         with self._cache_lock:
             hit = self._compiled.get(org)
             generation = self._generation
-        if hit is not None and mono < hit.refresh_at and hit.period.start <= now < hit.valid_until:
+        if (
+            hit is not None
+            and _time.monotonic() < hit.refresh_at
+            and hit.period.start <= now < hit.valid_until
+        ):
+            return hit, generation
+        return None, generation
+
+    def _compile(self, org: str, now: int) -> _Compiled:
+        """The organization's compiled limits at ``now`` (see :class:`_Compiled`)."""
+        hit, generation = self._fresh(org, now)
+        if hit is not None:
             return hit
+        mono = _time.monotonic()
         assignment, plan, grants = self._lookup(org)
         cycle = plan.billing_cycle if plan else DEFAULT_CYCLE
         period = cycle.period_at(now)
@@ -647,8 +666,7 @@ class Quotas:
         dimensions: Mapping[str, Any] | None = None,
     ) -> Reservation:
         """Hold ``amounts`` now; raises :class:`QuotaExceeded` if any limit refuses."""
-        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_TTL:
-            raise ValidationError("ttl", f"must be a whole number of seconds from 1 to {MAX_TTL}")
+        check_ttl(ttl)
         decision, reservation = self._decide(
             organization_id, amounts, requests, debit=True, hold_ttl=ttl, dimensions=dimensions
         )
@@ -738,8 +756,8 @@ class Quotas:
             return None
         org = check_org(organization_id)
         clean = check_amounts(amounts)
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
-            raise ValidationError("ttl", f"must be a whole number of seconds from 1 to {MAX_TTL}")
+        if ttl is not None:
+            check_ttl(ttl)
         now = self.meter.now()
         if self.compiled(org, now) is None:
             return None
@@ -751,18 +769,14 @@ class Quotas:
         result = self.leases.decide_local(lines, now, (decision_id, now + ttl) if ttl else None)
         if result is None:
             return None
-        decision = self._describe(org, lines, result, now, decision_id)
-        used = {s.metric: s.used for s in decision.limits}
-        if self._near_threshold(lines, used):
-            self.meter._defer(lambda: self._thresholds_from(org, lines, used))
-        if events:
-            self.meter._queue(events, wait=False)
-        if ttl is None:
-            return decision, None
-        keyed = {ln.metric: ln for ln in lines if ln.window == 0}
-        reservation = Reservation(self, decision, clean, keyed, now + ttl, dimensions)
-        reservation._leased = True
-        return decision, reservation
+        return self._from_lease(
+            org, lines, clean, result, now, decision_id, dimensions, ttl, events, local=True
+        )
+
+    @property
+    def in_no_io(self) -> bool:
+        """Whether this thread is inside :meth:`no_io`."""
+        return bool(getattr(self._no_io, "on", False))
 
     @contextlib.contextmanager
     def no_io(self) -> Iterator[None]:
@@ -776,12 +790,8 @@ class Quotas:
     def compiled(self, organization_id: str, now: int) -> Period | None:
         """The billing period of an organization whose limits are compiled and fresh at
         ``now`` (no store read needed to decide), else ``None``."""
-        mono = _time.monotonic()
-        with self._cache_lock:
-            hit = self._compiled.get(organization_id)
-        if hit is not None and mono < hit.refresh_at and hit.period.start <= now < hit.valid_until:
-            return hit.period
-        return None
+        hit, _ = self._fresh(organization_id, now)
+        return hit.period if hit is not None else None
 
     def _decide(
         self,
@@ -878,12 +888,32 @@ class Quotas:
                 return self._degraded(org, decision_id, amounts, lines, hold_ttl, now, dimensions)
             raise
         self.meter._start_flusher()
+        return self._from_lease(
+            org, lines, amounts, result, now, decision_id, dimensions, hold_ttl, events
+        )
+
+    def _from_lease(
+        self,
+        org: str,
+        lines: list[_Line],
+        amounts: dict[str, int],
+        result: CounterResult,
+        now: int,
+        decision_id: str,
+        dimensions: Mapping[str, Any] | None,
+        hold_ttl: int | None,
+        events: list[Event],
+        *,
+        local: bool = False,
+    ) -> tuple[Decision, Reservation | None]:
+        """The decision a lease made, its thresholds, its queued debit events, and (with
+        ``hold_ttl``) its reservation. ``local``: on an event loop, nothing waits on I/O."""
         decision = self._describe(org, lines, result, now, decision_id)
         if not result.admitted:
             return decision, None
-        self._thresholds_from(org, lines, {s.metric: s.used for s in decision.limits})
+        self._thresholds_soon(org, lines, {s.metric: s.used for s in decision.limits}, local)
         if events:
-            self.meter._queue(events)
+            self.meter._queue(events, wait=not local)
         if hold_ttl is None:
             return decision, None
         keyed = {ln.metric: ln for ln in lines if ln.window == 0}
@@ -920,9 +950,10 @@ class Quotas:
             # Units leased here are this process's room: only others' leases stand in the way.
             for i, c in enumerate(counters):
                 if c.prev_key and c.prev_key.endswith(LEASED):
-                    current[i] += self.leases.consumed(c.key, now)
+                    mine = self.leases.consumed(c.key, now)
+                    current[i] += mine
                     previous[i] = max(0, previous[i] - self.leases.unused(c.key, now))
-                    previous[i] -= min(previous[i], self.leases.consumed(c.key, now))
+                    previous[i] -= min(previous[i], mine)
         admitted = all(fits(c, u, p) for c, u, p in zip(counters, current, previous))
         used = [u + c.amount for c, u in zip(counters, current)] if admitted else current
         return CounterResult(admitted, tuple(used), tuple(previous))
@@ -984,6 +1015,16 @@ class Quotas:
         self._thresholds_from(decision.organization_id, lines, result_used)
         if self.record_debits:
             self._record(decision.id, decision.organization_id, amounts, dimensions, now)
+
+    def _thresholds_soon(
+        self, org: str, lines: Sequence[_Line], used: Mapping[str, int], local: bool
+    ) -> None:
+        """Thresholds now, or (``local``, on an event loop) at the next flush, and only when
+        one can be reached: claiming a threshold asks the store."""
+        if not local:
+            self._thresholds_from(org, lines, used)
+        elif self._near_threshold(lines, used):
+            self.meter._defer(lambda: self._thresholds_from(org, lines, used))
 
     def _near_threshold(self, lines: Sequence[_Line], used: Mapping[str, int]) -> bool:
         """Whether any limited line reached the lowest threshold (only then can one fire)."""
@@ -1135,7 +1176,7 @@ class Quotas:
     def _settle_leased(
         self, reservation: Reservation, actual: dict[str, int] | None, now: int
     ) -> None:
-        local = getattr(self._no_io, "on", False)
+        local = self.in_no_io
         assert self.leases is not None
         lines = reservation._lines
         by_key = (
@@ -1165,11 +1206,7 @@ class Quotas:
             if metric in used:
                 used[metric] += max(0, actual[metric] - reservation.held.get(metric, 0))
         org = reservation.organization_id
-        if local:
-            if self._near_threshold(list(lines.values()), used):
-                self.meter._defer(lambda: self._thresholds_from(org, list(lines.values()), used))
-        else:
-            self._thresholds_from(org, list(lines.values()), used)
+        self._thresholds_soon(org, list(lines.values()), used, local)
         events = self._debit_events(reservation.id, org, actual, reservation._dimensions, now)
         if events:
             self.meter._queue(events, wait=not local)

@@ -398,15 +398,12 @@ class Metering(Generic[R]):
         if self.identify is not None or callable(self.cost):
             return NEEDS_STORE  # user code, which may block
         token = bearer_token(self.authorization(request))
-        if token is None:
-            if self.unidentified == "refuse" or self.authorization(request):
-                return self._unidentified(request)
-            return None
-        if (
+        if token is None or (
             self.meter.quotas.all_in_memory
             and not self.meter.pm.hook.meterkit_authenticate.get_hookimpls()
         ):
-            # Keys, plans and counters are all in this process's memory: decide right here.
+            # No credentials (refused or passed without a store call), or keys, plans and
+            # counters all in this process's memory: begin() decides right here.
             return self.begin(request, method=method, path=path)
         who = cached_principal(self.meter, token)
         if who is None:
@@ -613,12 +610,7 @@ class Metering(Generic[R]):
         )
         try:
             # Written by the meter's next flush: the request is not held up by a commit.
-            if getattr(self.meter.quotas._no_io, "on", False):
-                self.meter._queue(
-                    self.meter._checked([event], single=False), wait=False, counted=False
-                )
-            else:
-                self.meter.record_later([event])
+            self.meter._record_later([event], wait=not self.meter.quotas.in_no_io)
         except Exception:
             logger.exception("meterkit: could not record request %s", event_id)
 
