@@ -183,15 +183,7 @@ def rate_limit_headers(
     states: list[str] = []
     for state in limited:
         name = _sf_string(state.metric)
-        policy = f"{name};q={state.limit}"
-        if state.metric in RATE_WINDOWS:
-            policy += ';qu="requests"'
-        else:
-            policy += f";qu={_sf_string(state.metric)}"
-        window = windows.get(state.metric)
-        if window:
-            policy += f";w={window}"
-        policies.append(policy)
+        policies.append(_policy(state.metric, state.limit, windows.get(state.metric)))
         item = f"{name};r={state.remaining}"
         if state.metric == refused and wait is not None:
             item += f";t={wait}"
@@ -201,6 +193,13 @@ def rate_limit_headers(
     headers.append(("RateLimit-Policy", ", ".join(policies)))
     headers.append(("RateLimit", ", ".join(states)))
     return tuple(headers)
+
+
+@functools.lru_cache(maxsize=4096)  # (metric, limit, window): a few per plan, on every response
+def _policy(metric: str, limit: int, window: int | None) -> str:
+    name = _sf_string(metric)
+    unit = '"requests"' if metric in RATE_WINDOWS else name
+    return f"{name};q={limit};qu={unit}" + (f";w={window}" if window else "")
 
 
 def refusal_headers(
@@ -488,7 +487,11 @@ class Metering(Generic[R]):
             if state.metric in RATE_WINDOWS:
                 out[state.metric] = RATE_WINDOWS[state.metric]
             elif state.reset_at is not None:
-                period = period or self.meter.quotas.period(org, now)
+                period = (
+                    period
+                    or self.meter.quotas.compiled(org, now)
+                    or self.meter.quotas.period(org, now)
+                )
                 out[state.metric] = period.end - period.start
         return out
 
