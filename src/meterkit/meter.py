@@ -194,6 +194,7 @@ class Meter:
         self._deferred: list[Callable[[], object]] = []
         self._queue_lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        self._flushing = 0  # the thread flushing now (while _flush_lock is held)
         self._flusher: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
@@ -757,6 +758,7 @@ class Meter:
         ``release_leases`` also gives back every unused lease (held reservations stay).
         """
         with self._flush_lock:
+            self._flushing = threading.get_ident()
             with self._queue_lock:
                 deferred, self._deferred = self._deferred, []
             for i, call in enumerate(deferred):
@@ -800,7 +802,10 @@ class Meter:
             return
         leases = self.quotas.leases
         queued = self._queued or self._queued_uncounted or self._deferred
-        if queued or (leases is not None and leases.unreported()):
+        # A flush in another thread (the background one) may be writing what this thread
+        # queued: waiting for its lock waits for that write to commit.
+        elsewhere = self._flush_lock.locked() and self._flushing != threading.get_ident()
+        if queued or elsewhere or (leases is not None and leases.unreported()):
             self.flush()
 
     def _queue(self, events: Sequence[Event], *, wait: bool = True, counted: bool = True) -> None:
