@@ -79,8 +79,10 @@ def drop_schemas(url: str, prefix: str) -> None:
         rows = conn.execute(
             "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (f"{prefix}%",)
         ).fetchall()
-        if rows:
-            conn.execute("DROP SCHEMA " + ", ".join(f'"{n}"' for (n,) in rows) + " CASCADE")
+        # One schema per statement: a transaction locks every table it drops, and a run's
+        # schemas together hold more tables than the server's lock table has room for.
+        for (name,) in rows:
+            conn.execute(f'DROP SCHEMA "{name}" CASCADE')
 
 
 def with_params(url: str, **params: str) -> str:
