@@ -2,7 +2,8 @@
 
 Several processes open the same old file or schema at once: exactly one migrates, nothing is
 lost, a duplicate within one organization is still a duplicate, and another organization may
-now use an id that was taken.
+now use an id that was taken. 0.1 kept no rollups: they are built from the old events, once,
+and agree with them.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def check_migrated(url: str) -> None:
         want = {(e.organization_id, e.id): int(e.values["tokens"]) for e in old_events()}
         want |= {(f"org_{(k + 1) % 2}", f"e{k}"): 100 for k in range(PROCESSES)}
         assert stored == want
+        # Rollups built once from the old events, then kept up by every process's writes.
+        assert m.verify_rollups("tokens") == []
+        for org in ("org_0", "org_1"):
+            total = m.total(
+                "tokens", "tokens", organization_id=org, start_time=T0, end_time=T0 + 3600
+            )
+            assert total == sum(v for (o, _), v in want.items() if o == org)
 
 
 # -- SQLite -----------------------------------------------------------------------------------
@@ -80,6 +88,9 @@ def make_sqlite_v1(path: Path) -> str:
     for sql in db.table("events_tokens").transform_sql(pk="id"):
         db.execute(sql)
     db.execute("UPDATE mk_meta SET value = '1' WHERE key = 'schema_version'")
+    for grain in ("1m", "1h", "1d"):
+        db.execute(f"DROP TABLE rollup_tokens_{grain}")
+    db.execute("DELETE FROM mk_meta WHERE key LIKE 'rollups/%'")
     db.execute("COMMIT")
     assert db.table("events_tokens").pks == ["id"]
     db.conn.close()
@@ -134,6 +145,9 @@ def make_postgres_v1(postgres_url: str) -> str:
             "ALTER TABLE events_tokens DROP CONSTRAINT events_tokens_pkey, ADD PRIMARY KEY (id)"
         )
         conn.execute("DELETE FROM mk_schema_migrations WHERE version > 1")
+        for grain in ("1m", "1h", "1d"):
+            conn.execute(f"DROP TABLE rollup_tokens_{grain}")
+        conn.execute("DELETE FROM mk_meta WHERE key LIKE 'rollups/%'")
     return url
 
 

@@ -306,6 +306,59 @@ def keys_revoke(key_id: str, config: Path | None, db: str | None) -> None:
     click.echo(f"revoked key {key_id} of {key.organization_id}", err=True)
 
 
+# -- rollups ----------------------------------------------------------------------------------
+
+
+@main.group()
+def rollups() -> None:
+    """Rebuild the stored rollups from the events, or compare the two."""
+
+
+_METER_OPTION = click.option(
+    "--meter",
+    "meters",
+    multiple=True,
+    help="A meter to work on (repeatable). [default: every meter]",
+)
+
+
+@rollups.command("rebuild")
+@_METER_OPTION
+@_store_options
+def rollups_rebuild(meters: tuple[str, ...], config: Path | None, db: str | None) -> None:
+    """Fold each meter's rollups anew from its events (one transaction per meter)."""
+
+    def progress(name: str, done: int) -> None:
+        if done:
+            click.echo(f"{name}: {done:,} events read", err=True)
+
+    with _open(config, db, existing=True) as meter, _reported():
+        read = meter.rebuild_rollups(list(meters) or None, progress=progress)
+    if not read:
+        click.echo("this store keeps no rollups", err=True)
+        return
+    for name, count in sorted(read.items()):
+        if count or meters:
+            click.echo(f"rebuilt {name}: {count:,} events")
+
+
+@rollups.command("verify")
+@_METER_OPTION
+@_store_options
+def rollups_verify(meters: tuple[str, ...], config: Path | None, db: str | None) -> None:
+    """List every rollup row that differs from what the events give; exit 1 if any does."""
+    with _open(config, db, existing=True) as meter, _reported():
+        found = meter.verify_rollups(list(meters) or None)
+    for line in found:
+        click.echo(line)
+    if found:
+        raise click.ClickException(
+            f"{len(found)} rollup rows differ from the events; `meterkit rollups rebuild` "
+            "folds them anew"
+        )
+    click.echo("rollups agree with the events", err=True)
+
+
 # -- demo -------------------------------------------------------------------------------------
 
 

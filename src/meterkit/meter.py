@@ -17,7 +17,7 @@ import attrs
 import pluggy
 
 from meterkit import costs as costs_module
-from meterkit import engine, pricing, summaries
+from meterkit import engine, pricing, rollups, summaries
 from meterkit.catalog import builtin_meters
 from meterkit.config import load_config
 from meterkit.costs import CostsPage, UnpricedUsage
@@ -701,6 +701,21 @@ class Meter:
     ) -> Decision:
         """Count usage that already happened, without a limit check."""
         return self.quotas.debit(organization_id, amounts, dimensions=dimensions)
+
+    # -- rollups (see meterkit.rollups) -------------------------------------------------------
+
+    def rebuild_rollups(
+        self, meters: Iterable[str] | str | None = None, *, progress: rollups.Progress | None = None
+    ) -> dict[str, int]:
+        """Fold the rollups of ``meters`` (default: every meter) anew from their events, each
+        meter atomically; ``progress(meter, events_read)`` as it goes. Events read per meter;
+        ``{}`` when the store keeps no rollups."""
+        return rollups.rebuild(self, meters, sorted(self._specs), progress)
+
+    def verify_rollups(self, meters: Iterable[str] | str | None = None) -> list[str]:
+        """Every difference between the stored rollups of ``meters`` (default: every meter)
+        and what their events give, one line each: ``[]`` when they agree. Changes nothing."""
+        return rollups.verify(self, meters, sorted(self._specs))
 
     # -- summaries (see meterkit.summaries) ---------------------------------------------------
 

@@ -1,10 +1,13 @@
 """The protocol every store implements.
 
 A store keeps events (idempotently, by ``(organization_id, meter, id)``) and hands them back
-for a time range. It *may* also answer a bucket query natively (SQL ``GROUP BY``, or pre-
-aggregated rollups later): :meth:`Store.aggregate` returns ``None`` when it will not, and the
-engine then aggregates :meth:`Store.scan`. A native answer must equal the engine's on the same
-events.
+for a time range. It *may* also answer a bucket query natively (SQL ``GROUP BY``, or its
+rollups): :meth:`Store.aggregate` returns ``None`` when it will not, and the engine then
+aggregates :meth:`Store.scan`. A native answer must equal the engine's on the same events.
+
+A store that keeps rollups (:class:`RollupStore`) updates them in the transaction that appends
+the events, answers from them as :func:`meterkit.engine.rollup.answer` does, and lets them be
+rebuilt and compared with the events.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from meterkit.engine import rollup
 from meterkit.engine.aggregate import Rows
 from meterkit.models import CounterLine, CounterResult, Event, Hold, MeterSpec, UsageQuery
 
-__all__ = ["CounterStore", "Store"]
+__all__ = ["CounterStore", "RollupStore", "Store"]
 
 
 @runtime_checkable
@@ -112,3 +116,29 @@ class Store(CounterStore, Protocol):
 
     def close(self) -> None:
         """Release connections. The store is not used afterwards."""
+
+
+@runtime_checkable
+class RollupStore(Store, Protocol):
+    """A store that keeps rollups (see :mod:`meterkit.engine.rollup`).
+
+    For every meter without a ``unique_count`` measure it keeps, per organization, grain
+    (:data:`~meterkit.engine.rollup.GRAINS`), bucket and series, what
+    :func:`~meterkit.engine.rollup.fold` gives for the stored events, updated in the same
+    transaction as :meth:`~Store.append` (a query sees its own writes at once). Its
+    :meth:`~Store.aggregate` reads them as :func:`~meterkit.engine.rollup.plan` says: the
+    conformance suite holds that to the engine.
+    """
+
+    def organizations(self, meter: str) -> list[str]:
+        """Every organization with a stored event of ``meter``, sorted."""
+
+    def rollup_rows(
+        self, spec: MeterSpec, grain: int
+    ) -> dict[rollup.Key, tuple[dict[str, Any], list[Any]]]:
+        """Every stored rollup row of ``spec`` at ``grain``: key -> (dimensions, values in
+        :func:`~meterkit.engine.rollup.columns` order)."""
+
+    def rebuild_rollups(self, spec: MeterSpec, progress: Any = None) -> int:
+        """Empty ``spec``'s rollups and fold them anew from its events, atomically;
+        ``progress(events_read)`` after each chunk when given. Returns the events read."""

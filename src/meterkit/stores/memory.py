@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from meterkit import counters
+from meterkit.engine import rollup
 from meterkit.engine.aggregate import Rows
 from meterkit.hookspecs import hookimpl
 from meterkit.models import CounterLine, CounterResult, Event, Hold, MeterSpec, UsageQuery
@@ -33,6 +34,9 @@ class MemoryStore:
         self._counters: dict[str, tuple[int, int | None]] = {}
         self._holds: dict[str, Hold] = {}
         self._claims: dict[str, int | None] = {}
+        self._specs: dict[str, MeterSpec] = {}
+        # (meter, organization_id, grain) -> bucket -> series key -> (dimensions, values)
+        self._rollups: dict[tuple[str, str, int], dict[int, dict[str, Any]]] = {}
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -41,7 +45,14 @@ class MemoryStore:
             yield
 
     def ensure_meter(self, spec: MeterSpec) -> None:
-        pass
+        # Known already: no lock, so callers queueing for a group commit do not wait here on
+        # the write in flight.
+        if self._specs.get(spec.name) == spec:
+            return
+        with self._lock:
+            if self._specs.get(spec.name) != spec:
+                self._specs[spec.name] = spec
+                self.rebuild_rollups(spec)
 
     def append(self, events: Sequence[Event]) -> list[Event]:
         with self._lock:
@@ -54,11 +65,72 @@ class MemoryStore:
                     continue
                 batch.add(key)
                 new.append(event)
+            # Rollups are folded before anything is written: an event whose values cannot
+            # be read fails the batch with nothing stored.
+            by_meter: dict[str, list[Event]] = {}
+            for event in new:
+                by_meter.setdefault(event.meter, []).append(event)
+            folded = [
+                (spec, self._fold(spec, batch))
+                for meter, batch in by_meter.items()
+                if (spec := self._specs.get(meter)) is not None
+            ]
             for event in new:
                 tenant = (event.meter, event.organization_id)
                 self._ids.setdefault(tenant, {})[event.id] = event
                 self._events.setdefault(tenant, []).append(event)
+            for spec, rows in folded:
+                self._add_rollups(spec, rows)
             return new
+
+    @staticmethod
+    def _fold(spec: MeterSpec, events: Sequence[Event]) -> list[tuple[int, Any]]:
+        return [(grain, rollup.fold(spec, events, grain)) for grain in rollup.GRAINS]
+
+    def _add_rollups(self, spec: MeterSpec, folded: list[tuple[int, Any]]) -> None:
+        layout = rollup.columns(spec)
+        for grain, rows_by_key in folded:
+            for (org, bucket, series), (dims, values) in rows_by_key.items():
+                buckets = self._rollups.setdefault((spec.name, org, grain), {})
+                rows = buckets.setdefault(bucket, {})
+                seen = rows.get(series)
+                if seen is None:
+                    rows[series] = (dims, values)
+                else:
+                    rollup.merge(layout, seen[1], values)
+
+    def rebuild_rollups(self, spec: MeterSpec, progress: Any = None) -> int:
+        """Drop ``spec``'s rollups and fold them anew from its events; the events read."""
+        with self._lock:
+            for key in [k for k in self._rollups if k[0] == spec.name]:
+                del self._rollups[key]
+            events = [
+                e
+                for (meter, _), stored in self._events.items()
+                if meter == spec.name
+                for e in stored
+            ]
+            self._add_rollups(spec, self._fold(spec, events))
+            if progress is not None:
+                progress(len(events))
+            return len(events)
+
+    def organizations(self, meter: str) -> list[str]:
+        with self._lock:
+            return sorted(org for (m, org), events in self._events.items() if m == meter and events)
+
+    def rollup_rows(
+        self, spec: MeterSpec, grain: int
+    ) -> dict[rollup.Key, tuple[dict[str, Any], list[Any]]]:
+        """Every stored rollup row of ``spec`` at ``grain``."""
+        with self._lock:
+            return {
+                (org, bucket, series): (dict(dims), list(values))
+                for (meter, org, g), buckets in self._rollups.items()
+                if meter == spec.name and g == grain
+                for bucket, rows in buckets.items()
+                for series, (dims, values) in rows.items()
+            }
 
     def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:
         with self._lock:
@@ -71,7 +143,24 @@ class MemoryStore:
         return (e for e in events if start <= e.time < end)
 
     def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
-        return None
+        if not rollup.rollable(spec) or self._specs.get(spec.name) != spec:
+            return None
+        org = query.organization_id
+        with self._lock:
+
+            def rows_in(grain: int, start: int, end: int) -> list[tuple[int, Any, Any]]:
+                buckets = self._rollups.get((spec.name, org, grain), {})
+                if (end - start) // grain < len(buckets):
+                    found = ((b, buckets.get(b)) for b in range(start, end, grain))
+                else:
+                    found = ((b, rows) for b, rows in buckets.items() if start <= b < end)
+                return [(b, d, v) for b, rows in found if rows for d, v in rows.values()]
+
+            def events_in(start: int, end: int) -> list[Event]:
+                stored = self._events.get((spec.name, org), ())
+                return [e for e in stored if start <= e.time < end]
+
+            return rollup.answer(spec, query, rows_in, events_in)
 
     # -- records ------------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from meterkit import counters
+from meterkit.engine import rollup
 from meterkit.engine.aggregate import Rows
 from meterkit.errors import MeterkitError, StoreUnavailable
 from meterkit.hookspecs import hookimpl
@@ -305,6 +306,17 @@ def _decode(value: Decimal | int | None) -> Number | None:
     return None if value is None else _number(value)
 
 
+_GRAIN_NAMES = {60: "_1m", 3600: "_1h", 86400: "_1d"}
+
+
+def _rollup_table(meter: str, grain: int) -> str:
+    return _ident("rollup_", meter, _GRAIN_NAMES[grain])
+
+
+def _cell(kind: str, measure: str) -> str:
+    return _ident(f"{kind}_", measure)
+
+
 _DIALECT = sqlagg.Dialect(
     table=lambda meter: _q(_table(meter)),
     dim=lambda name: _q(_dim(name)),
@@ -313,7 +325,48 @@ _DIALECT = sqlagg.Dialect(
     placeholder="%s",
     modulo="mod({}, {})",
     subquery_alias=" AS s",
+    rollup=lambda meter, grain: _q(_rollup_table(meter, grain)),
+    cell=lambda kind, measure: _q(_cell(kind, measure)),
+    least="LEAST",
+    greatest="GREATEST",
 )
+_CELL_TYPES = {
+    "s": "numeric",
+    "n": "bigint",
+    "mn": "numeric",
+    "mx": "numeric",
+    "t": "bigint",
+    "i": 'text COLLATE "C"',
+    "l": "numeric",
+}
+_NUMERIC_CELLS = frozenset({"s", "mn", "mx", "l"})
+
+
+def _layout(spec: MeterSpec) -> dict[str, list[str]] | None:
+    """What a meter's rollups keep of each measure (``None``: it keeps none)."""
+    if not rollup.rollable(spec):
+        return None
+    out: dict[str, list[str]] = {}
+    for kind, name in rollup.columns(spec):
+        out.setdefault(name, []).append(kind)
+    return out
+
+
+def _rollup_params(
+    spec: MeterSpec, rows: Mapping[rollup.Key, tuple[Mapping[str, Any], Sequence[Any]]]
+) -> list[tuple[Any, ...]]:
+    """Bind parameters of the upsert for folded rows, sorted by key: concurrent writers then
+    lock rollup rows in one order and never deadlock on them."""
+    dims = spec.dimension_names
+    numeric = [kind in _NUMERIC_CELLS for kind, _ in rollup.columns(spec)]
+    return [
+        (
+            *key,
+            *map(rows[key][0].get, dims),
+            *(_encode(v) if num else v for num, v in zip(numeric, rows[key][1], strict=True)),
+        )
+        for key in sorted(rows)
+    ]
 
 
 # -- connection options -----------------------------------------------------------------------
@@ -532,18 +585,40 @@ class PostgresStore:
             "organization_id": 'text COLLATE "C" NOT NULL',
             "time": "bigint NOT NULL",
         }
+        dims: dict[str, str] = {}
         for d in spec.dimensions:
-            columns[_dim(d.name)] = "boolean" if d.kind == "bool" else 'text COLLATE "C"'
+            dims[_dim(d.name)] = "boolean" if d.kind == "bool" else 'text COLLATE "C"'
+        columns.update(dims)
         for m in spec.measures:
             columns[_val(m.name)] = "numeric"
+        layout = _layout(spec)
+        marker = f"rollups/{spec.name}"
+        rolled: dict[str, dict[str, str]] = {}
+        if layout is not None:
+            cells = {_cell(k, m): _CELL_TYPES[k] for k, m in rollup.columns(spec)}
+            for grain in rollup.GRAINS:
+                rolled[_rollup_table(spec.name, grain)] = {
+                    "organization_id": 'text COLLATE "C" NOT NULL',
+                    "bucket": "bigint NOT NULL",
+                    "series": 'text COLLATE "C" NOT NULL',
+                    **dims,
+                    **cells,
+                }
 
-        def have(cur: psycopg.Cursor[Any]) -> set[str]:
+        def have(cur: psycopg.Cursor[Any]) -> tuple[dict[str, set[str]], Any]:
+            names = [table, *rolled]
             cur.execute(
-                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-                "AND attnum > 0 AND NOT attisdropped",
-                (_q(table),),
+                "SELECT c.relname, a.attname FROM pg_attribute a JOIN pg_class c "
+                "ON c.oid = a.attrelid WHERE a.attrelid = ANY(ARRAY(SELECT to_regclass(n) "
+                "FROM unnest(%s::text[]) AS n)) AND a.attnum > 0 AND NOT a.attisdropped",
+                ([_q(n) for n in names],),
             )
-            return {r[0] for r in cur.fetchall()}
+            found: dict[str, set[str]] = {n: set() for n in names}
+            for rel, att in cur.fetchall():
+                found.setdefault(rel, set()).add(att)
+            cur.execute("SELECT value FROM mk_meta WHERE key = %s", (marker,))
+            row = cur.fetchone()
+            return found, json.loads(row[0]) if row else None
 
         def create(cur: psycopg.Cursor[Any]) -> None:
             # DDL only under a lock per table: concurrent CREATE TABLE IF NOT EXISTS can still
@@ -561,18 +636,161 @@ class PostgresStore:
                 f"ON {_q(table)} (organization_id, time)",
             ]
             for name, kind in columns.items():
-                if name not in existing:
+                if name not in existing[table]:
                     script.append(
                         f"ALTER TABLE {_q(table)} ADD COLUMN IF NOT EXISTS {_q(name)} {kind}"
                     )
             cur.execute(";\n".join(script))
+            self._ensure_rollups(cur, spec, marker, layout, rolled)
 
         # Look first: ALTER TABLE takes an exclusive lock on the table even when every column
         # is there already, and this runs whenever a process starts.
-        existing = self._run("preparing a meter", have, tx=False, idempotent=True)
-        if not set(columns) <= existing:
+        existing, recorded = self._run("preparing a meter", have, tx=False, idempotent=True)
+        complete = set(columns) <= existing[table] and all(
+            set(want) <= existing.get(name, set()) for name, want in rolled.items()
+        )
+        if not complete or recorded != layout:
             self._run("preparing a meter", create, pipeline=False)
         self._specs[spec.name] = spec
+
+    def _ensure_rollups(
+        self,
+        cur: psycopg.Cursor[Any],
+        spec: MeterSpec,
+        marker: str,
+        layout: dict[str, list[str]] | None,
+        rolled: dict[str, dict[str, str]],
+    ) -> None:
+        """Create, widen or rebuild ``spec``'s rollup tables, under the meter's DDL lock: a
+        schema written before rollups existed (or a measure whose aggregation changed) gets
+        them built from its events here, once; the next process finds the layout recorded."""
+        cur.execute("SELECT value FROM mk_meta WHERE key = %s", (marker,))
+        row = cur.fetchone()
+        old = json.loads(row[0]) if row else None
+        keep = (
+            old is not None
+            and layout is not None
+            and all(old.get(m) in (None, kinds) for m, kinds in layout.items())
+        )
+        script = []
+        if not keep:
+            script += [
+                f"DROP TABLE IF EXISTS {_q(_rollup_table(spec.name, g))}" for g in rollup.GRAINS
+            ]
+        for name, cols in rolled.items():
+            body = ", ".join(f"{_q(n)} {t}" for n, t in cols.items())
+            script.append(
+                f"CREATE TABLE IF NOT EXISTS {_q(name)} ({body}, "
+                "PRIMARY KEY (organization_id, bucket, series))"
+            )
+            script += [
+                f"ALTER TABLE {_q(name)} ADD COLUMN IF NOT EXISTS {_q(n)} {t}"
+                for n, t in cols.items()
+            ]
+        if script:
+            cur.execute(";\n".join(script))
+        if layout is None:
+            cur.execute("DELETE FROM mk_meta WHERE key = %s", (marker,))
+            return
+        cur.execute(
+            "INSERT INTO mk_meta (key, value) VALUES (%s, %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (marker, json.dumps(layout, sort_keys=True)),
+        )
+        if not keep:
+            self._fold_all(cur, spec)
+
+    def _fold_all(
+        self,
+        cur: psycopg.Cursor[Any],
+        spec: MeterSpec,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Fold every stored event of ``spec`` into its rollups, in this transaction."""
+        done = 0
+        after: tuple[str, str] = ("", "")
+        while True:
+            chunk = list(
+                self._read(
+                    cur,
+                    spec,
+                    "(organization_id, id) > (%s, %s) ORDER BY organization_id, id LIMIT 10000",
+                    after,
+                )
+            )
+            if not chunk:
+                return done
+            self._add_rollups(cur, spec, chunk)
+            done += len(chunk)
+            after = (chunk[-1].organization_id, str(chunk[-1].id))
+            if progress is not None:
+                progress(done)
+
+    def _add_rollups(
+        self, cur: psycopg.Cursor[Any], spec: MeterSpec, events: Sequence[Event]
+    ) -> None:
+        if not events or not rollup.rollable(spec):
+            return
+        for grain in rollup.GRAINS:
+            params = _rollup_params(spec, rollup.fold(spec, events, grain))
+            cur.executemany(sqlagg.upsert(spec, grain, _DIALECT), params)
+
+    def rebuild_rollups(
+        self, spec: MeterSpec, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Empty ``spec``'s rollups and fold them anew from its events, in one transaction
+        under the meter's DDL lock; ``progress(events_read)`` after each chunk."""
+        self.ensure_meter(spec)
+        if not rollup.rollable(spec):
+            return 0
+        lock = f"meterkit/table/{_table(spec.name)}"
+
+        def rebuild(cur: psycopg.Cursor[Any]) -> int:
+            cur.execute(
+                f"SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '/{lock}', 0))"
+            )
+            for grain in rollup.GRAINS:
+                cur.execute(f"DELETE FROM {_q(_rollup_table(spec.name, grain))}")
+            return self._fold_all(cur, spec, progress)
+
+        return self._run("rebuilding rollups", rebuild, pipeline=False)
+
+    def organizations(self, meter: str) -> list[str]:
+        if meter not in self._specs:
+            return []
+        sql = f"SELECT DISTINCT organization_id FROM {_q(_table(meter))} ORDER BY organization_id"
+
+        def read(cur: psycopg.Cursor[Any]) -> list[str]:
+            cur.execute(sql)
+            return [r[0] for r in cur.fetchall()]
+
+        return self._run("reading organizations", read, tx=False, idempotent=True)
+
+    def rollup_rows(
+        self, spec: MeterSpec, grain: int
+    ) -> dict[rollup.Key, tuple[dict[str, Any], list[Any]]]:
+        """Every stored rollup row of ``spec`` at ``grain`` (none when it keeps no rollups)."""
+        if not rollup.rollable(spec):
+            return {}
+        self.ensure_meter(spec)
+        dims = spec.dimension_names
+        numeric = [kind in _NUMERIC_CELLS for kind, _ in rollup.columns(spec)]
+        sql = (
+            f"SELECT {', '.join(sqlagg.rollup_columns(spec, _DIALECT))} "
+            f"FROM {_DIALECT.rollup(spec.name, grain)}"
+        )
+
+        def read(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+            cur.execute(sql)
+            return cur.fetchall()
+
+        n = len(dims)
+        out = {}
+        for row in self._run("reading rollups", read, tx=False, idempotent=True):
+            found = {d: v for d, v in zip(dims, row[3 : 3 + n]) if v is not None}
+            cells = [_decode(v) if num else v for num, v in zip(numeric, row[3 + n :])]
+            out[(row[0], int(row[1]), row[2])] = (found, cells)
+        return out
 
     # -- events -------------------------------------------------------------------------------
 
@@ -626,6 +844,10 @@ class PostgresStore:
             for meter, chunk_cur in sent:
                 stored.update((meter, r[0], r[1]) for r in chunk_cur.fetchall())
                 chunk_cur.close()
+            # The new events' rollups, in the same transaction: a query sees both or neither.
+            for meter, batch in by_meter.items():
+                fresh = [e for e in batch if (meter, e.organization_id, str(e.id)) in stored]
+                self._add_rollups(cur, self._specs[meter], fresh)
             return stored
 
         if not statements:
@@ -663,36 +885,41 @@ class PostgresStore:
 
     def _select(self, meter: str, where: str, params: Sequence[Any], what: str) -> Iterator[Event]:
         spec = self._specs[meter]
+        # Read eagerly: a failure is raised here, not halfway through the caller's loop.
+        return iter(
+            self._run(
+                what, lambda cur: self._read(cur, spec, where, params), tx=False, idempotent=True
+            )
+        )
+
+    @staticmethod
+    def _read(
+        cur: psycopg.Cursor[Any], spec: MeterSpec, where: str, params: Sequence[Any]
+    ) -> list[Event]:
         dims, measures = spec.dimension_names, spec.measure_names
         cols = ", ".join(
             ["id", "organization_id", "time"]
             + [_q(_dim(d)) for d in dims]
             + [_q(_val(m)) for m in measures]
         )
-        sql = f"SELECT {cols} FROM {_q(_table(meter))} WHERE {where}"
-
-        def read(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
-            cur.execute(sql, params)
-            return cur.fetchall()
-
-        # Read eagerly: a failure is raised here, not halfway through the caller's loop.
-        rows = self._run(what, read, tx=False, idempotent=True)
+        cur.execute(f"SELECT {cols} FROM {_q(_table(spec.name))} WHERE {where}", params)
         n = len(dims)
-
-        def events() -> Iterator[Event]:
-            for row in rows:
-                values = {
-                    m: _number(v)
-                    for m, v in zip(measures, row[3 + n :], strict=True)
-                    if v is not None
-                }
-                dvals = {d: v for d, v in zip(dims, row[3 : 3 + n], strict=True) if v is not None}
-                yield Event(row[0], meter, row[1], row[2], values, dvals)
-
-        return events()
+        out = []
+        for row in cur.fetchall():
+            values = {
+                m: _number(v) for m, v in zip(measures, row[3 + n :], strict=True) if v is not None
+            }
+            dvals = {d: v for d, v in zip(dims, row[3 : 3 + n], strict=True) if v is not None}
+            out.append(Event(row[0], spec.name, row[1], row[2], values, dvals))
+        return out
 
     def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
-        plan = sqlagg.statements(spec, query, _DIALECT)
+        rolled = rollup.rollable(spec) and self._specs.get(spec.name) == spec
+        if rolled:
+            segments = rollup.plan(query.scan_start, query.page_end, query.width)
+            plan = sqlagg.rollup_statements(spec, query, _DIALECT, segments)
+        else:
+            plan = sqlagg.statements(spec, query, _DIALECT)
         params = list(plan.params)
 
         def run(cur: psycopg.Cursor[Any]) -> Rows:

@@ -12,10 +12,20 @@ from typing import Any
 
 import attrs
 
+from meterkit.engine import rollup
 from meterkit.engine.aggregate import Rows, empty_value
 from meterkit.models import DimValue, MeterSpec, Number, UsageQuery
 
-__all__ = ["Dialect", "Statements", "merge_rows", "statements"]
+__all__ = [
+    "Dialect",
+    "Statements",
+    "merge_rows",
+    "overflowed",
+    "rollup_columns",
+    "rollup_statements",
+    "statements",
+    "upsert",
+]
 
 _PLAIN = {
     "sum": "SUM({})",
@@ -38,6 +48,10 @@ class Dialect:
     placeholder: str = "?"
     modulo: str = "{} % {}"
     subquery_alias: str = ""
+    rollup: Callable[[str, int], str] = lambda meter, grain: ""  # meter, grain -> quoted table
+    cell: Callable[[str, str], str] = lambda kind, measure: ""  # kind, measure -> quoted column
+    least: str = "min"
+    greatest: str = "max"
 
 
 @attrs.frozen
@@ -51,10 +65,9 @@ class Statements:
     params: tuple[Any, ...]
 
 
-def statements(spec: MeterSpec, query: UsageQuery, d: Dialect) -> Statements:
-    p = d.placeholder
-    where = [f"organization_id = {p}", f"time >= {p}", f"time < {p}"]
-    params: list[Any] = [query.organization_id, query.scan_start, query.page_end]
+def _filters(query: UsageQuery, d: Dialect) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
     for name, allowed in query.filters:
         col = d.dim(name)
         present = [v for v in allowed if v is not None]
@@ -66,6 +79,17 @@ def statements(spec: MeterSpec, query: UsageQuery, d: Dialect) -> Statements:
         if None in allowed:
             parts.append(f"{col} IS NULL")
         where.append("(" + " OR ".join(parts) + ")")
+    return where, params
+
+
+def statements(spec: MeterSpec, query: UsageQuery, d: Dialect) -> Statements:
+    """The statements answering ``query`` from the raw events."""
+    p = d.placeholder
+    where = [f"organization_id = {p}", f"time >= {p}", f"time < {p}"]
+    params: list[Any] = [query.organization_id, query.scan_start, query.page_end]
+    more, extra = _filters(query, d)
+    where += more
+    params += extra
     bucket = "(time - " + d.modulo.format("time", int(query.width)) + ")"
     groups = [d.dim(g) for g in query.group_by]
     part = ", ".join([bucket, *groups])
@@ -130,3 +154,152 @@ def merge_rows(
             else:
                 values[measure] = value(row[-1])
     return rows
+
+
+# -- rollups ----------------------------------------------------------------------------------
+
+_UPSERT = {
+    "s": "coalesce(r.{c} + excluded.{c}, r.{c}, excluded.{c})",
+    "n": "coalesce(r.{c}, 0) + coalesce(excluded.{c}, 0)",
+    "mn": "coalesce({least}(r.{c}, excluded.{c}), r.{c}, excluded.{c})",
+    "mx": "coalesce({greatest}(r.{c}, excluded.{c}), r.{c}, excluded.{c})",
+}
+_ROLLED = {"sum": ("s", "SUM"), "count": ("n", "SUM"), "min": ("mn", "MIN"), "max": ("mx", "MAX")}
+
+
+def rollup_columns(spec: MeterSpec, d: Dialect) -> list[str]:
+    """A rollup table's columns, quoted, in the order :func:`upsert` binds them."""
+    cells = [d.cell(kind, name) for kind, name in rollup.columns(spec)]
+    return ["organization_id", "bucket", "series", *map(d.dim, spec.dimension_names), *cells]
+
+
+def upsert(spec: MeterSpec, grain: int, d: Dialect) -> str:
+    """``INSERT`` of one rollup row that merges into the row already there (see
+    :func:`meterkit.engine.rollup.merge`): one statement for every store."""
+    p = d.placeholder
+    cols = rollup_columns(spec, d)
+    sets = []
+    layout = rollup.columns(spec)
+    i = 0
+    while i < len(layout):
+        kind, name = layout[i]
+        if kind == "t":
+            t, ident, latest = (d.cell(k, name) for k in ("t", "i", "l"))
+            newer = (
+                f"excluded.{t} IS NOT NULL AND (r.{t} IS NULL OR excluded.{t} > r.{t} "
+                f"OR (excluded.{t} = r.{t} AND excluded.{ident} > r.{ident}))"
+            )
+            for c in (t, ident, latest):
+                sets.append(f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE r.{c} END")
+            i += 3
+            continue
+        c = d.cell(kind, name)
+        sets.append(f"{c} = " + _UPSERT[kind].format(c=c, least=d.least, greatest=d.greatest))
+        i += 1
+    conflict = "DO NOTHING" if not sets else "DO UPDATE SET " + ", ".join(sets)
+    return (
+        f"INSERT INTO {d.rollup(spec.name, grain)} AS r ({', '.join(cols)}) "
+        f"VALUES ({', '.join([p] * len(cols))}) "
+        f"ON CONFLICT (organization_id, bucket, series) {conflict}"
+    )
+
+
+def _raw_cell(kind: str, column: str) -> str:
+    if kind == "n":
+        return f"CASE WHEN {column} IS NULL THEN 0 ELSE 1 END"
+    if kind == "t":
+        return "time"
+    if kind == "i":
+        return "id"
+    return column
+
+
+def rollup_statements(
+    spec: MeterSpec, query: UsageQuery, d: Dialect, segments: Sequence[rollup.Segment]
+) -> Statements:
+    """The statements answering ``query`` from rollups and, at unaligned edges, raw events
+    (``segments`` from :func:`meterkit.engine.rollup.plan`): each source in a ``UNION ALL``,
+    combined as :func:`meterkit.engine.rollup.combine` does. Rows as :func:`statements`."""
+    p = d.placeholder
+    more, extra = _filters(query, d)
+    width = int(query.width)
+    dims = [d.dim(n) for n in spec.dimension_names]
+    group_at = [spec.dimension_names.index(g) for g in query.group_by]
+    keys = [f"k{i}" for i in group_at]
+    params: list[Any] = []
+    # Per source: its FROM ... WHERE ... (with the bucket), and the expression of each cell.
+    sources: list[tuple[str, dict[tuple[str, str], str]]] = []
+    for grain, lo, hi in segments:
+        if grain is None:
+            table, time = d.table(spec.name), "time"
+            cells = {(k, m): _raw_cell(k, d.val(m)) for k, m in rollup.columns(spec)}
+        else:
+            table, time = d.rollup(spec.name, grain), "bucket"
+            cells = {(k, m): d.cell(k, m) for k, m in rollup.columns(spec)}
+        cond = " AND ".join([f"organization_id = {p}", f"{time} >= {p}", f"{time} < {p}", *more])
+        params += [query.organization_id, lo, hi, *extra]
+        bucket = f"({time} - " + d.modulo.format(time, width) + ")"
+        sources.append((f"{bucket} AS b FROM {table} WHERE {cond}", cells))
+
+    def union(
+        select: Callable[[dict[tuple[str, str], str]], list[str]],
+        present: str | None = None,
+    ) -> str:
+        """Every source's rows, ``present`` (a measure) keeping those that carry it."""
+        parts = []
+        for tail, cells in sources:
+            where = f" AND {cells[('l', present)]} IS NOT NULL" if present else ""
+            parts.append(f"SELECT {', '.join([*select(cells), tail])}{where}")
+        return " UNION ALL ".join(parts)
+
+    out: list[tuple[str | None, str]] = []
+    plain = [m for m in spec.measures if not m.gauge and m.aggregation != "latest"]
+    aggs = [_ROLLED[m.aggregation] for m in plain]
+    inner = union(
+        lambda cells: [
+            *(f"{dims[i]} AS k{i}" for i in group_at),
+            *(
+                f"{cells[(kind, m.name)]} AS c{j}"
+                for j, (m, (kind, _)) in enumerate(zip(plain, aggs))
+            ),
+        ]
+    )
+    select = ["b", *keys, *(f"{fn}(c{j})" for j, (_, fn) in enumerate(aggs))]
+    group = ", ".join(["b", *keys])
+    out.append((None, f"SELECT {', '.join(select)} FROM ({inner}) AS u GROUP BY {group}"))
+    every = list(range(len(dims)))
+    for m in spec.measures:
+        if not (m.gauge or m.aggregation == "latest"):
+            continue
+        # The latest (time, id) per series (gauges) or per group (latest), as in the engine.
+        at = every if m.gauge else group_at
+        window = ", ".join(["b", *(f"k{i}" for i in at)])
+
+        def latest(
+            cells: dict[tuple[str, str], str], name: str = m.name, at: list[int] = at
+        ) -> list[str]:
+            keys_at = [f"{dims[i]} AS k{i}" for i in at]
+            return [*keys_at, *(f"{cells[(kind, name)]} AS {kind}" for kind in ("t", "i", "l"))]
+
+        part = union(latest, present=m.name)
+        ranked = (
+            f"SELECT u.*, ROW_NUMBER() OVER (PARTITION BY {window} ORDER BY t DESC, i DESC) AS rn "
+            f"FROM ({part}) AS u"
+        )
+        head = ", ".join(["b", *keys])
+        if m.gauge:
+            sql = (
+                f"SELECT {head}, {_GAUGE[m.aggregation]}(l) FROM ({ranked}) AS w "
+                f"WHERE rn = 1 GROUP BY {group}"
+            )
+        else:
+            sql = f"SELECT {head}, l FROM ({ranked}) AS w WHERE rn = 1"
+        out.append((m.name, sql))
+    return Statements(tuple(out), tuple(params))
+
+
+def overflowed(spec: MeterSpec, rows: Rows) -> bool:
+    """Whether a whole-number sum came back as a float: rollups that passed the store's
+    integer range (the answer must then come from the events)."""
+    whole = [m.name for m in spec.measures if not m.fractional and not m.gauge]
+    return any(isinstance(values.get(n), float) for values in rows.values() for n in whole)

@@ -14,6 +14,7 @@ from typing import Any
 import sqlite_utils
 
 from meterkit import counters
+from meterkit.engine import rollup
 from meterkit.engine.aggregate import Rows
 from meterkit.errors import StoreUnavailable, ValidationError
 from meterkit.hookspecs import hookimpl
@@ -82,12 +83,57 @@ def _val(name: str) -> str:
     return f"v_{name}"
 
 
+GRAIN_NAMES = {60: "1m", 3600: "1h", 86400: "1d"}
+_INT64 = 2**63 - 1
+
+
+def _rollup_table(meter: str, grain: int) -> str:
+    return f"rollup_{meter}_{GRAIN_NAMES[grain]}"
+
+
+def _cell(kind: str, measure: str) -> str:
+    return f"{kind}_{measure}"
+
+
 _DIALECT = sqlagg.Dialect(
     table=lambda meter: f"[{_table(meter)}]",
     dim=lambda name: f"[{_dim(name)}]",
     val=lambda name: f"[{_val(name)}]",
     member=_member,
+    rollup=lambda meter, grain: f"[{_rollup_table(meter, grain)}]",
+    cell=lambda kind, measure: f"[{_cell(kind, measure)}]",
 )
+
+# Value cells keep each number as given (BLOB affinity, like the event table's values).
+_CELL_TYPES: dict[str, Any] = {"s": bytes, "n": int, "mn": bytes, "mx": bytes, "t": int, "i": str}
+_CELL_TYPES["l"] = bytes
+
+
+def _layout(spec: MeterSpec) -> dict[str, list[str]]:
+    """What a meter's rollups keep of each measure: when it changes they are built anew."""
+    out: dict[str, list[str]] = {}
+    for kind, name in rollup.columns(spec):
+        out.setdefault(name, []).append(kind)
+    return out
+
+
+def rollup_params(
+    spec: MeterSpec, rows: Mapping[rollup.Key, tuple[Mapping[str, DimValue], Sequence[Any]]]
+) -> list[tuple[Any, ...]]:
+    """Bind parameters of :func:`sqlagg.upsert` for folded rows, in key order. A sum past
+    SQLite's integer range is bound as a float: queries then read that meter from its events."""
+    dims = spec.dimension_names
+    sums = [i for i, (kind, _) in enumerate(rollup.columns(spec)) if kind == "s"]
+    out = []
+    for key in sorted(rows):
+        found, values = rows[key]
+        cells = list(values)
+        for i in sums:
+            v = cells[i]
+            if type(v) is int and not -_INT64 <= v <= _INT64:
+                cells[i] = float(v)
+        out.append((*key, *map(found.get, dims), *cells))
+    return out
 
 
 class SQLiteStore:
@@ -229,10 +275,149 @@ class SQLiteStore:
                     for name, kind in columns.items():
                         if name not in have:
                             table.add_column(name, kind)
+                self._ensure_rollups(spec)
             if self.conn.in_transaction:
                 # Inside a caller's transaction the DDL may yet roll back; remember what to undo.
                 self._undo.append((spec.name, self._specs.get(spec.name)))
             self._specs[spec.name] = spec
+
+    def _ensure_rollups(self, spec: MeterSpec) -> None:
+        """Create, widen or rebuild ``spec``'s rollup tables; the caller holds the write lock.
+
+        A file written before rollups existed (or a measure whose aggregation changed) gets
+        them built from its events here, once: the next process finds the layout recorded.
+        """
+        marker = f"rollups/{spec.name}"
+        row = self.conn.execute("SELECT value FROM mk_meta WHERE key = ?", (marker,)).fetchone()
+        old = json.loads(row[0]) if row else None
+        want = _layout(spec) if rollup.rollable(spec) else None
+        if (
+            old == want
+            and want is not None
+            and all(self.db.table(_rollup_table(spec.name, g)).exists() for g in rollup.GRAINS)
+        ):
+            self._widen_rollups(spec)
+            return
+        keep = (
+            old is not None
+            and want is not None
+            and all(old.get(m) in (None, kinds) for m, kinds in want.items())
+        )
+        if keep:
+            self._widen_rollups(spec)
+        else:
+            for grain in rollup.GRAINS:
+                self.conn.execute(f"DROP TABLE IF EXISTS [{_rollup_table(spec.name, grain)}]")
+        if want is None:
+            self.conn.execute("DELETE FROM mk_meta WHERE key = ?", (marker,))
+            return
+        self.conn.execute(
+            "INSERT INTO mk_meta(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (marker, json.dumps(want, sort_keys=True)),
+        )
+        if not keep:
+            self._widen_rollups(spec)
+            self._fold_all(spec)
+
+    def _widen_rollups(self, spec: MeterSpec) -> None:
+        columns: dict[str, Any] = {"organization_id": str, "bucket": int, "series": str}
+        for d in spec.dimensions:
+            columns[_dim(d.name)] = int if d.kind == "bool" else str
+        for kind, name in rollup.columns(spec):
+            columns[_cell(kind, name)] = _CELL_TYPES[kind]
+        for grain in rollup.GRAINS:
+            table = self.db.table(_rollup_table(spec.name, grain))
+            if not table.exists():
+                table.create(
+                    columns,
+                    pk=("organization_id", "bucket", "series"),
+                    not_null={"organization_id", "bucket", "series"},
+                )
+                continue
+            have = set(table.columns_dict)
+            for name, kind in columns.items():
+                if name not in have:
+                    table.add_column(name, kind)
+
+    def _fold_all(self, spec: MeterSpec, progress: Callable[[int], None] | None = None) -> int:
+        """Fold every stored event of ``spec`` into its (empty or partial) rollups."""
+        last, done = -1, 0
+        while True:
+            rows = self.conn.execute(
+                f"SELECT rowid FROM [{_table(spec.name)}] WHERE rowid > ? ORDER BY rowid "
+                "LIMIT 1 OFFSET 9999",
+                (last,),
+            ).fetchone()
+            upto = rows[0] if rows else None
+            where = "rowid > ?" + (" AND rowid <= ?" if upto is not None else "")
+            chunk = list(
+                self._select(spec.name, where, [last] if upto is None else [last, upto], spec)
+            )
+            self._add_rollups(self.conn, spec, chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done)
+            if upto is None:
+                return done
+            last = upto
+
+    def _add_rollups(
+        self, conn: sqlite3.Connection, spec: MeterSpec, events: Sequence[Event]
+    ) -> None:
+        if not events or not rollup.rollable(spec):
+            return
+        for grain in rollup.GRAINS:
+            conn.executemany(
+                sqlagg.upsert(spec, grain, _DIALECT),
+                rollup_params(spec, rollup.fold(spec, events, grain)),
+            )
+
+    def rebuild_rollups(
+        self, spec: MeterSpec, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Empty ``spec``'s rollups and fold them anew from its events, in one transaction;
+        ``progress(events_read)`` after each chunk. The number of events read."""
+        with self._lock, self._write():
+            self.ensure_meter(spec)
+            if not rollup.rollable(spec):
+                return 0
+            for grain in rollup.GRAINS:
+                self.conn.execute(f"DELETE FROM [{_rollup_table(spec.name, grain)}]")
+            return self._fold_all(spec, progress)
+
+    def organizations(self, meter: str) -> list[str]:
+        if meter not in self._specs:
+            return []
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT DISTINCT organization_id FROM [{_table(meter)}] ORDER BY organization_id"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def rollup_rows(
+        self, spec: MeterSpec, grain: int
+    ) -> dict[rollup.Key, tuple[dict[str, DimValue], list[Any]]]:
+        """Every stored rollup row of ``spec`` at ``grain`` (none when it keeps no rollups)."""
+        if not rollup.rollable(spec):
+            return {}
+        dims = spec.dimension_names
+        bools = {d.name for d in spec.dimensions if d.kind == "bool"}
+        cols = sqlagg.rollup_columns(spec, _DIALECT)
+        with self._lock:
+            found = self.conn.execute(
+                f"SELECT {', '.join(cols)} FROM {_DIALECT.rollup(spec.name, grain)}"
+            ).fetchall()
+        out = {}
+        n = len(dims)
+        for row in found:
+            values = {
+                d: (bool(v) if d in bools else v)
+                for d, v in zip(dims, row[3 : 3 + n])
+                if v is not None
+            }
+            out[(row[0], row[1], row[2])] = (values, list(row[3 + n :]))
+        return out
 
     def append(self, events: Sequence[Event]) -> list[Event]:
         by_meter: dict[str, list[Event]] = {}
@@ -287,6 +472,7 @@ class SQLiteStore:
                         for e in fresh
                     ],
                 )
+                self._add_rollups(conn, spec, fresh)
                 new.extend(fresh)
         if len(by_meter) > 1:  # one meter's fresh events are already in the caller's order
             order = {id(e): i for i, e in enumerate(events)}
@@ -314,8 +500,10 @@ class SQLiteStore:
             )
         return found
 
-    def _select(self, meter: str, where: str, params: list[Any]) -> Iterator[Event]:
-        spec = self._specs[meter]
+    def _select(
+        self, meter: str, where: str, params: list[Any], spec: MeterSpec | None = None
+    ) -> Iterator[Event]:
+        spec = spec or self._specs[meter]
         dims = spec.dimension_names
         bools = {d.name for d in spec.dimensions if d.kind == "bool"}
         measures = spec.measure_names
@@ -348,8 +536,13 @@ class SQLiteStore:
             # e.g. "integer overflow" in SUM: let the engine compute it in Python.
             return None
 
-    def _aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows:
-        plan = sqlagg.statements(spec, query, _DIALECT)
+    def _aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
+        rolled = rollup.rollable(spec) and self._specs.get(spec.name) == spec
+        if rolled:
+            segments = rollup.plan(query.scan_start, query.page_end, query.width)
+            plan = sqlagg.rollup_statements(spec, query, _DIALECT, segments)
+        else:
+            plan = sqlagg.statements(spec, query, _DIALECT)
         bools = {d.name for d in spec.dimensions if d.kind == "bool"}
 
         def group(name: str, value: Any) -> DimValue:
@@ -362,7 +555,8 @@ class SQLiteStore:
             answers = [(m, self.conn.execute(sql, plan.params).fetchall()) for m, sql in plan.sql]
         finally:
             self.conn.execute("COMMIT")
-        return sqlagg.merge_rows(spec, query, answers, group=group)
+        rows = sqlagg.merge_rows(spec, query, answers, group=group)
+        return None if rolled and sqlagg.overflowed(spec, rows) else rows
 
     # -- records ------------------------------------------------------------------------------
 
