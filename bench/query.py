@@ -24,7 +24,7 @@ from meterkit.models import MeterSpec, UsageQuery
 from meterkit.stores.sqlite import SQLiteStore
 from meterkit.validate import check_usage_query
 
-__all__ = ["Key", "QueryBench", "Timing", "raw_sql"]
+__all__ = ["Key", "QueryBench", "Timing", "minute_queries", "minute_sql", "raw_sql"]
 
 T = TypeVar("T")
 Key = tuple[int, Any, Any]
@@ -170,6 +170,74 @@ class QueryBench:
             runs.append(t)
             check_same("pure engine", _page_totals(page), "raw SQL", expected)
         return Timing(runs)
+
+
+MINUTE_DAY = START + 10 * DAY  # a weekday inside the window
+"""The day the 1440 x 1m queries cover."""
+
+
+def minute_sql(group_by_model: bool) -> str:
+    sums = ", ".join(f"SUM(v_{m})" for m in MEASURES)
+    model = ", d_model" if group_by_model else ""
+    return (
+        f"SELECT (time - time % 60) AS bucket{model}, {sums} FROM [{TABLE}] "
+        f"WHERE organization_id = ? AND time >= ? AND time < ? GROUP BY bucket{model}"
+    )
+
+
+def _minute_page_totals(page: meterkit.UsagePage, grouped: bool) -> Totals:
+    return {
+        (b.start_time, r.group["model"] if grouped else None, None): tuple(
+            r.values[m] for m in MEASURES
+        )
+        for b in page.data
+        for r in b.results
+    }
+
+
+def _minute_raw_totals(rows: Sequence[tuple[Any, ...]], grouped: bool) -> Totals:
+    width = 2 if grouped else 1
+    return {
+        (r[0], r[1] if grouped else None, None): tuple(0 if v is None else v for v in r[width:])
+        for r in rows
+    }
+
+
+def minute_queries(bench: QueryBench, repeat: int) -> dict[str, tuple[Timing, Timing, int]]:
+    """1440 x ``1m`` over one day, ungrouped and grouped by model: ``usage()`` against the raw
+    ``GROUP BY`` on the same rows, interleaved. Per query: (meterkit, raw, result rows)."""
+    out: dict[str, tuple[Timing, Timing, int]] = {}
+    args = (bench.org, MINUTE_DAY, MINUTE_DAY + DAY)
+    with meterkit.Meter(f"sqlite:///{bench.mk_path}") as meter:
+        raw = sqlite3.connect(bench.raw_path)
+        try:
+            for name, grouped in (("ungrouped", False), ("by_model", True)):
+                sql = minute_sql(grouped)
+
+                def usage(grouped: bool = grouped) -> meterkit.UsagePage:
+                    return meter.usage(
+                        METER,
+                        organization_id=bench.org,
+                        start_time=MINUTE_DAY,
+                        end_time=MINUTE_DAY + DAY,
+                        bucket_width="1m",
+                        group_by=["model"] if grouped else None,
+                        limit=1440,
+                    )
+
+                want = _minute_raw_totals(raw.execute(sql, args).fetchall(), grouped)
+                check_same("meterkit 1m", _minute_page_totals(usage(), grouped), "raw 1m", want)
+                mk_runs, raw_runs = [], []
+                for _ in range(repeat):
+                    t, page = _time(usage)
+                    mk_runs.append(t)
+                    t, _rows = _time(lambda sql=sql: raw.execute(sql, args).fetchall())
+                    raw_runs.append(t)
+                    assert len(page.data) == 1440
+                out[name] = (Timing(mk_runs), Timing(raw_runs), len(want))
+        finally:
+            raw.close()
+    return out
 
 
 def check_same(name_a: str, a: Totals, name_b: str, b: Totals) -> None:

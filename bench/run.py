@@ -44,7 +44,7 @@ import records
 import scale
 from data import MEASURES, QUERY_DAYS, QUERY_END, START, Dataset, generate, to_event
 from ingest import IngestFigures, Target, ingest, prepare_schema, table_ddl
-from query import QueryBench, Timing
+from query import QueryBench, Timing, minute_queries
 from report import fmt_rate, fmt_s, table
 
 import meterkit
@@ -305,6 +305,7 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
     mk, raw, to_dict, totals = bench.sql_vs_raw(args.repeat)
     got = [sum(v[i] for v in totals.values()) for i in range(len(MEASURES))]
     assert got == sums, (got, sums)
+    minutes = minute_queries(bench, args.repeat)
     engine_repeat = min(args.repeat, 3)
     scan = bench.engine_scan(engine_repeat, totals)
     pure = bench.engine_pure(data.rows, engine_repeat, totals)
@@ -327,6 +328,15 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
         "ratio_meterkit_over_raw": round(ratio, 2),
         "ratio_engine_scan_over_raw": round(scan.median / raw.median, 2),
         "ratio_engine_in_memory_over_raw": round(pure.median / raw.median, 2),
+        "minute_day": {
+            name: {
+                "result_rows": rows,
+                "meterkit_usage": m.as_dict(),
+                "raw_sql": r.as_dict(),
+                "ratio_meterkit_over_raw": round(m.median / r.median, 2),
+            }
+            for name, (m, r, rows) in minutes.items()
+        },
     }
 
     def line(name: str, t: Timing) -> tuple[str, ...]:
@@ -353,6 +363,21 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
         ),
         flush=True,
     )
+    minute_rows: list[tuple[str, ...]] = [("", "median", "min", "vs raw", "rows")]
+    for name, (m, r, rows) in minutes.items():
+        minute_rows.append(
+            (f"raw SQL GROUP BY, {name}", fmt_s(r.median), fmt_s(min(r.runs)), "", "")
+        )
+        minute_rows.append(
+            (
+                f"meterkit usage(), {name}",
+                fmt_s(m.median),
+                fmt_s(min(m.runs)),
+                f"{m.median / r.median:.2f}x",
+                f"{rows:,}",
+            )
+        )
+    print(table("\n1440 x 1m over one day (median of runs)", minute_rows), flush=True)
     return result
 
 

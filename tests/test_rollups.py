@@ -120,7 +120,10 @@ def tamper(meter: Meter) -> None:
     """Damage one stored rollup row, as a bug or a hand-made edit would."""
     store = meter.store
     if hasattr(store, "conn"):  # SQLite
-        store.conn.execute("UPDATE [rollup_calls_1h] SET s_n = s_n + 5 WHERE rowid = 1")
+        store.conn.execute(
+            "UPDATE [rollup_calls_1h] SET s_n = s_n + 5 WHERE bucket = "
+            "(SELECT min(bucket) FROM [rollup_calls_1h])"
+        )
     elif hasattr(store, "_rollups"):  # memory
         rows = next(v for k, v in store._rollups.items() if k[2] == 3600)
         _dims, values = next(iter(next(iter(rows.values())).values()))

@@ -24,6 +24,7 @@ store's rollups are checked against (:func:`fold` over the events).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "differences",
     "event_items",
     "fold",
+    "fold_grains",
     "merge",
     "plan",
     "rollable",
@@ -78,9 +80,12 @@ def columns(spec: MeterSpec) -> tuple[tuple[str, str], ...]:
 
 
 def series_key(dimensions: Mapping[str, DimValue]) -> str:
-    """The text that names a series: its non-null dimensions, sorted (so a dimension added to
-    the meter later keeps every existing series' key)."""
-    return json.dumps(sorted((k, v) for k, v in dimensions.items() if v is not None))
+    """The key that names a series: a 128-bit BLAKE2 digest of its non-null dimensions, sorted
+    (so a dimension added to the meter later keeps every existing series' key). A rollup row
+    keeps the dimensions themselves in columns of their own; the key only has to be short and
+    unique (two series sharing one would take 2**64 series to expect)."""
+    text = json.dumps(sorted((k, v) for k, v in dimensions.items() if v is not None))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def fold(
@@ -88,31 +93,93 @@ def fold(
 ) -> dict[Key, tuple[dict[str, DimValue], list[Any]]]:
     """The rollup rows of ``events`` at ``grain``: key -> (dimensions, values in
     :func:`columns` order)."""
-    layout = columns(spec)
-    out: dict[Key, tuple[dict[str, DimValue], list[Any]]] = {}
-    keys: dict[tuple[DimValue, ...], str] = {}
     dims = spec.dimension_names
+    return {
+        key: ({d: v for d, v in zip(dims, tup) if v is not None}, values)
+        for key, (tup, values) in fold_grains(spec, events, (grain,))[grain].items()
+    }
+
+
+_SERIES: dict[tuple[str, ...], dict[tuple[DimValue, ...], str]] = {}
+
+
+def fold_grains(
+    spec: MeterSpec, events: Iterable[Event], grains: Sequence[int] = GRAINS
+) -> dict[int, dict[Key, tuple[tuple[DimValue, ...], list[Any]]]]:
+    """:func:`fold` at each of ``grains``, reading each event once; each row's dimensions
+    as a tuple in the meter's order."""
+    layout = columns(spec)
+    merge_into = _Merger.of(layout).merge
+    out: dict[int, dict[Key, tuple[tuple[DimValue, ...], list[Any]]]] = {g: {} for g in grains}
+    tables = [(g, out[g]) for g in grains]
+    dims = spec.dimension_names
+    names = [name for _, name in layout]
+    # Sums, minima, maxima and latest values are the event's own values: read them in one go.
+    as_given = all(kind in ("s", "mn", "mx", "l") for kind, _ in layout)
+    keys = _SERIES.get(dims)
+    if keys is None or len(keys) >= 65536:
+        keys = _SERIES[dims] = {}
     for event in events:
-        get = event.dimensions.get
-        values = tuple(get(d) for d in dims)
-        series = keys.get(values)
+        tup = tuple(map(event.dimensions.get, dims))
+        series = keys.get(tup)
         if series is None:
-            series = keys[values] = series_key(event.dimensions)
-        key = (event.organization_id, event.time - event.time % grain, series)
-        row = out.get(key)
-        if row is None:
-            row = out[key] = (
-                {d: v for d, v in zip(dims, values) if v is not None},
-                [None] * len(layout),
-            )
-        merge(layout, row[1], _event_values(layout, event))
+            series = keys[tup] = series_key(event.dimensions)
+        values = list(map(event.values.get, names)) if as_given else _event_values(layout, event)
+        org, time = event.organization_id, event.time
+        for grain, rows in tables:
+            key = (org, time - time % grain, series)
+            row = rows.get(key)
+            if row is None:
+                rows[key] = (tup, values.copy())
+            else:
+                merge_into(row[1], values)
     return out
+
+
+class _Merger:
+    """:func:`merge` for one layout, its cells sorted by kind up front."""
+
+    _cache: dict[tuple[tuple[str, str], ...], _Merger] = {}
+
+    def __init__(self, layout: Sequence[tuple[str, str]]) -> None:
+        kinds = [kind for kind, _ in layout]
+        self.adds = [i for i, k in enumerate(kinds) if k in ("s", "n")]
+        self.mins = [i for i, k in enumerate(kinds) if k == "mn"]
+        self.maxs = [i for i, k in enumerate(kinds) if k == "mx"]
+        self.latest = [i for i, k in enumerate(kinds) if k == "t"]
+
+    @classmethod
+    def of(cls, layout: tuple[tuple[str, str], ...]) -> _Merger:
+        found = cls._cache.get(layout)
+        if found is None:
+            found = cls._cache[layout] = cls(layout)
+        return found
+
+    def merge(self, into: list[Any], other: Sequence[Any]) -> None:
+        for i in self.adds:
+            new = other[i]
+            if new is not None:
+                old = into[i]
+                into[i] = new if old is None else old + new
+        for i in self.mins:
+            new = other[i]
+            if new is not None and (into[i] is None or new < into[i]):
+                into[i] = new
+        for i in self.maxs:
+            new = other[i]
+            if new is not None and (into[i] is None or new > into[i]):
+                into[i] = new
+        for i in self.latest:
+            new = other[i]
+            if new is not None and (into[i] is None or (new, other[i + 1]) > (into[i], into[i + 1])):
+                into[i : i + 3] = other[i : i + 3]
 
 
 def _event_values(layout: Sequence[tuple[str, str]], event: Event) -> list[Any]:
     out: list[Any] = []
+    get = event.values.get
     for kind, name in layout:
-        value = event.values.get(name)
+        value = get(name)
         if value is None:
             out.append(None)
         elif kind == "n":
@@ -128,29 +195,7 @@ def _event_values(layout: Sequence[tuple[str, str]], event: Event) -> list[Any]:
 
 def merge(layout: Sequence[tuple[str, str]], into: list[Any], other: Sequence[Any]) -> None:
     """Combine ``other`` (values of the same layout) into ``into``, in place."""
-    i = 0
-    n = len(layout)
-    while i < n:
-        kind = layout[i][0]
-        new = other[i]
-        if kind == "t":
-            if new is not None and (
-                into[i] is None or (new, other[i + 1]) > (into[i], into[i + 1])
-            ):
-                into[i : i + 3] = other[i : i + 3]
-            i += 3
-            continue
-        if new is not None:
-            old = into[i]
-            if old is None:
-                into[i] = new
-            elif kind in ("s", "n"):
-                into[i] = old + new
-            elif kind == "mn":
-                into[i] = min(old, new)
-            else:
-                into[i] = max(old, new)
-        i += 1
+    _Merger.of(tuple(layout)).merge(into, other)
 
 
 def plan(start: int, end: int, width: int, grains: Sequence[int] = GRAINS) -> list[Segment]:
@@ -213,6 +258,7 @@ def combine(
     :func:`columns` order) of the query's window, already filtered; raw events come in through
     :func:`event_items`. The items' buckets are at most the query's width."""
     layout = columns(spec)
+    merger = _Merger.of(layout)
     width = query.width
     group_by = query.group_by
     dims = spec.dimension_names
@@ -227,7 +273,7 @@ def combine(
         acc = partial.get(row)
         if acc is None:
             partial[row] = acc = [None] * len(layout)
-        merge(layout, acc, values)
+        merger.merge(acc, values)
         if gauges:
             per_row = series.get(row)
             if per_row is None:
@@ -236,7 +282,7 @@ def combine(
             seen = per_row.get(tup)
             if seen is None:
                 per_row[tup] = seen = [None] * len(layout)
-            merge(layout, seen, values)
+            merger.merge(seen, values)
     out: Rows = {}
     for row, acc in partial.items():
         numbers: dict[str, Number | None] = {}
@@ -289,8 +335,9 @@ def differences(
     layout = columns(spec)
     out = []
     for key in sorted(set(want) | set(got)):
-        org, bucket, series = key
-        where = f"{spec.name} {grain}s {org} @{bucket} {series}"
+        org, bucket, _series = key
+        dims = (want.get(key) or got[key])[0]
+        where = f"{spec.name} {grain}s {org} @{bucket} {dict(dims)}"
         if key not in got:
             out.append(f"{where}: missing")
         elif key not in want:

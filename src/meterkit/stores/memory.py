@@ -85,7 +85,17 @@ class MemoryStore:
 
     @staticmethod
     def _fold(spec: MeterSpec, events: Sequence[Event]) -> list[tuple[int, Any]]:
-        return [(grain, rollup.fold(spec, events, grain)) for grain in rollup.GRAINS]
+        dims = spec.dimension_names
+        return [
+            (
+                grain,
+                {
+                    key: ({d: v for d, v in zip(dims, tup) if v is not None}, values)
+                    for key, (tup, values) in rows.items()
+                },
+            )
+            for grain, rows in rollup.fold_grains(spec, events).items()
+        ]
 
     def _add_rollups(self, spec: MeterSpec, folded: list[tuple[int, Any]]) -> None:
         layout = rollup.columns(spec)

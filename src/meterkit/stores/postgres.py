@@ -353,16 +353,16 @@ def _layout(spec: MeterSpec) -> dict[str, list[str]] | None:
 
 
 def _rollup_params(
-    spec: MeterSpec, rows: Mapping[rollup.Key, tuple[Mapping[str, Any], Sequence[Any]]]
+    spec: MeterSpec, rows: Mapping[rollup.Key, tuple[tuple[Any, ...], Sequence[Any]]]
 ) -> list[tuple[Any, ...]]:
-    """Bind parameters of the upsert for folded rows, sorted by key: concurrent writers then
-    lock rollup rows in one order and never deadlock on them."""
-    dims = spec.dimension_names
+    """Bind parameters of the upsert for rows folded by
+    :func:`~meterkit.engine.rollup.fold_grains`, sorted by key: concurrent writers then lock
+    rollup rows in one order and never deadlock on them."""
     numeric = [kind in _NUMERIC_CELLS for kind, _ in rollup.columns(spec)]
     return [
         (
             *key,
-            *map(rows[key][0].get, dims),
+            *rows[key][0],
             *(_encode(v) if num else v for num, v in zip(numeric, rows[key][1], strict=True)),
         )
         for key in sorted(rows)
@@ -731,9 +731,8 @@ class PostgresStore:
     ) -> None:
         if not events or not rollup.rollable(spec):
             return
-        for grain in rollup.GRAINS:
-            params = _rollup_params(spec, rollup.fold(spec, events, grain))
-            cur.executemany(sqlagg.upsert(spec, grain, _DIALECT), params)
+        for grain, rows in rollup.fold_grains(spec, events).items():
+            cur.executemany(sqlagg.upsert(spec, grain, _DIALECT), _rollup_params(spec, rows))
 
     def rebuild_rollups(
         self, spec: MeterSpec, progress: Callable[[int], None] | None = None

@@ -118,22 +118,28 @@ def _layout(spec: MeterSpec) -> dict[str, list[str]]:
 
 
 def rollup_params(
-    spec: MeterSpec, rows: Mapping[rollup.Key, tuple[Mapping[str, DimValue], Sequence[Any]]]
-) -> list[tuple[Any, ...]]:
-    """Bind parameters of :func:`sqlagg.upsert` for folded rows, in key order. A sum past
-    SQLite's integer range is bound as a float: queries then read that meter from its events."""
-    dims = spec.dimension_names
-    sums = [i for i, (kind, _) in enumerate(rollup.columns(spec)) if kind == "s"]
-    out = []
-    for key in sorted(rows):
-        found, values = rows[key]
-        cells = list(values)
-        for i in sums:
-            v = cells[i]
-            if type(v) is int and not -_INT64 <= v <= _INT64:
-                cells[i] = float(v)
-        out.append((*key, *map(found.get, dims), *cells))
-    return out
+    folded: Mapping[int, Mapping[rollup.Key, tuple[tuple[DimValue, ...], list[Any]]]],
+    sums: Sequence[int],
+) -> dict[int, list[tuple[Any, ...]]]:
+    """Bind parameters of :func:`sqlagg.upsert` per grain for rows folded by
+    :func:`~meterkit.engine.rollup.fold_grains`; ``sums`` are the cells holding sums. A sum
+    past SQLite's integer range is bound as a float: queries then read that meter from its
+    events (see :func:`sqlagg.overflowed`)."""
+    # Values are never negative, so a day's sum is at least each of its hours' and minutes':
+    # when no day passes the range, nothing does.
+    coarsest = folded[max(folded)]
+    if any(
+        cells[i] is not None and cells[i] > _INT64 for _t, cells in coarsest.values() for i in sums
+    ):
+        for rows in folded.values():
+            for _tup, cells in rows.values():
+                for i in sums:
+                    if cells[i] is not None and cells[i] > _INT64:
+                        cells[i] = float(cells[i])
+    return {
+        grain: [(*key, *tup, *cells) for key, (tup, cells) in rows.items()]
+        for grain, rows in folded.items()
+    }
 
 
 class SQLiteStore:
@@ -326,13 +332,16 @@ class SQLiteStore:
             columns[_dim(d.name)] = int if d.kind == "bool" else str
         for kind, name in rollup.columns(spec):
             columns[_cell(kind, name)] = _CELL_TYPES[kind]
+        decl = {str: "TEXT", int: "INTEGER", bytes: "BLOB"}
         for grain in rollup.GRAINS:
             table = self.db.table(_rollup_table(spec.name, grain))
             if not table.exists():
-                table.create(
-                    columns,
-                    pk=("organization_id", "bucket", "series"),
-                    not_null={"organization_id", "bucket", "series"},
+                # WITHOUT ROWID: the rows live in their key's b-tree, so an upsert updates one
+                # b-tree instead of a table and its key index.
+                body = ", ".join(f"[{n}] {decl[t]}" for n, t in columns.items())
+                self.conn.execute(
+                    f"CREATE TABLE [{table.name}] ({body}, "
+                    "PRIMARY KEY (organization_id, bucket, series)) WITHOUT ROWID"
                 )
                 continue
             have = set(table.columns_dict)
@@ -367,11 +376,9 @@ class SQLiteStore:
     ) -> None:
         if not events or not rollup.rollable(spec):
             return
-        for grain in rollup.GRAINS:
-            conn.executemany(
-                sqlagg.upsert(spec, grain, _DIALECT),
-                rollup_params(spec, rollup.fold(spec, events, grain)),
-            )
+        sums = [i for i, (kind, _) in enumerate(rollup.columns(spec)) if kind == "s"]
+        for grain, params in rollup_params(rollup.fold_grains(spec, events), sums).items():
+            conn.executemany(sqlagg.upsert(spec, grain, _DIALECT), params)
 
     def rebuild_rollups(
         self, spec: MeterSpec, progress: Callable[[int], None] | None = None
@@ -426,58 +433,74 @@ class SQLiteStore:
         new: list[Event] = []
         with self._lock, self._write() as conn:
             for meter, batch in by_meter.items():
-                table = _table(meter)
-                # Under the write lock nobody else can insert, so "not there yet" stays true
-                # until our INSERT: the returned list is exactly what was stored.
-                stored: set[tuple[str, str]] = set()
-                by_org: dict[str, set[str]] = {}
-                for e in batch:
-                    by_org.setdefault(e.organization_id, set()).add(e.id)
-                for org, org_ids in by_org.items():
-                    ids = list(org_ids)
-                    for i in range(0, len(ids), _CHUNK):
-                        chunk = ids[i : i + _CHUNK]
-                        stored.update(
-                            (org, r[0])
-                            for r in conn.execute(
-                                f"SELECT id FROM [{table}] WHERE organization_id = ? "
-                                f"AND id IN ({', '.join('?' * len(chunk))})",
-                                [org, *chunk],
-                            )
-                        )
-                fresh = []
-                for e in batch:
-                    key = (e.organization_id, e.id)
-                    if key not in stored:
-                        stored.add(key)
-                        fresh.append(e)
-                if not fresh:
-                    continue
                 spec = self._specs[meter]
-                dims, measures = spec.dimension_names, spec.measure_names
-                cols = ["id", "organization_id", "time"]
-                cols += [_dim(d) for d in dims]
-                cols += [_val(m) for m in measures]
-                conn.executemany(
-                    f"INSERT INTO [{table}] ({', '.join(f'[{c}]' for c in cols)}) "
-                    f"VALUES ({', '.join('?' * len(cols))})",
-                    [
-                        (
-                            e.id,
-                            e.organization_id,
-                            e.time,
-                            *map(e.dimensions.get, dims),
-                            *map(e.values.get, measures),
-                        )
-                        for e in fresh
-                    ],
-                )
+                fresh = self._insert(conn, spec, batch)
                 self._add_rollups(conn, spec, fresh)
                 new.extend(fresh)
         if len(by_meter) > 1:  # one meter's fresh events are already in the caller's order
             order = {id(e): i for i, e in enumerate(events)}
             new.sort(key=lambda e: order[id(e)])
         return new
+
+    def _insert(self, conn: sqlite3.Connection, spec: MeterSpec, batch: list[Event]) -> list[Event]:
+        """Insert the events of ``batch`` not stored yet (the first copy of a repeated id);
+        the caller holds the write lock. Returns them, in order."""
+        table = _table(spec.name)
+        once: dict[tuple[str, str], Event] = {}
+        for e in batch:
+            once.setdefault((e.organization_id, e.id), e)
+        unique = list(once.values())
+        dims, measures = spec.dimension_names, spec.measure_names
+        cols = ["id", "organization_id", "time", *map(_dim, dims), *map(_val, measures)]
+        sql = (
+            f"INSERT INTO [{table}] ({', '.join(f'[{c}]' for c in cols)}) "
+            f"VALUES ({', '.join('?' * len(cols))}) ON CONFLICT DO NOTHING"
+        )
+
+        def rows(events: list[Event]) -> Iterator[tuple[Any, ...]]:
+            for e in events:
+                yield (
+                    e.id,
+                    e.organization_id,
+                    e.time,
+                    *map(e.dimensions.get, dims),
+                    *map(e.values.get, measures),
+                )
+
+        # Most batches are all new (or, re-sent, all stored): one INSERT tells which, by how
+        # many rows it added. Only a mix needs the stored ids read, after undoing it.
+        conn.execute("SAVEPOINT mk_append")
+        try:
+            before = conn.total_changes
+            conn.executemany(sql, rows(unique))
+            added = conn.total_changes - before
+            if added == len(unique):
+                return unique
+            if added == 0:
+                return []
+            conn.execute("ROLLBACK TO mk_append")
+        finally:
+            conn.execute("RELEASE mk_append")
+        # Under the write lock nobody else can insert, so "not there yet" stays true until
+        # this INSERT: the returned list is exactly what was stored.
+        stored: set[tuple[str, str]] = set()
+        by_org: dict[str, list[str]] = {}
+        for org, event_id in once:
+            by_org.setdefault(org, []).append(event_id)
+        for org, ids in by_org.items():
+            for i in range(0, len(ids), _CHUNK):
+                chunk = ids[i : i + _CHUNK]
+                stored.update(
+                    (org, r[0])
+                    for r in conn.execute(
+                        f"SELECT id FROM [{table}] WHERE organization_id = ? "
+                        f"AND id IN ({', '.join('?' * len(chunk))})",
+                        [org, *chunk],
+                    )
+                )
+        fresh = [e for key, e in once.items() if key not in stored]
+        conn.executemany(sql, rows(fresh))
+        return fresh
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
         return self._select(
