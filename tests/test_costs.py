@@ -19,6 +19,7 @@ from meterkit import Meter, ValidationError
 from meterkit.costs import CostsPage, costs_page, unpriced
 from meterkit.periods import BillingCycle
 from meterkit.pricing import Price, PriceBook, Tier, load_book, save_price
+from meterkit.testing import store_rows
 
 DAY = 86400
 T0 = int(dt.datetime(2024, 11, 1, tzinfo=dt.timezone.utc).timestamp())
@@ -152,9 +153,16 @@ def usage(m: Meter) -> Meter:
 
 
 def query(m: Meter, **kw: Any) -> CostsPage:
+    """The costs page priced from aggregated usage, checked against pricing every event."""
     args: dict[str, Any] = {"organization_id": "org_1", "start_time": START, "end_time": END}
     args.update(kw)
-    return costs_page(m.store, m.meters, load_book(m.store, m.meters), **args)
+    book = load_book(m.store, m.meters)
+    by_event = costs_page(m.store, m.meters, book, **args)
+    aggregated = costs_page(
+        m.store, m.meters, book, rows=lambda spec, q: store_rows(m.store, spec, q), **args
+    )
+    assert aggregated == by_event
+    return aggregated
 
 
 def amounts(page: CostsPage) -> list[list[tuple[Any, ...]]]:
@@ -440,6 +448,116 @@ def test_random_usage_prices_to_the_exact_sum(
         for r in b.results
     }
     assert got == expected
+
+
+MODELS = ("gpt-4o", "gpt-4o-mini")
+MONTH_AGO = T0 - 35 * DAY
+
+
+@st.composite
+def price_books(draw: st.DrawFn) -> list[Price]:
+    """Lines for both token measures: a general one and one for gpt-4o, each in one to three
+    versions starting at any second, flat or tiered (graduated or volume, with flat fees)."""
+    out = []
+    for measure in ("input_tokens", "output_tokens"):
+        for where in ({}, {"model": "gpt-4o"}):
+            if not where and draw(st.booleans()):
+                continue  # gpt-4o-mini then goes unpriced
+            # Some versions start among the events that cluster around T0, inside a day.
+            when = st.one_of(st.integers(MONTH_AGO, T0 + 4 * DAY), st.integers(T0 - 90, T0 + 90))
+            starts = draw(st.lists(when, min_size=1, max_size=3))
+            for start in sorted(set(starts)):
+                mode = draw(st.sampled_from([None, "graduated", "volume"]))
+                kw: dict[str, Any] = {
+                    "where": where,
+                    "effective_from": start,
+                    "per": draw(st.sampled_from([1, 1000])),
+                }
+                if mode is None:
+                    kw["unit_price"] = draw(price_strings)
+                else:
+                    bound = draw(st.integers(1, 400))
+                    kw["tier_mode"] = mode
+                    kw["tiers"] = [
+                        Tier(bound, draw(price_strings), draw(st.sampled_from(["0", "0", "2.5"]))),
+                        Tier(None, draw(price_strings), draw(st.sampled_from(["0", "1"]))),
+                    ]
+                out.append(
+                    Price(
+                        "completions",
+                        measure,
+                        line_item=f"{measure} {where}",
+                        quantity_unit="tokens",
+                        **kw,
+                    )
+                )
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prices=price_books(),
+    events=st.lists(
+        st.tuples(
+            st.one_of(
+                st.integers(T0 - 90, T0 + 90),  # around midnight: versions start there too
+                st.integers(T0 - 3 * DAY, T0 + 3 * DAY),
+                st.integers(MONTH_AGO, T0),  # earlier in the period: tiers count it
+            ),
+            st.integers(0, 150),
+            st.integers(0, 150),
+            st.sampled_from(MODELS),
+            st.sampled_from(["p1", "p2", None]),
+            st.sampled_from(["k1", None]),
+        ),
+        max_size=40,
+    ),
+    start=st.integers(T0 - DAY, T0),
+    length=st.integers(1, 3 * DAY),
+    group_by=st.lists(st.sampled_from(["project_id", "line_item", "api_key_id"]), unique=True),
+    only_p1=st.booleans(),
+    daily=st.booleans(),
+    store=st.sampled_from(["memory", "sqlite"]),
+)
+def test_aggregated_usage_prices_exactly_as_every_event(
+    tmp_path_factory: pytest.TempPathFactory,
+    prices: list[Price],
+    events: list[tuple[int, int, int, str, str | None, str | None]],
+    start: int,
+    length: int,
+    group_by: list[str],
+    only_p1: bool,
+    daily: bool,
+    store: str,
+) -> None:
+    url = "memory://" if store == "memory" else f"sqlite:///{tmp_path_factory.mktemp('c')}/c.db"
+    with Meter(url, max_future_skew=None) as m:
+        for p in prices:
+            save_price(m.store, p, specs=m.meters)
+        m.record_many(
+            [
+                meterkit_event(i, t, {"input_tokens": a, "output_tokens": b}, model, project, key)
+                for i, (t, a, b, model, project, key) in enumerate(events)
+            ]
+        )
+        query(
+            m,
+            start_time=start,
+            end_time=start + length,
+            group_by=group_by,
+            filters={"project_id": ["p1"]} if only_p1 else None,
+            limit=180,
+            period_of=BillingCycle("daily").period_at if daily else None,
+        )
+
+
+def meterkit_event(
+    i: int, t: int, values: dict[str, int], model: str, project: str | None, key: str | None
+) -> Any:
+    from meterkit import Event
+
+    dims = {"model": model, "project_id": project, "api_key_id": key}
+    return Event(f"e{i}", "completions", "org_1", t, values, {k: v for k, v in dims.items() if v})
 
 
 def test_unpriced_usage_is_listed_never_free(usage: Meter) -> None:

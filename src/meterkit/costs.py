@@ -12,6 +12,7 @@ line, whichever projects or keys a query asks about.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
@@ -21,6 +22,7 @@ import attrs
 import cattrs
 
 from meterkit.convert import openai_converter
+from meterkit.engine.aggregate import Rows
 from meterkit.engine.cursor import decode_cursor, encode_cursor
 from meterkit.engine.page import bucket_starts
 from meterkit.errors import ValidationError
@@ -33,6 +35,7 @@ from meterkit.pricing import (
     default_period_of,
     priceable,
     rate,
+    tier_bounds,
     to_units,
 )
 from meterkit.stores.base import Store
@@ -62,6 +65,8 @@ COSTS_MAX_LIMIT = 180
 DAY = 86400
 
 PeriodOf = Callable[[int], Period]
+RowsOf = Callable[[MeterSpec, UsageQuery], Rows]
+"""``rows(spec, query)``: the rows of a usage query (native, or the engine's over a scan)."""
 _ZERO = Decimal(0)
 
 
@@ -228,11 +233,14 @@ def costs_page(
     page: str | None = None,
     secret: bytes | None = None,
     period_of: PeriodOf | None = None,
+    rows: RowsOf | None = None,
 ) -> CostsPage:
     """One page of daily costs, OpenAI semantics (see docs/costs.md).
 
     ``secret`` signs cursors (default: the store's); ``period_of`` gives the billing period
-    tiers count in (default: calendar months, UTC).
+    tiers count in (default: calendar months, UTC). With ``rows`` (``rows(spec, query)``: a
+    usage query's rows, as :meth:`meterkit.Meter` answers it from rollups) usage is priced in
+    aggregate, exactly as per event (see :func:`_aggregated`); without, every event is priced.
     """
     query = check_costs_query(
         organization_id=organization_id,
@@ -251,6 +259,7 @@ def costs_page(
     low, high = query.scan_start, query.page_end
 
     events: list[Event] = []
+    wanted = {*query.group_by, *(name for name, _ in query.filters)}
     for meter in book.meters:
         spec = specs.get(meter)
         if spec is None:
@@ -258,11 +267,22 @@ def costs_page(
             raise ValidationError("meter", f"meter {meter!r} has prices but is not registered")
         modes = book.tier_modes(meter)
         # Tier counts start at the period's start; volume tiers need the period's total.
-        scan_low = period_of(low).start if modes else low
-        scan_high = period_of(high - 1).end if "volume" in modes else high
+        scan_low = min(period_of(low).start if modes else low, low)
+        scan_high = max(period_of(high - 1).end if "volume" in modes else high, high)
         store.ensure_meter(spec)
+        org = query.organization_id
+        if rows is None or any(
+            m.fractional
+            for m in spec.measures
+            if priceable(spec, m.name) and book.priced(meter, m.name)
+        ):
+            # Floats are priced as given, each exactly: their sum in a row would round.
+            events.extend(store.scan(meter, org, scan_low, scan_high))
+            continue
         events.extend(
-            store.scan(meter, query.organization_id, min(scan_low, low), max(scan_high, high))
+            _aggregated(
+                spec, book, org, scan_low, scan_high, (low, high), wanted, period_of, rows, store
+            )
         )
 
     by_line = "line_item" in query.group_by
@@ -323,6 +343,117 @@ def costs_page(
     )
     cursor = encode_cursor(secret, query, next_start) if next_start is not None else None
     return CostsPage(buckets, next_start is not None, cursor)
+
+
+def _cuts(
+    meter: str, book: PriceBook, start: int, end: int, edges: tuple[int, int], period_of: PeriodOf
+) -> list[int]:
+    """Where aggregated usage must be split: a price version of ``meter`` starting, a billing
+    period ending (tiers count per period) and the query's own edges."""
+    cuts = {start, end, *edges}
+    cuts.update(t for t in book.version_starts(meter) if start < t < end)
+    if book.tier_modes(meter):
+        period = period_of(start)
+        while period.end < end:
+            cuts.add(period.end)
+            period = period_of(period.end)
+    return sorted(t for t in cuts if start <= t <= end)
+
+
+def _aggregated(
+    spec: MeterSpec,
+    book: PriceBook,
+    org: str,
+    start: int,
+    end: int,
+    edges: tuple[int, int],
+    wanted: set[str],
+    period_of: PeriodOf,
+    rows: RowsOf,
+    store: Store,
+) -> list[Event]:
+    """``spec``'s usage in ``[start, end)`` as few events as price exactly like the real ones.
+
+    One event per day, slice and group, where a slice runs between :func:`_cuts` (so one price
+    version applies to all of it) and a group holds the dimensions the costs query groups or
+    filters on and those the meter's prices match on (so one price line applies). Pricing is
+    linear in units except where a tiered line passes a tier's first unit; a day in which that
+    happens (for any tiered line of the meter) keeps its real events, priced one by one in
+    order as always.
+    """
+    group_by = tuple(
+        d for d in spec.dimension_names if d in wanted or d in book.matched_dimensions(spec.name)
+    )
+    cuts = _cuts(spec.name, book, start, end, edges, period_of)
+    synthetic: list[Event] = []
+    for a, b in itertools.pairwise(cuts):
+        if a >= b:
+            continue
+        query = UsageQuery(
+            spec.name,
+            org,
+            a,
+            b,
+            "1d",
+            DAY,
+            group_by,
+            (),
+            -(-(b - (a - a % DAY)) // DAY),
+            a - a % DAY,
+        )
+        found = rows(spec, query)
+        for i, ((day, group), values) in enumerate(found.items()):
+            numbers = {k: v for k, v in values.items() if v}
+            if numbers:
+                synthetic.append(
+                    Event(
+                        f"\x1f{a}:{i}",
+                        spec.name,
+                        org,
+                        max(day, a),
+                        numbers,  # type: ignore[arg-type]
+                        dict(zip(group_by, group)),
+                    )
+                )
+    crossing = _crossing_days(book, synthetic, period_of)
+    if not crossing:
+        return synthetic
+    kept = [e for e in synthetic if e.time - e.time % DAY not in crossing]
+    for day in sorted(crossing):
+        kept.extend(store.scan(spec.name, org, max(day, start), min(day + DAY, end)))
+    return kept
+
+
+def _crossing_days(book: PriceBook, events: list[Event], period_of: PeriodOf) -> set[int]:
+    """The days in which a tiered line of these (aggregated) events passes the first unit of
+    a tier: a day whose count runs from ``before`` to ``after`` passes every tier bound ``L``
+    with ``before <= L < after``. Elsewhere every unit of a day is priced at one rate."""
+    per_day: dict[tuple[Any, int], Decimal] = {}
+    prices: dict[Any, set[Any]] = {}
+    for event in events:
+        for measure, value in event.values.items():
+            price = book.match(event.meter, measure, event.dimensions, event.time)
+            if price is None or not price.tiers:
+                continue
+            period = period_of(event.time).start
+            key = (price.line, period)
+            prices.setdefault(key, set()).add(price)  # each version's tiers count
+            slot = (key, event.time - event.time % DAY)
+            per_day[slot] = EXACT_CONTEXT.add(per_day.get(slot, _ZERO), to_units(value))
+    if not per_day:
+        return set()
+    totals: dict[Any, Decimal] = {}
+    for (key, _day), units in per_day.items():
+        totals[key] = EXACT_CONTEXT.add(totals.get(key, _ZERO), units)
+    counted: dict[Any, Decimal] = {}
+    out: set[int] = set()
+    for (key, day), units in sorted(per_day.items(), key=lambda item: item[0][1]):
+        before = counted.get(key, _ZERO)
+        after = counted[key] = EXACT_CONTEXT.add(before, units)
+        bounds = [b for price in prices[key] for b in tier_bounds(price, totals[key])]
+        if any(before <= bound < after for bound in bounds):
+            out.add(day)
+    return out
 
 
 def unpriced(

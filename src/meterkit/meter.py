@@ -621,6 +621,7 @@ class Meter:
             limit=limit,
             page=page,
             period_of=self._period_of(organization_id),
+            rows=self._rows,
         )
 
     def unpriced(

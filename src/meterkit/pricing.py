@@ -93,6 +93,7 @@ __all__ = [
     "rate",
     "register_price_hooks",
     "save_price",
+    "tier_bounds",
     "to_units",
 ]
 
@@ -505,6 +506,18 @@ class PriceBook:
         """The tier modes ``meter``'s prices use: tiered costs need whole periods of events."""
         return frozenset(p.tier_mode for p in self._prices if p.meter == meter and p.tier_mode)
 
+    def priced(self, meter: str, measure: str) -> bool:
+        """Whether any price names this measure of this meter."""
+        return (meter, measure) in self._lines
+
+    def version_starts(self, meter: str) -> tuple[int, ...]:
+        """Every ``effective_from`` of ``meter``'s prices, sorted: where a price may change."""
+        return tuple(sorted({p.effective_from for p in self._prices if p.meter == meter}))
+
+    def matched_dimensions(self, meter: str) -> frozenset[str]:
+        """The dimensions any of ``meter``'s prices matches on (its ``where`` keys)."""
+        return frozenset(name for p in self._prices if p.meter == meter for name in p.where)
+
     def with_price(self, price: Price, specs: Mapping[str, MeterSpec] | None = None) -> PriceBook:
         """A new book with ``price`` added, replacing any price with its id or its line+start."""
         keep = [
@@ -599,6 +612,20 @@ def _lower(tiers: tuple[Tier, ...], index: int) -> int:
     bound = tiers[index - 1].up_to if index else 0
     assert bound is not None
     return bound
+
+
+def tier_bounds(price: Price, total: Decimal) -> list[int]:
+    """The counts at which pricing ``price``'s units stops being linear, for a period whose
+    line counts ``total`` units: a tier's first unit where it starts a new rate or carries a
+    flat fee (graduated), or the period's tier's first unit when it carries one (volume).
+    Between two bounds, ``n`` units cost ``n`` times one rate, in any order."""
+    tiers = price.tiers
+    if price.tier_mode == "graduated":
+        return [_lower(tiers, i) for i in range(len(tiers)) if i or tiers[0].flat_fee]
+    if price.tier_mode == "volume":
+        i = _tier_index(tiers, total)
+        return [_lower(tiers, i)] if tiers[i].flat_fee else []
+    return []
 
 
 _Entry = tuple[Event, str, Decimal, Price, tuple[str, tuple[str, str, str], int]]

@@ -171,7 +171,9 @@ class _Merger:
                 into[i] = new
         for i in self.latest:
             new = other[i]
-            if new is not None and (into[i] is None or (new, other[i + 1]) > (into[i], into[i + 1])):
+            if new is not None and (
+                into[i] is None or (new, other[i + 1]) > (into[i], into[i + 1])
+            ):
                 into[i : i + 3] = other[i : i + 3]
 
 
