@@ -42,6 +42,8 @@ import middleware
 import quotas
 import records
 import scale
+from costs import DAYS as COSTS_DAYS
+from costs import run_costs
 from data import MEASURES, QUERY_DAYS, QUERY_END, START, Dataset, generate, to_event
 from ingest import IngestFigures, Target, ingest, prepare_schema, table_ddl
 from query import QueryBench, Timing, minute_queries
@@ -51,7 +53,7 @@ import meterkit
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PARTS = ("ingest", "query", "quotas", "records", "middleware", "flask", "scale")
+PARTS = ("ingest", "query", "costs", "quotas", "records", "middleware", "flask", "scale")
 MK_DB = "mk.db"
 RAW_DB = "raw.db"
 MK_NORMAL_DB = "mk-normal.db"
@@ -381,6 +383,30 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
     return result
 
 
+def run_costs_part(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, Any]:
+    org = data.query_organization
+    print(
+        f"costs: {COSTS_DAYS} days, group_by line_item+project_id, prices per model; "
+        f"{args.repeat} runs priced in aggregate, 1 priced per event ...",
+        flush=True,
+    )
+    result = run_costs(work / MK_DB, org, args.repeat)
+    agg, per_event = result["aggregated_median_s"], result["per_event_s"]
+    print(
+        table(
+            f"\n{COSTS_DAYS}-day costs page ({result['results']:,} results; "
+            f"total {result['total']})",
+            [
+                ("", "seconds", "vs per event"),
+                ("priced per event (before)", fmt_s(per_event), "1.00x"),
+                ("Meter.costs(), aggregated", fmt_s(agg), f"{agg / per_event:.3f}x"),
+            ],
+        ),
+        flush=True,
+    )
+    return result
+
+
 def redact(url: str) -> str:
     """``url`` without its password, for the results file."""
     parts = urlsplit(url)
@@ -415,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "parts": {},
     }
     data: Dataset | None = None
-    if "ingest" in parts or "query" in parts:
+    if "ingest" in parts or "query" in parts or "costs" in parts:
         t0 = time.perf_counter()
         data = generate(args.events, args.seed)
         gen_s = time.perf_counter() - t0
@@ -446,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
                 if args.only == "query":
                     ensure_loaded(args, data, work)
                 results["query"] = run_query(args, data, work)
+            elif part == "costs":
+                assert data is not None
+                if args.only == "costs":
+                    ensure_loaded(args, data, work)
+                results["costs"] = run_costs_part(args, data, work)
             elif part == "quotas":
                 results["quotas"] = quotas.run(args, work)
             elif part == "records":
