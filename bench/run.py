@@ -53,7 +53,9 @@ import meterkit
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PARTS = ("ingest", "query", "costs", "quotas", "records", "middleware", "flask", "scale")
+PARTS = ("ingest", "query", "costs", "growth", "quotas", "records", "middleware", "flask", "scale")
+# The growth part's data sets, in events generated (their query window holds about two thirds).
+GROWTH_SIZES = (303_000, 1_550_000, 3_040_000)
 MK_DB = "mk.db"
 RAW_DB = "raw.db"
 MK_NORMAL_DB = "mk-normal.db"
@@ -383,6 +385,58 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
     return result
 
 
+def run_growth(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The 31-day grouped query over data sets of growing size and the same cardinality.
+
+    Each size lives in a folder of its own under the work folder (reused with ``--dir``);
+    meterkit's median ``usage()`` and the raw ``GROUP BY`` are timed on each, as in ``query``.
+    """
+    sizes = [min(n, args.events) for n in GROWTH_SIZES] if args.quick else list(GROWTH_SIZES)
+    out: dict[str, Any] = {}
+    lines = [("events generated", "in window", "raw GROUP BY", "meterkit usage()", "vs raw")]
+    for n in sorted(set(sizes)):
+        data = generate(n, args.seed)
+        folder = work / f"growth-{n}"
+        folder.mkdir(exist_ok=True)
+        ensure_loaded(args, data, folder)
+        bench = QueryBench(folder / MK_DB, folder / RAW_DB, data.query_organization)
+        mk, raw, _to_dict, _totals = bench.sql_vs_raw(args.repeat)
+        in_window, _ = expected_totals(data)
+        out[str(n)] = {
+            "events_in_window": in_window,
+            "meterkit_usage": mk.as_dict(),
+            "raw_sql": raw.as_dict(),
+            "ratio_meterkit_over_raw": round(mk.median / raw.median, 3),
+        }
+        lines.append(
+            (
+                f"{n:,}",
+                f"{in_window:,}",
+                fmt_s(raw.median),
+                fmt_s(mk.median),
+                f"{mk.median / raw.median:.3f}x",
+            )
+        )
+    first, last = out[str(min(sizes))], out[str(max(sizes))]
+    growth = last["meterkit_usage"]["median_s"] / first["meterkit_usage"]["median_s"]
+    raw_growth = last["raw_sql"]["median_s"] / first["raw_sql"]["median_s"]
+    events_growth = last["events_in_window"] / first["events_in_window"]
+    out["growth"] = {
+        "events": round(events_growth, 2),
+        "meterkit_time": round(growth, 2),
+        "raw_time": round(raw_growth, 2),
+    }
+    print(
+        table(
+            f"\n31 x 1d grouped query as the data grows ({events_growth:.1f}x events: meterkit "
+            f"{growth:.2f}x the time, raw SQL {raw_growth:.2f}x)",
+            lines,
+        ),
+        flush=True,
+    )
+    return out
+
+
 def run_costs_part(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, Any]:
     org = data.query_organization
     print(
@@ -477,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.only == "costs":
                     ensure_loaded(args, data, work)
                 results["costs"] = run_costs_part(args, data, work)
+            elif part == "growth":
+                results["growth"] = run_growth(args, work)
             elif part == "quotas":
                 results["quotas"] = quotas.run(args, work)
             elif part == "records":

@@ -29,14 +29,18 @@ def build_page(spec: MeterSpec, query: UsageQuery, rows: Rows, secret: bytes) ->
     for (start, group), values in rows.items():
         by_bucket.setdefault(start, []).append((group, values))
     blank = dict.fromkeys(spec.dimension_names)
+    empties = {m.name: empty_value(m) for m in spec.measures}
+    group_by = query.group_by
+    kind = spec.result_object
     buckets = []
     for start in starts:
-        results = []
-        for group, values in sorted(by_bucket.get(start, ()), key=lambda r: _order(r[0])):
-            fields = dict(blank)
-            fields.update(zip(query.group_by, group))
-            numbers = {m.name: values.get(m.name, empty_value(m)) for m in spec.measures}
-            results.append(Result(spec.result_object, fields, numbers))  # type: ignore[arg-type]
-        buckets.append(Bucket(start, start + query.width, tuple(results)))
+        found = by_bucket.get(start, ())
+        if len(found) > 1:
+            found.sort(key=lambda r: _order(r[0]))
+        results = tuple(
+            Result(kind, {**blank, **dict(zip(group_by, group))}, {**empties, **values})  # type: ignore[arg-type]
+            for group, values in found
+        )
+        buckets.append(Bucket(start, start + query.width, results))
     cursor = encode_cursor(secret, query, next_start) if next_start is not None else None
     return UsagePage(tuple(buckets), next_start is not None, cursor)

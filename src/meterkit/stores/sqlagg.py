@@ -131,28 +131,37 @@ def merge_rows(
     query: UsageQuery,
     answers: Iterable[tuple[str | None, Iterable[Sequence[Any]]]],
     *,
-    value: Callable[[Any], Number | None] = lambda v: v,
-    group: Callable[[str, Any], DimValue] = lambda _name, v: v,
+    value: Callable[[Any], Number | None] | None = None,
+    group: Callable[[str, Any], DimValue] | None = None,
 ) -> Rows:
-    """Rows from each statement's answer, in the order :func:`statements` gave them."""
+    """Rows from each statement's answer, in the order :func:`statements` gave them.
+
+    ``value`` decodes a number and ``group`` a group value (both: as the database gave it).
+    """
     plain = [m.name for m in spec.measures if not m.gauge and m.aggregation != "latest"]
     width = len(query.group_by)
     blank = {m.name: empty_value(m) for m in spec.measures}
+    group_by = query.group_by
     rows: Rows = {}
     for measure, found in answers:
         for row in found:
+            raw_group = row[1 : 1 + width]
             key = (
                 int(row[0]),
-                tuple(group(g, v) for g, v in zip(query.group_by, row[1 : 1 + width])),
+                tuple(raw_group)
+                if group is None
+                else tuple(group(g, v) for g, v in zip(group_by, raw_group)),
             )
-            values = rows.setdefault(key, dict(blank))
+            values = rows.get(key)
+            if values is None:
+                values = rows[key] = dict(blank)
             if measure is None:
                 for name, raw in zip(plain, row[1 + width :]):
-                    decoded = value(raw)
+                    decoded = raw if value is None else value(raw)
                     if decoded is not None:
                         values[name] = decoded
             else:
-                values[measure] = value(row[-1])
+                values[measure] = row[-1] if value is None else value(row[-1])
     return rows
 
 

@@ -568,8 +568,11 @@ class SQLiteStore:
             plan = sqlagg.statements(spec, query, _DIALECT)
         bools = {d.name for d in spec.dimensions if d.kind == "bool"}
 
-        def group(name: str, value: Any) -> DimValue:
+        def to_bool(name: str, value: Any) -> DimValue:
             return bool(value) if name in bools and value is not None else value
+
+        # Only a bool dimension needs its group values decoded (SQLite keeps 0 and 1).
+        group = to_bool if bools & set(query.group_by) else None
 
         # One read transaction: in WAL mode every statement sees the same snapshot, so an
         # append from another process between them cannot split a row.
