@@ -731,8 +731,15 @@ class PostgresStore:
     ) -> None:
         if not events or not rollup.rollable(spec):
             return
+        # One statement per grain: the rows as arrays, unnested in key order.
+        types = ["text", "bigint", "text"]
+        types += ["boolean" if d.kind == "bool" else "text" for d in spec.dimensions]
+        types += [_CELL_TYPES[kind].split()[0] for kind, _ in rollup.columns(spec)]
+        source = "SELECT * FROM unnest(" + ", ".join(f"%b::{t}[]" for t in types) + ")"
         for grain, rows in rollup.fold_grains(spec, events).items():
-            cur.executemany(sqlagg.upsert(spec, grain, _DIALECT), _rollup_params(spec, rows))
+            params = _rollup_params(spec, rows)
+            columns = [list(c) for c in zip(*params, strict=True)]
+            cur.execute(sqlagg.upsert(spec, grain, _DIALECT, source), columns)
 
     def rebuild_rollups(
         self, spec: MeterSpec, progress: Callable[[int], None] | None = None
@@ -822,7 +829,7 @@ class PostgresStore:
                 row += [_encode(e.values.get(m)) for m in measures]
                 for array, value in zip(arrays, row, strict=True):
                     array.append(value)
-            unnest = ", ".join(f"%s::{t}[]" for t in types)
+            unnest = ", ".join(f"%b::{t}[]" for t in types)
             sql = (
                 f"INSERT INTO {_q(_table(meter))} ({', '.join(_q(c) for c in cols)}) "
                 f"SELECT * FROM unnest({unnest}) ON CONFLICT (organization_id, id) DO NOTHING "

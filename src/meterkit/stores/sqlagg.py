@@ -182,9 +182,10 @@ def rollup_columns(spec: MeterSpec, d: Dialect) -> list[str]:
     return ["organization_id", "bucket", "series", *map(d.dim, spec.dimension_names), *cells]
 
 
-def upsert(spec: MeterSpec, grain: int, d: Dialect) -> str:
+def upsert(spec: MeterSpec, grain: int, d: Dialect, source: str | None = None) -> str:
     """``INSERT`` of one rollup row that merges into the row already there (see
-    :func:`meterkit.engine.rollup.merge`): one statement for every store."""
+    :func:`meterkit.engine.rollup.merge`): one statement for every store. ``source`` (a
+    ``SELECT``) gives many rows at once instead, each key at most once."""
     p = d.placeholder
     cols = rollup_columns(spec, d)
     sets = []
@@ -208,8 +209,8 @@ def upsert(spec: MeterSpec, grain: int, d: Dialect) -> str:
     conflict = "DO NOTHING" if not sets else "DO UPDATE SET " + ", ".join(sets)
     return (
         f"INSERT INTO {d.rollup(spec.name, grain)} AS r ({', '.join(cols)}) "
-        f"VALUES ({', '.join([p] * len(cols))}) "
-        f"ON CONFLICT (organization_id, bucket, series) {conflict}"
+        + (source if source is not None else f"VALUES ({', '.join([p] * len(cols))}) ")
+        + f" ON CONFLICT (organization_id, bucket, series) {conflict}"
     )
 
 
