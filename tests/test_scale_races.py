@@ -219,7 +219,7 @@ def test_killed_connection_mid_batch_loses_nothing_and_duplicates_nothing(
             while worker.is_alive() and time.monotonic() < deadline:
                 rows = conn.execute(
                     "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
-                    "AND state = 'active' AND query LIKE 'INSERT%%'",
+                    "AND state = 'active' AND (query LIKE 'INSERT%%' OR query LIKE 'WITH%%')",
                     (app,),
                 ).fetchall()
                 for (pid,) in rows:
@@ -250,5 +250,11 @@ def test_killed_connection_mid_batch_loses_nothing_and_duplicates_nothing(
                 f'SELECT count(*), sum(v_tokens) FROM "{schema}".events_tokens'
             ).fetchone()
         assert (count, int(total)) == (len(retried), sum(range(120_000)))
+        # The rollups went with the events: none of the killed attempt, all of the retry.
+        with Meter(schema_url) as meter:
+            assert meter.verify_rollups("tokens") == []
+            assert meter.total(
+                "tokens", "tokens", organization_id="org", start_time=T0, end_time=T0 + 3600
+            ) == sum(range(120_000))
     finally:
         store.close()

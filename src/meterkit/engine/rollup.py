@@ -47,6 +47,7 @@ __all__ = [
     "plan",
     "rollable",
     "series_key",
+    "series_keys",
 ]
 
 GRAINS: tuple[int, ...] = (60, 3600, 86400)
@@ -133,6 +134,22 @@ def fold_grains(
                 rows[key] = (tup, values.copy())
             else:
                 merge_into(row[1], values)
+    return out
+
+
+def series_keys(spec: MeterSpec, events: Iterable[Event]) -> list[str]:
+    """Each event's :func:`series_key`, in order."""
+    dims = spec.dimension_names
+    keys = _SERIES.get(dims)
+    if keys is None or len(keys) >= 65536:
+        keys = _SERIES[dims] = {}
+    out = []
+    for event in events:
+        tup = tuple(map(event.dimensions.get, dims))
+        series = keys.get(tup)
+        if series is None:
+            series = keys[tup] = series_key(event.dimensions)
+        out.append(series)
     return out
 
 

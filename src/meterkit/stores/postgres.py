@@ -352,6 +352,44 @@ def _layout(spec: MeterSpec) -> dict[str, list[str]] | None:
     return out
 
 
+_LATEST = "(array_agg({x} ORDER BY time DESC, id DESC) FILTER (WHERE {v} IS NOT NULL))[1]"
+_FOLD = {
+    "s": "SUM({v})",
+    "n": "NULLIF(COUNT({v}), 0)",
+    "mn": "MIN({v})",
+    "mx": "MAX({v})",
+    "t": _LATEST.replace("{x}", "time"),
+    "i": _LATEST.replace("{x}", "id"),
+    "l": _LATEST.replace("{x}", "{v}"),
+}
+
+
+def _ingest_sql(spec: MeterSpec, cols: Sequence[str], types: Sequence[str]) -> str:
+    """One statement that appends a batch of events and folds the new ones into every grain's
+    rollups, as :func:`meterkit.engine.rollup.fold` would: the events come as arrays (and each
+    one's series key, computed in Python, last); the rollup rows are upserted in key order,
+    so concurrent writers lock them in one order. Returns the new events' keys."""
+    unnest = ", ".join(f"%b::{t}[]" for t in [*types, "text"])
+    names = [_q(c) for c in cols]
+    dims = [_q(_dim(d)) for d in spec.dimension_names]
+    parts = [
+        f"input ({', '.join([*names, 'series'])}) AS (SELECT * FROM unnest({unnest}))",
+        f"ins AS (INSERT INTO {_q(_table(spec.name))} ({', '.join(names)}) "
+        f"SELECT {', '.join(names)} FROM input ON CONFLICT (organization_id, id) DO NOTHING "
+        "RETURNING organization_id, id)",
+        "new AS (SELECT input.* FROM input JOIN ins USING (organization_id, id))",
+    ]
+    cells = [_FOLD[kind].format(v=_q(_val(name))) for kind, name in rollup.columns(spec)]
+    for grain in rollup.GRAINS:
+        key = ["organization_id", f"time - mod(time, {grain})", "series", *dims]
+        select = (
+            f"SELECT {', '.join([*key, *cells])} FROM new GROUP BY {', '.join(key)} "
+            "ORDER BY 1, 2, 3"
+        )
+        parts.append(f"r{grain} AS ({sqlagg.upsert(spec, grain, _DIALECT, select)})")
+    return "WITH " + ", ".join(parts) + " SELECT organization_id, id FROM ins"
+
+
 def _rollup_params(
     spec: MeterSpec, rows: Mapping[rollup.Key, tuple[tuple[Any, ...], Sequence[Any]]]
 ) -> list[tuple[Any, ...]]:
@@ -829,6 +867,10 @@ class PostgresStore:
                 row += [_encode(e.values.get(m)) for m in measures]
                 for array, value in zip(arrays, row, strict=True):
                     array.append(value)
+            if rollup.rollable(spec):
+                arrays.append(rollup.series_keys(spec, batch))
+                statements.append((meter, _ingest_sql(spec, cols, types), arrays))
+                continue
             unnest = ", ".join(f"%b::{t}[]" for t in types)
             sql = (
                 f"INSERT INTO {_q(_table(meter))} ({', '.join(_q(c) for c in cols)}) "
@@ -850,10 +892,6 @@ class PostgresStore:
             for meter, chunk_cur in sent:
                 stored.update((meter, r[0], r[1]) for r in chunk_cur.fetchall())
                 chunk_cur.close()
-            # The new events' rollups, in the same transaction: a query sees both or neither.
-            for meter, batch in by_meter.items():
-                fresh = [e for e in batch if (meter, e.organization_id, str(e.id)) in stored]
-                self._add_rollups(cur, self._specs[meter], fresh)
             return stored
 
         if not statements:
