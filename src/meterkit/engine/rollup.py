@@ -44,6 +44,7 @@ __all__ = [
     "fold",
     "fold_grains",
     "merge",
+    "merger",
     "plan",
     "rollable",
     "series_key",
@@ -215,6 +216,11 @@ def _event_values(layout: Sequence[tuple[str, str]], event: Event) -> list[Any]:
 def merge(layout: Sequence[tuple[str, str]], into: list[Any], other: Sequence[Any]) -> None:
     """Combine ``other`` (values of the same layout) into ``into``, in place."""
     _Merger.of(tuple(layout)).merge(into, other)
+
+
+def merger(layout: tuple[tuple[str, str], ...]) -> Callable[[list[Any], Sequence[Any]], None]:
+    """:func:`merge` for one layout, looked up once for many rows."""
+    return _Merger.of(layout).merge
 
 
 def plan(start: int, end: int, width: int, grains: Sequence[int] = GRAINS) -> list[Segment]:

@@ -73,7 +73,7 @@ class MemoryStore:
             folded = [
                 (spec, self._fold(spec, batch))
                 for meter, batch in by_meter.items()
-                if (spec := self._specs.get(meter)) is not None
+                if (spec := self._specs.get(meter)) is not None and rollup.rollable(spec)
             ]
             for event in new:
                 tenant = (event.meter, event.organization_id)
@@ -84,30 +84,25 @@ class MemoryStore:
             return new
 
     @staticmethod
-    def _fold(spec: MeterSpec, events: Sequence[Event]) -> list[tuple[int, Any]]:
-        dims = spec.dimension_names
-        return [
-            (
-                grain,
-                {
-                    key: ({d: v for d, v in zip(dims, tup) if v is not None}, values)
-                    for key, (tup, values) in rows.items()
-                },
-            )
-            for grain, rows in rollup.fold_grains(spec, events).items()
-        ]
+    def _fold(spec: MeterSpec, events: Sequence[Event]) -> dict[int, Any]:
+        return rollup.fold_grains(spec, events)
 
-    def _add_rollups(self, spec: MeterSpec, folded: list[tuple[int, Any]]) -> None:
-        layout = rollup.columns(spec)
-        for grain, rows_by_key in folded:
-            for (org, bucket, series), (dims, values) in rows_by_key.items():
-                buckets = self._rollups.setdefault((spec.name, org, grain), {})
-                rows = buckets.setdefault(bucket, {})
+    def _add_rollups(self, spec: MeterSpec, folded: dict[int, Any]) -> None:
+        merge = rollup.merger(rollup.columns(spec))
+        dims = spec.dimension_names
+        for grain, rows_by_key in folded.items():
+            for (org, bucket, series), (tup, values) in rows_by_key.items():
+                buckets = self._rollups.get((spec.name, org, grain))
+                if buckets is None:
+                    buckets = self._rollups[(spec.name, org, grain)] = {}
+                rows = buckets.get(bucket)
+                if rows is None:
+                    rows = buckets[bucket] = {}
                 seen = rows.get(series)
                 if seen is None:
-                    rows[series] = (dims, values)
+                    rows[series] = ({d: v for d, v in zip(dims, tup) if v is not None}, values)
                 else:
-                    rollup.merge(layout, seen[1], values)
+                    merge(seen[1], values)
 
     def rebuild_rollups(self, spec: MeterSpec, progress: Any = None) -> int:
         """Drop ``spec``'s rollups and fold them anew from its events; the events read."""
