@@ -7,7 +7,7 @@ from typing import Any
 
 from meterkit.models import DimValue, Event, GroupRow, Measure, MeterSpec, Number, UsageQuery
 
-__all__ = ["Rows", "aggregate", "empty_value", "matches"]
+__all__ = ["Rows", "aggregate", "empty_value", "gauge_total", "matches"]
 
 Rows = dict[GroupRow, dict[str, "Number | None"]]
 
@@ -64,16 +64,20 @@ def _add(
         acc.uniques.add(value)
 
 
+def gauge_total(measure: Measure, latest: list[Number]) -> Number | None:
+    """A gauge's value in a row: its series' latest values combined as the measure says."""
+    if not latest:
+        return empty_value(measure)
+    if measure.aggregation == "max":
+        return max(latest)
+    if measure.aggregation == "min":
+        return min(latest)
+    return sum(latest)
+
+
 def _finish(measure: Measure, acc: _Acc) -> Number | None:
     if measure.gauge:
-        latest = [v for _t, _i, v in acc.series.values()]
-        if not latest:
-            return empty_value(measure)
-        if measure.aggregation == "max":
-            return max(latest)
-        if measure.aggregation == "min":
-            return min(latest)
-        return sum(latest)
+        return gauge_total(measure, [v for _t, _i, v in acc.series.values()])
     if measure.aggregation == "unique_count":
         return len(acc.uniques)
     return empty_value(measure) if acc.total is None else acc.total

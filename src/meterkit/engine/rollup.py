@@ -29,7 +29,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from meterkit.engine.aggregate import Rows, empty_value
+from meterkit.engine.aggregate import Rows, empty_value, gauge_total
 from meterkit.models import DimValue, Event, GroupRow, Measure, MeterSpec, Number, UsageQuery
 
 __all__ = [
@@ -316,7 +316,7 @@ def combine(
             kinds = _kinds(measure)
             if measure.gauge:
                 latest = [s[i + 2] for s in series[row].values() if s[i] is not None]
-                numbers[measure.name] = _gauge_total(measure, latest)
+                numbers[measure.name] = gauge_total(measure, latest)
             elif kinds:
                 value = acc[i + 2] if kinds == _LATEST else acc[i]
                 numbers[measure.name] = empty_value(measure) if value is None else value
@@ -328,16 +328,6 @@ def combine(
 def _gauge(spec: MeterSpec, name: str) -> bool:
     measure = spec.measure(name)
     return bool(measure and measure.gauge)
-
-
-def _gauge_total(measure: Measure, latest: list[Number]) -> Number | None:
-    if not latest:
-        return empty_value(measure)
-    if measure.aggregation == "max":
-        return max(latest)
-    if measure.aggregation == "min":
-        return min(latest)
-    return sum(latest)
 
 
 def event_items(

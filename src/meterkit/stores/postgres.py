@@ -959,11 +959,7 @@ class PostgresStore:
 
     def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
         rolled = rollup.rollable(spec) and self._specs.get(spec.name) == spec
-        if rolled:
-            segments = rollup.plan(query.scan_start, query.page_end, query.width)
-            plan = sqlagg.rollup_statements(spec, query, _DIALECT, segments)
-        else:
-            plan = sqlagg.statements(spec, query, _DIALECT)
+        plan = sqlagg.query_statements(spec, query, _DIALECT, rolled)
         params = list(plan.params)
 
         def run(cur: psycopg.Cursor[Any]) -> Rows:

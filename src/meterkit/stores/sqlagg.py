@@ -21,6 +21,7 @@ __all__ = [
     "Statements",
     "merge_rows",
     "overflowed",
+    "query_statements",
     "rollup_columns",
     "rollup_statements",
     "statements",
@@ -306,6 +307,15 @@ def rollup_statements(
             sql = f"SELECT {head}, l FROM ({ranked}) AS w WHERE rn = 1"
         out.append((m.name, sql))
     return Statements(tuple(out), tuple(params))
+
+
+def query_statements(spec: MeterSpec, query: UsageQuery, d: Dialect, rollups: bool) -> Statements:
+    """What a store with ``rollups`` kept for ``spec`` sends for ``query`` (the rollups the
+    planner picks), or one without (the raw events)."""
+    if rollups:
+        segments = rollup.plan(query.scan_start, query.page_end, query.width)
+        return rollup_statements(spec, query, d, segments)
+    return statements(spec, query, d)
 
 
 def overflowed(spec: MeterSpec, rows: Rows) -> bool:
