@@ -24,7 +24,15 @@ from meterkit.models import MeterSpec, UsageQuery
 from meterkit.stores.sqlite import SQLiteStore
 from meterkit.validate import check_usage_query
 
-__all__ = ["Key", "QueryBench", "Timing", "minute_queries", "minute_sql", "raw_sql"]
+__all__ = [
+    "Key",
+    "QueryBench",
+    "Timing",
+    "engine_scan_rss",
+    "minute_queries",
+    "minute_sql",
+    "raw_sql",
+]
 
 T = TypeVar("T")
 Key = tuple[int, Any, Any]
@@ -238,6 +246,36 @@ def minute_queries(bench: QueryBench, repeat: int) -> dict[str, tuple[Timing, Ti
         finally:
             raw.close()
     return out
+
+
+_RSS_SCRIPT = """
+import resource, sys
+sys.path.insert(0, {bench!r})
+import meterkit
+from query import QueryBench, _ScanOnly
+meter = meterkit.Meter(store=_ScanOnly("sqlite:///" + {path!r}))
+if {run!r}:
+    QueryBench({path!r}, {path!r}, {org!r}).usage(meter)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def engine_scan_rss(mk_path: Path, organization_id: str) -> tuple[int, int]:
+    """Peak RSS in KiB of a fresh process answering the query through the engine over a
+    scan, and of one that opens the same meter without querying (the floor)."""
+    import subprocess
+    import sys
+
+    out = []
+    for run in (False, True):
+        code = _RSS_SCRIPT.format(
+            bench=str(Path(__file__).parent), path=str(mk_path), org=organization_id, run=run
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        out.append(int(done.stdout.split()[-1]))
+    return out[1], out[0]
 
 
 def check_same(name_a: str, a: Totals, name_b: str, b: Totals) -> None:

@@ -46,7 +46,7 @@ from costs import DAYS as COSTS_DAYS
 from costs import run_costs
 from data import MEASURES, QUERY_DAYS, QUERY_END, START, Dataset, generate, to_event
 from ingest import IngestFigures, Target, ingest, prepare_schema, table_ddl
-from query import QueryBench, Timing, minute_queries
+from query import QueryBench, Timing, engine_scan_rss, minute_queries
 from report import fmt_rate, fmt_s, table
 
 import meterkit
@@ -310,6 +310,7 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
     got = [sum(v[i] for v in totals.values()) for i in range(len(MEASURES))]
     assert got == sums, (got, sums)
     minutes = minute_queries(bench, args.repeat)
+    rss, rss_floor = engine_scan_rss(work / MK_DB, data.query_organization)
     engine_repeat = min(args.repeat, 3)
     scan = bench.engine_scan(engine_repeat, totals)
     pure = bench.engine_pure(data.rows, engine_repeat, totals)
@@ -332,6 +333,8 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
         "ratio_meterkit_over_raw": round(ratio, 2),
         "ratio_engine_scan_over_raw": round(scan.median / raw.median, 2),
         "ratio_engine_in_memory_over_raw": round(pure.median / raw.median, 2),
+        "engine_over_sqlite_scan_peak_rss_kib": rss,
+        "engine_over_sqlite_scan_rss_floor_kib": rss_floor,
         "minute_day": {
             name: {
                 "result_rows": rows,
@@ -382,6 +385,11 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
             )
         )
     print(table("\n1440 x 1m over one day (median of runs)", minute_rows), flush=True)
+    print(
+        f"\nengine over a SQLite scan, in a fresh process: peak RSS {rss / 1024:.0f} MiB "
+        f"(the same process without the query: {rss_floor / 1024:.0f} MiB)",
+        flush=True,
+    )
     return result
 
 

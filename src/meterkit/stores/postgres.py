@@ -76,6 +76,8 @@ __all__ = ["MIGRATIONS", "SCHEMES", "PostgresStore"]
 SCHEMES = ("postgresql", "postgres")
 _T = TypeVar("_T")
 _CHUNK = 5000
+SCAN_CHUNK = 5000
+"""Events a scan reads at a time."""
 _MAX_IDENT = 63  # PostgreSQL silently truncates longer identifiers: never let it.
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")  # unquoted in search_path: lower case
 _SWEEP_EVERY = 60.0
@@ -907,12 +909,35 @@ class PostgresStore:
         return new
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
-        return self._select(
-            meter,
-            "organization_id = %s AND time >= %s AND time < %s ORDER BY time, id",
-            (organization_id, start, end),
-            "scanning events",
+        # In chunks of SCAN_CHUNK, so a long scan never holds every event in memory. The
+        # first is read here (a store that is down fails the call); a later one that fails
+        # raises StoreUnavailable from the caller's loop.
+        where = "organization_id = %s AND time >= %s AND time < %s"
+        first = list(
+            self._select(
+                meter,
+                f"{where} ORDER BY time, id LIMIT %s",
+                (organization_id, start, end, SCAN_CHUNK),
+                "scanning events",
+            )
         )
+
+        def chunks(batch: list[Event]) -> Iterator[Event]:
+            while batch:
+                yield from batch
+                if len(batch) < SCAN_CHUNK:
+                    return
+                last = batch[-1]
+                batch = list(
+                    self._select(
+                        meter,
+                        f"{where} AND (time, id) > (%s, %s) ORDER BY time, id LIMIT %s",
+                        (organization_id, last.time, end, last.time, str(last.id), SCAN_CHUNK),
+                        "scanning events",
+                    )
+                )
+
+        return chunks(first)
 
     def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:
         unique = list(dict.fromkeys(ids))

@@ -35,6 +35,8 @@ __all__ = ["SQLiteStore", "options_from_url", "path_from_url"]
 SCHEMA_VERSION = 2
 """1: events keyed by ``id`` per meter. 2: keyed by ``(organization_id, id)``."""
 _CHUNK = 500
+SCAN_CHUNK = 5000
+"""Events a scan reads at a time."""
 
 
 def path_from_url(url: str) -> str:
@@ -503,11 +505,32 @@ class SQLiteStore:
         return fresh
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
-        return self._select(
-            meter,
-            "organization_id = ? AND time >= ? AND time < ? ORDER BY time, id",
-            [organization_id, start, end],
-        )
+        # In chunks of SCAN_CHUNK, each read under the lock on its own, so a long scan holds
+        # neither the lock nor every event in memory; a scan may see events appended while
+        # it runs (a native aggregate reads one snapshot).
+        def chunks() -> Iterator[Event]:
+            where = "organization_id = ? AND time >= ? AND time < ?"
+            batch = list(
+                self._select(
+                    meter,
+                    f"{where} ORDER BY time, id LIMIT ?",
+                    [organization_id, start, end, SCAN_CHUNK],
+                )
+            )
+            while batch:
+                yield from batch
+                if len(batch) < SCAN_CHUNK:
+                    return
+                last = batch[-1]
+                batch = list(
+                    self._select(
+                        meter,
+                        f"{where} AND (time, id) > (?, ?) ORDER BY time, id LIMIT ?",
+                        [organization_id, last.time, end, last.time, last.id, SCAN_CHUNK],
+                    )
+                )
+
+        return chunks()
 
     def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:
         unique = list(dict.fromkeys(ids))
