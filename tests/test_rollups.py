@@ -285,9 +285,7 @@ def test_a_scan_reads_in_chunks_and_misses_nothing(
     import meterkit.stores.sqlite as sq
 
     monkeypatch.setattr(sq if kind == "sqlite" else pg, "SCAN_CHUNK", 3)
-    stored = [
-        Event(f"s{i:02d}", "calls", "org_a", T0 + i // 4, {"n": i}, {}) for i in range(23)
-    ]
+    stored = [Event(f"s{i:02d}", "calls", "org_a", T0 + i // 4, {"n": i}, {}) for i in range(23)]
     for url in _url(kind, tmp_path):
         with Meter(url, meters=[SPEC], max_future_skew=None) as m:
             m.record_many(list(reversed(stored)))
@@ -298,3 +296,21 @@ def test_a_scan_reads_in_chunks_and_misses_nothing(
                 f"s{i:02d}" for i in range(4, 12)
             ]
             assert list(m.store.scan("calls", "org_a", T0 + 100, T0 + 200)) == []
+
+
+def test_a_dropped_rollup_table_is_built_again(kept_url: str) -> None:
+    with Meter(kept_url, meters=[SPEC], max_future_skew=None) as m:
+        m.record_many(events())
+        store = m.store
+        if hasattr(store, "conn"):
+            store.conn.execute("DROP TABLE [rollup_calls_1h]")
+        else:
+            store._run("dropping", lambda cur: cur.execute("DROP TABLE rollup_calls_1h"))
+    with Meter(kept_url, meters=[SPEC], max_future_skew=None) as m:
+        assert m.verify_rollups() == []
+        page = m.usage(
+            "calls", organization_id="org_a", start_time=T0, end_time=T0 + DAY, bucket_width="1h"
+        )
+        assert sum(r.values["n"] for b in page.data for r in b.results) == sum(
+            e.values["n"] for e in events() if e.time < T0 + DAY
+        )

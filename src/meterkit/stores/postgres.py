@@ -707,8 +707,16 @@ class PostgresStore:
         cur.execute("SELECT value FROM mk_meta WHERE key = %s", (marker,))
         row = cur.fetchone()
         old = json.loads(row[0]) if row else None
+        cur.execute(
+            "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n",
+            ([_q(_rollup_table(spec.name, g)) for g in rollup.GRAINS],),
+        )
+        present = bool(cur.fetchone()[0])  # type: ignore[index]
+        # Kept (and widened) when every measure keeps what it kept; a missing table means
+        # the rollups are incomplete, so they are built anew.
         keep = (
-            old is not None
+            present
+            and old is not None
             and layout is not None
             and all(old.get(m) in (None, kinds) for m, kinds in layout.items())
         )

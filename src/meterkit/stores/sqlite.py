@@ -299,15 +299,15 @@ class SQLiteStore:
         row = self.conn.execute("SELECT value FROM mk_meta WHERE key = ?", (marker,)).fetchone()
         old = json.loads(row[0]) if row else None
         want = _layout(spec) if rollup.rollable(spec) else None
-        if (
-            old == want
-            and want is not None
-            and all(self.db.table(_rollup_table(spec.name, g)).exists() for g in rollup.GRAINS)
-        ):
+        present = all(self.db.table(_rollup_table(spec.name, g)).exists() for g in rollup.GRAINS)
+        if old == want and want is not None and present:
             self._widen_rollups(spec)
             return
+        # Kept (and widened) when every measure keeps what it kept; a missing table means
+        # the rollups are incomplete, so they are built anew.
         keep = (
-            old is not None
+            present
+            and old is not None
             and want is not None
             and all(old.get(m) in (None, kinds) for m, kinds in want.items())
         )
