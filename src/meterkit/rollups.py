@@ -79,9 +79,9 @@ def verify(meter: Meter, names: Iterable[str] | None, all_names: Iterable[str]) 
         orgs = set(store.organizations(spec.name))
         orgs |= {key[0] for rows in stored.values() for key in rows}
         for org in sorted(orgs):
-            events = list(store.scan(spec.name, org, 0, MAX_TIME + 1))
+            folded = rollup.fold_grains(spec, store.scan(spec.name, org, 0, MAX_TIME + 1))
             for grain in rollup.GRAINS:
-                want = rollup.fold(spec, events, grain)
+                want = rollup.named(spec, folded[grain])
                 got = {k: v for k, v in stored[grain].items() if k[0] == org}
                 out += rollup.differences(spec, grain, want, got)
     return out

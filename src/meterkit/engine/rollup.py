@@ -43,8 +43,8 @@ __all__ = [
     "event_items",
     "fold",
     "fold_grains",
-    "merge",
     "merger",
+    "named",
     "plan",
     "rollable",
     "series_key",
@@ -95,10 +95,17 @@ def fold(
 ) -> dict[Key, tuple[dict[str, DimValue], list[Any]]]:
     """The rollup rows of ``events`` at ``grain``: key -> (dimensions, values in
     :func:`columns` order)."""
+    return named(spec, fold_grains(spec, events, (grain,))[grain])
+
+
+def named(
+    spec: MeterSpec, rows: Mapping[Key, tuple[tuple[DimValue, ...], list[Any]]]
+) -> dict[Key, tuple[dict[str, DimValue], list[Any]]]:
+    """Rows of :func:`fold_grains` with their dimensions as a dict, as :func:`fold` gives."""
     dims = spec.dimension_names
     return {
         key: ({d: v for d, v in zip(dims, tup) if v is not None}, values)
-        for key, (tup, values) in fold_grains(spec, events, (grain,))[grain].items()
+        for key, (tup, values) in rows.items()
     }
 
 
@@ -155,7 +162,7 @@ def series_keys(spec: MeterSpec, events: Iterable[Event]) -> list[str]:
 
 
 class _Merger:
-    """:func:`merge` for one layout, its cells sorted by kind up front."""
+    """Merging rows of one layout, its cells sorted by kind up front (see :func:`merger`)."""
 
     _cache: dict[tuple[tuple[str, str], ...], _Merger] = {}
 
@@ -213,13 +220,10 @@ def _event_values(layout: Sequence[tuple[str, str]], event: Event) -> list[Any]:
     return out
 
 
-def merge(layout: Sequence[tuple[str, str]], into: list[Any], other: Sequence[Any]) -> None:
-    """Combine ``other`` (values of the same layout) into ``into``, in place."""
-    _Merger.of(tuple(layout)).merge(into, other)
-
-
 def merger(layout: tuple[tuple[str, str], ...]) -> Callable[[list[Any], Sequence[Any]], None]:
-    """:func:`merge` for one layout, looked up once for many rows."""
+    """How rows of one layout combine: ``merge(into, other)`` folds ``other`` into ``into``
+    in place (sums and counts add, minima and maxima keep theirs, the latest (time, id)
+    wins), looked up once for many rows."""
     return _Merger.of(layout).merge
 
 

@@ -921,31 +921,24 @@ class PostgresStore:
         # first is read here (a store that is down fails the call); a later one that fails
         # raises StoreUnavailable from the caller's loop.
         where = "organization_id = %s AND time >= %s AND time < %s"
-        first = list(
-            self._select(
-                meter,
-                f"{where} ORDER BY time, id LIMIT %s",
-                (organization_id, start, end, SCAN_CHUNK),
-                "scanning events",
-            )
-        )
 
-        def chunks(batch: list[Event]) -> Iterator[Event]:
-            while batch:
-                yield from batch
-                if len(batch) < SCAN_CHUNK:
-                    return
-                last = batch[-1]
-                batch = list(
-                    self._select(
-                        meter,
-                        f"{where} AND (time, id) > (%s, %s) ORDER BY time, id LIMIT %s",
-                        (organization_id, last.time, end, last.time, str(last.id), SCAN_CHUNK),
-                        "scanning events",
-                    )
+        def read(after: tuple[int, str] | None) -> list[Event]:
+            params: tuple[Any, ...]
+            if after is None:
+                cond, params = where, (organization_id, start, end)
+            else:
+                cond = f"{where} AND (time, id) > (%s, %s)"
+                params = (organization_id, after[0], end, *after)
+            return list(
+                self._select(
+                    meter,
+                    f"{cond} ORDER BY time, id LIMIT %s",
+                    (*params, SCAN_CHUNK),
+                    "scanning events",
                 )
+            )
 
-        return chunks(first)
+        return sqlagg.scan_chunks(read, SCAN_CHUNK)
 
     def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:
         unique = list(dict.fromkeys(ids))

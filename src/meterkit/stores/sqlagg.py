@@ -7,14 +7,14 @@ semantics into SQL, held to the engine by the same conformance suite.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
 
 from meterkit.engine import rollup
 from meterkit.engine.aggregate import Rows, empty_value
-from meterkit.models import DimValue, MeterSpec, Number, UsageQuery
+from meterkit.models import DimValue, Event, MeterSpec, Number, UsageQuery
 
 __all__ = [
     "Dialect",
@@ -24,6 +24,7 @@ __all__ = [
     "query_statements",
     "rollup_columns",
     "rollup_statements",
+    "scan_chunks",
     "statements",
     "upsert",
 ]
@@ -127,6 +128,26 @@ def statements(spec: MeterSpec, query: UsageQuery, d: Dialect) -> Statements:
     return Statements(tuple(out), tuple(params))
 
 
+def scan_chunks(
+    read: Callable[[tuple[int, str] | None], list[Event]], size: int
+) -> Iterator[Event]:
+    """A scan in chunks of ``size`` events in ``(time, id)`` order: ``read(after)`` reads the
+    next chunk, from the start (``after`` ``None``) or after the ``(time, id)`` read last, so a
+    tie in time across a chunk's end is neither lost nor read twice. The first chunk is read
+    here, at the call; the next ones as the caller's loop reaches them."""
+    batch = read(None)
+
+    def chunks(batch: list[Event]) -> Iterator[Event]:
+        while batch:
+            yield from batch
+            if len(batch) < size:
+                return
+            last = batch[-1]
+            batch = read((last.time, str(last.id)))
+
+    return chunks(batch)
+
+
 def merge_rows(
     spec: MeterSpec,
     query: UsageQuery,
@@ -185,7 +206,7 @@ def rollup_columns(spec: MeterSpec, d: Dialect) -> list[str]:
 
 def upsert(spec: MeterSpec, grain: int, d: Dialect, source: str | None = None) -> str:
     """``INSERT`` of one rollup row that merges into the row already there (see
-    :func:`meterkit.engine.rollup.merge`): one statement for every store. ``source`` (a
+    :func:`meterkit.engine.rollup.merger`): one statement for every store. ``source`` (a
     ``SELECT``) gives many rows at once instead, each key at most once."""
     p = d.placeholder
     cols = rollup_columns(spec, d)

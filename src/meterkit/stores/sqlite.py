@@ -107,8 +107,15 @@ _DIALECT = sqlagg.Dialect(
 )
 
 # Value cells keep each number as given (BLOB affinity, like the event table's values).
-_CELL_TYPES: dict[str, Any] = {"s": bytes, "n": int, "mn": bytes, "mx": bytes, "t": int, "i": str}
-_CELL_TYPES["l"] = bytes
+_CELL_TYPES: dict[str, Any] = {
+    "s": bytes,
+    "n": int,
+    "mn": bytes,
+    "mx": bytes,
+    "t": int,
+    "i": str,
+    "l": bytes,
+}
 
 
 def _layout(spec: MeterSpec) -> dict[str, list[str]]:
@@ -508,29 +515,20 @@ class SQLiteStore:
         # In chunks of SCAN_CHUNK, each read under the lock on its own, so a long scan holds
         # neither the lock nor every event in memory; a scan may see events appended while
         # it runs (a native aggregate reads one snapshot).
-        def chunks() -> Iterator[Event]:
-            where = "organization_id = ? AND time >= ? AND time < ?"
-            batch = list(
-                self._select(
-                    meter,
-                    f"{where} ORDER BY time, id LIMIT ?",
-                    [organization_id, start, end, SCAN_CHUNK],
-                )
-            )
-            while batch:
-                yield from batch
-                if len(batch) < SCAN_CHUNK:
-                    return
-                last = batch[-1]
-                batch = list(
-                    self._select(
-                        meter,
-                        f"{where} AND (time, id) > (?, ?) ORDER BY time, id LIMIT ?",
-                        [organization_id, last.time, end, last.time, last.id, SCAN_CHUNK],
-                    )
-                )
+        where = "organization_id = ? AND time >= ? AND time < ?"
 
-        return chunks()
+        def read(after: tuple[int, str] | None) -> list[Event]:
+            params: list[Any]
+            if after is None:
+                cond, params = where, [organization_id, start, end]
+            else:
+                cond = f"{where} AND (time, id) > (?, ?)"
+                params = [organization_id, after[0], end, *after]
+            return list(
+                self._select(meter, f"{cond} ORDER BY time, id LIMIT ?", [*params, SCAN_CHUNK])
+            )
+
+        return sqlagg.scan_chunks(read, SCAN_CHUNK)
 
     def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:
         unique = list(dict.fromkeys(ids))
