@@ -426,10 +426,14 @@ def _aggregated(
 
 def _crossing_days(book: PriceBook, events: list[Event], period_of: PeriodOf) -> set[int]:
     """The days in which a tiered line of these (aggregated) events passes the first unit of
-    a tier: a day whose count runs from ``before`` to ``after`` passes every tier bound ``L``
-    with ``before <= L < after``. Elsewhere every unit of a day is priced at one rate."""
+    a tier while more than one of them shares the moment it happens at: a day whose count
+    runs from ``before`` to ``after`` passes every tier bound ``L`` with
+    ``before <= L < after``. Elsewhere every unit of a day is priced at one rate, or the
+    bound falls inside one aggregated event, which is priced across it as the real ones
+    would be in any order."""
     per_day: dict[tuple[Any, int], Decimal] = {}
     prices: dict[Any, set[Any]] = {}
+    at: dict[tuple[Any, int], dict[int, int]] = {}  # events of a line and day, per time
     for event in events:
         for measure, value in event.values.items():
             price = book.match(event.meter, measure, event.dimensions, event.time)
@@ -440,6 +444,8 @@ def _crossing_days(book: PriceBook, events: list[Event], period_of: PeriodOf) ->
             prices.setdefault(key, set()).add(price)  # each version's tiers count
             slot = (key, event.time - event.time % DAY)
             per_day[slot] = EXACT_CONTEXT.add(per_day.get(slot, _ZERO), to_units(value))
+            times = at.setdefault(slot, {})
+            times[event.time] = times.get(event.time, 0) + 1
     if not per_day:
         return set()
     totals: dict[Any, Decimal] = {}
@@ -451,7 +457,7 @@ def _crossing_days(book: PriceBook, events: list[Event], period_of: PeriodOf) ->
         before = counted.get(key, _ZERO)
         after = counted[key] = EXACT_CONTEXT.add(before, units)
         bounds = [b for price in prices[key] for b in tier_bounds(price, totals[key])]
-        if any(before <= bound < after for bound in bounds):
+        if any(before <= bound < after for bound in bounds) and max(at[(key, day)].values()) > 1:
             out.add(day)
     return out
 
