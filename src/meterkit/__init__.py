@@ -4,6 +4,7 @@ from meterkit.errors import (
     EventConflict,
     MeterkitError,
     QuotaExceeded,
+    RetentionError,
     StoreUnavailable,
     ValidationError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "QuotaExceeded",
     "Reservation",
     "Result",
+    "RetentionError",
     "Source",
     "StoreUnavailable",
     "UsagePage",

@@ -359,6 +359,25 @@ def rollups_verify(meters: tuple[str, ...], config: Path | None, db: str | None)
     click.echo("rollups agree with the events", err=True)
 
 
+@main.command("prune")
+@_METER_OPTION
+@_store_options
+def prune(meters: tuple[str, ...], config: Path | None, db: str | None) -> None:
+    """Drop the raw events (and minute rollups) older than each meter's retention."""
+    with _open(config, db, existing=True) as meter, _reported():
+        if not meter.retention:
+            click.echo("no meter has a retention: nothing to drop", err=True)
+            return
+        dropped = meter.prune(list(meters) or None)
+        kept = meter.retention
+    for name, count in sorted(dropped.items()):
+        days = kept.get(name)
+        if days is None:
+            click.echo(f"{name}: no retention, nothing dropped")
+        else:
+            click.echo(f"{name}: {count:,} events dropped (retention {days} days)")
+
+
 # -- demo -------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from meterkit.metrics import Metric
 from meterkit.models import Dimension, Measure, MeterSpec
 from meterkit.periods import BillingCycle
 from meterkit.plans import OrgPlan, Plan
+from meterkit.retention import parse_retention
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,6 +66,7 @@ _TOP = {
     "prices",
     "plans",
     "organizations",
+    "retention",
 }
 
 
@@ -84,6 +86,7 @@ class Config:
     prices: tuple[dict[str, Any], ...] = ()
     plans: tuple[Plan, ...] = ()
     organizations: tuple[OrgPlan, ...] = ()
+    retention: tuple[tuple[str, int], ...] = ()
 
     def meter_kwargs(self) -> dict[str, Any]:
         return {
@@ -97,6 +100,7 @@ class Config:
             "flush_interval": self.flush_interval,
             "meters": self.meters,
             "metrics": self.metrics,
+            "retention": dict(self.retention),
         }
 
     def apply(self, meter: Meter) -> None:
@@ -292,6 +296,14 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     prices = raw.get("prices", [])
     if not isinstance(prices, list) or not all(isinstance(p, dict) for p in prices):
         raise ValidationError("prices", "must be an array of tables ([[prices]])")
+    kept = raw.get("retention", {})
+    if not isinstance(kept, Mapping):
+        raise ValidationError("retention", "must be a table of meter = days ([retention])")
+    retention: list[tuple[str, int]] = []
+    for name, days in kept.items():
+        parsed = parse_retention(days, f"retention.{name}")
+        assert parsed is not None  # TOML has no null
+        retention.append((name, parsed))
     return Config(
         store=store,
         counters=counters,
@@ -307,4 +319,5 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         prices=tuple(_times(p) for p in prices),
         plans=plans,
         organizations=_organizations(raw.get("organizations", {}), {p.id for p in plans}),
+        retention=tuple(retention),
     )

@@ -6,6 +6,7 @@ __all__ = [
     "EventConflict",
     "MeterkitError",
     "QuotaExceeded",
+    "RetentionError",
     "StoreUnavailable",
     "ValidationError",
 ]
@@ -51,3 +52,17 @@ class QuotaExceeded(MeterkitError):
     def __init__(self, decision: object) -> None:
         self.decision = decision
         super().__init__(f"quota exceeded: {getattr(decision, 'refused_by', None)}")
+
+
+class RetentionError(ValidationError):
+    """A query needs raw events older than a meter keeps, or an event is older than that.
+
+    ``meter`` and ``days`` name the retention; ``retained_from`` is the first second whose
+    raw events are still kept.
+    """
+
+    def __init__(self, field: str, message: str, *, meter: str, days: int, since: int) -> None:
+        self.meter = meter
+        self.days = days
+        self.retained_from = since
+        super().__init__(field, message)

@@ -11,16 +11,18 @@ import time as _time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pluggy
 
 from meterkit import costs as costs_module
 from meterkit import engine, pricing, rollups, summaries
+from meterkit import retention as retention_module
 from meterkit.catalog import builtin_meters
 from meterkit.config import load_config
 from meterkit.costs import CostsPage, UnpricedUsage
+from meterkit.engine import rollup
 from meterkit.errors import EventConflict, StoreUnavailable, ValidationError
 from meterkit.idempotency import classify
 from meterkit.leases import DEFAULT_FLUSH_INTERVAL, check_timing
@@ -41,7 +43,7 @@ from meterkit.plans import Grant, OrgPlan, Plan
 from meterkit.plugins import get_plugin_manager, make_plugin_manager
 from meterkit.pricing import Price, PriceBook
 from meterkit.quotas import Decision, Policy, Quotas, Reservation
-from meterkit.stores.base import CounterStore, Store
+from meterkit.stores.base import CounterStore, RollupStore, Store
 from meterkit.validate import check_event, check_time, check_usage_query
 from meterkit.writer import GroupWriter
 
@@ -128,6 +130,8 @@ class Meter:
     ``max_future_skew`` is how many seconds ahead of that clock an event's time may be
     (default 300; ``None`` accepts any time): usage cannot happen in the future, and an event
     stamped far ahead would otherwise count in a period that has not begun.
+    ``retention`` maps meter names to how many days of raw events they keep (see
+    :meth:`set_retention`).
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class Meter:
         leases: bool = True,
         lease_ttl: int = DEFAULT_LEASE_TTL,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        retention: Mapping[str, Any] | None = None,
     ) -> None:
         if max_future_skew is not None and (
             isinstance(max_future_skew, bool)
@@ -156,6 +161,12 @@ class Meter:
         ):
             raise ValidationError("max_future_skew", "must be a non-negative whole number or None")
         self.max_future_skew = max_future_skew
+        if retention is not None and not isinstance(retention, Mapping):
+            raise ValidationError("retention", "must map meter names to days")
+        wanted_retention = {
+            name: retention_module.parse_retention(days, f"retention.{name}")
+            for name, days in (retention or {}).items()
+        }
         lease_ttl, self.flush_interval = check_timing(lease_ttl, flush_interval)
         plugins = tuple(plugins)
         self.pm = make_plugin_manager(plugins) if plugins else get_plugin_manager()
@@ -209,6 +220,13 @@ class Meter:
         )
         for metric in metrics:
             self.define_metric(metric)
+        for name in wanted_retention:
+            if store is None and name not in self._specs:
+                self.store.close()
+            self.spec(name, f"retention.{name}")
+        # Read from the store when first needed: opening a Meter sends nothing to it.
+        self._wanted_retention = wanted_retention
+        self._retention_known: dict[str, int] | None = None
         _open_meters.add(self)
 
     @classmethod
@@ -380,6 +398,7 @@ class Meter:
         checked = []
         now = self.now() if events else 0
         latest = None if self.max_future_skew is None else now + self.max_future_skew
+        kept = self._retention if events else {}
         for i, event in enumerate(events):
             field = "event" if single else f"events[{i}]"
             if not isinstance(event, Event):
@@ -388,6 +407,18 @@ class Meter:
             if event.time is None:
                 event = attrs.evolve(event, time=now)
             event = check_event(spec, event, field)
+            days = kept.get(spec.name) if kept else None
+            if days is not None and event.time < retention_module.retained_from(now, days):
+                since = retention_module.retained_from(now, days)
+                raise retention_module.RetentionError(
+                    f"{field}.time",
+                    f"is older than the retained window: "
+                    f"{retention_module.describe(spec.name, days, since)}; an older event "
+                    "could repeat one already dropped and be counted twice",
+                    meter=spec.name,
+                    days=days,
+                    since=since,
+                )
             if latest is not None and event.time > latest:
                 raise ValidationError(
                     f"{field}.time",
@@ -533,8 +564,21 @@ class Meter:
         """The store's native answer, or the engine's over a scan when it has none."""
         self._sync()
         self._ensure(spec)
+        days = self._retention.get(spec.name)
+        if days is not None:
+            retention_module.check_query(
+                spec.name,
+                days,
+                self.now(),
+                query.scan_start,
+                query.page_end,
+                query.width,
+                rolled=isinstance(self.store, RollupStore) and rollup.rollable(spec),
+            )
         rows = self.store.aggregate(spec, query)
         if rows is None:
+            # Whatever the store says it keeps, a scan must not start where events are gone.
+            retention_module.check_scan("start_time", spec.name, days, self.now(), query.scan_start)
             events = self.store.scan(
                 spec.name, query.organization_id, query.scan_start, query.page_end
             )
@@ -609,7 +653,7 @@ class Meter:
         """One page of daily costs: OpenAI costs semantics, exact Decimal amounts."""
         self._sync()
         return costs_module.costs_page(
-            self.store,
+            self._retained_store(),
             self._specs,
             self.prices(),
             organization_id=organization_id,
@@ -635,7 +679,7 @@ class Meter:
         """Usage no price matched: listed, never silently costed at zero."""
         self._sync()
         return costs_module.unpriced(
-            self.store,
+            self._retained_store(),
             self._specs,
             self.prices(),
             organization_id=organization_id,
@@ -702,6 +746,61 @@ class Meter:
     ) -> Decision:
         """Count usage that already happened, without a limit check."""
         return self.quotas.debit(organization_id, amounts, dimensions=dimensions)
+
+    # -- retention (see meterkit.retention) ---------------------------------------------------
+
+    @property
+    def retention(self) -> Mapping[str, int]:
+        """Days of raw events kept, per meter that has a retention."""
+        return dict(self._retention)
+
+    @property
+    def _retention(self) -> dict[str, int]:
+        known = self._retention_known
+        if known is None:
+            with self._lock:
+                known = self._retention_known
+                if known is None:
+                    known = retention_module.from_records(
+                        self.store.list_records(retention_module.RECORD)
+                    )
+                    for name, days in self._wanted_retention.items():
+                        self._keep(known, name, days)
+                    self._retention_known = known
+        return known
+
+    def _keep(self, known: dict[str, int], name: str, days: int | None) -> None:
+        """Store ``name``'s retention where it differs from ``known``, and note it there."""
+        if known.get(name) == days:
+            return
+        if days is None:
+            self.store.delete_record(retention_module.RECORD, name)
+            known.pop(name, None)
+        else:
+            self.store.put_record(retention_module.RECORD, name, {"days": days})
+            known[name] = days
+
+    def set_retention(self, meter: str, days: Any) -> int | None:
+        """Keep ``meter``'s raw events for ``days`` whole days (``90``, ``"90d"``); ``None``
+        keeps them all. Kept by the store, so every process opened after this knows it."""
+        spec = self.spec(meter, f"retention.{meter}" if isinstance(meter, str) else "meter")
+        parsed = retention_module.parse_retention(days, f"retention.{spec.name}")
+        known = self._retention
+        with self._lock:
+            self._keep(known, spec.name, parsed)
+        return parsed
+
+    def prune(self, meters: Iterable[str] | str | None = None) -> dict[str, int]:
+        """Drop the raw events (and minute rollups) that ``meters`` (default: every meter with
+        a retention) no longer keep; the events dropped per meter. Hour and day rollups stay.
+        """
+        return rollups.prune(self, meters, sorted(self._retention), self._retention)
+
+    def _retained_store(self) -> Store:
+        """The store, its scans refused where they would need dropped raw events."""
+        if not self._retention:
+            return self.store
+        return cast(Store, _RetainedStore(self.store, self._retention, self.now()))
 
     # -- rollups (see meterkit.rollups) -------------------------------------------------------
 
@@ -861,6 +960,22 @@ class Meter:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+class _RetainedStore:
+    """A store whose scans fail with RetentionError before a meter's retained window."""
+
+    def __init__(self, store: Store, days: Mapping[str, int], now: int) -> None:
+        self._store = store
+        self._days = days
+        self._now = now
+
+    def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
+        retention_module.check_scan("start_time", meter, self._days.get(meter), self._now, start)
+        return self._store.scan(meter, organization_id, start, end)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
 
 def _flush_loop(ref: weakref.ref[Meter], wake: threading.Event, interval: float) -> None:

@@ -41,9 +41,10 @@ from hypothesis import strategies as st
 
 from meterkit import engine
 from meterkit.catalog import builtin_meters
+from meterkit.engine import rollup
 from meterkit.engine.aggregate import Rows
 from meterkit.models import Dimension, DimValue, Event, Measure, MeterSpec, Number, UsageQuery
-from meterkit.stores.base import Store
+from meterkit.stores.base import RollupStore, Store
 from meterkit.validate import BUCKET_WIDTHS, MAX_TIME, check_event, check_usage_query
 
 __all__ = [
@@ -413,6 +414,57 @@ def _queries(draw: st.DrawFn, spec: MeterSpec, hot: Sequence[int]) -> UsageQuery
         filters=filters,
         limit=limit,
         page=page,
+    )
+
+
+def _append_scenario(store: Store, scenario: _Scenario) -> list[Event]:
+    """Append the scenario's batches, checking each returns exactly its new events; all the
+    events stored, in order."""
+    specs = {spec.name: spec for spec in SUITE_METERS}
+    seen: set[tuple[str, str, str]] = set()
+    appended: list[Event] = []
+    for batch in scenario.batches:
+        checked = [check_event(specs[e.meter], e) for e in batch]
+        expected_new = []
+        for event in checked:
+            if (event.meter, event.organization_id, event.id) not in seen:
+                seen.add((event.meter, event.organization_id, event.id))
+                expected_new.append(event)
+        got = store.append(checked)
+        assert [normalized(e) for e in got] == [normalized(e) for e in expected_new]
+        appended.extend(expected_new)
+    return appended
+
+
+@st.composite
+def _kept_queries(draw: st.DrawFn, spec: MeterSpec, before: int) -> UsageQuery:
+    """Queries a store must still answer after dropping the events before ``before``: hour
+    or day buckets from a start on the hour, or any query from ``before`` on."""
+    names = list(spec.dimension_names)
+    if draw(st.booleans(), label="from rollups"):
+        width = draw(st.sampled_from(("1h", "1d")))
+        start = T0 + 3600 * draw(st.integers(-24, 3 * 24))
+        end = start + 3600 * draw(st.integers(1, 4 * 24))
+        if end >= before:  # an unaligned end reads minutes and events, which are kept there
+            end += draw(st.sampled_from((0, 1, 59, 60, 1801, 3599)))
+    else:
+        width = draw(st.sampled_from(sorted(BUCKET_WIDTHS)))
+        start = before + draw(st.sampled_from((0, 1, 59, 60, 3599, 3600, 5000)))
+        end = start + draw(st.integers(1, 4 * DAY))
+    group_by = draw(st.lists(st.sampled_from(names), unique=True, max_size=3))
+    filters = {}
+    for name in draw(st.lists(st.sampled_from(names), unique=True, max_size=1)):
+        dim = spec.dimension(name)
+        assert dim is not None
+        filters[name] = draw(st.lists(_dim_values(dim), min_size=1, max_size=2))
+    return make_query(
+        spec,
+        org=draw(st.sampled_from(("org_a", "org_b"))),
+        start=start,
+        end=end,
+        width=width,
+        group_by=group_by,
+        filters=filters,
     )
 
 
@@ -992,21 +1044,9 @@ class StoreConformance:
     def test_store_agrees_with_the_engine_on_random_events(
         self, store_factory: StoreFactory, scenario: _Scenario, data: st.DataObject
     ) -> None:
-        specs = {spec.name: spec for spec in SUITE_METERS}
         store = store_factory.fresh()
         try:
-            seen: set[tuple[str, str, str]] = set()
-            appended: list[Event] = []
-            for batch in scenario.batches:
-                checked = [check_event(specs[e.meter], e) for e in batch]
-                expected_new = []
-                for event in checked:
-                    if (event.meter, event.organization_id, event.id) not in seen:
-                        seen.add((event.meter, event.organization_id, event.id))
-                        expected_new.append(event)
-                got = store.append(checked)
-                assert [normalized(e) for e in got] == [normalized(e) for e in expected_new]
-                appended.extend(expected_new)
+            appended = _append_scenario(store, scenario)
             for _ in range(data.draw(st.integers(1, 3), label="number of queries")):
                 spec = data.draw(
                     st.sampled_from((SUITE_METER, ROLLED_METER, *SUITE_METERS)), label="meter"
@@ -1024,5 +1064,53 @@ class StoreConformance:
                 )
                 assert _sorted_norm(scanned) == _sorted_norm(want_events)
                 self._check_query(store, spec, query, appended, repr(query))
+        finally:
+            store_factory.close(store)
+
+    @settings(
+        max_examples=40,
+        deadline=None,
+        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.differing_executors,
+            HealthCheck.too_slow,
+        ],
+    )
+    @given(scenario=_scenarios(), data=st.data())
+    def test_dropping_old_events_keeps_hour_and_day_answers(
+        self, store_factory: StoreFactory, scenario: _Scenario, data: st.DataObject
+    ) -> None:
+        # Retention: events before a day are dropped, with their minute rollups; hour and day
+        # buckets, and anything after the day, still equal the engine over every event.
+        store = store_factory.fresh()
+        try:
+            if not isinstance(store, RollupStore):
+                pytest.skip(f"{type(store).__name__} keeps no rollups, so it drops no events")
+            appended = _append_scenario(store, scenario)
+            before = T0 + DAY * data.draw(st.integers(0, 3), label="days kept from")
+            rolled = [spec for spec in SUITE_METERS if rollup.rollable(spec)]
+            for spec in rolled:
+                store.ensure_meter(spec)
+                old = [e for e in appended if e.meter == spec.name and e.time < before]
+                assert store.drop_events_before(spec, before) == len(old)
+                assert all(bucket >= before for _, bucket, _ in store.rollup_rows(spec, 60))
+                for org in ("org_a", "org_b"):
+                    kept = [
+                        e
+                        for e in appended
+                        if e.meter == spec.name and e.organization_id == org and e.time >= before
+                    ]
+                    assert _sorted_norm(scan_all(store, spec.name, org)) == _sorted_norm(kept)
+            if data.draw(st.booleans(), label="rebuild from the day"):
+                for spec in rolled:
+                    store.rebuild_rollups(spec, since=before)
+            for _ in range(data.draw(st.integers(1, 4), label="number of queries")):
+                spec = data.draw(st.sampled_from(rolled), label="meter")
+                query = data.draw(_kept_queries(spec, before), label="query")
+                want = engine.aggregate(spec, query, appended)
+                native = store.aggregate(spec, query)
+                assert native is not None, "a store with rollups answers from them"
+                assert_rows_match(native, want, spec, f"{query!r} after dropping to {before}")
         finally:
             store_factory.close(store)

@@ -139,6 +139,15 @@ class RollupStore(Store, Protocol):
         """Every stored rollup row of ``spec`` at ``grain``: key -> (dimensions, values in
         :func:`~meterkit.engine.rollup.columns` order)."""
 
-    def rebuild_rollups(self, spec: MeterSpec, progress: Any = None) -> int:
+    def rebuild_rollups(self, spec: MeterSpec, progress: Any = None, *, since: int = 0) -> int:
         """Empty ``spec``'s rollups and fold them anew from its events, atomically;
-        ``progress(events_read)`` after each chunk when given. Returns the events read."""
+        ``progress(events_read)`` after each chunk when given. Returns the events read.
+
+        With ``since`` (a UTC day start), only rows of buckets from ``since`` on are rebuilt,
+        from the events from ``since`` on: older rows stay as they are (their events may
+        have been dropped, see :meth:`drop_events_before`)."""
+
+    def drop_events_before(self, spec: MeterSpec, before: int) -> int:
+        """Delete ``spec``'s events with ``time < before`` (a UTC day start) and its minute
+        rollup rows of buckets before it, for every organization, atomically; hour and day
+        rollups stay. Returns the events deleted."""

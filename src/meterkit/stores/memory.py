@@ -37,6 +37,7 @@ class MemoryStore:
         self._specs: dict[str, MeterSpec] = {}
         # (meter, organization_id, grain) -> bucket -> series key -> (dimensions, values)
         self._rollups: dict[tuple[str, str, int], dict[int, dict[str, Any]]] = {}
+        self._dropped: dict[str, int] = {}  # meter -> events before this were dropped
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -50,9 +51,26 @@ class MemoryStore:
         if self._specs.get(spec.name) == spec:
             return
         with self._lock:
-            if self._specs.get(spec.name) != spec:
+            old = self._specs.get(spec.name)
+            if old != spec:
                 self._specs[spec.name] = spec
-                self.rebuild_rollups(spec)
+                since = self._dropped.get(spec.name, 0)
+                if old is not None and since:
+                    self._relayout(old, spec, since)
+                self.rebuild_rollups(spec, since=since)
+
+    def _relayout(self, old: MeterSpec, new: MeterSpec, before: int) -> None:
+        """Rows before ``before`` (their events dropped) in ``new``'s column layout: a cell
+        that ``old`` did not keep is empty."""
+        was = {cell: i for i, cell in enumerate(rollup.columns(old))}
+        at = [was.get(cell) for cell in rollup.columns(new)]
+        for (meter, _org, _grain), buckets in self._rollups.items():
+            if meter != new.name:
+                continue
+            for bucket, rows in buckets.items():
+                if bucket < before:
+                    for series, (dims, values) in rows.items():
+                        rows[series] = (dims, [None if i is None else values[i] for i in at])
 
     def append(self, events: Sequence[Event]) -> list[Event]:
         with self._lock:
@@ -104,21 +122,47 @@ class MemoryStore:
                 else:
                     merge(seen[1], values)
 
-    def rebuild_rollups(self, spec: MeterSpec, progress: Any = None) -> int:
-        """Drop ``spec``'s rollups and fold them anew from its events; the events read."""
+    def rebuild_rollups(self, spec: MeterSpec, progress: Any = None, *, since: int = 0) -> int:
+        """Drop ``spec``'s rollups from ``since`` and fold them anew from its events; the
+        events read."""
         with self._lock:
-            for key in [k for k in self._rollups if k[0] == spec.name]:
-                del self._rollups[key]
+            for key, buckets in self._rollups.items():
+                if key[0] == spec.name:
+                    for bucket in [b for b in buckets if b >= since]:
+                        del buckets[bucket]
             events = [
                 e
                 for (meter, _), stored in self._events.items()
                 if meter == spec.name
                 for e in stored
+                if e.time >= since
             ]
             self._add_rollups(spec, self._fold(spec, events))
             if progress is not None:
                 progress(len(events))
             return len(events)
+
+    def drop_events_before(self, spec: MeterSpec, before: int) -> int:
+        """Delete ``spec``'s events before ``before`` and its minute rollups there."""
+        dropped = 0
+        with self._lock:
+            for (meter, org), stored in self._events.items():
+                if meter != spec.name:
+                    continue
+                old = [e for e in stored if e.time < before]
+                if not old:
+                    continue
+                dropped += len(old)
+                stored[:] = [e for e in stored if e.time >= before]
+                ids = self._ids[(meter, org)]
+                for event in old:
+                    del ids[event.id]
+            self._dropped[spec.name] = max(self._dropped.get(spec.name, 0), before)
+            for (meter, _org, grain), buckets in self._rollups.items():
+                if meter == spec.name and grain == rollup.GRAINS[0]:
+                    for bucket in [b for b in buckets if b < before]:
+                        del buckets[bucket]
+        return dropped
 
     def organizations(self, meter: str) -> list[str]:
         with self._lock:

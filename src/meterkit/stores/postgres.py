@@ -753,8 +753,10 @@ class PostgresStore:
         cur: psycopg.Cursor[Any],
         spec: MeterSpec,
         progress: Callable[[int], None] | None = None,
+        since: int = 0,
     ) -> int:
-        """Fold every stored event of ``spec`` into its rollups, in this transaction."""
+        """Fold every stored event of ``spec`` from ``since`` into its rollups, in this
+        transaction."""
         done = 0
         after: tuple[str, str] = ("", "")
         while True:
@@ -762,8 +764,9 @@ class PostgresStore:
                 self._read(
                     cur,
                     spec,
-                    "(organization_id, id) > (%s, %s) ORDER BY organization_id, id LIMIT 10000",
-                    after,
+                    "time >= %s AND (organization_id, id) > (%s, %s) "
+                    "ORDER BY organization_id, id LIMIT 10000",
+                    (since, *after),
                 )
             )
             if not chunk:
@@ -790,10 +793,10 @@ class PostgresStore:
             cur.execute(sqlagg.upsert(spec, grain, _DIALECT, source), columns)
 
     def rebuild_rollups(
-        self, spec: MeterSpec, progress: Callable[[int], None] | None = None
+        self, spec: MeterSpec, progress: Callable[[int], None] | None = None, *, since: int = 0
     ) -> int:
-        """Empty ``spec``'s rollups and fold them anew from its events, in one transaction
-        under the meter's DDL lock; ``progress(events_read)`` after each chunk."""
+        """Empty ``spec``'s rollups (from ``since``) and fold them anew from its events, in one
+        transaction under the meter's DDL lock; ``progress(events_read)`` after each chunk."""
         self.ensure_meter(spec)
         if not rollup.rollable(spec):
             return 0
@@ -804,10 +807,39 @@ class PostgresStore:
                 f"SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '/{lock}', 0))"
             )
             for grain in rollup.GRAINS:
-                cur.execute(f"DELETE FROM {_q(_rollup_table(spec.name, grain))}")
-            return self._fold_all(cur, spec, progress)
+                cur.execute(
+                    f"DELETE FROM {_q(_rollup_table(spec.name, grain))} WHERE bucket >= %s",
+                    (since,),
+                )
+            return self._fold_all(cur, spec, progress, since)
 
         return self._run("rebuilding rollups", rebuild, pipeline=False)
+
+    def drop_events_before(self, spec: MeterSpec, before: int) -> int:
+        """Delete ``spec``'s events before ``before`` and its minute rollups there, in one
+        transaction (per organization, along the (organization_id, time) index)."""
+        self.ensure_meter(spec)
+        events = _q(_table(spec.name))
+        minutes = _q(_rollup_table(spec.name, rollup.GRAINS[0]))
+        rolled = rollup.rollable(spec)
+
+        def drop(cur: psycopg.Cursor[Any]) -> int:
+            cur.execute(f"SELECT DISTINCT organization_id FROM {events}")
+            dropped = 0
+            for (org,) in cur.fetchall():
+                cur.execute(
+                    f"DELETE FROM {events} WHERE organization_id = %s AND time < %s",
+                    (org, before),
+                )
+                dropped += cur.rowcount
+                if rolled:
+                    cur.execute(
+                        f"DELETE FROM {minutes} WHERE organization_id = %s AND bucket < %s",
+                        (org, before),
+                    )
+            return dropped
+
+        return self._run("dropping old events", drop, pipeline=False)
 
     def organizations(self, meter: str) -> list[str]:
         if meter not in self._specs:

@@ -358,9 +358,14 @@ class SQLiteStore:
                 if name not in have:
                     table.add_column(name, kind)
 
-    def _fold_all(self, spec: MeterSpec, progress: Callable[[int], None] | None = None) -> int:
-        """Fold every stored event of ``spec`` into its (empty or partial) rollups."""
+    def _fold_all(
+        self, spec: MeterSpec, progress: Callable[[int], None] | None = None, since: int = 0
+    ) -> int:
+        """Fold every stored event of ``spec`` from ``since`` into its (empty or partial)
+        rollups."""
         last, done = -1, 0
+        after = " AND time >= ?" if since else ""
+        tail = [since] if since else []
         while True:
             rows = self.conn.execute(
                 f"SELECT rowid FROM [{_table(spec.name)}] WHERE rowid > ? ORDER BY rowid "
@@ -368,10 +373,9 @@ class SQLiteStore:
                 (last,),
             ).fetchone()
             upto = rows[0] if rows else None
-            where = "rowid > ?" + (" AND rowid <= ?" if upto is not None else "")
-            chunk = list(
-                self._select(spec.name, where, [last] if upto is None else [last, upto], spec)
-            )
+            where = "rowid > ?" + (" AND rowid <= ?" if upto is not None else "") + after
+            params = ([last] if upto is None else [last, upto]) + tail
+            chunk = list(self._select(spec.name, where, params, spec))
             self._add_rollups(self.conn, spec, chunk)
             done += len(chunk)
             if progress is not None:
@@ -390,17 +394,40 @@ class SQLiteStore:
             conn.executemany(sqlagg.upsert(spec, grain, _DIALECT), params)
 
     def rebuild_rollups(
-        self, spec: MeterSpec, progress: Callable[[int], None] | None = None
+        self, spec: MeterSpec, progress: Callable[[int], None] | None = None, *, since: int = 0
     ) -> int:
-        """Empty ``spec``'s rollups and fold them anew from its events, in one transaction;
-        ``progress(events_read)`` after each chunk. The number of events read."""
+        """Empty ``spec``'s rollups (from ``since``) and fold them anew from its events, in one
+        transaction; ``progress(events_read)`` after each chunk. The number of events read."""
         with self._lock, self._write():
             self.ensure_meter(spec)
             if not rollup.rollable(spec):
                 return 0
             for grain in rollup.GRAINS:
-                self.conn.execute(f"DELETE FROM [{_rollup_table(spec.name, grain)}]")
-            return self._fold_all(spec, progress)
+                self.conn.execute(
+                    f"DELETE FROM [{_rollup_table(spec.name, grain)}] WHERE bucket >= ?", (since,)
+                )
+            return self._fold_all(spec, progress, since)
+
+    def drop_events_before(self, spec: MeterSpec, before: int) -> int:
+        """Delete ``spec``'s events before ``before`` and its minute rollups there, in one
+        transaction (per organization, along the (organization_id, time) index)."""
+        with self._lock, self._write():
+            self.ensure_meter(spec)
+            events = _table(spec.name)
+            minutes = _rollup_table(spec.name, rollup.GRAINS[0])
+            rolled = rollup.rollable(spec)
+            dropped = 0
+            orgs = self.conn.execute(f"SELECT DISTINCT organization_id FROM [{events}]")
+            for (org,) in orgs.fetchall():
+                dropped += self.conn.execute(
+                    f"DELETE FROM [{events}] WHERE organization_id = ? AND time < ?", (org, before)
+                ).rowcount
+                if rolled:
+                    self.conn.execute(
+                        f"DELETE FROM [{minutes}] WHERE organization_id = ? AND bucket < ?",
+                        (org, before),
+                    )
+            return dropped
 
     def organizations(self, meter: str) -> list[str]:
         if meter not in self._specs:

@@ -1,0 +1,136 @@
+"""Raw-event retention: how long a meter keeps its events once rollups hold their totals.
+
+A meter with a retention of ``N`` days keeps its raw events (and its minute rollups) from the
+UTC day ``N`` days before now; :meth:`meterkit.Meter.prune` drops what is older, one day later
+still (a margin for events validated just before a day turned and for clocks that differ by
+less than a day). Hour and day rollups are kept: ``1h`` and ``1d`` queries and costs keep
+answering from them.
+
+Three rules keep that exact:
+
+- an event older than :func:`retained_from` is refused: its id might be one already dropped,
+  which could no longer be told from a duplicate, so it could be counted twice;
+- a query that would read raw events or minute rollups before :func:`retained_from` fails
+  with :class:`RetentionError` instead of answering from what is left;
+- rebuilding and verifying rollups start at the day before which events were dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from meterkit.engine import rollup
+from meterkit.errors import RetentionError, ValidationError
+
+__all__ = [
+    "RetentionError",
+    "check_query",
+    "check_scan",
+    "describe",
+    "from_records",
+    "parse_retention",
+    "prune_before",
+    "retained_from",
+]
+
+DAY = 86400
+FINEST_KEPT = 3600
+"""The finest grain kept before the retained window: hour (and day) rollups."""
+
+RECORD = "retention"
+"""Store records of this kind hold each meter's retention: ``{"days": N}``."""
+
+PRUNED = "retention.pruned"
+"""Store records of this kind hold the day before which a meter's events were dropped."""
+
+
+def parse_retention(value: object, field: str = "retention") -> int | None:
+    """Whole days from ``90``, ``"90d"`` or ``timedelta(days=90)``; ``None`` keeps everything."""
+    if value is None:
+        return None
+    days: object = value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        days = int(text[:-1]) if text.endswith("d") and text[:-1].isdigit() else None
+    elif isinstance(value, dt.timedelta):
+        days = value.days if value == dt.timedelta(days=value.days) else None
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise ValidationError(
+            field, f"must be a whole number of days of at least 1 (90, '90d'), not {value!r}"
+        )
+    return days
+
+
+def retained_from(now: int, days: int) -> int:
+    """The first second whose raw events are kept: the UTC day ``days`` days before ``now``."""
+    start = now - days * DAY
+    return start - start % DAY
+
+
+def prune_before(now: int, days: int) -> int:
+    """Raw events before this may be dropped now: one day before :func:`retained_from`."""
+    return retained_from(now, days) - DAY
+
+
+def describe(meter: str, days: int, since: int) -> str:
+    when = dt.datetime.fromtimestamp(since, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"meter {meter!r} keeps raw events for {days} days (retention), from {when}"
+
+
+def check_scan(field: str, meter: str, days: int | None, now: int, start: int) -> None:
+    """Refuse to read raw events of ``meter`` from ``start`` when they may be dropped."""
+    if days is None:
+        return
+    since = retained_from(now, days)
+    if start < since:
+        raise RetentionError(
+            field,
+            f"needs raw events before the retained window: {describe(meter, days, since)}; "
+            "ask for a later start_time",
+            meter=meter,
+            days=days,
+            since=since,
+        )
+
+
+def check_query(
+    meter: str, days: int | None, now: int, start: int, end: int, width: int, *, rolled: bool
+) -> None:
+    """Refuse a bucket query over ``[start, end)`` that would read raw events or minute
+    rollups before the retained window (``rolled``: the store answers from rollups)."""
+    if days is None:
+        return
+    since = retained_from(now, days)
+    if start >= since:
+        return
+    fine = (
+        [(a, b) for grain, a, b in rollup.plan(start, end, width) if (grain or 0) < FINEST_KEPT]
+        if rolled
+        else [(start, end)]
+    )
+    if any(a < since for a, _ in fine):
+        hint = (
+            "before it, use bucket_width 1h or 1d with a start_time on the hour"
+            if rolled
+            else "this meter keeps no rollups, so every query reads raw events"
+        )
+        raise RetentionError(
+            "start_time",
+            f"needs raw events or minute rollups before the retained window: "
+            f"{describe(meter, days, since)}; {hint}",
+            meter=meter,
+            days=days,
+            since=since,
+        )
+
+
+def from_records(records: list[tuple[str, dict[str, Any]]]) -> dict[str, int]:
+    """Each meter's retention in days, from its store records (bad ones are ignored)."""
+    out: dict[str, int] = {}
+    for name, data in records:
+        days = data.get("days") if isinstance(data, Mapping) else None
+        if isinstance(days, int) and not isinstance(days, bool) and days >= 1:
+            out[name] = days
+    return out
