@@ -211,10 +211,11 @@ def _minute_raw_totals(rows: Sequence[tuple[Any, ...]], grouped: bool) -> Totals
     }
 
 
-def minute_queries(bench: QueryBench, repeat: int) -> dict[str, tuple[Timing, Timing, int]]:
-    """1440 x ``1m`` over one day, ungrouped and grouped by model: ``usage()`` against the raw
-    ``GROUP BY`` on the same rows, interleaved. Per query: (meterkit, raw, result rows)."""
-    out: dict[str, tuple[Timing, Timing, int]] = {}
+def minute_queries(bench: QueryBench, repeat: int) -> dict[str, tuple[Timing, Timing, Timing, int]]:
+    """1440 x ``1m`` over one day, ungrouped and grouped by model: ``usage()`` (objects) and
+    ``usage_dict()`` (the JSON page the HTTP API serves, built from the rows) against the raw
+    ``GROUP BY`` on the same rows, interleaved. Per query: (usage, usage_dict, raw, rows)."""
+    out: dict[str, tuple[Timing, Timing, Timing, int]] = {}
     args = (bench.org, MINUTE_DAY, MINUTE_DAY + DAY)
     with meterkit.Meter(f"sqlite:///{bench.mk_path}") as meter:
         raw = sqlite3.connect(bench.raw_path)
@@ -222,27 +223,34 @@ def minute_queries(bench: QueryBench, repeat: int) -> dict[str, tuple[Timing, Ti
             for name, grouped in (("ungrouped", False), ("by_model", True)):
                 sql = minute_sql(grouped)
 
-                def usage(grouped: bool = grouped) -> meterkit.UsagePage:
-                    return meter.usage(
-                        METER,
-                        organization_id=bench.org,
-                        start_time=MINUTE_DAY,
-                        end_time=MINUTE_DAY + DAY,
-                        bucket_width="1m",
-                        group_by=["model"] if grouped else None,
-                        limit=1440,
-                    )
+                params: dict[str, Any] = {
+                    "organization_id": bench.org,
+                    "start_time": MINUTE_DAY,
+                    "end_time": MINUTE_DAY + DAY,
+                    "bucket_width": "1m",
+                    "group_by": ["model"] if grouped else None,
+                    "limit": 1440,
+                }
+
+                def usage(params: dict[str, Any] = params) -> meterkit.UsagePage:
+                    return meter.usage(METER, **params)
+
+                def usage_dict(params: dict[str, Any] = params) -> dict[str, Any]:
+                    return meter.usage_dict(METER, **params)
 
                 want = _minute_raw_totals(raw.execute(sql, args).fetchall(), grouped)
                 check_same("meterkit 1m", _minute_page_totals(usage(), grouped), "raw 1m", want)
-                mk_runs, raw_runs = [], []
+                assert usage_dict() == usage().to_dict()
+                mk_runs, dict_runs, raw_runs = [], [], []
                 for _ in range(repeat):
                     t, page = _time(usage)
                     mk_runs.append(t)
+                    t, wire = _time(usage_dict)
+                    dict_runs.append(t)
                     t, _rows = _time(lambda sql=sql: raw.execute(sql, args).fetchall())
                     raw_runs.append(t)
-                    assert len(page.data) == 1440
-                out[name] = (Timing(mk_runs), Timing(raw_runs), len(want))
+                    assert len(page.data) == len(wire["data"]) == 1440
+                out[name] = (Timing(mk_runs), Timing(dict_runs), Timing(raw_runs), len(want))
         finally:
             raw.close()
     return out

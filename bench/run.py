@@ -339,10 +339,12 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
             name: {
                 "result_rows": rows,
                 "meterkit_usage": m.as_dict(),
+                "meterkit_usage_dict": d.as_dict(),
                 "raw_sql": r.as_dict(),
                 "ratio_meterkit_over_raw": round(m.median / r.median, 2),
+                "ratio_usage_dict_over_raw": round(d.median / r.median, 2),
             }
-            for name, (m, r, rows) in minutes.items()
+            for name, (m, d, r, rows) in minutes.items()
         },
     }
 
@@ -371,19 +373,20 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
         flush=True,
     )
     minute_rows: list[tuple[str, ...]] = [("", "median", "min", "vs raw", "rows")]
-    for name, (m, r, rows) in minutes.items():
+    for name, (m, d, r, rows) in minutes.items():
         minute_rows.append(
             (f"raw SQL GROUP BY, {name}", fmt_s(r.median), fmt_s(min(r.runs)), "", "")
         )
-        minute_rows.append(
-            (
-                f"meterkit usage(), {name}",
-                fmt_s(m.median),
-                fmt_s(min(m.runs)),
-                f"{m.median / r.median:.2f}x",
-                f"{rows:,}",
+        for label, t in (("usage()", m), ("usage_dict()", d)):
+            minute_rows.append(
+                (
+                    f"meterkit {label}, {name}",
+                    fmt_s(t.median),
+                    fmt_s(min(t.runs)),
+                    f"{t.median / r.median:.2f}x",
+                    f"{rows:,}",
+                )
             )
-        )
     print(table("\n1440 x 1m over one day (median of runs)", minute_rows), flush=True)
     print(
         f"\nengine over a SQLite scan, in a fresh process: peak RSS {rss / 1024:.0f} MiB "

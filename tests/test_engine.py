@@ -285,18 +285,21 @@ def test_meter_equals_oracle_across_pages(scenario: Scenario) -> None:
         pages: list[meterkit.UsagePage] = []
         cursor: str | None = None
         while True:
-            page = meter.usage(
-                "probe",
-                organization_id="org_a",
-                start_time=scenario.start_time,
-                end_time=scenario.end_time,
-                bucket_width=scenario.bucket_width,
-                group_by=list(scenario.group_by),
-                filters=scenario.filters,
+            params: dict[str, Any] = {
+                "organization_id": "org_a",
+                "start_time": scenario.start_time,
+                "end_time": scenario.end_time,
+                "bucket_width": scenario.bucket_width,
+                "group_by": list(scenario.group_by),
+                "filters": scenario.filters,
                 # The limit may change from page to page; the listing still continues.
-                limit=scenario.limits[len(pages) % len(scenario.limits)],
-                page=cursor,
-            )
+                "limit": scenario.limits[len(pages) % len(scenario.limits)],
+                "page": cursor,
+            }
+            page = meter.usage("probe", **params)
+            # The wire page built straight from the rows is the objects' page, to the byte.
+            wire = meter.usage_dict("probe", **params)
+            assert json.dumps(wire) == json.dumps(page.to_dict())
             pages.append(page)
             cursor = page.next_page
             if cursor is None:

@@ -1284,7 +1284,7 @@ def test_not_found_and_method_not_allowed(env: Env) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "query", "body", "target", "shape"),
     [
-        ("GET", f"{USAGE}/completions", [("start_time", str(T0))], None, "usage", "openai"),
+        ("GET", f"{USAGE}/completions", [("start_time", str(T0))], None, "usage_dict", "openai"),
         ("GET", "/api/v1/usage", [], None, "plan_usage", "fastapi"),
         ("GET", "/v1/usage", [], None, "account_usage", "openai"),
         ("POST", "/v1/usage/current", [], {"organization_id": "org_a"}, "current_usage", "openai"),

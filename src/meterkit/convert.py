@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
 
-from meterkit.models import AppendResult, Bucket, Event, Result, UsagePage
+from meterkit.models import AppendResult, Event, UsagePage
 
 __all__ = [
     "camel_converter",
@@ -21,6 +22,7 @@ __all__ = [
     "make_openai_converter",
     "native_converter",
     "openai_converter",
+    "openai_page",
 ]
 
 
@@ -62,28 +64,44 @@ def make_native_converter() -> cattrs.Converter:
     return conv
 
 
+Results = Iterable[tuple[str, Mapping[str, Any], Mapping[str, Any]]]
+"""A bucket's results as ``(object, group fields, values)``."""
+
+
+def openai_page(
+    buckets: Iterable[tuple[int, int, Results]], has_more: bool, next_page: str | None
+) -> dict[str, object]:
+    """The OpenAI usage page from ``(start_time, end_time, results)`` buckets: what the
+    converter makes of a :class:`~meterkit.models.UsagePage`, and what
+    :meth:`meterkit.Meter.usage_dict` makes straight from the rows, with no object per row."""
+    return {
+        "object": "page",
+        "data": [
+            {
+                "object": "bucket",
+                "start_time": start,
+                "end_time": end,
+                "results": [{"object": kind, **group, **values} for kind, group, values in results],
+            }
+            for start, end, results in buckets
+        ],
+        "has_more": has_more,
+        "next_page": next_page,
+    }
+
+
 def make_openai_converter() -> cattrs.Converter:
     conv = cattrs.Converter()
     conv.register_unstructure_hook(
-        Result, lambda r: {"object": r.object, **dict(r.group), **dict(r.values)}
-    )
-    conv.register_unstructure_hook(
-        Bucket,
-        lambda b: {
-            "object": "bucket",
-            "start_time": b.start_time,
-            "end_time": b.end_time,
-            "results": [conv.unstructure(r) for r in b.results],
-        },
-    )
-    conv.register_unstructure_hook(
         UsagePage,
-        lambda p: {
-            "object": "page",
-            "data": [conv.unstructure(b) for b in p.data],
-            "has_more": p.has_more,
-            "next_page": p.next_page,
-        },
+        lambda p: openai_page(
+            (
+                (b.start_time, b.end_time, ((r.object, r.group, r.values) for r in b.results))
+                for b in p.data
+            ),
+            p.has_more,
+            p.next_page,
+        ),
     )
     return conv
 

@@ -21,6 +21,7 @@ from meterkit import engine, pricing, rollups, summaries
 from meterkit import retention as retention_module
 from meterkit.catalog import builtin_meters
 from meterkit.config import load_config
+from meterkit.convert import openai_page
 from meterkit.costs import CostsPage, UnpricedUsage
 from meterkit.engine import rollup
 from meterkit.errors import EventConflict, StoreUnavailable, ValidationError
@@ -543,6 +544,69 @@ class Meter:
         page: str | None = None,
     ) -> UsagePage:
         """One page of buckets: OpenAI usage semantics (see docs/python-api.md)."""
+        spec, query, secret = self._usage_query(
+            meter,
+            organization_id,
+            start_time,
+            end_time,
+            bucket_width,
+            group_by,
+            filters,
+            limit,
+            page,
+        )
+        return engine.build_page(spec, query, self._rows(spec, query), secret)
+
+    def usage_dict(
+        self,
+        meter: str,
+        *,
+        organization_id: str,
+        start_time: Any,
+        end_time: Any = None,
+        bucket_width: str = "1d",
+        group_by: Iterable[str] | None = None,
+        filters: Mapping[str, Iterable[DimValue]] | None = None,
+        limit: int | None = None,
+        page: str | None = None,
+    ) -> dict[str, object]:
+        """:meth:`usage` as its OpenAI JSON page (``usage(...).to_dict()``), built straight
+        from the store's rows: no object per row. What the HTTP API serves."""
+        spec, query, secret = self._usage_query(
+            meter,
+            organization_id,
+            start_time,
+            end_time,
+            bucket_width,
+            group_by,
+            filters,
+            limit,
+            page,
+        )
+        rows = self._rows(spec, query)
+        kind, width = spec.result_object, query.width
+        cursor = engine.next_cursor(query, secret)
+        return openai_page(
+            (
+                (start, start + width, ((kind, group, values) for group, values in found))
+                for start, found in engine.page_rows(spec, query, rows)
+            ),
+            cursor is not None,
+            cursor,
+        )
+
+    def _usage_query(
+        self,
+        meter: str,
+        organization_id: str,
+        start_time: Any,
+        end_time: Any,
+        bucket_width: str,
+        group_by: Iterable[str] | None,
+        filters: Mapping[str, Iterable[DimValue]] | None,
+        limit: int | None,
+        page: str | None,
+    ) -> tuple[MeterSpec, UsageQuery, bytes]:
         spec = self.spec(meter)
         query = check_usage_query(
             spec,
@@ -557,8 +621,7 @@ class Meter:
         secret = self.store.secret()
         if page is not None:
             query = attrs.evolve(query, page_start=engine.decode_cursor(secret, query, page))
-        rows = self._rows(spec, query)
-        return engine.build_page(spec, query, rows, secret)
+        return spec, query, secret
 
     def _rows(self, spec: MeterSpec, query: UsageQuery) -> engine.Rows:
         """The store's native answer, or the engine's over a scan when it has none."""

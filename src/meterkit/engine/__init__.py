@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from meterkit.engine.aggregate import Rows, aggregate, empty_value, matches
 from meterkit.engine.cursor import decode_cursor, encode_cursor
-from meterkit.engine.page import bucket_starts, build_page
+from meterkit.engine.page import bucket_starts, build_page, next_cursor, page_rows
 
 __all__ = [
     "Rows",
@@ -19,4 +19,6 @@ __all__ = [
     "empty_value",
     "encode_cursor",
     "matches",
+    "next_cursor",
+    "page_rows",
 ]

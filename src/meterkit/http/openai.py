@@ -209,7 +209,7 @@ def _handler(endpoint: Endpoint) -> Callable[[Call], Response]:
             if endpoint.costs:
                 body = call.meter.costs(**query).to_dict()
             else:
-                body = call.meter.usage(endpoint.name, **query).to_dict()
+                body = call.meter.usage_dict(endpoint.name, **query)
         except ValidationError as exc:
             raise ValidationError(_as_param(exc.field), exc.message) from exc
         return json_response(body)
