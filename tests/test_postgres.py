@@ -94,6 +94,15 @@ class TestPostgresStore(StoreConformance):
         return open_store(self.schemas.for_location(str(location)))
 
 
+class TestPostgresStoreCopying(TestPostgresStore):
+    """The same suite with every batch copied in through a staging table, as bulk ingest is."""
+
+    def make_store(self, location: Path) -> Store:
+        store = open_store(self.schemas.for_location(str(location)))
+        store.copy_from = 1  # type: ignore[attr-defined]
+        return store
+
+
 # -- the Meter on PostgreSQL ------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ import re
 import select
 import threading
 import time as _time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from decimal import Decimal
@@ -366,16 +367,16 @@ _FOLD = {
 }
 
 
-def _ingest_sql(spec: MeterSpec, cols: Sequence[str], types: Sequence[str]) -> str:
+def _ingest_sql(spec: MeterSpec, cols: Sequence[str], source: str) -> str:
     """One statement that appends a batch of events and folds the new ones into every grain's
-    rollups, as :func:`meterkit.engine.rollup.fold` would: the events come as arrays (and each
-    one's series key, computed in Python, last); the rollup rows are upserted in key order,
-    so concurrent writers lock them in one order. Returns the new events' keys."""
-    unnest = ", ".join(f"%b::{t}[]" for t in [*types, "text"])
+    rollups, as :func:`meterkit.engine.rollup.fold` would: the events come from ``source``
+    (a ``SELECT`` of the columns and each event's series key, computed in Python, last); the
+    rollup rows are upserted in key order, so concurrent writers lock them in one order.
+    Returns the new events' keys."""
     names = [_q(c) for c in cols]
     dims = [_q(_dim(d)) for d in spec.dimension_names]
     parts = [
-        f"input ({', '.join([*names, 'series'])}) AS (SELECT * FROM unnest({unnest}))",
+        f"input ({', '.join([*names, 'series'])}) AS ({source})",
         f"ins AS (INSERT INTO {_q(_table(spec.name))} ({', '.join(names)}) "
         f"SELECT {', '.join(names)} FROM input ON CONFLICT (organization_id, id) DO NOTHING "
         "RETURNING organization_id, id)",
@@ -390,6 +391,25 @@ def _ingest_sql(spec: MeterSpec, cols: Sequence[str], types: Sequence[str]) -> s
         )
         parts.append(f"r{grain} AS ({sqlagg.upsert(spec, grain, _DIALECT, select)})")
     return "WITH " + ", ".join(parts) + " SELECT organization_id, id FROM ins"
+
+
+def _insert_sql(meter: str, cols: Sequence[str], source: str) -> str:
+    """Append a batch from ``source`` (no rollups); returns the new events' keys."""
+    names = ", ".join(_q(c) for c in cols)
+    return (
+        f"INSERT INTO {_q(_table(meter))} ({names}) SELECT {names} FROM ({source}) AS input "
+        "ON CONFLICT (organization_id, id) DO NOTHING RETURNING organization_id, id"
+    )
+
+
+def _digest(*parts: Sequence[str]) -> str:
+    """A short name for a column layout: a staging table per layout, so a widened meter
+    never copies into a table of its old columns."""
+    return hashlib.blake2b(json.dumps(parts).encode(), digest_size=6).hexdigest()
+
+
+_stages: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+"""The staging tables each pooled connection has made (temporary tables live per session)."""
 
 
 def _rollup_params(
@@ -481,6 +501,9 @@ class PostgresStore:
         self._clock_lock = threading.Lock()
         self._clock_offset: tuple[float, float] | None = None  # (measured at, offset)
         self._next_sweep = 0.0
+        # Batches of at least this many events are copied in (COPY into a staging table);
+        # smaller ones travel as arrays in one pipelined statement, one round trip.
+        self.copy_from = 64
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -891,7 +914,9 @@ class PostgresStore:
                 continue
             seen.add(key)
             by_meter.setdefault(event.meter, []).append(event)
+        copied = sum(len(b) for b in by_meter.values()) >= self.copy_from
         statements: list[tuple[str, str, list[list[Any]]]] = []
+        staged: list[tuple[str, str, str, list[str], list[list[Any]]]] = []
         for meter, batch in by_meter.items():
             spec = self._specs[meter]
             dims, measures = spec.dimension_names, spec.measure_names
@@ -902,24 +927,39 @@ class PostgresStore:
             types += ["boolean" if d in bools else "text" for d in dims]
             cols += [_val(m) for m in measures]
             types += ["numeric"] * len(measures)
-            arrays: list[list[Any]] = [[] for _ in cols]
-            for e in batch:
-                row = [str(e.id), e.organization_id, e.time]
-                row += [e.dimensions.get(d) for d in dims]
-                row += [_encode(e.values.get(m)) for m in measures]
-                for array, value in zip(arrays, row, strict=True):
-                    array.append(value)
-            if rollup.rollable(spec):
-                arrays.append(rollup.series_keys(spec, batch))
-                statements.append((meter, _ingest_sql(spec, cols, types), arrays))
+            rows = [
+                [str(e.id), e.organization_id, e.time]
+                + [e.dimensions.get(d) for d in dims]
+                + [_encode(e.values.get(m)) for m in measures]
+                for e in batch
+            ]
+            rolled = rollup.rollable(spec)
+            if rolled:
+                for row, series in zip(rows, rollup.series_keys(spec, batch), strict=True):
+                    row.append(series)
+                cols_in, types_in = [*cols, "series"], [*types, "text"]
+            else:
+                cols_in, types_in = cols, types
+            if copied:
+                # Bulk: the rows are copied into a staging table, then one statement moves the
+                # new ones into the events (and rollups) from there.
+                stage = _ident("mk_stage_", meter, "_" + _digest(cols_in, types_in))
+                source = f"SELECT {', '.join(_q(c) for c in cols_in)} FROM {_q(stage)}"
+                if rolled:
+                    sql = _ingest_sql(spec, cols, source)
+                else:
+                    sql = _insert_sql(meter, cols, source)
+                ddl = ", ".join(f"{_q(c)} {t}" for c, t in zip(cols_in, types_in, strict=True))
+                staged.append((stage, ddl, sql, types_in, rows))
                 continue
-            unnest = ", ".join(f"%b::{t}[]" for t in types)
-            sql = (
-                f"INSERT INTO {_q(_table(meter))} ({', '.join(_q(c) for c in cols)}) "
-                f"SELECT * FROM unnest({unnest}) ON CONFLICT (organization_id, id) DO NOTHING "
-                "RETURNING organization_id, id"
-            )
-            statements.append((meter, sql, arrays))
+            arrays: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
+            unnest = "SELECT * FROM unnest(" + ", ".join(f"%b::{t}[]" for t in types_in) + ")"
+            if rolled:
+                statements.append((meter, _ingest_sql(spec, cols, unnest), arrays))
+            else:
+                statements.append((meter, _insert_sql(meter, cols, unnest), arrays))
+
+        created: list[tuple[Any, str]] = []
 
         def write(cur: psycopg.Cursor[Any]) -> set[tuple[str, str, str]]:
             # Every INSERT is sent before any result is read: in pipeline mode they travel
@@ -936,9 +976,35 @@ class PostgresStore:
                 chunk_cur.close()
             return stored
 
-        if not statements:
+        def copy(cur: psycopg.Cursor[Any]) -> set[tuple[str, str, str]]:
+            conn = cur.connection
+            have = _stages.setdefault(conn, set())
+            stored: set[tuple[str, str, str]] = set()
+            for (stage, ddl, sql, types, rows), meter in zip(staged, by_meter, strict=True):
+                if stage not in have:
+                    # A session's own table, emptied at every commit (and gone with a rollback
+                    # of the transaction that made it, hence remembered only after a commit).
+                    cur.execute(
+                        f"CREATE TEMPORARY TABLE IF NOT EXISTS {_q(stage)} ({ddl}) "
+                        "ON COMMIT DELETE ROWS"
+                    )
+                    created.append((conn, stage))
+                with cur.copy(f"COPY {_q(stage)} FROM STDIN (FORMAT BINARY)") as pipe:
+                    pipe.set_types(types)
+                    for row in rows:
+                        pipe.write_row(row)
+                cur.execute(sql)
+                stored.update((meter, r[0], r[1]) for r in cur.fetchall())
+            return stored
+
+        if not statements and not staged:
             return []
-        stored = self._run("appending events", write)
+        if staged:
+            stored = self._run("appending events", copy, pipeline=False)
+            for conn, stage in created:
+                _stages.setdefault(conn, set()).add(stage)
+        else:
+            stored = self._run("appending events", write)
         # Keep the first copy of each new (meter, organization_id, id), in the order given.
         new: list[Event] = []
         for event in events:
