@@ -179,6 +179,42 @@ class QueryBench:
             check_same("pure engine", _page_totals(page), "raw SQL", expected)
         return Timing(runs)
 
+    def after_prune(self, work: Path, repeat: int, expected: Totals) -> dict[str, Any]:
+        """Retention on a copy of the database: half the window's raw events dropped by
+        ``Meter.prune`` (timed), then the same query, which must give the same rows (from the
+        day rollups)."""
+        copy = work / "pruned.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{copy}{suffix}").unlink(missing_ok=True)
+        source = sqlite3.connect(self.mk_path)
+        target = sqlite3.connect(copy)
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+            target.close()
+        # Now 45 days after the window opened, keeping 30 days: events before its 16th day go.
+        now = START + 45 * DAY
+        with meterkit.Meter(f"sqlite:///{copy}", clock=lambda: now) as meter:
+            before = meter.store.conn.execute(f"SELECT count(*) FROM [{TABLE}]").fetchone()[0]
+            meter.set_retention(METER, 30)
+            t, dropped = _time(meter.prune)
+            after = meter.store.conn.execute(f"SELECT count(*) FROM [{TABLE}]").fetchone()[0]
+            assert before - after == dropped[METER] > 0, (before, after, dropped)
+            runs = []
+            for _ in range(repeat):
+                q, page = _time(lambda: self.usage(meter))
+                runs.append(q)
+                check_same("usage() after prune", _page_totals(page), "raw SQL", expected)
+        copy.unlink()
+        return {
+            "events_before": before,
+            "events_dropped": dropped[METER],
+            "prune_s": round(t, 3),
+            "dropped_per_s": round(dropped[METER] / t),
+            "query_after_prune": Timing(runs).as_dict(),
+        }
+
 
 MINUTE_DAY = START + 10 * DAY  # a weekday inside the window
 """The day the 1440 x 1m queries cover."""

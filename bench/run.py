@@ -310,6 +310,7 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
     got = [sum(v[i] for v in totals.values()) for i in range(len(MEASURES))]
     assert got == sums, (got, sums)
     minutes = minute_queries(bench, args.repeat)
+    pruned = bench.after_prune(work, args.repeat, totals)
     rss, rss_floor = engine_scan_rss(work / MK_DB, data.query_organization)
     engine_repeat = min(args.repeat, 3)
     scan = bench.engine_scan(engine_repeat, totals)
@@ -335,6 +336,7 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
         "ratio_engine_in_memory_over_raw": round(pure.median / raw.median, 2),
         "engine_over_sqlite_scan_peak_rss_kib": rss,
         "engine_over_sqlite_scan_rss_floor_kib": rss_floor,
+        "retention": pruned,
         "minute_day": {
             name: {
                 "result_rows": rows,
@@ -388,6 +390,14 @@ def run_query(args: argparse.Namespace, data: Dataset, work: Path) -> dict[str, 
                 )
             )
     print(table("\n1440 x 1m over one day (median of runs)", minute_rows), flush=True)
+    after = pruned["query_after_prune"]["median_s"]
+    print(
+        f"\nretention 30 days on a copy: prune dropped {pruned['events_dropped']:,} of "
+        f"{pruned['events_before']:,} events in {pruned['prune_s']:.2f} s "
+        f"({pruned['dropped_per_s']:,}/s); the {QUERY_DAYS}-day query after it: "
+        f"{fmt_s(after)} ({after / raw.median:.2f}x raw), the same rows",
+        flush=True,
+    )
     print(
         f"\nengine over a SQLite scan, in a fresh process: peak RSS {rss / 1024:.0f} MiB "
         f"(the same process without the query: {rss_floor / 1024:.0f} MiB)",
