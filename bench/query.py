@@ -292,15 +292,17 @@ def minute_queries(bench: QueryBench, repeat: int) -> dict[str, tuple[Timing, Ti
     return out
 
 
+# VmHWM is this process's own high-water mark: ru_maxrss would also count the memory of the
+# process it was forked from, which Linux carries across exec.
 _RSS_SCRIPT = """
-import resource, sys
+import sys
 sys.path.insert(0, {bench!r})
 import meterkit
 from query import QueryBench, _ScanOnly
 meter = meterkit.Meter(store=_ScanOnly("sqlite:///" + {path!r}))
 if {run!r}:
     QueryBench({path!r}, {path!r}, {org!r}).usage(meter)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
