@@ -468,6 +468,24 @@ def _kept_queries(draw: st.DrawFn, spec: MeterSpec, before: int) -> UsageQuery:
     )
 
 
+def _store_property(examples: int) -> settings:
+    """Settings of the suite's property tests over a store."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        # No "explain" phase: on a failing store it costs minutes and the shrunk example
+        # already says what went wrong.
+        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
+        # Each subclass runs these methods against its own store, hence differing executors;
+        # every example opens a fresh store, so the function-scoped fixture is not shared state.
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.differing_executors,
+            HealthCheck.too_slow,
+        ],
+    )
+
+
 def _deterministic_events() -> list[Event]:
     """A fixed data set over three days: boundary times, both orgs, all dims, ints and floats."""
     rng = random.Random(20241101)
@@ -1026,20 +1044,7 @@ class StoreConformance:
 
     # -- the property ---------------------------------------------------------------------
 
-    @settings(
-        max_examples=80,
-        deadline=None,
-        # No "explain" phase: on a failing store it costs minutes and the shrunk example
-        # already says what went wrong.
-        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
-        # Each subclass runs this one method against its own store, hence differing executors;
-        # every example opens a fresh store, so the function-scoped fixture is not shared state.
-        suppress_health_check=[
-            HealthCheck.function_scoped_fixture,
-            HealthCheck.differing_executors,
-            HealthCheck.too_slow,
-        ],
-    )
+    @_store_property(80)
     @given(scenario=_scenarios(), data=st.data())
     def test_store_agrees_with_the_engine_on_random_events(
         self, store_factory: StoreFactory, scenario: _Scenario, data: st.DataObject
@@ -1067,16 +1072,7 @@ class StoreConformance:
         finally:
             store_factory.close(store)
 
-    @settings(
-        max_examples=40,
-        deadline=None,
-        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
-        suppress_health_check=[
-            HealthCheck.function_scoped_fixture,
-            HealthCheck.differing_executors,
-            HealthCheck.too_slow,
-        ],
-    )
+    @_store_property(40)
     @given(scenario=_scenarios(), data=st.data())
     def test_dropping_old_events_keeps_hour_and_day_answers(
         self, store_factory: StoreFactory, scenario: _Scenario, data: st.DataObject
