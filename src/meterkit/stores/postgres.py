@@ -953,7 +953,11 @@ class PostgresStore:
                 staged.append((stage, ddl, sql, types_in, rows))
                 continue
             arrays: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
-            unnest = "SELECT * FROM unnest(" + ", ".join(f"%b::{t}[]" for t in types_in) + ")"
+            unnest = (
+                "SELECT * FROM unnest("
+                + ", ".join(f"%b::{t}[]" for t in types_in)
+                + f") AS u({', '.join(_q(c) for c in cols_in)})"
+            )
             if rolled:
                 statements.append((meter, _ingest_sql(spec, cols, unnest), arrays))
             else:
