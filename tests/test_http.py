@@ -707,6 +707,14 @@ OPERATION_PATHS = [
     ("usage.recalculate_storage", "/v1/op/usage.recalculate_storage"),
     ("usage.recalculate_storage", "/v1/usage/recalculate_storage"),
 ]
+ASSET_PATHS = [
+    ("assets.put", "/v1/op/assets.put"),
+    ("assets.put", "/v1/assets/put"),
+    ("assets.delete", "/v1/op/assets.delete"),
+    ("assets.delete", "/v1/assets/delete"),
+    ("assets.list", "/v1/op/assets.list"),
+    ("assets.list", "/v1/assets/list"),
+]
 
 
 @pytest.mark.parametrize(("op", "path"), OPERATION_PATHS)
@@ -814,19 +822,45 @@ def test_unknown_operations_are_404_after_auth(env: Env) -> None:
         assert_openai_error(env.send("POST", path, key=None), 401)
 
 
-def test_recalculate_storage_without_a_plugin_is_501() -> None:
+def test_storage_recalculation_reads_the_asset_registry_without_a_plugin() -> None:
     with Meter("memory://", clock=lambda: NOW) as meter:
         token, _ = create_key(meter, "org_a", "admin", ["usage:read", "usage:write"])
-        r = HttpApp(meter).handle(
-            Request(
-                "POST",
-                "/v1/usage/recalculate_storage",
-                (),
-                {"authorization": f"Bearer {token}", "content-type": JSON_TYPE},
-                b'{"organization_id": "org_a"}',
+        reader, _ = create_key(meter, "org_a", "member", ["usage:read"])
+        app = HttpApp(meter)
+
+        def post(path: str, body: dict[str, Any], key: str = token) -> tuple[int, list[Any]]:
+            r = app.handle(
+                Request(
+                    "POST",
+                    path,
+                    (),
+                    {"authorization": f"Bearer {key}", "content-type": JSON_TYPE},
+                    json.dumps(body).encode(),
+                )
             )
-        )
-        assert assert_openai_error(r, 501)["code"] == "not_implemented"
+            text = b"".join(r.iter_body())
+            return r.status, [json.loads(line) for line in text.splitlines() if line]
+
+        org = {"organization_id": "org_a"}
+        for resource, size in (("tiles/base", 300), ("tiles/overlay", 200), ("tiles/base", 350)):
+            status, rows = post("/v1/op/assets.put", {**org, "resource": resource, "bytes": size})
+            assert status == 200 and rows[0]["bytes"] == size
+        status, rows = post("/v1/assets/put", {**org, "resource": "x", "bytes": -1})
+        assert status == 422 and rows[0]["error"]["param"] == "bytes"
+        status, _ = post("/v1/op/assets.put", {**org, "resource": "y", "bytes": 1}, reader)
+        assert status == 403
+        status, listed = post("/v1/assets/list", org, reader)
+        assert [(a["resource"], a["bytes"]) for a in listed] == [
+            ("tiles/base", 350),
+            ("tiles/overlay", 200),
+        ]
+        status, rows = post("/v1/usage/recalculate_storage", org)
+        assert status == 200 and rows[0]["storage_bytes"] == 550
+        _, rows = post("/v1/op/assets.delete", {**org, "resource": "tiles/overlay"})
+        assert rows[0]["deleted"] is True
+        _, rows = post("/v1/op/usage.recalculate_storage", org)
+        assert rows[0]["storage_bytes"] == 350
+        assert meter.quotas.used("org_a", "storage_bytes") == 350
 
 
 # -- event ingest ------------------------------------------------------------------------------
@@ -1094,6 +1128,10 @@ def valid_request(method: str, path: str) -> tuple[list[tuple[str, str]], Any]:
         return [("start_time", str(T0))], None
     if path == "/v1/events":
         return [], [native("auth-matrix")]
+    if path.endswith(("assets.put", "assets/put")):
+        return [], {"organization_id": "org_a", "resource": "matrix", "bytes": 1}
+    if path.endswith(("assets.delete", "assets/delete")):
+        return [], {"organization_id": "org_a", "resource": "matrix"}
     if method == "POST":
         return [], {"organization_id": "org_a"}
     return [], None
@@ -1145,7 +1183,7 @@ def test_every_authenticated_route_is_in_the_matrix() -> None:
         ("GET", "/api/v1/usage"),
         ("GET", "/v1/usage"),
         ("POST", "/v1/events"),
-        *(("POST", p) for _, p in OPERATION_PATHS),
+        *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS]),
     }
     assert covered == documented
 
@@ -1347,7 +1385,7 @@ def test_openapi_lists_every_route(env: Env) -> None:
         ("POST", "/v1/events"),
         ("GET", "/healthz"),
         ("GET", "/openapi.json"),
-        *(("POST", p) for _, p in OPERATION_PATHS),
+        *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS]),
     }
     assert listed == served == contract
     assert doc["components"]["securitySchemes"]["bearerAuth"] == {

@@ -429,9 +429,14 @@ def test_operations_both_paths(env: Env) -> None:
         "insufficient_scope",
         "admin_required",
     )
-    # No plugin reports stored assets on this server: a clear "not implemented".
+    # No plugin reports stored assets on this server: the asset registry is the source.
+    put = env.post("/v1/op/assets.put", json={**body, "resource": "a", "bytes": 1234})
+    assert put.status_code == 200
+    registered = ndjson(env.post("/v1/assets/list", json=body))
+    assert ("a", 1234) in {(a["resource"], a["bytes"]) for a in registered}
     admin = env.post("/v1/op/usage.recalculate_storage", json=body)
-    assert admin.status_code == 501 and admin.json()["error"]["code"] == "not_implemented"
+    assert admin.status_code == 200
+    assert ndjson(admin)[0]["storage_bytes"] == sum(a["bytes"] for a in registered)
 
 
 def test_event_ingest_all_formats(env: Env) -> None:

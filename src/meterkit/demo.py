@@ -551,7 +551,24 @@ def populate(
         events, accepted = events + len(batch), accepted + result.accepted
         duplicates += result.duplicates
     _sync_ledger(meter, organizations, now)
+    _register_assets(meter, organizations, now, days)
     return DemoSummary(tuple(o.id for o in organizations), start, end, events, accepted, duplicates)
+
+
+def _register_assets(meter: Meter, organizations: Sequence[DemoOrg], now: int, days: int) -> None:
+    """Register each organization's stored assets at today's sizes (the last storage_bytes
+    readings), so storage recalculation has a registry to read."""
+    start, end = _window(days, now)
+    for org in organizations:
+        latest: dict[str, tuple[int, int]] = {}
+        for event in meter.store.scan("storage_bytes", org.id, start, end):
+            resource = event.dimensions.get("resource")
+            if isinstance(resource, str) and (
+                resource not in latest or event.time >= latest[resource][0]
+            ):
+                latest[resource] = (event.time, int(event.values.get("storage_bytes", 0)))
+        for resource, (_time, size) in sorted(latest.items()):
+            meter.put_asset(org.id, resource, size)
 
 
 def create_demo_key(meter: Meter, organization_id: str | None = None) -> tuple[str, ApiKey]:

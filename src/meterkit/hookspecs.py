@@ -79,7 +79,8 @@ def meterkit_stored_assets(meter: Any, organization_id: str) -> Any:
 
     Used by storage recalculation (``Meter.recalculate_storage`` and the operation
     ``usage.recalculate_storage``) to replace the counted ``storage_bytes`` with the truth.
-    The first plugin that returns a mapping wins.
+    The first plugin that returns a mapping wins; when none does, the asset registry
+    (:mod:`meterkit.assets`) answers.
     """
 
 

@@ -16,6 +16,7 @@ from typing import Any, cast
 import attrs
 import pluggy
 
+from meterkit import assets as assets_module
 from meterkit import costs as costs_module
 from meterkit import engine, pricing, rollups, summaries
 from meterkit import retention as retention_module
@@ -901,8 +902,23 @@ class Meter:
         return summaries.usage_history(self, organization_id, months)
 
     def recalculate_storage(self, organization_id: str) -> dict[str, Any]:
-        """Recount storage from the ``meterkit_stored_assets`` hook (ENDPOINTS.md §4)."""
+        """Recount storage from the organization's real assets: what a
+        ``meterkit_stored_assets`` plugin reports, else the asset registry."""
         return summaries.recalculate_storage(self, organization_id)
+
+    # -- the asset registry (see meterkit.assets) ----------------------------------------------
+
+    def put_asset(self, organization_id: str, resource: str, size: int) -> assets_module.Asset:
+        """Register (or resize) one stored asset of the organization, ``size`` in bytes."""
+        return assets_module.put_asset(self.store, organization_id, resource, size, self.now())
+
+    def delete_asset(self, organization_id: str, resource: str) -> bool:
+        """Forget a stored asset; ``True`` if it was registered."""
+        return assets_module.delete_asset(self.store, organization_id, resource)
+
+    def assets(self, organization_id: str) -> list[assets_module.Asset]:
+        """The organization's registered assets, by name."""
+        return assets_module.list_assets(self.store, organization_id)
 
     # -- lifecycle ----------------------------------------------------------------------------
 

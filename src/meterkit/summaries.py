@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
+from meterkit.assets import stored_sizes
 from meterkit.convert import camel_converter, native_converter
 from meterkit.errors import ValidationError
 from meterkit.models import Event
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
     from meterkit.models import AppendResult, Event, MeterSpec, Number
     from meterkit.quotas import Quotas
+    from meterkit.stores.base import Store
 
 
 class Meter(Protocol):
@@ -33,6 +35,7 @@ class Meter(Protocol):
 
     quotas: Quotas
     pm: pluggy.PluginManager
+    store: Store
 
     @property
     def meters(self) -> Mapping[str, MeterSpec]: ...
@@ -302,11 +305,13 @@ def _peak(meter: Meter, org: str, period: Period, end: int) -> int:
 
 
 def recalculate_storage(meter: Meter, organization_id: str) -> dict[str, Any]:
-    """Replace counted storage with the real assets a ``meterkit_stored_assets`` plugin reports."""
+    """Replace counted storage with the organization's real assets: what a
+    ``meterkit_stored_assets`` plugin reports, or else the asset registry
+    (:mod:`meterkit.assets`)."""
     org = check_id("organization_id", organization_id)
     assets = meter.pm.hook.meterkit_stored_assets(meter=meter, organization_id=org)
     if assets is None:
-        raise ValidationError("organization_id", "no plugin reports stored assets")
+        assets = stored_sizes(meter.store, org)
     if not isinstance(assets, Mapping):
         raise ValidationError("assets", "the stored-assets hook must return {resource: bytes}")
     sizes: dict[str, int] = {}

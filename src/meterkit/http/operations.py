@@ -56,17 +56,25 @@ def _history(meter: Meter, org: str, body: Mapping[str, Any]) -> Rows:
 
 
 def _recalculate(meter: Meter, org: str, _body: Mapping[str, Any]) -> Rows:
-    if not meter.pm.hook.meterkit_stored_assets.get_hookimpls():
-        raise HttpError(
-            501,
-            "Storage recalculation needs a plugin implementing "
-            "meterkit_stored_assets; none is installed.",
-            code="not_implemented",
-        )
     return [meter.recalculate_storage(org)]
 
 
+def _put_asset(meter: Meter, org: str, body: Mapping[str, Any]) -> Rows:
+    return [meter.put_asset(org, body.get("resource"), body.get("bytes")).to_dict()]  # type: ignore[arg-type]
+
+
+def _delete_asset(meter: Meter, org: str, body: Mapping[str, Any]) -> Rows:
+    resource = body.get("resource")
+    deleted = meter.delete_asset(org, resource)  # type: ignore[arg-type]
+    return [{"organization_id": org, "resource": resource, "deleted": deleted}]
+
+
+def _list_assets(meter: Meter, org: str, _body: Mapping[str, Any]) -> Rows:
+    return [asset.to_dict() for asset in meter.assets(org)]
+
+
 _ORG = {"organization_id": {"type": "string"}}
+_RESOURCE = {"resource": {"type": "string", "description": "The asset's name."}}
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
@@ -93,6 +101,33 @@ OPERATIONS: tuple[Operation, ...] = (
         _ORG,
         "StorageRecalculated",
         admin=True,
+    ),
+    Operation(
+        "assets.put",
+        "Register (or resize) a stored asset of the organization: storage recalculation's "
+        "source when no plugin reports assets (org admin).",
+        "usage:write",
+        _put_asset,
+        {**_ORG, **_RESOURCE, "bytes": {"type": "integer", "minimum": 0}},
+        "Asset",
+        admin=True,
+    ),
+    Operation(
+        "assets.delete",
+        "Forget a stored asset of the organization (org admin).",
+        "usage:write",
+        _delete_asset,
+        {**_ORG, **_RESOURCE},
+        "AssetDeleted",
+        admin=True,
+    ),
+    Operation(
+        "assets.list",
+        "The organization's registered stored assets, one line each.",
+        "usage:read",
+        _list_assets,
+        _ORG,
+        "Asset",
     ),
 )
 
@@ -240,6 +275,26 @@ SCHEMAS: dict[str, Any] = {
             "recalculated_at",
         ],
     },
+}
+
+SCHEMAS["Asset"] = {
+    "type": "object",
+    "properties": {
+        "organization_id": {"type": "string"},
+        "resource": {"type": "string"},
+        "bytes": {"type": "integer"},
+        "updated_at": {"type": "integer", "description": "Unix seconds"},
+    },
+    "required": ["organization_id", "resource", "bytes", "updated_at"],
+}
+SCHEMAS["AssetDeleted"] = {
+    "type": "object",
+    "properties": {
+        "organization_id": {"type": "string"},
+        "resource": {"type": "string"},
+        "deleted": {"type": "boolean"},
+    },
+    "required": ["organization_id", "resource", "deleted"],
 }
 
 SURFACE = Surface("operations", _routes(), SCHEMAS)
