@@ -22,6 +22,7 @@ from meterkit import Meter, Plan, StoreUnavailable, hookimpl
 from meterkit.auth import create_key, revoke_key
 from meterkit.catalog import OPENAI_KINDS
 from meterkit.pricing import Price
+from openai_types import consistent_values
 
 DAY = 86400
 T0 = int(dt.datetime(2024, 11, 1, tzinfo=dt.timezone.utc).timestamp())
@@ -171,7 +172,7 @@ def seed(meter: Meter) -> None:
             dims.update(source="image.generation", size="1024x1024", model="dall-e-3")
         meter.record(
             spec.name,
-            {m.name: 7 for m in spec.measures},
+            consistent_values(spec, 7, step=0),
             organization_id="org_a",
             time=T0 + 60,
             id=f"one-{spec.name}",
@@ -219,17 +220,21 @@ def assert_openai_error(reply: Reply, status: int, code: str | None = None) -> N
 def check_every_usage_kind(s: Served) -> None:
     for kind in KINDS:
         query = [("start_time", str(T0)), ("end_time", str(T0 + 7 * DAY))]
+        # Organization usage takes an admin key, as OpenAI's does.
         r = send(s.client, "GET", f"{USAGE}/{kind}", query, token=s.tokens["member"])
+        assert_openai_error(r, 403, "admin_required")
+        r = send(s.client, "GET", f"{USAGE}/{kind}", query, token=s.tokens["admin"])
         assert r.status == 200, (kind, r.body)
         assert r.header("content-type") == "application/json"
         page = r.json()
         assert page["object"] == "page" and page["has_more"] is False
         assert [b["start_time"] for b in page["data"]] == [T0 + d * DAY for d in range(7)]
         results = [res for b in page["data"] for res in b["results"]]
-        assert {res["object"] for res in results} == {f"organization.usage.{kind}.result"}
+        assert {res["object"] for res in results} == {SPECS[kind].result_object}
         measure = SPECS[kind].measures[0].name
         # org_b's far bigger numbers never show.
-        assert total(page, measure) == (7 * 300 if kind == "completions" else 7)
+        once = consistent_values(SPECS[kind], 7, step=0)[measure]
+        assert total(page, measure) == (7 * 300 if kind == "completions" else once)
 
 
 def check_usage_paging_in_both_array_forms(s: Served) -> None:
@@ -281,7 +286,7 @@ def check_costs_with_paging(s: Served) -> None:
             "GET",
             "/v1/organization/costs",
             [*query, *([("page", cursor)] if cursor else [])],
-            token=s.tokens["member"],
+            token=s.tokens["admin"],
         )
         assert r.status == 200, r.body
         page = r.json()
@@ -450,7 +455,7 @@ def check_errors_keep_their_shape(s: Served) -> None:
     assert_openai_error(r, 401, "missing_api_key")
     assert r.header("www-authenticate") == "Bearer"
     r = send(
-        s.client, "GET", f"{USAGE}/completions", [("start_time", "soon")], token=s.tokens["member"]
+        s.client, "GET", f"{USAGE}/completions", [("start_time", "soon")], token=s.tokens["admin"]
     )
     assert_openai_error(r, 400)
     assert r.json()["error"]["param"] == "start_time"

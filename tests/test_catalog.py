@@ -11,31 +11,32 @@ import pytest
 
 from meterkit import Dimension, Measure, Meter, MeterSpec, ValidationError, hookimpl
 from meterkit.catalog import GENERIC_METERS, OPENAI_KINDS, builtin_meters
+from openai_types import consistent_values, fields_of, page_type, result_types
 
 T0 = int(dt.datetime(2024, 11, 1, tzinfo=dt.timezone.utc).timestamp())
 DAY = 86400
 
-# ENDPOINTS.md §1, "Result objects": kind -> (numbers, grouping fields).
-_PEOPLE_MODEL = ("project_id", "user_id", "api_key_id", "model")
+# The official SDK's result types are the contract: kind -> (numbers, grouping fields).
+OPENAI_RESULTS = {
+    "completions": "organization.usage.completions.result",
+    "embeddings": "organization.usage.embeddings.result",
+    "moderations": "organization.usage.moderations.result",
+    "images": "organization.usage.images.result",
+    "audio_speeches": "organization.usage.audio_speeches.result",
+    "audio_transcriptions": "organization.usage.audio_transcriptions.result",
+    "vector_stores": "organization.usage.vector_stores.result",
+    "code_interpreter_sessions": "organization.usage.code_interpreter_sessions.result",
+    "decisions": "organization.usage.decisions.result",
+    "file_search_calls": "organization.usage.file_searches.result",
+    "web_search_calls": "organization.usage.web_searches.result",
+}
+_TYPES = result_types()
 OPENAI_TABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "completions": (
-        (
-            "input_tokens",
-            "output_tokens",
-            "input_cached_tokens",
-            "input_audio_tokens",
-            "output_audio_tokens",
-            "num_model_requests",
-        ),
-        ("project_id", "user_id", "api_key_id", "model", "batch", "service_tier"),
-    ),
-    "embeddings": (("input_tokens", "num_model_requests"), _PEOPLE_MODEL),
-    "moderations": (("input_tokens", "num_model_requests"), _PEOPLE_MODEL),
-    "images": (("images", "num_model_requests"), ("source", "size", *_PEOPLE_MODEL)),
-    "audio_speeches": (("characters", "num_model_requests"), _PEOPLE_MODEL),
-    "audio_transcriptions": (("seconds", "num_model_requests"), _PEOPLE_MODEL),
-    "vector_stores": (("usage_bytes",), ("project_id",)),
-    "code_interpreter_sessions": (("num_sessions",), ("project_id",)),
+    kind: (
+        tuple(sorted(fields_of(_TYPES[obj])[0])),
+        tuple(sorted(fields_of(_TYPES[obj])[2])),
+    )
+    for kind, obj in OPENAI_RESULTS.items()
 }
 IMAGE_SOURCES = {"image.generation", "image.edit", "image.variation"}
 IMAGE_SIZES = {"256x256", "512x512", "1024x1024", "1792x1792", "1024x1792"}
@@ -55,8 +56,11 @@ def meter(url: str) -> Iterator[Meter]:
         yield m
 
 
-def test_openai_kinds_are_exactly_the_eight() -> None:
+def test_openai_kinds_are_exactly_the_eleven() -> None:
     assert [spec.name for spec in OPENAI_KINDS] == list(OPENAI_TABLE)
+    # Every usage result type of the SDK has its meter.
+    usage = {obj for obj in _TYPES if obj.startswith("organization.usage.")}
+    assert usage == set(OPENAI_RESULTS.values())
 
 
 @pytest.mark.parametrize("kind", list(OPENAI_TABLE))
@@ -67,12 +71,12 @@ def test_openai_kind_shape(kind: str) -> None:
     assert len(spec.measure_names) == len(numbers)
     assert set(spec.dimension_names) == set(groups)
     assert len(spec.dimension_names) == len(groups)
-    assert spec.result_object == f"organization.usage.{kind}.result"
+    assert spec.result_object == OPENAI_RESULTS[kind]
     for measure in spec.measures:
         assert measure.aggregation == "sum"
         assert measure.gauge is (kind in GAUGES)
     bools = {d.name for d in spec.dimensions if d.kind == "bool"}
-    assert bools == ({"batch"} if kind == "completions" else set())
+    assert bools == ({"batch"} if kind in ("completions", "decisions") else set())
 
 
 def test_image_dimensions_have_their_allowed_values() -> None:
@@ -89,15 +93,17 @@ def test_openai_result_objects_through_a_meter(meter: Meter, kind: str) -> None:
     dims: dict[str, Any] = {"project_id": "proj_a"}
     if kind == "images":
         dims.update(size="1024x1024", source="image.generation")
-    values = {n: i + 1 for i, n in enumerate(numbers)}
+    values = consistent_values(builtin_meters()[kind])
     meter.record(kind, values, organization_id="org_1", time=T0 + 1, id="e1", dimensions=dims)
     body = meter.usage(
         kind, organization_id="org_1", start_time=T0, end_time=T0 + DAY, group_by=["project_id"]
     ).to_dict()
     (bucket,) = body["data"]  # type: ignore[misc]
     (result,) = bucket["results"]
-    assert result["object"] == f"organization.usage.{kind}.result"
+    assert result["object"] == OPENAI_RESULTS[kind]
     assert set(result) == {"object", *numbers, *groups}
+    # The page parses as the SDK's own type, strictly.
+    page_type(kind).model_validate(body, strict=True)  # type: ignore[attr-defined]
     assert result["project_id"] == "proj_a"
     # Grouped by project only: every other grouping field is present and null.
     assert all(result[g] is None for g in groups if g != "project_id")

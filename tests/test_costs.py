@@ -207,7 +207,12 @@ def test_to_dict_is_the_openai_costs_envelope(usage: Meter) -> None:
                         "amount": {"value": 4.92, "currency": "usd"},
                         "line_item": None,
                         "project_id": None,
+                        "user_id": None,
                         "api_key_id": None,
+                        "api_source": None,
+                        # Ungrouped by line item, as in the official example: null.
+                        "quantity": None,
+                        "quantity_unit": None,
                     }
                 ],
             },
@@ -221,7 +226,12 @@ def test_to_dict_is_the_openai_costs_envelope(usage: Meter) -> None:
                         "amount": {"value": 1.0, "currency": "usd"},
                         "line_item": None,
                         "project_id": None,
+                        "user_id": None,
                         "api_key_id": None,
+                        "api_source": None,
+                        # Ungrouped by line item, as in the official example: null.
+                        "quantity": None,
+                        "quantity_unit": None,
                     }
                 ],
             },
@@ -256,13 +266,15 @@ def test_group_by_line_item_adds_quantity_and_unit(usage: Meter) -> None:
         "amount": {"value": 2.5, "currency": "usd"},
         "line_item": "gpt-4o, input",
         "project_id": None,
+        "user_id": None,
         "api_key_id": None,
+        "api_source": None,
         "quantity": 1_000_000,
         "quantity_unit": "tokens",
     }
-    # Without line_item grouping there is no quantity at all (not even null).
+    # Without line_item grouping the units of different lines are not added up: null.
     result = query(usage, group_by=["project_id"]).to_dict()["data"][0]["results"][0]
-    assert "quantity" not in result and "quantity_unit" not in result
+    assert result["quantity"] is None and result["quantity_unit"] is None
 
 
 def test_group_by_project_and_key(usage: Meter) -> None:
@@ -277,6 +289,33 @@ def test_group_by_project_and_key(usage: Meter) -> None:
         [],
         [(None, "p1", "k1", D("0.50"), None, None)],
     ]
+
+
+def test_group_by_user_and_api_source(m: Meter) -> None:
+    for p in PRICES:
+        save_price(m.store, p, specs=m.meters)
+    # gpt-4o input, $2.50 per million: 0.25, 0.50 and 1.00.
+    for i, (user, source) in enumerate([("u1", "agents_api"), ("u1", None), ("u2", "unlabeled")]):
+        dims: dict[str, Any] = {"model": "gpt-4o", "user_id": user}
+        if source:
+            dims["api_source"] = source
+        record(m, "completions", T0 + 100 + i, {"input_tokens": 100_000 * 2**i}, f"s{i}", **dims)
+    page = query(m, group_by=["user_id", "api_source"])
+    got = [(r.user_id, r.api_source, r.amount) for r in page.data[0].results]
+    # Usage without a source and usage that says "unlabeled" are one group, "unlabeled".
+    assert got == [
+        ("u1", "agents_api", D("0.25")),
+        ("u1", "unlabeled", D("0.50")),
+        ("u2", "unlabeled", D("1.00")),
+    ]
+    unlabeled = query(m, group_by=["user_id"], filters={"api_source": ["unlabeled"]})
+    assert [(r.user_id, r.amount) for r in unlabeled.data[0].results] == [
+        ("u1", D("0.50")),
+        ("u2", D("1.00")),
+    ]
+    result = page.to_dict()["data"][0]["results"][0]
+    assert (result["user_id"], result["api_source"]) == ("u1", "agents_api")
+    assert result["quantity"] is None and result["project_id"] is None
 
 
 @pytest.mark.parametrize(

@@ -19,20 +19,16 @@ from meterkit import Dimension, Event, Measure, Meter, MeterSpec, ValidationErro
 from meterkit.engine import aggregate, build_page, decode_cursor
 from meterkit.stores.memory import MemoryStore
 from meterkit.validate import check_usage_query
+from openai_types import fields_of, result_types
 
 # Widths, default and maximum limits, written from ENDPOINTS.md §1 rather than read from the code.
 WIDTHS: dict[str, int] = {"1m": 60, "1h": 3600, "1d": 86400}
 LIMITS: dict[str, tuple[int, int]] = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 
-COMPLETIONS_NUMBERS = (
-    "input_tokens",
-    "output_tokens",
-    "input_cached_tokens",
-    "input_audio_tokens",
-    "output_audio_tokens",
-    "num_model_requests",
-)
-COMPLETIONS_GROUPS = ("project_id", "user_id", "api_key_id", "model", "batch", "service_tier")
+# Every number and grouping field of the official SDK's completions result.
+_NUMBERS, _REQUIRED, _GROUPS = fields_of(result_types()["organization.usage.completions.result"])
+COMPLETIONS_NUMBERS = tuple(sorted(_NUMBERS))
+COMPLETIONS_GROUPS = tuple(sorted(_GROUPS))
 
 
 def ts(*parts: int) -> int:

@@ -29,6 +29,7 @@ from meterkit.http.openai import ENDPOINTS, FILTERS
 from meterkit.http.routing import Route
 from meterkit.models import MeterSpec
 from meterkit.pricing import Price, save_price
+from openai_types import consistent_values, fields_of, page_type, result_types
 
 DAY = 86400
 T0 = int(dt.datetime(2024, 11, 1, tzinfo=dt.timezone.utc).timestamp())
@@ -114,7 +115,8 @@ def header(response: Response, name: str) -> str | None:
 
 
 def values_for(kind: str, n: int) -> dict[str, int]:
-    return {m.name: n for m in SPECS[kind].measures}
+    """``n`` of every measure, totals the sum of their parts where the meter names sums."""
+    return consistent_values(SPECS[kind], n, step=0)
 
 
 def seed(meter: Meter) -> None:
@@ -227,7 +229,8 @@ def test_every_usage_kind_serves_a_page(env: Env, kind: str) -> None:
     if kind == "completions":
         assert total(page, "input_tokens") == 7 * 600  # org_b's usage never shows
     else:
-        assert all(total(page, m) == 7 for m in spec.measure_names)
+        want = values_for(kind, 7)
+        assert all(total(page, m) == want[m] for m in spec.measure_names)
 
 
 def test_array_parameters_in_both_forms(env: Env) -> None:
@@ -353,9 +356,17 @@ def test_per_kind_filters_and_group_by(env: Env, endpoint: Any) -> None:
         "size",
         "source",
         "line_item",
+        "api_source",
+        "context_level",
+        "vector_store_id",
     } - set(endpoint.group_by):
         assert_openai_error(env.send("GET", path, [*base, ("group_by", bad)]), 400, "group_by")
-    samples = {"sources": "image.generation", "sizes": "1024x1024", "batch": "true"}
+    samples = {
+        "sources": "image.generation",
+        "sizes": "1024x1024",
+        "batch": "true",
+        "context_levels": "high",
+    }
     for name in FILTERS:
         r = env.send("GET", path, [*base, (name, samples.get(name, "p1"))])
         if name in endpoint.filters:
@@ -1264,6 +1275,157 @@ def test_openai_sdk_pages_every_endpoint_to_the_end(env: Env, endpoint: Any) -> 
             break
         cursor = page.next_page
     assert starts == [T0 + d * DAY for d in range(10)]
+
+
+def _sdk_params(kind: str) -> set[str]:
+    """The query parameters the SDK's method for ``kind`` takes."""
+    import typing
+
+    module = __import__(f"openai.types.admin.organization.usage_{kind}_params", fromlist=["_"])
+    params = next(v for k, v in vars(module).items() if k.endswith("Params"))
+    return set(typing.get_type_hints(params))
+
+
+def _sdk_group_by(kind: str) -> list[str]:
+    import typing
+
+    module = __import__(f"openai.types.admin.organization.usage_{kind}_params", fromlist=["_"])
+    params = next(v for k, v in vars(module).items() if k.endswith("Params"))
+    hint = typing.get_type_hints(params)["group_by"]
+    while typing.get_origin(hint) is not typing.Literal:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return list(typing.get_args(hint))
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.name)
+def test_endpoint_table_is_the_sdks(endpoint: Any) -> None:
+    # Each endpoint's filters and group_by values are exactly those its SDK method takes.
+    pytest.importorskip("openai")
+    common = {"start_time", "end_time", "bucket_width", "group_by", "limit", "page"}
+    assert set(endpoint.filters) == _sdk_params(endpoint.name) - common
+    assert set(endpoint.group_by) == set(_sdk_group_by(endpoint.name))
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.name)
+def test_openai_sdk_types_parse_every_page_strictly(env: Env, endpoint: Any) -> None:
+    # Grouped by every field it allows, each page is the SDK's own type under strict
+    # validation (integers where it says int, the literal result object, no missing field).
+    raw = getattr(sdk_client(env).admin.organization.usage.with_raw_response, endpoint.name)
+    model = page_type(endpoint.name)
+    cursor = None
+    pages = 0
+    while True:
+        response = raw(
+            start_time=T0,
+            end_time=T0 + 10 * DAY,
+            limit=4,
+            group_by=list(endpoint.group_by),
+            **({"page": cursor} if cursor else {}),
+        )
+        body = response.http_response.json()
+        model.model_validate(body, strict=True)  # type: ignore[attr-defined]
+        parsed = response.parse()
+        pages += 1
+        results = [r for b in body["data"] for r in b["results"]]
+        if pages == 1 and not endpoint.costs:  # the seed sets no prices
+            assert results, "the seed has usage of every kind in its first days"
+            assert all(set(r) >= set(endpoint.group_by) for r in results)
+        if not parsed.has_more:
+            break
+        cursor = parsed.next_page
+    assert pages == 3
+
+
+def test_new_kinds_filter_and_group_like_the_sdk(env: Env) -> None:
+    meter = env.meter
+    for i, (store, level, source) in enumerate(
+        [("vs_1", "low", None), ("vs_2", "high", "agents_api"), ("vs_1", "high", "unlabeled")]
+    ):
+        dims = {"project_id": "p9", "vector_store_id": store}
+        meter.record(
+            "file_search_calls",
+            {"num_requests": 10 + i},
+            organization_id="org_a",
+            time=T0 + 100 + i,
+            id=f"fs{i}",
+            dimensions=dims,
+        )
+        web: dict[str, Any] = {"project_id": "p9", "context_level": level, "model": "gpt-4o"}
+        if source:
+            web["api_source"] = source
+        meter.record(
+            "web_search_calls",
+            {"num_requests": 3 + i, "num_model_requests": 1},
+            organization_id="org_a",
+            time=T0 + 100 + i,
+            id=f"ws{i}",
+            dimensions=web,
+        )
+    usage = sdk_client(env).admin.organization.usage
+    page = usage.file_search_calls(
+        start_time=T0, end_time=T0 + DAY, group_by=["vector_store_id"], vector_store_ids=["vs_1"]
+    )
+    rows = {r.vector_store_id: r.num_requests for r in page.data[0].results}
+    assert rows == {"vs_1": 10 + 12}
+    page = usage.web_search_calls(
+        start_time=T0,
+        end_time=T0 + DAY,
+        group_by=["context_level", "api_source"],
+        context_levels=["high"],
+        project_ids=["p9"],
+    )
+    rows = {(r.context_level, r.api_source): r.num_requests for r in page.data[0].results}
+    # No source and "unlabeled" are one group, which reads "unlabeled".
+    assert rows == {("high", "agents_api"): 4, ("high", "unlabeled"): 5}
+    bad = env.send(
+        "GET",
+        f"{USAGE}/web_search_calls",
+        [("start_time", str(T0)), ("context_levels", "deep")],
+    )
+    assert_openai_error(bad, 400, "context_levels")
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.name)
+def test_organization_usage_takes_admin_keys_unless_members_are_allowed(
+    env: Env, endpoint: Any
+) -> None:
+    import openai
+
+    query = [("start_time", str(T0)), ("end_time", str(T0 + DAY))]
+    refused = env.send("GET", endpoint.path, query, key="member")
+    assert_openai_error(refused, 403)
+    assert data(refused)["error"]["code"] == "admin_required"
+    with pytest.raises(openai.PermissionDeniedError):
+        getattr(sdk_client(env, "member").admin.organization.usage, endpoint.name)(start_time=T0)
+    assert env.send("GET", endpoint.path, query, key="admin").status == 200
+    relaxed = HttpApp(env.meter, member_usage=True)
+    token = env.tokens["member"]
+    allowed = relaxed.handle(
+        Request("GET", endpoint.path, tuple(query), {"authorization": f"Bearer {token}"})
+    )
+    assert allowed.status == 200
+    # A member still needs usage:read.
+    writer = relaxed.handle(
+        Request(
+            "GET", endpoint.path, tuple(query), {"authorization": f"Bearer {env.tokens['writer']}"}
+        )
+    )
+    assert writer.status == 403
+
+
+def test_openapi_types_measures_as_the_official_types(env: Env) -> None:
+    schemas = env.app.openapi()["components"]["schemas"]
+    types = result_types()
+    for endpoint in ENDPOINTS:
+        schema = schemas[f"{endpoint.title}Result"]
+        obj = schema["properties"]["object"]["const"]
+        numbers, _required, groups = fields_of(types[obj])
+        if endpoint.costs:
+            assert set(schema["required"]) >= {"quantity", "quantity_unit", *groups}
+            continue
+        for name in numbers:
+            assert schema["properties"][name] == {"type": "integer"}, (endpoint.name, name)
+        assert set(schema["required"]) == {"object", *numbers, *groups}
 
 
 def test_openai_sdk_sees_openai_errors(env: Env) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 import meterkit
@@ -433,3 +434,128 @@ def test_errors_are_public() -> None:
     err = meterkit.ValidationError("limit", "must be an integer")
     assert (err.field, err.message) == ("limit", "must be an integer")
     assert "limit" in str(err)
+
+
+# -- documented sums and dimension defaults ----------------------------------------------------
+
+
+def _tokens(**values: int) -> Event:
+    return Event("t1", "completions", ORG, T0, values, {"model": "gpt-4o"})
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        (
+            {
+                "input_tokens": 100,
+                "input_cached_tokens": 20,
+                "input_cache_write_tokens": 10,
+                "input_uncached_tokens": 60,
+            },
+            "input_tokens",
+        ),
+        (
+            {
+                "input_cache_write_tokens": 10,
+                "input_cache_write_30m_tokens": 4,
+                "input_cache_write_12h_tokens": 5,
+            },
+            "input_cache_write_tokens",
+        ),
+        (
+            {
+                "output_tokens": 9,
+                "output_text_tokens": 5,
+                "output_audio_tokens": 2,
+                "output_image_tokens": 1,
+            },
+            "output_tokens",
+        ),
+        (
+            {
+                "input_uncached_tokens": 7,
+                "input_text_tokens": 3,
+                "input_audio_tokens": 3,
+                "input_image_tokens": 0,
+            },
+            "input_uncached_tokens",
+        ),
+    ],
+)
+def test_a_total_whose_parts_do_not_add_up_is_refused(
+    env: tuple[Meter, Observer], values: dict[str, int], field: str
+) -> None:
+    meter, observer = env
+    good = Event("ok", "completions", ORG, T0, {"input_tokens": 5}, {})
+    for kind in ("completions", "decisions"):
+        event = attrs.evolve(_tokens(**values), meter=kind)
+        with pytest.raises(ValidationError) as err:
+            meter.record_many([good, event])
+        assert err.value.field == f"events[1].values.{field}"
+        assert "must add up" in err.value.message
+    # Only the fixture's witness event is stored.
+    stored = meter.store.scan("completions", ORG, 0, T0 + 60)
+    assert [e.id for e in stored] == ["witness"]
+    assert observer.seen == []
+
+
+def test_totals_with_only_some_parts_are_taken_as_given(env: tuple[Meter, Observer]) -> None:
+    meter, _ = env
+    consistent = {
+        "input_tokens": 100,
+        "input_cached_tokens": 20,
+        "input_cache_write_tokens": 10,
+        "input_cache_write_30m_tokens": 4,
+        "input_cache_write_12h_tokens": 6,
+        "input_uncached_tokens": 70,
+    }
+    assert meter.record("completions", consistent, organization_id=ORG, time=T0, id="a")
+    # A total without all its parts says nothing about them.
+    partial = {"input_tokens": 100, "input_cached_tokens": 99, "input_uncached_tokens": 50}
+    assert meter.record("completions", partial, organization_id=ORG, time=T0, id="b")
+
+
+def test_a_dimension_default_is_the_same_as_leaving_it_out(env: tuple[Meter, Observer]) -> None:
+    meter, _ = env
+    base = {"model": "gpt-4o"}
+    assert meter.record(
+        "completions",
+        {"input_tokens": 1},
+        organization_id=ORG,
+        time=T0,
+        id="same",
+        dimensions={**base, "api_source": "unlabeled"},
+    )
+    # The same event again without the default: a duplicate, not a conflict.
+    assert not meter.record(
+        "completions",
+        {"input_tokens": 1},
+        organization_id=ORG,
+        time=T0,
+        id="same",
+        dimensions=base,
+    )
+    with pytest.raises(ValidationError) as err:
+        meter.record(
+            "completions",
+            {"input_tokens": 1},
+            organization_id=ORG,
+            time=T0,
+            id="x",
+            dimensions={"api_source": "chat"},
+        )
+    assert err.value.field == "event.dimensions.api_source"
+
+
+def test_sums_and_defaults_are_checked_when_a_meter_is_defined() -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        MeterSpec("m", (Measure("a"), Measure("b")), sums={"a": ("b", "c")})
+    with pytest.raises(ValueError, match="other measures"):
+        MeterSpec("m", (Measure("a"), Measure("b")), sums={"a": ("a", "b")})
+    with pytest.raises(ValueError, match="not allowed"):
+        Dimension("source", allowed={"x", "y"}, default="z")
+    with pytest.raises(ValueError, match="str dimension"):
+        Dimension("flag", kind="bool", default="yes")
+    spec = MeterSpec("m", (Measure("a"), Measure("b"), Measure("c")), sums={"a": ["b", "c"]})
+    assert spec.sums == (("a", ("b", "c")),)

@@ -1,10 +1,17 @@
-"""The built-in meters: the eight OpenAI usage kinds and a handful of generic ones."""
+"""The built-in meters: the eleven OpenAI usage kinds and a handful of generic ones."""
 
 from __future__ import annotations
 
 from meterkit.models import Dimension, Measure, MeterSpec
 
-__all__ = ["GENERIC_METERS", "OPENAI_KINDS", "builtin_meters"]
+__all__ = [
+    "API_SOURCES",
+    "CONTEXT_LEVELS",
+    "GENERIC_METERS",
+    "OPENAI_KINDS",
+    "TOKEN_SUMS",
+    "builtin_meters",
+]
 
 _PEOPLE = (Dimension("project_id"), Dimension("user_id"), Dimension("api_key_id"))
 _MODEL = (*_PEOPLE, Dimension("model"))
@@ -20,18 +27,51 @@ def _sums(*names: str) -> tuple[Measure, ...]:
     return tuple(Measure(n) for n in names)
 
 
+API_SOURCES = frozenset({"agents_api", "unlabeled"})
+CONTEXT_LEVELS = frozenset({"low", "medium", "high"})
+_API_SOURCE = Dimension("api_source", allowed=API_SOURCES, default="unlabeled")
+
+# Completions and decisions: every token field of the official types, and the sums their
+# descriptions document (checked when an event gives a total and all its parts).
+_TOKENS = _sums(
+    "input_tokens",
+    "output_tokens",
+    "input_cached_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "num_model_requests",
+    "input_cache_write_tokens",
+    "input_cache_write_12h_tokens",
+    "input_cache_write_30m_tokens",
+    "input_uncached_tokens",
+    "input_text_tokens",
+    "input_image_tokens",
+    "input_cached_text_tokens",
+    "input_cached_audio_tokens",
+    "input_cached_image_tokens",
+    "output_text_tokens",
+    "output_image_tokens",
+)
+TOKEN_SUMS: dict[str, tuple[str, ...]] = {
+    "input_tokens": ("input_cached_tokens", "input_cache_write_tokens", "input_uncached_tokens"),
+    "input_cache_write_tokens": ("input_cache_write_30m_tokens", "input_cache_write_12h_tokens"),
+    "input_cached_tokens": (
+        "input_cached_text_tokens",
+        "input_cached_audio_tokens",
+        "input_cached_image_tokens",
+    ),
+    "input_uncached_tokens": ("input_text_tokens", "input_audio_tokens", "input_image_tokens"),
+    "output_tokens": ("output_text_tokens", "output_audio_tokens", "output_image_tokens"),
+}
+_TOKEN_DIMS = (*_MODEL, Dimension("batch", kind="bool"), Dimension("service_tier"), _API_SOURCE)
+
 OPENAI_KINDS: tuple[MeterSpec, ...] = (
-    _openai(
+    MeterSpec(
         "completions",
-        _sums(
-            "input_tokens",
-            "output_tokens",
-            "input_cached_tokens",
-            "input_audio_tokens",
-            "output_audio_tokens",
-            "num_model_requests",
-        ),
-        (*_MODEL, Dimension("batch", kind="bool"), Dimension("service_tier")),
+        _TOKENS,
+        _TOKEN_DIMS,
+        result_object="organization.usage.completions.result",
+        sums=TOKEN_SUMS,
     ),
     _openai("embeddings", _sums("input_tokens", "num_model_requests"), _MODEL),
     _openai("moderations", _sums("input_tokens", "num_model_requests"), _MODEL),
@@ -48,6 +88,25 @@ OPENAI_KINDS: tuple[MeterSpec, ...] = (
     _openai("audio_transcriptions", _sums("seconds", "num_model_requests"), _MODEL),
     _openai("vector_stores", (Measure("usage_bytes", gauge=True),), (Dimension("project_id"),)),
     _openai("code_interpreter_sessions", _sums("num_sessions"), (Dimension("project_id"),)),
+    MeterSpec(
+        "decisions",
+        _TOKENS,
+        _TOKEN_DIMS,
+        result_object="organization.usage.decisions.result",
+        sums=TOKEN_SUMS,
+    ),
+    MeterSpec(
+        "file_search_calls",
+        _sums("num_requests"),
+        (*_PEOPLE, Dimension("vector_store_id")),
+        result_object="organization.usage.file_searches.result",
+    ),
+    MeterSpec(
+        "web_search_calls",
+        _sums("num_requests", "num_model_requests"),
+        (*_MODEL, Dimension("context_level", allowed=CONTEXT_LEVELS), _API_SOURCE),
+        result_object="organization.usage.web_searches.result",
+    ),
 )
 
 # Generic meters for an application's own quotas. A meter's main measure has its name;

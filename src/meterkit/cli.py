@@ -142,11 +142,13 @@ def _uvicorn() -> Any:
     return uvicorn
 
 
-def _serve(meter: Meter, host: str, port: int, log_level: str) -> None:
+def _serve(
+    meter: Meter, host: str, port: int, log_level: str, *, member_usage: bool = False
+) -> None:
     uvicorn = _uvicorn()
     from meterkit.asgi import create_app
 
-    app = create_app(meter)
+    app = create_app(meter, member_usage=member_usage)
     click.echo(
         f"meterkit: serving {meter.url} on {_url(host, port)} (press Ctrl-C to stop)", err=True
     )
@@ -188,6 +190,12 @@ _freeze = click.option(
 @_now
 @_freeze
 @_log_level
+@click.option(
+    "--member-usage",
+    is_flag=True,
+    help="Let member keys read the organization usage and costs endpoints (admin keys only "
+    "by default, as OpenAI's).",
+)
 def serve(
     config: Path | None,
     db: str | None,
@@ -196,9 +204,10 @@ def serve(
     now: int | None,
     frozen: bool,
     log_level: str,
+    member_usage: bool,
 ) -> None:
     """Serve every HTTP endpoint (usage, costs, plan and account usage, operations, ingest)."""
-    _serve(_open(config, db, now, frozen=frozen), host, port, log_level)
+    _serve(_open(config, db, now, frozen=frozen), host, port, log_level, member_usage=member_usage)
 
 
 # -- keys -------------------------------------------------------------------------------------

@@ -159,13 +159,17 @@ def _meters(items: object) -> tuple[MeterSpec, ...]:
     for i, raw in enumerate(items):
         field = f"meters[{i}]"
         data = _table(field, raw)
-        _only(field, data, {"name", "measures", "dimensions", "result_object"})
+        _only(field, data, {"name", "measures", "dimensions", "result_object", "sums"})
 
         def build(data: dict[str, Any] = data) -> MeterSpec:
             measures = [Measure(**_table("measures", m)) for m in data.get("measures", [])]
             dims = [Dimension(**_table("dimensions", d)) for d in data.get("dimensions", [])]
             return MeterSpec(
-                data.get("name", ""), measures, dims, result_object=data.get("result_object", "")
+                data.get("name", ""),
+                measures,
+                dims,
+                result_object=data.get("result_object", ""),
+                sums=_table("sums", data.get("sums", {})),
             )
 
         specs.append(_wrap(field, build))

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import cattrs
 
+from meterkit.catalog import API_SOURCES
 from meterkit.convert import openai_converter
 from meterkit.engine.aggregate import Rows
 from meterkit.engine.cursor import decode_cursor, encode_cursor
@@ -57,9 +58,18 @@ __all__ = [
 
 COSTS_METER = "costs"  # the name costs queries carry in their cursors
 COSTS_OBJECT = "organization.costs.result"
-COSTS_GROUPS: tuple[str, ...] = ("project_id", "line_item", "api_key_id")
+COSTS_GROUPS: tuple[str, ...] = ("project_id", "user_id", "line_item", "api_key_id", "api_source")
 # The shape a costs query is checked against: its groups are the dimensions it may use.
-COSTS_SPEC = MeterSpec(COSTS_METER, [Measure("amount")], [Dimension(name) for name in COSTS_GROUPS])
+COSTS_SPEC = MeterSpec(
+    COSTS_METER,
+    [Measure("amount")],
+    [
+        Dimension(name, allowed=API_SOURCES, default="unlabeled")
+        if name == "api_source"
+        else Dimension(name)
+        for name in COSTS_GROUPS
+    ],
+)
 COSTS_DEFAULT_LIMIT = 7
 COSTS_MAX_LIMIT = 180
 DAY = 86400
@@ -75,7 +85,8 @@ class CostResult:
     """One group's cost in one day bucket and one currency.
 
     ``quantity`` (raw measure units) and ``quantity_unit`` are set only when the query groups by
-    ``line_item``; grouping fields not grouped by are ``None``.
+    ``line_item``; grouping fields not grouped by are ``None``. Grouped by ``api_source``,
+    usage without one reads ``"unlabeled"``.
     """
 
     amount: Decimal
@@ -86,6 +97,8 @@ class CostResult:
     quantity: Decimal | None = None
     quantity_unit: str | None = None
     object: str = COSTS_OBJECT
+    user_id: DimValue = None
+    api_source: DimValue = None
 
 
 @attrs.frozen
@@ -147,11 +160,13 @@ def _result_to_dict(result: CostResult) -> dict[str, Any]:
         "amount": {"value": float(result.amount), "currency": result.currency},
         "line_item": result.line_item,
         "project_id": result.project_id,
+        "user_id": result.user_id,
         "api_key_id": result.api_key_id,
+        "api_source": result.api_source,
+        # Not grouped by line item, the units of different lines are not added up: null.
+        "quantity": None if result.quantity is None else _number(result.quantity),
+        "quantity_unit": result.quantity_unit,
     }
-    if result.quantity is not None:
-        out["quantity"] = _number(result.quantity)
-        out["quantity_unit"] = result.quantity_unit
     return out
 
 
@@ -196,7 +211,8 @@ def check_costs_query(
 ) -> UsageQuery:
     """Validate a costs query; the result is a :class:`UsageQuery` on the meter ``"costs"``.
 
-    ``filters`` maps ``project_id``, ``api_key_id`` or ``line_item`` to the allowed values.
+    ``filters`` maps ``project_id``, ``api_key_id`` or ``line_item`` (or ``user_id``) to the
+    allowed values.
     """
     return check_usage_query(
         COSTS_SPEC,
@@ -286,11 +302,19 @@ def costs_page(
         )
 
     by_line = "line_item" in query.group_by
-    # Each charge's fields are the tuple (project_id, api_key_id, line_item); these are the
-    # positions grouped and filtered on.
-    position = {"project_id": 0, "api_key_id": 1, "line_item": 2}
+    # Each charge's fields are the tuple (project_id, api_key_id, line_item, user_id,
+    # api_source); these are the positions grouped and filtered on.
+    position = {"project_id": 0, "api_key_id": 1, "line_item": 2, "user_id": 3, "api_source": 4}
     group_at = [position[name] for name in query.group_by]
-    filter_at = [(position[name], frozenset(allowed)) for name, allowed in query.filters]
+    # Usage without an api_source is "unlabeled" usage, whatever its meter (as OpenAI counts
+    # records without source attribution), in groups and filters alike.
+    filter_at = [
+        (
+            position[name],
+            frozenset("unlabeled" if v is None and name == "api_source" else v for v in allowed),
+        )
+        for name, allowed in query.filters
+    ]
     sums: dict[tuple[int, tuple[DimValue, ...], str, str | None], tuple[Tally, list[Decimal]]]
     sums = {}
     for charge in rate(book, events, period_of):
@@ -299,7 +323,13 @@ def costs_page(
         if time < low or time >= high:
             continue
         dims = event.dimensions
-        fields = (dims.get("project_id"), dims.get("api_key_id"), price.line_item)
+        fields = (
+            dims.get("project_id"),
+            dims.get("api_key_id"),
+            price.line_item,
+            dims.get("user_id"),
+            dims.get("api_source") or "unlabeled",
+        )
         if filter_at and any(fields[at] not in allowed for at, allowed in filter_at):
             continue
         key = (
@@ -334,6 +364,8 @@ def costs_page(
                 line_item=line_item if isinstance(line_item, str) else None,
                 project_id=values.get("project_id"),
                 api_key_id=values.get("api_key_id"),
+                user_id=values.get("user_id"),
+                api_source=values.get("api_source"),
                 quantity=quantity[0] if by_line else None,
                 quantity_unit=unit,
             )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 from collections.abc import Iterator, Sequence
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import attrs
@@ -147,33 +148,69 @@ PLANS: tuple[Plan, ...] = (
 )
 
 
-def _per_million(meter: str, measure: str, price: str, model: str, label: str) -> Price:
+def _per_million(
+    meter: str, measure: str, price: str | Decimal, model: str, label: str, *, batch: bool = False
+) -> Price:
+    where: dict[str, DimValue] = {"model": model}
+    if batch:
+        where["batch"] = True
     return Price(
         meter,
         measure,
         price,
         per=1_000_000,
-        line_item=f"{model}, {label}",
+        line_item=f"{model}, {label}{' (batch)' if batch else ''}",
         quantity_unit="tokens",
-        where={"model": model},
+        where=where,
     )
+
+
+# OpenAI's published prices per million tokens: input, cached input, output, and audio input
+# and output where the model hears and speaks. The Batch API halves them (no audio model runs
+# in batch).
+_TOKEN_PRICES = (
+    ("gpt-4o", "2.50", "1.25", "10.00", None, None),
+    ("gpt-4o-mini", "0.15", "0.075", "0.60", None, None),
+    ("gpt-4o-audio-preview", "2.50", "2.50", "10.00", "40.00", "80.00"),
+)
+
+
+def _completion_prices() -> list[Price]:
+    """Each part of the input and output at its own rate: the parts add up to
+    ``input_tokens`` and ``output_tokens``, so nothing is charged twice."""
+    out = []
+    for model, inp, cached, output, audio_in, audio_out in _TOKEN_PRICES:
+        for batch in (False,) if audio_in else (False, True):
+            rate = (lambda p: Decimal(p) / 2) if batch else Decimal
+            lines = [
+                ("input_text_tokens", inp, "input"),
+                ("input_image_tokens", inp, "input"),
+                ("input_cache_write_tokens", inp, "input"),
+                ("input_cached_text_tokens", cached, "cached input"),
+                ("input_cached_image_tokens", cached, "cached input"),
+                ("output_text_tokens", output, "output"),
+            ]
+            if audio_in and audio_out:
+                lines += [
+                    ("input_audio_tokens", audio_in, "audio input"),
+                    ("input_cached_audio_tokens", audio_in, "audio input"),
+                    ("output_audio_tokens", audio_out, "audio output"),
+                ]
+            out += [
+                _per_million("completions", measure, rate(price), model, label, batch=batch)
+                for measure, price, label in lines
+            ]
+    return out
 
 
 def demo_prices() -> list[Price]:
     """List prices for the demo's models, so the costs endpoint has amounts to show.
 
-    Cached and audio tokens are part of ``input_tokens`` in the OpenAI usage data, so only
-    input and output tokens are priced (a separate cached-token price would charge twice).
-    Moderations are free and vector-store bytes are a gauge: neither has a price.
+    Completions are priced part by part (text, image, audio; uncached, cached and cache-write
+    input), batch jobs at half price. Moderations are free and vector-store bytes are a gauge:
+    neither has a price.
     """
-    prices = []
-    for model, inp, out in (
-        ("gpt-4o", "2.50", "10.00"),
-        ("gpt-4o-mini", "0.15", "0.60"),
-        ("gpt-4o-audio-preview", "2.50", "10.00"),
-    ):
-        prices.append(_per_million("completions", "input_tokens", inp, model, "input"))
-        prices.append(_per_million("completions", "output_tokens", out, model, "output"))
+    prices = _completion_prices()
     for model, inp in (("text-embedding-3-small", "0.02"), ("text-embedding-3-large", "0.13")):
         prices.append(_per_million("embeddings", "input_tokens", inp, model, "input"))
     for model, size, each in (
@@ -282,9 +319,42 @@ class _Day:
         }
 
 
+def _cache_writes(rng: random.Random, values: dict[str, int]) -> None:
+    """Split part of the uncached input into cache writes (30-minute and 12-hour), so that
+    input = cached + cache writes + uncached, as the OpenAI types document."""
+    uncached = values["input_tokens"] - values["input_cached_tokens"]
+    writes = int(uncached * rng.uniform(0, 0.25))
+    short = int(writes * rng.uniform(0.3, 1))
+    values["input_cache_write_tokens"] = writes
+    values["input_cache_write_30m_tokens"] = short
+    values["input_cache_write_12h_tokens"] = writes - short
+    values["input_uncached_tokens"] = uncached - writes
+
+
+def _modalities(rng: random.Random, values: dict[str, int]) -> None:
+    """Split uncached and cached input, and output, into text, audio and image tokens, so each
+    total is the sum of its parts. No demo model outputs images."""
+    image = int(values["input_uncached_tokens"] * rng.uniform(0, 0.1)) if rng.random() < 0.3 else 0
+    audio = min(values["input_audio_tokens"], values["input_uncached_tokens"] - image)
+    values["input_audio_tokens"] = audio
+    values["input_image_tokens"] = image
+    values["input_text_tokens"] = values["input_uncached_tokens"] - audio - image
+    cached = values["input_cached_tokens"]
+    cached_audio = cached // 10 if audio else 0
+    cached_image = cached // 20 if image else 0
+    values["input_cached_audio_tokens"] = cached_audio
+    values["input_cached_image_tokens"] = cached_image
+    values["input_cached_text_tokens"] = cached - cached_audio - cached_image
+    out_audio = min(values["output_audio_tokens"], values["output_tokens"])
+    values["output_audio_tokens"] = out_audio
+    values["output_image_tokens"] = 0
+    values["output_text_tokens"] = values["output_tokens"] - out_audio
+
+
 def _openai_kinds(d: _Day) -> None:
     org = d.org
     rng = d.rng("completions")
+    cache, labels = d.rng("completions.cache"), d.rng("completions.source")
     models = ("gpt-4o", "gpt-4o-mini", "gpt-4o-mini", "gpt-4o-audio-preview")
     for n, t in enumerate(d.times(rng, 18)):
         model = rng.choice(models)
@@ -292,25 +362,27 @@ def _openai_kinds(d: _Day) -> None:
         inp = requests * rng.randint(300, 1800)
         audio = model.endswith("audio-preview")
         batch = not audio and rng.random() < 0.15
-        d.add(
-            "completions",
-            n,
-            t,
-            {
-                "input_tokens": inp,
-                "output_tokens": requests * rng.randint(80, 600),
-                "input_cached_tokens": int(inp * rng.uniform(0.05, 0.5)),
-                "input_audio_tokens": requests * rng.randint(50, 400) if audio else 0,
-                "output_audio_tokens": requests * rng.randint(100, 800) if audio else 0,
-                "num_model_requests": requests,
-            },
-            {
-                **d.people(rng, rng.choice(org.projects)),
-                "model": model,
-                "batch": batch,
-                "service_tier": "flex" if batch else rng.choice(("default", "default", "priority")),
-            },
-        )
+        values = {
+            "input_tokens": inp,
+            "output_tokens": requests * rng.randint(80, 600),
+            "input_cached_tokens": int(inp * rng.uniform(0.05, 0.5)),
+            "input_audio_tokens": requests * rng.randint(50, 400) if audio else 0,
+            "output_audio_tokens": requests * rng.randint(100, 800) if audio else 0,
+            "num_model_requests": requests,
+        }
+        dims: dict[str, DimValue] = {
+            **d.people(rng, rng.choice(org.projects)),
+            "model": model,
+            "batch": batch,
+            "service_tier": "flex" if batch else rng.choice(("default", "default", "priority")),
+        }
+        # Cache writes and the source come from generators of their own, so the numbers
+        # above are what they were before these fields existed.
+        _cache_writes(cache, values)
+        _modalities(cache, values)
+        if labels.random() < 0.2:
+            dims["api_source"] = "agents_api"
+        d.add("completions", n, t, values, dims)
 
     rng = d.rng("embeddings")
     for n, t in enumerate(d.times(rng, 6)):
@@ -390,6 +462,59 @@ def _openai_kinds(d: _Day) -> None:
             t,
             {"num_sessions": d.scaled(rng, 1, 10)},
             {"project_id": rng.choice(org.projects)},
+        )
+
+
+def _newer_kinds(d: _Day) -> None:
+    """Decisions, file searches and web searches."""
+    org = d.org
+    rng = d.rng("decisions")
+    for n, t in enumerate(d.times(rng, 4)):
+        requests = d.scaled(rng, 2, 30)
+        values = {
+            "input_tokens": requests * rng.randint(400, 1500),
+            "output_tokens": requests * rng.randint(20, 120),
+            "num_model_requests": requests,
+        }
+        values["input_cached_tokens"] = int(values["input_tokens"] * rng.uniform(0.1, 0.6))
+        values["input_audio_tokens"] = values["output_audio_tokens"] = 0
+        _cache_writes(rng, values)
+        _modalities(rng, values)
+        dims: dict[str, DimValue] = {
+            **d.people(rng, rng.choice(org.projects)),
+            "model": rng.choice(("gpt-4o-mini", "gpt-4o-mini", "gpt-4o")),
+        }
+        if rng.random() < 0.25:
+            dims["api_source"] = "agents_api"
+        d.add("decisions", n, t, values, dims)
+
+    rng = d.rng("file_search_calls")
+    stores = [f"vs_{org.id.removeprefix('org_')}_{i}" for i in range(1, 4)]
+    for n, t in enumerate(d.times(rng, 5)):
+        d.add(
+            "file_search_calls",
+            n,
+            t,
+            {"num_requests": d.scaled(rng, 3, 40)},
+            {**d.people(rng, rng.choice(org.projects)), "vector_store_id": rng.choice(stores)},
+        )
+
+    rng = d.rng("web_search_calls")
+    for n, t in enumerate(d.times(rng, 4)):
+        calls = d.scaled(rng, 2, 25)
+        dims = {
+            **d.people(rng, rng.choice(org.projects)),
+            "model": rng.choice(("gpt-4o", "gpt-4o-mini")),
+            "context_level": rng.choice(("low", "medium", "medium", "high")),
+        }
+        if rng.random() < 0.3:
+            dims["api_source"] = "agents_api"
+        d.add(
+            "web_search_calls",
+            n,
+            t,
+            {"num_requests": calls, "num_model_requests": max(1, calls // 2)},
+            dims,
         )
 
 
@@ -487,6 +612,7 @@ def demo_events(
         for org in organizations:
             d = _Day(org, day, level)
             _openai_kinds(d)
+            _newer_kinds(d)
             _gauges(d, index, days)
             _generic(d)
             yield from (e for e in d.events if e.time < end)

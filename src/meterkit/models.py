@@ -52,6 +52,13 @@ def _dimensions(items: Iterable[Dimension]) -> tuple[Dimension, ...]:
     return tuple(items)
 
 
+def _sums(
+    items: Mapping[str, Iterable[str]] | Iterable[tuple[str, Iterable[str]]],
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    pairs = items.items() if isinstance(items, Mapping) else items
+    return tuple((total, tuple(parts)) for total, parts in pairs)
+
+
 def _allowed(items: Iterable[str] | None) -> frozenset[str] | None:
     return None if items is None else frozenset(items)
 
@@ -82,21 +89,41 @@ class Measure:
 
 @attrs.frozen
 class Dimension:
-    """A dimension events may carry: a string (optionally from a fixed set) or a bool."""
+    """A dimension events may carry: a string (optionally from a fixed set) or a bool.
+
+    ``default`` is what an event without the dimension stands for (OpenAI's ``api_source``:
+    ``"unlabeled"``): an event that says it is stored as one that does not, so the two are
+    the same event and the same group, and a group of such events reads ``default``.
+    """
 
     name: str = attrs.field(validator=_check_name("dimension"))
     kind: Literal["str", "bool"] = "str"
     allowed: frozenset[str] | None = attrs.field(default=None, converter=_allowed)
+    default: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.default is None:
+            return
+        if self.kind != "str" or not isinstance(self.default, str):
+            raise ValueError(f"dimension {self.name!r}: a default is a string of a str dimension")
+        if self.allowed is not None and self.default not in self.allowed:
+            raise ValueError(f"dimension {self.name!r}: default {self.default!r} is not allowed")
 
 
 @attrs.frozen
 class MeterSpec:
-    """A meter: its measures, its dimensions, and the name of its result object."""
+    """A meter: its measures, its dimensions, and the name of its result object.
+
+    ``sums`` names measures that are the sum of others (``{"input_tokens":
+    ("input_cached_tokens", "input_uncached_tokens")}``): an event that gives a total and all
+    of its parts must give parts that add up to it.
+    """
 
     name: str = attrs.field(validator=_check_name("meter"))
     measures: tuple[Measure, ...] = attrs.field(converter=_measures)
     dimensions: tuple[Dimension, ...] = attrs.field(converter=_dimensions, default=())
     result_object: str = ""
+    sums: tuple[tuple[str, tuple[str, ...]], ...] = attrs.field(converter=_sums, default=())
 
     def __attrs_post_init__(self) -> None:
         if not self.measures:
@@ -114,6 +141,14 @@ class MeterSpec:
             raise ValueError(f"meter {self.name!r}: {sorted(clash)} would collide in a result")
         if not self.result_object:
             object.__setattr__(self, "result_object", f"usage.{self.name}.result")
+        measures = set(self.measure_names)
+        for total, parts in self.sums:
+            unknown = sorted({total, *parts} - measures)
+            if unknown or not parts or total in parts:
+                raise ValueError(
+                    f"meter {self.name!r}: sum {total} = {' + '.join(parts)} must name "
+                    f"other measures of the meter (unknown: {unknown})"
+                )
 
     @property
     def measure_names(self) -> tuple[str, ...]:

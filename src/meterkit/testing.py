@@ -322,8 +322,25 @@ def _values(spec: MeterSpec) -> st.SearchStrategy[dict[str, Number]]:
         return st.one_of(st.none(), number, number, number)
 
     return st.fixed_dictionaries({m.name: maybe(m) for m in spec.measures}).map(
-        lambda values: {k: v for k, v in values.items() if v is not None}
+        lambda values: _summed(spec, {k: v for k, v in values.items() if v is not None})
     )
+
+
+def _summed(spec: MeterSpec, values: dict[str, Number]) -> dict[str, Number]:
+    """``values`` with each of the meter's totals made the sum of its parts where an event
+    gives all of them (a meter refuses it otherwise), innermost sums first."""
+    pending = [(total, parts) for total, parts in spec.sums if total in values]
+    while pending:
+        ready = [
+            (total, parts)
+            for total, parts in pending
+            if not any(p == other for p in parts for other, _ in pending)
+        ]
+        for total, parts in ready or pending:
+            if all(p in values for p in parts):
+                values[total] = sum(values[p] for p in parts)
+        pending = [item for item in pending if item not in (ready or pending)]
+    return values
 
 
 def _events(spec: MeterSpec, times: st.SearchStrategy[int]) -> st.SearchStrategy[Event]:

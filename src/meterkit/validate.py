@@ -155,13 +155,15 @@ def _plain_id(value: object) -> bool:
 class _SpecIndex:
     """A meter's measure names and dimensions by name, for validating many events fast."""
 
-    __slots__ = ("dims", "fractional", "measures", "spec")
+    __slots__ = ("defaults", "dims", "fractional", "measures", "spec", "sums")
 
     def __init__(self, spec: MeterSpec) -> None:
         self.spec = spec
         self.measures = frozenset(spec.measure_names)
         self.fractional = frozenset(m.name for m in spec.measures if m.fractional)
         self.dims = {d.name: (d.kind == "bool", d.allowed) for d in spec.dimensions}
+        self.defaults = {d.name: d.default for d in spec.dimensions if d.default is not None}
+        self.sums = spec.sums
 
 
 _INDEXES: dict[int, _SpecIndex] = {}
@@ -238,6 +240,19 @@ def check_event(spec: MeterSpec, event: Event, field: str = "event") -> Event:
         if not isinstance(name, str):
             raise ValidationError(f"{field}.dimensions", "names must be strings")
         dims[name] = check_dim_value(spec, name, dim_value, f"{field}.dimensions.{name}")
+    if idx.defaults:
+        for name, default in idx.defaults.items():
+            if dims.get(name) == default:
+                dims[name] = None  # the same event as one that leaves it out
+    for total, parts in idx.sums:
+        if total in values and all(p in values for p in parts):
+            added = sum(values[p] for p in parts)
+            if added != values[total]:
+                raise ValidationError(
+                    f"{field}.values.{total}",
+                    f"is {values[total]}, but {' + '.join(parts)} = {added}: the parts of a "
+                    "total must add up to it when all of them are given",
+                )
     return Event(event.id, event.meter, event.organization_id, time, values, dims)
 
 
@@ -294,7 +309,13 @@ def check_usage_query(
                 raise ValidationError(field, f"meter {spec.name!r} has no dimension {name!r}")
             if isinstance(allowed, (str, bytes, bool)) or not isinstance(allowed, Iterable):
                 raise ValidationError(field, "must be a list of values")
-            vals = tuple(dict.fromkeys(check_dim_value(spec, name, v, field) for v in allowed))
+            default = spec.dimension(name).default  # type: ignore[union-attr]
+            vals = tuple(
+                dict.fromkeys(
+                    None if checked == default else checked
+                    for checked in (check_dim_value(spec, name, v, field) for v in allowed)
+                )
+            )
             if not vals:
                 raise ValidationError(field, "must not be empty")
             filter_items.append((name, vals))

@@ -36,9 +36,15 @@ def page_rows(
     blank = dict.fromkeys(spec.dimension_names)
     empties = {m.name: empty_value(m) for m in spec.measures}
     group_by = query.group_by
+    # A group of events without a dimension that has a default reads the default.
+    defaults = [
+        (i, d.default) for i, d in enumerate(map(spec.dimension, group_by)) if d and d.default
+    ]
     out = []
     for start in starts:
         found = by_bucket.get(start, [])
+        if defaults:
+            found = [(_defaulted(group, defaults), values) for group, values in found]
         if len(found) > 1:
             found.sort(key=lambda r: _order(r[0]))
         out.append(
@@ -51,6 +57,16 @@ def page_rows(
             )
         )
     return out
+
+
+def _defaulted(
+    group: tuple[DimValue, ...], defaults: list[tuple[int, str]]
+) -> tuple[DimValue, ...]:
+    values = list(group)
+    for i, default in defaults:
+        if values[i] is None:
+            values[i] = default
+    return tuple(values)
 
 
 def next_cursor(query: UsageQuery, secret: bytes) -> str | None:

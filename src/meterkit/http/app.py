@@ -54,7 +54,9 @@ class HttpApp:
     """Serves meterkit's HTTP surfaces over ``meter``.
 
     ``surfaces`` defaults to all of them (:func:`default_surfaces`); ``max_body_bytes``
-    bounds request bodies (413 above it).
+    bounds request bodies (413 above it). The organization usage and costs endpoints take admin
+    keys, as OpenAI's do; ``member_usage=True`` lets member keys (with ``usage:read``) read
+    them too.
     """
 
     def __init__(
@@ -63,8 +65,10 @@ class HttpApp:
         *,
         surfaces: Iterable[Surface] | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY,
+        member_usage: bool = False,
     ) -> None:
         self.meter = meter
+        self.member_usage = member_usage
         self.surfaces = tuple(surfaces) if surfaces is not None else default_surfaces()
         self.routes: tuple[Route, ...] = tuple(r for s in self.surfaces for r in s.routes)
         self.max_body_bytes = max_body_bytes
@@ -173,7 +177,11 @@ class HttpApp:
                 f"{MESSAGES['insufficient_scope']} Missing scope: {route.scope}.",
                 code="insufficient_scope",
             )
-        if route.admin and not principal.is_admin:
+        if (
+            route.admin
+            and not principal.is_admin
+            and not (route.member_usage and self.member_usage)
+        ):
             raise HttpError(403, MESSAGES["admin_required"], code="admin_required")
         return principal
 

@@ -1,6 +1,6 @@
 """The OpenAI-shaped organization usage and costs endpoints (ENDPOINTS.md §1).
 
-One table, :data:`ENDPOINTS`, drives all nine: which filters and ``group_by`` values each
+One table, :data:`ENDPOINTS`, drives all twelve: which filters and ``group_by`` values each
 accepts, its bucket widths and page sizes, and its OpenAPI description. The handler is the
 same for every usage kind; only costs call :meth:`Meter.costs` instead of :meth:`Meter.usage`.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from meterkit.catalog import IMAGE_SIZES, IMAGE_SOURCES, builtin_meters
+from meterkit.catalog import API_SOURCES, CONTEXT_LEVELS, IMAGE_SIZES, IMAGE_SOURCES, builtin_meters
 from meterkit.errors import ValidationError
 from meterkit.http.core import Response, json_response
 from meterkit.http.errors import OPENAI, ParamError
@@ -71,6 +71,13 @@ FILTERS: dict[str, Filter] = {
             enum=tuple(sorted(IMAGE_SIZES)),
         ),
         Filter("line_items", "line_item", "Return only costs for these line items."),
+        Filter("vector_store_ids", "vector_store_id", "Return only usage for these vector stores."),
+        Filter(
+            "context_levels",
+            "context_level",
+            "Return only usage for these search context levels.",
+            enum=tuple(sorted(CONTEXT_LEVELS, key=["low", "medium", "high"].index)),
+        ),
     )
 }
 _PARAM_OF_DIMENSION = {f.dimension: f.param for f in FILTERS.values()}
@@ -104,12 +111,11 @@ class Endpoint:
 _PEOPLE = ("project_ids", "user_ids", "api_key_ids", "models")
 _GROUPS = ("project_id", "user_id", "api_key_id", "model")
 
+_TOKEN_GROUPS = (*_GROUPS, "batch", "service_tier", "api_source")
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
-        "completions",
-        "Completions usage for the organization.",
-        (*_PEOPLE, "batch"),
-        (*_GROUPS, "batch", "service_tier"),
+        "completions", "Completions usage for the organization.", (*_PEOPLE, "batch"), _TOKEN_GROUPS
     ),
     Endpoint("embeddings", "Embeddings usage for the organization.", _PEOPLE, _GROUPS),
     Endpoint("moderations", "Moderations usage for the organization.", _PEOPLE, _GROUPS),
@@ -136,10 +142,25 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ("project_id",),
     ),
     Endpoint(
+        "decisions", "Decisions usage for the organization.", (*_PEOPLE, "batch"), _TOKEN_GROUPS
+    ),
+    Endpoint(
+        "file_search_calls",
+        "File search calls usage for the organization.",
+        ("project_ids", "user_ids", "api_key_ids", "vector_store_ids"),
+        ("project_id", "user_id", "api_key_id", "vector_store_id"),
+    ),
+    Endpoint(
+        "web_search_calls",
+        "Web search calls usage for the organization.",
+        (*_PEOPLE, "context_levels"),
+        (*_GROUPS, "context_level", "api_source"),
+    ),
+    Endpoint(
         "costs",
         "Costs for the organization, per day and line item.",
         ("project_ids", "api_key_ids", "line_items"),
-        ("project_id", "line_item", "api_key_id"),
+        ("project_id", "user_id", "line_item", "api_key_id", "api_source"),
         widths=("1d",),
         limits={"1d": (7, 180)},
         costs=True,
@@ -277,16 +298,32 @@ def _result_schema(endpoint: Endpoint) -> dict[str, Any]:
                 "quantity_unit": _nullable("string"),
                 "line_item": _nullable("string"),
                 "project_id": _nullable("string"),
+                "user_id": _nullable("string"),
                 "api_key_id": _nullable("string"),
+                "api_source": {"enum": [*sorted(API_SOURCES), None]},
             },
-            "required": ["object", "amount"],
+            "required": [
+                "object",
+                "amount",
+                "quantity",
+                "quantity_unit",
+                "line_item",
+                "project_id",
+                "user_id",
+                "api_key_id",
+                "api_source",
+            ],
         }
     spec = builtin_meters()[endpoint.name]
     props: dict[str, Any] = {"object": {"const": spec.result_object}}
     for dim in spec.dimensions:
-        props[dim.name] = _nullable("boolean" if dim.kind == "bool" else "string")
+        if dim.allowed is not None:
+            props[dim.name] = {"enum": [*sorted(dim.allowed), None]}
+        else:
+            props[dim.name] = _nullable("boolean" if dim.kind == "bool" else "string")
     for measure in spec.measures:
-        props[measure.name] = _nullable("number")
+        # Sums and counts of whole units: integers, present in every result (0 when none).
+        props[measure.name] = {"type": "number" if measure.fractional else "integer"}
     return {"type": "object", "properties": props, "required": list(props)}
 
 
@@ -324,6 +361,9 @@ def _route(endpoint: Endpoint) -> Route:
         summary=endpoint.summary,
         tags=("openai",),
         scope=READ,
+        # OpenAI secures these with admin keys; an app may let members read them.
+        admin=True,
+        member_usage=True,
         params=_params(endpoint),
         replies=(
             Reply(200, "A page of time buckets.", json_schema_ref(page)),

@@ -107,8 +107,9 @@ class Route:
     """One endpoint.
 
     ``auth``: a bearer token is required; ``scope``: the token must carry it; ``admin``: the
-    token's role must be ``admin``. ``hidden`` routes are served but left out of the OpenAPI
-    document (catch-alls that only answer 404 in the right shape).
+    token's role must be ``admin`` — unless ``member_usage`` and the app lets members read
+    organization usage (``HttpApp(member_usage=True)``). ``hidden`` routes are served but left
+    out of the OpenAPI document (catch-alls that only answer 404 in the right shape).
     """
 
     method: str
@@ -122,6 +123,7 @@ class Route:
     auth: bool = True
     scope: str | None = None
     admin: bool = False
+    member_usage: bool = False
     params: tuple[Param, ...] = ()
     body: Mapping[str, Schema] | None = None
     replies: tuple[Reply, ...] = ()
