@@ -7,6 +7,8 @@ servers are part of the job and a missing one fails the run.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -88,3 +90,18 @@ def drop_schemas(url: str, prefix: str) -> None:
 def with_params(url: str, **params: str) -> str:
     extra = "&".join(f"{k}={v}" for k, v in params.items())
     return f"{url}{'&' if '?' in url else '?'}{extra}"
+
+
+def store_urls(kind: str, tmp_path: Path, tag: str) -> Iterator[str]:
+    """A URL of a fresh built-in store of ``kind`` (``memory``, ``sqlite``, ``postgres``) for
+    one test, and its clean-up: the SQLite file lives in ``tmp_path``; the PostgreSQL schema,
+    named from ``tag`` and the test, is dropped afterwards."""
+    if kind == "memory":
+        yield "memory://"
+    elif kind == "sqlite":
+        yield f"sqlite:///{tmp_path / (tag + '.db')}"
+    else:
+        base = postgres_url()
+        schema = f"mk_{tag}{tmp_path.name[-20:].lower().replace('-', '_')}"
+        yield with_params(base, schema=schema)
+        drop_schemas(base, schema)

@@ -15,15 +15,7 @@ NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "memory":
-        yield "memory://"
-    elif request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'a.db'}"
-    else:
-        base = services.postgres_url()
-        schema = f"mk_a{tmp_path.name[-20:].lower().replace('-', '_')}"
-        yield services.with_params(base, schema=schema)
-        services.drop_schemas(base, schema)
+    yield from services.store_urls(request.param, tmp_path, "a")
 
 
 def test_put_list_delete_and_recalculate(url: str) -> None:

@@ -65,20 +65,24 @@ def history(days: int = 60, per_day: int = 37) -> list[Event]:
 
 
 def _url(kind: str, tmp_path: Path) -> Iterator[str]:
-    if kind == "memory":
-        yield "memory://"
-    elif kind == "sqlite":
-        yield f"sqlite:///{tmp_path / 'k.db'}"
-    else:
-        base = services.postgres_url()
-        schema = f"mk_k{tmp_path.name[-20:].lower().replace('-', '_')}"
-        yield services.with_params(base, schema=schema)
-        services.drop_schemas(base, schema)
+    yield from services.store_urls(kind, tmp_path, "k")
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield from _url(request.param, tmp_path)
+
+
+def graduated(bound: int) -> Price:
+    """``calls.n`` at 0.25 up to ``bound`` units a month, 0.125 after."""
+    return Price(
+        "calls",
+        "n",
+        line_item="calls",
+        quantity_unit="calls",
+        tiers=[Tier(bound, "0.25"), Tier(None, "0.125")],
+        tier_mode="graduated",
+    )
 
 
 def answers(m: Meter, org: str = "org_a") -> dict[str, object]:
@@ -159,16 +163,7 @@ def test_an_old_event_is_refused_and_its_batch_stores_nothing(url: str) -> None:
 def test_prune_keeps_hour_and_day_answers_and_costs(url: str) -> None:
     clock = Clock(NOW)
     with Meter(url, meters=[SPEC], clock=clock) as m:
-        m.set_price(
-            Price(
-                "calls",
-                "n",
-                line_item="calls",
-                quantity_unit="calls",
-                tiers=[Tier(2000, "0.25"), Tier(None, "0.125")],
-                tier_mode="graduated",
-            )
-        )
+        m.set_price(graduated(2000))
         everything = history()
         m.record_many(everything)
         before = {org: answers(m, org) for org in ("org_a", "org_b")}
@@ -318,16 +313,7 @@ def test_costs_past_a_dropped_tier_crossing(url: str) -> None:
     # aggregate per moment and is priced across the bound exactly; split by project, which
     # project's units fell above the bound depends on the order of events that are gone.
     with Meter(url, meters=[SPEC], clock=Clock(NOW)) as m:
-        m.set_price(
-            Price(
-                "calls",
-                "n",
-                line_item="calls",
-                quantity_unit="calls",
-                tiers=[Tier(1000, "0.25"), Tier(None, "0.125")],
-                tier_mode="graduated",
-            )
-        )
+        m.set_price(graduated(1000))
         m.record_many(history())
         day = NOW - NOW % DAY
         window = {"organization_id": "org_a", "start_time": day - 40 * DAY, "limit": 30}

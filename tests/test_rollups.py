@@ -94,15 +94,7 @@ def test_plan_of_an_aligned_day_range_is_one_segment() -> None:
 
 
 def _url(kind: str, tmp_path: Path) -> Iterator[str]:
-    if kind == "memory":
-        yield "memory://"
-    elif kind == "sqlite":
-        yield f"sqlite:///{tmp_path / 'r.db'}"
-    else:
-        base = services.postgres_url()
-        schema = f"mk_r{tmp_path.name[-20:].lower().replace('-', '_')}"
-        yield services.with_params(base, schema=schema)
-        services.drop_schemas(base, schema)
+    yield from services.store_urls(kind, tmp_path, "r")
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
