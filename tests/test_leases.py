@@ -338,7 +338,10 @@ def test_leased_reservations_hold_commit_release_and_expire(open_meter: OpenMete
 def test_record_later_validates_now_and_writes_at_the_flush(open_meter: OpenMeter) -> None:
     from meterkit import Event, ValidationError
 
-    m = open_meter(Clock(T0))
+    # The background flush is made rare, and the other meter opened first, so "not yet
+    # written" does not race the flusher on a slow machine.
+    m = open_meter(Clock(T0), flush_interval=5.0)
+    other = open_meter(Clock(T0))
     good = Event("r1", "requests", ORG, T0, {"requests": 1})
     bad = Event("r2", "requests", ORG, T0, {"requests": -1})
     with pytest.raises(ValidationError) as caught:
@@ -346,7 +349,6 @@ def test_record_later_validates_now_and_writes_at_the_flush(open_meter: OpenMete
     assert caught.value.field == "events[1].values.requests"
     assert m._queued == [], "nothing of a bad batch is queued"
     m.record_later([good])
-    other = open_meter(Clock(T0))
     day = T0 - T0 % 86400
 
     def seen(meter: Meter) -> int:
