@@ -718,6 +718,16 @@ OPERATION_PATHS = [
     ("usage.recalculate_storage", "/v1/op/usage.recalculate_storage"),
     ("usage.recalculate_storage", "/v1/usage/recalculate_storage"),
 ]
+SPEND_ROUTES = [
+    ("GET", "/v1/organization/spend_limit"),
+    ("POST", "/v1/organization/spend_limit"),
+    ("DELETE", "/v1/organization/spend_limit"),
+    ("POST", "/v1/organization/spend_alerts"),
+    ("GET", "/v1/organization/spend_alerts"),
+    ("GET", "/v1/organization/spend_alerts/{alert_id}"),
+    ("POST", "/v1/organization/spend_alerts/{alert_id}"),
+    ("DELETE", "/v1/organization/spend_alerts/{alert_id}"),
+]
 ASSET_PATHS = [
     ("assets.put", "/v1/op/assets.put"),
     ("assets.put", "/v1/assets/put"),
@@ -1133,8 +1143,22 @@ def test_rfc3339() -> None:
 # -- auth matrix -------------------------------------------------------------------------------
 
 
+MATRIX_ALERT = {
+    "currency": "USD",
+    "interval": "month",
+    "threshold_amount": 500,
+    "notification_channel": {"type": "email", "recipients": ["ops@example.com"]},
+}
+
+
 def valid_request(method: str, path: str) -> tuple[list[tuple[str, str]], Any]:
     """A request every route answers 2xx for, given the right key."""
+    if path.endswith("/spend_limit") and method == "POST":
+        return [], {"currency": "USD", "interval": "month", "threshold_amount": 1000}
+    if "/spend_alerts" in path:
+        return [], MATRIX_ALERT if method == "POST" else None
+    if path.endswith("/spend_limit"):
+        return [], None
     if path.startswith("/v1/organization/"):
         return [("start_time", str(T0))], None
     if path == "/v1/events":
@@ -1161,9 +1185,12 @@ def shape_of(response: Response) -> str:
 def test_auth_matrix(env: Env, route: Route) -> None:
     query, body = valid_request(route.method, route.path)
     expected_shape = "fastapi" if route.errors.name == "fastapi" else "openai"
+    path = route.path.replace("{alert_id}", "spalert_matrix")
+    env.meter.set_spend_limit("org_a", 1000)  # what the spend routes read and delete
+    env.meter.put_spend_alert("org_a", "spalert_matrix", MATRIX_ALERT)
 
     def send(**kw: Any) -> Response:
-        return env.send(route.method, route.path, query, body=body, **kw)
+        return env.send(route.method, path, query, body=body, **kw)
 
     for kw in (
         {"key": None},
@@ -1195,6 +1222,7 @@ def test_every_authenticated_route_is_in_the_matrix() -> None:
         ("GET", "/v1/usage"),
         ("POST", "/v1/events"),
         *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS]),
+        *SPEND_ROUTES,
     }
     assert covered == documented
 
@@ -1548,6 +1576,7 @@ def test_openapi_lists_every_route(env: Env) -> None:
         ("GET", "/healthz"),
         ("GET", "/openapi.json"),
         *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS]),
+        *SPEND_ROUTES,
     }
     assert listed == served == contract
     assert doc["components"]["securitySchemes"]["bearerAuth"] == {

@@ -19,9 +19,12 @@ from meterkit.errors import ValidationError
 from meterkit.leases import DEFAULT_FLUSH_INTERVAL, DEFAULT_TTL, check_timing
 from meterkit.metrics import Metric
 from meterkit.models import Dimension, Measure, MeterSpec
+from meterkit.notify import notifiers_from_config
 from meterkit.periods import BillingCycle
 from meterkit.plans import OrgPlan, Plan
 from meterkit.retention import parse_retention
+from meterkit.spend import check_cents
+from meterkit.validate import check_id
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,6 +49,8 @@ class Meter(Protocol):
 
     def assign_plan(self, organization_id: str, plan: str, *, seats: int = 1) -> OrgPlan: ...
 
+    def set_spend_limit(self, organization_id: str, threshold_amount: int) -> Any: ...
+
     def set_price(self, price: Price | Mapping[str, Any]) -> Price: ...
 
 
@@ -67,6 +72,8 @@ _TOP = {
     "plans",
     "organizations",
     "retention",
+    "notify",
+    "spend_limits",
 }
 
 
@@ -87,6 +94,8 @@ class Config:
     plans: tuple[Plan, ...] = ()
     organizations: tuple[OrgPlan, ...] = ()
     retention: tuple[tuple[str, int], ...] = ()
+    notifiers: tuple[Any, ...] = ()
+    spend_limits: tuple[tuple[str, int], ...] = ()
 
     def meter_kwargs(self) -> dict[str, Any]:
         return {
@@ -101,6 +110,7 @@ class Config:
             "meters": self.meters,
             "metrics": self.metrics,
             "retention": dict(self.retention),
+            "notifiers": self.notifiers,
         }
 
     def apply(self, meter: Meter) -> None:
@@ -117,6 +127,8 @@ class Config:
             meter.assign_plan(org.organization_id, org.plan, seats=org.seats)
         for price in prices:
             meter.set_price(price)
+        for org_id, cents in self.spend_limits:
+            meter.set_spend_limit(org_id, cents)
 
     @staticmethod
     def _price(meter: Meter, index: int, data: Mapping[str, Any]) -> Price:
@@ -308,6 +320,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         parsed = parse_retention(days, f"retention.{name}")
         assert parsed is not None  # TOML has no null
         retention.append((name, parsed))
+    limits = _table("spend_limits", raw.get("spend_limits", {}))
+    for org_id, cents in limits.items():
+        try:
+            check_id("spend_limits", org_id)
+            check_cents(cents, f"spend_limits.{org_id}")
+        except ValidationError as exc:
+            raise ValidationError(f"spend_limits.{org_id}", exc.message) from None
     return Config(
         store=store,
         counters=counters,
@@ -324,4 +343,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         plans=plans,
         organizations=_organizations(raw.get("organizations", {}), {p.id for p in plans}),
         retention=tuple(retention),
+        notifiers=tuple(notifiers_from_config(_table("notify", raw.get("notify", {})))),
+        spend_limits=tuple(sorted(limits.items())),
     )

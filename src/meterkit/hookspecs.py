@@ -64,12 +64,18 @@ def meterkit_quota_threshold(
     used: int,
     limit: int,
     period_start: int | None,
+    alert: Any,
 ) -> None:
     """Be told that an organization's usage of ``metric`` reached ``threshold`` of its limit.
 
     Thresholds are fractions (``0.8`` and ``1.0`` by default; ``Meter(thresholds=...)``).
     Each fires at most once per organization, metric and billing period (``period_start``;
     ``None`` for gauges such as ``storage_bytes``), even with many processes sharing a store.
+
+    A spend alert (:mod:`meterkit.spend`) fires it too, once per alert and month: ``metric``
+    is ``"spend"``, ``threshold`` ``1.0``, ``used`` and ``limit`` are nano-dollars (the
+    month's counted spend and the alert's amount) and ``alert`` is the
+    :class:`~meterkit.spend.SpendAlert`; ``alert`` is ``None`` for every other threshold.
     """
 
 

@@ -20,6 +20,7 @@ from meterkit import assets as assets_module
 from meterkit import costs as costs_module
 from meterkit import engine, pricing, rollups, summaries
 from meterkit import retention as retention_module
+from meterkit import spend as spend_module
 from meterkit.catalog import builtin_meters
 from meterkit.config import load_config
 from meterkit.convert import openai_page
@@ -27,6 +28,7 @@ from meterkit.costs import CostsPage, UnpricedUsage
 from meterkit.engine import rollup
 from meterkit.errors import EventConflict, StoreUnavailable, ValidationError
 from meterkit.idempotency import classify
+from meterkit.ids import new_id
 from meterkit.leases import DEFAULT_FLUSH_INTERVAL, check_timing
 from meterkit.leases import DEFAULT_TTL as DEFAULT_LEASE_TTL
 from meterkit.metrics import Metric, check_metric
@@ -40,13 +42,14 @@ from meterkit.models import (
     UsagePage,
     UsageQuery,
 )
+from meterkit.notify import AlertNotice, Notifier, Outbox
 from meterkit.periods import Period
 from meterkit.plans import Grant, OrgPlan, Plan
 from meterkit.plugins import get_plugin_manager, make_plugin_manager
 from meterkit.pricing import Price, PriceBook
 from meterkit.quotas import Decision, Policy, Quotas, Reservation
 from meterkit.stores.base import CounterStore, RollupStore, Store
-from meterkit.validate import check_event, check_time, check_usage_query
+from meterkit.validate import check_event, check_id, check_time, check_usage_query
 from meterkit.writer import GroupWriter
 
 __all__ = ["DEFAULT_URL", "Meter", "open_counters", "open_store"]
@@ -133,7 +136,7 @@ class Meter:
     (default 300; ``None`` accepts any time): usage cannot happen in the future, and an event
     stamped far ahead would otherwise count in a period that has not begun.
     ``retention`` maps meter names to how many days of raw events they keep (see
-    :meth:`set_retention`).
+    :meth:`set_retention`). ``notifiers`` deliver spend alerts (:mod:`meterkit.notify`).
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class Meter:
         lease_ttl: int = DEFAULT_LEASE_TTL,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         retention: Mapping[str, Any] | None = None,
+        notifiers: Sequence[Notifier] = (),
     ) -> None:
         if max_future_skew is not None and (
             isinstance(max_future_skew, bool)
@@ -211,6 +215,8 @@ class Meter:
         self._flusher: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
+        self.outbox = Outbox(notifiers)
+        """Spend alert notices on their way to ``notifiers`` (see :mod:`meterkit.notify`)."""
         self.quotas = Quotas(
             self,
             policy=policy,
@@ -696,7 +702,9 @@ class Meter:
         """Add or replace a price version (kept by the store)."""
         if isinstance(price, Mapping):
             price = pricing.price_from_dict(price, self._specs)
-        return pricing.save_price(self.store, price, specs=self._specs)
+        saved = pricing.save_price(self.store, price, specs=self._specs)
+        self.quotas._forget()  # spend is counted at the new prices from now on
+        return saved
 
     def prices(self) -> PriceBook:
         """The price book as stored now."""
@@ -781,10 +789,22 @@ class Meter:
         debit: bool = True,
         requests: int = 1,
         dimensions: Mapping[str, Any] | None = None,
+        cost: Any = None,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Decision:
-        """Atomically admit and debit ``amounts`` against every limit, or refuse and debit none."""
+        """Atomically admit and debit ``amounts`` against every limit, or refuse and debit none.
+
+        ``cost`` (dollars) or ``price`` (``{meter: {measure: amount}}``) is the request's
+        estimated spend, held to the spend limit with the other limits (:mod:`meterkit.spend`).
+        """
         return self.quotas.check(
-            organization_id, amounts, debit=debit, requests=requests, dimensions=dimensions
+            organization_id,
+            amounts,
+            debit=debit,
+            requests=requests,
+            dimensions=dimensions,
+            cost=cost,
+            price=price,
         )
 
     def reserve(
@@ -795,10 +815,19 @@ class Meter:
         ttl: int = 300,
         requests: int = 1,
         dimensions: Mapping[str, Any] | None = None,
+        cost: Any = None,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Reservation:
-        """Hold ``amounts`` until ``commit(actual)`` or ``release()``; raises QuotaExceeded."""
+        """Hold ``amounts`` (and an estimated ``cost`` / ``price``) until
+        ``commit(actual, cost=...)`` or ``release()``; raises QuotaExceeded."""
         return self.quotas.reserve(
-            organization_id, amounts, ttl=ttl, requests=requests, dimensions=dimensions
+            organization_id,
+            amounts,
+            ttl=ttl,
+            requests=requests,
+            dimensions=dimensions,
+            cost=cost,
+            price=price,
         )
 
     def debit(
@@ -807,9 +836,125 @@ class Meter:
         amounts: Mapping[str, int],
         *,
         dimensions: Mapping[str, Any] | None = None,
+        cost: Any = None,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Decision:
-        """Count usage that already happened, without a limit check."""
-        return self.quotas.debit(organization_id, amounts, dimensions=dimensions)
+        """Count usage (and its ``cost`` as spend) that already happened, without a check."""
+        return self.quotas.debit(
+            organization_id, amounts, dimensions=dimensions, cost=cost, price=price
+        )
+
+    # -- spend limits and alerts (see meterkit.spend) ------------------------------------------
+
+    def set_spend_limit(
+        self,
+        organization_id: str,
+        threshold_amount: int,
+        *,
+        currency: str = "USD",
+        interval: str = "month",
+    ) -> spend_module.SpendState:
+        """Create or replace the organization's hard spend limit, in cents per UTC month."""
+        limit = spend_module.SpendLimit.build(
+            organization_id,
+            {"threshold_amount": threshold_amount, "currency": currency, "interval": interval},
+            self.now(),
+        )
+        self.store.put_record(spend_module.LIMIT_RECORD, limit.organization_id, limit.to_record())
+        self.quotas._forget()
+        return self.spend(organization_id)
+
+    def delete_spend_limit(self, organization_id: str) -> bool:
+        """Remove the organization's spend limit; ``True`` if it had one."""
+        org = check_id("organization_id", organization_id)
+        found = self.store.delete_record(spend_module.LIMIT_RECORD, org)
+        self.quotas._forget()
+        return found
+
+    def spend(self, organization_id: str, at: int | None = None) -> spend_module.SpendState:
+        """Month-to-date counted spend (open reservations' estimates included) and the limit."""
+        org = check_id("organization_id", organization_id)
+        now = self.now() if at is None else check_time("at", at)
+        self.flush()  # decisions made here and not reported yet count
+        month = pricing.default_period_of(now)
+        nano = self.quotas.spent(org, now)
+        limit = spend_module.read_limit(self.store, org)
+        return spend_module.SpendState(
+            org, month.start, month.end, spend_module.nano_to_usd(nano), limit
+        )
+
+    def create_spend_alert(
+        self,
+        organization_id: str,
+        threshold_amount: int,
+        recipients: Sequence[str],
+        *,
+        subject_prefix: str | None = None,
+        currency: str = "USD",
+        interval: str = "month",
+        id: str | None = None,
+    ) -> spend_module.SpendAlert:
+        """An alert at ``threshold_amount`` cents of month-to-date spend, emailed to
+        ``recipients`` (and sent to every notifier) once per month."""
+        return self.put_spend_alert(
+            organization_id,
+            id or new_id("spalert"),
+            {
+                "threshold_amount": threshold_amount,
+                "currency": currency,
+                "interval": interval,
+                "notification_channel": {
+                    "type": "email",
+                    "recipients": list(recipients)
+                    if not isinstance(recipients, (str, bytes))
+                    else recipients,
+                    "subject_prefix": subject_prefix,
+                },
+            },
+        )
+
+    def put_spend_alert(
+        self, organization_id: str, alert_id: str, data: Mapping[str, Any]
+    ) -> spend_module.SpendAlert:
+        """Create or replace an alert from the SDK's fields (``threshold_amount``,
+        ``currency``, ``interval``, ``notification_channel``); creation time is kept."""
+        org = check_id("organization_id", organization_id)
+        alert = spend_module.SpendAlert.build(alert_id, org, data, self.now())
+        old = spend_module.get_alert(self.store, org, alert.id)
+        if old is not None:
+            alert = attrs.evolve(alert, created_at=old.created_at)
+        self.store.put_record(spend_module.alert_kind(org), alert.id, alert.to_record())
+        self.quotas._forget()
+        return alert
+
+    def spend_alert(self, organization_id: str, alert_id: str) -> spend_module.SpendAlert | None:
+        return spend_module.get_alert(
+            self.store, check_id("organization_id", organization_id), check_id("id", alert_id)
+        )
+
+    def spend_alerts(self, organization_id: str) -> list[spend_module.SpendAlert]:
+        """The organization's spend alerts, oldest first."""
+        return spend_module.list_alerts(self.store, check_id("organization_id", organization_id))
+
+    def delete_spend_alert(self, organization_id: str, alert_id: str) -> bool:
+        org = check_id("organization_id", organization_id)
+        found = self.store.delete_record(spend_module.alert_kind(org), check_id("id", alert_id))
+        self.quotas._forget()
+        return found
+
+    def _spend_alert(self, alert: spend_module.SpendAlert, used: int, period_start: int) -> None:
+        """An alert fired: the threshold hook now, the notifiers from the outbox."""
+        self.pm.hook.meterkit_quota_threshold(
+            meter=self,
+            organization_id=alert.organization_id,
+            metric=spend_module.SPEND,
+            threshold=1.0,
+            used=used,
+            limit=alert.threshold_nano,
+            period_start=period_start,
+            alert=alert,
+        )
+        self.outbox.submit(AlertNotice(alert, used, period_start, self.now()))
 
     # -- retention (see meterkit.retention) ---------------------------------------------------
 
@@ -937,6 +1082,7 @@ class Meter:
         except Exception:
             logger.exception("meterkit: the last flush of %s failed", self.url)
         finally:
+            self.outbox.close()
             if self.counters is not self.store:
                 self.counters.close()
             self.store.close()

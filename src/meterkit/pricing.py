@@ -481,6 +481,7 @@ class PriceBook:
             # Most specific first, then canonical ``where`` JSON: the documented tie-break.
             group.sort(key=lambda ln: (-len(ln.where), ln.key))
         self._by_id = by_id
+        self._priced_meters = frozenset(meter for meter, _ in self._lines)
         self._candidates: dict[tuple[str, str, frozenset[tuple[str, DimValue]]], list[_Line]] = {}
 
     @property
@@ -552,6 +553,47 @@ class PriceBook:
             if price is not None:
                 return price
         return None
+
+    def prices_meter(self, meter: str) -> bool:
+        """Whether any price names ``meter``."""
+        return meter in self._priced_meters
+
+    def ceiling(
+        self,
+        meter: str,
+        values: Mapping[str, Number],
+        dimensions: Mapping[str, DimValue],
+        time: int,
+    ) -> Decimal:
+        """An upper bound of what ``values`` of one event cost: each priced measure at the
+        dearest unit price its line can charge (its own, or its dearest tier), flat tier fees
+        left out. Exact for untiered prices; what spend counters count (:mod:`meterkit.spend`).
+        """
+        total = Tally()
+        self.add_ceiling(total, meter, values, dimensions, time)
+        return total.value()
+
+    def add_ceiling(
+        self,
+        tally: Tally,
+        meter: str,
+        values: Mapping[str, Number],
+        dimensions: Mapping[str, DimValue],
+        time: int,
+    ) -> None:
+        """Add :meth:`ceiling` of one event to ``tally`` (exact: rounded by nobody)."""
+        if meter not in self._priced_meters:
+            return
+        for measure, value in values.items():
+            if not value or (meter, measure) not in self._lines:
+                continue
+            price = self.match(meter, measure, dimensions, time)
+            if price is None:
+                continue
+            unit = price.unit_price
+            if unit is None:
+                unit = max(t.unit_price for t in price.tiers)
+            tally.add(_EXACT.multiply(to_units(value), unit), price.per)
 
 
 def _same(a: DimValue, b: DimValue) -> bool:

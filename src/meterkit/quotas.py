@@ -17,10 +17,12 @@ import threading
 import time as _time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 
+from meterkit import spend as spend_module
 from meterkit.counters import fits
 from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.ids import new_id
@@ -29,7 +31,16 @@ from meterkit.metrics import Metric, contributions
 from meterkit.models import CounterLine, CounterResult, Event, Hold
 from meterkit.periods import BillingCycle, Period
 from meterkit.plans import UNLIMITED, Grant, OrgPlan, Plan
-from meterkit.validate import MAX_VALUE, check_event, check_id, check_string, check_time
+from meterkit.pricing import PriceBook, Tally, default_period_of, load_book
+from meterkit.spend import SPEND, SpendAlert, SpendLimit, check_cost, to_nano
+from meterkit.validate import (
+    MAX_VALUE,
+    check_event,
+    check_id,
+    check_number,
+    check_string,
+    check_time,
+)
 
 if TYPE_CHECKING:
     import pluggy
@@ -60,6 +71,8 @@ class Host(Protocol):
     def record_many(self, events: Iterable[Event]) -> AppendResult: ...
 
     def _record_counted(self, events: Sequence[Event]) -> None: ...
+
+    def _spend_alert(self, alert: SpendAlert, used: int, period_start: int) -> None: ...
 
     def _queue(
         self, events: Sequence[Event], *, wait: bool = True, counted: bool = True
@@ -155,6 +168,9 @@ class _Compiled:
     seats: int
     credits: int  # purchased credits valid over the whole of [period.start, valid_until)
     rates: tuple[tuple[str, int, int], ...]  # (metric, window seconds, requests allowed)
+    month: Period  # the UTC calendar month spend is counted in
+    spend_cap: int | None  # the spend limit in nano-dollars
+    alerts: tuple[SpendAlert, ...]
     quota: dict[str, tuple[str, int | None, int | None, Period | None]] = attrs.field(factory=dict)
     # The lines of recent decisions at ``lines_at`` (a second), by (amounts, requests).
     lines: dict[tuple[tuple[tuple[str, int], ...], int], list[_Line]] = attrs.field(factory=dict)
@@ -205,6 +221,10 @@ def check_amounts(amounts: object, field: str = "amounts") -> dict[str, int]:
             check_string(field, metric)
             if metric in RATE_WINDOWS:
                 raise ValidationError(f"{field}.{metric}", "rate limits are counted per request")
+            if metric == SPEND:
+                raise ValidationError(
+                    f"{field}.{metric}", "spend is decided in dollars: pass cost= or price="
+                )
             _remember(_GOOD_NAMES, metric)
         if type(amount) is int and 0 <= amount <= MAX_VALUE:
             out[metric] = amount  # the common case of check_count, without a field name
@@ -263,13 +283,20 @@ class Reservation:
         self.settled = False
         self._leased = False  # held in this process's leases, not in the store
 
-    def commit(self, actual: Mapping[str, int] | None = None) -> None:
-        """Settle to the real amounts (default: what was held). Over the hold is debited too."""
+    def commit(self, actual: Mapping[str, int] | None = None, *, cost: object = None) -> None:
+        """Settle to the real amounts (default: what was held) and the real ``cost`` in
+        dollars (default: the estimate held). Over the hold is debited too."""
         amounts = dict(self.held) if actual is None else check_amounts(actual, "actual")
+        amounts.pop(SPEND, None)
         unknown = set(amounts) - set(self.held)
         if unknown:
             raise ValidationError("actual", f"not held by this reservation: {sorted(unknown)}")
+        spent = None if cost is None else to_nano(check_cost("cost", cost))
+        if spent is not None and SPEND not in self.held:
+            raise ValidationError("cost", "this reservation holds no spend (reserve with cost=)")
         full = {m: amounts.get(m, 0) for m in self.held}
+        if SPEND in self.held:
+            full[SPEND] = self.held[SPEND] if spent is None else spent
         self._settle(full)
 
     def release(self) -> None:
@@ -331,6 +358,8 @@ class Quotas:
         # Threshold markers this process has claimed (or seen claimed): asked of the store once.
         self._claimed: set[str] = set()
         self._sources_cache: tuple[int, list[Metric]] | None = None
+        self._spend_cache: dict[str, tuple[float, tuple[SpendLimit | None, list[SpendAlert]]]] = {}
+        self._book: tuple[float, PriceBook] | None = None
         # Debit dimensions already validated, by (metric, items): most requests repeat them.
         self._good_dims: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
         # Set while settling on an event loop: what needs the store is deferred to the flush.
@@ -383,9 +412,10 @@ class Quotas:
         organization's billing period containing its time.
         """
         found = contributions(self.metric_sources(), events)
-        if not found:
-            return
         by_org: dict[str, dict[str, int]] = {}
+        months = self._feed_spend(events, by_org)
+        if not found and not by_org:
+            return
         for (org, metric), items in found.items():
             cycle = self._cycle(org)
             deltas = by_org.setdefault(org, {})
@@ -397,7 +427,12 @@ class Quotas:
                 deltas[key] = deltas.get(key, 0) + amount
         now = self.meter.now()
         for org in sorted(by_org):  # one call per organization (one hash slot on a cluster)
-            self.counters.counters_add(sorted(by_org[org].items()), now=now)
+            changes = sorted(by_org[org].items())
+            values = self.counters.counters_add(changes, now=now)
+            for (key, _), value in zip(changes, values):
+                month = months.get(key)
+                if month is not None:
+                    self._alert(org, self.spending(org)[1], value, month)
 
     def check_plan_metrics(self, plan: Plan) -> None:
         """Refuse a plan limiting a metric no meter counts (a typo such as ``querys``)."""
@@ -501,6 +536,150 @@ class Quotas:
             self._generation += 1
             self._cache.clear()
             self._compiled.clear()
+            self._spend_cache.clear()
+            self._book = None
+
+    # -- spend (see meterkit.spend) -----------------------------------------------------------
+
+    def spending(self, org: str) -> tuple[SpendLimit | None, list[SpendAlert]]:
+        """The organization's spend limit and alerts, read at most every ``cache_seconds``."""
+        now = _time.monotonic()
+        with self._cache_lock:
+            hit = self._spend_cache.get(org)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+            generation = self._generation
+        found = spend_module.read_spending(self.store, org)
+        with self._cache_lock:
+            if self._generation == generation:
+                if len(self._spend_cache) > 100_000:
+                    self._spend_cache.clear()
+                self._spend_cache[org] = (now + self.cache_seconds, found)
+        return found
+
+    def price_book(self) -> PriceBook:
+        """The stored price book, read again at most every ``cache_seconds`` (and after any
+        change made through this meter)."""
+        now = _time.monotonic()
+        hit = self._book
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        book = load_book(self.store, self.meter._specs)
+        self._book = (now + self.cache_seconds, book)
+        return book
+
+    def estimate(
+        self,
+        price: Mapping[str, Mapping[str, Any]],
+        dimensions: Mapping[str, Any] | None,
+        now: int,
+    ) -> Decimal:
+        """What ``{meter: {measure: amount}}`` would cost now, at the dearest unit prices their
+        lines can charge (the spend counters' own rule), with ``dimensions`` matching prices."""
+        if not isinstance(price, Mapping):
+            raise ValidationError("price", "must map meter names to {measure: amount}")
+        book = self.price_book()
+        dims = dict(dimensions or {})
+        total = Decimal(0)
+        for meter, values in price.items():
+            spec = self.meter._specs.get(meter) if isinstance(meter, str) else None
+            if spec is None:
+                raise ValidationError(f"price.{meter}", f"unknown meter {meter!r}")
+            if not isinstance(values, Mapping):
+                raise ValidationError(f"price.{meter}", "must map measure names to amounts")
+            for measure, value in values.items():
+                if spec.measure(measure) is None:
+                    raise ValidationError(
+                        f"price.{meter}.{measure}", f"meter {meter!r} has no measure {measure!r}"
+                    )
+                check_number(f"price.{meter}.{measure}", value)
+            total += book.ceiling(meter, values, dims, now)
+        return total
+
+    def spend_nano(
+        self,
+        cost: object,
+        price: Mapping[str, Mapping[str, Any]] | None,
+        dimensions: Mapping[str, Any] | None,
+        now: int,
+    ) -> int | None:
+        """A decision's estimated cost in counted nano-dollars (``None``: none given)."""
+        if cost is not None and price is not None:
+            raise ValidationError("cost", "give cost= or price=, not both")
+        if cost is not None:
+            return to_nano(check_cost("cost", cost))
+        if price is not None:
+            return to_nano(self.estimate(price, dimensions, now))
+        return None
+
+    def _with_spend(
+        self, org: str, amounts: dict[str, int], spend: int | None, now: int
+    ) -> dict[str, int]:
+        """``amounts`` with the spend line a decision needs. Under a spend limit it is at least
+        one nano-dollar, so that a decision without an estimate is refused once the limit is
+        reached (an estimate of nothing would always fit)."""
+        if self._compile(org, now).spend_cap is not None:
+            return {**amounts, SPEND: max(spend or 0, 1)}
+        return amounts if spend is None else {**amounts, SPEND: spend}
+
+    def spend_key(self, org: str, at: int) -> str:
+        return self.period_key(org, SPEND, default_period_of(at))
+
+    def spent(self, organization_id: str, at: int | None = None) -> int:
+        """Counted month-to-date spend in nano-dollars (open reservations included)."""
+        now = self.meter.now() if at is None else at
+        return self._read_counted(organization_id, self.spend_key(organization_id, now), now)
+
+    def _feed_spend(
+        self, events: Sequence[Event], by_org: dict[str, dict[str, int]]
+    ) -> dict[str, Period]:
+        """Add the priced events' spend to ``by_org``; the month of each spend key added.
+
+        Each organization's month is summed exactly and rounded up once per batch."""
+        book = self.price_book()
+        months: dict[str, Period] = {}
+        if not len(book):
+            return months
+        tallies: dict[str, Tally] = {}
+        month: Period | None = None
+        for event in events:
+            if not book.prices_meter(event.meter):
+                continue
+            t = event.time
+            assert t is not None
+            if month is None or not month.start <= t < month.end:
+                month = default_period_of(t)
+            key = self.period_key(event.organization_id, SPEND, month)
+            tally = tallies.get(key)
+            if tally is None:
+                tally = tallies[key] = Tally()
+                months[key] = month
+            book.add_ceiling(tally, event.meter, event.values, event.dimensions, t)
+        for key, tally in tallies.items():
+            nano = to_nano(tally.value())
+            if nano:
+                org = key.split("\x1f", 2)[1]
+                deltas = by_org.setdefault(org, {})
+                deltas[key] = deltas.get(key, 0) + nano
+        return months
+
+    def _alert(self, org: str, alerts: Sequence[SpendAlert], used: int, month: Period) -> None:
+        """Fire each alert reached by ``used`` nano-dollars, once per alert and month."""
+        for alert in alerts:
+            if used < alert.threshold_nano:
+                break
+            # An alert whose threshold is changed may fire again at the new one.
+            marker = f"sa\x1f{org}\x1f{alert.id}\x1f{alert.threshold_amount}\x1f{month.start}"
+            if marker in self._claimed:
+                continue
+            claimed = self.counters.claim_once(marker, now=self.meter.now(), expires_at=None)
+            if len(self._claimed) > 100_000:
+                self._claimed.clear()
+            self._claimed.add(marker)
+            if claimed:
+                self.meter.notify(
+                    functools.partial(self.meter._spend_alert, alert, used, month.start)
+                )
 
     def _fresh(self, org: str, now: int) -> tuple[_Compiled | None, int]:
         """The organization's compiled limits if still good at ``now``, and the generation
@@ -525,7 +704,9 @@ class Quotas:
         assignment, plan, grants = self._lookup(org)
         cycle = plan.billing_cycle if plan else DEFAULT_CYCLE
         period = cycle.period_at(now)
-        valid_until = period.end
+        month = default_period_of(now)
+        limit, alerts = self.spending(org)
+        valid_until = min(period.end, month.end)
         for g in grants:
             for edge in (g.granted_at, g.expires_at):
                 if edge is not None and now < edge < valid_until:
@@ -544,6 +725,9 @@ class Quotas:
             seats=assignment.seats if assignment else 1,
             credits=credits,
             rates=rates,
+            month=month,
+            spend_cap=None if limit is None else limit.threshold_nano,
+            alerts=tuple(sorted(alerts, key=lambda a: (a.threshold_amount, a.id))),
         )
         with self._cache_lock:
             if self._generation == generation:
@@ -584,7 +768,10 @@ class Quotas:
     ) -> tuple[str, int | None, int | None, Period | None]:
         """One metric's (counter key, cap, reset_at, period), memoized in ``c``."""
         found = c.quota.get(metric)
-        if found is None:
+        if found is None and metric == SPEND:
+            found = (self.period_key(org, SPEND, c.month), c.spend_cap, c.month.end, c.month)
+            c.quota[metric] = found
+        elif found is None:
             limit = UNLIMITED if c.plan is None else c.plan.limit(metric, c.seats)
             if metric == "credits" and limit != UNLIMITED:
                 limit += c.credits
@@ -646,13 +833,24 @@ class Quotas:
         debit: bool = True,
         requests: int = 1,
         dimensions: Mapping[str, Any] | None = None,
+        cost: object = None,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Decision:
         """Admit (and debit) ``amounts`` plus ``requests`` against every limit, or refuse all.
 
         ``debit=False`` only looks: nothing is counted and a later call may decide otherwise.
+        ``cost`` (dollars) or ``price`` (``{meter: {measure: amount}}``, priced now) is the
+        request's spend, held to the organization's spend limit with the other limits.
         """
         decision, _ = self._decide(
-            organization_id, amounts, requests, debit=debit, hold_ttl=None, dimensions=dimensions
+            organization_id,
+            amounts,
+            requests,
+            debit=debit,
+            hold_ttl=None,
+            dimensions=dimensions,
+            cost=cost,
+            price=price,
         )
         return decision
 
@@ -664,11 +862,21 @@ class Quotas:
         ttl: int = 300,
         requests: int = 1,
         dimensions: Mapping[str, Any] | None = None,
+        cost: object = None,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Reservation:
-        """Hold ``amounts`` now; raises :class:`QuotaExceeded` if any limit refuses."""
+        """Hold ``amounts`` (and the estimated ``cost`` / ``price``) now; raises
+        :class:`QuotaExceeded` if any limit refuses."""
         check_ttl(ttl)
         decision, reservation = self._decide(
-            organization_id, amounts, requests, debit=True, hold_ttl=ttl, dimensions=dimensions
+            organization_id,
+            amounts,
+            requests,
+            debit=True,
+            hold_ttl=ttl,
+            dimensions=dimensions,
+            cost=cost,
+            price=price,
         )
         if reservation is None:
             raise QuotaExceeded(decision)
@@ -680,11 +888,17 @@ class Quotas:
         amounts: Mapping[str, int],
         *,
         dimensions: Mapping[str, Any] | None = None,
+        cost: object = None,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Decision:
-        """Count usage that already happened, whatever the limits say (it is never refused)."""
+        """Count usage (and its ``cost`` / ``price`` as spend) that already happened, whatever
+        the limits say (it is never refused)."""
         org = check_org(organization_id)
         clean = check_amounts(amounts)
         now = self.meter.now()
+        spend = self.spend_nano(cost, price, dimensions, now)
+        if spend is not None:
+            clean[SPEND] = spend
         decision_id = new_id("dbt")
 
         def add() -> Decision:
@@ -712,15 +926,20 @@ class Quotas:
     def used(self, organization_id: str, metric: str, at: int | None = None) -> int:
         """Counted usage of ``metric``: this period's for counters, the current value for gauges."""
         now = self.meter.now() if at is None else at
+        if metric == SPEND:
+            return self.spent(organization_id, now)
         if self.is_gauge(metric):
             key = self.gauge_key(organization_id, metric)
         else:
             key = self.period_key(organization_id, metric, self.period(organization_id, now))
+        return self._read_counted(organization_id, key, now)
+
+    def _read_counted(self, org: str, key: str, now: int) -> int:
         if self.leases is None:
             value: int = self.counters.counters_read([key], now=now)[0]
             return value
         # No report of this organization may move units between the two reads.
-        with self.leases.steady(organization_id):
+        with self.leases.steady(org):
             value = self.counters.counters_read([key], now=now)[0]
             return value + self.leases.consumed(key, now)  # decided here, not reported yet
 
@@ -746,6 +965,7 @@ class Quotas:
         *,
         ttl: int | None = None,
         dimensions: Mapping[str, Any] | None = None,
+        cost: object = None,
     ) -> tuple[Decision, Reservation | None] | None:
         """An admitted decision (a reservation with ``ttl``) made without any store I/O, or
         ``None`` when it needs the store: limits not compiled, a lease short of room, a
@@ -761,6 +981,7 @@ class Quotas:
         now = self.meter.now()
         if self.compiled(org, now) is None:
             return None
+        clean = self._with_spend(org, clean, self.spend_nano(cost, None, None, now), now)
         lines = self._lines(org, clean, 1, now)
         if not all(ln.window or ln.period is not None for ln in lines):
             return None
@@ -802,13 +1023,17 @@ class Quotas:
         debit: bool,
         hold_ttl: int | None,
         dimensions: Mapping[str, Any] | None,
+        cost: object = None,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> tuple[Decision, Reservation | None]:
         org = check_org(organization_id)
         clean = check_amounts(amounts)
         check_count("requests", requests)
         now = self.meter.now()
+        spend = self.spend_nano(cost, price, dimensions, now)
         decision_id = new_id("rsv" if hold_ttl else "dec")
         try:
+            clean = self._with_spend(org, clean, spend, now)
             lines = self._lines(org, clean, requests, now)
         except StoreUnavailable:
             if self.policy == "open":
@@ -1023,11 +1248,15 @@ class Quotas:
         one can be reached: claiming a threshold asks the store."""
         if not local:
             self._thresholds_from(org, lines, used)
-        elif self._near_threshold(lines, used):
+        elif self._near_threshold(org, lines, used):
             self.meter._defer(lambda: self._thresholds_from(org, lines, used))
 
-    def _near_threshold(self, lines: Sequence[_Line], used: Mapping[str, int]) -> bool:
+    def _near_threshold(self, org: str, lines: Sequence[_Line], used: Mapping[str, int]) -> bool:
         """Whether any limited line reached the lowest threshold (only then can one fire)."""
+        compiled = self._compiled.get(org)
+        alerts = compiled.alerts if compiled is not None else ()
+        if alerts and used.get(SPEND, -1) >= alerts[0].threshold_nano:
+            return True
         if not self.thresholds:
             return False
         lowest = self.thresholds[0]
@@ -1042,6 +1271,10 @@ class Quotas:
 
     def _thresholds_from(self, org: str, lines: Sequence[_Line], used: Mapping[str, int]) -> None:
         for line in lines:
+            if line.metric == SPEND and line.period is not None:
+                alerts = self.spending(org)[1]
+                if alerts:
+                    self._alert(org, alerts, used.get(SPEND, 0), line.period)
             limit = line.counter.limit
             if line.window or limit is None or limit <= 0:
                 continue
@@ -1073,6 +1306,7 @@ class Quotas:
                             used=value,
                             limit=limit,
                             period_start=line.period.start if line.period else None,
+                            alert=None,
                         )
                     )
 
@@ -1107,7 +1341,7 @@ class Quotas:
         events = []
         specs = self.meter._specs
         for metric, amount in amounts.items():
-            spec = specs.get(metric)
+            spec = specs.get(metric) if metric != SPEND else None
             measure = spec.measure(metric) if spec is not None and amount else None
             if spec is None or measure is None or measure.gauge:
                 continue

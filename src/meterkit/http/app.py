@@ -33,11 +33,12 @@ _CHALLENGE = (("www-authenticate", "Bearer"),)
 
 def default_surfaces() -> tuple[Surface, ...]:
     """Every surface meterkit serves, in matching order (concrete paths before patterns)."""
-    from meterkit.http import account, events, meta, openai, operations, plan
+    from meterkit.http import account, events, meta, openai, operations, plan, spend
 
     return (
         meta.SURFACE,
         openai.SURFACE,
+        spend.SURFACE,
         plan.SURFACE,
         account.SURFACE,
         events.SURFACE,

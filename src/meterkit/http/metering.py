@@ -33,7 +33,9 @@ from meterkit.http.errors import MESSAGES, OPENAI, HttpError
 from meterkit.models import Event
 from meterkit.periods import Period
 from meterkit.plans import UNLIMITED
+from meterkit.pricing import default_period_of
 from meterkit.quotas import RATE_WINDOWS, Decision, Reservation, check_amounts
+from meterkit.spend import SPEND, nano_to_usd
 
 if TYPE_CHECKING:
     from meterkit.meter import Meter
@@ -232,6 +234,12 @@ def openai_refusal(decision: Decision) -> tuple[int, Sequence[tuple[str, str]], 
             f"limit {limit}, used {used}."
         )
         kind, code = "requests", "rate_limit_exceeded"
+    elif metric == SPEND:
+        message = (
+            "Your organization reached its hard spend limit of "
+            f"${nano_to_usd(limit):.2f} this month (spent ${nano_to_usd(used):.2f})."
+        )
+        kind, code = "insufficient_quota", "insufficient_quota"
     else:
         requested = state.requested if state else 0
         message = (
@@ -486,6 +494,9 @@ class Metering(Generic[R]):
                 continue
             if state.metric in RATE_WINDOWS:
                 out[state.metric] = RATE_WINDOWS[state.metric]
+            elif state.metric == SPEND:
+                month = default_period_of(now)
+                out[SPEND] = month.end - month.start
             elif state.reset_at is not None:
                 period = (
                     period
@@ -635,7 +646,9 @@ def own_endpoint(path: str) -> bool:
     if _OWN_PATHS is None:
         from meterkit.http.app import default_surfaces
 
-        templates = sorted({r.path for s in default_surfaces() for r in s.routes})
+        # Hidden catch-alls (``/v1/{resource}/{action}``) only answer 404: an application's
+        # own path of that form is not one of ours.
+        templates = sorted({r.path for s in default_surfaces() for r in s.routes if not r.hidden})
         alternatives = "|".join(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(t)) for t in templates)
         _OWN_PATHS = re.compile(f"(?:{alternatives})")
     return _OWN_PATHS.fullmatch(path) is not None

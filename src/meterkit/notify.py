@@ -1,0 +1,330 @@
+"""Delivering spend alerts: email over SMTP and signed webhooks, off the request path.
+
+A spend alert that fires (:mod:`meterkit.spend`) becomes an :class:`AlertNotice`, queued in
+the meter's :class:`Outbox`; one background thread hands it to every notifier configured
+(``Meter(notifiers=[...])`` or the ``[notify.email]`` / ``[notify.webhook]`` tables of the
+configuration file). A failing notifier is logged and does not stop the others.
+
+- :class:`EmailNotifier` sends one message to the alert's recipients through a configured
+  SMTP server (``smtplib``; STARTTLS, implicit TLS and login are optional).
+- :class:`WebhookNotifier` POSTs the notice as JSON, signed with HMAC-SHA256 over
+  ``"{timestamp}.{body}"`` in the ``Meterkit-Signature: t=<timestamp>,v1=<hex>`` header
+  (:func:`verify_signature` checks it on the receiving side). A connection error, a 429 or a
+  5xx is retried with exponential backoff; other answers are final.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import queue
+import smtplib
+import ssl
+import threading
+import time as _time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
+from email.message import EmailMessage
+from typing import Any, Protocol
+
+import attrs
+
+from meterkit.errors import ValidationError
+from meterkit.spend import SpendAlert, nano_to_usd
+
+__all__ = [
+    "AlertNotice",
+    "DeliveryFailed",
+    "EmailNotifier",
+    "Notifier",
+    "Outbox",
+    "WebhookNotifier",
+    "notifiers_from_config",
+    "sign",
+    "verify_signature",
+]
+
+logger = logging.getLogger("meterkit")
+
+SIGNATURE_HEADER = "Meterkit-Signature"
+
+
+class DeliveryFailed(Exception):
+    """A notifier gave up on a notice (after its retries, for webhooks)."""
+
+
+@attrs.frozen
+class AlertNotice:
+    """A spend alert that fired: the alert, the month's counted spend and when it fired."""
+
+    alert: SpendAlert
+    spent_nano: int
+    period_start: int
+    fired_at: int
+
+    @property
+    def organization_id(self) -> str:
+        return self.alert.organization_id
+
+    @property
+    def spent(self) -> Decimal:
+        """Month-to-date spend in dollars when the alert fired."""
+        return nano_to_usd(self.spent_nano)
+
+    @property
+    def threshold(self) -> Decimal:
+        return Decimal(self.alert.threshold_amount).scaleb(-2)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The webhook body (amounts in dollars as decimal strings: exact)."""
+        return {
+            "object": "organization.spend_alert.fired",
+            "organization_id": self.organization_id,
+            "alert": self.alert.to_dict(),
+            "spent": str(self.spent),
+            "threshold": f"{self.threshold:.2f}",
+            "currency": self.alert.currency,
+            "period_start": self.period_start,
+            "fired_at": self.fired_at,
+        }
+
+    def subject(self) -> str:
+        prefix = self.alert.notification_channel.subject_prefix
+        text = (
+            f"Spend alert: {self.organization_id} reached ${self.threshold:.2f} "
+            f"this month (${self.spent:.2f} so far)"
+        )
+        return f"{prefix} {text}" if prefix else text
+
+
+def _dollars(amount: Decimal) -> str:
+    """Cents at least (``0.50``), every digit beyond them kept (``5.0312``)."""
+    cents = amount.quantize(Decimal("0.01"))
+    return str(cents if cents == amount else amount.normalize())
+
+
+class Notifier(Protocol):
+    """Delivers a notice, or raises (the outbox logs it)."""
+
+    def deliver(self, notice: AlertNotice) -> None: ...
+
+
+@attrs.frozen
+class EmailNotifier:
+    """Email to the alert's recipients through the SMTP server at ``host``:``port``."""
+
+    host: str
+    sender: str
+    port: int = 25
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    starttls: bool = False
+    tls: bool = False  # implicit TLS (port 465)
+    timeout: float = 10.0
+
+    def message(self, notice: AlertNotice) -> EmailMessage:
+        msg = EmailMessage()
+        msg["From"] = self.sender
+        msg["To"] = ", ".join(notice.alert.notification_channel.recipients)
+        msg["Subject"] = notice.subject()
+        msg.set_content(
+            f"Organization {notice.organization_id} has spent ${_dollars(notice.spent)} "
+            f"{notice.alert.currency} this month, reaching the alert at "
+            f"${notice.threshold:.2f} (alert {notice.alert.id}).\n"
+        )
+        return msg
+
+    def deliver(self, notice: AlertNotice) -> None:
+        msg = self.message(notice)
+        context = ssl.create_default_context()
+        smtp: smtplib.SMTP
+        if self.tls:
+            smtp = smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+        with smtp:
+            if self.starttls:
+                smtp.starttls(context=context)
+            if self.username is not None:
+                smtp.login(self.username, self.password or "")
+            smtp.send_message(msg)
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """The ``Meterkit-Signature`` header value of ``body`` sent at ``timestamp``."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+def verify_signature(
+    secret: str, header: str, body: bytes, *, now: int, tolerance: int = 300
+) -> bool:
+    """Whether ``header`` signs ``body`` with ``secret`` and is at most ``tolerance`` s old."""
+    parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
+    try:
+        timestamp = int(parts["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs(now - timestamp) > tolerance:
+        return False
+    expected = sign(secret, timestamp, body).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, parts.get("v1", ""))
+
+
+@attrs.frozen
+class WebhookNotifier:
+    """A signed JSON POST to ``url``, retried ``retries`` times with doubling ``backoff``."""
+
+    url: str
+    secret: str = attrs.field(repr=False)
+    retries: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    timeout: float = 10.0
+    clock: Callable[[], float] = attrs.field(default=_time.time, repr=False)
+    sleep: Callable[[float], None] = attrs.field(default=_time.sleep, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValidationError("url", "must be an http:// or https:// URL")
+        if not self.secret:
+            raise ValidationError("secret", "must not be empty (it signs every delivery)")
+
+    def deliver(self, notice: AlertNotice) -> None:
+        body = json.dumps(notice.to_dict(), sort_keys=True).encode()
+        wait = self.backoff
+        for attempt in range(self.retries + 1):
+            # Signed at each attempt: a receiver's freshness check applies to the retry too.
+            request = urllib.request.Request(
+                self.url,
+                data=body,
+                method="POST",
+                headers={
+                    "Content-Type": "application/json",
+                    SIGNATURE_HEADER: sign(self.secret, int(self.clock()), body),
+                    "Meterkit-Delivery-Attempt": str(attempt + 1),
+                },
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    response.read()
+                return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 429 and exc.code < 500:
+                    raise DeliveryFailed(f"{self.url} answered {exc.code}") from None
+                reason = f"HTTP {exc.code}"
+            except (urllib.error.URLError, OSError) as exc:
+                reason = str(exc)
+            if attempt == self.retries:
+                raise DeliveryFailed(f"{self.url}: {reason} after {attempt + 1} attempts")
+            self.sleep(wait)
+            wait = min(self.max_backoff, wait * 2)
+
+
+class Outbox:
+    """Notices waiting for delivery, and the daemon thread that delivers them in order."""
+
+    def __init__(self, notifiers: Sequence[Notifier] = ()) -> None:
+        self.notifiers = tuple(notifiers)
+        self._queue: queue.Queue[AlertNotice | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.delivered: list[tuple[str, AlertNotice]] = []
+        self.failed: list[tuple[str, AlertNotice, str]] = []
+
+    def submit(self, notice: AlertNotice) -> None:
+        if not self.notifiers:
+            return
+        self._queue.put(notice)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="meterkit-notify", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            notice = self._queue.get()
+            try:
+                if notice is None:
+                    return
+                for notifier in self.notifiers:
+                    name = type(notifier).__name__
+                    try:
+                        notifier.deliver(notice)
+                    except Exception as exc:
+                        logger.warning(
+                            "meterkit: spend alert %s not delivered by %s: %s",
+                            notice.alert.id,
+                            name,
+                            exc,
+                        )
+                        self.failed.append((name, notice, str(exc)))
+                    else:
+                        self.delivered.append((name, notice))
+            finally:
+                self._queue.task_done()
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued notice was handed to every notifier; ``False`` on timeout."""
+        deadline = _time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if _time.monotonic() >= deadline:
+                return False
+            _time.sleep(0.01)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self.drain(timeout)
+            self._queue.put(None)
+            thread.join(timeout)
+
+
+def notifiers_from_config(table: Mapping[str, Any]) -> list[Notifier]:
+    """Notifiers from the ``[notify]`` table: ``email`` and ``webhook`` sub-tables."""
+    out: list[Notifier] = []
+    unknown = set(table) - {"email", "webhook"}
+    if unknown:
+        raise ValidationError(f"notify.{sorted(unknown)[0]}", "is not a notifier (email, webhook)")
+    email = table.get("email")
+    if email is not None:
+        out.append(_build("notify.email", EmailNotifier, email, {"host", "sender"}))
+    webhook = table.get("webhook")
+    if webhook is not None:
+        out.append(_build("notify.webhook", WebhookNotifier, webhook, {"url", "secret"}))
+    return out
+
+
+def _build(field: str, cls: Any, data: object, required: set[str]) -> Any:
+    if not isinstance(data, Mapping):
+        raise ValidationError(field, "must be a table")
+    allowed = {a.name for a in attrs.fields(cls)} - {"clock", "sleep"}
+    for key in data:
+        if key not in allowed:
+            raise ValidationError(f"{field}.{key}", f"is not a setting; known: {sorted(allowed)}")
+    for key in sorted(required - set(data)):
+        raise ValidationError(f"{field}.{key}", "is required")
+    for attribute in attrs.fields(cls):
+        if attribute.name not in data:
+            continue
+        value = data[attribute.name]
+        kinds: dict[str, type | tuple[type, ...]] = {
+            "int": int,
+            "float": (int, float),
+            "bool": bool,
+        }
+        kind = kinds.get(str(attribute.type).replace("str | None", "str"), str)
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+            raise ValidationError(f"{field}.{attribute.name}", f"must be a {attribute.type}")
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        raise ValidationError(f"{field}.{exc.field}", exc.message) from None
