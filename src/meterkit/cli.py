@@ -143,12 +143,22 @@ def _uvicorn() -> Any:
 
 
 def _serve(
-    meter: Meter, host: str, port: int, log_level: str, *, member_usage: bool = False
+    meter: Meter,
+    host: str,
+    port: int,
+    log_level: str,
+    *,
+    member_usage: bool = False,
+    demo_model: bool = False,
 ) -> None:
     uvicorn = _uvicorn()
     from meterkit.asgi import create_app
 
-    app = create_app(meter, member_usage=member_usage)
+    app: Any = create_app(meter, member_usage=member_usage)
+    if demo_model:
+        from meterkit.demo_model import guarded
+
+        app = guarded(app, meter)
     click.echo(
         f"meterkit: serving {meter.url} on {_url(host, port)} (press Ctrl-C to stop)", err=True
     )
@@ -196,6 +206,13 @@ _freeze = click.option(
     help="Let member keys read the organization usage and costs endpoints (admin keys only "
     "by default, as OpenAI's).",
 )
+@click.option(
+    "--demo-model",
+    is_flag=True,
+    help="Also serve a stand-in model at POST /v1/chat/completions behind the metering "
+    "guard: its tokens are recorded and priced, and plan, rate and spend limits refuse it "
+    "with a 429.",
+)
 def serve(
     config: Path | None,
     db: str | None,
@@ -205,9 +222,17 @@ def serve(
     frozen: bool,
     log_level: str,
     member_usage: bool,
+    demo_model: bool,
 ) -> None:
     """Serve every HTTP endpoint (usage, costs, plan and account usage, operations, ingest)."""
-    _serve(_open(config, db, now, frozen=frozen), host, port, log_level, member_usage=member_usage)
+    _serve(
+        _open(config, db, now, frozen=frozen),
+        host,
+        port,
+        log_level,
+        member_usage=member_usage,
+        demo_model=demo_model,
+    )
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -410,6 +435,15 @@ Try it while the server runs:
     curl -s "{base}/v1/usage" {auth}
     curl -s -X POST "{base}/v1/usage/history" {auth} -H "Content-Type: application/json" \\
       -d '{{"organization_id": "{organization_id}", "months": 2}}'
+    curl -s "{base}/v1/organization/spend_limit" {auth}
+
+The spend limit is a cent or two above this month's spend. Each call to the demo model
+spends about 0.02 cents; once the limit is reached it answers 429 insufficient_quota:
+
+    for i in $(seq 150); do curl -s -o /dev/null -w "%{{http_code}}\\n" \\
+      -X POST "{base}/v1/chat/completions" {auth} -H "Content-Type: application/json" \\
+      -d '{{"model": "gpt-4o", "messages": [{{"role": "user", "content": "Hello"}}]}}'; \\
+    done | uniq -c
 
 Or with the official openai SDK (pip install openai); its admin endpoints take the key
 as admin_api_key:
@@ -471,4 +505,4 @@ def demo(
     if no_serve:
         meter.close()
         return
-    _serve(meter, host, port, log_level)
+    _serve(meter, host, port, log_level, demo_model=True)

@@ -678,7 +678,51 @@ def populate(
         duplicates += result.duplicates
     _sync_ledger(meter, organizations, now)
     _register_assets(meter, organizations, now, days)
+    if organizations:
+        _spend_near_its_limit(meter, organizations[0].id, now)
     return DemoSummary(tuple(o.id for o in organizations), start, end, events, accepted, duplicates)
+
+
+SPEND_ALERT_ID = "spalert_demo"
+
+
+def _spend_near_its_limit(meter: Meter, org: str, now: int) -> None:
+    """A spend alert at three quarters of the month's spend so far, crossed by one more
+    request (so it fires, once), and a hard spend limit a cent or two above the spend."""
+    spent = meter.spend(org).counted
+    cents = spent * 100
+    alert = max(1, int(cents * 3 / 4))
+    meter.put_spend_alert(
+        org,
+        SPEND_ALERT_ID,
+        {
+            "currency": "USD",
+            "interval": "month",
+            "threshold_amount": alert,
+            "notification_channel": {
+                "type": "email",
+                "recipients": [f"billing@{org.removeprefix('org_')}.example"],
+                "subject_prefix": "[meterkit demo]",
+            },
+        },
+    )
+    meter.record(
+        "completions",
+        {
+            "input_tokens": 1200,
+            "input_text_tokens": 1200,
+            "output_tokens": 300,
+            "output_text_tokens": 300,
+            "num_model_requests": 1,
+        },
+        organization_id=org,
+        time=now - 1,
+        id="demo-spend-alert-crossing",
+        dimensions={"model": "gpt-4o", "batch": False},
+    )
+    # Within a cent or two of the month's spend: the demo model's calls reach it soon.
+    limit = max(alert + 1, -int(-cents // 1) + 1)
+    meter.set_spend_limit(org, limit)
 
 
 def _register_assets(meter: Meter, organizations: Sequence[DemoOrg], now: int, days: int) -> None:
