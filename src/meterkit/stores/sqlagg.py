@@ -206,17 +206,30 @@ def rollup_columns(spec: MeterSpec, d: Dialect) -> list[str]:
     return ["organization_id", "bucket", "series", *map(d.dim, spec.dimension_names), *cells]
 
 
-def upsert(spec: MeterSpec, grain: int, d: Dialect, source: str | None = None) -> str:
+def upsert(
+    spec: MeterSpec,
+    grain: int,
+    d: Dialect,
+    source: str | None = None,
+    cells: Sequence[int] | None = None,
+) -> str:
     """``INSERT`` of one rollup row that merges into the row already there (see
     :func:`meterkit.engine.rollup.merger`): one statement for every store. ``source`` (a
-    ``SELECT``) gives many rows at once instead, each key at most once."""
+    ``SELECT``) gives many rows at once instead, each key at most once. ``cells``: only these
+    value cells (indexes in :func:`~meterkit.engine.rollup.columns` order; a latest value's
+    three together) are written — what a row leaves out reads NULL and merges as nothing."""
     p = d.placeholder
-    cols = rollup_columns(spec, d)
-    sets = []
     layout = rollup.columns(spec)
+    wanted = set(range(len(layout)) if cells is None else cells)
+    cols = rollup_columns(spec, d)[: 3 + len(spec.dimension_names)]
+    cols += [d.cell(kind, name) for i, (kind, name) in enumerate(layout) if i in wanted]
+    sets = []
     i = 0
     while i < len(layout):
         kind, name = layout[i]
+        if i not in wanted:
+            i += 1
+            continue
         if kind == "t":
             t, ident, latest = (d.cell(k, name) for k in ("t", "i", "l"))
             newer = (

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import operator
 import os
 import sqlite3
 import threading
@@ -126,14 +128,13 @@ def _layout(spec: MeterSpec) -> dict[str, list[str]]:
     return out
 
 
-def rollup_params(
+def fit_sums(
     folded: Mapping[int, Mapping[rollup.Key, tuple[tuple[DimValue, ...], list[Any]]]],
     sums: Sequence[int],
-) -> dict[int, list[tuple[Any, ...]]]:
-    """Bind parameters of :func:`sqlagg.upsert` per grain for rows folded by
-    :func:`~meterkit.engine.rollup.fold_grains`; ``sums`` are the cells holding sums. A sum
-    past SQLite's integer range is bound as a float: queries then read that meter from its
-    events (see :func:`sqlagg.overflowed`)."""
+) -> None:
+    """Turn sums past SQLite's integer range into floats, in place, in rows folded by
+    :func:`~meterkit.engine.rollup.fold_grains` (``sums``: the cells holding sums): queries
+    then read that meter from its events (see :func:`sqlagg.overflowed`)."""
     # Values are never negative, so a day's sum is at least each of its hours' and minutes':
     # when no day passes the range, nothing does.
     coarsest = folded[max(folded)]
@@ -145,10 +146,35 @@ def rollup_params(
                 for i in sums:
                     if cells[i] is not None and cells[i] > _INT64:
                         cells[i] = float(cells[i])
-    return {
-        grain: [(*key, *tup, *cells) for key, (tup, cells) in rows.items()]
-        for grain, rows in folded.items()
-    }
+
+
+def _picker(wanted: tuple[int, ...]) -> Callable[[list[Any]], tuple[Any, ...]]:
+    """``cells -> (cells[i] for i in wanted)`` as a tuple, at C speed where it can."""
+    if len(wanted) > 1:
+        return operator.itemgetter(*wanted)
+    if wanted:
+        only = wanted[0]
+        return lambda cells: (cells[only],)
+    return lambda cells: ()
+
+
+def upsert_batches(
+    rows: Mapping[rollup.Key, tuple[tuple[DimValue, ...], list[Any]]],
+) -> dict[tuple[int, ...], list[tuple[Any, ...]]]:
+    """Bind parameters of :func:`sqlagg.upsert` for one grain's folded rows, grouped by the
+    value cells each row has (its non-NULL ones): ``{cells: [params, ...]}``."""
+    out: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}
+    picks: dict[tuple[bool, ...], tuple[tuple[int, ...], Callable[[list[Any]], Any]]] = {}
+    # Rows of one batch share a handful of shapes: each is worked out once.
+    for key, (tup, cells) in rows.items():
+        pattern = tuple(map(operator.is_, cells, itertools.repeat(None)))
+        found = picks.get(pattern)
+        if found is None:
+            wanted = tuple(i for i, empty in enumerate(pattern) if not empty)
+            found = picks[pattern] = (wanted, _picker(wanted))
+            out[wanted] = []
+        out[found[0]].append((*key, *tup, *found[1](cells)))
+    return out
 
 
 class SQLiteStore:
@@ -162,6 +188,7 @@ class SQLiteStore:
         # event survives a power loss too. "normal" trades that for write speed.
         self.synchronous = options.get("synchronous", "full").upper()
         self._lock = threading.RLock()
+        self._upserts: dict[tuple[MeterSpec, int, tuple[int, ...]], str] = {}
         folder = os.path.dirname(os.path.abspath(self.path))
         if self.path != ":memory:" and not os.path.isdir(folder):
             raise ValidationError("url", f"the folder of {self.path!r} does not exist: {folder}")
@@ -390,8 +417,23 @@ class SQLiteStore:
         if not events or not rollup.rollable(spec):
             return
         sums = [i for i, (kind, _) in enumerate(rollup.columns(spec)) if kind == "s"]
-        for grain, params in rollup_params(rollup.fold_grains(spec, events), sums).items():
-            conn.executemany(sqlagg.upsert(spec, grain, _DIALECT), params)
+        folded = rollup.fold_grains(spec, events)
+        fit_sums(folded, sums)
+        for grain, rows in folded.items():
+            # A wide meter's events carry a few of its measures: each statement writes only
+            # the cells its rows have (NULL cells merge as nothing, so leaving them out is
+            # the same upsert, with far fewer values bound and compared).
+            for cells, params in upsert_batches(rows).items():
+                conn.executemany(self._upsert(spec, grain, cells), params)
+
+    def _upsert(self, spec: MeterSpec, grain: int, cells: tuple[int, ...]) -> str:
+        key = (spec, grain, cells)
+        sql = self._upserts.get(key)
+        if sql is None:
+            if len(self._upserts) > 4096:
+                self._upserts.clear()
+            sql = self._upserts[key] = sqlagg.upsert(spec, grain, _DIALECT, cells=cells)
+        return sql
 
     def rebuild_rollups(
         self, spec: MeterSpec, progress: Callable[[int], None] | None = None, *, since: int = 0
