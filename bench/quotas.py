@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from report import fmt_rate, fmt_ratio, median, table
 
 import meterkit
 from meterkit import Plan
+from meterkit.spend import to_nano
 from meterkit.stores.base import CounterStore
 
 __all__ = [
@@ -63,6 +65,9 @@ Op = Callable[[], bool]
 
 TOKENS = 100
 AMOUNTS = {"tokens": TOKENS}
+# The spend variants: a limit no run reaches, and each check's estimated cost.
+SPEND_LIMIT_CENTS = 900_000_000
+COST = Decimal("0.000123")
 PLAN = Plan(
     "bench",
     "Bench",
@@ -161,18 +166,24 @@ class MeterContender(Contender):
         record_debits: bool = True,
         plan: Plan = PLAN,
         leases: bool = True,
+        cost: Decimal | None = None,
     ) -> None:
         self.name = name
         self.org = organization_id
+        self.cost = cost
         self.meter = meterkit.Meter(
             url, counters=counters, record_debits=record_debits, leases=leases
         )
         try:
             self.meter.set_plan(plan)
             self.meter.assign_plan(organization_id, plan.id)
+            if cost is not None:
+                self.meter.set_spend_limit(organization_id, SPEND_LIMIT_CENTS)
             self.period = self.meter.quotas.period(organization_id).start
             self.base = self.meter.quotas.used(organization_id, "tokens")
-            decision = self.meter.check(organization_id, AMOUNTS)  # warm-up, untimed
+            self.spent = self.meter.quotas.spent(organization_id)
+            # warm-up, untimed
+            decision = self.meter.check(organization_id, AMOUNTS, cost=cost)
             metrics = sorted(s.metric for s in decision.limits)
             assert decision.allowed, decision
             expected = (
@@ -180,6 +191,8 @@ class MeterContender(Contender):
                 if plan is ONE_LIMIT
                 else ["rate_limit_per_day", "rate_limit_rpm", "tokens"]
             )
+            if cost is not None:
+                expected = sorted([*expected, "spend"])
             assert metrics == expected, metrics
         except BaseException:
             self.meter.close()
@@ -187,7 +200,9 @@ class MeterContender(Contender):
         self.calls = 1
 
     def op(self) -> Op:
-        check, org = self.meter.check, self.org
+        check, org, cost = self.meter.check, self.org, self.cost
+        if cost is not None:
+            return lambda: check(org, AMOUNTS, cost=cost).allowed
         return lambda: check(org, AMOUNTS).allowed
 
     def verify(self) -> None:
@@ -195,6 +210,10 @@ class MeterContender(Contender):
             return  # the billing period rolled over during the run: nothing to compare
         used = self.meter.quotas.used(self.org, "tokens") - self.base
         assert used == TOKENS * self.calls, (self.name, used, TOKENS * self.calls)
+        if self.cost is not None:
+            spent = self.meter.quotas.spent(self.org) - self.spent
+            want = to_nano(self.cost) * self.calls
+            assert spent == want, (self.name, spent, want)
 
     def close(self) -> None:
         self.meter.close()
@@ -415,6 +434,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     sqlite_full = work / "quotas-full.db"
     sqlite_normal = work / "quotas-normal.db"
     sqlite_nodebit = work / "quotas-full-nodebit.db"
+    sqlite_spend = work / "quotas-full-spend.db"
     contenders: list[Contender] = []
     try:
         contenders += [
@@ -428,7 +448,16 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             MeterContender(
                 "meterkit memory://, 1 limit (vs 1 hit)", "memory://", "org_q5", plan=ONE_LIMIT
             ),
+            MeterContender(
+                "meterkit memory://, + spend limit (cost=)", "memory://", "org_q6", cost=COST
+            ),
             MeterContender("meterkit SQLite (FULL)", f"sqlite:///{sqlite_full}", "org_q2"),
+            MeterContender(
+                "meterkit SQLite (FULL), + spend limit (cost=)",
+                f"sqlite:///{sqlite_spend}",
+                "org_q7",
+                cost=COST,
+            ),
             MeterContender(
                 "meterkit SQLite (FULL), record_debits=False",
                 f"sqlite:///{sqlite_nodebit}",
