@@ -2,7 +2,9 @@
 
 from meterkit.errors import (
     EventConflict,
+    LateEventError,
     MeterkitError,
+    PeriodClosed,
     QuotaExceeded,
     RetentionError,
     StoreUnavailable,
@@ -35,6 +37,7 @@ __all__ = [
     "Event",
     "EventConflict",
     "Grant",
+    "LateEventError",
     "LimitState",
     "Measure",
     "Meter",
@@ -43,6 +46,7 @@ __all__ = [
     "Metric",
     "OrgPlan",
     "Period",
+    "PeriodClosed",
     "Plan",
     "QuotaExceeded",
     "Reservation",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 
 from meterkit.errors import ValidationError
+from meterkit.lateness import parse_lateness
 from meterkit.leases import DEFAULT_FLUSH_INTERVAL, DEFAULT_TTL, check_timing
 from meterkit.metrics import Metric
 from meterkit.models import Dimension, Measure, MeterSpec
@@ -74,6 +75,7 @@ _TOP = {
     "retention",
     "notify",
     "spend_limits",
+    "lateness",
 }
 
 
@@ -96,6 +98,7 @@ class Config:
     retention: tuple[tuple[str, int], ...] = ()
     notifiers: tuple[Any, ...] = ()
     spend_limits: tuple[tuple[str, int], ...] = ()
+    lateness: int | None = None
 
     def meter_kwargs(self) -> dict[str, Any]:
         return {
@@ -111,6 +114,7 @@ class Config:
             "metrics": self.metrics,
             "retention": dict(self.retention),
             "notifiers": self.notifiers,
+            "lateness": self.lateness,
         }
 
     def apply(self, meter: Meter) -> None:
@@ -345,4 +349,5 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         retention=tuple(retention),
         notifiers=tuple(notifiers_from_config(_table("notify", raw.get("notify", {})))),
         spend_limits=tuple(sorted(limits.items())),
+        lateness=parse_lateness(raw.get("lateness")),
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 __all__ = [
     "EventConflict",
+    "LateEventError",
     "MeterkitError",
+    "PeriodClosed",
     "QuotaExceeded",
     "RetentionError",
     "StoreUnavailable",
@@ -40,6 +42,33 @@ class EventConflict(ValidationError):
             f"id {shown} is already recorded for this organization and meter with other data; "
             "the stored event is unchanged (use a new id for new usage)",
         )
+
+
+class LateEventError(ValidationError):
+    """An event is older than the meter's lateness window accepts (``Meter(lateness=...)``).
+
+    ``lateness`` is the window in seconds; ``accepted_from`` the earliest time accepted now.
+    """
+
+    def __init__(self, field: str, message: str, *, lateness: int, accepted_from: int) -> None:
+        self.lateness = lateness
+        self.accepted_from = accepted_from
+        super().__init__(field, message)
+
+
+class PeriodClosed(ValidationError):
+    """An event falls in a closed period (``Meter.close_period``): its usage is final.
+
+    ``organization_id`` is the event's organization, ``closed_before`` the end of what is
+    closed for it.
+    """
+
+    def __init__(
+        self, field: str, message: str, *, organization_id: str, closed_before: int
+    ) -> None:
+        self.organization_id = organization_id
+        self.closed_before = closed_before
+        super().__init__(field, message)
 
 
 class StoreUnavailable(MeterkitError):

@@ -19,6 +19,7 @@ import pluggy
 from meterkit import assets as assets_module
 from meterkit import costs as costs_module
 from meterkit import engine, pricing, rollups, summaries
+from meterkit import lateness as lateness_module
 from meterkit import retention as retention_module
 from meterkit import spend as spend_module
 from meterkit.catalog import builtin_meters
@@ -26,7 +27,13 @@ from meterkit.config import load_config
 from meterkit.convert import openai_page
 from meterkit.costs import CostsPage, UnpricedUsage
 from meterkit.engine import rollup
-from meterkit.errors import EventConflict, StoreUnavailable, ValidationError
+from meterkit.errors import (
+    EventConflict,
+    LateEventError,
+    PeriodClosed,
+    StoreUnavailable,
+    ValidationError,
+)
 from meterkit.idempotency import classify
 from meterkit.ids import new_id
 from meterkit.leases import DEFAULT_FLUSH_INTERVAL, check_timing
@@ -137,6 +144,8 @@ class Meter:
     stamped far ahead would otherwise count in a period that has not begun.
     ``retention`` maps meter names to how many days of raw events they keep (see
     :meth:`set_retention`). ``notifiers`` deliver spend alerts (:mod:`meterkit.notify`).
+    ``lateness`` (seconds, ``"12h"``, ``"7d"``) is how late an event may arrive
+    (:mod:`meterkit.lateness`; default: any time).
     """
 
     def __init__(
@@ -159,6 +168,7 @@ class Meter:
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         retention: Mapping[str, Any] | None = None,
         notifiers: Sequence[Notifier] = (),
+        lateness: Any = None,
     ) -> None:
         if max_future_skew is not None and (
             isinstance(max_future_skew, bool)
@@ -167,6 +177,9 @@ class Meter:
         ):
             raise ValidationError("max_future_skew", "must be a non-negative whole number or None")
         self.max_future_skew = max_future_skew
+        self.lateness: int | None = lateness_module.parse_lateness(lateness)
+        """Seconds an event may lie before the clock (``None``: any): :mod:`meterkit.lateness`."""
+        self._closes: tuple[float, dict[str, int]] | None = None
         if retention is not None and not isinstance(retention, Mapping):
             raise ValidationError("retention", "must map meter names to days")
         wanted_retention = {
@@ -407,6 +420,8 @@ class Meter:
         now = self.now() if events else 0
         latest = None if self.max_future_skew is None else now + self.max_future_skew
         kept = self._retention if events else {}
+        closed = self._closed_periods() if events else {}
+        earliest = None if self.lateness is None else now - self.lateness
         for i, event in enumerate(events):
             field = "event" if single else f"events[{i}]"
             if not isinstance(event, Event):
@@ -433,8 +448,65 @@ class Meter:
                     f"is {event.time - now} s ahead of the clock; at most "
                     f"{self.max_future_skew} s is accepted (max_future_skew)",
                 )
+            if earliest is not None and event.time < earliest:
+                assert self.lateness is not None
+                raise LateEventError(
+                    f"{field}.time",
+                    f"is {now - event.time} s late; at most {self.lateness} s is accepted "
+                    "(lateness)",
+                    lateness=self.lateness,
+                    accepted_from=earliest,
+                )
+            if closed:
+                before = lateness_module.closed_before(closed, event.organization_id)
+                if event.time < before:
+                    raise PeriodClosed(
+                        f"{field}.time",
+                        f"falls in a closed period: usage of {event.organization_id} before "
+                        f"{before} is final",
+                        organization_id=event.organization_id,
+                        closed_before=before,
+                    )
             checked.append(event)
         return checked
+
+    # -- closed periods (see meterkit.lateness) -------------------------------------------------
+
+    def close_period(self, organization_id: str | None, before: Any) -> int:
+        """Make usage before ``before`` final for the organization (``None``: every one):
+        later events stamped before it are refused with :class:`~meterkit.PeriodClosed`.
+        A close only moves forward; returns the time now closed before."""
+        key = (
+            lateness_module.ALL
+            if organization_id is None
+            else check_id("organization_id", organization_id)
+        )
+        when = check_time("before", before)
+        if when > self.now():
+            raise ValidationError("before", "must not be in the future: usage there is not final")
+        known = self.store.get_record(lateness_module.RECORD, key)
+        if known is not None and int(known["before"]) >= when:
+            return int(known["before"])
+        self.store.put_record(lateness_module.RECORD, key, {"before": when})
+        self._closes = None
+        return when
+
+    def closed_before(self, organization_id: str) -> int:
+        """The time before which the organization's usage is closed (0: none is)."""
+        self._closes = None
+        return lateness_module.closed_before(
+            self._closed_periods(), check_id("organization_id", organization_id)
+        )
+
+    def _closed_periods(self) -> dict[str, int]:
+        """The store's closes, read again at most every second (another process may close)."""
+        hit = self._closes
+        now = _time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        found = lateness_module.closed_map(self.store.list_records(lateness_module.RECORD))
+        self._closes = (now + self.quotas.cache_seconds, found)
+        return found
 
     def _record_counted(self, events: Sequence[Event]) -> None:
         """Record a decision's debit events: their units are counted already."""
