@@ -228,6 +228,8 @@ def test_price_estimates_use_the_price_book(url: tuple[str, str | None]) -> None
         ({"cost": 0.5}, "cost"),
         ({"cost": "-1"}, "cost"),
         ({"cost": "NaN"}, "cost"),
+        ({"cost": Decimal("sNaN")}, "cost"),
+        ({"cost": Decimal("Infinity")}, "cost"),
         ({"cost": "lots"}, "cost"),
         ({"cost": [1]}, "cost"),
         ({"cost": "1e30"}, "cost"),

@@ -360,6 +360,7 @@ class Quotas:
         self._sources_cache: tuple[int, list[Metric]] | None = None
         self._spend_cache: dict[str, tuple[float, tuple[SpendLimit | None, list[SpendAlert]]]] = {}
         self._book: tuple[float, PriceBook] | None = None
+        self._nanos: dict[tuple[type, object], int] = {}
         # Debit dimensions already validated, by (metric, items): most requests repeat them.
         self._good_dims: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
         # Set while settling on an event loop: what needs the store is deferred to the flush.
@@ -607,7 +608,19 @@ class Quotas:
         if cost is not None and price is not None:
             raise ValidationError("cost", "give cost= or price=, not both")
         if cost is not None:
-            return to_nano(check_cost("cost", cost))
+            # Most requests repeat a few estimates: each is checked and converted once.
+            key = (type(cost), cost) if type(cost) in (Decimal, str, int) else None
+            try:
+                found = self._nanos.get(key) if key is not None else None
+            except TypeError:  # a signalling NaN cannot be hashed; the check says why
+                key = found = None
+            if found is None:
+                found = to_nano(check_cost("cost", cost))
+                if key is not None:
+                    if len(self._nanos) >= 4096:
+                        self._nanos.clear()
+                    self._nanos[key] = found
+            return found
         if price is not None:
             return to_nano(self.estimate(price, dimensions, now))
         return None
@@ -1272,9 +1285,11 @@ class Quotas:
     def _thresholds_from(self, org: str, lines: Sequence[_Line], used: Mapping[str, int]) -> None:
         for line in lines:
             if line.metric == SPEND and line.period is not None:
-                alerts = self.spending(org)[1]
-                if alerts:
-                    self._alert(org, alerts, used.get(SPEND, 0), line.period)
+                compiled = self._compiled.get(org)
+                alerts = compiled.alerts if compiled is not None else self.spending(org)[1]
+                spent = used.get(SPEND, 0)
+                if alerts and spent >= alerts[0].threshold_nano:
+                    self._alert(org, alerts, spent, line.period)
             limit = line.counter.limit
             if line.window or limit is None or limit <= 0:
                 continue
