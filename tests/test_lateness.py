@@ -36,9 +36,7 @@ def tokens(i: int, t: int, org: str = "org_a", n: int = 10) -> Event:
 
 
 def daily(m: Meter, org: str = "org_a") -> dict[int, int]:
-    page = m.usage(
-        "tokens", organization_id=org, start_time=NOW - 10 * DAY, end_time=NOW, limit=31
-    )
+    page = m.usage("tokens", organization_id=org, start_time=NOW - 10 * DAY, end_time=NOW, limit=31)
     return {b.start_time: sum(int(r.values["tokens"] or 0) for r in b.results) for b in page.data}
 
 

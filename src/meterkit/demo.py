@@ -680,6 +680,7 @@ def populate(
     _register_assets(meter, organizations, now, days)
     if organizations:
         _spend_near_its_limit(meter, organizations[0].id, now)
+        _a_corrected_event(meter, organizations[0].id, now)
     return DemoSummary(tuple(o.id for o in organizations), start, end, events, accepted, duplicates)
 
 
@@ -723,6 +724,23 @@ def _spend_near_its_limit(meter: Meter, org: str, now: int) -> None:
     # Within a cent or two of the month's spend: the demo model's calls reach it soon.
     limit = max(alert + 1, -int(-cents // 1) + 1)
     meter.set_spend_limit(org, limit)
+
+
+def _a_corrected_event(meter: Meter, org: str, now: int) -> None:
+    """Void one of today's requests (a health check counted as usage), once: the audit trail
+    then has a correction to show."""
+    if meter.corrections(org, meter="requests"):
+        return
+    today = now - now % 86400
+    first = next(iter(meter.store.scan("requests", org, today, now + 1)), None)
+    if first is not None:
+        meter.void(
+            "requests",
+            org,
+            first.id,
+            reason="a health check counted as usage",
+            actor=f"billing@{org.removeprefix('org_')}.example",
+        )
 
 
 def _register_assets(meter: Meter, organizations: Sequence[DemoOrg], now: int, days: int) -> None:

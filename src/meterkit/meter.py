@@ -17,6 +17,7 @@ import attrs
 import pluggy
 
 from meterkit import assets as assets_module
+from meterkit import corrections as corrections_module
 from meterkit import costs as costs_module
 from meterkit import engine, pricing, rollups, summaries
 from meterkit import lateness as lateness_module
@@ -1136,6 +1137,136 @@ class Meter:
     def assets(self, organization_id: str) -> list[assets_module.Asset]:
         """The organization's registered assets, by name."""
         return assets_module.list_assets(self.store, organization_id)
+
+    # -- corrections (see meterkit.corrections) ------------------------------------------------
+
+    def void(
+        self, meter: str, organization_id: str, event_id: str, *, reason: str, actor: str
+    ) -> corrections_module.Correction:
+        """Void a stored event: it counts for nothing any more (its id stays taken)."""
+        return self._correct(meter, organization_id, event_id, "void", None, None, reason, actor)
+
+    def amend(
+        self,
+        meter: str,
+        organization_id: str,
+        event_id: str,
+        *,
+        values: Mapping[str, Number] | None = None,
+        dimensions: Mapping[str, DimValue] | None = None,
+        reason: str,
+        actor: str,
+    ) -> corrections_module.Correction:
+        """Give a stored event new ``values`` and/or ``dimensions`` (each replaced whole;
+        its time stays)."""
+        if values is None and dimensions is None:
+            raise ValidationError("values", "give values or dimensions to amend")
+        return self._correct(
+            meter, organization_id, event_id, "amend", values, dimensions, reason, actor
+        )
+
+    def corrections(
+        self, organization_id: str, *, meter: str | None = None, event_id: str | None = None
+    ) -> list[corrections_module.Correction]:
+        """The organization's corrections, oldest first, optionally of one meter or event."""
+        org = check_id("organization_id", organization_id)
+        found = [
+            corrections_module.Correction.from_record(key, org, data)
+            for key, data in self.store.list_records(corrections_module.kind(org))
+        ]
+        found = [
+            c
+            for c in found
+            if (meter is None or c.meter == meter) and (event_id is None or c.event_id == event_id)
+        ]
+        return sorted(found, key=lambda c: (c.at, c.id))
+
+    def _correct(
+        self,
+        meter: str,
+        organization_id: str,
+        event_id: str,
+        action: corrections_module.Action,
+        values: Mapping[str, Number] | None,
+        dimensions: Mapping[str, DimValue] | None,
+        reason: str,
+        actor: str,
+    ) -> corrections_module.Correction:
+        spec = self.spec(meter)
+        org = check_id("organization_id", organization_id)
+        eid = check_id("event_id", event_id)
+        why = corrections_module.check_reason(reason)
+        who = corrections_module.check_actor(actor)
+        replace = getattr(self.store, "replace_event", None)
+        if replace is None:
+            raise ValidationError("meter", f"the store {self.url} cannot correct events")
+        self._ensure(spec)
+        self.flush()  # events queued here are in the store first
+        found = self.store.get_events(spec.name, org, [eid])
+        if not found:
+            raise ValidationError("event_id", f"no event {eid!r} of meter {spec.name!r} for {org}")
+        old = found[0]
+        if action == "void":
+            if not old.values:
+                raise ValidationError("event_id", f"{eid!r} is void already")
+            new = Event(old.id, spec.name, org, old.time, {}, dict(old.dimensions))
+        else:
+            draft = Event(
+                old.id,
+                spec.name,
+                org,
+                old.time,
+                dict(old.values) if values is None else values,
+                dict(old.dimensions) if dimensions is None else dimensions,
+            )
+            try:
+                new = check_event(spec, draft, "event")
+            except ValidationError as exc:
+                raise ValidationError(exc.field.removeprefix("event."), exc.message) from None
+            if new.values == old.values and new.dimensions == old.dimensions:
+                raise ValidationError("values", "the amendment changes nothing")
+        now = self.now()
+        self._closes = None  # a close made elsewhere a moment ago counts
+        closed = lateness_module.closed_before(self._closed_periods(), org)
+        if old.time < closed:
+            raise PeriodClosed(
+                "event_id",
+                f"{eid!r} is in a closed period: usage of {org} before {closed} is final",
+                organization_id=org,
+                closed_before=closed,
+            )
+        days = self._retention.get(spec.name)
+        if days is not None and old.time < retention_module.retained_from(now, days):
+            since = retention_module.retained_from(now, days)
+            raise retention_module.RetentionError(
+                "event_id",
+                f"{eid!r} is older than the retained window: "
+                f"{retention_module.describe(spec.name, days, since)}",
+                meter=spec.name,
+                days=days,
+                since=since,
+            )
+        correction = corrections_module.Correction(
+            new_id("corr"),
+            org,
+            spec.name,
+            eid,
+            action,
+            why,
+            who,
+            now,
+            corrections_module.event_dict(old),
+            corrections_module.event_dict(new),
+        )
+        with self.transaction():
+            replaced = replace(spec, new)
+            if replaced is None:
+                raise ValidationError("event_id", f"no event {eid!r} of meter {spec.name!r}")
+            self.quotas.recount([replaced], [new])
+            self.store.put_record(
+                corrections_module.kind(org), correction.id, correction.to_record()
+            )
+        return correction
 
     # -- lifecycle ----------------------------------------------------------------------------
 

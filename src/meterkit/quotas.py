@@ -32,7 +32,7 @@ from meterkit.models import CounterLine, CounterResult, Event, Hold
 from meterkit.periods import BillingCycle, Period
 from meterkit.plans import UNLIMITED, Grant, OrgPlan, Plan
 from meterkit.pricing import PriceBook, Tally, default_period_of, load_book
-from meterkit.spend import SPEND, SpendAlert, SpendLimit, check_cost, to_nano
+from meterkit.spend import NANO, SPEND, SpendAlert, SpendLimit, check_cost, to_nano
 from meterkit.validate import (
     MAX_VALUE,
     check_event,
@@ -412,20 +412,29 @@ class Quotas:
         ``record`` / ``record_many``, ingest and the middleware store. An event counts in the
         organization's billing period containing its time.
         """
-        found = contributions(self.metric_sources(), events)
+        self.recount((), events)
+
+    def recount(self, removed: Sequence[Event], added: Sequence[Event]) -> None:
+        """Take what ``removed`` contributed out of the counters and count ``added`` (a
+        correction replaces one by the other; recording only adds). Spend taken out is
+        rounded down and spend added up, so a counter never runs below the cost."""
         by_org: dict[str, dict[str, int]] = {}
-        months = self._feed_spend(events, by_org)
-        if not found and not by_org:
+        months = self._feed_spend(added, by_org)
+        if removed:
+            self._feed_spend(removed, by_org, sign=-1)
+        for sign, events in ((1, added), (-1, removed)):
+            found = contributions(self.metric_sources(), events) if events else {}
+            for (org, metric), items in found.items():
+                cycle = self._cycle(org)
+                deltas = by_org.setdefault(org, {})
+                period: Period | None = None
+                for t, amount in items:
+                    if period is None or not period.start <= t < period.end:
+                        period = cycle.period_at(t)
+                    key = self.period_key(org, metric, period)
+                    deltas[key] = deltas.get(key, 0) + sign * amount
+        if not by_org:
             return
-        for (org, metric), items in found.items():
-            cycle = self._cycle(org)
-            deltas = by_org.setdefault(org, {})
-            period: Period | None = None
-            for t, amount in items:
-                if period is None or not period.start <= t < period.end:
-                    period = cycle.period_at(t)
-                key = self.period_key(org, metric, period)
-                deltas[key] = deltas.get(key, 0) + amount
         now = self.meter.now()
         for org in sorted(by_org):  # one call per organization (one hash slot on a cluster)
             changes = sorted(by_org[org].items())
@@ -644,7 +653,7 @@ class Quotas:
         return self._read_counted(organization_id, self.spend_key(organization_id, now), now)
 
     def _feed_spend(
-        self, events: Sequence[Event], by_org: dict[str, dict[str, int]]
+        self, events: Sequence[Event], by_org: dict[str, dict[str, int]], sign: int = 1
     ) -> dict[str, Period]:
         """Add the priced events' spend to ``by_org``; the month of each spend key added.
 
@@ -669,7 +678,7 @@ class Quotas:
                 months[key] = month
             book.add_ceiling(tally, event.meter, event.values, event.dimensions, t)
         for key, tally in tallies.items():
-            nano = to_nano(tally.value())
+            nano = to_nano(tally.value()) if sign > 0 else -int(tally.value() * NANO)
             if nano:
                 org = key.split("\x1f", 2)[1]
                 deltas = by_org.setdefault(org, {})

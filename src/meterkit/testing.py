@@ -932,6 +932,48 @@ class StoreConformance:
             want = self._check_query(store, ROLLED_METER, query, events, f"{shape} {width}")
             assert want, "the data set should put events in this window"
 
+    def test_replaced_events_are_answered_as_the_engine_over_them(self, store: Store) -> None:
+        # A correction (meterkit.corrections) puts an event in the place of another of its id:
+        # rollups from that day on answer as the engine over the corrected events.
+        replace = getattr(store, "replace_event", None)
+        if replace is None:
+            pytest.skip("this store cannot correct events")
+        events = [
+            attrs.evolve(
+                e,
+                meter=ROLLED_METER.name,
+                values={k: v for k, v in e.values.items() if k != "distinct"},
+            )
+            for e in _deterministic_events()
+        ]
+        store.append(events)
+        corrected = list(events)
+        for i in (0, 7, 40, 99):
+            old = corrected[i]
+            new = attrs.evolve(
+                old,
+                values={} if i % 2 else {"total": 3, "peak": 1000.5, "last": 7},
+                dimensions={**old.dimensions, "region": "c"} if i == 40 else old.dimensions,
+            )
+            got = replace(ROLLED_METER, new)
+            assert got is not None and got.id == old.id and dict(got.values) == dict(old.values)
+            corrected[i] = new
+        missing = attrs.evolve(events[0], id="never-stored")
+        assert replace(ROLLED_METER, missing) is None
+        for width in ("1m", "1h", "1d"):
+            limit = {"1m": 1440, "1h": 168, "1d": 31}[width]
+            for group_by in ((), ("region",)):
+                query = make_query(
+                    ROLLED_METER,
+                    org="org_a",
+                    start=T0,
+                    end=T0 + (DAY if width == "1m" else 3 * DAY),
+                    width=width,
+                    group_by=group_by,
+                    limit=limit,
+                )
+                self._check_query(store, ROLLED_METER, query, corrected, f"replaced {width}")
+
     def test_aggregate_of_an_empty_window_is_empty(self, store: Store) -> None:
         store.append(_deterministic_events())
         query = make_query(

@@ -36,7 +36,7 @@ class Operation:
     id: str
     summary: str
     scope: str
-    run: Callable[[Meter, str, Mapping[str, Any]], Rows]
+    run: Callable[[Meter, str, Mapping[str, Any], str], Rows]  # meter, org, body, caller
     fields: Mapping[str, Mapping[str, Any]]
     result: str
     admin: bool = False
@@ -47,33 +47,69 @@ class Operation:
         return f"/v1/op/{self.id}", f"/v1/{resource}/{action}"
 
 
-def _current(meter: Meter, org: str, _body: Mapping[str, Any]) -> Rows:
+def _current(meter: Meter, org: str, _body: Mapping[str, Any], _caller: str) -> Rows:
     return [meter.current_usage(org)]
 
 
-def _history(meter: Meter, org: str, body: Mapping[str, Any]) -> Rows:
+def _history(meter: Meter, org: str, body: Mapping[str, Any], _caller: str) -> Rows:
     return meter.usage_history(org, body.get("months", 6))
 
 
-def _recalculate(meter: Meter, org: str, _body: Mapping[str, Any]) -> Rows:
+def _recalculate(meter: Meter, org: str, _body: Mapping[str, Any], _caller: str) -> Rows:
     return [meter.recalculate_storage(org)]
 
 
-def _put_asset(meter: Meter, org: str, body: Mapping[str, Any]) -> Rows:
+def _put_asset(meter: Meter, org: str, body: Mapping[str, Any], _caller: str) -> Rows:
     return [meter.put_asset(org, body.get("resource"), body.get("bytes")).to_dict()]  # type: ignore[arg-type]
 
 
-def _delete_asset(meter: Meter, org: str, body: Mapping[str, Any]) -> Rows:
+def _delete_asset(meter: Meter, org: str, body: Mapping[str, Any], _caller: str) -> Rows:
     resource = body.get("resource")
     deleted = meter.delete_asset(org, resource)  # type: ignore[arg-type]
     return [{"organization_id": org, "resource": resource, "deleted": deleted}]
 
 
-def _list_assets(meter: Meter, org: str, _body: Mapping[str, Any]) -> Rows:
+def _list_assets(meter: Meter, org: str, _body: Mapping[str, Any], _caller: str) -> Rows:
     return [asset.to_dict() for asset in meter.assets(org)]
 
 
+def _void(meter: Meter, org: str, body: Mapping[str, Any], caller: str) -> Rows:
+    done = meter.void(
+        body.get("meter"),  # type: ignore[arg-type]  # each is checked there, by name
+        org,
+        body.get("event_id"),  # type: ignore[arg-type]
+        reason=body.get("reason"),  # type: ignore[arg-type]
+        actor=caller,
+    )
+    return [done.to_dict()]
+
+
+def _amend(meter: Meter, org: str, body: Mapping[str, Any], caller: str) -> Rows:
+    done = meter.amend(
+        body.get("meter"),  # type: ignore[arg-type]
+        org,
+        body.get("event_id"),  # type: ignore[arg-type]
+        values=body.get("values"),
+        dimensions=body.get("dimensions"),
+        reason=body.get("reason"),  # type: ignore[arg-type]
+        actor=caller,
+    )
+    return [done.to_dict()]
+
+
+def _list_corrections(meter: Meter, org: str, body: Mapping[str, Any], _caller: str) -> Rows:
+    return [
+        c.to_dict()
+        for c in meter.corrections(org, meter=body.get("meter"), event_id=body.get("event_id"))
+    ]
+
+
 _ORG = {"organization_id": {"type": "string"}}
+_CORRECTED = {
+    "meter": {"type": "string", "description": "The event's meter."},
+    "event_id": {"type": "string", "description": "The event's id."},
+    "reason": {"type": "string", "description": "Why (kept in the audit trail)."},
+}
 _RESOURCE = {"resource": {"type": "string", "description": "The asset's name."}}
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -129,6 +165,40 @@ OPERATIONS: tuple[Operation, ...] = (
         _ORG,
         "Asset",
     ),
+    Operation(
+        "corrections.void",
+        "Void a stored event: it counts for nothing any more; the key that asked is the "
+        "correction's actor (org admin).",
+        "usage:write",
+        _void,
+        {**_ORG, **_CORRECTED},
+        "Correction",
+        admin=True,
+    ),
+    Operation(
+        "corrections.amend",
+        "Give a stored event new values and/or dimensions (each replaced whole); the key "
+        "that asked is the correction's actor (org admin).",
+        "usage:write",
+        _amend,
+        {
+            **_ORG,
+            **_CORRECTED,
+            "values": {"type": "object", "additionalProperties": {"type": "number"}},
+            "dimensions": {"type": "object"},
+        },
+        "Correction",
+        admin=True,
+    ),
+    Operation(
+        "corrections.list",
+        "The organization's corrections, oldest first, one line each (optionally of one "
+        "meter or event).",
+        "usage:read",
+        _list_corrections,
+        {**_ORG, "meter": {"type": "string"}, "event_id": {"type": "string"}},
+        "Correction",
+    ),
 )
 
 
@@ -150,7 +220,9 @@ def _handler(op: Operation) -> Callable[[Call], Response]:
             )
         # Rows are computed before answering, so a failure is an error response, not a
         # broken stream.
-        return ndjson_response(op.run(call.meter, org, body))
+        who = call.caller
+        caller = who.key_id or f"{who.role}@{org}"
+        return ndjson_response(op.run(call.meter, org, body, caller))
 
     return handle
 
@@ -295,6 +367,48 @@ SCHEMAS["AssetDeleted"] = {
         "deleted": {"type": "boolean"},
     },
     "required": ["organization_id", "resource", "deleted"],
+}
+
+_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "meter": {"type": "string"},
+        "organization_id": {"type": "string"},
+        "time": {"type": "integer"},
+        "values": {"type": "object"},
+        "dimensions": {"type": "object"},
+    },
+    "required": ["id", "meter", "organization_id", "time", "values", "dimensions"],
+}
+SCHEMAS["Correction"] = {
+    "type": "object",
+    "properties": {
+        "object": {"type": "string", "enum": ["correction"]},
+        "id": {"type": "string"},
+        "organization_id": {"type": "string"},
+        "meter": {"type": "string"},
+        "event_id": {"type": "string"},
+        "action": {"type": "string", "enum": ["void", "amend"]},
+        "reason": {"type": "string"},
+        "actor": {"type": "string", "description": "The key (id) that made the correction."},
+        "at": {"type": "integer", "description": "Unix seconds"},
+        "before": _EVENT,
+        "after": _EVENT,
+    },
+    "required": [
+        "object",
+        "id",
+        "organization_id",
+        "meter",
+        "event_id",
+        "action",
+        "reason",
+        "actor",
+        "at",
+        "before",
+        "after",
+    ],
 }
 
 SURFACE = Surface("operations", _routes(), SCHEMAS)

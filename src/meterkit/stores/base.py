@@ -147,6 +147,12 @@ class RollupStore(Store, Protocol):
         from the events from ``since`` on: older rows stay as they are (their events may
         have been dropped, see :meth:`drop_events_before`)."""
 
+    def replace_event(self, spec: MeterSpec, event: Event) -> Event | None:
+        """Put ``event`` in the place of the stored event of its organization and id (same
+        time; a correction, see :mod:`meterkit.corrections`) and refold ``spec``'s rollups
+        from that UTC day on, atomically. Returns the event replaced, or ``None`` (nothing
+        stored under that id: nothing changes)."""
+
     def drop_events_before(self, spec: MeterSpec, before: int) -> int:
         """Delete ``spec``'s events with ``time < before`` (a UTC day start) and its minute
         rollup rows of buckets before it, for every organization, atomically; hour and day

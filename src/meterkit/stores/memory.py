@@ -19,6 +19,10 @@ from meterkit.validate import check_record
 __all__ = ["MemoryStore"]
 
 
+def _day(t: int) -> int:
+    return t - t % 86400
+
+
 class MemoryStore:
     shared = False
     """Nobody else sees these counters: decisions are made directly, without leases."""
@@ -180,6 +184,21 @@ class MemoryStore:
                 for bucket, rows in buckets.items()
                 for series, (dims, values) in rows.items()
             }
+
+    def replace_event(self, spec: MeterSpec, event: Event) -> Event | None:
+        """Put ``event`` in the place of the stored event of its id (same time), and refold
+        the meter's rollups from that event's UTC day; the event replaced, or ``None``."""
+        with self._lock:
+            tenant = (event.meter, event.organization_id)
+            old = self._ids.get(tenant, {}).get(event.id)
+            if old is None:
+                return None
+            stored = self._events[tenant]
+            stored[next(i for i, e in enumerate(stored) if e is old)] = event
+            self._ids[tenant][event.id] = event
+            if rollup.rollable(spec) and self._specs.get(spec.name) == spec:
+                self.rebuild_rollups(spec, since=_day(min(old.time, event.time)))
+            return old
 
     def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:
         with self._lock:

@@ -838,6 +838,55 @@ class PostgresStore:
 
         return self._run("rebuilding rollups", rebuild, pipeline=False)
 
+    def replace_event(self, spec: MeterSpec, event: Event) -> Event | None:
+        """Put ``event`` in the place of the stored event of its id (same time), and refold
+        the meter's rollups from that event's UTC day, in one transaction under the meter's
+        DDL lock; the event replaced, or ``None``."""
+        self.ensure_meter(spec)
+        table = _q(_table(spec.name))
+        dims, measures = spec.dimension_names, spec.measure_names
+        cols = ["id", "organization_id", "time", *map(_dim, dims), *map(_val, measures)]
+        row = [
+            event.id,
+            event.organization_id,
+            event.time,
+            *map(event.dimensions.get, dims),
+            *(_encode(event.values.get(m)) for m in measures),
+        ]
+        lock = f"meterkit/table/{_table(spec.name)}"
+
+        def replace(cur: psycopg.Cursor[Any]) -> Event | None:
+            cur.execute(
+                f"SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '/{lock}', 0))"
+            )
+            found = self._read(
+                cur, spec, "organization_id = %s AND id = %s", (event.organization_id, event.id)
+            )
+            if not found:
+                return None
+            old = found[0]
+            cur.execute(
+                f"DELETE FROM {table} WHERE organization_id = %s AND id = %s",
+                (event.organization_id, event.id),
+            )
+            cur.execute(
+                f"INSERT INTO {table} ({', '.join(map(_q, cols))}) "
+                f"VALUES ({', '.join(['%s'] * len(cols))})",
+                row,
+            )
+            if rollup.rollable(spec):
+                since = min(old.time, event.time)
+                since -= since % 86400
+                for grain in rollup.GRAINS:
+                    cur.execute(
+                        f"DELETE FROM {_q(_rollup_table(spec.name, grain))} WHERE bucket >= %s",
+                        (since,),
+                    )
+                self._fold_all(cur, spec, None, since)
+            return old
+
+        return self._run("replacing an event", replace, pipeline=False)
+
     def drop_events_before(self, spec: MeterSpec, before: int) -> int:
         """Delete ``spec``'s events before ``before`` and its minute rollups there, in one
         transaction (per organization, along the (organization_id, time) index)."""

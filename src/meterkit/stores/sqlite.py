@@ -177,6 +177,10 @@ def upsert_batches(
     return out
 
 
+def _day(t: int) -> int:
+    return t - t % 86400
+
+
 class SQLiteStore:
     """One connection shared under a lock; ``BEGIN IMMEDIATE`` serialises writing processes."""
 
@@ -579,6 +583,24 @@ class SQLiteStore:
         fresh = [e for key, e in once.items() if key not in stored]
         conn.executemany(sql, rows(fresh))
         return fresh
+
+    def replace_event(self, spec: MeterSpec, event: Event) -> Event | None:
+        """Put ``event`` in the place of the stored event of its id (same time), and refold
+        the meter's rollups from that event's UTC day, in one transaction; the event
+        replaced, or ``None``."""
+        with self._lock, self._write() as conn:
+            found = self.get_events(spec.name, event.organization_id, [event.id])
+            if not found:
+                return None
+            old = found[0]
+            conn.execute(
+                f"DELETE FROM [{_table(spec.name)}] WHERE organization_id = ? AND id = ?",
+                (event.organization_id, event.id),
+            )
+            self._insert(conn, spec, [event])
+            if rollup.rollable(spec):
+                self.rebuild_rollups(spec, since=_day(min(old.time, event.time)))
+            return old
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
         # In chunks of SCAN_CHUNK, each read under the lock on its own, so a long scan holds
