@@ -718,6 +718,14 @@ OPERATION_PATHS = [
     ("usage.recalculate_storage", "/v1/op/usage.recalculate_storage"),
     ("usage.recalculate_storage", "/v1/usage/recalculate_storage"),
 ]
+CORRECTION_PATHS = [
+    ("corrections.void", "/v1/op/corrections.void"),
+    ("corrections.void", "/v1/corrections/void"),
+    ("corrections.amend", "/v1/op/corrections.amend"),
+    ("corrections.amend", "/v1/corrections/amend"),
+    ("corrections.list", "/v1/op/corrections.list"),
+    ("corrections.list", "/v1/corrections/list"),
+]
 SPEND_ROUTES = [
     ("GET", "/v1/organization/spend_limit"),
     ("POST", "/v1/organization/spend_limit"),
@@ -1143,6 +1151,7 @@ def test_rfc3339() -> None:
 # -- auth matrix -------------------------------------------------------------------------------
 
 
+MATRIX_EVENT = {"organization_id": "org_a", "meter": "requests", "event_id": "matrix"}
 MATRIX_ALERT = {
     "currency": "USD",
     "interval": "month",
@@ -1167,6 +1176,10 @@ def valid_request(method: str, path: str) -> tuple[list[tuple[str, str]], Any]:
         return [], {"organization_id": "org_a", "resource": "matrix", "bytes": 1}
     if path.endswith(("assets.delete", "assets/delete")):
         return [], {"organization_id": "org_a", "resource": "matrix"}
+    if path.endswith(("corrections.void", "corrections/void")):
+        return [], {**MATRIX_EVENT, "reason": "matrix"}
+    if path.endswith(("corrections.amend", "corrections/amend")):
+        return [], {**MATRIX_EVENT, "reason": "matrix", "values": {"requests": 2}}
     if method == "POST":
         return [], {"organization_id": "org_a"}
     return [], None
@@ -1188,6 +1201,7 @@ def test_auth_matrix(env: Env, route: Route) -> None:
     path = route.path.replace("{alert_id}", "spalert_matrix")
     env.meter.set_spend_limit("org_a", 1000)  # what the spend routes read and delete
     env.meter.put_spend_alert("org_a", "spalert_matrix", MATRIX_ALERT)
+    env.meter.record("requests", {"requests": 1}, organization_id="org_a", id="matrix")
 
     def send(**kw: Any) -> Response:
         return env.send(route.method, path, query, body=body, **kw)
@@ -1221,7 +1235,7 @@ def test_every_authenticated_route_is_in_the_matrix() -> None:
         ("GET", "/api/v1/usage"),
         ("GET", "/v1/usage"),
         ("POST", "/v1/events"),
-        *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS]),
+        *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS, *CORRECTION_PATHS]),
         *SPEND_ROUTES,
     }
     assert covered == documented
@@ -1575,7 +1589,7 @@ def test_openapi_lists_every_route(env: Env) -> None:
         ("POST", "/v1/events"),
         ("GET", "/healthz"),
         ("GET", "/openapi.json"),
-        *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS]),
+        *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS, *CORRECTION_PATHS]),
         *SPEND_ROUTES,
     }
     assert listed == served == contract

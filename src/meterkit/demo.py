@@ -670,12 +670,13 @@ def populate(
         if len(batch) >= 2_000:
             result = meter.record_many(batch)
             events, accepted = events + len(batch), accepted + result.accepted
-            duplicates += result.duplicates
+            # A corrected event sent again conflicts with its correction: it is there.
+            duplicates += result.duplicates + len(result.conflicts)
             batch = []
     if batch:
         result = meter.record_many(batch)
         events, accepted = events + len(batch), accepted + result.accepted
-        duplicates += result.duplicates
+        duplicates += result.duplicates + len(result.conflicts)
     _sync_ledger(meter, organizations, now)
     _register_assets(meter, organizations, now, days)
     if organizations:
