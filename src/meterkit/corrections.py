@@ -9,9 +9,10 @@ A correction replaces the stored event of an id in place (:meth:`Meter.void`,
 - **amend** gives it new ``values`` and/or ``dimensions`` (its time stays): queries, costs and
   rollups read the new event, and a later send of the amended event is a duplicate.
 
-The store replaces the event and refolds the meter's rollups from that UTC day on, in one
-transaction (so every answer is exactly the engine's over the corrected events); quota and
-spend counters take the old event's contributions out and count the new one's. Each correction
+The store replaces the event and refolds the rollup rows it was and is in (its series before
+and after, over its UTC day), in one transaction, so every answer is exactly the engine's over
+the corrected events; quota and spend counters take the old event's contributions out and
+count the new one's. Each correction
 is a store record of the kind ``corrections/<organization>`` — before, after, reason, actor and
 time — listed by :meth:`Meter.corrections`.
 

@@ -948,7 +948,11 @@ class StoreConformance:
         ]
         store.append(events)
         corrected = list(events)
-        for i in (0, 7, 40, 99):
+        # The first events of both organizations, and one of each further on: each
+        # correction refolds its own organization only, and the other's answers stay.
+        orgs = ("org_a", "org_b")
+        firsts = [next(i for i, e in enumerate(events) if e.organization_id == o) for o in orgs]
+        for i in sorted({*firsts, 7, 40, 99}):
             old = corrected[i]
             new = attrs.evolve(
                 old,
@@ -962,10 +966,10 @@ class StoreConformance:
         assert replace(ROLLED_METER, missing) is None
         for width in ("1m", "1h", "1d"):
             limit = {"1m": 1440, "1h": 168, "1d": 31}[width]
-            for group_by in ((), ("region",)):
+            for org, group_by in itertools.product(("org_a", "org_b"), ((), ("region",))):
                 query = make_query(
                     ROLLED_METER,
-                    org="org_a",
+                    org=org,
                     start=T0,
                     end=T0 + (DAY if width == "1m" else 3 * DAY),
                     width=width,

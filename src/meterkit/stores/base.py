@@ -149,9 +149,9 @@ class RollupStore(Store, Protocol):
 
     def replace_event(self, spec: MeterSpec, event: Event) -> Event | None:
         """Put ``event`` in the place of the stored event of its organization and id (same
-        time; a correction, see :mod:`meterkit.corrections`) and refold ``spec``'s rollups
-        from that UTC day on, atomically. Returns the event replaced, or ``None`` (nothing
-        stored under that id: nothing changes)."""
+        time; a correction, see :mod:`meterkit.corrections`) and refold the rollup rows it
+        was and is in (its series before and after, over its UTC day), atomically. Returns
+        the event replaced, or ``None`` (nothing stored under that id: nothing changes)."""
 
     def drop_events_before(self, spec: MeterSpec, before: int) -> int:
         """Delete ``spec``'s events with ``time < before`` (a UTC day start) and its minute

@@ -187,7 +187,8 @@ class MemoryStore:
 
     def replace_event(self, spec: MeterSpec, event: Event) -> Event | None:
         """Put ``event`` in the place of the stored event of its id (same time), and refold
-        the meter's rollups from that event's UTC day; the event replaced, or ``None``."""
+        the rollup rows it was or is in (its series before and after, that UTC day); the
+        event replaced, or ``None``."""
         with self._lock:
             tenant = (event.meter, event.organization_id)
             old = self._ids.get(tenant, {}).get(event.id)
@@ -197,7 +198,20 @@ class MemoryStore:
             stored[next(i for i, e in enumerate(stored) if e is old)] = event
             self._ids[tenant][event.id] = event
             if rollup.rollable(spec) and self._specs.get(spec.name) == spec:
-                self.rebuild_rollups(spec, since=_day(min(old.time, event.time)))
+                # The rows it was or is in: its series before and after, over its UTC day.
+                day = _day(event.time)
+                series = {rollup.series_key(old.dimensions), rollup.series_key(event.dimensions)}
+                for grain in rollup.GRAINS:
+                    buckets = self._rollups.get((spec.name, event.organization_id, grain), {})
+                    for bucket in [b for b in buckets if day <= b < day + 86400]:
+                        for key in series:
+                            buckets[bucket].pop(key, None)
+                again = [
+                    e
+                    for e in stored
+                    if day <= e.time < day + 86400 and rollup.series_key(e.dimensions) in series
+                ]
+                self._add_rollups(spec, self._fold(spec, again))
             return old
 
     def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:

@@ -840,8 +840,8 @@ class PostgresStore:
 
     def replace_event(self, spec: MeterSpec, event: Event) -> Event | None:
         """Put ``event`` in the place of the stored event of its id (same time), and refold
-        the meter's rollups from that event's UTC day, in one transaction under the meter's
-        DDL lock; the event replaced, or ``None``."""
+        the rollup rows it was or is in (its series before and after, that UTC day), in
+        one transaction under the meter's DDL lock; the event replaced, or ``None``."""
         self.ensure_meter(spec)
         table = _q(_table(spec.name))
         dims, measures = spec.dimension_names, spec.measure_names
@@ -875,14 +875,31 @@ class PostgresStore:
                 row,
             )
             if rollup.rollable(spec):
-                since = min(old.time, event.time)
-                since -= since % 86400
+                # The rows it was or is in: its series before and after, over its UTC day.
+                org = event.organization_id
+                day = event.time - event.time % 86400
+                series = sorted(
+                    {rollup.series_key(old.dimensions), rollup.series_key(event.dimensions)}
+                )
                 for grain in rollup.GRAINS:
                     cur.execute(
-                        f"DELETE FROM {_q(_rollup_table(spec.name, grain))} WHERE bucket >= %s",
-                        (since,),
+                        f"DELETE FROM {_q(_rollup_table(spec.name, grain))} "
+                        "WHERE organization_id = %s AND series = ANY(%s::text[]) "
+                        "AND bucket >= %s AND bucket < %s",
+                        (org, series, day, day + 86400),
                     )
-                self._fold_all(cur, spec, None, since)
+                wanted = set(series)
+                again = [
+                    e
+                    for e in self._read(
+                        cur,
+                        spec,
+                        "organization_id = %s AND time >= %s AND time < %s",
+                        (org, day, day + 86400),
+                    )
+                    if rollup.series_key(e.dimensions) in wanted
+                ]
+                self._add_rollups(cur, spec, again)
             return old
 
         return self._run("replacing an event", replace, pipeline=False)

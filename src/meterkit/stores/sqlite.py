@@ -586,8 +586,8 @@ class SQLiteStore:
 
     def replace_event(self, spec: MeterSpec, event: Event) -> Event | None:
         """Put ``event`` in the place of the stored event of its id (same time), and refold
-        the meter's rollups from that event's UTC day, in one transaction; the event
-        replaced, or ``None``."""
+        the rollup rows it was or is in (its series before and after, that UTC day), in one
+        transaction; the event replaced, or ``None``."""
         with self._lock, self._write() as conn:
             found = self.get_events(spec.name, event.organization_id, [event.id])
             if not found:
@@ -599,8 +599,30 @@ class SQLiteStore:
             )
             self._insert(conn, spec, [event])
             if rollup.rollable(spec):
-                self.rebuild_rollups(spec, since=_day(min(old.time, event.time)))
+                self._refold(conn, spec, old, event)
             return old
+
+    def _refold(self, conn: sqlite3.Connection, spec: MeterSpec, old: Event, new: Event) -> None:
+        """Fold anew the rollup rows a replaced event was or is in: its series before and
+        after, over its UTC day (every grain's buckets there), from that day's events of
+        those series; the caller holds the write."""
+        org = new.organization_id
+        day = _day(new.time)
+        series = sorted({rollup.series_key(old.dimensions), rollup.series_key(new.dimensions)})
+        marks = ", ".join("?" * len(series))
+        for grain in rollup.GRAINS:
+            conn.execute(
+                f"DELETE FROM [{_rollup_table(spec.name, grain)}] WHERE organization_id = ? "
+                f"AND series IN ({marks}) AND bucket >= ? AND bucket < ?",
+                (org, *series, day, day + 86400),
+            )
+        wanted = set(series)
+        events = [
+            e
+            for e in self.scan(spec.name, org, day, day + 86400)
+            if rollup.series_key(e.dimensions) in wanted
+        ]
+        self._add_rollups(conn, spec, events)
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
         # In chunks of SCAN_CHUNK, each read under the lock on its own, so a long scan holds
