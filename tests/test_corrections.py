@@ -170,6 +170,8 @@ def test_corrected_answers_equal_the_engine_over_the_corrected_events(
             int(e.values.get("units", 0)) for e in corrected
         )
         exact = sum(Decimal(int(e.values.get("units", 0))) * Decimal("0.0013") for e in corrected)
+        costs = m.costs(organization_id=org, start_time=MONTH, end_time=MONTH + 10 * DAY, limit=10)
+        assert sum(costs.totals().values(), Decimal(0)) == exact
         counted = m.quotas.spent(org, MONTH + 5 * DAY)
         assert exact * NANO <= counted <= exact * NANO + 1 + len(fixes)
 

@@ -12,9 +12,9 @@ A correction replaces the stored event of an id in place (:meth:`Meter.void`,
 The store replaces the event and refolds the rollup rows it was and is in (its series before
 and after, over its UTC day), in one transaction, so every answer is exactly the engine's over
 the corrected events; quota and spend counters take the old event's contributions out and
-count the new one's. Each correction
-is a store record of the kind ``corrections/<organization>`` — before, after, reason, actor and
-time — listed by :meth:`Meter.corrections`.
+count the new one's. Each correction is a store record of the kind
+``corrections/<organization>`` — before, after, reason, actor and time — listed by
+:meth:`Meter.corrections`.
 
 An event in a closed period (:mod:`meterkit.lateness`) cannot be corrected, nor one older than
 its meter's retention (its raw event may be gone).
