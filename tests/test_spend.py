@@ -610,3 +610,58 @@ def test_notifiers_from_the_configuration_file(tmp_path: Path) -> None:
         with pytest.raises(ValidationError) as err:
             load_config(path)
         assert err.value.field == field
+
+
+class Recorder:
+    """A notifier that keeps what it was given (and fails while ``down``)."""
+
+    def __init__(self, down: bool = False) -> None:
+        self.down = down
+        self.got: list[AlertNotice] = []
+
+    def deliver(self, notice: AlertNotice) -> None:
+        if self.down:
+            raise ConnectionError("the receiver is down")
+        self.got.append(notice)
+
+
+class Pager(Recorder):
+    pass
+
+
+def test_undelivered_alerts_are_kept_and_delivered_by_the_next_process(tmp_path: Path) -> None:
+    clock = Clock(NOW)
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    mail, pager = Recorder(), Pager(down=True)
+    with Meter(url, clock=clock, notifiers=[mail, pager]) as a:
+        price(a)
+        alert = a.create_spend_alert("org_a", 10, ["ops@example.com"])
+        record(a, "org_a", 40_000)  # $0.10: fires
+        assert a.outbox.drain(30)
+        assert len(mail.got) == 1 and pager.got == []
+        assert len(a.outbox.pending()) == 1  # kept: the pager has not had it
+    # The process is gone; the next one with notifiers finds the notice when it is due.
+    mail_b, pager_b = Recorder(), Pager()
+    with Meter(url, clock=clock, notifiers=[mail_b, pager_b]) as b:
+        b.outbox.sweep()
+        assert pager_b.got == []  # not due yet: the retry waits retry_after
+        clock.t += 61
+        b.outbox.sweep()
+        assert [n.alert.id for n in pager_b.got] == [alert.id]
+        assert mail_b.got == []  # the mail went out already: it is not sent twice
+        assert b.outbox.pending() == []
+        b.outbox.sweep()
+        assert len(pager_b.got) == 1
+
+
+def test_an_alert_whose_write_rolled_back_is_not_delivered(tmp_path: Path) -> None:
+    mail = Recorder()
+    with Meter(f"sqlite:///{tmp_path / 'r.db'}", clock=Clock(NOW), notifiers=[mail]) as m:
+        price(m)
+        m.create_spend_alert("org_a", 10, ["ops@example.com"])
+        with pytest.raises(RuntimeError), m.transaction():
+            record(m, "org_a", 40_000)
+            raise RuntimeError("the request failed")
+        assert m.outbox.drain(30) and mail.got == [] and m.outbox.pending() == []
+        record(m, "org_a", 40_000)  # the same usage again, for real: the alert fires now
+        assert m.outbox.drain(30) and len(mail.got) == 1

@@ -229,7 +229,9 @@ class Meter:
         self._flusher: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
-        self.outbox = Outbox(notifiers)
+        self.outbox = Outbox(
+            notifiers, store=self.store, counters=self.counters, clock=lambda: self.now()
+        )
         """Spend alert notices on their way to ``notifiers`` (see :mod:`meterkit.notify`)."""
         self.quotas = Quotas(
             self,
@@ -242,6 +244,7 @@ class Meter:
         )
         for metric in metrics:
             self.define_metric(metric)
+        self.outbox.start()  # notices a process left undelivered are swept up here too
         for name in wanted_retention:
             if store is None and name not in self._specs:
                 self.store.close()

@@ -37,6 +37,7 @@ from meterkit.errors import ValidationError
 from meterkit.spend import SpendAlert, nano_to_usd
 
 __all__ = [
+    "RECORD",
     "AlertNotice",
     "DeliveryFailed",
     "EmailNotifier",
@@ -91,6 +92,26 @@ class AlertNotice:
             "period_start": self.period_start,
             "fired_at": self.fired_at,
         }
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "alert": {"id": self.alert.id, **self.alert.to_record()},
+            "organization_id": self.alert.organization_id,
+            "spent_nano": self.spent_nano,
+            "period_start": self.period_start,
+            "fired_at": self.fired_at,
+        }
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> AlertNotice:
+        alert = dict(data["alert"])
+        alert_id = alert.pop("id")
+        return cls(
+            SpendAlert.from_record(alert_id, data["organization_id"], alert),
+            int(data["spent_nano"]),
+            int(data["period_start"]),
+            int(data["fired_at"]),
+        )
 
     def subject(self) -> str:
         prefix = self.alert.notification_channel.subject_prefix
@@ -225,21 +246,60 @@ class WebhookNotifier:
             wait = min(self.max_backoff, wait * 2)
 
 
-class Outbox:
-    """Notices waiting for delivery, and the daemon thread that delivers them in order."""
+RECORD = "outbox"
+"""Store records of this kind hold the notices not delivered to every notifier yet."""
 
-    def __init__(self, notifiers: Sequence[Notifier] = ()) -> None:
+
+class Outbox:
+    """Notices on their way to the notifiers: kept in the store until every notifier took them.
+
+    A fired alert's notice is written to the store (a record of the kind :data:`RECORD`)
+    before it is queued, and deleted once every notifier delivered it. A notifier that fails
+    is tried again ``retry_after`` seconds later (doubling each time, ``max_attempts`` in
+    all), the ones that succeeded are not asked again. Every process with notifiers sweeps
+    the store every ``sweep_interval`` seconds for notices due — its own retries, and those of
+    a process that died before delivering — and claims each attempt for ``lease`` seconds
+    (the store's ``claim_once``), so a notice is delivered at least once and, unless a
+    process dies between delivering and recording it, once.
+    """
+
+    def __init__(
+        self,
+        notifiers: Sequence[Notifier] = (),
+        *,
+        store: Any = None,
+        counters: Any = None,
+        clock: Callable[[], int] = lambda: int(_time.time()),
+        retry_after: float = 60.0,
+        max_attempts: int = 10,
+        sweep_interval: float = 30.0,
+        lease: int = 300,
+    ) -> None:
         self.notifiers = tuple(notifiers)
-        self._queue: queue.Queue[AlertNotice | None] = queue.Queue()
+        self.store = store
+        self.counters = counters if counters is not None else store
+        self.clock = clock
+        self.retry_after = retry_after
+        self.max_attempts = max_attempts
+        self.sweep_interval = sweep_interval
+        self.lease = lease
+        self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._local: dict[str, dict[str, Any]] = {}  # without a store: kept here
+        self._closed = False
         self.delivered: list[tuple[str, AlertNotice]] = []
         self.failed: list[tuple[str, AlertNotice, str]] = []
 
-    def submit(self, notice: AlertNotice) -> None:
-        if not self.notifiers:
+    @staticmethod
+    def key(notice: AlertNotice) -> str:
+        alert = notice.alert
+        return f"{alert.organization_id}:{alert.id}:{alert.threshold_amount}:{notice.period_start}"
+
+    def start(self) -> None:
+        """Start delivering (and sweeping the store for notices due), when there are notifiers."""
+        if not self.notifiers or self._closed:
             return
-        self._queue.put(notice)
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -247,31 +307,105 @@ class Outbox:
                 )
                 self._thread.start()
 
+    def submit(self, notice: AlertNotice) -> None:
+        """Keep ``notice`` until every notifier delivered it, and queue it now."""
+        if not self.notifiers:
+            return
+        key = self.key(notice)
+        self._put(key, {"notice": notice.to_record(), "delivered": [], "attempts": 0, "due": 0})
+        self._queue.put(key)
+        self.start()
+
+    def _put(self, key: str, data: dict[str, Any]) -> None:
+        if self.store is None:
+            self._local[key] = data
+        else:
+            self.store.put_record(RECORD, key, data)
+
+    def _get(self, key: str) -> dict[str, Any] | None:
+        if self.store is None:
+            return self._local.get(key)
+        found: dict[str, Any] | None = self.store.get_record(RECORD, key)
+        return found
+
+    def _delete(self, key: str) -> None:
+        if self.store is None:
+            self._local.pop(key, None)
+        else:
+            self.store.delete_record(RECORD, key)
+
+    def pending(self) -> list[str]:
+        """The keys of the notices not delivered to every notifier yet."""
+        if self.store is None:
+            return sorted(self._local)
+        return sorted(key for key, _ in self.store.list_records(RECORD))
+
     def _run(self) -> None:
+        self._sweep()
         while True:
-            notice = self._queue.get()
             try:
-                if notice is None:
+                key = self._queue.get(timeout=self.sweep_interval)
+            except queue.Empty:
+                self._sweep()
+                continue
+            try:
+                if key is None:
                     return
-                for notifier in self.notifiers:
-                    name = type(notifier).__name__
-                    try:
-                        notifier.deliver(notice)
-                    except Exception as exc:
-                        logger.warning(
-                            "meterkit: spend alert %s not delivered by %s: %s",
-                            notice.alert.id,
-                            name,
-                            exc,
-                        )
-                        self.failed.append((name, notice, str(exc)))
-                    else:
-                        self.delivered.append((name, notice))
+                self._attempt(key)
+            except Exception:
+                logger.warning("meterkit: delivering spend alert %s failed", key, exc_info=True)
             finally:
                 self._queue.task_done()
 
+    def _sweep(self) -> None:
+        try:
+            for key in self.pending():
+                self._attempt(key)
+        except Exception:
+            logger.warning("meterkit: sweeping the spend alert outbox failed", exc_info=True)
+
+    def _attempt(self, key: str) -> None:
+        data = self._get(key)
+        now = self.clock()
+        if data is None or data.get("due", 0) > now:
+            return
+        attempts = int(data.get("attempts", 0))
+        if self.counters is not None and not self.counters.claim_once(
+            f"ob\x1f{key}\x1f{attempts}", now=now, expires_at=now + self.lease
+        ):
+            return  # another process has this attempt
+        notice = AlertNotice.from_record(data["notice"])
+        done = set(data.get("delivered", ()))
+        for notifier in self.notifiers:
+            name = type(notifier).__name__
+            if name in done:
+                continue
+            try:
+                notifier.deliver(notice)
+            except Exception as exc:
+                logger.warning(
+                    "meterkit: spend alert %s not delivered by %s: %s", notice.alert.id, name, exc
+                )
+                self.failed.append((name, notice, str(exc)))
+            else:
+                done.add(name)
+                self.delivered.append((name, notice))
+        if all(type(n).__name__ in done for n in self.notifiers):
+            self._delete(key)
+            return
+        attempts += 1
+        if attempts >= self.max_attempts:
+            logger.error(
+                "meterkit: spend alert %s given up after %d attempts", notice.alert.id, attempts
+            )
+            self._delete(key)
+            return
+        due = now + int(self.retry_after * 2 ** (attempts - 1))
+        self._put(key, {**data, "delivered": sorted(done), "attempts": attempts, "due": due})
+
     def drain(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued notice was handed to every notifier; ``False`` on timeout."""
+        """Wait until every queued notice was tried once by every notifier; ``False`` on
+        timeout."""
         deadline = _time.monotonic() + timeout
         while self._queue.unfinished_tasks:
             if _time.monotonic() >= deadline:
@@ -279,7 +413,12 @@ class Outbox:
             _time.sleep(0.01)
         return True
 
+    def sweep(self) -> None:
+        """Try every notice due now, in this thread (what the background sweep does)."""
+        self._sweep()
+
     def close(self, timeout: float = 5.0) -> None:
+        self._closed = True
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None:

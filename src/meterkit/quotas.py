@@ -695,13 +695,17 @@ class Quotas:
             if marker in self._claimed:
                 continue
             claimed = self.counters.claim_once(marker, now=self.meter.now(), expires_at=None)
-            if len(self._claimed) > 100_000:
-                self._claimed.clear()
-            self._claimed.add(marker)
-            if claimed:
-                self.meter.notify(
-                    functools.partial(self.meter._spend_alert, alert, used, month.start)
-                )
+            if not claimed:
+                self._remember_claim(marker)  # another process's: never ours to fire
+                continue
+            # Remembered once the claim commits: a rolled-back claim may be made again.
+            self.meter.notify(functools.partial(self._remember_claim, marker))
+            self.meter.notify(functools.partial(self.meter._spend_alert, alert, used, month.start))
+
+    def _remember_claim(self, marker: str) -> None:
+        if len(self._claimed) > 100_000:
+            self._claimed.clear()
+        self._claimed.add(marker)
 
     def _fresh(self, org: str, now: int) -> tuple[_Compiled | None, int]:
         """The organization's compiled limits if still good at ``now``, and the generation
