@@ -819,6 +819,20 @@ def test_threshold_hook_fires_once_per_threshold_per_period(
     assert len(seen.calls) == 4
 
 
+def test_a_threshold_crossed_in_a_rolled_back_transaction_fires_when_crossed_again(
+    tmp_path: Path, clock: Clock
+) -> None:
+    seen = Thresholds()
+    with Meter(f"sqlite:///{tmp_path / 't.db'}", clock=clock, plugins=[seen]) as m:
+        on_plan(m, limits={"tokens": 100})
+        with pytest.raises(RuntimeError), m.transaction():
+            m.check(ORG, {"tokens": 90})
+            raise RuntimeError("the request failed")
+        assert seen.calls == [] and m.quotas.used(ORG, "tokens") == 0
+        m.check(ORG, {"tokens": 90})
+        assert [c[2] for c in seen.calls] == [0.8]
+
+
 def test_one_jump_fires_both_thresholds(open_meter: Callable[..., Meter]) -> None:
     seen = Thresholds()
     m = open_meter(plugins=[seen])

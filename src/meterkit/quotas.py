@@ -1320,9 +1320,12 @@ class Quotas:
                     expires_at=line.period.end if line.period else None,
                 )
                 if line.period is not None:
-                    if len(self._claimed) > 100_000:
-                        self._claimed.clear()
-                    self._claimed.add(marker)
+                    # Ours once the claim commits (a rolled-back one may be made again);
+                    # another process's at once.
+                    if claimed:
+                        self.meter.notify(functools.partial(self._remember_claim, marker))
+                    else:
+                        self._remember_claim(marker)
                 if claimed:
                     self.meter.notify(
                         functools.partial(
