@@ -288,6 +288,7 @@ class Outbox:
         self._lock = threading.Lock()
         self._local: dict[str, dict[str, Any]] = {}  # without a store: kept here
         self._closed = False
+        self._busy = 0  # attempts under way, by either the queue or a sweep
         self.delivered: list[tuple[str, AlertNotice]] = []
         self.failed: list[tuple[str, AlertNotice, str]] = []
 
@@ -365,6 +366,15 @@ class Outbox:
             logger.warning("meterkit: sweeping the spend alert outbox failed", exc_info=True)
 
     def _attempt(self, key: str) -> None:
+        with self._lock:
+            self._busy += 1
+        try:
+            self._try(key)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _try(self, key: str) -> None:
         data = self._get(key)
         now = self.clock()
         if data is None or data.get("due", 0) > now:
@@ -404,10 +414,10 @@ class Outbox:
         self._put(key, {**data, "delivered": sorted(done), "attempts": attempts, "due": due})
 
     def drain(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued notice was tried once by every notifier; ``False`` on
-        timeout."""
+        """Wait until every queued notice was tried once by every notifier (and no sweep is
+        under way); ``False`` on timeout."""
         deadline = _time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
+        while self._queue.unfinished_tasks or self._busy:
             if _time.monotonic() >= deadline:
                 return False
             _time.sleep(0.01)
