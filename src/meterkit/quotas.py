@@ -634,13 +634,12 @@ class Quotas:
             return to_nano(self.estimate(price, dimensions, now))
         return None
 
-    def _with_spend(
-        self, org: str, amounts: dict[str, int], spend: int | None, now: int
-    ) -> dict[str, int]:
+    @staticmethod
+    def _with_spend(c: _Compiled, amounts: dict[str, int], spend: int | None) -> dict[str, int]:
         """``amounts`` with the spend line a decision needs. Under a spend limit it is at least
         one nano-dollar, so that a decision without an estimate is refused once the limit is
         reached (an estimate of nothing would always fit)."""
-        if self._compile(org, now).spend_cap is not None:
+        if c.spend_cap is not None:
             return {**amounts, SPEND: max(spend or 0, 1)}
         return amounts if spend is None else {**amounts, SPEND: spend}
 
@@ -809,8 +808,18 @@ class Quotas:
             c.quota[metric] = found
         return found
 
-    def _lines(self, org: str, amounts: dict[str, int], requests: int, now: int) -> list[_Line]:
-        c = self._compile(org, now)
+    def _lines(
+        self,
+        org: str,
+        amounts: dict[str, int],
+        requests: int,
+        now: int,
+        c: _Compiled | None = None,
+    ) -> list[_Line]:
+        """The lines of a decision; ``c``: the organization's compiled limits at ``now``, when
+        the caller has them already."""
+        if c is None:
+            c = self._compile(org, now)
         if c.lines_at != now:
             c.lines_at, c.lines = now, {}
         shape = (tuple(amounts.items()), requests)
@@ -1007,8 +1016,9 @@ class Quotas:
         now = self.meter.now()
         if self.compiled(org, now) is None:
             return None
-        clean = self._with_spend(org, clean, self.spend_nano(cost, None, None, now), now)
-        lines = self._lines(org, clean, 1, now)
+        c = self._compile(org, now)
+        clean = self._with_spend(c, clean, self.spend_nano(cost, None, None, now))
+        lines = self._lines(org, clean, 1, now, c)
         if not all(ln.window or ln.period is not None for ln in lines):
             return None
         decision_id = new_id("rsv" if ttl else "dec")
@@ -1059,8 +1069,9 @@ class Quotas:
         spend = self.spend_nano(cost, price, dimensions, now)
         decision_id = new_id("rsv" if hold_ttl else "dec")
         try:
-            clean = self._with_spend(org, clean, spend, now)
-            lines = self._lines(org, clean, requests, now)
+            c = self._compile(org, now)
+            clean = self._with_spend(c, clean, spend)
+            lines = self._lines(org, clean, requests, now, c)
         except StoreUnavailable:
             if self.policy == "open":
                 return self._degraded(org, decision_id, clean, [], hold_ttl, now, dimensions)
