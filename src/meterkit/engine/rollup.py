@@ -29,12 +29,15 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import attrs
+
 from meterkit.engine.aggregate import Rows, empty_value, gauge_total
 from meterkit.models import DimValue, Event, GroupRow, Measure, MeterSpec, Number, UsageQuery
 
 __all__ = [
     "GRAINS",
     "Key",
+    "Refold",
     "Segment",
     "answer",
     "columns",
@@ -143,6 +146,36 @@ def fold_grains(
             else:
                 merge_into(row[1], values)
     return out
+
+
+@attrs.frozen
+class Refold:
+    """The rollup rows an event replaced in place was or is in (a correction, see
+    :mod:`meterkit.corrections`): its organization's rows of the series before and after,
+    in every grain's buckets over the event's UTC day. A store deletes those rows and folds
+    again the events that :meth:`covers`."""
+
+    organization_id: str
+    start: int
+    end: int
+    series: tuple[str, ...]
+
+    @classmethod
+    def of(cls, old: Event, new: Event) -> Refold:
+        assert new.time is not None
+        day = new.time - new.time % GRAINS[-1]
+        keys = sorted({series_key(old.dimensions), series_key(new.dimensions)})
+        return cls(new.organization_id, day, day + GRAINS[-1], tuple(keys))
+
+    def covers(self, event: Event) -> bool:
+        """Whether ``event`` is one those rows are folded from."""
+        t = event.time
+        return (
+            event.organization_id == self.organization_id
+            and t is not None
+            and self.start <= t < self.end
+            and series_key(event.dimensions) in self.series
+        )
 
 
 def series_keys(spec: MeterSpec, events: Iterable[Event]) -> list[str]:

@@ -19,10 +19,6 @@ from meterkit.validate import check_record
 __all__ = ["MemoryStore"]
 
 
-def _day(t: int) -> int:
-    return t - t % 86400
-
-
 class MemoryStore:
     shared = False
     """Nobody else sees these counters: decisions are made directly, without leases."""
@@ -198,19 +194,13 @@ class MemoryStore:
             stored[next(i for i, e in enumerate(stored) if e is old)] = event
             self._ids[tenant][event.id] = event
             if rollup.rollable(spec) and self._specs.get(spec.name) == spec:
-                # The rows it was or is in: its series before and after, over its UTC day.
-                day = _day(event.time)
-                series = {rollup.series_key(old.dimensions), rollup.series_key(event.dimensions)}
+                scope = rollup.Refold.of(old, event)
                 for grain in rollup.GRAINS:
                     buckets = self._rollups.get((spec.name, event.organization_id, grain), {})
-                    for bucket in [b for b in buckets if day <= b < day + 86400]:
-                        for key in series:
+                    for bucket in [b for b in buckets if scope.start <= b < scope.end]:
+                        for key in scope.series:
                             buckets[bucket].pop(key, None)
-                again = [
-                    e
-                    for e in stored
-                    if day <= e.time < day + 86400 and rollup.series_key(e.dimensions) in series
-                ]
+                again = [e for e in stored if scope.covers(e)]
                 self._add_rollups(spec, self._fold(spec, again))
             return old
 

@@ -875,31 +875,21 @@ class PostgresStore:
                 row,
             )
             if rollup.rollable(spec):
-                # The rows it was or is in: its series before and after, over its UTC day.
-                org = event.organization_id
-                day = event.time - event.time % 86400
-                series = sorted(
-                    {rollup.series_key(old.dimensions), rollup.series_key(event.dimensions)}
-                )
+                scope = rollup.Refold.of(old, event)
                 for grain in rollup.GRAINS:
                     cur.execute(
                         f"DELETE FROM {_q(_rollup_table(spec.name, grain))} "
                         "WHERE organization_id = %s AND series = ANY(%s::text[]) "
                         "AND bucket >= %s AND bucket < %s",
-                        (org, series, day, day + 86400),
+                        (scope.organization_id, list(scope.series), scope.start, scope.end),
                     )
-                wanted = set(series)
-                again = [
-                    e
-                    for e in self._read(
-                        cur,
-                        spec,
-                        "organization_id = %s AND time >= %s AND time < %s",
-                        (org, day, day + 86400),
-                    )
-                    if rollup.series_key(e.dimensions) in wanted
-                ]
-                self._add_rollups(cur, spec, again)
+                day = self._read(
+                    cur,
+                    spec,
+                    "organization_id = %s AND time >= %s AND time < %s",
+                    (scope.organization_id, scope.start, scope.end),
+                )
+                self._add_rollups(cur, spec, [e for e in day if scope.covers(e)])
             return old
 
         return self._run("replacing an event", replace, pipeline=False)

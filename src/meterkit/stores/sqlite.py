@@ -177,10 +177,6 @@ def upsert_batches(
     return out
 
 
-def _day(t: int) -> int:
-    return t - t % 86400
-
-
 class SQLiteStore:
     """One connection shared under a lock; ``BEGIN IMMEDIATE`` serialises writing processes."""
 
@@ -603,26 +599,18 @@ class SQLiteStore:
             return old
 
     def _refold(self, conn: sqlite3.Connection, spec: MeterSpec, old: Event, new: Event) -> None:
-        """Fold anew the rollup rows a replaced event was or is in: its series before and
-        after, over its UTC day (every grain's buckets there), from that day's events of
-        those series; the caller holds the write."""
-        org = new.organization_id
-        day = _day(new.time)
-        series = sorted({rollup.series_key(old.dimensions), rollup.series_key(new.dimensions)})
-        marks = ", ".join("?" * len(series))
+        """Fold anew the rollup rows a replaced event was or is in (:class:`rollup.Refold`);
+        the caller holds the write."""
+        scope = rollup.Refold.of(old, new)
+        marks = ", ".join("?" * len(scope.series))
         for grain in rollup.GRAINS:
             conn.execute(
                 f"DELETE FROM [{_rollup_table(spec.name, grain)}] WHERE organization_id = ? "
                 f"AND series IN ({marks}) AND bucket >= ? AND bucket < ?",
-                (org, *series, day, day + 86400),
+                (scope.organization_id, *scope.series, scope.start, scope.end),
             )
-        wanted = set(series)
-        events = [
-            e
-            for e in self.scan(spec.name, org, day, day + 86400)
-            if rollup.series_key(e.dimensions) in wanted
-        ]
-        self._add_rollups(conn, spec, events)
+        day = self.scan(spec.name, scope.organization_id, scope.start, scope.end)
+        self._add_rollups(conn, spec, [e for e in day if scope.covers(e)])
 
     def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
         # In chunks of SCAN_CHUNK, each read under the lock on its own, so a long scan holds
