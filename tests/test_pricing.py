@@ -563,7 +563,17 @@ def test_a_float_is_refused_even_when_it_looks_exact() -> None:
     [
         ({"meter": "nope"}, "meter"),
         ({"measure": "nope"}, "measure"),
-        ({"meter": "vector_stores", "measure": "usage_bytes"}, "measure"),  # a gauge
+        # A gauge is priced over time, never in tiers.
+        (
+            {
+                "meter": "vector_stores",
+                "measure": "usage_bytes",
+                "unit_price": None,
+                "tiers": [{"up_to": None, "unit_price": "1"}],
+                "tier_mode": "graduated",
+            },
+            "tiers",
+        ),
         ({"where": {"colour": "red"}}, "where.colour"),
         ({"where": {"batch": "yes"}}, "where.batch"),
         ({"meter": "images", "measure": "images", "where": {"size": "3x3"}}, "where.size"),

@@ -615,6 +615,10 @@ def test_sdk_costs_match_in_process(env: Env) -> None:
     assert buckets == expected and pages == -(-len(buckets) // 7)
     line_items = {r["line_item"] for b in buckets for r in b["results"]}
     assert {"gpt-4o, input", "gpt-4o-mini, output", "whisper-1"} <= line_items
+    # Vector-store storage, priced over time, parsed by the SDK in gibibyte-hours.
+    storage = [r for b in buckets for r in b["results"] if r["line_item"] == "vector stores"]
+    assert storage and all(r["quantity_unit"] == "gibibyte_hours" for r in storage)
+    assert all(r["quantity"] > 0 and r["amount"]["value"] > 0 for r in storage)
     total = sum(r["amount"]["value"] for b in buckets for r in b["results"])
     assert total == pytest.approx(sum(r["amount"]["value"] for b in expected for r in b["results"]))
     assert total > 0

@@ -437,6 +437,9 @@ Try it while the server runs:
       -d '{{"organization_id": "{organization_id}", "months": 2}}'
     curl -s "{base}/v1/organization/spend_limit" {auth}
 
+Costs include vector-store storage, billed over time: its line item, "vector stores",
+reports gibibyte_hours (each store's size held until its next snapshot).
+
 The spend limit is a cent or two above this month's spend. Each call to the demo model
 spends about 0.02 cents; once the limit is reached it answers 429 insufficient_quota:
 

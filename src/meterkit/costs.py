@@ -21,8 +21,10 @@ from typing import Any
 import attrs
 import cattrs
 
+from meterkit import integrals
 from meterkit.catalog import API_SOURCES
 from meterkit.convert import openai_converter
+from meterkit.engine import timeweighted
 from meterkit.engine.aggregate import Rows
 from meterkit.engine.cursor import decode_cursor, encode_cursor
 from meterkit.engine.page import bucket_starts
@@ -34,6 +36,7 @@ from meterkit.pricing import (
     PriceBook,
     Tally,
     default_period_of,
+    over_time,
     priceable,
     rate,
     tier_bounds,
@@ -84,9 +87,10 @@ _ZERO = Decimal(0)
 class CostResult:
     """One group's cost in one day bucket and one currency.
 
-    ``quantity`` (raw measure units) and ``quantity_unit`` are set only when the query groups by
-    ``line_item``; grouping fields not grouped by are ``None``. Grouped by ``api_source``,
-    usage without one reads ``"unlabeled"``.
+    ``quantity`` (measure units over the price's ``quantity_per``: raw units unless a price
+    says otherwise, gibibyte-hours for vector stores) and ``quantity_unit`` are set only when
+    the query groups by ``line_item``; grouping fields not grouped by are ``None``. Grouped
+    by ``api_source``, usage without one reads ``"unlabeled"``.
     """
 
     amount: Decimal
@@ -287,19 +291,26 @@ def costs_page(
         scan_high = max(period_of(high - 1).end if "volume" in modes else high, high)
         store.ensure_meter(spec)
         org = query.organization_id
+        gauges = tuple(
+            m.name for m in spec.measures if over_time(spec, m.name) and book.priced(meter, m.name)
+        )
+        if gauges:
+            events.extend(_integrated(spec, gauges, book, org, (low, high), wanted, store))
+            if all(m.name in gauges for m in spec.measures if book.priced(meter, m.name)):
+                continue
         if rows is None or any(
             m.fractional
             for m in spec.measures
             if priceable(spec, m.name) and book.priced(meter, m.name)
         ):
             # Floats are priced as given, each exactly: their sum in a row would round.
-            events.extend(store.scan(meter, org, scan_low, scan_high))
+            scanned = store.scan(meter, org, scan_low, scan_high)
+            events.extend(_without(gauges, scanned) if gauges else scanned)
             continue
-        events.extend(
-            _aggregated(
-                spec, book, org, scan_low, scan_high, (low, high), wanted, period_of, rows, store
-            )
+        found = _aggregated(
+            spec, book, org, scan_low, scan_high, (low, high), wanted, period_of, rows, store
         )
+        events.extend(_without(gauges, found) if gauges else found)
 
     by_line = "line_item" in query.group_by
     # Each charge's fields are the tuple (project_id, api_key_id, line_item, user_id,
@@ -315,7 +326,7 @@ def costs_page(
         )
         for name, allowed in query.filters
     ]
-    sums: dict[tuple[int, tuple[DimValue, ...], str, str | None], tuple[Tally, list[Decimal]]]
+    sums: dict[tuple[int, tuple[DimValue, ...], str, str | None], tuple[Tally, Tally]]
     sums = {}
     for charge in rate(book, events, period_of):
         event, price = charge.event, charge.price
@@ -341,9 +352,9 @@ def costs_page(
         )
         slot = sums.get(key)
         if slot is None:
-            slot = sums[key] = (Tally(), [_ZERO])
+            slot = sums[key] = (Tally(), Tally())
         slot[0].add(charge.numerator, charge.per)
-        slot[1][0] = EXACT_CONTEXT.add(slot[1][0], charge.units)
+        slot[1].add(charge.units, price.quantity_per)
 
     per_bucket: dict[int, list[CostResult]] = {}
     for (start, group, currency, unit), (tally, quantity) in sorted(
@@ -366,7 +377,7 @@ def costs_page(
                 api_key_id=values.get("api_key_id"),
                 user_id=values.get("user_id"),
                 api_source=values.get("api_source"),
-                quantity=quantity[0] if by_line else None,
+                quantity=quantity.value() if by_line else None,
                 quantity_unit=unit,
             )
         )
@@ -456,6 +467,44 @@ def _aggregated(
     return kept
 
 
+def _integrated(
+    spec: MeterSpec,
+    gauges: tuple[str, ...],
+    book: PriceBook,
+    org: str,
+    edges: tuple[int, int],
+    wanted: set[str],
+    store: Store,
+) -> list[Event]:
+    """The gauges' integrals over ``edges`` (value x seconds, carried in from before) as
+    aggregated events that price like usage: one per day, slice and group (:func:`_aggregated`;
+    their prices have no tiers, so no day needs its real events)."""
+    weighted = timeweighted.reading(spec, gauges)
+    only = attrs.evolve(
+        weighted, measures=[m for m in weighted.measures if m.name in gauges], sums=()
+    )
+
+    def integral_rows(_spec: MeterSpec, query: UsageQuery) -> Rows:
+        return integrals.time_weighted_rows(store, spec, query, only)
+
+    low, high = edges
+    return _aggregated(
+        only, book, org, low, high, edges, wanted, default_period_of, integral_rows, store
+    )
+
+
+def _without(measures: tuple[str, ...], events: Iterable[Event]) -> list[Event]:
+    """``events`` without the values of gauges priced over time (:func:`_integrated`)."""
+    out = []
+    for event in events:
+        values = {k: v for k, v in event.values.items() if k not in measures}
+        if values:
+            out.append(
+                attrs.evolve(event, values=values) if len(values) < len(event.values) else event
+            )
+    return out
+
+
 def _crossing_days(book: PriceBook, events: list[Event], period_of: PeriodOf) -> set[int]:
     """The days in which a tiered line of these (aggregated) events passes the first unit of
     a tier while more than one of them shares the moment it happens at: a day whose count
@@ -506,8 +555,9 @@ def unpriced(
 ) -> list[UnpricedUsage]:
     """Usage in ``[start_time, end_time)`` that no price matched, so costs leave it out.
 
-    Looks at every summed (priceable) measure of ``meters`` (default: every meter in
-    ``specs``); zero values are not usage. Sorted by meter, measure and dimensions.
+    Looks at every summed measure of ``meters`` (default: every meter in ``specs``), not at
+    gauges, which are priced over time; zero values are not usage. Sorted by meter, measure
+    and dimensions.
     """
     org = check_id("organization_id", organization_id)
     start = check_time("start_time", start_time)
@@ -526,7 +576,9 @@ def unpriced(
     found: dict[tuple[str, str, tuple[tuple[str, str], ...]], UnpricedUsage] = {}
     for name in names:
         spec = specs[name]
-        measures = [m.name for m in spec.measures if priceable(spec, m.name)]
+        measures = [
+            m.name for m in spec.measures if priceable(spec, m.name) and not over_time(spec, m.name)
+        ]
         if not measures:
             continue
         store.ensure_meter(spec)

@@ -26,7 +26,7 @@ from meterkit.errors import ValidationError
 from meterkit.models import DimValue, Event
 from meterkit.periods import BillingCycle
 from meterkit.plans import Plan
-from meterkit.pricing import Price
+from meterkit.pricing import GIBIBYTE_HOUR, Price
 from meterkit.quotas import Quotas
 
 if TYPE_CHECKING:
@@ -207,8 +207,8 @@ def demo_prices() -> list[Price]:
     """List prices for the demo's models, so the costs endpoint has amounts to show.
 
     Completions are priced part by part (text, image, audio; uncached, cached and cache-write
-    input), batch jobs at half price. Moderations are free and vector-store bytes are a gauge:
-    neither has a price.
+    input), batch jobs at half price. Moderations are free. Vector-store bytes are a gauge,
+    priced over time: $0.10 per GiB-day, reported in gibibyte-hours.
     """
     prices = _completion_prices()
     for model, inp in (("text-embedding-3-small", "0.02"), ("text-embedding-3-large", "0.13")):
@@ -250,6 +250,17 @@ def demo_prices() -> list[Price]:
             line_item="whisper-1",
             quantity_unit="duration_seconds",
             where={"model": "whisper-1"},
+        )
+    )
+    prices.append(
+        Price(
+            "vector_stores",
+            "usage_bytes",
+            "0.10",
+            per=GIBIBYTE_HOUR * 24,
+            quantity_per=GIBIBYTE_HOUR,
+            line_item="vector stores",
+            quantity_unit="gibibyte_hours",
         )
     )
     prices.append(

@@ -19,7 +19,7 @@ import pluggy
 from meterkit import assets as assets_module
 from meterkit import corrections as corrections_module
 from meterkit import costs as costs_module
-from meterkit import engine, pricing, rollups, summaries
+from meterkit import engine, integrals, pricing, rollups, summaries
 from meterkit import lateness as lateness_module
 from meterkit import retention as retention_module
 from meterkit import spend as spend_module
@@ -27,7 +27,7 @@ from meterkit.catalog import builtin_meters
 from meterkit.config import load_config
 from meterkit.convert import openai_page
 from meterkit.costs import CostsPage, UnpricedUsage
-from meterkit.engine import rollup
+from meterkit.engine import rollup, timeweighted
 from meterkit.errors import (
     EventConflict,
     LateEventError,
@@ -721,6 +721,9 @@ class Meter:
                 query.width,
                 rolled=isinstance(self.store, RollupStore) and rollup.rollable(spec),
             )
+        if timeweighted.names(spec):
+            retention_module.check_scan("start_time", spec.name, days, self.now(), query.scan_start)
+            return integrals.time_weighted_rows(self.store, spec, query)
         rows = self.store.aggregate(spec, query)
         if rows is None:
             # Whatever the store says it keeps, a scan must not start where events are gone.

@@ -30,9 +30,17 @@ __all__ = [
 
 Number = Union[int, float]  # noqa: UP007 - a runtime alias, evaluated on Python 3.10 too
 DimValue = Union[str, bool, None]  # noqa: UP007
-Aggregation = Literal["sum", "count", "max", "min", "latest", "unique_count"]
-AGGREGATIONS: tuple[str, ...] = ("sum", "count", "max", "min", "latest", "unique_count")
-GAUGE_AGGREGATIONS: tuple[str, ...] = ("sum", "max", "min")
+Aggregation = Literal["sum", "count", "max", "min", "latest", "unique_count", "time_weighted"]
+AGGREGATIONS: tuple[str, ...] = (
+    "sum",
+    "count",
+    "max",
+    "min",
+    "latest",
+    "unique_count",
+    "time_weighted",
+)
+GAUGE_AGGREGATIONS: tuple[str, ...] = ("sum", "max", "min", "time_weighted")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
@@ -71,6 +79,10 @@ class Measure:
     dimension values) contributes its latest value in the bucket, and the series are then
     combined with ``aggregation`` (``sum``, ``max`` or ``min``).
 
+    A ``time_weighted`` measure is a gauge integrated over time: per series, value x seconds,
+    each value holding from its event until the series' next one (across bucket edges, and
+    into a query's range from before it), summed across series. It is always a gauge.
+
     Values are whole numbers (tokens, requests, bytes) unless the measure is ``fractional``
     (seconds of compute, say): then floats are kept as given.
     """
@@ -83,6 +95,8 @@ class Measure:
     def __attrs_post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation {self.aggregation!r} not one of {AGGREGATIONS}")
+        if self.aggregation == "time_weighted":
+            object.__setattr__(self, "gauge", True)
         if self.gauge and self.aggregation not in GAUGE_AGGREGATIONS:
             raise ValueError(f"a gauge combines series with one of {GAUGE_AGGREGATIONS}")
 

@@ -15,6 +15,15 @@ dimensions and that have a version in effect at the event's time, the most speci
 because ``"model" < "project_id"``. The rule depends only on the prices, never on the order they
 were added in.
 
+Gauges
+------
+A gauge is priced over time: a summed gauge (``vector_stores.usage_bytes``) or a
+``time_weighted`` measure is charged for its integral, value x seconds (see
+:mod:`meterkit.engine.timeweighted`), so its ``per`` counts byte-seconds, say:
+``per=GIBIBYTE_HOUR * 24`` prices gibibyte-days. Costs report a line's quantity as units
+divided by ``quantity_per`` (``GIBIBYTE_HOUR`` for ``gibibyte_hours``). Such a price has no
+tiers, and spend counters (which count each event as it is recorded) leave it out.
+
 Amounts
 -------
 ``n`` units at ``unit_price`` per ``per`` units cost ``Decimal(n) * unit_price / per``. Prices are
@@ -75,6 +84,7 @@ from meterkit.validate import check_dim_value, check_id, check_string, check_tim
 
 __all__ = [
     "EXACT_CONTEXT",
+    "GIBIBYTE_HOUR",
     "PRICE_KIND",
     "Charge",
     "Price",
@@ -87,6 +97,7 @@ __all__ = [
     "default_period_of",
     "delete_price",
     "load_book",
+    "over_time",
     "price_from_dict",
     "price_to_dict",
     "priceable",
@@ -112,6 +123,9 @@ _DIVIDE = decimal.Context(prec=50, traps=[decimal.InvalidOperation, decimal.Divi
 # Bounds on a price's digits, so the exact context above always suffices.
 _MAX_PLACES = 30
 _MAX_INT_DIGITS = 30
+GIBIBYTE_HOUR = 2**30 * 3600
+"""Byte-seconds in a gibibyte-hour: the ``per`` and ``quantity_per`` of a gauge of bytes
+priced and reported in ``gibibyte_hours``."""
 _ZERO = Decimal(0)
 _CACHE_SIZE = 65536
 
@@ -313,6 +327,12 @@ def _per(value: object) -> int:
     return value
 
 
+def _quantity_per(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError("quantity_per", "must be a whole number of units, at least 1")
+    return value
+
+
 def _currency(value: object) -> str:
     if not isinstance(value, str) or len(value) != 3 or not value.isascii() or not value.isalpha():
         raise ValidationError("currency", "must be a three-letter currency code such as 'usd'")
@@ -340,6 +360,7 @@ class Price:
     measure: str = attrs.field(converter=_measure)
     unit_price: Decimal | None = attrs.field(default=None, converter=_optional_unit_price)
     per: int = attrs.field(default=1, kw_only=True, converter=_per)
+    quantity_per: int = attrs.field(default=1, kw_only=True, converter=_quantity_per)
     currency: str = attrs.field(default="usd", kw_only=True, converter=_currency)
     line_item: str = attrs.field(kw_only=True, converter=_line_item)
     quantity_unit: str = attrs.field(kw_only=True, converter=_quantity_unit)
@@ -394,9 +415,16 @@ class Price:
 
 
 def priceable(spec: MeterSpec, measure: str) -> bool:
-    """Whether a measure can carry a price: it is summed over time (not a gauge)."""
+    """Whether a measure can carry a price: summed over events, or a gauge priced over time."""
     m = spec.measure(measure)
-    return m is not None and m.aggregation == "sum" and not m.gauge
+    return m is not None and (m.aggregation == "sum" or over_time(spec, measure))
+
+
+def over_time(spec: MeterSpec, measure: str) -> bool:
+    """Whether a price of ``measure`` charges its integral over time (value x seconds): a
+    summed gauge (``vector_stores.usage_bytes``) or a ``time_weighted`` measure."""
+    m = spec.measure(measure)
+    return m is not None and m.gauge and m.aggregation in ("sum", "time_weighted")
 
 
 def check_price(price: Price, specs: Mapping[str, MeterSpec]) -> Price:
@@ -409,9 +437,14 @@ def check_price(price: Price, specs: Mapping[str, MeterSpec]) -> Price:
     if spec.measure(price.measure) is None:
         raise ValidationError("measure", f"meter {spec.name!r} has no measure {price.measure!r}")
     if not priceable(spec, price.measure):
-        # Gauges and max/min/latest values are not quantities consumed per event.
+        # max/min/latest values are not quantities consumed.
         raise ValidationError(
-            "measure", f"{spec.name}.{price.measure} is not a summed measure and cannot be priced"
+            "measure",
+            f"{spec.name}.{price.measure} is neither summed nor a summed gauge: not priceable",
+        )
+    if price.tiers and over_time(spec, price.measure):
+        raise ValidationError(
+            "tiers", f"{spec.name}.{price.measure} is priced over time and cannot be tiered"
         )
     for name, value in price.where.items():
         check_dim_value(spec, name, value, f"where.{name}")
@@ -467,6 +500,12 @@ class PriceBook:
                 )
             by_id[price.id] = price
         self._prices = tuple(sorted(by_id.values(), key=lambda p: (p.line, p.effective_from)))
+        # Gauges priced over time: no single event costs anything, so no ceiling counts them.
+        self._over_time = frozenset(
+            (p.meter, p.measure)
+            for p in self._prices
+            if specs is not None and p.meter in specs and over_time(specs[p.meter], p.measure)
+        )
         lines: dict[tuple[str, str, str], _Line] = {}
         for price in self._prices:
             line = lines.get(price.line)
@@ -586,6 +625,8 @@ class PriceBook:
             return
         for measure, value in values.items():
             if not value or (meter, measure) not in self._lines:
+                continue
+            if (meter, measure) in self._over_time:
                 continue
             price = self.match(meter, measure, dimensions, time)
             if price is None:
@@ -763,6 +804,7 @@ def _price_to_dict(price: Price) -> dict[str, Any]:
         "measure": price.measure,
         "unit_price": None if price.unit_price is None else str(price.unit_price),
         "per": price.per,
+        "quantity_per": price.quantity_per,
         "currency": price.currency,
         "line_item": price.line_item,
         "quantity_unit": price.quantity_unit,

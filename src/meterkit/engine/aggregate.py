@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from meterkit.engine import timeweighted
 from meterkit.models import DimValue, Event, GroupRow, Measure, MeterSpec, Number, UsageQuery
 
 __all__ = ["Rows", "aggregate", "empty_value", "gauge_total", "matches"]
@@ -14,7 +15,7 @@ Rows = dict[GroupRow, dict[str, "Number | None"]]
 
 def empty_value(measure: Measure) -> Number | None:
     """What a measure reads when no event in the row carries it."""
-    if measure.aggregation in ("sum", "count", "unique_count"):
+    if measure.aggregation in ("sum", "count", "unique_count", "time_weighted"):
         return 0
     return None
 
@@ -84,11 +85,17 @@ def _finish(measure: Measure, acc: _Acc) -> Number | None:
 
 
 def aggregate(spec: MeterSpec, query: UsageQuery, events: Iterable[Event]) -> Rows:
-    """Aggregate the events that :func:`matches` the query into rows keyed by (bucket, group)."""
+    """Aggregate the events that :func:`matches` the query into rows keyed by (bucket, group).
+
+    A ``time_weighted`` measure also reads events before the window, for the values they carry
+    into it (see :mod:`meterkit.engine.timeweighted`)."""
+    weighted = timeweighted.names(spec)
+    if weighted:
+        events = list(events)
     width = query.width
     dims = spec.dimension_names
     accs: dict[GroupRow, list[_Acc]] = {}
-    measures = spec.measures
+    measures = tuple(m for m in spec.measures if m.name not in weighted)
     for event in events:
         if not matches(event, query):
             continue
@@ -102,6 +109,12 @@ def aggregate(spec: MeterSpec, query: UsageQuery, events: Iterable[Event]) -> Ro
             value = event.values.get(measure.name)
             if value is not None:
                 _add(measure, acc, event, value, series)
-    return {
+    out: Rows = {
         key: {m.name: _finish(m, acc) for m, acc in zip(measures, row)} for key, row in accs.items()
     }
+    if weighted:
+        integrals = timeweighted.integrate(spec, query, events)
+        empties = {m.name: empty_value(m) for m in spec.measures}
+        for key in {*out, *integrals}:
+            out[key] = {**empties, **out.get(key, {}), **integrals.get(key, {})}
+    return out

@@ -32,6 +32,7 @@ from typing import Any
 import attrs
 
 from meterkit.engine.aggregate import Rows, empty_value, gauge_total
+from meterkit.engine.timeweighted import Latest
 from meterkit.models import DimValue, Event, GroupRow, Measure, MeterSpec, Number, UsageQuery
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "event_items",
     "fold",
     "fold_grains",
+    "latest_of",
     "merger",
     "named",
     "plan",
@@ -365,6 +367,22 @@ def combine(
 def _gauge(spec: MeterSpec, name: str) -> bool:
     measure = spec.measure(name)
     return bool(measure and measure.gauge)
+
+
+def latest_of(
+    spec: MeterSpec,
+    measures: Sequence[str],
+    rows: Iterable[tuple[Mapping[str, DimValue], Sequence[Any]]],
+) -> Iterator[Latest]:
+    """What rollup rows (dimensions, values in :func:`columns` order) say of each gauge in
+    ``measures``: its series' latest event in the row's bucket, for
+    :func:`meterkit.engine.timeweighted.carried`."""
+    layout = columns(spec)
+    at = [(layout.index(("t", name)), name) for name in measures]
+    for dimensions, values in rows:
+        for pos, name in at:
+            if values[pos] is not None:
+                yield dimensions, name, values[pos], values[pos + 1], values[pos + 2]
 
 
 def event_items(

@@ -153,6 +153,15 @@ class RollupStore(Store, Protocol):
         was and is in (its series before and after, over its UTC day), atomically. Returns
         the event replaced, or ``None`` (nothing stored under that id: nothing changes)."""
 
+    def latest_before(
+        self, spec: MeterSpec, organization_id: str, before: int, measures: Sequence[str]
+    ) -> list[Event] | None:
+        """Per series, the latest event before ``before`` carrying each of the gauges
+        ``measures`` (:func:`~meterkit.engine.timeweighted.carried`): what a time-weighted
+        query carries into its window. Earlier days come from the day rollups, so events
+        dropped by retention still carry their values. ``None`` when ``spec`` is not the
+        meter whose rollups are kept."""
+
     def drop_events_before(self, spec: MeterSpec, before: int) -> int:
         """Delete ``spec``'s events with ``time < before`` (a UTC day start) and its minute
         rollup rows of buckets before it, for every organization, atomically; hour and day

@@ -52,13 +52,14 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from meterkit import counters
-from meterkit.engine import rollup
+from meterkit.engine import rollup, timeweighted
 from meterkit.engine.aggregate import Rows
 from meterkit.errors import MeterkitError, StoreUnavailable
 from meterkit.hookspecs import hookimpl
 from meterkit.models import (
     CounterLine,
     CounterResult,
+    DimValue,
     Event,
     Hold,
     MeterSpec,
@@ -1141,7 +1142,31 @@ class PostgresStore:
             out.append(Event(row[0], spec.name, row[1], row[2], values, dvals))
         return out
 
+    def latest_before(
+        self, spec: MeterSpec, organization_id: str, before: int, measures: Sequence[str]
+    ) -> list[Event] | None:
+        if not rollup.rollable(spec) or self._specs.get(spec.name) != spec:
+            return None
+        day = before - before % rollup.GRAINS[-1]
+        dims = spec.dimension_names
+        sql = sqlagg.latest_before(spec, measures, _DIALECT)
+
+        def read(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+            cur.execute(sql, (organization_id, day))
+            return cur.fetchall()
+
+        rows = self._run("reading rollups", read, tx=False, idempotent=True)
+
+        def decoded(row: Sequence[Any]) -> dict[str, DimValue]:
+            return {d: v for d, v in zip(dims, row) if v is not None}
+
+        latest = sqlagg.latest_items(spec, measures, rows, decoded, _decode)
+        events = self.scan(spec.name, organization_id, day, before)
+        return timeweighted.carried(spec, organization_id, measures, before, events, latest)
+
     def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
+        if timeweighted.names(spec):
+            return None  # integrals come from events: see meterkit.integrals
         rolled = rollup.rollable(spec) and self._specs.get(spec.name) == spec
         plan = sqlagg.query_statements(spec, query, _DIALECT, rolled)
         params = list(plan.params)

@@ -14,13 +14,15 @@ from typing import Any
 
 import attrs
 
-from meterkit.engine import rollup
+from meterkit.engine import rollup, timeweighted
 from meterkit.engine.aggregate import Rows, empty_value
 from meterkit.models import DimValue, Event, MeterSpec, Number, UsageQuery
 
 __all__ = [
     "Dialect",
     "Statements",
+    "latest_before",
+    "latest_items",
     "merge_rows",
     "overflowed",
     "query_statements",
@@ -198,6 +200,38 @@ _UPSERT = {
     "mx": "coalesce({greatest}(r.{c}, excluded.{c}), r.{c}, excluded.{c})",
 }
 _ROLLED = {"sum": ("s", "SUM"), "count": ("n", "SUM"), "min": ("mn", "MIN"), "max": ("mx", "MAX")}
+
+
+def latest_before(spec: MeterSpec, measures: Sequence[str], d: Dialect) -> str:
+    """``SELECT`` of an organization's day rollup rows before a day (parameters: organization,
+    day) that hold a latest value of one of the gauges ``measures``: the dimensions, then each
+    gauge's time, id and value (read by :func:`latest_items`)."""
+    cells = [d.cell(kind, name) for name in measures for kind in ("t", "i", "l")]
+    held = " OR ".join(f"{d.cell('t', name)} IS NOT NULL" for name in measures)
+    p = d.placeholder
+    return (
+        f"SELECT {', '.join([*map(d.dim, spec.dimension_names), *cells])} "
+        f"FROM {d.rollup(spec.name, rollup.GRAINS[-1])} "
+        f"WHERE organization_id = {p} AND bucket < {p} AND ({held})"
+    )
+
+
+def latest_items(
+    spec: MeterSpec,
+    measures: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    dims: Callable[[Sequence[Any]], dict[str, DimValue]],
+    value: Callable[[Any], Any] | None = None,
+) -> Iterator[timeweighted.Latest]:
+    """The rows of :func:`latest_before` as :func:`~meterkit.engine.timeweighted.carried` takes
+    them; ``dims`` decodes a row's dimension columns, ``value`` a stored value."""
+    n = len(spec.dimension_names)
+    for row in rows:
+        found = dims(row[:n])
+        for j, name in enumerate(measures):
+            t, i, v = row[n + 3 * j : n + 3 * j + 3]
+            if t is not None:
+                yield found, name, int(t), i, v if value is None else value(v)
 
 
 def rollup_columns(spec: MeterSpec, d: Dialect) -> list[str]:

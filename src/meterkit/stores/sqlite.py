@@ -16,7 +16,7 @@ from typing import Any
 import sqlite_utils
 
 from meterkit import counters
-from meterkit.engine import rollup
+from meterkit.engine import rollup, timeweighted
 from meterkit.engine.aggregate import Rows
 from meterkit.errors import StoreUnavailable, ValidationError
 from meterkit.hookspecs import hookimpl
@@ -673,7 +673,32 @@ class SQLiteStore:
                 {d: (bool(v) if d in bools else v) for d, v in zip(dims, dvals) if v is not None},
             )
 
+    def latest_before(
+        self, spec: MeterSpec, organization_id: str, before: int, measures: Sequence[str]
+    ) -> list[Event] | None:
+        if not rollup.rollable(spec) or self._specs.get(spec.name) != spec:
+            return None
+        day = before - before % rollup.GRAINS[-1]
+        dims = spec.dimension_names
+        bools = {d.name for d in spec.dimensions if d.kind == "bool"}
+
+        def decoded(row: Sequence[Any]) -> dict[str, DimValue]:
+            return {d: (bool(v) if d in bools else v) for d, v in zip(dims, row) if v is not None}
+
+        sql = sqlagg.latest_before(spec, measures, _DIALECT)
+        with self._lock:
+            self.conn.execute("BEGIN")
+            try:
+                rows = self.conn.execute(sql, (organization_id, day)).fetchall()
+                events = list(self.scan(spec.name, organization_id, day, before))
+            finally:
+                self.conn.execute("COMMIT")
+        latest = sqlagg.latest_items(spec, measures, rows, decoded)
+        return timeweighted.carried(spec, organization_id, measures, before, events, latest)
+
     def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
+        if timeweighted.names(spec):
+            return None  # integrals come from events: see meterkit.integrals
         try:
             with self._lock:
                 return self._aggregate(spec, query)
