@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flask_guard
+import gauges
 import middleware
 import quotas
 import records
@@ -54,7 +55,18 @@ import meterkit
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PARTS = ("ingest", "query", "costs", "growth", "quotas", "records", "middleware", "flask", "scale")
+PARTS = (
+    "ingest",
+    "query",
+    "costs",
+    "growth",
+    "quotas",
+    "records",
+    "gauges",
+    "middleware",
+    "flask",
+    "scale",
+)
 # The growth part's data sets, in events generated (their query window holds about two thirds).
 GROWTH_SIZES = (303_000, 1_550_000, 3_040_000)
 MK_DB = "mk.db"
@@ -563,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["quotas"] = quotas.run(args, work)
             elif part == "records":
                 results["records"] = records.run(args, work)
+            elif part == "gauges":
+                results["gauges"] = gauges.run(args, work)
             elif part == "middleware":
                 results["middleware"] = middleware.run(args, work)
             elif part == "flask":

@@ -96,7 +96,7 @@ def aggregate(spec: MeterSpec, query: UsageQuery, events: Iterable[Event]) -> Ro
     dims = spec.dimension_names
     accs: dict[GroupRow, list[_Acc]] = {}
     measures = tuple(m for m in spec.measures if m.name not in weighted)
-    for event in events:
+    for event in events if measures else ():
         if not matches(event, query):
             continue
         get = event.dimensions.get
