@@ -12,108 +12,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
 from meterkit.auth import DEFAULT_PREFIX, create_key, get_key, list_keys, revoke_key
-from meterkit.errors import StoreUnavailable, ValidationError
+from meterkit.clitools import open_meter, reported, store_options
 from meterkit.meter import DEFAULT_URL, Meter
 
 __all__ = ["main"]
 
 DAY = 86_400
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-
-
-class BadInput(click.ClickException):
-    """Input meterkit refused: exit status 2, like click's own usage errors."""
-
-    exit_code = 2
-
-
-@contextmanager
-def _reported() -> Iterator[None]:
-    """Turn meterkit's errors into one-line messages (no traceback) with the right status."""
-    try:
-        yield
-    except ValidationError as exc:
-        raise BadInput(f"{exc.field}: {exc.message}") from None
-    except StoreUnavailable as exc:
-        raise click.ClickException(f"the store is unavailable: {exc}") from None
-
-
-class StartedClock:
-    """A clock that read ``start`` when it was made and has run on in real time since
-    (or, ``frozen``, reads ``start`` for ever)."""
-
-    def __init__(self, start: float, *, frozen: bool = False) -> None:
-        self.start = start
-        self.frozen = frozen
-        self.origin = time.monotonic()
-
-    def __call__(self) -> float:
-        return self.start if self.frozen else self.start + (time.monotonic() - self.origin)
-
-
-def _open(
-    config: Path | None,
-    db: str | None,
-    now: int | None = None,
-    *,
-    frozen: bool = False,
-    existing: bool = False,
-) -> Meter:
-    """The meter a command works on: ``--config`` (its store, or ``--db`` instead), else
-    ``--db``, else the embedded default. With ``now``, its clock starts at that Unix time;
-    with ``existing`` (commands that only read or change what is there), a SQLite ``--db``
-    must name a file that exists: a typo is reported instead of creating an empty store."""
-    url = db or DEFAULT_URL
-    if existing and db and db.startswith("sqlite:///"):
-        from meterkit.stores.sqlite import path_from_url
-
-        try:
-            path = path_from_url(db)
-        except ValueError as exc:
-            raise BadInput(f"--db: {exc}") from None
-        if path != ":memory:" and not Path(path).exists():
-            raise BadInput(f"--db: {path} does not exist (this command creates no store)")
-    if frozen and now is None:
-        raise BadInput("--freeze-clock needs --now")
-    extra: dict[str, Any] = {} if now is None else {"clock": StartedClock(now, frozen=frozen)}
-    try:
-        if config is not None:
-            if db:
-                return Meter.from_config(config, url=db, **extra)
-            return Meter.from_config(config, **extra)
-        return Meter(url, **extra)
-    except ValidationError as exc:
-        if config is None or (db and exc.field == "url"):
-            raise BadInput(f"--db: {exc.message}") from None
-        raise BadInput(f"invalid configuration {config}: {exc.field}: {exc.message}") from None
-    except StoreUnavailable as exc:
-        raise click.ClickException(f"the store is unavailable: {exc}") from None
-    except Exception as exc:
-        # A driver's own error (a SQLite file in a missing directory, say): still one line.
-        raise click.ClickException(f"cannot open the store: {exc}") from None
-
-
-def _store_options(func: Any) -> Any:
-    func = click.option(
-        "--db",
-        metavar="URL",
-        help=f"Store URL; overrides the config's store. [default: {DEFAULT_URL}]",
-    )(func)
-    func = click.option(
-        "--config",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="TOML configuration file (store, meters, prices, plans, organizations).",
-    )(func)
-    return func
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -194,7 +105,7 @@ _freeze = click.option(
 
 
 @main.command()
-@_store_options
+@store_options
 @_host
 @_port
 @_now
@@ -226,7 +137,7 @@ def serve(
 ) -> None:
     """Serve every HTTP endpoint (usage, costs, plan and account usage, operations, ingest)."""
     _serve(
-        _open(config, db, now, frozen=frozen),
+        open_meter(config, db, now, frozen=frozen),
         host,
         port,
         log_level,
@@ -254,7 +165,7 @@ def keys() -> None:
 )
 @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Token prefix.")
 @click.option("--name", default=None, help="A label to recognize the key by.")
-@_store_options
+@store_options
 def keys_create(
     organization_id: str,
     role: str,
@@ -265,7 +176,7 @@ def keys_create(
     db: str | None,
 ) -> None:
     """Create a key. Prints only the token on stdout (it is shown this once)."""
-    with _open(config, db) as meter, _reported():
+    with open_meter(config, db) as meter, reported():
         token, key = create_key(meter, organization_id, role, scopes, prefix=prefix, name=name)
     click.echo(token)
     click.echo(
@@ -285,10 +196,10 @@ def _when(ts: int | None) -> str:
 @keys.command("list")
 @click.option("--org", "organization_id", required=True, help="The organization.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per key, per line.")
-@_store_options
+@store_options
 def keys_list(organization_id: str, as_json: bool, config: Path | None, db: str | None) -> None:
     """List an organization's keys, revoked ones included (never their tokens)."""
-    with _open(config, db, existing=True) as meter, _reported():
+    with open_meter(config, db, existing=True) as meter, reported():
         found = list_keys(meter, organization_id)
     if as_json:
         for key in found:
@@ -326,10 +237,10 @@ def keys_list(organization_id: str, as_json: bool, config: Path | None, db: str 
 
 @keys.command("revoke")
 @click.argument("key_id")
-@_store_options
+@store_options
 def keys_revoke(key_id: str, config: Path | None, db: str | None) -> None:
     """Revoke a key at once (its record stays, marked revoked)."""
-    with _open(config, db, existing=True) as meter, _reported():
+    with open_meter(config, db, existing=True) as meter, reported():
         key = get_key(meter, key_id)
         if key is None:
             raise click.ClickException(f"no key {key_id!r}")
@@ -358,7 +269,7 @@ _METER_OPTION = click.option(
 
 @rollups.command("rebuild")
 @_METER_OPTION
-@_store_options
+@store_options
 def rollups_rebuild(meters: tuple[str, ...], config: Path | None, db: str | None) -> None:
     """Fold each meter's rollups anew from its events (one transaction per meter)."""
 
@@ -366,7 +277,7 @@ def rollups_rebuild(meters: tuple[str, ...], config: Path | None, db: str | None
         if done:
             click.echo(f"{name}: {done:,} events read", err=True)
 
-    with _open(config, db, existing=True) as meter, _reported():
+    with open_meter(config, db, existing=True) as meter, reported():
         read = meter.rebuild_rollups(list(meters) or None, progress=progress)
     if not read:
         click.echo("this store keeps no rollups", err=True)
@@ -378,10 +289,10 @@ def rollups_rebuild(meters: tuple[str, ...], config: Path | None, db: str | None
 
 @rollups.command("verify")
 @_METER_OPTION
-@_store_options
+@store_options
 def rollups_verify(meters: tuple[str, ...], config: Path | None, db: str | None) -> None:
     """List every rollup row that differs from what the events give; exit 1 if any does."""
-    with _open(config, db, existing=True) as meter, _reported():
+    with open_meter(config, db, existing=True) as meter, reported():
         found = meter.verify_rollups(list(meters) or None)
     for line in found:
         click.echo(line)
@@ -395,10 +306,10 @@ def rollups_verify(meters: tuple[str, ...], config: Path | None, db: str | None)
 
 @main.command("prune")
 @_METER_OPTION
-@_store_options
+@store_options
 def prune(meters: tuple[str, ...], config: Path | None, db: str | None) -> None:
     """Drop the raw events (and minute rollups) older than each meter's retention."""
-    with _open(config, db, existing=True) as meter, _reported():
+    with open_meter(config, db, existing=True) as meter, reported():
         if not meter.retention:
             click.echo("no meter has a retention: nothing to drop", err=True)
             return
@@ -487,9 +398,9 @@ def demo(
 
     if not no_serve:
         _uvicorn()  # before anything is written or a key is shown: fail early without it
-    meter = _open(None, db, now)
+    meter = open_meter(None, db, now)
     try:
-        with _reported():
+        with reported():
             summary = populate(meter, days=days, now=now)
             token, key = create_demo_key(meter)
     except BaseException:

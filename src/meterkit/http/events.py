@@ -19,14 +19,14 @@ Sending the same batch again is safe.
 
 from __future__ import annotations
 
-import datetime as dt
-import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
-from meterkit.convert import native_converter
+import attrs
+
+from meterkit import eventio
 from meterkit.errors import ValidationError
+from meterkit.eventio import CLOUDEVENT, CLOUDEVENTS_BATCH, JSON, NDJSON, parse_rfc3339
 from meterkit.http.core import Response, json_response
 from meterkit.http.errors import METERKIT, HttpError
 from meterkit.http.params import parse_json
@@ -34,41 +34,6 @@ from meterkit.http.routing import Call, Reply, Route, Surface, json_schema_ref
 from meterkit.models import Event
 
 __all__ = ["CLOUDEVENTS_BATCH", "NDJSON", "SURFACE", "parse_rfc3339"]
-
-JSON = "application/json"
-NDJSON = "application/x-ndjson"
-CLOUDEVENTS_BATCH = "application/cloudevents-batch+json"
-CLOUDEVENT = "application/cloudevents+json"
-TYPE_PREFIX = "meterkit."
-
-# ASCII digits only ([0-9], not \d), matched with fullmatch.
-_RFC3339 = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]{1,9})?"
-    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
-)
-
-
-def parse_rfc3339(value: object, field: str) -> int:
-    """An RFC 3339 timestamp (offset required) as whole UTC seconds, fractions floored."""
-    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        raise ValidationError(field, "must be an RFC 3339 time such as 2025-01-01T00:00:00Z")
-    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
-    offset = match.group(8)
-    if offset in ("Z", "z"):
-        tz = dt.timezone.utc
-    else:
-        sign = -1 if offset[0] == "-" else 1
-        hours, minutes = int(offset[1:3]), int(offset[4:6])
-        if hours > 23 or minutes > 59:
-            raise ValidationError(field, f"has an invalid offset {offset!r}")
-        tz = dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
-    try:
-        stamp = dt.datetime(year, month, day, hour, minute, second, tzinfo=tz).timestamp()
-    except (ValueError, OverflowError):
-        raise ValidationError(field, f"is not a real time: {value!r}") from None
-    return math.floor(stamp)
-
 
 ACCEPTED_TYPES = (JSON, NDJSON, CLOUDEVENTS_BATCH, CLOUDEVENT)
 
@@ -133,49 +98,14 @@ def _own(call: Call, org: object, field: str) -> str:
 def _native(call: Call, item: Any, field: str) -> Event:
     if not isinstance(item, dict):
         raise ValidationError(field, "must be a JSON object")
-    item = {
-        **item,
-        "organization_id": _own(call, item.get("organization_id"), f"{field}.organization_id"),
-    }
-    try:
-        event: Event = native_converter.structure(item, Event)
-    except (TypeError, ValueError) as exc:
-        raise ValidationError(field, str(exc)[:300]) from None
-    return event
+    org = _own(call, item.get("organization_id"), f"{field}.organization_id")
+    return eventio.native_event({**item, "organization_id": org}, field)
 
 
 def _cloud(call: Call, item: Any, field: str) -> Event:
-    if not isinstance(item, dict):
-        raise ValidationError(field, "must be a CloudEvent (a JSON object)")
-    version = item.get("specversion", "1.0")
-    if version != "1.0":
-        raise ValidationError(f"{field}.specversion", "must be '1.0'")
-    kind = item.get("type")
-    if not isinstance(kind, str) or not kind:
-        raise ValidationError(f"{field}.type", "must name the meter (meterkit.<meter> or <meter>)")
-    meter = kind[len(TYPE_PREFIX) :] if kind.startswith(TYPE_PREFIX) else kind
-    media = item.get("datacontenttype", JSON)
-    if not isinstance(media, str) or media.split(";", 1)[0].strip().lower() != JSON:
-        raise ValidationError(f"{field}.datacontenttype", "must be application/json")
-    data = item.get("data")
-    if not isinstance(data, dict):
-        raise ValidationError(f"{field}.data", "must be an object with values (and dimensions)")
-    extra = set(data) - {"values", "dimensions"}
-    if extra:
-        raise ValidationError(f"{field}.data", f"unknown fields: {sorted(extra)[:5]}")
-    if "values" not in data:
-        raise ValidationError(f"{field}.data.values", "is required")
-    time = item.get("time")
-    seconds = parse_rfc3339(time, f"{field}.time") if time is not None else None
-    # id, values and dimensions are checked against the meter, with the rest, by record_many.
-    return Event(
-        id=item.get("id"),  # type: ignore[arg-type]
-        meter=meter,
-        organization_id=_own(call, item.get("subject"), f"{field}.subject"),
-        time=seconds,  # type: ignore[arg-type]  # None: record_many stamps "now"
-        values=data["values"],
-        dimensions=data.get("dimensions") or {},
-    )
+    event = eventio.cloud_event(item, field, organization_id="")
+    org = _own(call, item.get("subject"), f"{field}.subject")
+    return attrs.evolve(event, organization_id=org)
 
 
 def _ingest(call: Call) -> Response:
