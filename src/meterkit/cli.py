@@ -1,4 +1,5 @@
-"""The ``meterkit`` command: serve the HTTP endpoints, manage API keys, run a demo.
+"""The ``meterkit`` command: serve the HTTP endpoints, manage API keys, run a demo, and work
+with the data (:mod:`meterkit.clidata`).
 
 ``meterkit serve`` runs :func:`meterkit.asgi.create_app` under uvicorn; ``meterkit keys``
 creates, lists and revokes API keys; ``meterkit demo`` fills a SQLite file with a month of
@@ -18,6 +19,7 @@ from typing import Any
 import click
 
 from meterkit.auth import DEFAULT_PREFIX, create_key, get_key, list_keys, revoke_key
+from meterkit.clidata import COMMANDS
 from meterkit.clitools import open_meter, reported, store_options
 from meterkit.meter import DEFAULT_URL, Meter
 
@@ -420,3 +422,9 @@ def demo(
         meter.close()
         return
     _serve(meter, host, port, log_level, demo_model=True)
+
+
+# The data commands (record, import, export, usage, costs, quota, plans, prices, doctor,
+# completion) live in meterkit.clidata.
+for _command in COMMANDS:
+    main.add_command(_command)

@@ -41,7 +41,7 @@ from meterkit.quotas import Quotas
 if TYPE_CHECKING:
     from meterkit.meter import Meter
 
-__all__ = ["quota_metrics", "rebuild_counters"]
+__all__ = ["counter_differences", "quota_metrics", "rebuild_counters"]
 
 
 def quota_metrics(meter: Meter) -> list[MeterSpec]:
@@ -131,3 +131,28 @@ def rebuild_counters(meter: Meter, organization_id: str | None = None) -> dict[s
             )
         report[org] = values
     return report
+
+
+def counter_differences(meter: Meter, organization_id: str) -> dict[str, tuple[int, int]]:
+    """The quota counters of ``organization_id`` that differ from what its events give, as
+    ``{metric: (from the events, counted)}``: what :func:`rebuild_counters` would fix. Changes
+    no counter (this process's leases and queued debits are flushed first, as there)."""
+    meter.flush(release_leases=True)
+    now = meter.now()
+    period = meter.quotas.period(organization_id, now)
+    out: dict[str, tuple[int, int]] = {}
+    for spec in quota_metrics(meter):
+        metric = spec.name
+        measure = spec.measure(metric)
+        assert measure is not None
+        if measure.gauge:
+            gauge = _gauge_value(meter, spec, organization_id, now)
+            if gauge is None:
+                continue
+            want = clamp(int(gauge))
+        else:
+            want = clamp(int(_metric_total(meter, metric, organization_id, period.start, now + 1)))
+        got = meter.quotas.used(organization_id, metric, at=now)
+        if want != got:
+            out[metric] = (want, got)
+    return out

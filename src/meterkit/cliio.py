@@ -1,0 +1,290 @@
+"""Reading and writing events as files: NDJSON, JSON arrays, CSV and CloudEvents.
+
+:func:`read_events` turns a file's records into ``(line, event)`` pairs (``line`` counts from 1:
+the line of an NDJSON record or a CSV row, the position of a JSON array's element) and a bad
+record into a :class:`BadRecord` in its place, so a caller can report it and skip the batch it
+belongs to. :func:`write_events` writes what :func:`read_events` reads back unchanged.
+
+CSV columns are ``id``, ``meter``, ``organization_id``, ``time``, ``value.<measure>`` and
+``dim.<dimension>``; ``--map COLUMN=FIELD`` names another column for any of them (``ts=time``,
+``tokens=value.tokens``). An empty cell is an absent value or dimension. Numbers read as ``int``
+unless written with a point or an exponent; a bool dimension reads ``true`` / ``false``.
+Times are Unix seconds or RFC 3339. A record without an id gets one derived from its content,
+so importing the same file again finds duplicates instead of new events.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from typing import IO, Any, Literal
+
+import attrs
+
+from meterkit import eventio
+from meterkit.errors import ValidationError
+from meterkit.models import Event, MeterSpec
+
+__all__ = [
+    "FORMATS",
+    "BadRecord",
+    "Format",
+    "derived_id",
+    "detect_format",
+    "read_events",
+    "write_events",
+]
+
+Format = Literal["ndjson", "json", "csv", "cloudevents"]
+FORMATS: tuple[str, ...] = ("ndjson", "json", "csv", "cloudevents")
+_CSV_FIELDS = ("id", "meter", "organization_id", "time")
+
+
+@attrs.frozen
+class BadRecord:
+    """A record that is not an event: where it is and why."""
+
+    line: int
+    message: str
+
+
+def detect_format(name: str, head: str) -> Format:
+    """The format of a file from its name, else from its first characters."""
+    lower = name.lower()
+    if lower.endswith((".ndjson", ".jsonl")):
+        return "ndjson"
+    if lower.endswith(".csv"):
+        return "csv"
+    stripped = head.lstrip()
+    if stripped.startswith("["):
+        return "cloudevents" if '"specversion"' in head else "json"
+    if stripped.startswith("{"):
+        return "cloudevents" if '"specversion"' in head.split("\n", 1)[0] else "ndjson"
+    return "csv"
+
+
+def derived_id(event: Event) -> str:
+    """An id from an event's content: the same record always gets the same one."""
+    raw = json.dumps(
+        [event.meter, event.organization_id, event.time, event.values, event.dimensions],
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return "imp_" + hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def _time(value: Any, field: str) -> Any:
+    """Unix seconds as given (the meter checks them), or an RFC 3339 string converted."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        return eventio.parse_rfc3339(text, field)
+    return value
+
+
+def _with_id(event: Event, field: str) -> Event:
+    time = _time(event.time, f"{field}.time")
+    if time is not event.time:
+        event = attrs.evolve(event, time=time)
+    if event.id is None or event.id == "":
+        event = attrs.evolve(event, id=derived_id(event))
+    return event
+
+
+def _number(text: str, field: str) -> int | float:
+    try:
+        if any(c in text for c in ".eE") and not text.lower().startswith(("inf", "-inf", "nan")):
+            return float(text)
+        return int(text)
+    except ValueError:
+        raise ValidationError(field, f"is not a number: {text[:40]!r}") from None
+
+
+def _dim(spec: MeterSpec | None, name: str, text: str, field: str) -> Any:
+    dim = spec.dimension(name) if spec is not None else None
+    if dim is not None and dim.kind == "bool":
+        lowered = text.lower()
+        if lowered not in ("true", "false"):
+            raise ValidationError(field, f"must be true or false, not {text[:40]!r}")
+        return lowered == "true"
+    return text
+
+
+def _csv_events(
+    handle: IO[str],
+    specs: Mapping[str, MeterSpec],
+    mapping: Mapping[str, str],
+    defaults: Mapping[str, str],
+) -> Iterator[tuple[int, Event | BadRecord]]:
+    reader = csv.reader(handle)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    fields = [mapping.get(name, name) for name in header]
+    for name in fields:
+        if name not in _CSV_FIELDS and not name.startswith(("value.", "dim.")):
+            yield (
+                1,
+                BadRecord(
+                    1,
+                    f"column {name!r} is none of {', '.join(_CSV_FIELDS)}, "
+                    "value.<measure>, dim.<dimension> (map it with --map)",
+                ),
+            )
+            return
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(fields):
+            yield line, BadRecord(line, f"has {len(row)} cells, the header {len(fields)}")
+            continue
+        try:
+            cells = dict(zip(fields, row))
+            meter = cells.get("meter") or defaults.get("meter")
+            org = cells.get("organization_id") or defaults.get("organization_id")
+            if not meter:
+                raise ValidationError("meter", "is missing (give the column or --meter)")
+            if not org:
+                raise ValidationError("organization_id", "is missing (give the column or --org)")
+            spec = specs.get(meter)
+            values = {
+                name[6:]: _number(text.strip(), name)
+                for name, text in cells.items()
+                if name.startswith("value.") and text.strip()
+            }
+            dims = {
+                name[4:]: _dim(spec, name[4:], text, name)
+                for name, text in cells.items()
+                if name.startswith("dim.") and text != ""
+            }
+            time = cells.get("time", "").strip()
+            event = Event(
+                cells.get("id", ""),
+                meter,
+                org,
+                _time(time, "time") if time else None,  # type: ignore[arg-type]
+                values,
+                dims,
+            )
+            yield line, _with_id(event, "row")
+        except ValidationError as exc:
+            yield line, BadRecord(line, f"{exc.field}: {exc.message}")
+
+
+def read_events(
+    handle: IO[str],
+    fmt: Format,
+    specs: Mapping[str, MeterSpec],
+    *,
+    mapping: Mapping[str, str] | None = None,
+    defaults: Mapping[str, str] | None = None,
+) -> Iterator[tuple[int, Event | BadRecord]]:
+    """Each record of ``handle`` as ``(line, event or BadRecord)``, in order.
+
+    ``defaults`` gives ``meter`` and ``organization_id`` for records that name none (CSV
+    rows, native events, CloudEvents without a subject)."""
+    defaults = defaults or {}
+    if fmt == "csv":
+        yield from _csv_events(handle, specs, mapping or {}, defaults)
+        return
+    if fmt == "ndjson":
+        items: Iterable[tuple[int, Any]] = _ndjson_items(handle)
+    else:
+        items = _array_items(handle)
+    for line, item in items:
+        if isinstance(item, BadRecord):
+            yield line, item
+            continue
+        try:
+            if fmt == "cloudevents" or (isinstance(item, dict) and "specversion" in item):
+                org = None
+                if isinstance(item, dict) and not item.get("subject"):
+                    org = defaults.get("organization_id")
+                event = eventio.cloud_event(item, "event", organization_id=org)
+            else:
+                if isinstance(item, dict):
+                    item = {
+                        **{k: v for k, v in defaults.items() if k not in item},
+                        **item,
+                    }
+                event = eventio.native_event(item, "event")
+            yield line, _with_id(event, "event")
+        except ValidationError as exc:
+            yield line, BadRecord(line, f"{exc.field}: {exc.message}")
+
+
+def _ndjson_items(handle: IO[str]) -> Iterator[tuple[int, Any]]:
+    for line, text in enumerate(handle, 1):
+        if not text.strip():
+            continue
+        try:
+            yield line, json.loads(text)
+        except ValueError as exc:
+            yield line, BadRecord(line, f"is not valid JSON: {str(exc)[:200]}")
+
+
+def _array_items(handle: IO[str]) -> Iterator[tuple[int, Any]]:
+    text = handle.read()
+    try:
+        data = json.loads(text) if text.strip() else []
+    except ValueError as exc:
+        yield 1, BadRecord(1, f"is not valid JSON: {str(exc)[:200]}")
+        return
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        yield 1, BadRecord(1, "must be a JSON array of events")
+        return
+    yield from enumerate(data, 1)
+
+
+def write_events(
+    out: IO[str],
+    events: Iterable[Event],
+    fmt: Literal["ndjson", "csv"],
+    specs: Mapping[str, MeterSpec],
+) -> int:
+    """Write ``events`` as NDJSON native events or CSV (columns from ``specs``); the count."""
+    count = 0
+    if fmt == "ndjson":
+        for event in events:
+            out.write(json.dumps(_native(event), separators=(",", ":")) + "\n")
+            count += 1
+        return count
+    measures = sorted({m for spec in specs.values() for m in spec.measure_names})
+    dims = sorted({d for spec in specs.values() for d in spec.dimension_names})
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*_CSV_FIELDS, *(f"value.{m}" for m in measures), *(f"dim.{d}" for d in dims)])
+    for event in events:
+        values = [_cell(event.values.get(m)) for m in measures]
+        cells = [_cell(event.dimensions.get(d)) for d in dims]
+        writer.writerow([event.id, event.meter, event.organization_id, event.time, *values, *cells])
+        count += 1
+    return count
+
+
+def _native(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "meter": event.meter,
+        "organization_id": event.organization_id,
+        "time": event.time,
+        "values": dict(event.values),
+        "dimensions": {k: v for k, v in event.dimensions.items() if v is not None},
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
