@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flask_guard
 import gauges
+import importer
 import middleware
 import quotas
 import records
@@ -63,6 +64,7 @@ PARTS = (
     "quotas",
     "records",
     "gauges",
+    "import",
     "middleware",
     "flask",
     "scale",
@@ -577,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["records"] = records.run(args, work)
             elif part == "gauges":
                 results["gauges"] = gauges.run(args, work)
+            elif part == "import":
+                results["import"] = importer.run(args, work)
             elif part == "middleware":
                 results["middleware"] = middleware.run(args, work)
             elif part == "flask":

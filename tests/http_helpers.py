@@ -450,6 +450,29 @@ def check_openapi_and_healthz(s: Served) -> None:
     assert (r.status, r.json()) == (200, {"status": "ok"})
 
 
+def check_dashboard_and_quota(s: Served) -> None:
+    r = send(s.client, "GET", "/dashboard")
+    assert r.status == 200 and r.text("content-type").startswith("text/html")
+    assert b"meterkit usage" in r.body and "script-src 'self'" in r.text("content-security-policy")
+    for name, media in (
+        ("dashboard.js", "text/javascript"),
+        ("chart.umd.min.js", "text/javascript"),
+    ):
+        r = send(s.client, "GET", f"/dashboard/{name}")
+        assert r.status == 200 and r.text("content-type").startswith(media) and r.body
+    r = send(s.client, "GET", "/dashboard/chart.js-LICENSE.md")
+    assert r.status == 200 and b"MIT License" in r.body
+    assert_openai_error(send(s.client, "GET", "/dashboard/meter.py"), 404)
+    sneaky = send(s.client, "GET", "/dashboard/..%2Fmeter.py")
+    assert sneaky.status >= 400 and b"import" not in sneaky.body  # never a file outside
+    assert_openai_error(send(s.client, "GET", "/v1/organization/quota"), 401, "missing_api_key")
+    r = send(s.client, "GET", "/v1/organization/quota", token=s.tokens["admin"])
+    assert r.status == 200
+    status = r.json()
+    assert (status["object"], status["organization_id"]) == ("organization.quota", "org_a")
+    assert status == s.meter.quota_status("org_a")
+
+
 def check_errors_keep_their_shape(s: Served) -> None:
     r = send(s.client, "GET", f"{USAGE}/completions", [("start_time", str(T0))])
     assert_openai_error(r, 401, "missing_api_key")
@@ -473,6 +496,7 @@ ENDPOINT_CHECKS: list[Callable[[Served], None]] = [
     check_operations_ndjson_at_both_paths,
     check_event_ingest,
     check_openapi_and_healthz,
+    check_dashboard_and_quota,
     check_errors_keep_their_shape,
 ]
 

@@ -498,7 +498,8 @@ def test_plans_set_assign_and_quota(filled: str) -> None:
     tokens = next(line for line in q["limits"] if line["metric"] == "tokens")
     used = 100 + sum(10 + i for i in range(12))  # the check and the recorded tokens
     assert (tokens["used"], tokens["limit"], tokens["remaining"]) == (used, 1000, 1000 - used)
-    assert tokens["resets"] == "2026-01-01T00:00:00Z"
+    assert tokens["reset_at"] == 1_767_225_600  # 2026-01-01
+    assert q == json.loads(run("quota", "org_1", "--format", "json", "--db", filled).stdout)
     table = run("quota", "org_1", "--now", str(NOW), "--db", filled).stdout
     assert "tokens" in table and str(1000 - used) in table and "requests per minute" in table
     bad = run("plans", "assign", "org_1", "nope", "--db", filled)

@@ -647,8 +647,10 @@ def test_a_future_start_without_an_end_is_the_starts_fault(env: Env, path: str) 
     error = assert_openai_error(r, 400, "start_time")
     assert "end_time" in error["message"]  # it says what to do: give one
     with pytest.raises(ValidationError) as caught:
-        env.meter.usage("completions", organization_id="org_a", start_time=NOW)
+        env.meter.usage("completions", organization_id="org_a", start_time=NOW + 1)
     assert caught.value.field == "start_time"
+    # The current second itself is in range: the default end includes it.
+    assert env.meter.usage("completions", organization_id="org_a", start_time=NOW).data
 
 
 def test_indexed_array_parameters_are_read_not_ignored(env: Env) -> None:
@@ -1234,6 +1236,7 @@ def test_every_authenticated_route_is_in_the_matrix() -> None:
         ("GET", "/v1/organization/costs"),
         ("GET", "/api/v1/usage"),
         ("GET", "/v1/usage"),
+        ("GET", "/v1/organization/quota"),
         ("POST", "/v1/events"),
         *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS, *CORRECTION_PATHS]),
         *SPEND_ROUTES,
@@ -1586,9 +1589,12 @@ def test_openapi_lists_every_route(env: Env) -> None:
         ("GET", "/v1/organization/costs"),
         ("GET", "/api/v1/usage"),
         ("GET", "/v1/usage"),
+        ("GET", "/v1/organization/quota"),
         ("POST", "/v1/events"),
         ("GET", "/healthz"),
         ("GET", "/openapi.json"),
+        ("GET", "/dashboard"),
+        ("GET", "/dashboard/{asset}"),
         *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS, *CORRECTION_PATHS]),
         *SPEND_ROUTES,
     }
@@ -1773,6 +1779,8 @@ def test_random_input_never_causes_a_5xx(
     assert r.status < 500, (r.status, data(r))
     if header(r, "content-type") == "application/json":
         data(r)
+    elif path.startswith("/dashboard") and r.status == 200:
+        assert r.body  # the page and its files
     else:
         lines(r)
 

@@ -73,7 +73,9 @@ def _serve(
 
         app = guarded(app, meter)
     click.echo(
-        f"meterkit: serving {meter.url} on {_url(host, port)} (press Ctrl-C to stop)", err=True
+        f"meterkit: serving {meter.url} on {_url(host, port)}, dashboard at "
+        f"{_url(host, port)}/dashboard (press Ctrl-C to stop)",
+        err=True,
     )
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -337,7 +339,8 @@ API key for {organization_id} (admin; usage:read, usage:write), shown only once:
 
     {token}
 
-Try it while the server runs:
+Try it while the server runs. The usage dashboard is at {base}/dashboard (sign in with the
+key above); or:
 
     export METERKIT_KEY={token}
     curl -s "{usage}/completions?start_time={start}&bucket_width=1d&group_by[]=model&limit=7" \\

@@ -87,10 +87,9 @@ def _time(value: Any, field: str) -> Any:
 
 
 def _with_id(event: Event, field: str) -> Event:
-    time = _time(event.time, f"{field}.time")
-    if time is not event.time:
-        event = attrs.evolve(event, time=time)
-    if event.id is None or event.id == "":
+    if isinstance(event.time, str):
+        event = attrs.evolve(event, time=_time(event.time, f"{field}.time"))
+    if not event.id:
         event = attrs.evolve(event, id=derived_id(event))
     return event
 
@@ -208,11 +207,8 @@ def read_events(
                     org = defaults.get("organization_id")
                 event = eventio.cloud_event(item, "event", organization_id=org)
             else:
-                if isinstance(item, dict):
-                    item = {
-                        **{k: v for k, v in defaults.items() if k not in item},
-                        **item,
-                    }
+                if defaults and isinstance(item, dict):
+                    item = {**defaults, **item}
                 event = eventio.native_event(item, "event")
             yield line, _with_id(event, "event")
         except ValidationError as exc:

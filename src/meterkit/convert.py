@@ -13,6 +13,8 @@ from typing import Any
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
 
+from meterkit.errors import ValidationError
+from meterkit.eventio import native_event
 from meterkit.models import AppendResult, Event, UsagePage
 
 __all__ = [
@@ -32,21 +34,10 @@ def make_native_converter() -> cattrs.Converter:
     def structure_event(data: Any, _cls: type) -> Event:
         if not isinstance(data, dict):
             raise TypeError("an event must be a JSON object")
-        extra = set(data) - {"id", "meter", "organization_id", "time", "values", "dimensions"}
-        if extra:
-            raise TypeError(f"unknown event fields: {sorted(extra)}")
-        missing = {"meter", "organization_id", "values"} - set(data)
-        if missing:
-            raise TypeError(f"missing event fields: {sorted(missing)}")
-        # Types are checked by meterkit.validate against the meter; keep values as given.
-        return Event(
-            id=data.get("id"),  # type: ignore[arg-type]
-            meter=data["meter"],
-            organization_id=data["organization_id"],
-            time=data.get("time"),  # type: ignore[arg-type]
-            values=data["values"],
-            dimensions=data.get("dimensions") or {},
-        )
+        try:
+            return native_event(data, "event")
+        except ValidationError as exc:
+            raise TypeError(exc.message) from None
 
     conv.register_structure_hook(Event, structure_event)
     conv.register_unstructure_hook(

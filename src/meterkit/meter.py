@@ -339,18 +339,31 @@ class Meter:
         self.store.ensure_meter(spec)
         self._ready.add(spec.name)
 
+    def __repr__(self) -> str:
+        builtin = set(builtin_meters())
+        own = sorted(n for n in self._specs if n not in builtin)
+        parts = [repr(self.url), f"meters={len(self._specs)}"]
+        if own:
+            parts.append(f"own meters={own}")
+        if self.counters is not self.store:
+            parts.append(f"counters={self.counters.url!r}")
+        if self.lateness is not None:
+            parts.append(f"lateness={self.lateness}")
+        return f"<Meter {' '.join(parts)}{' closed' if self._closed else ''}>"
+
     def now(self) -> int:
         return int(self.clock())
 
     def _end_now(self, start_time: Any) -> int:
-        """The default ``end_time`` (now), once ``start_time`` is known to lie before it: a
-        start in the future is the start's fault, not that of an end nobody gave."""
-        now = self.now()
-        if check_time("start_time", start_time) >= now:
+        """The default ``end_time``: the end of the current second, so what was recorded just
+        now is counted; once ``start_time`` is known to lie before it (a start in the future is
+        the start's fault, not that of an end nobody gave)."""
+        end = self.now() + 1
+        if check_time("start_time", start_time) >= end:
             raise ValidationError(
-                "start_time", f"must be before now ({now}) when no end_time is given"
+                "start_time", f"must not be after now ({end - 1}) when no end_time is given"
             )
-        return now
+        return end
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -1110,19 +1123,24 @@ class Meter:
     def plan_usage(
         self, organization_id: str, start_date: Any = None, end_date: Any = None
     ) -> dict[str, Any]:
-        """Usage over a date range against the plan's limits (ENDPOINTS.md §2)."""
+        """Usage over a date range against the plan's limits (``GET /api/v1/usage``)."""
         return summaries.plan_usage(self, organization_id, start_date, end_date)
 
+    def quota_status(self, organization_id: str) -> dict[str, Any]:
+        """Every limit of an organization now: quotas, gauges, rate limits, the spend limit
+        (``GET /v1/organization/quota``; see :func:`meterkit.summaries.quota_status`)."""
+        return summaries.quota_status(self, organization_id)
+
     def account_usage(self, organization_id: str, role: str = "member") -> dict[str, Any]:
-        """Storage, credits and plan, with admin-only fields for admins (ENDPOINTS.md §3)."""
+        """Storage, credits and plan, with admin-only fields for admins (``GET /v1/usage``)."""
         return summaries.account_usage(self, organization_id, role)
 
     def current_usage(self, organization_id: str) -> dict[str, Any]:
-        """This billing period's storage, tiles, credits and jobs (ENDPOINTS.md §4)."""
+        """This billing period's storage, tiles, credits and jobs (operation ``usage.current``)."""
         return summaries.current_usage(self, organization_id)
 
     def usage_history(self, organization_id: str, months: int = 6) -> list[dict[str, Any]]:
-        """Tile requests and peak storage per billing period, oldest first (ENDPOINTS.md §4)."""
+        """Tile requests and peak storage per billing period, oldest first (``usage.history``)."""
         return summaries.usage_history(self, organization_id, months)
 
     def recalculate_storage(self, organization_id: str) -> dict[str, Any]:

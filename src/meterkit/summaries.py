@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -63,6 +64,7 @@ __all__ = [
     "account_usage",
     "current_usage",
     "plan_usage",
+    "quota_status",
     "recalculate_storage",
     "usage_history",
 ]
@@ -343,4 +345,61 @@ def recalculate_storage(meter: Meter, organization_id: str) -> dict[str, Any]:
         "previous_bytes": previous,
         "resources": len(sizes),
         "recalculated_at": _iso(now),
+    }
+
+
+def quota_status(meter: Any, organization_id: str) -> dict[str, Any]:
+    """Every limit of an organization at ``as_of`` (now; ``GET /v1/organization/quota``,
+    ``meterkit quota``):
+    its plan's period quotas and gauges (used, limit, remaining, when they reset; ``-1`` is
+    unlimited, and a gauge never resets), its rate limits, and its spend limit when one is set
+    (month-to-date dollars, the limit, what remains, when the month ends)."""
+    org = check_id("organization_id", organization_id)
+    quotas = meter.quotas
+    now = meter.now()
+    _assignment, plan = quotas.plan_of(org)
+    period = quotas.period(org, now)
+    limits: list[dict[str, Any]] = []
+    rates: list[dict[str, Any]] = []
+    if plan is not None:
+        metrics = set(plan.limits) | ({"credits"} if plan.credits_per_seat is not None else set())
+        for metric in sorted(metrics):
+            limit = quotas.limit_for(org, metric, now)
+            used = quotas.used(org, metric, at=now)
+            gauge = quotas.is_gauge(metric)
+            limits.append(
+                {
+                    "metric": metric,
+                    "kind": "gauge" if gauge else "period",
+                    "used": used,
+                    "limit": limit,
+                    "remaining": UNLIMITED if limit == UNLIMITED else max(0, limit - used),
+                    "reset_at": None if gauge else period.end,
+                }
+            )
+        for window, value in (("minute", plan.rate_limit_rpm), ("day", plan.rate_limit_per_day)):
+            if value != UNLIMITED:
+                rates.append({"window": window, "limit": value})
+    state = meter.spend(org, now)
+    spend = None
+    if state.limit is not None:
+        cap = Decimal(state.limit.threshold_amount) / 100
+        spend = {
+            "currency": state.limit.currency.lower(),
+            "used": float(state.counted),
+            "limit": float(cap),
+            "remaining": float(max(Decimal(0), cap - state.counted)),
+            "reset_at": state.period_end,
+            "enforcing": state.enforcing,
+        }
+    return {
+        "object": "organization.quota",
+        "organization_id": org,
+        "as_of": now,
+        "plan": plan.id if plan is not None else None,
+        "period_start": period.start,
+        "period_end": period.end,
+        "limits": limits,
+        "rate_limits": rates,
+        "spend_limit": spend,
     }

@@ -1,4 +1,5 @@
-"""Account usage, ``GET /v1/usage`` (ENDPOINTS.md §3): storage, credits and plan, camelCase.
+"""Account usage, ``GET /v1/usage`` (docs/http.md, "Account usage"): storage, credits and
+plan, camelCase.
 
 What a caller sees depends on the key's role: admins also get the purchased credit balance
 and the seats; for members those keys are absent (not null).

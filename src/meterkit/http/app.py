@@ -33,10 +33,22 @@ _CHALLENGE = (("www-authenticate", "Bearer"),)
 
 def default_surfaces() -> tuple[Surface, ...]:
     """Every surface meterkit serves, in matching order (concrete paths before patterns)."""
-    from meterkit.http import account, events, meta, openai, operations, plan, spend
+    from meterkit.http import (
+        account,
+        dashboard,
+        events,
+        meta,
+        openai,
+        operations,
+        plan,
+        quota,
+        spend,
+    )
 
     return (
         meta.SURFACE,
+        dashboard.SURFACE,
+        quota.SURFACE,
         openai.SURFACE,
         spend.SURFACE,
         plan.SURFACE,

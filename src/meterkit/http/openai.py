@@ -1,4 +1,4 @@
-"""The OpenAI-shaped organization usage and costs endpoints (ENDPOINTS.md §1).
+"""The OpenAI-shaped organization usage and costs endpoints (docs/http.md).
 
 One table, :data:`ENDPOINTS`, drives all twelve: which filters and ``group_by`` values each
 accepts, its bucket widths and page sizes, and its OpenAPI description. The handler is the

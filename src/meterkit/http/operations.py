@@ -1,4 +1,4 @@
-"""The operations API (ENDPOINTS.md §4): ``POST /v1/op/{operation_id}`` and
+"""The operations API (docs/http.md, "Operations"): ``POST /v1/op/{operation_id}`` and
 ``POST /v1/{resource}/{action}``, JSON body in, NDJSON out.
 
 :data:`OPERATIONS` drives both path forms. The body's ``organization_id`` must be the key's

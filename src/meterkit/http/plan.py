@@ -1,4 +1,4 @@
-"""Plan usage, ``GET /api/v1/usage`` (ENDPOINTS.md §2): a FastAPI-shaped surface.
+"""Plan usage, ``GET /api/v1/usage`` (docs/http.md, "Plan usage"): a FastAPI-shaped surface.
 
 Errors are FastAPI's: a bad date is a 422 ``{"detail": [{"loc": ["query", "start_date"], ...}]}``,
 a missing token a 401 ``{"detail": "Not authenticated"}``.
