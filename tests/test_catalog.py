@@ -1,4 +1,5 @@
-"""The built-in meters match the OpenAI usage API's kinds (docs/python-api.md), and applications can add their own."""
+"""The built-in meters match the OpenAI usage API's kinds (docs/python-api.md); applications
+add their own."""
 
 from __future__ import annotations
 

@@ -608,8 +608,12 @@ def test_completion_scripts() -> None:
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m meterkit ARGS``, its clock at NOW unless the command takes none."""
+    given = list(args)
+    if given[0] != "completion" and "--now" not in given:
+        given += ["--now", str(NOW)]
     return subprocess.run(
-        [sys.executable, "-m", "meterkit", *args],
+        [sys.executable, "-m", "meterkit", *given],
         input=stdin,
         capture_output=True,
         text=True,

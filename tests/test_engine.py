@@ -21,7 +21,8 @@ from meterkit.stores.memory import MemoryStore
 from meterkit.validate import check_usage_query
 from openai_types import fields_of, result_types
 
-# Widths, default and maximum limits, written from the OpenAI usage API's documentation rather than read from the code.
+# Widths, default and maximum limits, written from the OpenAI usage API's documentation rather
+# than read from the code.
 WIDTHS: dict[str, int] = {"1m": 60, "1h": 3600, "1d": 86400}
 LIMITS: dict[str, tuple[int, int]] = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, Literal
 
 import attrs
@@ -86,12 +86,71 @@ def _time(value: Any, field: str) -> Any:
     return value
 
 
-def _with_id(event: Event, field: str) -> Event:
+class _Strings:
+    """One object per distinct name and dimension value: the JSON decoder makes a new string
+    for every key of every record, and storing events whose strings are shared (their hashes
+    computed once, compared by identity) costs a tenth less. Bounded: forgets past 100,000."""
+
+    def __init__(self) -> None:
+        self.seen: dict[Any, Any] = {}
+        # share(s, s): the first object equal to s.
+        self.share: Callable[[Any, Any], Any] = self.seen.setdefault
+
+    def event(self, event: Event) -> Event:
+        """``event`` with its names and string dimension values shared."""
+        if len(self.seen) > 100_000:
+            self.seen.clear()
+        share = self.share
+        values, dims = event.values, event.dimensions
+        if type(values) is not dict or type(dims) is not dict:
+            return event
+        return Event(
+            event.id,
+            share(event.meter, event.meter),
+            share(event.organization_id, event.organization_id),
+            event.time,
+            {share(k, k): v for k, v in values.items()},
+            {share(k, k): share(v, v) if type(v) is str else v for k, v in dims.items()},
+        )
+
+
+_NATIVE = frozenset({"id", "meter", "organization_id", "time", "values", "dimensions"})
+_NATIVE_REQUIRED = frozenset({"meter", "organization_id", "values"})
+
+
+def _fast_native(item: Any, strings: _Strings) -> Event | None:
+    """The common case, a well-formed native event, built at once with shared strings (or
+    ``None``: let :func:`meterkit.eventio.native_event` say what is wrong)."""
+    if type(item) is not dict:
+        return None
+    keys = item.keys()
+    if not (keys <= _NATIVE and keys >= _NATIVE_REQUIRED):
+        return None
+    values, dims, time = item["values"], item.get("dimensions") or {}, item.get("time")
+    if type(values) is not dict or type(dims) is not dict or type(time) is str:
+        return None
+    if len(strings.seen) > 100_000:
+        strings.seen.clear()
+    share = strings.share
+    meter, org = item["meter"], item["organization_id"]
+    event = Event(
+        item.get("id"),  # type: ignore[arg-type]
+        share(meter, meter) if type(meter) is str else meter,
+        share(org, org) if type(org) is str else org,
+        time,  # type: ignore[arg-type]
+        {share(k, k): v for k, v in values.items()},
+        {share(k, k): share(v, v) if type(v) is str else v for k, v in dims.items()},
+    )
+    return event if event.id else attrs.evolve(event, id=derived_id(event))
+
+
+def _tidy(event: Event, field: str, strings: _Strings | None = None) -> Event:
+    """The event with its RFC 3339 time in seconds, an id if it had none, shared strings."""
     if isinstance(event.time, str):
         event = attrs.evolve(event, time=_time(event.time, f"{field}.time"))
     if not event.id:
         event = attrs.evolve(event, id=derived_id(event))
-    return event
+    return event if strings is None else strings.event(event)
 
 
 def _number(text: str, field: str) -> int | float:
@@ -171,7 +230,7 @@ def _csv_events(
                 values,
                 dims,
             )
-            yield line, _with_id(event, "row")
+            yield line, _tidy(event, "row")
         except ValidationError as exc:
             yield line, BadRecord(line, f"{exc.field}: {exc.message}")
 
@@ -189,6 +248,7 @@ def read_events(
     ``defaults`` gives ``meter`` and ``organization_id`` for records that name none (CSV
     rows, native events, CloudEvents without a subject)."""
     defaults = defaults or {}
+    strings = _Strings()
     if fmt == "csv":
         yield from _csv_events(handle, specs, mapping or {}, defaults)
         return
@@ -209,8 +269,12 @@ def read_events(
             else:
                 if defaults and isinstance(item, dict):
                     item = {**defaults, **item}
+                fast = _fast_native(item, strings)
+                if fast is not None:
+                    yield line, fast
+                    continue
                 event = eventio.native_event(item, "event")
-            yield line, _with_id(event, "event")
+            yield line, _tidy(event, "event", strings)
         except ValidationError as exc:
             yield line, BadRecord(line, f"{exc.field}: {exc.message}")
 

@@ -161,7 +161,7 @@
     const series = [...items.entries()].sort((a, b) => a[0].localeCompare(b[0]));
     draw("costs-chart", "bar", stacked(buckets.map((b) => label(b.start_time, "1d")), series), {
       scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true, ticks: { callback: (v) => money.format(v) } } },
-      plugins: { legend: { position: "right" } },
+      plugins: { legend: { position: "bottom", labels: { boxWidth: 12 } } },
     });
   }
 
