@@ -66,8 +66,8 @@ def test_usage_up_to_now_includes_this_second(store_url: str) -> None:
         m.record("tokens", {"tokens": 4}, organization_id="org", id="before", time=TEST_NOW - DAY)
         page = m.usage("tokens", organization_id="org", start_time=TEST_NOW - DAY, end_time=None)
         total = sum(r.values["tokens"] or 0 for b in page.data for r in b.results)
-        # end_time defaults to now, exclusive: the event at this very second is not yet in.
-        assert total == 4
+        # end_time defaults to the end of this second: the event recorded just now is in.
+        assert total == 7
         page = m.usage(
             "tokens", organization_id="org", start_time=TEST_NOW - DAY, end_time=TEST_NOW + 1
         )
