@@ -157,7 +157,7 @@ def browser() -> Iterator[Any]:
         "--no-sandbox",
         "--disable-dev-shm-usage",
         "--disable-gpu",
-        "--window-size=1280,1000",
+        "--window-size=1280,2600",
         "--force-device-scale-factor=1",
     ):
         options.add_argument(arg)
@@ -204,9 +204,11 @@ def chart(driver: Any, canvas: str) -> dict[str, Any]:
 def shot(driver: Any, shots: Path, element: str, name: str) -> None:
     from selenium.webdriver.common.by import By
 
+    found = driver.find_element(By.ID, element)
+    driver.execute_script("arguments[0].scrollIntoView()", found)
     # Let Chart.js finish laying out before the picture.
     driver.execute_script("return new Promise(r => requestAnimationFrame(() => r()))")
-    driver.find_element(By.ID, element).screenshot(str(shots / f"{name}.png"))
+    found.screenshot(str(shots / f"{name}.png"))
 
 
 def usage_series(served: Served, kind: str, width: str, stack: str, measure: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import IO, Any, Literal
 import attrs
 
 from meterkit import eventio
+from meterkit.convert import native_converter
 from meterkit.errors import ValidationError
 from meterkit.models import Event, MeterSpec
 
@@ -252,10 +253,40 @@ def read_events(
     if fmt == "csv":
         yield from _csv_events(handle, specs, mapping or {}, defaults)
         return
+    if fmt == "ndjson" and not defaults:
+        yield from _ndjson_events(handle, strings)
+        return
     if fmt == "ndjson":
         items: Iterable[tuple[int, Any]] = _ndjson_items(handle)
     else:
         items = _array_items(handle)
+    yield from _events_of(items, fmt, defaults, strings)
+
+
+def _ndjson_events(handle: IO[str], strings: _Strings) -> Iterator[tuple[int, Event | BadRecord]]:
+    """NDJSON without defaults to fill in: one tight loop for the common case, well-formed
+    native events (the rest go the long way, for their messages)."""
+    loads = json.loads
+    for line, text in enumerate(handle, 1):
+        try:
+            item = loads(text)
+        except ValueError as exc:
+            if text.strip():
+                yield line, BadRecord(line, f"is not valid JSON: {str(exc)[:200]}")
+            continue
+        event = _fast_native(item, strings)
+        if event is not None:
+            yield line, event
+        else:
+            yield from _events_of(((line, item),), "ndjson", {}, strings)
+
+
+def _events_of(
+    items: Iterable[tuple[int, Any]],
+    fmt: Format,
+    defaults: Mapping[str, str],
+    strings: _Strings,
+) -> Iterator[tuple[int, Event | BadRecord]]:
     for line, item in items:
         if isinstance(item, BadRecord):
             yield line, item
@@ -314,7 +345,7 @@ def write_events(
     count = 0
     if fmt == "ndjson":
         for event in events:
-            out.write(json.dumps(_native(event), separators=(",", ":")) + "\n")
+            out.write(json.dumps(native_converter.unstructure(event), separators=(",", ":")) + "\n")
             count += 1
         return count
     measures = sorted({m for spec in specs.values() for m in spec.measure_names})
@@ -327,17 +358,6 @@ def write_events(
         writer.writerow([event.id, event.meter, event.organization_id, event.time, *values, *cells])
         count += 1
     return count
-
-
-def _native(event: Event) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "meter": event.meter,
-        "organization_id": event.organization_id,
-        "time": event.time,
-        "values": dict(event.values),
-        "dimensions": {k: v for k, v in event.dimensions.items() if v is not None},
-    }
 
 
 def _cell(value: Any) -> str:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from meterkit.counters import clamp
 from meterkit.metrics import contributions
 from meterkit.models import MeterSpec, Number
+from meterkit.periods import Period
 from meterkit.quotas import Quotas
 
 if TYPE_CHECKING:
@@ -90,6 +91,18 @@ def _gauge_value(meter: Meter, spec: MeterSpec, org: str, now: int) -> Number | 
     return total
 
 
+def _from_events(meter: Meter, spec: MeterSpec, org: str, period: Period, now: int) -> int | None:
+    """What a quota metric's counter should hold by the events: a gauge's current value
+    (``None`` without any event), else the period's total so far (clamped: a sum of many
+    events may pass the counters' bound)."""
+    measure = spec.measure(spec.name)
+    assert measure is not None
+    if measure.gauge:
+        gauge = _gauge_value(meter, spec, org, now)
+        return None if gauge is None else clamp(int(gauge))
+    return clamp(int(_metric_total(meter, spec.name, org, period.start, now + 1)))
+
+
 def rebuild_counters(meter: Meter, organization_id: str | None = None) -> dict[str, dict[str, int]]:
     """Recompute ``meter``'s period counters and gauges from its event store.
 
@@ -112,23 +125,16 @@ def rebuild_counters(meter: Meter, organization_id: str | None = None) -> dict[s
         values: dict[str, int] = {}
         for spec in quota_metrics(meter):
             metric = spec.name
-            measure = spec.measure(metric)
-            assert measure is not None
-            if measure.gauge:
-                gauge = _gauge_value(meter, spec, org, now)
-                if gauge is None:
-                    continue
-                values[metric] = clamp(int(gauge))
-                counters.counters_set(Quotas.gauge_key(org, metric), values[metric], now=now)
+            found = _from_events(meter, spec, org, period, now)
+            if found is None:
                 continue
-            total = _metric_total(meter, metric, org, period.start, now + 1)
-            values[metric] = clamp(int(total))  # a sum of many events may pass the bound
-            counters.counters_set(
-                Quotas.period_key(org, metric, period),
-                values[metric],
-                now=now,
-                expires_at=period.end,
-            )
+            values[metric] = found
+            if meter.quotas.is_gauge(metric):
+                counters.counters_set(Quotas.gauge_key(org, metric), found, now=now)
+            else:
+                counters.counters_set(
+                    Quotas.period_key(org, metric, period), found, now=now, expires_at=period.end
+                )
         report[org] = values
     return report
 
@@ -143,15 +149,9 @@ def counter_differences(meter: Meter, organization_id: str) -> dict[str, tuple[i
     out: dict[str, tuple[int, int]] = {}
     for spec in quota_metrics(meter):
         metric = spec.name
-        measure = spec.measure(metric)
-        assert measure is not None
-        if measure.gauge:
-            gauge = _gauge_value(meter, spec, organization_id, now)
-            if gauge is None:
-                continue
-            want = clamp(int(gauge))
-        else:
-            want = clamp(int(_metric_total(meter, metric, organization_id, period.start, now + 1)))
+        want = _from_events(meter, spec, organization_id, period, now)
+        if want is None:
+            continue
         got = meter.quotas.used(organization_id, metric, at=now)
         if want != got:
             out[metric] = (want, got)

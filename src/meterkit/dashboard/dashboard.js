@@ -73,11 +73,16 @@
     return charts[id];
   }
 
+  // The palette first, then hues a golden angle apart: every series its own colour.
+  function color(i) {
+    return i < COLORS.length ? COLORS[i] : `hsl(${Math.round((i * 137.508) % 360)}, 55%, 48%)`;
+  }
+
   function stacked(labels, series) {
     return {
       labels,
       datasets: series.map(([name, values], i) => ({
-        label: name, data: values, backgroundColor: COLORS[i % COLORS.length], stack: "all",
+        label: name, data: values, backgroundColor: color(i), stack: "all",
       })),
     };
   }
