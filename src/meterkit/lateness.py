@@ -27,6 +27,7 @@ __all__ = [
     "RECORD",
     "LateEventError",
     "PeriodClosed",
+    "check_open",
     "closed_map",
     "parse_lateness",
 ]
@@ -66,3 +67,18 @@ def closed_map(records: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, in
 def closed_before(closed: Mapping[str, int], organization_id: str) -> int:
     """The time before which ``organization_id``'s usage is closed (0: none)."""
     return max(closed.get(organization_id, 0), closed.get(ALL, 0))
+
+
+def check_open(
+    field: str, closed: Mapping[str, int], organization_id: str, time: int, what: str
+) -> None:
+    """Refuse, naming ``field``, a ``time`` in a closed period of ``organization_id``;
+    ``what`` begins the message ("falls", "'evt_1' is")."""
+    before = closed_before(closed, organization_id)
+    if time < before:
+        raise PeriodClosed(
+            field,
+            f"{what} in a closed period: usage of {organization_id} before {before} is final",
+            organization_id=organization_id,
+            closed_before=before,
+        )

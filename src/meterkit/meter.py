@@ -31,7 +31,6 @@ from meterkit.engine import rollup, timeweighted
 from meterkit.errors import (
     EventConflict,
     LateEventError,
-    PeriodClosed,
     StoreUnavailable,
     ValidationError,
 )
@@ -447,17 +446,15 @@ class Meter:
             if event.time is None:
                 event = attrs.evolve(event, time=now)
             event = check_event(spec, event, field)
-            days = kept.get(spec.name) if kept else None
-            if days is not None and event.time < retention_module.retained_from(now, days):
-                since = retention_module.retained_from(now, days)
-                raise retention_module.RetentionError(
+            if kept:
+                retention_module.check_kept(
                     f"{field}.time",
-                    f"is older than the retained window: "
-                    f"{retention_module.describe(spec.name, days, since)}; an older event "
-                    "could repeat one already dropped and be counted twice",
-                    meter=spec.name,
-                    days=days,
-                    since=since,
+                    spec.name,
+                    kept.get(spec.name),
+                    now,
+                    event.time,
+                    "is",
+                    "; an older event could repeat one already dropped and be counted twice",
                 )
             if latest is not None and event.time > latest:
                 raise ValidationError(
@@ -475,15 +472,9 @@ class Meter:
                     accepted_from=earliest,
                 )
             if closed:
-                before = lateness_module.closed_before(closed, event.organization_id)
-                if event.time < before:
-                    raise PeriodClosed(
-                        f"{field}.time",
-                        f"falls in a closed period: usage of {event.organization_id} before "
-                        f"{before} is final",
-                        organization_id=event.organization_id,
-                        closed_before=before,
-                    )
+                lateness_module.check_open(
+                    f"{field}.time", closed, event.organization_id, event.time, "falls"
+                )
             checked.append(event)
         return checked
 
@@ -1251,25 +1242,10 @@ class Meter:
                 raise ValidationError("values", "the amendment changes nothing")
         now = self.now()
         self._closes = None  # a close made elsewhere a moment ago counts
-        closed = lateness_module.closed_before(self._closed_periods(), org)
-        if old.time < closed:
-            raise PeriodClosed(
-                "event_id",
-                f"{eid!r} is in a closed period: usage of {org} before {closed} is final",
-                organization_id=org,
-                closed_before=closed,
-            )
-        days = self._retention.get(spec.name)
-        if days is not None and old.time < retention_module.retained_from(now, days):
-            since = retention_module.retained_from(now, days)
-            raise retention_module.RetentionError(
-                "event_id",
-                f"{eid!r} is older than the retained window: "
-                f"{retention_module.describe(spec.name, days, since)}",
-                meter=spec.name,
-                days=days,
-                since=since,
-            )
+        lateness_module.check_open("event_id", self._closed_periods(), org, old.time, f"{eid!r} is")
+        retention_module.check_kept(
+            "event_id", spec.name, self._retention.get(spec.name), now, old.time, f"{eid!r} is"
+        )
         correction = corrections_module.Correction(
             new_id("corr"),
             org,

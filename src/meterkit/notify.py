@@ -267,7 +267,7 @@ class Outbox:
         self,
         notifiers: Sequence[Notifier] = (),
         *,
-        store: Any = None,
+        store: Any,
         counters: Any = None,
         clock: Callable[[], int] = lambda: int(_time.time()),
         retry_after: float = 60.0,
@@ -286,7 +286,6 @@ class Outbox:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._local: dict[str, dict[str, Any]] = {}  # without a store: kept here
         self._closed = False
         self._busy = 0  # attempts under way, by either the queue or a sweep
         self.delivered: list[tuple[str, AlertNotice]] = []
@@ -318,27 +317,17 @@ class Outbox:
         self.start()
 
     def _put(self, key: str, data: dict[str, Any]) -> None:
-        if self.store is None:
-            self._local[key] = data
-        else:
-            self.store.put_record(RECORD, key, data)
+        self.store.put_record(RECORD, key, data)
 
     def _get(self, key: str) -> dict[str, Any] | None:
-        if self.store is None:
-            return self._local.get(key)
         found: dict[str, Any] | None = self.store.get_record(RECORD, key)
         return found
 
     def _delete(self, key: str) -> None:
-        if self.store is None:
-            self._local.pop(key, None)
-        else:
-            self.store.delete_record(RECORD, key)
+        self.store.delete_record(RECORD, key)
 
     def pending(self) -> list[str]:
         """The keys of the notices not delivered to every notifier yet."""
-        if self.store is None:
-            return sorted(self._local)
         return sorted(key for key, _ in self.store.list_records(RECORD))
 
     def _run(self) -> None:

@@ -26,6 +26,7 @@ from meterkit.errors import RetentionError, ValidationError
 
 __all__ = [
     "RetentionError",
+    "check_kept",
     "check_query",
     "check_scan",
     "describe",
@@ -134,3 +135,21 @@ def from_records(records: list[tuple[str, dict[str, Any]]]) -> dict[str, int]:
         if isinstance(days, int) and not isinstance(days, bool) and days >= 1:
             out[name] = days
     return out
+
+
+def check_kept(
+    field: str, meter: str, days: int | None, now: int, time: int, what: str, why: str = ""
+) -> None:
+    """Refuse, naming ``field``, a ``time`` before ``meter``'s retained window (``days``;
+    ``None``: all is kept): ``what`` says whose time it is, ``why`` (optional) why it matters."""
+    if days is None:
+        return
+    since = retained_from(now, days)
+    if time < since:
+        raise RetentionError(
+            field,
+            f"{what} older than the retained window: {describe(meter, days, since)}{why}",
+            meter=meter,
+            days=days,
+            since=since,
+        )
