@@ -14,6 +14,7 @@ Only hours that have ended by ``now`` are filled, so no event lies in the future
 from __future__ import annotations
 
 import datetime as dt
+import math
 import random
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
@@ -702,8 +703,7 @@ SPEND_ALERT_ID = "spalert_demo"
 def _spend_near_its_limit(meter: Meter, org: str, now: int) -> None:
     """A spend alert at three quarters of the month's spend so far, crossed by one more
     request (so it fires, once), and a hard spend limit a cent or two above the spend."""
-    spent = meter.spend(org).counted
-    cents = spent * 100
+    cents = meter.spend(org).counted * 100
     alert = max(1, int(cents * 3 / 4))
     meter.put_spend_alert(
         org,
@@ -719,8 +719,11 @@ def _spend_near_its_limit(meter: Meter, org: str, now: int) -> None:
             },
         },
     )
-    meter.record(
+    crossing = Event(
+        "demo-spend-alert-crossing",
         "completions",
+        org,
+        now - 1,
         {
             "input_tokens": 1200,
             "input_text_tokens": 1200,
@@ -728,13 +731,14 @@ def _spend_near_its_limit(meter: Meter, org: str, now: int) -> None:
             "output_text_tokens": 300,
             "num_model_requests": 1,
         },
-        organization_id=org,
-        time=now - 1,
-        id="demo-spend-alert-crossing",
-        dimensions={"model": "gpt-4o", "batch": False},
+        {"model": "gpt-4o", "batch": False},
     )
-    # Within a cent or two of the month's spend: the demo model's calls reach it soon.
-    limit = max(alert + 1, -int(-cents // 1) + 1)
+    # A second run keeps the first run's crossing (its time was another "now").
+    meter.record_many([crossing])
+    # One to two cents above the month's spend, the crossing included: the demo model's calls
+    # reach it soon, and none is refused before the first.
+    spent_cents = meter.spend(org).counted * 100
+    limit = max(alert + 1, math.ceil(spent_cents) + 1)
     meter.set_spend_limit(org, limit)
 
 
