@@ -813,11 +813,46 @@ def check_own_endpoints_are_never_metered(make: MakeGuarded) -> None:
     }
 
 
+def check_settles_with_a_spend_limit(make: MakeGuarded) -> None:
+    """Every request of an organization with a spend limit is settled to what it reported
+    and recorded, and its usage is spent as it is billed (one ledger)."""
+    meter, tokens = guard_meter()
+    meter.set_price(
+        {
+            "meter": "tokens",
+            "measure": "tokens",
+            "unit_price": "2",
+            "per": 1000,
+            "line_item": "tokens",
+            "quantity_unit": "tokens",
+        }
+    )
+    meter.set_spend_limit("org_a", 100)
+    month = meter.spend("org_a")
+
+    def billed() -> Decimal:
+        page = meter.costs(
+            organization_id="org_a", start_time=month.period_start, end_time=NOW + 1, limit=31
+        )
+        return page.totals().get("usd", Decimal(0))
+
+    before = (meter.spend("org_a").counted, billed())  # the seed was priced after it was recorded
+    app = make(meter, cost={"queries": 1, "tokens": 400})
+    r = send(app.client(), "GET", "/work/123", token=tokens["admin"])
+    assert r.status == 200 and r.json()["reported"] == {"tokens": 123}
+    meter.flush()
+    assert used(meter, "tokens") == 123  # settled, not the 400 held
+    assert sum(requests_recorded(meter).values()) == 1
+    grew = (meter.spend("org_a").counted - before[0], billed() - before[1])
+    assert grew == (Decimal("0.246"), Decimal("0.246")), grew
+
+
 GUARD_CHECKS: list[Callable[[MakeGuarded], None]] = [
     check_admitted_gets_headers_and_is_recorded,
     check_quota_refusal,
     check_rate_limit_refusal,
     check_reported_usage_is_committed,
+    check_settles_with_a_spend_limit,
     check_exception_and_5xx_release,
     check_unidentified_callers,
     check_custom_identify_and_skip,

@@ -13,12 +13,13 @@ import sys
 import textwrap
 import uuid
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 import services
-from meterkit import Meter, Plan
+from meterkit import Meter, Metric, Plan
 from meterkit.leases import LEASED
 
 T0 = 1_730_419_200 + 3600  # 2024-11-01T01:00:00Z: a month of room either side of the tests
@@ -375,3 +376,102 @@ def test_a_check_inside_a_transaction_rolls_back_with_it(tmp_path: Path) -> None
         m.flush()
         assert m.quotas.used(ORG, "tokens") == 0
         assert m.check(ORG, {"tokens": 100}).allowed
+
+
+LLM_TOKENS = "completions.input_tokens + completions.output_tokens"
+
+
+def check_then_record(meters: list[Meter], check: dict[str, int], most: int = 200) -> int:
+    """Each meter in turn checks ``check``, then records 1,000 output tokens, until every one
+    is refused; the number admitted."""
+    admitted, refused = 0, set()
+    for _ in range(most):
+        for i, m in enumerate(meters):
+            if i in refused:
+                continue
+            if not m.check(ORG, check).allowed:
+                refused.add(i)
+                continue
+            admitted += 1
+            m.record("completions", {"output_tokens": 1000}, organization_id=ORG)
+        if len(refused) == len(meters):
+            return admitted
+    raise AssertionError("never refused")
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_recorded_usage_is_charged_to_the_lease_first(
+    open_meter: OpenMeter, processes: int
+) -> None:
+    """Check one token, record a thousand: the lease of the first check must not go on
+    admitting from room the recorded usage spent (48 were admitted of 20 on SQLite)."""
+    clock = Clock(T0)
+    metric = Metric.parse("llm_tokens", LLM_TOKENS)
+    meters = [open_meter(clock, metrics=[metric]) for _ in range(processes)]
+    meters[0].set_plan(Plan("p", limits={"llm_tokens": 20_000}))
+    meters[0].assign_plan(ORG, "p")
+    # What deciding in the store admits: 19 x 1,001 + 1 <= 20,000 < 20 x 1,001 + 1.
+    assert check_then_record(meters, {"llm_tokens": 1}) == 20
+    for m in meters:
+        m.flush()
+    assert meters[0].quotas.used(ORG, "llm_tokens") == 20 * 1001
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_recorded_spend_is_charged_to_the_lease_first(
+    open_meter: OpenMeter, processes: int
+) -> None:
+    """A spend limit of 2 cents, output tokens at $10 per million: two requests of 1,000
+    tokens spend it (16 were admitted)."""
+    clock = Clock(T0)
+    meters = [open_meter(clock) for _ in range(processes)]
+    meters[0].set_price(
+        {
+            "meter": "completions",
+            "measure": "output_tokens",
+            "unit_price": "10",
+            "per": 1_000_000,
+            "line_item": "output",
+            "quantity_unit": "tokens",
+        }
+    )
+    meters[0].set_spend_limit(ORG, 2)
+    assert check_then_record(meters, {}) == 2
+    for m in meters:
+        m.flush()
+    # One ledger: the month's spend is the month's costs, to the nano-dollar.
+    month = meters[0].spend(ORG)
+    costs = meters[0].costs(
+        organization_id=ORG, start_time=month.period_start, end_time=month.period_end
+    )
+    assert month.counted == costs.totals()["usd"] == Decimal("0.02")
+
+
+def test_usage_recorded_in_a_rolled_back_write_goes_back_to_the_lease(
+    open_meter: OpenMeter,
+) -> None:
+    clock = Clock(T0)
+    m = open_meter(clock, metrics=[Metric.parse("llm_tokens", LLM_TOKENS)])
+    on_plan(m, limits={"llm_tokens": 1_000_000})
+    assert m.check(ORG, {"llm_tokens": 1}).allowed  # a block of 16 leased
+    leases = m.quotas.leases
+    assert leases is not None
+    key = m.quotas.period_key(ORG, "llm_tokens", m.quotas.period(ORG, T0))
+    unused = leases.unused(key, T0)
+    assert unused > 0
+
+    def failing_append(events: object) -> list[object]:
+        raise RuntimeError("disk full")
+
+    original = m.store.append
+    m.store.append = failing_append  # type: ignore[method-assign, assignment]
+    try:
+        with pytest.raises(RuntimeError):
+            m.record("completions", {"output_tokens": 5}, organization_id=ORG)
+    finally:
+        m.store.append = original  # type: ignore[method-assign]
+    assert leases.unused(key, T0) == unused
+    m.record("completions", {"output_tokens": 5}, organization_id=ORG)
+    assert leases.unused(key, T0) == unused - 5
+    m.flush()
+    assert m.quotas.used(ORG, "llm_tokens") == 6

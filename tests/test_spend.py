@@ -138,13 +138,24 @@ def test_estimates_are_held_to_the_limit_exactly(url: tuple[str, str | None]) ->
         assert m.check(o, {}, cost="5").allowed
 
 
-def test_a_decision_without_an_estimate_counts_one_nano_dollar(url: tuple[str, str | None]) -> None:
+def test_a_decision_without_an_estimate_checks_the_limit_and_counts_nothing(
+    url: tuple[str, str | None],
+) -> None:
+    """One ledger: spend is what the usage costs. A decision with no estimate needs one
+    nano-dollar of room under a limit, and keeps none of it."""
     with open_meter(url, Clock(NOW)) as m:
         o = org()
         m.set_spend_limit(o, 1)
         for _ in range(3):
             assert m.check(o, {}).allowed
-        assert m.quotas.spent(o) == 3
+            with m.reserve(o, {}):
+                pass
+        m.flush()
+        assert m.quotas.spent(o) == 0
+        m.debit(o, {}, cost="0.01")  # the limit reached: refused from now on, counting nothing
+        assert m.check(o, {}).refused_by == "spend"
+        m.flush()
+        assert m.quotas.spent(o) == NANO // 100
         other = org()  # no limit: nothing is counted without an estimate
         assert m.check(other, {}).allowed and m.quotas.spent(other) == 0
 
@@ -209,6 +220,32 @@ def test_recorded_events_count_at_their_price_and_feed_the_limit(
         record(m, o, 4)
         assert m.spend(o).counted == Decimal("1.00001")
         assert m.check(o, {}).refused_by == "spend"
+
+
+def test_spend_is_the_months_costs_whatever_path_the_usage_took(
+    url: tuple[str, str | None],
+) -> None:
+    """$1 recorded, $1 reserved with a price and committed, $1 debited with a price: $3
+    spent and $3 billed (spend was $3 and costs $1)."""
+    with open_meter(url, Clock(NOW)) as m:
+        o = org()
+        price(m)  # $2.50 per million input tokens: $1 is 400,000
+        m.set_spend_limit(o, 1000)
+        dollar = {"completions": {"input_tokens": 400_000}}
+        record(m, o, 400_000)
+        m.reserve(o, {}, price=dollar).commit()
+        m.debit(o, {}, price=dollar)
+        m.flush()
+        month = m.spend(o)
+        costs = m.costs(
+            organization_id=o, start_time=month.period_start, end_time=NOW + 1, limit=31
+        )
+        assert month.counted == costs.totals()["usd"] == Decimal(3)
+        # A released reservation and a refused decision leave both alone.
+        m.reserve(o, {}, price=dollar).release()
+        assert not m.check(o, {}, price={"completions": {"input_tokens": 10**12}}).allowed
+        m.flush()
+        assert m.spend(o).counted == Decimal(3)
 
 
 def test_price_estimates_use_the_price_book(url: tuple[str, str | None]) -> None:

@@ -24,6 +24,14 @@ How the units are counted, for a quota counter ``K``:
 Blocks adapt to traffic (twice what was consumed in the last interval) and never exceed an
 eighth of the room the store reported, so they shrink to **exactly what is asked** as the limit
 nears: a race still admits exactly the limit.
+
+Usage *recorded* for a leased line (events whose measures feed a plan metric or spend) is
+charged to this process's lease first (:meth:`Leases.absorb`); only what the lease cannot
+absorb goes to the shared counter, at once. A process therefore never admits from room its own
+recorded usage already spent: in one process, check-then-record admits exactly what deciding in
+the store does. Each line remembers the largest usage recorded at once against it; within
+:data:`NEAR_REQUESTS` such requests of the limit every block is exactly what is asked, so every
+decision there sees the store's count, other processes' recorded usage included.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ __all__ = [
     "DEFAULT_FLUSH_INTERVAL",
     "DEFAULT_TTL",
     "LEASED",
+    "NEAR_REQUESTS",
     "Contended",
     "LeaseLine",
     "Leases",
@@ -82,6 +91,10 @@ def check_timing(lease_ttl: object, flush_interval: object) -> tuple[int, float]
 
 
 _FIRST_BLOCK = 16
+
+NEAR_REQUESTS = 64
+"""Within this many requests of the limit (a request being what it asks plus the largest usage
+recorded at once against the line) a lease takes exactly what is asked: no unused units."""
 _Ask = tuple[int, int, int, int]  # (need, block, have, line index)
 
 
@@ -182,6 +195,9 @@ class Leases:
         self._orgs: dict[str, _Org] = {}
         # Open reservations: id -> (expires_at, [(lease, units held)]).
         self._reservations: dict[str, tuple[int, list[tuple[_Lease, int]]]] = {}
+        # The largest usage recorded at once against each counter key: how far from the limit
+        # a lease must stop holding spare units.
+        self._recorded: dict[str, int] = {}
 
     # -- decisions ----------------------------------------------------------------------------
 
@@ -306,6 +322,52 @@ class Leases:
                     extra.append((lease.key, more))
             return extra
 
+    def absorb(
+        self, deltas: Sequence[tuple[str, int]], now: int
+    ) -> tuple[list[tuple[str, int]], list[tuple[_Lease, int]]]:
+        """Charge recorded usage to this process's quota leases first.
+
+        ``deltas`` are ``(counter key, units)`` about to be added to the shared counters.
+        Returns what the leases could not absorb (to add to the counters now) and what they
+        did absorb, for :meth:`unabsorb` should the write that recorded it roll back.
+        """
+        rest: list[tuple[str, int]] = []
+        taken: list[tuple[_Lease, int]] = []
+        with self._lock:
+            for key, delta in deltas:
+                lease = self._leases.get(key)
+                if delta < 0 and lease is not None and not lease.rate:
+                    # Taken back (a probe, a correction): first from what this process
+                    # consumed and has not reported; the store cannot hold it yet.
+                    back = min(-delta, lease.consumed)
+                    lease.consumed -= back
+                    lease.unused += back
+                    taken.append((lease, -back))
+                    delta += back
+                elif delta > 0 and lease is not None and not lease.rate:
+                    if delta > self._recorded.get(key, 0):
+                        if len(self._recorded) >= 100_000:
+                            self._recorded.clear()
+                        self._recorded[key] = delta
+                    if not lease.closing and now < lease.usable_until and lease.unused:
+                        use = min(lease.unused, delta)
+                        lease.unused -= use
+                        lease.consumed += use
+                        lease.recent += use
+                        taken.append((lease, use))
+                        delta -= use
+                if delta:
+                    rest.append((key, delta))
+        return rest, taken
+
+    def unabsorb(self, taken: Sequence[tuple[_Lease, int]]) -> None:
+        """Give back what :meth:`absorb` charged, for usage that was not stored after all."""
+        with self._lock:
+            for lease, use in taken:
+                back = min(use, lease.consumed) if use > 0 else max(use, -lease.unused)
+                lease.consumed -= back
+                lease.unused += back
+
     def _expire_reservations(self, now: int) -> None:
         """Reservations nobody settled give their units back at their expiry. Under the lock."""
         for rid, (expires_at, held) in list(self._reservations.items()):
@@ -315,23 +377,29 @@ class Leases:
                     lease.reserved -= amount
                     lease.unused += amount
 
-    @staticmethod
-    def _ask(line: LeaseLine, lease: _Lease | None, now: int) -> tuple[int, int, int]:
+    def _ask(self, line: LeaseLine, lease: _Lease | None, now: int) -> tuple[int, int, int]:
         """``(need, block, have)`` for a short line: the units needed on top of the lease's
         usable ones, and the block to ask for (at least ``need``, an eighth of the room at
-        most)."""
+        most, exactly ``need`` near the limit)."""
         counter = line.counter
         amount = counter.amount
         if lease is not None and lease.usable(counter, now):
             have = lease.unused
             size = lease.block
             if lease.limit is not None:
-                size = min(size, (lease.limit - lease.seen) // 8)
+                room = lease.limit - lease.seen
+                size = min(size, room // 8)
+                step = amount + self._recorded.get(counter.key, 0)
+                if not line.window and room < NEAR_REQUESTS * step:
+                    size = 0  # near the limit: exactly what is asked
         else:
             have = 0
             size = min(_FIRST_BLOCK * max(amount, 1), MAX_COUNTER // 2)
             if counter.limit is not None:
                 size = min(size, counter.limit // 8)
+                step = amount + self._recorded.get(counter.key, 0)
+                if not line.window and counter.limit < NEAR_REQUESTS * step:
+                    size = 0  # the whole limit is near
         need = amount - have
         return need, max(need, size), have
 

@@ -524,7 +524,7 @@ class Meter:
         """The group writer's write: the new events, and their usage counted, in one store
         transaction where the store has them."""
         begin = getattr(self.store, "transaction", None)
-        with begin() if begin is not None else contextlib.nullcontext():
+        with self.quotas.absorbing(), begin() if begin is not None else contextlib.nullcontext():
             new = self.store.append(events)
             self._count(new)
         return new

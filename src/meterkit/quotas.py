@@ -282,6 +282,8 @@ class Reservation:
         self._lock = threading.Lock()
         self.settled = False
         self._leased = False  # held in this process's leases, not in the store
+        # How its spend line counts and the priced estimate it holds (Quotas._spend_mode).
+        self._spent: tuple[str | None, Mapping[str, Mapping[str, Any]] | None] = (None, None)
 
     def commit(self, actual: Mapping[str, int] | None = None, *, cost: object = None) -> None:
         """Settle to the real amounts (default: what was held) and the real ``cost`` in
@@ -297,6 +299,8 @@ class Reservation:
         full = {m: amounts.get(m, 0) for m in self.held}
         if SPEND in self.held:
             full[SPEND] = self.held[SPEND] if spent is None else spent
+        if spent is not None:
+            self._spent = ("cost", None)  # the real cost in dollars replaces the estimate
         self._settle(full)
 
     def release(self) -> None:
@@ -365,6 +369,8 @@ class Quotas:
         self._good_dims: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
         # Set while settling on an event loop: what needs the store is deferred to the flush.
         self._no_io = threading.local()
+        # Set while a write that may charge recorded usage to leases is under way (absorbing).
+        self._absorbed = threading.local()
         # Counters other processes share: quota lines count their leased units too.
         self._shared = bool(getattr(self.counters, "shared", True))
         self._in_memory = not getattr(self.meter.store, "shared", True)
@@ -418,6 +424,15 @@ class Quotas:
         """Take what ``removed`` contributed out of the counters and count ``added`` (a
         correction replaces one by the other; recording only adds). Spend taken out is
         rounded down and spend added up, so a counter never runs below the cost."""
+        by_org, months = self._deltas(removed, added)
+        journal = getattr(self._absorbed, "taken", None)
+        self._add(by_org, months, absorb=journal)
+
+    def _deltas(
+        self, removed: Sequence[Event], added: Sequence[Event]
+    ) -> tuple[dict[str, dict[str, int]], dict[str, Period]]:
+        """What events contribute to every counter they feed, by organization and key, and
+        the month of each spend key."""
         by_org: dict[str, dict[str, int]] = {}
         months = self._feed_spend(added, by_org)
         if removed:
@@ -433,16 +448,80 @@ class Quotas:
                         period = cycle.period_at(t)
                     key = self.period_key(org, metric, period)
                     deltas[key] = deltas.get(key, 0) + sign * amount
-        if not by_org:
-            return
+        return by_org, months
+
+    def _add(
+        self,
+        by_org: Mapping[str, Mapping[str, int]],
+        months: Mapping[str, Period],
+        *,
+        absorb: list[Any] | None = None,
+        local: bool = False,
+    ) -> None:
+        """Add ``by_org``'s deltas to the counters, one call per organization (one hash slot
+        on a cluster). With ``absorb`` (a journal of what was charged) this process's leases
+        take them first; ``local``: what is left waits for the next flush (an event loop)."""
         now = self.meter.now()
-        for org in sorted(by_org):  # one call per organization (one hash slot on a cluster)
-            changes = sorted(by_org[org].items())
+        for org in sorted(by_org):
+            changes = sorted((k, d) for k, d in by_org[org].items() if d)
+            if self.leases is not None and absorb is not None:
+                # Charged to this process's leases first: their spare units are what this
+                # usage spent (see meterkit.leases).
+                changes, taken = self.leases.absorb(changes, now)
+                absorb.extend(taken)
+            if not changes:
+                continue
+            if local:
+                self.meter._defer(functools.partial(self.counters.counters_add, changes, now=now))
+                continue
             values = self.counters.counters_add(changes, now=now)
             for (key, _), value in zip(changes, values):
                 month = months.get(key)
                 if month is not None:
                     self._alert(org, self.spending(org)[1], value, month)
+
+    def _count_decided(
+        self,
+        org: str,
+        events: Sequence[Event],
+        counted: Mapping[str, int],
+        *,
+        leased: bool,
+        local: bool = False,
+    ) -> None:
+        """Count what a decision's events feed beyond what the decision counted itself.
+
+        ``counted`` maps counter keys to what the decision put there on these events' behalf:
+        each is taken from what the events contribute to the same key (a key the events do
+        not feed keeps the decision's count, unless it is marked with a negative amount: a
+        spend limit's one-nano-dollar probe, always taken back). One ledger: whatever path
+        usage takes, the counters end where the events alone would put them."""
+        by_org, months = self._deltas((), events)
+        deltas = by_org.setdefault(org, {})
+        for key, amount in counted.items():
+            if amount < 0:
+                deltas[key] = deltas.get(key, 0) + amount
+            elif key in deltas:
+                deltas[key] -= amount
+        if any(d for changes in by_org.values() for d in changes.values()):
+            self._add(by_org, months, absorb=[] if leased else None, local=local)
+
+    @contextlib.contextmanager
+    def absorbing(self) -> Iterator[None]:
+        """Within: recorded usage is charged to this process's leases first, and given back to
+        them if the block raises (the write that stored it rolled back)."""
+        if self.leases is None or getattr(self._absorbed, "taken", None) is not None:
+            yield
+            return
+        taken: list[Any] = []
+        self._absorbed.taken = taken
+        try:
+            yield
+        except BaseException:
+            self.leases.unabsorb(taken)
+            raise
+        finally:
+            self._absorbed.taken = None
 
     def check_plan_metrics(self, plan: Plan) -> None:
         """Refuse a plan limiting a metric no meter counts (a typo such as ``querys``)."""
@@ -633,6 +712,36 @@ class Quotas:
         if price is not None:
             return to_nano(self.estimate(price, dimensions, now))
         return None
+
+    @staticmethod
+    def _spend_mode(c: _Compiled | None, spend: int | None, price: object) -> str | None:
+        """How a decision's spend line is counted: ``"probe"`` (no estimate under a limit: one
+        nano-dollar checked, never kept), ``"price"`` (an estimate its priced events replace),
+        ``"cost"`` (dollars, kept as given) or ``None`` (no spend line)."""
+        if c is not None and c.spend_cap is not None and not spend:
+            return "probe"
+        if not spend:
+            return None
+        return "price" if price is not None else "cost"
+
+    @staticmethod
+    def _counted(
+        lines: Iterable[_Line], amounts: Mapping[str, int], mode: str | None
+    ) -> dict[str, int]:
+        """What a decision counted on its events' behalf, by counter key (see
+        :meth:`_count_decided`)."""
+        counted: dict[str, int] = {}
+        for ln in lines:
+            if ln.window or ln.period is None or ln.metric not in amounts:
+                continue
+            amount = amounts[ln.metric]
+            if ln.metric != SPEND:
+                counted[ln.counter.key] = amount
+            elif mode == "probe":
+                counted[ln.counter.key] = -amount
+            elif mode == "price":
+                counted[ln.counter.key] = amount
+        return counted
 
     @staticmethod
     def _with_spend(c: _Compiled, amounts: dict[str, int], spend: int | None) -> dict[str, int]:
@@ -936,16 +1045,37 @@ class Quotas:
             clean[SPEND] = spend
         decision_id = new_id("dbt")
 
+        mode = self._spend_mode(None, spend, price)
+
         def add() -> Decision:
             lines = self._lines(org, clean, 0, now)  # the plan lookup follows the policy too
-            with self._atomic():
-                values = self.counters.counters_add(
-                    [(ln.counter.key, ln.counter.amount) for ln in lines], now=now
-                )
-                result = CounterResult(True, tuple(values), tuple(0 for _ in lines))
-                decision = self._describe(org, lines, result, now, decision_id)
-                self._after_debit(decision, lines, clean, dimensions, now)
-                return decision
+            changes = [(ln.counter.key, ln.counter.amount) for ln in lines]
+            taken: list[Any] = []
+            if self.leases is not None and not getattr(self.meter._tx, "depth", 0):
+                # Usage that happened: charged to this process's leases first, as recorded
+                # usage is, so they admit nothing its debit already spent.
+                rest, taken = self.leases.absorb(changes, now)
+                changes = rest
+            try:
+                with self._atomic():
+                    added = dict(
+                        zip((k for k, _ in changes), self.counters.counters_add(changes, now=now))
+                    )
+                    values = [
+                        added[ln.counter.key]
+                        if ln.counter.key in added
+                        else self._read_counted(org, ln.counter.key, now)
+                        for ln in lines
+                    ]
+                    result = CounterResult(True, tuple(values), tuple(0 for _ in lines))
+                    decision = self._describe(org, lines, result, now, decision_id)
+                    self._after_debit(decision, lines, clean, dimensions, now, price, mode)
+                    return decision
+            except BaseException:
+                if taken:
+                    assert self.leases is not None
+                    self.leases.unabsorb(taken)
+                raise
 
         decision: Decision | None = self._guard(add)
         return decision if decision is not None else Decision(True, org, degraded=True)
@@ -1017,7 +1147,9 @@ class Quotas:
         if self.compiled(org, now) is None:
             return None
         c = self._compile(org, now)
-        clean = self._with_spend(c, clean, self.spend_nano(cost, None, None, now))
+        spend = self.spend_nano(cost, None, None, now)
+        clean = self._with_spend(c, clean, spend)
+        mode = self._spend_mode(c, spend, None)
         lines = self._lines(org, clean, 1, now, c)
         if not all(ln.window or ln.period is not None for ln in lines):
             return None
@@ -1027,7 +1159,17 @@ class Quotas:
         if result is None:
             return None
         return self._from_lease(
-            org, lines, clean, result, now, decision_id, dimensions, ttl, events, local=True
+            org,
+            lines,
+            clean,
+            result,
+            now,
+            decision_id,
+            dimensions,
+            ttl,
+            events,
+            local=True,
+            mode=mode,
         )
 
     @property
@@ -1076,6 +1218,7 @@ class Quotas:
             if self.policy == "open":
                 return self._degraded(org, decision_id, clean, [], hold_ttl, now, dimensions)
             raise
+        mode = self._spend_mode(c, spend, price)
         if (
             debit
             and self.leases is not None
@@ -1083,7 +1226,9 @@ class Quotas:
             and not getattr(self.meter._tx, "depth", 0)
             and all(ln.window or ln.period is not None for ln in lines)
         ):
-            leased = self._leased(org, lines, clean, now, decision_id, dimensions, hold_ttl)
+            leased = self._leased(
+                org, lines, clean, now, decision_id, dimensions, hold_ttl, price, mode
+            )
             if leased is not None:
                 return leased
         counters = [ln.counter for ln in lines]
@@ -1108,7 +1253,7 @@ class Quotas:
                 result: CounterResult = self.counters.counters_apply(counters, now=now, hold=hold)
                 if result.admitted and hold_ttl is None:
                     described.append(self._describe(org, lines, result, now, decision_id))
-                    self._after_debit(described[0], lines, clean, dimensions, now)
+                    self._after_debit(described[0], lines, clean, dimensions, now, price, mode)
                 return result
 
         result = self._guard(apply if debit else lambda: self._peek(counters, now))
@@ -1121,7 +1266,9 @@ class Quotas:
             return decision, None
         self._thresholds(org, lines, result)
         keyed = {ln.metric: ln for ln in lines if ln.window == 0}
-        return decision, Reservation(self, decision, clean, keyed, now + hold_ttl, dimensions)
+        reservation = Reservation(self, decision, clean, keyed, now + hold_ttl, dimensions)
+        reservation._spent = (mode, price)
+        return decision, reservation
 
     def _leased(
         self,
@@ -1132,6 +1279,8 @@ class Quotas:
         decision_id: str,
         dimensions: Mapping[str, Any] | None,
         hold_ttl: int | None,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
+        mode: str | None = None,
     ) -> tuple[Decision, Reservation | None] | None:
         """Decide from this process's leases (``None``: contended, decide in the store).
 
@@ -1139,7 +1288,11 @@ class Quotas:
         events are queued when it commits.
         """
         assert self.leases is not None
-        events = [] if hold_ttl else self._debit_events(decision_id, org, amounts, dimensions, now)
+        events = (
+            []
+            if hold_ttl
+            else self._debit_events(decision_id, org, amounts, dimensions, now, price)
+        )
         held = (decision_id, now + hold_ttl) if hold_ttl else None
         try:
             result = self.leases.decide(org, lines, now, held)
@@ -1151,7 +1304,17 @@ class Quotas:
             raise
         self.meter._start_flusher()
         return self._from_lease(
-            org, lines, amounts, result, now, decision_id, dimensions, hold_ttl, events
+            org,
+            lines,
+            amounts,
+            result,
+            now,
+            decision_id,
+            dimensions,
+            hold_ttl,
+            events,
+            price=price,
+            mode=mode,
         )
 
     def _from_lease(
@@ -1167,6 +1330,8 @@ class Quotas:
         events: list[Event],
         *,
         local: bool = False,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
+        mode: str | None = None,
     ) -> tuple[Decision, Reservation | None]:
         """The decision a lease made, its thresholds, its queued debit events, and (with
         ``hold_ttl``) its reservation. ``local``: on an event loop, nothing waits on I/O."""
@@ -1177,10 +1342,14 @@ class Quotas:
         if events:
             self.meter._queue(events, wait=not local)
         if hold_ttl is None:
+            counted = self._counted(lines, amounts, mode)
+            if events or any(a < 0 for a in counted.values()):
+                self._count_decided(org, events, counted, leased=True, local=local)
             return decision, None
         keyed = {ln.metric: ln for ln in lines if ln.window == 0}
         reservation = Reservation(self, decision, amounts, keyed, now + hold_ttl, dimensions)
         reservation._leased = True
+        reservation._spent = (mode, price)
         return decision, reservation
 
     def _degraded(
@@ -1272,11 +1441,15 @@ class Quotas:
         amounts: Mapping[str, int],
         dimensions: Mapping[str, Any] | None,
         now: int,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
+        mode: str | None = None,
     ) -> None:
         result_used = {s.metric: s.used for s in decision.limits}
         self._thresholds_from(decision.organization_id, lines, result_used)
-        if self.record_debits:
-            self._record(decision.id, decision.organization_id, amounts, dimensions, now)
+        counted = self._counted(lines, amounts, mode)
+        self._record(
+            decision.id, decision.organization_id, amounts, dimensions, now, price, counted
+        )
 
     def _thresholds_soon(
         self, org: str, lines: Sequence[_Line], used: Mapping[str, int], local: bool
@@ -1359,15 +1532,19 @@ class Quotas:
         amounts: Mapping[str, int],
         dimensions: Mapping[str, Any] | None,
         now: int,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
+        counted: Mapping[str, int] | None = None,
     ) -> None:
-        events = self._debit_events(event_id, org, amounts, dimensions, now)
-        if not events:
-            return
-        if self._in_memory and not getattr(self.meter._tx, "depth", 0):
-            # Nothing survives the process anyway: written by the next flush (or query).
-            self.meter._queue(events)
-        else:
-            self.meter._record_counted(events)  # counted already: recorded, not fed again
+        """Record a decision's events, and count what they feed beyond what it counted."""
+        events = self._debit_events(event_id, org, amounts, dimensions, now, price)
+        if events:
+            if self._in_memory and not getattr(self.meter._tx, "depth", 0):
+                # Nothing survives the process anyway: written by the next flush (or query).
+                self.meter._queue(events)
+            else:
+                self.meter._record_counted(events)  # counted below, net of the decision
+        if counted is not None and (events or any(a < 0 for a in counted.values())):
+            self._count_decided(org, events, counted, leased=False)
 
     def _debit_events(
         self,
@@ -1376,11 +1553,14 @@ class Quotas:
         amounts: Mapping[str, int],
         dimensions: Mapping[str, Any] | None,
         now: int,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> list[Event]:
-        """The validated events recording a debit (none when ``record_debits`` is off)."""
+        """The validated events recording a debit (none when ``record_debits`` is off): one
+        per metric of the meter of its name, and one per meter of the ``price`` it counted
+        (``<id>:price:<meter>``), so that costs bill what spend counted."""
         if not self.record_debits:
             return []
-        events = []
+        events = self._price_events(event_id, org, price, dimensions, now) if price else []
         specs = self.meter._specs
         for metric, amount in amounts.items():
             spec = specs.get(metric) if metric != SPEND else None
@@ -1409,6 +1589,27 @@ class Quotas:
             events.append(
                 Event(f"{event_id}:{metric}", metric, org, now, {metric: amount}, dict(dims))
             )
+        return events
+
+    def _price_events(
+        self,
+        event_id: str,
+        org: str,
+        price: Mapping[str, Mapping[str, Any]],
+        dimensions: Mapping[str, Any] | None,
+        now: int,
+    ) -> list[Event]:
+        """The events of a priced estimate (checked already by :meth:`estimate`)."""
+        events = []
+        for meter, values in price.items():
+            spec = self.meter._specs[meter]
+            known = spec.dimension_names
+            picked = {k: v for k, v in (dimensions or {}).items() if k in known}
+            kept = {m: v for m, v in values.items() if v}
+            if not kept:
+                continue
+            event = Event(f"{event_id}:price:{meter}", meter, org, now, kept, picked)
+            events.append(check_event(spec, event, f"price.{meter}"))
         return events
 
     def _settle(self, reservation: Reservation, actual: dict[str, int] | None) -> None:
@@ -1483,9 +1684,15 @@ class Quotas:
                 used[metric] += max(0, actual[metric] - reservation.held.get(metric, 0))
         org = reservation.organization_id
         self._thresholds_soon(org, list(lines.values()), used, local)
-        events = self._debit_events(reservation.id, org, actual, reservation._dimensions, now)
+        mode, price = reservation._spent
+        events = self._debit_events(
+            reservation.id, org, actual, reservation._dimensions, now, price
+        )
         if events:
             self.meter._queue(events, wait=not local)
+        counted = self._counted(lines.values(), actual, mode)
+        if events or any(a < 0 for a in counted.values()):
+            self._count_decided(org, events, counted, leased=True, local=local)
 
     def _settled(
         self, reservation: Reservation, actual: dict[str, int], settled: bool, now: int
@@ -1500,7 +1707,13 @@ class Quotas:
         self._thresholds_from(
             reservation.organization_id, list(lines.values()), dict(zip(lines, values))
         )
-        if self.record_debits:
-            self._record(
-                reservation.id, reservation.organization_id, actual, reservation._dimensions, now
-            )
+        mode, price = reservation._spent
+        self._record(
+            reservation.id,
+            reservation.organization_id,
+            actual,
+            reservation._dimensions,
+            now,
+            price,
+            self._counted(lines.values(), actual, mode),
+        )

@@ -576,7 +576,8 @@ class Metering(Generic[R]):
         extra = dict(reported)
         reservation = ticket.reservation
         if reservation is not None:
-            held = reservation.held
+            # The spend line is settled by the usage itself (its priced events), never reported.
+            held = {m: a for m, a in reservation.held.items() if m != SPEND}
             extra = {m: v for m, v in reported.items() if m not in held}
             if not failed:
                 reservation.commit({m: reported.get(m, a) for m, a in held.items()})
