@@ -142,6 +142,7 @@ class _Lease:
     unused: int = 0
     consumed: int = 0  # since the last report (quota leases)
     reserved: int = 0  # held by open reservations, neither unused nor consumed yet
+    returned: int = 0  # consumed, then taken back: freed from the hold at the next report
     taken: int = 0  # what the hold records for this lease (quota leases)
     seen: int = 0  # the counted total at the last take, this lease included
     block: int = _FIRST_BLOCK
@@ -339,9 +340,11 @@ class Leases:
                 if delta < 0 and lease is not None and not lease.rate:
                     # Taken back (a probe, a correction): first from what this process
                     # consumed and has not reported; the store cannot hold it yet.
+                    # Not made usable again here: room this process's decisions reuse without
+                    # asking would hide what others count meanwhile. The report frees it.
                     back = min(-delta, lease.consumed)
                     lease.consumed -= back
-                    lease.unused += back
+                    lease.returned += back
                     taken.append((lease, -back))
                     delta += back
                 elif delta > 0 and lease is not None and not lease.rate:
@@ -364,9 +367,14 @@ class Leases:
         """Give back what :meth:`absorb` charged, for usage that was not stored after all."""
         with self._lock:
             for lease, use in taken:
-                back = min(use, lease.consumed) if use > 0 else max(use, -lease.unused)
-                lease.consumed -= back
-                lease.unused += back
+                if use > 0:
+                    back = min(use, lease.consumed)
+                    lease.consumed -= back
+                    lease.unused += back
+                else:
+                    back = min(-use, lease.returned)
+                    lease.returned -= back
+                    lease.consumed += back
 
     def _expire_reservations(self, now: int) -> None:
         """Reservations nobody settled give their units back at their expiry. Under the lock."""
@@ -630,6 +638,7 @@ class Leases:
                     lease.closing = True
                 given_back = lease.unused if drop else 0
                 consumed = lease.consumed
+                returned = lease.returned
                 freed = 0
                 if lease.rate:
                     if given_back:
@@ -637,13 +646,13 @@ class Leases:
                 else:
                     if consumed:
                         deltas[lease.key] = deltas.get(lease.key, 0) + consumed
-                    freed = min(lease.taken, consumed + given_back)
+                    freed = min(lease.taken, consumed + given_back + returned)
                     held = lease.key + LEASED
                     if freed:
                         deltas[held] = deltas.get(held, 0) - freed
                     if lease.taken > freed:
                         amounts[held] = amounts.get(held, 0) + lease.taken - freed
-                plan.append((name, lease, consumed, given_back, freed, drop))
+                plan.append((name, lease, consumed, given_back, freed, drop, returned))
                 if not drop:
                     lease.block = max(1, 2 * lease.recent)
                     lease.recent, lease.fresh = 0, False
@@ -664,8 +673,9 @@ class Leases:
         elif changes:
             self.counters.counters_add(changes, now=now)
         with self._lock:
-            for name, lease, consumed, given_back, freed, drop in plan:
+            for name, lease, consumed, given_back, freed, drop, returned in plan:
                 lease.consumed -= consumed
+                lease.returned -= returned
                 lease.taken -= freed
                 lease.unused -= given_back
                 if drop and not lease.reserved and self._leases.get(name) is lease:
