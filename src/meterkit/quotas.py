@@ -463,12 +463,7 @@ class Quotas:
         take them first; ``local``: what is left waits for the next flush (an event loop)."""
         now = self.meter.now()
         for org in sorted(by_org):
-            changes = sorted((k, d) for k, d in by_org[org].items() if d)
-            if self.leases is not None and absorb is not None:
-                # Charged to this process's leases first: their spare units are what this
-                # usage spent (see meterkit.leases).
-                changes, taken = self.leases.absorb(changes, now)
-                absorb.extend(taken)
+            changes = self._charge(sorted((k, d) for k, d in by_org[org].items() if d), now, absorb)
             if not changes:
                 continue
             if local:
@@ -479,6 +474,18 @@ class Quotas:
                 month = months.get(key)
                 if month is not None:
                     self._alert(org, self.spending(org)[1], value, month)
+
+    def _charge(
+        self, changes: list[tuple[str, int]], now: int, journal: list[Any] | None
+    ) -> list[tuple[str, int]]:
+        """``changes`` charged to this process's leases first, when ``journal`` (what was
+        charged, to give back on a rollback) is given: their spare units are what this usage
+        spent (see meterkit.leases). Returns what is left for the shared counters."""
+        if self.leases is None or journal is None:
+            return changes
+        rest, taken = self.leases.absorb(changes, now)
+        journal.extend(taken)
+        return rest
 
     def _count_decided(
         self,
@@ -496,6 +503,8 @@ class Quotas:
         not feed keeps the decision's count, unless it is marked with a negative amount: a
         spend limit's one-nano-dollar probe, always taken back). One ledger: whatever path
         usage takes, the counters end where the events alone would put them."""
+        if not events and not any(a < 0 for a in counted.values()):
+            return
         by_org, months = self._deltas((), events)
         deltas = by_org.setdefault(org, {})
         for key, amount in counted.items():
@@ -509,8 +518,11 @@ class Quotas:
     @contextlib.contextmanager
     def absorbing(self) -> Iterator[None]:
         """Within: recorded usage is charged to this process's leases first, and given back to
-        them if the block raises (the write that stored it rolled back)."""
-        if self.leases is None or getattr(self._absorbed, "taken", None) is not None:
+        them if the block raises (the write that stored it rolled back). Not inside
+        :meth:`Meter.transaction`, which may roll back after the block: there the shared
+        counters take it, in the transaction."""
+        nested = getattr(self._absorbed, "taken", None) is not None
+        if self.leases is None or nested or getattr(self.meter._tx, "depth", 0) > 0:
             yield
             return
         taken: list[Any] = []
@@ -1049,33 +1061,27 @@ class Quotas:
 
         def add() -> Decision:
             lines = self._lines(org, clean, 0, now)  # the plan lookup follows the policy too
-            changes = [(ln.counter.key, ln.counter.amount) for ln in lines]
-            taken: list[Any] = []
-            if self.leases is not None and not getattr(self.meter._tx, "depth", 0):
-                # Usage that happened: charged to this process's leases first, as recorded
-                # usage is, so they admit nothing its debit already spent.
-                rest, taken = self.leases.absorb(changes, now)
-                changes = rest
-            try:
-                with self._atomic():
-                    added = dict(
-                        zip((k for k, _ in changes), self.counters.counters_add(changes, now=now))
-                    )
-                    values = [
-                        added[ln.counter.key]
-                        if ln.counter.key in added
-                        else self._read_counted(org, ln.counter.key, now)
-                        for ln in lines
-                    ]
-                    result = CounterResult(True, tuple(values), tuple(0 for _ in lines))
-                    decision = self._describe(org, lines, result, now, decision_id)
-                    self._after_debit(decision, lines, clean, dimensions, now, price, mode)
-                    return decision
-            except BaseException:
-                if taken:
-                    assert self.leases is not None
-                    self.leases.unabsorb(taken)
-                raise
+            # Usage that happened: charged to this process's leases first, as recorded usage
+            # is, so they admit nothing its debit already spent.
+            with self.absorbing(), self._atomic():
+                changes = self._charge(
+                    [(ln.counter.key, ln.counter.amount) for ln in lines],
+                    now,
+                    getattr(self._absorbed, "taken", None),
+                )
+                added = dict(
+                    zip((k for k, _ in changes), self.counters.counters_add(changes, now=now))
+                )
+                values = [
+                    added[ln.counter.key]
+                    if ln.counter.key in added
+                    else self._read_counted(org, ln.counter.key, now)
+                    for ln in lines
+                ]
+                result = CounterResult(True, tuple(values), tuple(0 for _ in lines))
+                decision = self._describe(org, lines, result, now, decision_id)
+                self._after_debit(decision, lines, clean, dimensions, now, price, mode)
+                return decision
 
         decision: Decision | None = self._guard(add)
         return decision if decision is not None else Decision(True, org, degraded=True)
@@ -1343,8 +1349,7 @@ class Quotas:
             self.meter._queue(events, wait=not local)
         if hold_ttl is None:
             counted = self._counted(lines, amounts, mode)
-            if events or any(a < 0 for a in counted.values()):
-                self._count_decided(org, events, counted, leased=True, local=local)
+            self._count_decided(org, events, counted, leased=True, local=local)
             return decision, None
         keyed = {ln.metric: ln for ln in lines if ln.window == 0}
         reservation = Reservation(self, decision, amounts, keyed, now + hold_ttl, dimensions)
@@ -1532,8 +1537,8 @@ class Quotas:
         amounts: Mapping[str, int],
         dimensions: Mapping[str, Any] | None,
         now: int,
-        price: Mapping[str, Mapping[str, Any]] | None = None,
-        counted: Mapping[str, int] | None = None,
+        price: Mapping[str, Mapping[str, Any]] | None,
+        counted: Mapping[str, int],
     ) -> None:
         """Record a decision's events, and count what they feed beyond what it counted."""
         events = self._debit_events(event_id, org, amounts, dimensions, now, price)
@@ -1543,8 +1548,7 @@ class Quotas:
                 self.meter._queue(events)
             else:
                 self.meter._record_counted(events)  # counted below, net of the decision
-        if counted is not None and (events or any(a < 0 for a in counted.values())):
-            self._count_decided(org, events, counted, leased=False)
+        self._count_decided(org, events, counted, leased=False)
 
     def _debit_events(
         self,
@@ -1691,8 +1695,7 @@ class Quotas:
         if events:
             self.meter._queue(events, wait=not local)
         counted = self._counted(lines.values(), actual, mode)
-        if events or any(a < 0 for a in counted.values()):
-            self._count_decided(org, events, counted, leased=True, local=local)
+        self._count_decided(org, events, counted, leased=True, local=local)
 
     def _settled(
         self, reservation: Reservation, actual: dict[str, int], settled: bool, now: int
