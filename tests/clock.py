@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 
-__all__ = ["EDGES", "TEST_NOW", "parse_instant"]
+__all__ = ["EDGES", "TEST_NOW", "Clock", "parse_instant"]
 
 
 def parse_instant(text: str) -> int:
@@ -28,3 +28,13 @@ EDGES = (
 )
 
 TEST_NOW: int = parse_instant(os.environ.get("MK_TEST_NOW") or "2024-11-20T12:00:00Z")
+
+
+class Clock:
+    """A frozen clock, in Unix seconds, that a test moves by hand (``clock.t += 60``)."""
+
+    def __init__(self, t: int) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return float(self.t)

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import services
+from clock import Clock
 from meterkit import (
     Event,
     EventConflict,
@@ -55,14 +56,6 @@ METER = MeterSpec(
     ),
     dimensions=(Dimension("region"), Dimension("flag", kind="bool")),
 )
-
-
-class Clock:
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 @pytest.fixture(scope="module", params=["memory", "sqlite", "postgres"])

@@ -6,20 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from clock import TEST_NOW
+from clock import TEST_NOW, Clock
 from meterkit import Meter
 from meterkit.demo import ORGANIZATIONS, populate
 
 DAY = 86400
 MIDNIGHT = TEST_NOW - TEST_NOW % DAY
-
-
-class Clock:
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 @pytest.mark.parametrize("hour", [0, 3, 7, 9, 12, 15, 18, 23])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import services
+from clock import Clock
 from meterkit import Event, LateEventError, Meter, PeriodClosed, ValidationError
 from meterkit.config import load_config
 from meterkit.lateness import parse_lateness
@@ -16,14 +17,6 @@ from meterkit.lateness import parse_lateness
 NOW = 1_765_022_400  # 2025-12-06T12:00:00Z
 DAY = 86_400
 HOUR = 3_600
-
-
-class Clock:
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])

@@ -19,20 +19,13 @@ from pathlib import Path
 import pytest
 
 import services
+from clock import Clock
 from meterkit import Meter, Metric, Plan
 from meterkit.leases import LEASED
 
 T0 = 1_730_419_200 + 3600  # 2024-11-01T01:00:00Z: a month of room either side of the tests
 ORG = "org"
 RUN = uuid.uuid4().hex[:8]
-
-
-class Clock:
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 @pytest.fixture(scope="module")

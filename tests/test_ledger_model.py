@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import services
-from clock import TEST_NOW
+from clock import TEST_NOW, Clock
 from meterkit import Meter, Metric, Plan, QuotaExceeded
 from meterkit.recovery import counter_differences
 
@@ -40,14 +40,6 @@ EXAMPLES = int(os.environ.get("MK_MODEL_EXAMPLES", "8"))
 PER_M = 1_000_000
 OUTPUT_PRICE = Decimal(10)  # dollars per million output tokens
 RUN = uuid.uuid4().hex[:8]
-
-
-class Clock:
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 def cost_of(tokens: int) -> Decimal:

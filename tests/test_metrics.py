@@ -9,19 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clock import Clock
 from meterkit import Event, Meter, Metric, Plan, Source, ValidationError
 from meterkit.recovery import rebuild_counters
 
 T0 = 1_730_419_200 + 5 * 86400  # 2024-11-06: inside one monthly period
 ORG = "org"
-
-
-class Clock:
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 TOKENS = Metric.parse("tokens", "completions.input_tokens + completions.output_tokens")

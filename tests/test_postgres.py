@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 import services
+from clock import Clock
 from meterkit import (
     AppendResult,
     Event,
@@ -104,14 +105,6 @@ class TestPostgresStoreCopying(TestPostgresStore):
 
 
 # -- the Meter on PostgreSQL ------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 @pytest.fixture

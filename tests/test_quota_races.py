@@ -17,20 +17,13 @@ from typing import Any
 
 import pytest
 
+from clock import Clock
 from meterkit import Meter, Plan, QuotaExceeded
 
 T0 = 1710072000  # 2024-03-10 12:00:00 UTC: the start of a minute
 ORG = "org_race"
 THREADS = 8
 ROUNDS = 5
-
-
-class Clock:
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 def tokens_recorded(meter: Meter, org: str = ORG) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import meterkit
+from clock import Clock
 from meterkit import (
     BillingCycle,
     Decision,
@@ -37,16 +38,6 @@ def ts(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: 
 # 2024-03-10 12:00:00 UTC: the start of a minute, the middle of a day, in March 2024.
 T0 = ts(2024, 3, 10, 12)
 MARCH = Period(ts(2024, 3, 1), ts(2024, 4, 1))
-
-
-class Clock:
-    """A frozen clock the test moves by hand."""
-
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 class Thresholds:

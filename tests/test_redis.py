@@ -20,6 +20,7 @@ import pytest
 
 import meterkit
 import services
+from clock import Clock
 from meterkit import Meter, Plan, QuotaExceeded, StoreUnavailable
 from meterkit.counters import MAX_COUNTER
 from meterkit.meter import open_counters, open_store
@@ -468,14 +469,6 @@ def test_unreachable_redis_is_store_unavailable() -> None:
 
 
 # -- quotas through Meter(..., counters="redis://...") ----------------------------------------
-
-
-class Clock:
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 class Thresholds:

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import services
+from clock import Clock
 from meterkit import Event, Meter, QuotaExceeded, ValidationError, hookimpl
 from meterkit.config import load_config
 from meterkit.notify import (
@@ -40,14 +41,6 @@ NOW = 1_764_979_200  # 2025-12-06T00:00:00Z
 MONTH_START = 1_764_547_200  # 2025-12-01
 NEXT_MONTH = 1_767_225_600  # 2026-01-01
 PER_M = 1_000_000
-
-
-class Clock:
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres", "redis"])

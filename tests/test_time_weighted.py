@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import services
+from clock import Clock
 from meterkit import Event, Measure, Meter, MeterSpec, Metric, ValidationError, engine
 from meterkit.engine import timeweighted
 from meterkit.models import Dimension, UsageQuery
@@ -33,14 +34,6 @@ DISK = MeterSpec(
     measures=(Measure("bytes", "time_weighted"), Measure("writes")),
     dimensions=(Dimension("volume"), Dimension("zone")),
 )
-
-
-class Clock:
-    def __init__(self, t: int) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return float(self.t)
 
 
 def query(
