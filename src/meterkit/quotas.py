@@ -361,7 +361,8 @@ class Quotas:
         self._cache_lock = threading.Lock()
         # Threshold markers this process has claimed (or seen claimed): asked of the store once.
         self._claimed: set[str] = set()
-        self._sources_cache: tuple[int, list[Metric]] | None = None
+        # (generation, metric_sources(), meters some metric other than their own counts)
+        self._sources_cache: tuple[int, list[Metric], frozenset[str]] | None = None
         self._spend_cache: dict[str, tuple[float, tuple[SpendLimit | None, list[SpendAlert]]]] = {}
         self._book: tuple[float, PriceBook] | None = None
         self._nanos: dict[tuple[type, object], int] = {}
@@ -408,8 +409,21 @@ class Quotas:
                 defined.get(name, Metric(name)).effective(specs)
                 for name in sorted(set(names) | set(defined))
             ]
-            found = self._sources_cache = (self._generation, metrics)
+            shared = frozenset(
+                s.meter
+                for metric in metrics
+                for s in metric.sources
+                if not s.meter == s.measure == metric.name
+            )
+            found = self._sources_cache = (self._generation, metrics, shared)
         return found[1]
+
+    def _feeds_beyond_own(self, meter: str) -> bool:
+        """Whether an event of ``meter`` can feed a counter other than its own metric's: spend
+        (a price names the meter) or a plan metric defined over it."""
+        self.metric_sources()
+        assert self._sources_cache is not None
+        return meter in self._sources_cache[2] or self.price_book().prices_meter(meter)
 
     def feed(self, events: Sequence[Event]) -> None:
         """Count recorded usage in the period counters of the metrics it belongs to.
@@ -495,6 +509,7 @@ class Quotas:
         *,
         leased: bool,
         local: bool = False,
+        priced: bool = False,
     ) -> None:
         """Count what a decision's events feed beyond what the decision counted itself.
 
@@ -503,7 +518,11 @@ class Quotas:
         not feed keeps the decision's count, unless it is marked with a negative amount: a
         spend limit's one-nano-dollar probe, always taken back). One ledger: whatever path
         usage takes, the counters end where the events alone would put them."""
-        if not events and not any(a < 0 for a in counted.values()):
+        if not any(a < 0 for a in counted.values()) and not (
+            priced or any(self._feeds_beyond_own(e.meter) for e in events)
+        ):
+            # Only debit events, each the one contribution to its own metric's counter, which
+            # the decision counted already: nothing to add (the common case, kept cheap).
             return
         by_org, months = self._deltas((), events)
         deltas = by_org.setdefault(org, {})
@@ -1349,7 +1368,9 @@ class Quotas:
             self.meter._queue(events, wait=not local)
         if hold_ttl is None:
             counted = self._counted(lines, amounts, mode)
-            self._count_decided(org, events, counted, leased=True, local=local)
+            self._count_decided(
+                org, events, counted, leased=True, local=local, priced=price is not None
+            )
             return decision, None
         keyed = {ln.metric: ln for ln in lines if ln.window == 0}
         reservation = Reservation(self, decision, amounts, keyed, now + hold_ttl, dimensions)
@@ -1548,7 +1569,7 @@ class Quotas:
                 self.meter._queue(events)
             else:
                 self.meter._record_counted(events)  # counted below, net of the decision
-        self._count_decided(org, events, counted, leased=False)
+        self._count_decided(org, events, counted, leased=False, priced=price is not None)
 
     def _debit_events(
         self,
@@ -1695,7 +1716,9 @@ class Quotas:
         if events:
             self.meter._queue(events, wait=not local)
         counted = self._counted(lines.values(), actual, mode)
-        self._count_decided(org, events, counted, leased=True, local=local)
+        self._count_decided(
+            org, events, counted, leased=True, local=local, priced=price is not None
+        )
 
     def _settled(
         self, reservation: Reservation, actual: dict[str, int], settled: bool, now: int
