@@ -11,6 +11,8 @@ import pytest
 import meterkit.meter
 from clock import TEST_NOW
 
+pytest_plugins = ["shared_store"]  # open_shared: one store, several meters
+
 # Detailed assertion messages from the conformance suite, which lives outside tests/.
 pytest.register_assert_rewrite("meterkit.testing")
 

@@ -11,70 +11,18 @@ import signal
 import subprocess
 import sys
 import textwrap
-import uuid
-from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-import services
 from clock import Clock
 from meterkit import Meter, Metric, Plan
 from meterkit.leases import LEASED
+from shared_store import OpenShared
 
 T0 = 1_730_419_200 + 3600  # 2024-11-01T01:00:00Z: a month of room either side of the tests
 ORG = "org"
-RUN = uuid.uuid4().hex[:8]
-
-
-@pytest.fixture(scope="module")
-def postgres_base() -> Iterator[str]:
-    url = services.postgres_url()
-    yield url
-    services.drop_schemas(url, f"mk_l{RUN}\\_")
-
-
-OpenMeter = Callable[..., Meter]
-
-
-@pytest.fixture(params=["sqlite", "postgres", "postgres+redis", "postgres+redis-cluster"])
-def open_meter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenMeter]:
-    """``open_meter(clock)``: another meter (another process's view) on one shared store."""
-    counters = None
-    keys: list[tuple[str, str]] = []
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'shared.db'}"
-    else:
-        base = request.getfixturevalue("postgres_base")
-        url = services.with_params(base, schema=f"mk_l{RUN}_{uuid.uuid4().hex[:10]}")
-        if request.param != "postgres":
-            prefix = f"mkl{RUN}:{uuid.uuid4().hex[:8]}:"
-            cluster = request.param.endswith("cluster")
-            server = services.redis_cluster_url() if cluster else services.redis_url()
-            counters = services.with_params(server, prefix=prefix)
-            keys.append((server, prefix))
-    opened: list[Meter] = []
-
-    def make(clock: Clock, **options: object) -> Meter:
-        meter = Meter(url, clock=clock, counters=counters, **options)  # type: ignore[arg-type]
-        opened.append(meter)
-        return meter
-
-    yield make
-    for meter in opened:
-        meter.close()
-    for server, prefix in keys:
-        import redis
-
-        if server.startswith("redis+cluster"):
-            client = services.cluster_client(server)
-        else:
-            client = redis.Redis.from_url(server)
-        found = list(client.scan_iter(match=prefix + "*"))
-        if found:
-            client.delete(*found)
-        client.close()
 
 
 def on_plan(meter: Meter, **plan: object) -> None:
@@ -93,8 +41,8 @@ def admit_until_refused(meter: Meter, amount: int = 1, most: int = 10_000) -> in
     raise AssertionError("never refused")
 
 
-def test_leased_decisions_do_not_call_the_store_each_time(open_meter: OpenMeter) -> None:
-    m = open_meter(Clock(T0))
+def test_leased_decisions_do_not_call_the_store_each_time(open_shared: OpenShared) -> None:
+    m = open_shared(Clock(T0))
     on_plan(m, limits={"tokens": 1_000_000})
     assert m.quotas.leases is not None
     for _ in range(500):
@@ -107,9 +55,9 @@ def test_leased_decisions_do_not_call_the_store_each_time(open_meter: OpenMeter)
     assert m.total("tokens", "tokens", organization_id=ORG, start_time=T0, end_time=T0 + 1) == 500
 
 
-def test_exactly_the_limit_across_meters_and_blocks_shrink(open_meter: OpenMeter) -> None:
+def test_exactly_the_limit_across_meters_and_blocks_shrink(open_shared: OpenShared) -> None:
     clock = Clock(T0)
-    a, b = open_meter(clock), open_meter(clock)
+    a, b = open_shared(clock), open_shared(clock)
     on_plan(a, limits={"tokens": 100})
     admitted = 0
     # Interleaved, each keeping what it leased: neither may pass the limit, and together they
@@ -136,11 +84,11 @@ def _period_key(m: Meter) -> str:
     return m.quotas.period_key(ORG, "tokens", m.quotas.period(ORG, T0))
 
 
-def test_unused_leases_go_back_on_close_and_when_idle(open_meter: OpenMeter) -> None:
+def test_unused_leases_go_back_on_close_and_when_idle(open_shared: OpenShared) -> None:
     clock = Clock(T0)
     # a reports only when the test flushes it: its background flush (every 50 ms) would give
     # its idle lease back while b's store calls near the limit are still running.
-    a, b = open_meter(clock, flush_interval=5), open_meter(clock)
+    a, b = open_shared(clock, flush_interval=5), open_shared(clock)
     on_plan(a, limits={"tokens": 80})
     assert a.check(ORG, {"tokens": 1}).allowed  # a leases a block: 80 // 8 = 10 units
     assert a.counters.counters_read([_period_key(a) + LEASED], now=T0) == [10]
@@ -156,7 +104,7 @@ def test_unused_leases_go_back_on_close_and_when_idle(open_meter: OpenMeter) -> 
     assert a.counters.counters_read([_period_key(a) + LEASED], now=T0) == [0]
     # ... and on close.
     on_plan(b, limits={"tokens": 200})
-    c = open_meter(clock)
+    c = open_shared(clock)
     assert c.check(ORG, {"tokens": 1}).allowed
     c.close()
     b.flush()
@@ -164,9 +112,9 @@ def test_unused_leases_go_back_on_close_and_when_idle(open_meter: OpenMeter) -> 
     assert admit_until_refused(b) == 200 - 81
 
 
-def test_a_lowered_limit_is_not_exceeded_from_an_old_lease(open_meter: OpenMeter) -> None:
+def test_a_lowered_limit_is_not_exceeded_from_an_old_lease(open_shared: OpenShared) -> None:
     clock = Clock(T0)
-    a = open_meter(clock)
+    a = open_shared(clock)
     on_plan(a, limits={"tokens": 800})
     assert a.check(ORG, {"tokens": 1}).allowed  # a block of 100 leased under the old limit
     a.set_plan(Plan("p", limits={"tokens": 5}))
@@ -177,9 +125,9 @@ def test_a_lowered_limit_is_not_exceeded_from_an_old_lease(open_meter: OpenMeter
     assert a.quotas.used(ORG, "tokens") == 5
 
 
-def test_rate_limits_lease_per_window(open_meter: OpenMeter) -> None:
+def test_rate_limits_lease_per_window(open_shared: OpenShared) -> None:
     clock = Clock(T0)
-    a, b = open_meter(clock), open_meter(clock)
+    a, b = open_shared(clock), open_shared(clock)
     on_plan(a, rate_limit_rpm=24)
     got = 0
     for _ in range(30):
@@ -192,10 +140,10 @@ def test_rate_limits_lease_per_window(open_meter: OpenMeter) -> None:
 
 
 def test_lease_reports_survive_a_failing_store(
-    open_meter: OpenMeter, monkeypatch: pytest.MonkeyPatch
+    open_shared: OpenShared, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = Clock(T0)
-    a = open_meter(clock)
+    a = open_shared(clock)
     on_plan(a, limits={"tokens": 1000})
     for _ in range(7):
         assert a.check(ORG, {"tokens": 1}).allowed
@@ -214,9 +162,9 @@ def test_lease_reports_survive_a_failing_store(
     assert counters.counters_read([_period_key(a)], now=T0) == [7], "counted once"
 
 
-def test_a_forked_child_starts_without_its_parents_leases(open_meter: OpenMeter) -> None:
+def test_a_forked_child_starts_without_its_parents_leases(open_shared: OpenShared) -> None:
     clock = Clock(T0)
-    a = open_meter(clock)
+    a = open_shared(clock)
     on_plan(a, limits={"tokens": 64})
     assert a.check(ORG, {"tokens": 1}).allowed
     assert a.quotas.leases is not None and a.quotas.leases.pending()
@@ -257,11 +205,11 @@ HOLDER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_a_lease_holder_killed_mid_race_strands_units_only_until_expiry(
-    open_meter: OpenMeter, tmp_path: Path
+    open_shared: OpenShared, tmp_path: Path
 ) -> None:
     limit = 800
     clock = Clock(T0)
-    survivor = open_meter(clock)
+    survivor = open_shared(clock)
     on_plan(survivor, limits={"tokens": limit})
     url, counters = survivor.url, survivor.counters
     counters_url = "" if counters is survivor.store else counters.url
@@ -304,9 +252,9 @@ def test_a_lease_holder_killed_mid_race_strands_units_only_until_expiry(
     assert recorded == limit
 
 
-def test_leased_reservations_hold_commit_release_and_expire(open_meter: OpenMeter) -> None:
+def test_leased_reservations_hold_commit_release_and_expire(open_shared: OpenShared) -> None:
     clock = Clock(T0)
-    a, b = open_meter(clock), open_meter(clock)
+    a, b = open_shared(clock), open_shared(clock)
     on_plan(a, limits={"tokens": 100})
     less = a.reserve(ORG, {"tokens": 30})
     more = a.reserve(ORG, {"tokens": 10})
@@ -331,13 +279,13 @@ def test_leased_reservations_hold_commit_release_and_expire(open_meter: OpenMete
     assert recorded == 100
 
 
-def test_record_later_validates_now_and_writes_at_the_flush(open_meter: OpenMeter) -> None:
+def test_record_later_validates_now_and_writes_at_the_flush(open_shared: OpenShared) -> None:
     from meterkit import Event, ValidationError
 
     # The background flush is made rare, and the other meter opened first, so "not yet
     # written" does not race the flusher on a slow machine.
-    m = open_meter(Clock(T0), flush_interval=5.0)
-    other = open_meter(Clock(T0))
+    m = open_shared(Clock(T0), flush_interval=5.0)
+    other = open_shared(Clock(T0))
     good = Event("r1", "requests", ORG, T0, {"requests": 1})
     bad = Event("r2", "requests", ORG, T0, {"requests": -1})
     with pytest.raises(ValidationError) as caught:
@@ -396,13 +344,13 @@ def check_then_record(meters: list[Meter], check: dict[str, int], most: int = 20
 
 @pytest.mark.parametrize("processes", [1, 3])
 def test_recorded_usage_is_charged_to_the_lease_first(
-    open_meter: OpenMeter, processes: int
+    open_shared: OpenShared, processes: int
 ) -> None:
     """Check one token, record a thousand: the lease of the first check must not go on
     admitting from room the recorded usage spent (48 were admitted of 20 on SQLite)."""
     clock = Clock(T0)
     metric = Metric.parse("llm_tokens", LLM_TOKENS)
-    meters = [open_meter(clock, metrics=[metric]) for _ in range(processes)]
+    meters = [open_shared(clock, metrics=[metric]) for _ in range(processes)]
     meters[0].set_plan(Plan("p", limits={"llm_tokens": 20_000}))
     meters[0].assign_plan(ORG, "p")
     # What deciding in the store admits: 19 x 1,001 + 1 <= 20,000 < 20 x 1,001 + 1.
@@ -414,12 +362,12 @@ def test_recorded_usage_is_charged_to_the_lease_first(
 
 @pytest.mark.parametrize("processes", [1, 3])
 def test_recorded_spend_is_charged_to_the_lease_first(
-    open_meter: OpenMeter, processes: int
+    open_shared: OpenShared, processes: int
 ) -> None:
     """A spend limit of 2 cents, output tokens at $10 per million: two requests of 1,000
     tokens spend it (16 were admitted)."""
     clock = Clock(T0)
-    meters = [open_meter(clock) for _ in range(processes)]
+    meters = [open_shared(clock) for _ in range(processes)]
     meters[0].set_price(
         {
             "meter": "completions",
@@ -443,10 +391,10 @@ def test_recorded_spend_is_charged_to_the_lease_first(
 
 
 def test_usage_recorded_in_a_rolled_back_write_goes_back_to_the_lease(
-    open_meter: OpenMeter,
+    open_shared: OpenShared,
 ) -> None:
     clock = Clock(T0)
-    m = open_meter(clock, metrics=[Metric.parse("llm_tokens", LLM_TOKENS)])
+    m = open_shared(clock, metrics=[Metric.parse("llm_tokens", LLM_TOKENS)])
     on_plan(m, limits={"llm_tokens": 1_000_000})
     assert m.check(ORG, {"llm_tokens": 1}).allowed  # a block of 16 leased
     leases = m.quotas.leases
