@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_TTL",
     "LEASED",
     "NEAR_REQUESTS",
+    "STEP",
     "Contended",
     "LeaseLine",
     "Leases",
@@ -66,6 +67,11 @@ logger = logging.getLogger("meterkit")
 
 LEASED = "\x1fleased"
 """Suffix of the counter holding a quota counter's leased, unconsumed units."""
+
+STEP = "\x1fstep"
+"""Suffix of the counter holding the largest usage recorded at once against a quota counter,
+as every process published it (each its own largest, rounded up to a power of two, summed):
+how near the limit a lease must take exactly what is asked, whoever records the usage."""
 
 DEFAULT_TTL = 30
 """Seconds a lease is held without a report; a holder stops using it after half of that."""
@@ -123,6 +129,8 @@ class _Counters(Protocol):
     def counters_add(
         self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
     ) -> list[int]: ...
+
+    def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]: ...
 
 
 class Contended(Exception):
@@ -199,6 +207,8 @@ class Leases:
         # The largest usage recorded at once against each counter key: how far from the limit
         # a lease must stop holding spare units.
         self._recorded: dict[str, int] = {}
+        # What this process added to each key's STEP counter.
+        self._published: dict[str, int] = {}
 
     # -- decisions ----------------------------------------------------------------------------
 
@@ -236,6 +246,7 @@ class Leases:
                     # Taken under another limit or too long ago: give it back first, so this
                     # process's own old units do not stand in its way.
                     self._report_locked(state, now, closing=False)
+                self._read_steps(lines, now)
                 with self._lock:
                     leases = [self._leases.get(ln.counter.key) for ln in lines]
                     asks = [
@@ -347,12 +358,20 @@ class Leases:
                     lease.returned += back
                     taken.append((lease, -back))
                     delta += back
-                elif delta > 0 and lease is not None and not lease.rate:
+                elif delta > 0 and (lease is None or not lease.rate):
                     if delta > self._recorded.get(key, 0):
                         if len(self._recorded) >= 100_000:
                             self._recorded.clear()
+                            self._published.clear()
                         self._recorded[key] = delta
-                    if not lease.closing and now < lease.usable_until and lease.unused:
+                        published = self._published.get(key, 0)
+                        if delta > published:
+                            step = 1 << (delta - 1).bit_length()
+                            self._published[key] = step
+                            rest.append((key + STEP, step - published))
+                    if lease is None:
+                        pass
+                    elif not lease.closing and now < lease.usable_until and lease.unused:
                         use = min(lease.unused, delta)
                         lease.unused -= use
                         lease.consumed += use
@@ -384,6 +403,27 @@ class Leases:
                 for lease, amount in held:
                     lease.reserved -= amount
                     lease.unused += amount
+
+    def _read_steps(self, lines: Sequence[LeaseLine], now: int) -> None:
+        """Learn the largest usage other processes recorded at once against the quota lines
+        about to take a block, unless what this process knows already makes the take exact
+        (one read, only for takes that would hold spare units)."""
+        keys = []
+        with self._lock:
+            for ln in lines:
+                c = ln.counter
+                if ln.window or c.limit is None:
+                    continue
+                if c.limit < NEAR_REQUESTS * (c.amount + self._recorded.get(c.key, 0)):
+                    continue  # exact already: the store's count decides
+                keys.append(c.key)
+        if not keys:
+            return
+        values = self.counters.counters_read([k + STEP for k in keys], now=now)
+        with self._lock:
+            for key, value in zip(keys, values):
+                if value > self._recorded.get(key, 0):
+                    self._recorded[key] = value
 
     def _ask(self, line: LeaseLine, lease: _Lease | None, now: int) -> tuple[int, int, int]:
         """``(need, block, have)`` for a short line: the units needed on top of the lease's
