@@ -508,6 +508,87 @@ def test_plans_set_assign_and_quota(filled: str) -> None:
     assert bad.exit_code == 2 and "--limit" in bad.stderr
 
 
+def completions(db: str, *outputs: int) -> None:
+    with Meter(db, clock=lambda: NOW) as m:
+        m.record_many(
+            [
+                Event(
+                    f"c{i}",
+                    "completions",
+                    "org_1",
+                    NOW - 60,
+                    {"output_tokens": out},
+                    {"model": "gpt-4o"},
+                )
+                for i, out in enumerate(outputs)
+            ]
+        )
+
+
+def test_metrics_set_list_and_every_process_counts_them(filled: str) -> None:
+    completions(filled, 300, 200)  # before the metric exists: the period is counted again
+    sources = "completions.input_tokens + completions.output_tokens"
+    saved = run("metrics", "set", "llm_tokens", "--sources", sources, "--db", filled)
+    assert saved.exit_code == 0, saved.output
+    run("plans", "set", "pro", "--limit", "llm_tokens=1000", "--db", filled)
+    run("plans", "assign", "org_1", "pro", "--db", filled)
+    with Meter(filled, clock=lambda: NOW) as m:  # another process, naming no metric
+        m.record("completions", {"output_tokens": 100}, organization_id="org_1", id="c9")
+        assert not m.check("org_1", {"llm_tokens": 401}).allowed
+    listed = json.loads(run("metrics", "list", "--format", "json", "--db", filled).stdout)
+    found = next(x for x in listed if x["name"] == "llm_tokens")
+    assert [f"{s['meter']}.{s['measure']}" for s in found["sources"]] == sources.split(" + ")
+    assert "llm_tokens" in run("metrics", "list", "--db", filled).stdout
+    q = json.loads(run("quota", "org_1", "--format", "json", "--db", filled).stdout)
+    line = next(x for x in q["limits"] if x["metric"] == "llm_tokens")
+    assert (line["used"], line["limit"]) == (600, 1000)
+    doctor = run("doctor", "--db", filled)
+    assert doctor.exit_code == 0, doctor.output
+    assert f"llm_tokens = {sources}" in doctor.stdout
+    narrower = run(
+        "metrics",
+        "set",
+        "llm_tokens",
+        "--sources",
+        "completions.output_tokens",
+        "--where",
+        "model=gpt-4o-mini",
+        "--db",
+        filled,
+    )
+    assert narrower.exit_code == 0, narrower.output
+    q = json.loads(run("quota", "org_1", "--format", "json", "--db", filled).stdout)
+    assert next(x for x in q["limits"] if x["metric"] == "llm_tokens")["used"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["b d", "--sources", "completions.output_tokens"], "METRIC"),
+        (["m", "--sources", "completions"], "--sources"),
+        (["m", "--sources", "completions.nope"], "--sources"),
+        (["m", "--sources", "completions.output_tokens", "--where", "nodim=1"], "--where"),
+        (["m", "--sources", "completions.output_tokens", "--where", "model"], "--where"),
+    ],
+)
+def test_metrics_set_names_what_is_wrong_and_stores_nothing(
+    db: str, args: list[str], named: str
+) -> None:
+    bad = run("metrics", "set", *args, "--db", db)
+    assert bad.exit_code == 2 and named in bad.stderr and "Traceback" not in bad.output
+    with Meter(db, clock=lambda: NOW) as m:
+        assert m.store.list_records("metric") == []
+
+
+def test_doctor_names_a_plan_limit_nothing_counts(filled: str) -> None:
+    with Meter(filled, clock=lambda: NOW) as m:
+        from meterkit import Plan
+
+        m.store.put_record("plan", "ghostly", Plan("ghostly", limits={"ghost": 5}).to_record())
+    sick = run("doctor", "--db", filled)
+    assert sick.exit_code == 1 and "plan ghostly limits 'ghost'" in sick.stdout
+
+
 def test_prices_set_and_list(filled: str) -> None:
     result = run(
         "prices",

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meterkit import Meter, Plan, StoreUnavailable, ValidationError, hookimpl
+from meterkit import Meter, Metric, Plan, StoreUnavailable, ValidationError, hookimpl
 from meterkit.auth import Principal, create_key, revoke_key
 from meterkit.catalog import OPENAI_KINDS
 from meterkit.http import HttpApp, Request, Response
@@ -594,6 +594,45 @@ def test_plan_usage(env: Env) -> None:
     assert data(r)["tokens"]["used"] == 1200
     r = env.send("GET", "/api/v1/usage", [("start_date", "2024-11-07")])
     assert data(r)["tokens"]["used"] == 0 and data(r)["period_end"] == "2024-11-11"
+
+
+def test_plan_usage_shows_a_plan_metric_stored_by_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monotonic = [1000.0]
+    monkeypatch.setattr("meterkit.quotas._time.monotonic", lambda: monotonic[0])
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = make_env(url)  # the server: it names no metric
+    try:
+        with Meter(url, clock=lambda: NOW) as admin:
+            admin.set_metric(
+                Metric.parse("llm_tokens", "completions.input_tokens + completions.output_tokens")
+            )
+            admin.set_plan(Plan("pro", limits={"llm_tokens": 20_000, "tokens": 5}))
+            admin.assign_plan("org_a", "pro")
+        monotonic[0] += env.meter.quotas.cache_seconds  # the server's refresh bound
+        before = data(env.send("GET", "/api/v1/usage", key="member"))["llm_tokens"]["used"]
+        assert before > 0  # the seeded completions, counted by the stored definition
+        env.meter.record(
+            "completions",
+            {"input_tokens": 300, "output_tokens": 700},
+            organization_id="org_a",
+            time=T0 + 5 * DAY,
+            id="c1",
+        )
+        r = env.send("GET", "/api/v1/usage", key="member")
+        assert r.status == 200
+        used = before + 1000
+        assert data(r)["llm_tokens"] == {"used": used, "limit": 20_000, "remaining": 20_000 - used}
+        assert data(r)["tokens"]["limit"] == 5
+        r = env.send("GET", "/api/v1/usage", [("start_date", "2024-11-06")], key="member")
+        assert data(r)["llm_tokens"]["used"] < used
+        # The dashboard's quota panel reads the same numbers.
+        r = env.send("GET", "/v1/organization/quota", key="member")
+        line = next(x for x in data(r)["limits"] if x["metric"] == "llm_tokens")
+        assert (line["used"], line["limit"]) == (used, 20_000)
+    finally:
+        env.meter.close()
 
 
 @pytest.mark.parametrize(

@@ -427,7 +427,7 @@ def demo(
     _serve(meter, host, port, log_level, demo_model=True)
 
 
-# The data commands (record, import, export, usage, costs, quota, plans, prices, doctor,
+# The data commands (record, import, export, usage, costs, quota, plans, metrics, prices, doctor,
 # completion) live in meterkit.clidata.
 for _command in COMMANDS:
     main.add_command(_command)

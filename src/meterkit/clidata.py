@@ -1,5 +1,5 @@
-"""The data commands of ``meterkit``: record, import, export, usage, costs, quota, plans, prices,
-doctor and shell completion (see docs/cli.md).
+"""The data commands of ``meterkit``: record, import, export, usage, costs, quota, plans, metrics,
+prices, doctor and shell completion (see docs/cli.md).
 
 Every command exits 2 on bad input with one line naming the option at fault, 1 when the store
 does not answer, and a command that only reads never creates a store.
@@ -29,6 +29,7 @@ from meterkit.errors import EventConflict, ValidationError
 from meterkit.eventio import parse_rfc3339
 from meterkit.http.openai import FILTERS
 from meterkit.meter import Meter
+from meterkit.metrics import Metric
 from meterkit.models import Event, UsagePage
 from meterkit.periods import BillingCycle
 from meterkit.plans import UNLIMITED, Plan
@@ -934,6 +935,98 @@ def plans_assign(
     click.echo(f"{organization_id} is on plan {plan_id}")
 
 
+@click.group("metrics")
+def metrics() -> None:
+    """List or define plan metrics: what a plan's limit on them counts."""
+
+
+@metrics.command("list")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@_store_options
+def metrics_list(fmt: str, config: Path | None, db: str | None) -> None:
+    """Every metric a plan may limit: defined ones with their sources, and meters of their
+    own name."""
+    m = _meter(config, db, existing=True)
+    try:
+        defined = {metric.name: metric for metric in m.defined_metrics()}
+        names = m.quotas.metrics()
+        gauges = {name for name in names if m.quotas.is_gauge(name)}
+    finally:
+        m.close()
+    if fmt == "json":
+        out = []
+        for name in names:
+            found = defined.get(name)
+            out.append(
+                {
+                    "name": name,
+                    "kind": "gauge" if name in gauges else "counted",
+                    **(found.to_record() if found else {"sources": []}),
+                }
+            )
+        click.echo(json.dumps(out, indent=2))
+        return
+    rows = []
+    for name in names:
+        found = defined.get(name)
+        sources = found.expression if found else ""
+        where = ""
+        if found:
+            where = "; ".join(
+                f"{s.meter}.{n} in {', '.join(sorted(map(str, allowed)))}"
+                for s in found.sources
+                for n, allowed in s.where
+            )
+        kind = "gauge" if name in gauges else "defined" if found else "meter"
+        rows.append([name, kind, sources or f"{name}.{name}", where])
+    _emit(["metric", "kind", "counts", "where"], rows, fmt, numeric=set())
+
+
+@metrics.command("set")
+@click.argument("name", metavar="METRIC")
+@click.option(
+    "--sources",
+    required=True,
+    metavar="EXPR",
+    help="What it counts: 'meter.measure + meter.measure ...'.",
+)
+@click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="DIM=VALUE",
+    help="Count only events with this dimension value (repeat for more values).",
+)
+@_store_options
+def metrics_set(
+    name: str, sources: str, where: tuple[str, ...], config: Path | None, db: str | None
+) -> None:
+    """Define a plan metric and store it: every process on the store counts it, and its
+    counters of the current period are rebuilt from the events."""
+    allowed: dict[str, list[str]] = {}
+    for dim, value in _pairs("--where", where):
+        allowed.setdefault(dim, []).append(value)
+    m = _meter(config, db, existing=False)
+    try:
+        with reported():
+            try:
+                metric = Metric.parse(name, sources, where=allowed or None)
+                m.set_metric(metric)
+            except ValidationError as exc:
+                tail = exc.field.removeprefix("metric.")
+                option = (
+                    "METRIC"
+                    if tail == "name"
+                    else "--where"
+                    if ".where" in tail or tail == "where"
+                    else "--sources"
+                )
+                raise BadInput(f"{option} ({tail}): {exc.message}") from None
+    finally:
+        m.close()
+    click.echo(f"metric {name} saved: {metric.expression}")
+
+
 @click.group("prices")
 def prices() -> None:
     """List or set prices."""
@@ -1085,6 +1178,8 @@ def doctor(config: Path | None, db: str | None) -> None:
                     say(True, "rollups agree with the events")
             else:
                 say(True, "this store keeps no rollups")
+            for line, ok in _plan_metrics(m):
+                say(ok, line)
             for line, ok in _counters(m):
                 say(ok, line)
     finally:
@@ -1132,6 +1227,23 @@ def _schema(m: Meter, before: int | None) -> Iterator[tuple[str, bool]]:
         yield "schema: this store keeps none (it lives in memory)", True
 
 
+def _plan_metrics(m: Meter) -> Iterator[tuple[str, bool]]:
+    """Every limit of every plan names a metric something counts."""
+    defined = m.defined_metrics()
+    if defined:
+        shown = ", ".join(f"{x.name} = {x.expression}" for x in defined)
+        yield f"plan metrics stored: {shown}", True
+    known = set(m.quotas.metrics())
+    for key, data in m.store.list_records("plan"):
+        for metric in sorted(Plan.from_record(key, data).limits):
+            if metric not in known:
+                yield (
+                    f"plan {key} limits {metric!r}, which nothing counts "
+                    f"(`meterkit metrics set {metric} --sources ...`)",
+                    False,
+                )
+
+
 def _counters(m: Meter) -> Iterator[tuple[str, bool]]:
     orgs = [key for key, _ in m.store.list_records("org")]
     wrong = []
@@ -1168,6 +1280,7 @@ COMMANDS: tuple[click.Command, ...] = (
     costs,
     quota,
     plans,
+    metrics,
     prices,
     doctor,
     completion,

@@ -40,6 +40,7 @@ from meterkit.leases import DEFAULT_FLUSH_INTERVAL, check_timing
 from meterkit.leases import DEFAULT_TTL as DEFAULT_LEASE_TTL
 from meterkit.metrics import Metric, check_metric
 from meterkit.models import (
+    NAME_RE,
     AppendResult,
     DimValue,
     Event,
@@ -55,6 +56,7 @@ from meterkit.plans import Grant, OrgPlan, Plan
 from meterkit.plugins import get_plugin_manager, make_plugin_manager
 from meterkit.pricing import Price, PriceBook
 from meterkit.quotas import Decision, Policy, Quotas, Reservation
+from meterkit.recovery import rebuild_counters
 from meterkit.stores.base import CounterStore, RollupStore, Store
 from meterkit.validate import check_event, check_id, check_time, check_usage_query
 from meterkit.writer import GroupWriter
@@ -274,7 +276,7 @@ class Meter:
         try:
             for metric in metrics:
                 try:
-                    meter.define_metric(metric)
+                    meter.set_metric(metric)
                 except ValidationError as exc:  # named after the file's [metrics.NAME] table
                     tail = exc.field.removeprefix("metric.").removeprefix("metric")
                     raise ValidationError(
@@ -312,15 +314,42 @@ class Meter:
     def define_metric(self, metric: Metric) -> Metric:
         """Define what a plan metric counts (see :mod:`meterkit.metrics`): its own meter's
         events plus ``metric.sources``. A metric without a meter of its name gets one (a
-        plain counter), where decisions record what they admit."""
+        plain counter), where decisions record what they admit.
+
+        The definition is stored with this meter's first use of the store (as for
+        ``Meter(metrics=[...])``), so every :class:`Meter` on the store counts it within
+        ``cache_seconds``; :meth:`set_metric` stores it at once."""
+        self._define_metric(metric)
+        self.quotas.publish_metric(metric)
+        return metric
+
+    def set_metric(self, metric: Metric) -> Metric:
+        """Define a plan metric and store it now (``meterkit metrics set``). Every
+        :class:`Meter` on the store counts it within ``cache_seconds``, as for a plan change.
+        A new or changed definition also rebuilds the metric's counters of the current period
+        from the events, for every organization assigned a plan, so a quota counts the usage
+        the period already holds."""
+        self._define_metric(metric)
+        if self.quotas.store_metric(metric):
+            rebuild_counters(self, metrics=[metric.name])
+        return metric
+
+    def _define_metric(self, metric: Metric) -> Metric:
         if not isinstance(metric, Metric):
             raise ValidationError("metric", "must be a meterkit.Metric")
+        if not isinstance(metric.name, str) or not NAME_RE.match(metric.name):
+            raise ValidationError("metric.name", f"must match {NAME_RE.pattern}")
         if metric.name not in self._specs:
             self.register(MeterSpec(metric.name, (Measure(metric.name),)))
         check_metric(metric, self._specs)
         self._metrics[metric.name] = metric
         self.quotas._forget()
         return metric
+
+    def defined_metrics(self) -> list[Metric]:
+        """Every plan metric defined here or stored by any process, by name."""
+        self.quotas.read_metrics()
+        return [self._metrics[name] for name in sorted(self._metrics)]
 
     @property
     def meters(self) -> Mapping[str, MeterSpec]:

@@ -16,6 +16,7 @@ it arrives; :func:`meterkit.recovery.rebuild_counters` recomputes the same numbe
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import attrs
 
@@ -23,6 +24,9 @@ from meterkit.errors import ValidationError
 from meterkit.models import NAME_RE, DimValue, Event, MeterSpec
 
 __all__ = ["Metric", "Source", "check_metric", "contributions"]
+
+RECORD_KIND = "metric"
+"""Where stored metric definitions live (``store.put_record(RECORD_KIND, name, ...)``)."""
 
 
 def _where(
@@ -71,6 +75,35 @@ class Metric:
         if measure is None or measure.gauge:
             return self
         return Metric(self.name, (Source(self.name, self.name), *self.sources))
+
+    @property
+    def expression(self) -> str:
+        """The sources as ``"meter.measure + meter.measure ..."`` (without their ``where``)."""
+        return " + ".join(f"{s.meter}.{s.measure}" for s in self.sources)
+
+    def to_record(self) -> dict[str, Any]:
+        """The stored form: every source with its ``where`` (values sorted, so one definition
+        has one record)."""
+        return {
+            "sources": [
+                {
+                    "meter": s.meter,
+                    "measure": s.measure,
+                    "where": {name: sorted(allowed, key=repr) for name, allowed in s.where},
+                }
+                for s in self.sources
+            ]
+        }
+
+    @classmethod
+    def from_record(cls, name: str, data: Mapping[str, Any]) -> Metric:
+        return cls(
+            name,
+            [
+                Source(s["meter"], s["measure"], s.get("where") or None)
+                for s in data.get("sources", ())
+            ],
+        )
 
     @classmethod
     def parse(

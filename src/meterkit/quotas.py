@@ -27,6 +27,7 @@ from meterkit.counters import fits
 from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.ids import new_id
 from meterkit.leases import DEFAULT_TTL, LEASED, Contended, Leases
+from meterkit.metrics import RECORD_KIND as METRIC_RECORDS
 from meterkit.metrics import Metric, contributions
 from meterkit.models import CounterLine, CounterResult, Event, Hold
 from meterkit.periods import BillingCycle, Period
@@ -57,6 +58,9 @@ class Host(Protocol):
     pm: pluggy.PluginManager
     _specs: dict[str, MeterSpec]
     _metrics: dict[str, Metric]
+
+    def _define_metric(self, metric: Metric) -> Metric: ...
+
     _tx: threading.local
 
     @property
@@ -363,6 +367,11 @@ class Quotas:
         self._claimed: set[str] = set()
         # (generation, metric_sources(), meters some metric other than their own counts)
         self._sources_cache: tuple[int, list[Metric], frozenset[str]] | None = None
+        # Metrics stored by any process, read again at most every cache_seconds; those this
+        # process named wait in _unpublished for the first read (opening sends nothing).
+        self._metrics_due = 0.0
+        self._stored_metrics: dict[str, Any] = {}
+        self._unpublished: dict[str, Metric] = {}
         self._spend_cache: dict[str, tuple[float, tuple[SpendLimit | None, list[SpendAlert]]]] = {}
         self._book: tuple[float, PriceBook] | None = None
         self._nanos: dict[tuple[type, object], int] = {}
@@ -395,11 +404,15 @@ class Quotas:
         """The metrics a plan may limit: every meter whose main measure has its own name
         (``tokens``, ``queries``, ``storage_bytes``, …, and the application's own), and every
         metric defined with :meth:`~meterkit.Meter.define_metric`."""
+        if _time.monotonic() >= self._metrics_due:
+            self.read_metrics()
         own = {name for name, spec in self.meter.meters.items() if spec.measure(name)}
         return sorted(own | set(self.meter._metrics))
 
     def metric_sources(self) -> list[Metric]:
         """Every counted (not gauge) metric with the sources that feed it, own meter first."""
+        if _time.monotonic() >= self._metrics_due:
+            self.read_metrics()
         specs = self.meter._specs
         found = self._sources_cache  # registering a meter or defining a metric bumps it
         if found is None or found[0] != self._generation:
@@ -417,6 +430,57 @@ class Quotas:
             )
             found = self._sources_cache = (self._generation, metrics, shared)
         return found[1]
+
+    def publish_metric(self, metric: Metric) -> None:
+        """Store ``metric`` with the next read of the stored metrics (see :meth:`read_metrics`)."""
+        self._unpublished[metric.name] = metric
+        self._metrics_due = 0.0
+
+    def store_metric(self, metric: Metric) -> bool:
+        """Store ``metric`` now; whether the stored definition changed."""
+        self._unpublished.pop(metric.name, None)
+        record = metric.to_record()
+        if self.store.get_record(METRIC_RECORDS, metric.name) == record:
+            return False
+        self.store.put_record(METRIC_RECORDS, metric.name, record)
+        self._metrics_due = 0.0
+        return True
+
+    def read_metrics(self) -> None:
+        """Store the metrics this process named and not yet stored, and define here every
+        metric another process stored (a changed definition replaces the local one). Runs at
+        most every ``cache_seconds``; a store that cannot answer leaves the known ones."""
+        self._metrics_due = _time.monotonic() + self.cache_seconds
+        try:
+            for name, metric in list(self._unpublished.items()):
+                self.store_metric(metric)
+                self._unpublished.pop(name, None)
+            stored = dict(self.store.list_records(METRIC_RECORDS))
+        except StoreUnavailable as exc:
+            logger.warning("stored metrics not read, counting those known: %s", exc)
+            return
+        if stored == self._stored_metrics:
+            return
+        self._stored_metrics = stored
+        for name, data in sorted(stored.items()):
+            metric = Metric.from_record(name, data)
+            # A source on a meter (or measure) this process does not know is one it cannot
+            # record.
+            specs = self.meter._specs
+            known = Metric(
+                name,
+                [
+                    s
+                    for s in metric.sources
+                    if s.meter in specs and specs[s.meter].measure(s.measure) is not None
+                ],
+            )
+            if self.meter._metrics.get(name) == known:
+                continue
+            try:
+                self.meter._define_metric(known)
+            except ValidationError as exc:
+                logger.warning("stored metric %r not counted here: %s", name, exc)
 
     def _feeds_beyond_own(self, meter: str) -> bool:
         """Whether an event of ``meter`` can feed a counter other than its own metric's: spend

@@ -31,7 +31,8 @@ rebuilt at that moment; run it before sending traffic to the new counters, or ac
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 from meterkit.counters import clamp
 from meterkit.metrics import contributions
@@ -39,19 +40,42 @@ from meterkit.models import MeterSpec, Number
 from meterkit.periods import Period
 from meterkit.quotas import Quotas
 
-if TYPE_CHECKING:
-    from meterkit.meter import Meter
 
-__all__ = ["counter_differences", "quota_metrics", "rebuild_counters"]
+class Events(Protocol):
+    """The public members of a :class:`~meterkit.Meter` that reading a metric's events uses
+    (the facade imports this module, so it names them instead of importing it)."""
+
+    store: Any
+    quotas: Quotas
+
+    def spec(self, name: object, field: str = ...) -> MeterSpec: ...
+
+
+class Meter(Events, Protocol):
+    """... and those a rebuild uses."""
+
+    counters: Any
+
+    @property
+    def meters(self) -> Mapping[str, MeterSpec]: ...
+
+    def now(self) -> int: ...
+
+    def flush(self, *, release_leases: bool = ...) -> None: ...
+
+
+__all__ = ["counter_differences", "metric_total", "quota_metrics", "rebuild_counters"]
 
 
 def quota_metrics(meter: Meter) -> list[MeterSpec]:
     """The meters of every quota metric: a meter with a measure of its own name (defined
-    metrics get one)."""
-    return [spec for name, spec in sorted(meter.meters.items()) if spec.measure(name)]
+    metrics get one, stored ones included)."""
+    names = meter.quotas.metrics()
+    specs = meter.meters
+    return [specs[name] for name in names if name in specs]
 
 
-def _metric_total(meter: Meter, metric: str, org: str, start: int, end: int) -> int:
+def metric_total(meter: Events, metric: str, org: str, start: int, end: int) -> int:
     """What the metric counts over ``[start, end)``: its own meter's events (decisions record
     there) and those of its sources, by the same rule that counts them as they are recorded."""
     found = next((m for m in meter.quotas.metric_sources() if m.name == metric), None)
@@ -100,13 +124,17 @@ def _from_events(meter: Meter, spec: MeterSpec, org: str, period: Period, now: i
     if measure.gauge:
         gauge = _gauge_value(meter, spec, org, now)
         return None if gauge is None else clamp(int(gauge))
-    return clamp(int(_metric_total(meter, spec.name, org, period.start, now + 1)))
+    return clamp(int(metric_total(meter, spec.name, org, period.start, now + 1)))
 
 
-def rebuild_counters(meter: Meter, organization_id: str | None = None) -> dict[str, dict[str, int]]:
+def rebuild_counters(
+    meter: Meter, organization_id: str | None = None, *, metrics: Iterable[str] | None = None
+) -> dict[str, dict[str, int]]:
     """Recompute ``meter``'s period counters and gauges from its event store.
 
-    Rebuilds one organization, or (``None``) every organization assigned a plan. Returns
+    Rebuilds one organization, or (``None``) every organization assigned a plan (and, with
+    ``metrics``, every one with events that feed them); every quota metric, or only
+    ``metrics``. Returns
     ``{organization: {metric: value set}}``; a gauge with no recorded event is left alone and
     not listed. Every value is *set*, not added, so running it twice is harmless.
     """
@@ -118,13 +146,18 @@ def rebuild_counters(meter: Meter, organization_id: str | None = None) -> dict[s
         orgs = [organization_id]
     else:
         orgs = [key for key, _ in meter.store.list_records("org")]
+        if metrics is not None:
+            orgs = sorted(set(orgs) | _with_usage(meter, set(metrics)))
     counters = meter.counters
+    only = None if metrics is None else set(metrics)
     report: dict[str, dict[str, int]] = {}
     for org in orgs:
         period = meter.quotas.period(org, now)
         values: dict[str, int] = {}
         for spec in quota_metrics(meter):
             metric = spec.name
+            if only is not None and metric not in only:
+                continue
             found = _from_events(meter, spec, org, period, now)
             if found is None:
                 continue
@@ -137,6 +170,21 @@ def rebuild_counters(meter: Meter, organization_id: str | None = None) -> dict[s
                 )
         report[org] = values
     return report
+
+
+def _with_usage(meter: Meter, metrics: set[str]) -> set[str]:
+    """Organizations with events on a meter that feeds one of ``metrics`` (a default plan's
+    organizations have no assignment to list them by)."""
+    lister = getattr(meter.store, "organizations", None)
+    if lister is None:
+        return set()
+    found: set[str] = set()
+    for metric in meter.quotas.metric_sources():
+        if metric.name in metrics:
+            for name in {s.meter for s in metric.sources}:
+                meter.store.ensure_meter(meter.spec(name))
+                found.update(lister(name))
+    return found
 
 
 def counter_differences(meter: Meter, organization_id: str) -> dict[str, tuple[int, int]]:

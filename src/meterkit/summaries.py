@@ -21,6 +21,7 @@ from meterkit.errors import ValidationError
 from meterkit.models import Event
 from meterkit.periods import Period, utc
 from meterkit.plans import UNLIMITED
+from meterkit.recovery import metric_total
 from meterkit.validate import check_id
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ class Meter(Protocol):
     def meters(self) -> Mapping[str, MeterSpec]: ...
 
     def now(self) -> int: ...
+
+    def spec(self, name: object, field: str = ...) -> MeterSpec: ...
 
     def total(
         self, meter: str, measure: str, *, organization_id: str, start_time: int, end_time: int
@@ -164,6 +167,12 @@ def plan_usage(
         rate_limit_per_day=plan.rate_limit_per_day if plan else UNLIMITED,
     )
     out: dict[str, Any] = native_converter.unstructure(usage)
+    # Every other metric the plan limits (a plan metric such as ``llm_tokens``), alike.
+    for metric in sorted(plan.limits if plan else ()):
+        if metric in out or meter.quotas.is_gauge(metric):
+            continue
+        used = metric_total(meter, metric, org, lo, hi)
+        out[metric] = native_converter.unstructure(_metric(used, limit(org, metric)))
     return out
 
 

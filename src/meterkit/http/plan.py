@@ -74,6 +74,8 @@ SCHEMAS: dict[str, Any] = {
             "rate_limit_rpm": {"type": "integer"},
             "rate_limit_per_day": {"type": "integer"},
         },
+        # Every other metric the plan limits, by its name.
+        "additionalProperties": json_schema_ref("UsageMetric"),
         "required": [
             "plan",
             "period_start",
