@@ -589,6 +589,19 @@ def test_doctor_names_a_plan_limit_nothing_counts(filled: str) -> None:
     assert sick.exit_code == 1 and "plan ghostly limits 'ghost'" in sick.stdout
 
 
+def test_spend_cap_set_show_and_delete(db: str) -> None:
+    assert run("spend-cap", "org_1", "--db", db).exit_code == 2  # reading creates no store
+    set_ = run("spend-cap", "org_1", "--cents", "500", "--db", db)
+    assert set_.exit_code == 0 and "cap 500 cents; limit in force 500 cents" in set_.stdout
+    with Meter(db, clock=lambda: NOW) as m:
+        m.set_spend_limit("org_1", 200)  # the organization's own, under the cap
+    assert "limit in force 200 cents" in run("spend-cap", "org_1", "--db", db).stdout
+    bad = run("spend-cap", "org_1", "--cents", "0", "--db", db)
+    assert bad.exit_code == 2 and "--cents" in bad.stderr
+    assert run("spend-cap", "org_1", "--delete", "--db", db).stdout.strip() == "org_1: cap removed"
+    assert "cap none; limit in force 200 cents" in run("spend-cap", "org_1", "--db", db).stdout
+
+
 def test_prices_set_and_list(filled: str) -> None:
     result = run(
         "prices",

@@ -108,6 +108,32 @@ def test_limit_crud_and_its_status(url: tuple[str, str | None]) -> None:
         assert m.spend(o).limit is None
 
 
+def test_the_lower_of_the_own_limit_and_the_operators_cap_is_enforced(
+    url: tuple[str, str | None],
+) -> None:
+    clock = Clock(NOW)
+    with open_meter(url, clock) as m:
+        o = org()
+        m.set_spend_limit(o, 100)  # $1.00, the organization's own
+        m.set_spend_cap(o, 50)  # the operator lowers what may be spent below it
+        admitted = [m.check(o, {}, cost=Decimal("0.10")).allowed for _ in range(7)]
+        assert admitted == [True] * 5 + [False] * 2
+        with pytest.raises(ValidationError) as above:
+            m.set_spend_limit(o, 51)
+        assert above.value.field == "threshold_amount"
+        own = m.spend(o).limit
+        assert own is not None and own.threshold_amount == 50  # the cap, in force
+        m.set_spend_limit(o, 30)  # at or under the cap: allowed, and it binds
+        m.delete_spend_cap(o)
+        assert not m.check(o, {}, cost=Decimal("0.01")).allowed  # 50 cents spent of 30
+        assert m.delete_spend_limit(o)
+        m.set_spend_cap(o, 60)
+        assert m.check(o, {}, cost=Decimal("0.10")).allowed  # 60 of 60
+        assert not m.check(o, {}, cost=Decimal("0.01")).allowed
+        assert m.delete_spend_limit(o) is False  # the cap is not the organization's to delete
+        assert m.spend_cap(o) == 60
+
+
 def test_estimates_are_held_to_the_limit_exactly(url: tuple[str, str | None]) -> None:
     clock = Clock(NOW)
     with open_meter(url, clock) as m:
@@ -629,6 +655,8 @@ def test_notifiers_from_the_configuration_file(tmp_path: Path) -> None:
     with Meter.from_config(path, clock=Clock(NOW)) as m:
         limit = m.spend("org_a").limit
         assert limit is not None and limit.threshold_amount == 5000
+        assert m.spend_cap("org_a") == 5000  # the file is the operator's: a cap
+        assert not m.delete_spend_limit("org_a")  # nothing of the organization's own to lift
     for text, field in [
         ('[notify.email]\nsender = "m@example.com"\n', "notify.email.host"),
         ('[notify.email]\nhost = "h"\nsender = "s"\nport = "25"\n', "notify.email.port"),

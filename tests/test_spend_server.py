@@ -242,3 +242,35 @@ def test_spend_alerts_are_paged_and_managed_through_the_sdk(env: Env) -> None:
             notification_channel={"type": "email", "recipients": ["nope"]},
         )
     assert bad.value.body["param"] == "notification_channel.recipients[0]"  # type: ignore[index]
+
+
+def test_an_admin_key_sets_its_own_limit_under_the_operators_cap_never_above(env: Env) -> None:
+    org = "org_capped"
+    with Meter(env.db, clock=lambda: NOW) as operator:
+        token = create_key(operator, org, "admin", ["usage:read", "usage:write"])[0]
+        operator.set_spend_cap(org, 5_000)  # $50 a month, the operator's
+    client = openai.OpenAI(
+        api_key=token, admin_api_key=token, base_url=f"{env.server.base}/v1", max_retries=0
+    )
+    raw = client.admin.organization.spend_limit.with_raw_response
+    assert strict(OrganizationSpendLimit, raw.retrieve()).threshold_amount == 5_000
+    with pytest.raises(openai.BadRequestError) as above:
+        raw.update(currency="USD", interval="month", threshold_amount=5_001)
+    assert above.value.body["param"] == "threshold_amount"  # type: ignore[index]
+    lower = strict(
+        OrganizationSpendLimit, raw.update(currency="USD", interval="month", threshold_amount=1_000)
+    )
+    assert lower.threshold_amount == 1_000
+    assert strict(OrganizationSpendLimit, raw.retrieve()).threshold_amount == 1_000
+    assert strict(OrganizationSpendLimitDeleted, raw.delete()).deleted is True
+    # Its own limit is gone; the operator's cap is not, and no key can lift it.
+    assert strict(OrganizationSpendLimit, raw.retrieve()).threshold_amount == 5_000
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        raw.delete()
+    assert denied.value.body["code"] == "spend_limit_set_by_operator"  # type: ignore[index]
+    with Meter(env.db, clock=lambda: NOW) as operator:
+        state = operator.spend(org)
+        assert state.limit is not None and state.limit.threshold_amount == 5_000
+        assert operator.delete_spend_cap(org)
+    with pytest.raises(openai.NotFoundError):
+        raw.retrieve()

@@ -1027,6 +1027,41 @@ def metrics_set(
     click.echo(f"metric {name} saved: {metric.expression}")
 
 
+@click.command("spend-cap")
+@click.argument("organization_id", metavar="ORG")
+@click.option("--cents", type=int, default=None, help="Set the cap, in cents per UTC month.")
+@click.option("--delete", "delete", is_flag=True, help="Remove the cap.")
+@_store_options
+def spend_cap(
+    organization_id: str, cents: int | None, delete: bool, config: Path | None, db: str | None
+) -> None:
+    """Show, set or remove the operator's cap on an organization's spend: its own limit (set
+    with its admin key) may be lower, never higher."""
+    if cents is not None and delete:
+        raise BadInput("--cents and --delete: give one")
+    m = _meter(config, db, existing=cents is None)
+    try:
+        with reported(), _fields({"organization_id": "ORG", "threshold_amount": "--cents"}):
+            if delete:
+                found = m.delete_spend_cap(organization_id)
+                click.echo(
+                    f"{organization_id}: cap removed" if found else f"{organization_id}: no cap"
+                )
+                return
+            if cents is not None:
+                m.set_spend_cap(organization_id, cents)
+            cap = m.spend_cap(organization_id)
+            state = m.spend(organization_id)
+    finally:
+        m.close()
+    limit = state.limit.threshold_amount if state.limit else None
+    click.echo(
+        f"{organization_id}: cap {'none' if cap is None else f'{cap} cents'}; "
+        f"limit in force {'none' if limit is None else f'{limit} cents'}; "
+        f"spent this month ${state.counted:.2f}"
+    )
+
+
 @click.group("prices")
 def prices() -> None:
     """List or set prices."""
@@ -1281,6 +1316,7 @@ COMMANDS: tuple[click.Command, ...] = (
     quota,
     plans,
     metrics,
+    spend_cap,
     prices,
     doctor,
     completion,

@@ -50,7 +50,7 @@ class Meter(Protocol):
 
     def assign_plan(self, organization_id: str, plan: str, *, seats: int = 1) -> OrgPlan: ...
 
-    def set_spend_limit(self, organization_id: str, threshold_amount: int) -> Any: ...
+    def set_spend_cap(self, organization_id: str, threshold_amount: int) -> Any: ...
 
     def set_price(self, price: Price | Mapping[str, Any]) -> Price: ...
 
@@ -132,7 +132,8 @@ class Config:
         for price in prices:
             meter.set_price(price)
         for org_id, cents in self.spend_limits:
-            meter.set_spend_limit(org_id, cents)
+            # The file is the operator's: its limits are caps an organization cannot lift.
+            meter.set_spend_cap(org_id, cents)
 
     @staticmethod
     def _price(meter: Meter, index: int, data: Mapping[str, Any]) -> Price:

@@ -966,20 +966,55 @@ class Meter:
         currency: str = "USD",
         interval: str = "month",
     ) -> spend_module.SpendState:
-        """Create or replace the organization's hard spend limit, in cents per UTC month."""
+        """Create or replace the organization's own hard spend limit, in cents per UTC month
+        (what its admin key sets over HTTP): at or under the operator's cap
+        (:meth:`set_spend_cap`), where one is set."""
         limit = spend_module.SpendLimit.build(
             organization_id,
             {"threshold_amount": threshold_amount, "currency": currency, "interval": interval},
             self.now(),
         )
+        cap = spend_module.read_cap(self.store, limit.organization_id)
+        if cap is not None and limit.threshold_amount > cap.threshold_amount:
+            raise ValidationError(
+                "threshold_amount",
+                f"must be at most {cap.threshold_amount} cents, the cap the operator set "
+                "on this organization's spend limit",
+            )
         self.store.put_record(spend_module.LIMIT_RECORD, limit.organization_id, limit.to_record())
         self.quotas._forget()
         return self.spend(organization_id)
 
     def delete_spend_limit(self, organization_id: str) -> bool:
-        """Remove the organization's spend limit; ``True`` if it had one."""
+        """Remove the organization's own spend limit; ``True`` if it had one. The operator's
+        cap, if any, stays in force."""
         org = check_id("organization_id", organization_id)
         found = self.store.delete_record(spend_module.LIMIT_RECORD, org)
+        self.quotas._forget()
+        return found
+
+    def set_spend_cap(self, organization_id: str, threshold_amount: int) -> spend_module.SpendState:
+        """The operator's cap on the organization's spend, in cents per UTC month: enforced
+        whatever the organization sets itself, which may be lower, never higher, and cannot be
+        removed but by the operator (:meth:`delete_spend_cap`)."""
+        cap = spend_module.SpendLimit.build(
+            organization_id,
+            {"threshold_amount": threshold_amount, "currency": "USD", "interval": "month"},
+            self.now(),
+        )
+        self.store.put_record(spend_module.CAP_RECORD, cap.organization_id, cap.to_record())
+        self.quotas._forget()
+        return self.spend(organization_id)
+
+    def spend_cap(self, organization_id: str) -> int | None:
+        """The operator's cap in cents, or ``None``."""
+        cap = spend_module.read_cap(self.store, check_id("organization_id", organization_id))
+        return None if cap is None else cap.threshold_amount
+
+    def delete_spend_cap(self, organization_id: str) -> bool:
+        """Remove the operator's cap; ``True`` if there was one."""
+        org = check_id("organization_id", organization_id)
+        found = self.store.delete_record(spend_module.CAP_RECORD, org)
         self.quotas._forget()
         return found
 

@@ -61,6 +61,9 @@ _CENTS_TO_NANO = 10**7
 # The largest threshold whose nano-dollars a counter still holds exactly.
 MAX_CENTS = MAX_VALUE // _CENTS_TO_NANO
 LIMIT_RECORD = "spend_limit"
+CAP_RECORD = "spend_cap"
+"""The operator's cap on an organization's spend limit: the organization may set its own limit
+at or under it, never above, and removing its own limit leaves the cap in force."""
 MAX_RECIPIENTS = 20
 
 
@@ -324,9 +327,24 @@ class SpendState:
 # -- records ---------------------------------------------------------------------------------
 
 
-def read_limit(store: Store, organization_id: str) -> SpendLimit | None:
+def read_own_limit(store: Store, organization_id: str) -> SpendLimit | None:
+    """The limit the organization set itself (its admin key, ``set_spend_limit``)."""
     data = store.get_record(LIMIT_RECORD, organization_id)
     return None if data is None else SpendLimit.from_record(organization_id, data)
+
+
+def read_cap(store: Store, organization_id: str) -> SpendLimit | None:
+    """The operator's cap (``set_spend_cap``)."""
+    data = store.get_record(CAP_RECORD, organization_id)
+    return None if data is None else SpendLimit.from_record(organization_id, data)
+
+
+def read_limit(store: Store, organization_id: str) -> SpendLimit | None:
+    """The limit in force: the lower of the organization's own limit and the operator's cap."""
+    own, cap = read_own_limit(store, organization_id), read_cap(store, organization_id)
+    if own is None or (cap is not None and cap.threshold_amount < own.threshold_amount):
+        return cap
+    return own
 
 
 def list_alerts(store: Store, organization_id: str) -> list[SpendAlert]:

@@ -54,6 +54,13 @@ def _update_limit(call: Call) -> Response:
 
 def _delete_limit(call: Call) -> Response:
     if not call.meter.delete_spend_limit(call.organization_id):
+        if call.meter.spend_cap(call.organization_id) is not None:
+            raise HttpError(
+                403,
+                "This organization's spend limit is set by the operator of this service and "
+                "cannot be removed with an API key.",
+                code="spend_limit_set_by_operator",
+            )
         raise _no_limit(call.organization_id)
     return json_response({"object": "organization.spend_limit.deleted", "deleted": True})
 
@@ -237,6 +244,14 @@ def _route(
         replies.append(Reply(400, "A bad field, named in error.param.", json_schema_ref("Error")))
     if "{" in path or (method in ("GET", "DELETE") and "limit" in path):
         replies.append(Reply(404, "Nothing of that id.", json_schema_ref("Error")))
+    if method == "DELETE" and path == _LIMIT:
+        replies.append(
+            Reply(
+                403,
+                "Only the operator's cap is set: an API key cannot lift it.",
+                json_schema_ref("Error"),
+            )
+        )
     return Route(
         method=method,
         path=path,
