@@ -257,11 +257,16 @@ class RedisCounters:
             from redis.cluster import RedisCluster
 
             # One decision's keys share a slot (see _space): each script runs on one node.
-            client = RedisCluster.from_url(
-                urlunsplit(("redis", *urlsplit(clean)[1:])),
-                socket_timeout=5.0,
-                socket_connect_timeout=2.0,
-            )
+            # As for one server: one quick retry (a moved slot, a failover), then the
+            # failure policy; redis-py's default of several retries with backoff, each
+            # waiting out its socket timeout, held a decision 6-14 s with a node down.
+            with self._unavailable("connecting to the cluster"):
+                client = RedisCluster.from_url(
+                    urlunsplit(("redis", *urlsplit(clean)[1:])),
+                    socket_timeout=2.0,
+                    socket_connect_timeout=1.0,
+                    retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+                )
         if client is None:
             # Fail fast: a quota decision waits seconds at most, then the failure policy
             # (fail closed / open) decides. One quick retry reconnects a connection Redis
@@ -307,6 +312,11 @@ class RedisCounters:
             redis_lib.ConnectionError,  # includes BusyLoadingError (restarting, loading data)
             redis_lib.TimeoutError,
             redis_lib.exceptions.ReadOnlyError,  # a replica after failover
+            # A cluster missing a node: CLUSTERDOWN / MASTERDOWN, TRYAGAIN while slots
+            # migrate, a slot no reachable node serves, or no node reachable at all.
+            redis_lib.exceptions.ClusterError,
+            redis_lib.exceptions.TryAgainError,
+            redis_lib.exceptions.RedisClusterException,
         ) as exc:
             raise StoreUnavailable(f"Redis counters unavailable while {what}: {exc}") from exc
 
