@@ -15,9 +15,9 @@ How the units are counted, for a quota counter ``K``:
   the counters. A report (every flush, a few times a second) moves the consumed units from
   the leased counter to ``K`` and gives back leases that went idle.
 - A holder killed with ``kill -9`` stops reporting: its hold expires ``ttl`` seconds after its
-  last report and gives back what it held, so its units are stranded only until then. Units
-  it consumed after its last report are given back with them: they are part of what a crash
-  loses (docs/quotas.md).
+  last report and counts every unit it still held as consumed (and as :data:`STRANDED`),
+  since the holder may have used them: nothing it held is handed to another process, so a
+  crash under-admits (by its unused units) and never over-admits (docs/quotas.md).
 - Rate-limit windows lease per window: the block is counted in the window at once, and what
   is left unused is given back when the window ends, the lease goes idle or the meter closes.
 
@@ -57,6 +57,7 @@ __all__ = [
     "LEASED",
     "NEAR_REQUESTS",
     "STEP",
+    "STRANDED",
     "Contended",
     "LeaseLine",
     "Leases",
@@ -67,6 +68,11 @@ logger = logging.getLogger("meterkit")
 
 LEASED = "\x1fleased"
 """Suffix of the counter holding a quota counter's leased, unconsumed units."""
+
+STRANDED = "\x1fstranded"
+"""Suffix of the counter holding a quota counter's units stranded by leases that expired
+unreported: counted as consumed (its holder may have used them), so never handed to another
+process; part of what the counter holds beside the events (see :mod:`meterkit.recovery`)."""
 
 STEP = "\x1fstep"
 """Suffix of the counter holding the largest usage recorded at once against a quota counter,
@@ -486,7 +492,7 @@ class Leases:
                 amounts = self._held(org)
             for key, block in grow.items():
                 amounts[key + LEASED] = amounts.get(key + LEASED, 0) + block
-            hold = Hold(state.hold_id, org, tuple(sorted(amounts.items())), now + self.ttl)
+            hold = Hold(state.hold_id, org, _lease_hold(amounts), now + self.ttl)
         self.takes += 1
         result = self.counters.counters_apply(store_lines, now=now, hold=hold)
         if not result.admitted:
@@ -533,23 +539,26 @@ class Leases:
             if lease.org == state.org and not lease.rate and not lease.closing:
                 lease.usable_until = min(until, lease.ends)
 
-    def _lapse_if_expired(self, state: _Org, now: int) -> list[tuple[_Lease, int]]:
-        """The store gives back a hold at its expiry: its units are no longer this process's.
+    def _lapse_if_expired(self, state: _Org, now: int) -> list[tuple[_Lease, int, int]]:
+        """The store expires a hold by counting its units as consumed: they are no longer
+        this process's.
 
-        Returns the leases whose consumed units are still to be counted (by the caller, before
-        its next take), as ``(lease, consumed)``. Under the lock.
+        Returns the leases whose count is still to be corrected (by the caller, before its
+        next take), as ``(lease, consumed, taken)``. Under the lock.
         """
         if not state.expires_at or now < state.expires_at:
             return []
-        logger.warning("meterkit: a lease expired before it was reported; its units went back")
+        logger.warning(
+            "meterkit: a lease expired before it was reported; its units were counted as used"
+        )
         state.expires_at = 0
         lapsed = []
         for lease in self._leases.values():
             if lease.org == state.org and not lease.rate:
+                if lease.taken or lease.consumed or lease.reserved:
+                    lapsed.append((lease, lease.consumed, lease.taken))
                 lease.taken = lease.unused = 0
                 lease.closing = True
-                if lease.consumed or lease.reserved:
-                    lapsed.append((lease, lease.consumed))
         return lapsed
 
     def _recover_lapse(self, state: _Org, now: int) -> None:
@@ -560,21 +569,28 @@ class Leases:
         if lapsed:
             self._count_lapsed(state, lapsed, now)
 
-    def _count_lapsed(self, state: _Org, lapsed: list[tuple[_Lease, int]], now: int) -> None:
-        """Count what lapsed leases consumed, and hold again what open reservations hold: it
-        was admitted. Under the organization's lock."""
-        lines = [CounterLine(lease.key, c) for lease, c in lapsed if c]
+    def _count_lapsed(self, state: _Org, lapsed: list[tuple[_Lease, int, int]], now: int) -> None:
+        """The store counted every unit the expired hold held as consumed and stranded: count
+        instead what the leases did consume, and hold again what open reservations hold (it
+        was admitted). Under the organization's lock."""
+        deltas: dict[str, int] = {}
         held: dict[str, int] = {}
-        for lease, _ in lapsed:
+        for lease, consumed, taken in lapsed:
+            for key, delta in (
+                (lease.key, consumed - taken),
+                (lease.key + STRANDED, -taken),
+            ):
+                deltas[key] = deltas.get(key, 0) + delta
             if lease.reserved:
                 held[lease.key + LEASED] = held.get(lease.key + LEASED, 0) + lease.reserved
+        lines = [CounterLine(key, delta) for key, delta in sorted(deltas.items()) if delta]
         lines += [CounterLine(key, amount) for key, amount in held.items()]
         hold = None
         if held:
-            hold = Hold(state.hold_id, state.org, tuple(sorted(held.items())), now + self.ttl)
+            hold = Hold(state.hold_id, state.org, _lease_hold(held), now + self.ttl)
         self.counters.counters_apply(lines, now=now, hold=hold)
         with self._lock:
-            for lease, c in lapsed:
+            for lease, c, _taken in lapsed:
                 lease.consumed -= c
                 lease.taken = lease.reserved
             if hold is not None:
@@ -625,6 +641,11 @@ class Leases:
         """Held, no take or report of ``org`` runs: the store's counters and this process's
         leases can be read together."""
         return self._org(org).lock
+
+    def recover(self, org: str, now: int) -> None:
+        """When ``org``'s hold expired unreported, count what its leases did consume instead
+        of everything it held. The caller holds :meth:`steady`."""
+        self._recover_lapse(self._org(org), now)
 
     def unreported(self) -> bool:
         """Whether units were consumed that the store does not count yet."""
@@ -698,7 +719,7 @@ class Leases:
                     lease.recent, lease.fresh = 0, False
         changes = [(key, delta) for key, delta in deltas.items() if delta]
         if amounts:
-            hold = Hold(state.hold_id, org, tuple(sorted(amounts.items())), now + self.ttl)
+            hold = Hold(state.hold_id, org, _lease_hold(amounts), now + self.ttl)
             lines = [CounterLine(key, delta) for key, delta in changes]
             if not self.counters.counters_apply(lines, now=now, hold=hold).admitted:
                 # Only a counter at its ceiling refuses a line without a limit.
@@ -706,10 +727,17 @@ class Leases:
                 return
         elif state.expires_at:
             if not self.counters.counters_settle(state.hold_id, changes, now=now):
-                # Expired in the store meanwhile: what it held went back already.
-                self.counters.counters_add(
-                    [(k, d) for k, d in changes if not k.endswith(LEASED)], now=now
-                )
+                # Expired in the store meanwhile, which counted every unit it held (all freed
+                # by this report) as consumed and stranded: count what was consumed instead.
+                late: dict[str, int] = {}
+                for _name, lease, consumed, back, freed, _drop, _ret in plan:
+                    if lease.rate:
+                        late[lease.key] = late.get(lease.key, 0) - back
+                    else:
+                        late[lease.key] = late.get(lease.key, 0) + consumed - freed
+                        stranded = lease.key + STRANDED
+                        late[stranded] = late.get(stranded, 0) - freed
+                self.counters.counters_add([(k, d) for k, d in sorted(late.items()) if d], now=now)
         elif changes:
             self.counters.counters_add(changes, now=now)
         with self._lock:
@@ -730,3 +758,19 @@ class Leases:
 
 def _weight(line: LeaseLine) -> float:
     return line.counter.prev_weight if line.window else 1.0
+
+
+def _lease_hold(leased: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    """A lease hold's amounts: what its expiry takes from each counter. A store gives a
+    hold back at its expiry by subtracting them, so for a quota counter ``K`` the hold takes
+    the units from ``K`` + :data:`LEASED` and *adds* them to ``K`` and ``K`` + :data:`STRANDED`:
+    units a holder that stopped reporting may have used count as consumed, not as room for
+    others."""
+    pairs: dict[str, int] = {}
+    for key, amount in leased.items():
+        pairs[key] = pairs.get(key, 0) + amount
+        if key.endswith(LEASED):
+            base = key[: -len(LEASED)]
+            pairs[base] = pairs.get(base, 0) - amount
+            pairs[base + STRANDED] = pairs.get(base + STRANDED, 0) - amount
+    return tuple(sorted(pairs.items()))

@@ -1194,6 +1194,7 @@ class Quotas:
             return value
         # No report of this organization may move units between the two reads.
         with self.leases.steady(org):
+            self.leases.recover(org, now)
             value = self.counters.counters_read([key], now=now)[0]
             return value + self.leases.consumed(key, now)  # decided here, not reported yet
 
