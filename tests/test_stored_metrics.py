@@ -136,3 +136,21 @@ def test_toml_metrics_are_stored_once(tmp_path: Any) -> None:
         records = plain.store.list_records("metric")
     with Meter.from_config(path, clock=Clock(T0)) as again:
         assert again.store.list_records("metric") == records
+
+
+def test_the_first_decision_of_a_process_records_on_a_stored_metrics_meter(
+    open_shared: OpenShared,
+) -> None:
+    clock = Clock(T0)
+    admin = open_shared(clock)
+    admin.set_metric(LLM)
+    on_plan(admin, 100)
+    fresh = open_shared(clock)  # its first call is a decision on the stored metric
+    assert fresh.check(ORG, {"llm_tokens": 3}).allowed
+    fresh.flush()
+    day = T0 - T0 % 86400
+    recorded = fresh.total(
+        "llm_tokens", "llm_tokens", organization_id=ORG, start_time=day, end_time=day + 86400
+    )
+    assert recorded == 3
+    assert counter_differences(fresh, ORG) == {}

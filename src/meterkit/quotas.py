@@ -926,6 +926,8 @@ class Quotas:
 
     def _compile(self, org: str, now: int) -> _Compiled:
         """The organization's compiled limits at ``now`` (see :class:`_Compiled`)."""
+        if _time.monotonic() >= self._metrics_due:
+            self.read_metrics()  # a decision on a stored metric records on the metric's meter
         hit, generation = self._fresh(org, now)
         if hit is not None:
             return hit
