@@ -9,6 +9,7 @@ __all__ = [
     "PeriodClosed",
     "QuotaExceeded",
     "RetentionError",
+    "StoreConflict",
     "StoreUnavailable",
     "ValidationError",
 ]
@@ -73,6 +74,11 @@ class PeriodClosed(ValidationError):
 
 class StoreUnavailable(MeterkitError):
     """The store could not be reached or did not answer in time."""
+
+
+class StoreConflict(StoreUnavailable):
+    """The store aborted a transaction that changed nothing (a deadlock victim, a
+    serialization failure): running it again may succeed."""
 
 
 class QuotaExceeded(MeterkitError):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import os
+import random
 import threading
 import time as _time
 import uuid
@@ -31,6 +33,7 @@ from meterkit.engine import rollup, timeweighted
 from meterkit.errors import (
     EventConflict,
     LateEventError,
+    StoreConflict,
     StoreUnavailable,
     ValidationError,
 )
@@ -549,26 +552,46 @@ class Meter:
         """Record a decision's debit events: their units are counted already."""
         self._stored(self._checked(events, single=False), counted=True)
 
+    def _atomic_writes(self) -> Callable[[], contextlib.AbstractContextManager[None]] | None:
+        """How to make events and their counter changes one store transaction: the store's
+        transaction (SQLite, memory), or, with its counters in it, PostgreSQL's atomic_writes."""
+        begin = getattr(self.store, "transaction", None)
+        if begin is None and self.counters is self.store:
+            begin = getattr(self.store, "atomic_writes", None)
+        return cast("Callable[[], contextlib.AbstractContextManager[None]] | None", begin)
+
     def _append_and_count(self, events: Sequence[Event]) -> list[Event]:
         """The group writer's write: the new events, and their usage counted, in one store
-        transaction where the store has them."""
-        begin = getattr(self.store, "transaction", None)
-        with self.quotas.absorbing(), begin() if begin is not None else contextlib.nullcontext():
-            new = self.store.append(events)
-            self._count(new)
-        return new
+        transaction where the store has them (run again, whole, when the store aborted it as
+        a deadlock victim)."""
+        begin = self._atomic_writes()
+        for attempt in itertools.count():
+            try:
+                with (
+                    self.quotas.absorbing(),
+                    begin() if begin is not None else contextlib.nullcontext(),
+                ):
+                    new = self.store.append(events)
+                    self._count(new)
+                return new
+            except StoreConflict:
+                if attempt >= 5:
+                    raise
+                _time.sleep(random.uniform(0, 0.01 * 2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _count(self, new: Sequence[Event]) -> None:
         """Count newly stored events in the quota counters.
 
-        Where the store has no transaction across calls (PostgreSQL), the events are durable
-        once appended, whatever happens to counting them: a failure of the counters (Redis
-        down, say) is logged, not raised, so the events stay acknowledged and are never
-        stored "again" as duplicates; :func:`~meterkit.recovery.rebuild_counters` counts them.
+        Where the events and the counters share no transaction (PostgreSQL events with Redis
+        counters), the events are durable once appended, whatever happens to counting them:
+        a failure of the counters (Redis down, say) is logged, not raised, so the events stay
+        acknowledged and are never stored "again" as duplicates;
+        :func:`~meterkit.recovery.rebuild_counters` counts them.
         """
         if not new:
             return
-        if getattr(self.store, "transaction", None) is not None:
+        if self._atomic_writes() is not None:
             self.quotas.feed(new)  # in the store's transaction: a failure undoes the append
             return
         try:

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from meterkit import counters
 from meterkit.engine import rollup, timeweighted
 from meterkit.engine.aggregate import Rows
-from meterkit.errors import MeterkitError, StoreUnavailable
+from meterkit.errors import MeterkitError, StoreConflict, StoreUnavailable
 from meterkit.hookspecs import hookimpl
 from meterkit.models import (
     CounterLine,
@@ -499,6 +499,8 @@ class PostgresStore:
         self._specs: dict[str, MeterSpec] = {}
         self._secret: bytes | None = None
         self._boot_lock = threading.Lock()
+        # The cursor of this thread's atomic_writes() transaction, when one is open.
+        self._pinned = threading.local()
         self._clock_lock = threading.Lock()
         self._clock_offset: tuple[float, float] | None = None  # (measured at, offset)
         self._next_sweep = 0.0
@@ -557,6 +559,11 @@ class PostgresStore:
         """
         import psycopg.errors
 
+        pinned = getattr(self._pinned, "cur", None)
+        if pinned is not None:
+            # Inside atomic_writes(): on its connection, in its transaction; a failure fails
+            # the whole of it, which its caller may run again.
+            return fn(pinned)
         self._bootstrap()
         # Every pooled connection may have been dropped at once (a server restart): a call
         # that certainly changed nothing may try as many of them as the pool keeps, plus one.
@@ -589,6 +596,35 @@ class PostgresStore:
                         raise
                     reconnects -= 1
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextmanager
+    def atomic_writes(self) -> Iterator[None]:
+        """Every call this thread makes inside runs on one connection, in one transaction:
+        events and the counter changes they cause commit together or not at all (a
+        ``kill -9`` between them cannot leave one without the other). A deadlock or
+        serialization failure raises :class:`~meterkit.errors.StoreConflict` with nothing
+        written: run the block again."""
+        import psycopg.errors
+
+        if getattr(self._pinned, "cur", None) is not None:
+            yield  # nested: the outer transaction commits
+            return
+        self._bootstrap()
+        try:
+            with self._unavailable("writing events and counters"):
+                with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                    self._pinned.cur = cur
+                    try:
+                        yield
+                    finally:
+                        self._pinned.cur = None
+        except StoreUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(
+                cause, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+            ):
+                raise StoreConflict(str(exc)) from cause
+            raise
 
     def _bootstrap(self) -> None:
         if self._secret is not None:
@@ -1367,8 +1403,8 @@ class PostgresStore:
     def _maybe_sweep(self, now: int) -> None:
         """Now and then, delete counters and claims that expired (they read as absent anyway)."""
         tick = _time.monotonic()
-        if tick < self._next_sweep:
-            return
+        if tick < self._next_sweep or getattr(self._pinned, "cur", None) is not None:
+            return  # not inside a caller's transaction: it would hold the swept rows
         self._next_sweep = tick + _SWEEP_EVERY
 
         def sweep(cur: psycopg.Cursor[Any]) -> None:
