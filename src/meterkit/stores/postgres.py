@@ -611,13 +611,17 @@ class PostgresStore:
             return
         self._bootstrap()
         try:
-            with self._unavailable("writing events and counters"):
-                with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                    self._pinned.cur = cur
-                    try:
-                        yield
-                    finally:
-                        self._pinned.cur = None
+            with (
+                self._unavailable("writing events and counters"),
+                self._pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor() as cur,
+            ):
+                self._pinned.cur = cur
+                try:
+                    yield
+                finally:
+                    self._pinned.cur = None
         except StoreUnavailable as exc:
             cause = exc.__cause__
             if isinstance(
