@@ -125,3 +125,59 @@ def test_a_failure_between_the_events_and_their_count_stores_neither(
         assert meter.quotas.used("org", "tokens") == 5000
         assert counter_differences(meter, "org") == {}
         assert not meter.check("org", {"tokens": 1001}).allowed
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_serving_guard_under_load_leaves_counters_equal_to_the_events(
+    tmp_path: Path,
+) -> None:
+    """``meterkit serve --demo-model`` killed mid-load: its lease reports and the events its
+    decisions queued are written together, so no kill leaves one without the other."""
+    import threading
+
+    import httpx
+
+    from meterkit.auth import create_key
+    from test_server import start_with_retry
+
+    now = T0 + 3600
+    db = f"sqlite:///{tmp_path / 'serve.db'}"
+    with Meter(db, clock=lambda: now) as meter:
+        meter.set_plan(Plan("p", limits={"requests": 10**9, "tokens": 10**12}))
+        meter.assign_plan("org", "p")
+        token, _ = create_key(meter, "org", "admin", ["usage:read", "usage:write"])
+    rng = random.Random(7)
+    for run in range(RUNS):
+        server = start_with_retry(
+            ["serve", "--db", db, "--demo-model", "--now", str(now), "--freeze-clock"],
+            tmp_path / f"serve-{run}.log",
+            tmp_path,
+        )
+        answered = threading.Semaphore(0)
+        stopping = threading.Event()
+
+        def load(server_base: str = server.base) -> None:
+            with httpx.Client(base_url=server_base, timeout=5.0) as client:
+                while not stopping.is_set():
+                    try:
+                        client.post(
+                            "/v1/chat/completions",
+                            headers={"authorization": f"Bearer {token}"},
+                            json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+                        )
+                    except httpx.TransportError:
+                        return
+                    answered.release()
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for _ in range(rng.randint(20, 400)):
+            assert answered.acquire(timeout=30), server.logs()
+        server.process.kill()
+        server.process.wait(timeout=30)
+        stopping.set()
+        for t in threads:
+            t.join(timeout=30)
+        with Meter(db, clock=lambda: now) as meter:
+            assert counter_differences(meter, "org") == {}, f"run {run}"

@@ -36,14 +36,15 @@ decision there sees the store's count, other processes' recorded usage included.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
 import uuid
 import weakref
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import attrs
 
@@ -224,13 +225,15 @@ class Leases:
         lines: Sequence[LeaseLine],
         now: int,
         reservation: tuple[str, int] | None = None,
+        queue: Callable[[], None] | None = None,
     ) -> CounterResult:
         """Admit every line from the leases (taking room where short) or refuse them all.
 
         With ``reservation`` (its id and expiry), quota units are held for it until
         :meth:`settle`, or until the expiry, when the next report gives them back.
+        ``queue`` runs with the consumption (see :meth:`_consume`).
         """
-        admitted = self.decide_local(lines, now, reservation)
+        admitted = self.decide_local(lines, now, reservation, queue)
         if admitted is not None:
             return admitted
         state = self._org(org)
@@ -240,7 +243,7 @@ class Leases:
                     self._expire_reservations(now)
                 self._recover_lapse(state, now)
                 with self._lock:
-                    admitted = self._consume(lines, now, reservation)
+                    admitted = self._consume(lines, now, reservation, queue)
                     if admitted is not None:
                         return admitted
                     stale = False
@@ -275,16 +278,23 @@ class Leases:
         lines: Sequence[LeaseLine],
         now: int,
         reservation: tuple[str, int] | None = None,
+        queue: Callable[[], None] | None = None,
     ) -> CounterResult | None:
         """Admit from the leases as they are, or ``None`` (nothing consumed) when one is short:
         never a store call, so it may run on an event loop."""
         with self._lock:
-            return self._consume(lines, now, reservation)
+            return self._consume(lines, now, reservation, queue)
 
     def _consume(
-        self, lines: Sequence[LeaseLine], now: int, reservation: tuple[str, int] | None
+        self,
+        lines: Sequence[LeaseLine],
+        now: int,
+        reservation: tuple[str, int] | None,
+        queue: Callable[[], None] | None = None,
     ) -> CounterResult | None:
-        """Every line's amount from its lease, or (when one is short) nothing. Under the lock."""
+        """Every line's amount from its lease, or (when one is short) nothing. Under the lock.
+        ``queue`` (the decision's events onto the write queue) runs with the consumption, so
+        a report never counts units whose events are not queued, nor the reverse."""
         leases = []
         for ln in lines:
             lease = self._leases.get(ln.counter.key)
@@ -307,10 +317,15 @@ class Leases:
             used.append(lease.seen - lease.unused)
         if reservation is not None:
             self._reservations[reservation[0]] = (reservation[1], held)
+        if queue is not None:
+            queue()
         return CounterResult(True, tuple(used), (0,) * len(lines))
 
     def settle(
-        self, reservation_id: str, actual: dict[str, int] | None
+        self,
+        reservation_id: str,
+        actual: dict[str, int] | None,
+        queue: Callable[[], None] | None = None,
     ) -> list[tuple[str, int]] | None:
         """Settle a reservation made from leases: ``actual`` units by counter key are consumed
         (``None``: released), the rest goes back to the lease.
@@ -338,6 +353,8 @@ class Leases:
                     lease.consumed += more
                 else:
                     extra.append((lease.key, more))
+            if queue is not None:
+                queue()
             return extra
 
     def absorb(
@@ -678,45 +695,105 @@ class Leases:
             with state.lock:
                 self._report_locked(state, now, closing)
 
-    def _report_locked(self, state: _Org, now: int, closing: bool) -> None:
-        """The report of one organization; the caller holds its lock."""
-        org = state.org
+    @contextlib.contextmanager
+    def reporting(self) -> Iterator[Callable[[int, bool, Callable[[], None]], None]]:
+        """For a report inside a store transaction the caller opens: every organization's
+        lock is taken first (in order: a take holds one and then waits for the store, so the
+        store must never be held while waiting for one), then ``report(now, closing,
+        snapshot)`` reports them, calling ``snapshot`` at the instant it reads the leases; what
+        it changes in memory happens only if the block completes (the transaction
+        committed)."""
+        with self._lock:
+            orgs = sorted({lease.org for lease in self._leases.values()})
+        states = [self._org(org) for org in orgs]
+        done: list[Callable[[], None]] = []
+        with contextlib.ExitStack() as stack:
+            for state in states:
+                stack.enter_context(state.lock)
+
+            def report(now: int, closing: bool, snapshot: Callable[[], None]) -> None:
+                for state in states:
+                    self._recover_lapse(state, now)
+                with self._lock:
+                    # One instant for the caller's queue and every lease: a decision queues
+                    # its events with its consumption (_consume), so the report counts
+                    # exactly the units of the events taken.
+                    self._expire_reservations(now)
+                    snapshot()
+                    planned = [self._plan_report(state, now, closing) for state in states]
+                for state, plan in zip(states, planned):
+                    self._send_report(state, plan, now, done)
+
+            yield report
+            for call in done:
+                call()
+
+    def _report_locked(
+        self,
+        state: _Org,
+        now: int,
+        closing: bool,
+        after: list[Callable[[], None]] | None = None,
+    ) -> None:
+        """The report of one organization; the caller holds its lock. With ``after``, what
+        the report changes in memory waits there, to run once the store's transaction that
+        holds the report commits."""
         self._recover_lapse(state, now)
         with self._lock:
-            plan = []
-            deltas: dict[str, int] = {}
-            amounts: dict[str, int] = {}  # what the hold keeps: taken units not freed
-            for name, lease in self._leases.items():
-                if lease.org != org:
-                    continue
-                drop = (
-                    closing
-                    or lease.closing
-                    or now >= lease.usable_until
-                    or not (lease.recent or lease.fresh or lease.reserved)
-                )
-                if drop:
-                    lease.closing = True
-                given_back = lease.unused if drop else 0
-                consumed = lease.consumed
-                returned = lease.returned
-                freed = 0
-                if lease.rate:
-                    if given_back:
-                        deltas[lease.key] = deltas.get(lease.key, 0) - given_back
-                else:
-                    if consumed:
-                        deltas[lease.key] = deltas.get(lease.key, 0) + consumed
-                    freed = min(lease.taken, consumed + given_back + returned)
-                    held = lease.key + LEASED
-                    if freed:
-                        deltas[held] = deltas.get(held, 0) - freed
-                    if lease.taken > freed:
-                        amounts[held] = amounts.get(held, 0) + lease.taken - freed
-                plan.append((name, lease, consumed, given_back, freed, drop, returned))
-                if not drop:
-                    lease.block = max(1, 2 * lease.recent)
-                    lease.recent, lease.fresh = 0, False
+            planned = self._plan_report(state, now, closing)
+        self._send_report(state, planned, now, after)
+
+    def _plan_report(self, state: _Org, now: int, closing: bool) -> tuple[Any, ...]:
+        """What a report of one organization counts, gives back and keeps held, read from its
+        leases at once. Under the lock."""
+        org = state.org
+        plan = []
+        deltas: dict[str, int] = {}
+        amounts: dict[str, int] = {}  # what the hold keeps: taken units not freed
+        for name, lease in self._leases.items():
+            if lease.org != org:
+                continue
+            drop = (
+                closing
+                or lease.closing
+                or now >= lease.usable_until
+                or not (lease.recent or lease.fresh or lease.reserved)
+            )
+            if drop:
+                lease.closing = True
+            given_back = lease.unused if drop else 0
+            consumed = lease.consumed
+            returned = lease.returned
+            freed = 0
+            if lease.rate:
+                if given_back:
+                    deltas[lease.key] = deltas.get(lease.key, 0) - given_back
+            else:
+                if consumed:
+                    deltas[lease.key] = deltas.get(lease.key, 0) + consumed
+                freed = min(lease.taken, consumed + given_back + returned)
+                held = lease.key + LEASED
+                if freed:
+                    deltas[held] = deltas.get(held, 0) - freed
+                if lease.taken > freed:
+                    amounts[held] = amounts.get(held, 0) + lease.taken - freed
+            plan.append((name, lease, consumed, given_back, freed, drop, returned))
+            if not drop:
+                lease.block = max(1, 2 * lease.recent)
+                lease.recent, lease.fresh = 0, False
+        return plan, deltas, amounts
+
+    def _send_report(
+        self,
+        state: _Org,
+        planned: tuple[Any, ...],
+        now: int,
+        after: list[Callable[[], None]] | None,
+    ) -> None:
+        """The store call of a planned report, then (or, with ``after``, once the caller's
+        transaction commits) what it changes in memory. Under the organization's lock."""
+        org = state.org
+        plan, deltas, amounts = planned
         changes = [(key, delta) for key, delta in deltas.items() if delta]
         if amounts:
             hold = Hold(state.hold_id, org, _lease_hold(amounts), now + self.ttl)
@@ -740,20 +817,27 @@ class Leases:
                 self.counters.counters_add([(k, d) for k, d in sorted(late.items()) if d], now=now)
         elif changes:
             self.counters.counters_add(changes, now=now)
-        with self._lock:
-            for name, lease, consumed, given_back, freed, drop, returned in plan:
-                lease.consumed -= consumed
-                lease.returned -= returned
-                lease.taken -= freed
-                lease.unused -= given_back
-                if drop and not lease.reserved and self._leases.get(name) is lease:
-                    del self._leases[name]  # one with open reservations stays until they settle
-            if amounts:
-                self._held_anew(state, now)
-            else:
-                state.expires_at = 0
-                if not any(ls.org == org for ls in self._leases.values()):
-                    self._orgs.pop(org, None)
+
+        def reported() -> None:
+            with self._lock:
+                for name, lease, consumed, given_back, freed, drop, returned in plan:
+                    lease.consumed -= consumed
+                    lease.returned -= returned
+                    lease.taken -= freed
+                    lease.unused -= given_back
+                    if drop and not lease.reserved and self._leases.get(name) is lease:
+                        del self._leases[name]  # one with open reservations stays till settled
+                if amounts:
+                    self._held_anew(state, now)
+                else:
+                    state.expires_at = 0
+                    if not any(ls.org == org for ls in self._leases.values()):
+                        self._orgs.pop(org, None)
+
+        if after is None:
+            reported()
+        else:
+            after.append(reported)
 
 
 def _weight(line: LeaseLine) -> float:

@@ -1401,7 +1401,14 @@ class Meter:
                 except Exception:
                     logger.exception("meterkit: deferred store call failed")
             leases = self.quotas.leases
-            if leases is not None and (release_leases or leases.pending()):
+            reporting = leases is not None and (release_leases or leases.pending())
+            begin = self._atomic_writes()
+            if reporting and begin is not None:
+                assert leases is not None
+                self._report_and_write(leases, begin, release_leases)
+                return
+            if reporting:
+                assert leases is not None
                 leases.report(self.now(), closing=release_leases)
             with self._queue_lock:
                 counted, self._queued = self._queued, []
@@ -1414,6 +1421,39 @@ class Meter:
                         self._queued[:0] = counted
                         self._queued_uncounted[:0] = uncounted
                     raise
+
+    def _report_and_write(
+        self,
+        leases: Any,
+        begin: Callable[[], contextlib.AbstractContextManager[None]],
+        closing: bool,
+    ) -> None:
+        """The lease report and the queued events in one store transaction: a ``kill -9``
+        leaves both or neither. The queue is taken before the report reads what the leases
+        consumed, so every event written is in the report (a decision consumes before it
+        queues its event)."""
+        counted: list[Event] = []
+        uncounted: list[Event] = []
+
+        def take() -> None:
+            nonlocal counted, uncounted
+            with self._queue_lock:
+                counted, self._queued = self._queued, []
+                uncounted, self._queued_uncounted = self._queued_uncounted, []
+
+        with leases.reporting() as report:
+            try:
+                with self.transaction(), begin():
+                    # The report reads the leases and takes the queue in one instant ...
+                    report(self.now(), closing, take)
+                    if counted or uncounted:  # ... and the events commit with it
+                        self._ensure_meters_of(counted + uncounted)
+                        self._write_queued(counted, uncounted)
+            except BaseException:
+                with self._queue_lock:  # kept, in order, for the next flush
+                    self._queued[:0] = counted
+                    self._queued_uncounted[:0] = uncounted
+                raise
 
     def _write_queued(self, counted: list[Event], uncounted: list[Event]) -> None:
         """Write queued events in one store transaction (where the store has them), count the

@@ -1247,7 +1247,9 @@ class Quotas:
             return None
         decision_id = new_id("rsv" if ttl else "dec")
         events = [] if ttl else self._debit_events(decision_id, org, clean, dimensions, now)
-        result = self.leases.decide_local(lines, now, (decision_id, now + ttl) if ttl else None)
+        result = self.leases.decide_local(
+            lines, now, (decision_id, now + ttl) if ttl else None, self._queuer(events)
+        )
         if result is None:
             return None
         return self._from_lease(
@@ -1387,7 +1389,7 @@ class Quotas:
         )
         held = (decision_id, now + hold_ttl) if hold_ttl else None
         try:
-            result = self.leases.decide(org, lines, now, held)
+            result = self.leases.decide(org, lines, now, held, self._queuer(events))
         except Contended:
             return None
         except StoreUnavailable:
@@ -1408,6 +1410,13 @@ class Quotas:
             price=price,
             mode=mode,
         )
+
+    def _queuer(self, events: list[Event]) -> Callable[[], None] | None:
+        """What queues a leased decision's events, run by the leases with its consumption
+        (never waiting: it runs under their lock)."""
+        if not events:
+            return None
+        return functools.partial(self.meter._queue, events, wait=False)
 
     def _from_lease(
         self,
@@ -1431,8 +1440,8 @@ class Quotas:
         if not result.admitted:
             return decision, None
         self._thresholds_soon(org, lines, {s.metric: s.used for s in decision.limits}, local)
-        if events:
-            self.meter._queue(events, wait=not local)
+        if events and not local:
+            self.meter._queue([])  # queued with the consumption; the store may set the pace
         if hold_ttl is None:
             counted = self._counted(lines, amounts, mode)
             self._count_decided(
@@ -1753,7 +1762,19 @@ class Quotas:
             if actual is None
             else {lines[m].counter.key: a for m, a in actual.items() if m in lines}
         )
-        extra = self.leases.settle(reservation.id, dict(by_key) if by_key is not None else None)
+        mode, price = reservation._spent
+        org = reservation.organization_id
+        events = (
+            []
+            if actual is None
+            else self._debit_events(
+                reservation.id, org, actual, reservation._dimensions, now, price
+            )
+        )
+        extra = self.leases.settle(
+            reservation.id, dict(by_key) if by_key is not None else None, self._queuer(events)
+        )
+        queued = extra is not None
         if extra is None and by_key:
             extra = list(by_key.items())  # expired and given back: the usage still happened
         if actual is None:
@@ -1774,14 +1795,11 @@ class Quotas:
         for metric in actual:
             if metric in used:
                 used[metric] += max(0, actual[metric] - reservation.held.get(metric, 0))
-        org = reservation.organization_id
         self._thresholds_soon(org, list(lines.values()), used, local)
-        mode, price = reservation._spent
-        events = self._debit_events(
-            reservation.id, org, actual, reservation._dimensions, now, price
-        )
-        if events:
+        if events and not queued:
             self.meter._queue(events, wait=not local)
+        elif events and not local:
+            self.meter._queue([])  # queued with the consumption; the store may set the pace
         counted = self._counted(lines.values(), actual, mode)
         self._count_decided(
             org, events, counted, leased=True, local=local, priced=price is not None

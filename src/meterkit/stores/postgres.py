@@ -543,6 +543,7 @@ class PostgresStore:
         tx: bool = True,
         pipeline: bool = True,
         idempotent: bool = False,
+        own: bool = False,
     ) -> _T:
         """``fn(cursor)`` on a pooled connection, in one transaction when ``tx``.
 
@@ -559,7 +560,7 @@ class PostgresStore:
         """
         import psycopg.errors
 
-        pinned = getattr(self._pinned, "cur", None)
+        pinned = None if own else getattr(self._pinned, "cur", None)
         if pinned is not None:
             # Inside atomic_writes(): on its connection, in its transaction; a failure fails
             # the whole of it, which its caller may run again.
@@ -749,12 +750,16 @@ class PostgresStore:
 
         # Look first: ALTER TABLE takes an exclusive lock on the table even when every column
         # is there already, and this runs whenever a process starts.
-        existing, recorded = self._run("preparing a meter", have, tx=False, idempotent=True)
+        # On a connection of its own, never in an atomic_writes() transaction: a table made
+        # there would be forgotten by its rollback while this store remembers it.
+        existing, recorded = self._run(
+            "preparing a meter", have, tx=False, idempotent=True, own=True
+        )
         complete = set(columns) <= existing[table] and all(
             set(want) <= existing.get(name, set()) for name, want in rolled.items()
         )
         if not complete or recorded != layout:
-            self._run("preparing a meter", create, pipeline=False)
+            self._run("preparing a meter", create, pipeline=False, own=True)
         self._specs[spec.name] = spec
 
     def _ensure_rollups(
