@@ -156,3 +156,81 @@ def test_a_lost_node_goes_through_the_failure_policy(cluster: list[int], tmp_pat
     finally:
         closed.close()
         opened.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    subprocess.run(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+            "--dir",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    ["redis-cli", "-p", str(port), "ping"], capture_output=True
+                ).returncode
+                == 0
+            ),
+            "redis",
+        )
+        yield port
+    finally:
+        subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
+
+
+@needs_redis
+@pytest.mark.slow
+def test_a_paused_redis_never_applies_a_lease_report_twice(
+    private_redis: int, tmp_path: Path
+) -> None:
+    """Redis paused longer than the socket timeout: the report times out, Redis runs it when
+    the pause ends, and the next report is refused as already applied instead of counted
+    again."""
+    from meterkit.recovery import counter_differences
+
+    counters = f"redis://127.0.0.1:{private_redis}/0"
+    clock = Clock(T0)
+    with Meter(f"sqlite:///{tmp_path / 'm.db'}", clock=clock, counters=counters) as m:
+        m.set_plan(Plan("p", limits={"tokens": 1000}))
+        m.assign_plan("org", "p")
+        for _ in range(30):
+            assert m.check("org", {"tokens": 1}).allowed
+        m.flush()
+        for _ in range(9):
+            assert m.check("org", {"tokens": 1}).allowed  # from the lease: no store call
+        subprocess.run(
+            ["redis-cli", "-p", str(private_redis), "client", "pause", "6000", "all"],
+            check=True,
+            capture_output=True,
+        )
+        with pytest.raises(StoreUnavailable):
+            m.flush()  # the socket times out after 5 s; Redis runs the report at 6 s
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    ["redis-cli", "-p", str(private_redis), "ping"], capture_output=True, timeout=10
+                ).stdout.strip()
+                == b"PONG"
+            ),
+            "the pause to end",
+        )
+        m.flush()
+        assert m.quotas.used("org", "tokens") == 39
+        assert counter_differences(m, "org") == {}

@@ -13,6 +13,7 @@ import sys
 import textwrap
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,6 +162,41 @@ def test_lease_reports_survive_a_failing_store(
     assert a.quotas.used(ORG, "tokens") == 7, "kept for the next report"
     a.flush()
     assert counters.counters_read([_period_key(a)], now=T0) == [7], "counted once"
+
+
+def test_a_report_whose_answer_was_lost_is_never_counted_twice(
+    open_shared: OpenShared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store applied the report, the answer timed out: the next flush sends it again,
+    and the store refuses it as already applied (or, where the report shares the events'
+    transaction, the whole flush rolled back and is made again)."""
+    from meterkit import StoreUnavailable
+
+    clock = Clock(T0)
+    a = open_shared(clock)
+    on_plan(a, limits={"tokens": 1000})
+    for _ in range(7):
+        assert a.check(ORG, {"tokens": 1}).allowed
+    counters = a.counters
+    real = counters.counters_apply
+    lost: list[int] = []
+
+    def answer_lost(lines: Any, *, now: int, hold: Any = None) -> Any:
+        result = real(lines, now=now, hold=hold)
+        if not lost and hold is not None:
+            lost.append(1)
+            raise StoreUnavailable("the answer timed out")
+        return result
+
+    monkeypatch.setattr(counters, "counters_apply", answer_lost)
+    with pytest.raises(StoreUnavailable):
+        a.flush()
+    monkeypatch.undo()
+    assert lost
+    a.flush()
+    assert counters.counters_read([_period_key(a)], now=T0) == [7], "counted once"
+    assert counter_differences(a, ORG) == {}
+    assert admit_until_refused(a) == 1000 - 7
 
 
 def test_a_forked_child_starts_without_its_parents_leases(open_shared: OpenShared) -> None:

@@ -180,6 +180,16 @@ class _Org:
     hold_id: str
     lock: threading.Lock = attrs.field(factory=threading.Lock)
     expires_at: int = 0  # of the hold as last written; 0: none in the store
+    seq: int = 0  # reports the store applied for this hold (its SEQ counter)
+    # A report whose answer was lost (a timeout): what it changes in memory, to run if the
+    # store did apply it.
+    unsure: Callable[[], None] | None = None
+
+    @property
+    def seq_key(self) -> str:
+        """The counter numbering this hold's reports: a report applies only when it holds
+        exactly ``seq``, so one sent again after a lost answer is never counted twice."""
+        return f"s\x1f{self.org}\x1f{self.hold_id}"
 
 
 _live: weakref.WeakSet[Leases] = weakref.WeakSet()
@@ -241,6 +251,7 @@ class Leases:
             for _attempt in range(3):
                 with self._lock:
                     self._expire_reservations(now)
+                self._resolve(state, now)
                 self._recover_lapse(state, now)
                 with self._lock:
                     admitted = self._consume(lines, now, reservation, queue)
@@ -509,7 +520,11 @@ class Leases:
                 amounts = self._held(org)
             for key, block in grow.items():
                 amounts[key + LEASED] = amounts.get(key + LEASED, 0) + block
+            if state.seq:
+                amounts[state.seq_key] = state.seq  # its expiry resets the report count
             hold = Hold(state.hold_id, org, _lease_hold(amounts), now + self.ttl)
+            # The report counter outlives the hold it numbers.
+            store_lines.append(CounterLine(state.seq_key, 0, None, now + 4 * self.ttl))
         self.takes += 1
         result = self.counters.counters_apply(store_lines, now=now, hold=hold)
         if not result.admitted:
@@ -569,6 +584,7 @@ class Leases:
             "meterkit: a lease expired before it was reported; its units were counted as used"
         )
         state.expires_at = 0
+        state.seq = 0  # the hold's expiry reset its report counter
         lapsed = []
         for lease in self._leases.values():
             if lease.org == state.org and not lease.rate:
@@ -713,6 +729,7 @@ class Leases:
 
             def report(now: int, closing: bool, snapshot: Callable[[], None]) -> None:
                 for state in states:
+                    self._resolve(state, now)
                     self._recover_lapse(state, now)
                 with self._lock:
                     # One instant for the caller's queue and every lease: a decision queues
@@ -738,10 +755,25 @@ class Leases:
         """The report of one organization; the caller holds its lock. With ``after``, what
         the report changes in memory waits there, to run once the store's transaction that
         holds the report commits."""
+        self._resolve(state, now)
         self._recover_lapse(state, now)
         with self._lock:
             planned = self._plan_report(state, now, closing)
         self._send_report(state, planned, now, after)
+
+    def _resolve(self, state: _Org, now: int) -> None:
+        """After a report whose answer was lost: ask the store whether it applied it (its
+        report count moved on) and, if so, do what it changes in memory. Under the
+        organization's lock."""
+        unsure = state.unsure
+        if unsure is None:
+            return
+        (counted,) = self.counters.counters_read([state.seq_key], now=now)
+        if counted == state.seq:
+            return  # not applied yet: it may still land (the next report will tell)
+        state.unsure = None
+        if counted == state.seq + 1:
+            unsure()
 
     def _plan_report(self, state: _Org, now: int, closing: bool) -> tuple[Any, ...]:
         """What a report of one organization counts, gives back and keeps held, read from its
@@ -795,31 +827,12 @@ class Leases:
         org = state.org
         plan, deltas, amounts = planned
         changes = [(key, delta) for key, delta in deltas.items() if delta]
-        if amounts:
-            hold = Hold(state.hold_id, org, _lease_hold(amounts), now + self.ttl)
-            lines = [CounterLine(key, delta) for key, delta in changes]
-            if not self.counters.counters_apply(lines, now=now, hold=hold).admitted:
-                # Only a counter at its ceiling refuses a line without a limit.
-                logger.error("meterkit: lease report for %s refused; retried later", org)
-                return
-        elif state.expires_at:
-            if not self.counters.counters_settle(state.hold_id, changes, now=now):
-                # Expired in the store meanwhile, which counted every unit it held (all freed
-                # by this report) as consumed and stranded: count what was consumed instead.
-                late: dict[str, int] = {}
-                for _name, lease, consumed, back, freed, _drop, _ret in plan:
-                    if lease.rate:
-                        late[lease.key] = late.get(lease.key, 0) - back
-                    else:
-                        late[lease.key] = late.get(lease.key, 0) + consumed - freed
-                        stranded = lease.key + STRANDED
-                        late[stranded] = late.get(stranded, 0) - freed
-                self.counters.counters_add([(k, d) for k, d in sorted(late.items()) if d], now=now)
-        elif changes:
-            self.counters.counters_add(changes, now=now)
+        holding = bool(amounts or state.expires_at)
 
         def reported() -> None:
             with self._lock:
+                if holding:
+                    state.seq += 1
                 for name, lease, consumed, given_back, freed, drop, returned in plan:
                     lease.consumed -= consumed
                     lease.returned -= returned
@@ -829,10 +842,54 @@ class Leases:
                         del self._leases[name]  # one with open reservations stays till settled
                 if amounts:
                     self._held_anew(state, now)
+                elif not any(ls.org == org for ls in self._leases.values()):
+                    # Its hold holds only the report count now, and expires unused.
+                    self._orgs.pop(org, None)
                 else:
-                    state.expires_at = 0
-                    if not any(ls.org == org for ls in self._leases.values()):
-                        self._orgs.pop(org, None)
+                    state.expires_at = now + self.ttl
+
+        if holding:
+            # One atomic call, applied only if the store has seen exactly state.seq reports
+            # of this hold (SEQ <= seq and SEQ >= seq): sent again after an answer lost to a
+            # timeout, it is refused, and the refusal says it was applied.
+            seq_key, seq = state.seq_key, state.seq
+            until = now + 4 * self.ttl
+            lines = [CounterLine(key, delta) for key, delta in changes]
+            lines += [
+                CounterLine(seq_key, 1, seq + 1, until),
+                CounterLine(seq_key + "\x1fguard", 0, -seq, until, seq_key, -1.0),
+            ]
+            held = {**amounts, seq_key: seq + 1}
+            hold = Hold(state.hold_id, org, _lease_hold(held), now + self.ttl)
+            try:
+                result = self.counters.counters_apply(lines, now=now, hold=hold)
+            except BaseException:
+                state.unsure = reported  # applied or not: the next call asks the store
+                raise
+            counted = result.used[len(changes)]
+            if result.admitted:
+                state.unsure = None  # a lost one can never apply after this one
+            elif counted == seq + 1:
+                # A report whose answer was lost was applied meanwhile (a paused server runs
+                # it late): its changes, not this plan's, are what the store holds.
+                unsure, state.unsure = state.unsure, None
+                if unsure is not None:
+                    unsure()
+                else:
+                    logger.error("meterkit: lease report for %s applied twice?", org)
+                return
+            else:
+                if counted < seq:
+                    # The hold expired in the store, which counted all it held as used:
+                    # count what the leases did consume instead (and nothing of this plan).
+                    state.expires_at = min(state.expires_at or now, now)
+                    self._recover_lapse(state, now)
+                    return
+                # Only a counter at its ceiling refuses a line without a limit.
+                logger.error("meterkit: lease report for %s refused; retried later", org)
+                return
+        elif changes:
+            self.counters.counters_add(changes, now=now)
 
         if after is None:
             reported()
