@@ -847,12 +847,53 @@ def check_settles_with_a_spend_limit(make: MakeGuarded) -> None:
     assert grew == (Decimal("0.246"), Decimal("0.246")), grew
 
 
+def check_estimates_spend_and_settles_to_the_priced_usage(make: MakeGuarded) -> None:
+    """``price=`` holds a request's estimated usage against the spend limit before it runs;
+    the handler reports what it really priced, and spend and costs grow by exactly that."""
+    meter, tokens = guard_meter()
+    meter.set_price(
+        {
+            "meter": "tokens",
+            "measure": "tokens",
+            "unit_price": "2",
+            "per": 1000,
+            "line_item": "tokens",
+            "quantity_unit": "tokens",
+        }
+    )
+    meter.set_spend_limit("org_a", 100)
+    month = meter.spend("org_a")
+
+    def billed() -> Decimal:
+        page = meter.costs(
+            organization_id="org_a", start_time=month.period_start, end_time=NOW + 1, limit=31
+        )
+        return page.totals().get("usd", Decimal(0))
+
+    before = (meter.spend("org_a").counted, billed())
+    app = make(meter, cost={"queries": 1}, price={"tokens": {"tokens": 300}})
+    priced = {"x-priced": "1"}
+    r = send(app.client(), "GET", "/work/123", token=tokens["admin"], headers=priced)
+    assert r.status == 200
+    meter.flush()
+    grew = (meter.spend("org_a").counted - before[0], billed() - before[1])
+    assert grew == (Decimal("0.246"), Decimal("0.246")), grew  # the 123 priced, not the 300
+    assert sum(requests_recorded(meter).values()) == 1
+    # An estimate the month's budget cannot hold is refused before the endpoint runs.
+    dear = make(meter, cost={"queries": 1}, price={"tokens": {"tokens": 10**6}})
+    r = send(dear.client(), "GET", "/work/5", token=tokens["admin"], headers=priced)
+    assert r.status == 429
+    meter.flush()
+    assert (meter.spend("org_a").counted - before[0], billed() - before[1]) == grew
+
+
 GUARD_CHECKS: list[Callable[[MakeGuarded], None]] = [
     check_admitted_gets_headers_and_is_recorded,
     check_quota_refusal,
     check_rate_limit_refusal,
     check_reported_usage_is_committed,
     check_settles_with_a_spend_limit,
+    check_estimates_spend_and_settles_to_the_priced_usage,
     check_exception_and_5xx_release,
     check_unidentified_callers,
     check_custom_identify_and_skip,

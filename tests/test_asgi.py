@@ -345,7 +345,9 @@ class Guarded:
         usage = current_usage()
         assert usage is request.state.meterkit
         n = request.path_params["n"]
-        if n:
+        if n and request.headers.get("x-priced"):
+            usage.price({"tokens": {"tokens": n}})
+        elif n:
             usage.add(tokens=n)
         return JSONResponse({"organization_id": usage.organization_id, "reported": usage.reported})
 

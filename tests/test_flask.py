@@ -191,7 +191,9 @@ class Guarded:
         def work(n: int) -> Any:
             self.count("work")
             usage = current_usage()
-            if n:
+            if n and request.headers.get("x-priced"):
+                usage.price({"tokens": {"tokens": n}})
+            elif n:
                 usage.add(tokens=n)
             return jsonify(organization_id=usage.organization_id, reported=usage.reported)
 

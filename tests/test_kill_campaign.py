@@ -156,7 +156,11 @@ def test_kill_9_of_the_serving_guard_under_load_leaves_counters_equal_to_the_eve
         answered = threading.Semaphore(0)
         stopping = threading.Event()
 
-        def load(server_base: str = server.base) -> None:
+        def load(
+            server_base: str = server.base,
+            stopping: threading.Event = stopping,
+            answered: threading.Semaphore = answered,
+        ) -> None:
             with httpx.Client(base_url=server_base, timeout=5.0) as client:
                 while not stopping.is_set():
                     try:

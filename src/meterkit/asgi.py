@@ -29,6 +29,7 @@ from meterkit.http.metering import (
     Identify,
     Metering,
     OnRefused,
+    Price,
     Refusal,
     Ticket,
     Unidentified,
@@ -283,6 +284,7 @@ class MeteringMiddleware:
         skip: Callable[[Scope], bool] | None = None,
         ttl: int = 300,
         record_refused: bool = False,
+        price: Price[Scope] = None,
     ) -> None:
         self.app = app
         self.meter = meter
@@ -298,6 +300,7 @@ class MeteringMiddleware:
             skip=skip,
             ttl=ttl,
             record_refused=record_refused,
+            price=price,
         )
 
     def is_own(self, path: str) -> bool:

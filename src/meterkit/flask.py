@@ -27,6 +27,7 @@ from meterkit.http.metering import (
     Identify,
     Metering,
     OnRefused,
+    Price,
     Refusal,
     Ticket,
     Unidentified,
@@ -172,6 +173,7 @@ def init_metering(
     skip: Callable[[FlaskRequest], bool] | None = None,
     ttl: int = 300,
     record_refused: bool = False,
+    price: Price[FlaskRequest] = None,
 ) -> Metering[FlaskRequest]:
     """Install the quota guard on every view of ``app``; options as :class:`MeteringMiddleware`
     (``identify``, ``cost`` and ``skip`` take the ``flask.Request``)."""
@@ -186,6 +188,7 @@ def init_metering(
         skip=skip,
         ttl=ttl,
         record_refused=record_refused,
+        price=price,
     )
 
     def before() -> FlaskResponse | None:
@@ -248,6 +251,7 @@ def init_app(
     skip: Callable[[FlaskRequest], bool] | None = None,
     ttl: int = 300,
     record_refused: bool = False,
+    price: Price[FlaskRequest] = None,
     **httpapp_kwargs: Any,
 ) -> Blueprint:
     """Serve meterkit's endpoints from ``app`` (a Blueprint named ``name`` under
@@ -277,5 +281,6 @@ def init_app(
             skip=skip,
             ttl=ttl,
             record_refused=record_refused,
+            price=price,
         )
     return blueprint

@@ -289,22 +289,36 @@ class Reservation:
         # How its spend line counts and the priced estimate it holds (Quotas._spend_mode).
         self._spent: tuple[str | None, Mapping[str, Mapping[str, Any]] | None] = (None, None)
 
-    def commit(self, actual: Mapping[str, int] | None = None, *, cost: object = None) -> None:
-        """Settle to the real amounts (default: what was held) and the real ``cost`` in
-        dollars (default: the estimate held). Over the hold is debited too."""
+    def commit(
+        self,
+        actual: Mapping[str, int] | None = None,
+        *,
+        cost: object = None,
+        price: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Settle to the real amounts (default: what was held) and the real spend (default:
+        the estimate held): ``cost`` in dollars, or ``price``, the usage it priced
+        (``{meter: {measure: amount}}``), recorded as priced events. Over the hold is debited
+        too."""
         amounts = dict(self.held) if actual is None else check_amounts(actual, "actual")
         amounts.pop(SPEND, None)
         unknown = set(amounts) - set(self.held)
         if unknown:
             raise ValidationError("actual", f"not held by this reservation: {sorted(unknown)}")
-        spent = None if cost is None else to_nano(check_cost("cost", cost))
+        quotas = self._quotas
+        spent = quotas.spend_nano(cost, price, self._dimensions, quotas.meter.now())
         if spent is not None and SPEND not in self.held:
-            raise ValidationError("cost", "this reservation holds no spend (reserve with cost=)")
+            field = "cost" if cost is not None else "price"
+            raise ValidationError(
+                field, "this reservation holds no spend (reserve with cost= or price=)"
+            )
         full = {m: amounts.get(m, 0) for m in self.held}
         if SPEND in self.held:
             full[SPEND] = self.held[SPEND] if spent is None else spent
-        if spent is not None:
+        if cost is not None:
             self._spent = ("cost", None)  # the real cost in dollars replaces the estimate
+        elif price is not None:
+            self._spent = ("price", dict(price))  # the real usage replaces the estimate
         self._settle(full)
 
     def release(self) -> None:

@@ -70,6 +70,10 @@ Identify: TypeAlias = Callable[[R], Identity]
 """``identify(request) -> organization_id | Principal | None``; ``None`` means "unidentified"."""
 Cost: TypeAlias = "Mapping[str, int] | Callable[[R], Mapping[str, int] | None] | None"
 """What a request costs before it runs: a fixed mapping, a function of the request, or none."""
+PriceSpec: TypeAlias = "Mapping[str, Mapping[str, int]]"
+Price: TypeAlias = "PriceSpec | Callable[[R], PriceSpec | None] | None"
+"""The usage a request is expected to price (``{meter: {measure: amount}}``), held against the
+spend limit before it runs: a fixed mapping, a function of the request, or none."""
 OnRefused: TypeAlias = Callable[[Decision], tuple[int, Sequence[tuple[str, str]], "bytes | str"]]
 """``on_refused(decision) -> (status, headers, body)``: the answer to a refused request."""
 Unidentified: TypeAlias = Literal["pass", "refuse"]
@@ -105,6 +109,7 @@ class Usage:
         self.decision = decision
         self.key_id = key_id
         self._reported: dict[str, int] = {}
+        self._priced: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -117,6 +122,28 @@ class Usage:
         with self._lock:
             for metric, amount in clean.items():
                 self._reported[metric] = self._reported.get(metric, 0) + amount
+
+    def price(self, usage: Mapping[str, Mapping[str, int]]) -> None:
+        """Report the usage the request really priced (``{meter: {measure: amount}}``; adds
+        up across calls): with the guard's ``price=`` estimate, the request is settled to it
+        and recorded as priced events, so its spend and its costs are this usage."""
+        if not isinstance(usage, Mapping):
+            raise ValidationError("price", "must map meter names to {measure: amount}")
+        clean = {
+            str(meter): check_amounts(measures, f"price.{meter}")
+            for meter, measures in usage.items()
+        }
+        with self._lock:
+            for meter, measures in clean.items():
+                into = self._priced.setdefault(meter, {})
+                for measure, amount in measures.items():
+                    into[measure] = into.get(measure, 0) + amount
+
+    @property
+    def priced(self) -> dict[str, dict[str, int]]:
+        """A copy of the priced usage reported so far."""
+        with self._lock:
+            return {meter: dict(measures) for meter, measures in self._priced.items()}
 
     @property
     def reported(self) -> dict[str, int]:
@@ -329,6 +356,7 @@ class Metering(Generic[R]):
         skip: Callable[[R], bool] | None = None,
         ttl: int = 300,
         record_refused: bool = False,
+        price: Price[R] = None,
     ) -> None:
         if unidentified not in ("pass", "refuse"):
             raise ValidationError("unidentified", "must be 'pass' or 'refuse'")
@@ -340,6 +368,13 @@ class Metering(Generic[R]):
         self.authorization = authorization
         self.identify = identify
         self.cost = cost
+        if price is not None and not callable(price):
+            if not isinstance(price, Mapping):
+                raise ValidationError("price", "must map meter names to {measure: amount}")
+            price = MappingProxyType(
+                {m: MappingProxyType(check_amounts(v, f"price.{m}")) for m, v in price.items()}
+            )
+        self.price = price
         self.on_refused: OnRefused = on_refused or openai_refusal
         self.unidentified: Unidentified = unidentified
         self._skip = skip
@@ -387,7 +422,8 @@ class Metering(Generic[R]):
             org, key_id = (who, None) if isinstance(who, str) else (who.organization_id, who.key_id)
             dimensions = {"api_key_id": key_id} if key_id else {}
             amounts = self._amounts(request)
-            return self._admit(org, key_id, amounts, dimensions, method, path)
+            price = self._price(request)
+            return self._admit(org, key_id, amounts, dimensions, method, path, price)
         except StoreUnavailable:
             if self.meter.quotas.policy == "open":
                 logger.warning("meterkit: store unavailable; %s %s passes unmetered", method, path)
@@ -402,8 +438,8 @@ class Metering(Generic[R]):
         cache, the decision from this process's leases. :data:`NEEDS_STORE` (nothing was
         decided or consumed) when that is not enough: then call :meth:`begin` in a thread.
         """
-        if self.identify is not None or callable(self.cost):
-            return NEEDS_STORE  # user code, which may block
+        if self.identify is not None or callable(self.cost) or self.price is not None:
+            return NEEDS_STORE  # user code, which may block; or a price to estimate
         token = bearer_token(self.authorization(request))
         if token is None or (
             self.meter.quotas.all_in_memory
@@ -457,6 +493,17 @@ class Metering(Generic[R]):
             return check_amounts(found, "cost") if found else {}
         return dict(cost)
 
+    def _price(self, request: R) -> dict[str, dict[str, int]] | None:
+        price = self.price
+        if price is None:
+            return None
+        found = price(request) if callable(price) else price
+        if not found:
+            return None
+        if not isinstance(found, Mapping):
+            raise ValidationError("price", "must map meter names to {measure: amount}")
+        return {str(m): check_amounts(v, f"price.{m}") for m, v in found.items()}
+
     def _admit(
         self,
         org: str,
@@ -465,11 +512,14 @@ class Metering(Generic[R]):
         dimensions: dict[str, str],
         method: str,
         path: str,
+        price: dict[str, dict[str, int]] | None = None,
     ) -> Ticket | Refusal:
         reservation: Reservation | None = None
         try:
-            if amounts:
-                reservation = self.meter.reserve(org, amounts, ttl=self.ttl, dimensions=dimensions)
+            if amounts or price:
+                reservation = self.meter.reserve(
+                    org, amounts, ttl=self.ttl, dimensions=dimensions, price=price
+                )
                 decision = reservation.decision
             else:
                 # Nothing to hold until the response: the rate limits are decided (and counted)
@@ -538,6 +588,8 @@ class Metering(Generic[R]):
             return True
         if reservation is not None and not reservation._leased:
             return False
+        if self.price is not None:
+            return False  # priced events are priced from the price book: maybe a store read
         held = reservation.held if reservation is not None else {}
         if any(v for m, v in ticket.usage.reported.items() if m not in held):
             return False  # a debit of usage nobody reserved: the store's
@@ -579,10 +631,12 @@ class Metering(Generic[R]):
             # The spend line is settled by the usage itself (its priced events), never reported.
             held = {m: a for m, a in reservation.held.items() if m != SPEND}
             extra = {m: v for m, v in reported.items() if m not in held}
+            priced = ticket.usage.priced if SPEND in reservation.held else {}
+            real = {"price": priced} if priced else {}
             if not failed:
-                reservation.commit({m: reported.get(m, a) for m, a in held.items()})
-            elif any(m in reported for m in held):
-                reservation.commit({m: reported.get(m, 0) for m in held})
+                reservation.commit({m: reported.get(m, a) for m, a in held.items()}, **real)
+            elif priced or any(m in reported for m in held):
+                reservation.commit({m: reported.get(m, 0) for m in held}, **real)
             else:
                 reservation.release()
         extra = {m: v for m, v in extra.items() if v}
