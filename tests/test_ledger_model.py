@@ -1,9 +1,10 @@
 """The ledger as a model: every way usage arrives, mixed, on every store, default leases.
 
 A hypothesis ``RuleBasedStateMachine`` drives two meters on one store (two processes' views;
-one on ``memory://``) through records, batches, checks, reservations committed or released,
-debits with a price, limit and price changes, flushes and a reopened meter, all at one
-organization, and after every step holds the ledger's invariants:
+one on ``memory://``) through records, batches, ingest over HTTP, checks, reservations
+committed or released, debits with a price, requests through the guard, voided and amended
+events, limit and price changes, flushes and a reopened meter, all at one organization, and
+after every step holds the ledger's invariants:
 
 - nothing is admitted past a limit: a decision admitted only while the usage counted so far
   (by the model: every event and debit) plus what it asks fits (the requests in flight are
@@ -32,7 +33,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import services
 from clock import TEST_NOW, Clock
-from meterkit import Meter, Metric, Plan, QuotaExceeded
+from meterkit import Meter, Metric, Plan, QuotaExceeded, ValidationError
 from meterkit.recovery import counter_differences
 
 ORG = "org_model"
@@ -62,6 +63,8 @@ class Ledger(RuleBasedStateMachine):
         self.limit = 0
         self.cap = 0  # the spend limit in cents
         self.n = 0
+        self.completions: dict[str, int] = {}  # recorded completions events: id -> tokens
+        self.token = ""  # an admin key of the organization, for HTTP ingest
 
     def open(self) -> Meter:
         metric = Metric.parse("tokens", "completions.output_tokens")
@@ -86,6 +89,9 @@ class Ledger(RuleBasedStateMachine):
         m.set_plan(Plan("model", limits={"tokens": limit}))
         m.assign_plan(ORG, "model")
         m.set_spend_limit(ORG, cap)
+        from meterkit.auth import create_key
+
+        self.token = create_key(m, ORG, "admin", ["usage:read", "usage:write"])[0]
 
     def next_id(self) -> str:
         self.n += 1
@@ -108,8 +114,93 @@ class Ledger(RuleBasedStateMachine):
     @rule(i=st.integers(0, 1), tokens=st.integers(1, 400))
     def record(self, i: int, tokens: int) -> None:
         m = self.meters[i % len(self.meters)]
-        m.record("completions", {"output_tokens": tokens}, organization_id=ORG, id=self.next_id())
+        event_id = self.next_id()
+        m.record("completions", {"output_tokens": tokens}, organization_id=ORG, id=event_id)
+        self.completions[event_id] = tokens
         self.counted(tokens)
+
+    @rule(i=st.integers(0, 1), sizes=st.lists(st.integers(1, 200), min_size=1, max_size=3))
+    def ingest_over_http(self, i: int, sizes: list[int]) -> None:
+        import json
+
+        from meterkit.http.app import HttpApp
+        from meterkit.http.core import Request
+
+        m = self.meters[i % len(self.meters)]
+        batch = [
+            {
+                "id": self.next_id(),
+                "meter": "completions",
+                "time": self.clock.t,
+                "values": {"output_tokens": n},
+            }
+            for n in sizes
+        ]
+        headers = {"authorization": f"Bearer {self.token}", "content-type": "application/json"}
+        body = json.dumps(batch + batch[:1]).encode()
+        answer = HttpApp(m).handle(Request("POST", "/v1/events", (), headers, body))
+        assert answer.status == 200
+        for event, n in zip(batch, sizes):
+            self.completions[event["id"]] = n
+            self.counted(n)
+
+    @precondition(lambda self: self.completions)
+    @rule(i=st.integers(0, 1), pick=st.integers(0, 10**6))
+    def void_an_event(self, i: int, pick: int) -> None:
+        m = self.meters[i % len(self.meters)]
+        event_id = sorted(self.completions)[pick % len(self.completions)]
+        m.void("completions", ORG, event_id, reason="model", actor="test")
+        tokens = self.completions.pop(event_id)
+        self.tokens -= tokens
+        self.spent -= cost_of(tokens)
+
+    @precondition(lambda self: self.completions)
+    @rule(i=st.integers(0, 1), pick=st.integers(0, 10**6), tokens=st.integers(1, 300))
+    def amend_an_event(self, i: int, pick: int, tokens: int) -> None:
+        m = self.meters[i % len(self.meters)]
+        event_id = sorted(self.completions)[pick % len(self.completions)]
+        if self.completions[event_id] == tokens:
+            with pytest.raises(ValidationError):  # an amendment that changes nothing
+                m.amend(
+                    "completions",
+                    ORG,
+                    event_id,
+                    values={"output_tokens": tokens},
+                    reason="model",
+                    actor="test",
+                )
+            return
+        m.amend(
+            "completions",
+            ORG,
+            event_id,
+            values={"output_tokens": tokens},
+            reason="model",
+            actor="test",
+        )
+        before = self.completions[event_id]
+        self.completions[event_id] = tokens
+        self.tokens += tokens - before
+        self.spent += cost_of(tokens) - cost_of(before)
+
+    @rule(i=st.integers(0, 1), ask=st.integers(1, 50), used=st.integers(0, 80))
+    def a_guarded_request(self, i: int, ask: int, used: int) -> None:
+        """The guard's whole path: reserve the request's cost, run it, settle it to what the
+        endpoint reported, record the request."""
+        from meterkit.http.metering import Metering, Ticket
+
+        m = self.meters[i % len(self.meters)]
+        guard: Metering[str] = Metering(
+            m, authorization=lambda token: f"Bearer {token}", cost={"tokens": ask}
+        )
+        fits = self.fits(ask, Decimal(0))
+        ticket = guard.begin(self.token, method="GET", path="/work")
+        assert isinstance(ticket, Ticket) == fits
+        if isinstance(ticket, Ticket):
+            if used:
+                ticket.usage.add(tokens=used)
+            guard.finish(ticket, status=200, method="GET", route="/work")
+            self.tokens += used if used else ask
 
     @rule(i=st.integers(0, 1), sizes=st.lists(st.integers(1, 200), min_size=1, max_size=4))
     def record_many(self, i: int, sizes: list[int]) -> None:
@@ -122,7 +213,8 @@ class Ledger(RuleBasedStateMachine):
         ]
         result = m.record_many(events + events[:1])  # one sent twice: a duplicate
         assert result.accepted == len(sizes) and result.duplicates == 1
-        for n in sizes:
+        for event, n in zip(events, sizes):
+            self.completions[event.id] = n
             self.counted(n)
 
     @rule(i=st.integers(0, 1), ask=st.integers(1, 50), then=st.integers(0, 300))
