@@ -2,7 +2,7 @@
 
 A hypothesis ``RuleBasedStateMachine`` drives two meters on one store (two processes' views;
 one on ``memory://``) through records, batches, ingest over HTTP, checks, reservations
-committed or released, debits with a price, requests through the guard, voided and amended
+committed or released, debits with a price or in dollars, requests through the guard, voided and amended
 events, limit and price changes, flushes and a reopened meter, all at one organization, and
 after every step holds the ledger's invariants:
 
@@ -268,6 +268,12 @@ class Ledger(RuleBasedStateMachine):
         m = self.meters[i % len(self.meters)]
         m.debit(ORG, {}, price={"completions": {"output_tokens": tokens}})
         self.counted(tokens)  # never refused: it happened
+
+    @rule(i=st.integers(0, 1), tokens=st.integers(1, 300))
+    def debit_in_dollars(self, i: int, tokens: int) -> None:
+        m = self.meters[i % len(self.meters)]
+        m.debit(ORG, {}, cost=cost_of(tokens))  # billed as charges, not tokens
+        self.spent += cost_of(tokens)
 
     @rule(i=st.integers(0, 1))
     def check_spend(self, i: int) -> None:

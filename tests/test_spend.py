@@ -267,6 +267,32 @@ def test_spend_is_the_months_costs_whatever_path_the_usage_took(
         assert m.spend(o).counted == Decimal(3)
 
 
+def test_spend_given_in_dollars_is_billed_as_charges(url: tuple[str, str | None]) -> None:
+    """``cost=`` in dollars, on every path that takes it: spend and costs agree (they
+    disagreed by exactly these dollars), the dollars billed on the built-in charges line."""
+    with open_meter(url, Clock(NOW)) as m:
+        o = org()
+        m.set_spend_limit(o, 1000)
+        assert m.check(o, {}, cost=Decimal("0.25")).allowed
+        m.reserve(o, {}, cost="0.50").commit(cost=Decimal("0.125"))
+        m.reserve(o, {}, cost="0.05").commit()  # settled at the estimate
+        m.debit(o, {}, cost=1)
+        m.reserve(o, {}, cost="0.40").release()  # nothing happened: nothing billed
+        m.flush()
+        month = m.spend(o)
+        costs = m.costs(
+            organization_id=o,
+            start_time=month.period_start,
+            end_time=NOW + 1,
+            limit=31,
+            group_by=["line_item"],
+        )
+        assert month.counted == costs.totals()["usd"] == Decimal("1.425")
+        items = {r.line_item for b in costs.data for r in b.results}
+        assert items == {"charges"}
+        assert [p for p in m.prices() if p.meter == "charges"] == []  # built in, not stored
+
+
 def test_price_estimates_use_the_price_book(url: tuple[str, str | None]) -> None:
     with open_meter(url, Clock(NOW)) as m:
         o = org()

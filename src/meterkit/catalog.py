@@ -6,6 +6,7 @@ from meterkit.models import Dimension, Measure, MeterSpec
 
 __all__ = [
     "API_SOURCES",
+    "CHARGES_METER",
     "CONTEXT_LEVELS",
     "GENERIC_METERS",
     "OPENAI_KINDS",
@@ -131,7 +132,12 @@ GENERIC_METERS: tuple[MeterSpec, ...] = (
     MeterSpec("jobs", _sums("jobs"), (*_PEOPLE, Dimension("kind"))),
 )
 
+CHARGES_METER = MeterSpec("charges", (Measure("nano_usd"),), _PEOPLE)
+"""Spend given in dollars (``check`` / ``reserve`` / ``debit`` with ``cost=``): one event per
+decision, in nano-dollars, priced by the built-in line :data:`meterkit.pricing.CHARGES`, so
+costs bill what spend counted. Not a plan metric (its measure is not named after it)."""
+
 
 def builtin_meters() -> dict[str, MeterSpec]:
     """Every built-in meter by name, in a fresh dict the caller may extend."""
-    return {spec.name: spec for spec in (*OPENAI_KINDS, *GENERIC_METERS)}
+    return {spec.name: spec for spec in (*OPENAI_KINDS, *GENERIC_METERS, CHARGES_METER)}

@@ -842,8 +842,13 @@ class Meter:
         return saved
 
     def prices(self) -> PriceBook:
-        """The price book as stored now."""
+        """The price book as stored now (without the built-in ``charges`` line that bills
+        spend given in dollars; see :data:`meterkit.pricing.CHARGES`)."""
         return pricing.load_book(self.store, self._specs)
+
+    def _book(self) -> PriceBook:
+        """The price book costs are billed by: the stored prices and the built-in lines."""
+        return pricing.load_book(self.store, self._specs, builtin=True)
 
     def costs(
         self,
@@ -862,7 +867,7 @@ class Meter:
         return costs_module.costs_page(
             self._retained_store(),
             self._specs,
-            self.prices(),
+            self._book(),
             organization_id=organization_id,
             start_time=start_time,
             end_time=end_time if end_time is not None else self._end_now(start_time),
@@ -888,7 +893,7 @@ class Meter:
         return costs_module.unpriced(
             self._retained_store(),
             self._specs,
-            self.prices(),
+            self._book(),
             organization_id=organization_id,
             start_time=start_time,
             end_time=end_time if end_time is not None else self.now(),

@@ -83,6 +83,7 @@ from meterkit.stores.base import Store
 from meterkit.validate import check_dim_value, check_id, check_string, check_time
 
 __all__ = [
+    "CHARGES",
     "EXACT_CONTEXT",
     "GIBIBYTE_HOUR",
     "PRICE_KIND",
@@ -881,7 +882,27 @@ def delete_price(store: Store, price_id: str) -> bool:
     return store.delete_record(PRICE_KIND, price_id)
 
 
-def load_book(store: Store, specs: Mapping[str, MeterSpec] | None = None) -> PriceBook:
-    """Every stored price, as a :class:`PriceBook` (checked against ``specs`` when given)."""
+CHARGES = Price(
+    "charges",
+    "nano_usd",
+    Decimal(1),
+    per=1_000_000_000,
+    line_item="charges",
+    quantity_unit="nano_usd",
+    id="charges",
+)
+"""Spend given in dollars (``cost=``) is recorded as an event of the built-in ``charges`` meter
+in nano-dollars, billed by this line at exactly that: one ledger for costs and spend."""
+
+
+def load_book(
+    store: Store, specs: Mapping[str, MeterSpec] | None = None, *, builtin: bool = False
+) -> PriceBook:
+    """Every stored price, as a :class:`PriceBook` (checked against ``specs`` when given),
+    with (``builtin``) the built-in :data:`CHARGES` line unless a stored price prices that
+    meter."""
     records = store.list_records(PRICE_KIND)
-    return PriceBook((price_from_dict(data) for _key, data in records), specs)
+    prices = [price_from_dict(data) for _key, data in records]
+    if builtin and not any(p.meter == CHARGES.meter for p in prices):
+        prices.append(CHARGES)
+    return PriceBook(prices, specs)

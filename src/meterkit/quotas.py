@@ -315,8 +315,9 @@ class Reservation:
         full = {m: amounts.get(m, 0) for m in self.held}
         if SPEND in self.held:
             full[SPEND] = self.held[SPEND] if spent is None else spent
-        if cost is not None:
-            self._spent = ("cost", None)  # the real cost in dollars replaces the estimate
+        if cost is not None and spent:
+            # The real cost in dollars replaces the estimate, charged as priced usage.
+            self._spent = ("price", {"charges": {"nano_usd": spent}})
         elif price is not None:
             self._spent = ("price", dict(price))  # the real usage replaces the estimate
         self._settle(full)
@@ -762,7 +763,7 @@ class Quotas:
         hit = self._book
         if hit is not None and hit[0] > now:
             return hit[1]
-        book = load_book(self.store, self.meter._specs)
+        book = load_book(self.store, self.meter._specs, builtin=True)
         self._book = (now + self.cache_seconds, book)
         return book
 
@@ -832,6 +833,17 @@ class Quotas:
         if not spend:
             return None
         return "price" if price is not None else "cost"
+
+    @staticmethod
+    def _charged(
+        mode: str | None, spend: int | None, price: Mapping[str, Mapping[str, Any]] | None
+    ) -> tuple[str | None, Mapping[str, Mapping[str, Any]] | None]:
+        """A spend given in dollars is counted as a charge: priced usage of the built-in
+        ``charges`` meter (meterkit.pricing.CHARGES), recorded like any priced estimate, so
+        costs bill it too."""
+        if mode == "cost" and spend:
+            return "price", {"charges": {"nano_usd": spend}}
+        return mode, price
 
     @staticmethod
     def _counted(
@@ -1156,7 +1168,7 @@ class Quotas:
             clean[SPEND] = spend
         decision_id = new_id("dbt")
 
-        mode = self._spend_mode(None, spend, price)
+        mode, price = self._charged(self._spend_mode(None, spend, price), spend, price)
 
         def add() -> Decision:
             lines = self._lines(org, clean, 0, now)  # the plan lookup follows the policy too
@@ -1255,12 +1267,12 @@ class Quotas:
         c = self._compile(org, now)
         spend = self.spend_nano(cost, None, None, now)
         clean = self._with_spend(c, clean, spend)
-        mode = self._spend_mode(c, spend, None)
+        mode, price = self._charged(self._spend_mode(c, spend, None), spend, None)
         lines = self._lines(org, clean, 1, now, c)
         if not all(ln.window or ln.period is not None for ln in lines):
             return None
         decision_id = new_id("rsv" if ttl else "dec")
-        events = [] if ttl else self._debit_events(decision_id, org, clean, dimensions, now)
+        events = [] if ttl else self._debit_events(decision_id, org, clean, dimensions, now, price)
         result = self.leases.decide_local(
             lines, now, (decision_id, now + ttl) if ttl else None, self._queuer(events)
         )
@@ -1277,6 +1289,7 @@ class Quotas:
             ttl,
             events,
             local=True,
+            price=price,
             mode=mode,
         )
 
@@ -1326,7 +1339,7 @@ class Quotas:
             if self.policy == "open":
                 return self._degraded(org, decision_id, clean, [], hold_ttl, now, dimensions)
             raise
-        mode = self._spend_mode(c, spend, price)
+        mode, price = self._charged(self._spend_mode(c, spend, price), spend, price)
         if (
             debit
             and self.leases is not None
