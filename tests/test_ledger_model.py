@@ -2,9 +2,9 @@
 
 A hypothesis ``RuleBasedStateMachine`` drives two meters on one store (two processes' views;
 one on ``memory://``) through records, batches, ingest over HTTP, checks, reservations
-committed or released, debits with a price or in dollars, requests through the guard, voided and amended
-events, limit and price changes, flushes and a reopened meter, all at one organization, and
-after every step holds the ledger's invariants:
+committed or released, debits with a price or in dollars, requests through the guard, voided
+and amended events, limit and price changes, flushes and a reopened meter, all at one
+organization, and after every step holds the ledger's invariants:
 
 - nothing is admitted past a limit: a decision admitted only while the usage counted so far
   (by the model: every event and debit) plus what it asks fits (the requests in flight are
