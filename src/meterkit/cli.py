@@ -356,8 +356,10 @@ key above); or:
 Costs include vector-store storage, billed over time: its line item, "vector stores",
 reports gibibyte_hours (each store's size held until its next snapshot).
 
-The spend limit is a cent or two above this month's spend. Each call to the demo model
-spends about 0.02 cents; once the limit is reached it answers 429 insufficient_quota:
+The spend limit is the operator's cap, a cent or two above this month's spend: the key
+above may set a lower limit (POST /v1/organization/spend_limit), never lift it. Each call to
+the demo model spends about 0.02 cents; once the limit is reached it answers 429
+insufficient_quota:
 
     for i in $(seq 150); do curl -s -o /dev/null -w "%{{http_code}}\\n" \\
       -X POST "{base}/v1/chat/completions" {auth} -H "Content-Type: application/json" \\

@@ -591,6 +591,10 @@ def _generic(d: _Day) -> None:
             if dimension is not None:
                 dims[dimension] = rng.choice(choices)
             d.add(meter, n, t, values, dims)
+    # A charge in dollars (what debit(cost=...) records): a daily platform fee of 5 cents.
+    rng = d.rng("charges")
+    fee = {"nano_usd": 50_000_000}
+    d.add("charges", 0, d.day + 12 * HOUR, fee, {"project_id": rng.choice(org.projects)})
 
 
 # Generic counter meters: events per day, value range, and the one extra dimension they vary.
