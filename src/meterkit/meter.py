@@ -1415,17 +1415,26 @@ class Meter:
             if reporting:
                 assert leases is not None
                 leases.report(self.now(), closing=release_leases)
-            with self._queue_lock:
-                counted, self._queued = self._queued, []
-                uncounted, self._queued_uncounted = self._queued_uncounted, []
+            counted, uncounted = self._take_queue()
             if counted or uncounted:
                 try:
                     self._write_queued(counted, uncounted)
                 except BaseException:
-                    with self._queue_lock:  # kept, in order, for the next flush
-                        self._queued[:0] = counted
-                        self._queued_uncounted[:0] = uncounted
+                    self._requeue(counted, uncounted)
                     raise
+
+    def _take_queue(self) -> tuple[list[Event], list[Event]]:
+        """The queued events (decisions' counted debits, and events still to count)."""
+        with self._queue_lock:
+            counted, self._queued = self._queued, []
+            uncounted, self._queued_uncounted = self._queued_uncounted, []
+        return counted, uncounted
+
+    def _requeue(self, counted: list[Event], uncounted: list[Event]) -> None:
+        """Put events a failed flush took back in front, in order, for the next one."""
+        with self._queue_lock:
+            self._queued[:0] = counted
+            self._queued_uncounted[:0] = uncounted
 
     def _report_and_write(
         self,
@@ -1434,30 +1443,20 @@ class Meter:
         closing: bool,
     ) -> None:
         """The lease report and the queued events in one store transaction: a ``kill -9``
-        leaves both or neither. The queue is taken before the report reads what the leases
-        consumed, so every event written is in the report (a decision consumes before it
-        queues its event)."""
-        counted: list[Event] = []
-        uncounted: list[Event] = []
-
-        def take() -> None:
-            nonlocal counted, uncounted
-            with self._queue_lock:
-                counted, self._queued = self._queued, []
-                uncounted, self._queued_uncounted = self._queued_uncounted, []
-
+        leaves both or neither. The report reads the leases and takes the queue in one
+        instant, and a leased decision queues its events with its consumption, so the report
+        counts exactly the units of the events written."""
+        taken: list[tuple[list[Event], list[Event]]] = []
         with leases.reporting() as report:
             try:
                 with self.transaction(), begin():
-                    # The report reads the leases and takes the queue in one instant ...
-                    report(self.now(), closing, take)
-                    if counted or uncounted:  # ... and the events commit with it
-                        self._ensure_meters_of(counted + uncounted)
+                    report(self.now(), closing, lambda: taken.append(self._take_queue()))
+                    counted, uncounted = taken[0]
+                    if counted or uncounted:
                         self._write_queued(counted, uncounted)
             except BaseException:
-                with self._queue_lock:  # kept, in order, for the next flush
-                    self._queued[:0] = counted
-                    self._queued_uncounted[:0] = uncounted
+                if taken:
+                    self._requeue(*taken[0])
                 raise
 
     def _write_queued(self, counted: list[Event], uncounted: list[Event]) -> None:
