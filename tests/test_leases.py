@@ -199,6 +199,25 @@ def test_a_report_whose_answer_was_lost_is_never_counted_twice(
     assert admit_until_refused(a) == 1000 - 7
 
 
+def test_a_report_after_the_store_expired_its_hold_counts_nothing_twice(
+    open_shared: OpenShared,
+) -> None:
+    """The holder's clock says its hold lives; another process's clock (an hour on) made the
+    store expire it, counting its units as used. The holder's first report must see that,
+    and count what it consumed instead of adding it on top."""
+    a = open_shared(Clock(T0), flush_interval=5)  # reports only when the test flushes it
+    on_plan(a, limits={"tokens": 1000})
+    for _ in range(5):
+        assert a.check(ORG, {"tokens": 1}).allowed
+    b = open_shared(Clock(T0 + 3600))
+    assert b.check(ORG, {"tokens": 1}).allowed  # its store call expires a's hold
+    a.flush()
+    b.flush()
+    key = _period_key(a)
+    assert a.counters.counters_read([key, key + STRANDED], now=T0 + 3600) == [6, 0]
+    assert counter_differences(b, ORG) == {}
+
+
 def test_a_forked_child_starts_without_its_parents_leases(open_shared: OpenShared) -> None:
     clock = Clock(T0)
     a = open_shared(clock)

@@ -515,21 +515,32 @@ class Leases:
                 store_lines.append(CounterLine(c.key + LEASED, block, limit, None, c.key, 1.0))
                 grow[c.key] = grow.get(c.key, 0) + block
         hold = None
+        starting = False
         if grow:
             with self._lock:
                 amounts = self._held(org)
             for key, block in grow.items():
                 amounts[key + LEASED] = amounts.get(key + LEASED, 0) + block
-            if state.seq:
-                amounts[state.seq_key] = state.seq  # its expiry resets the report count
+            # The report counter outlives the hold it numbers, and the hold's expiry resets
+            # it to 0; a new hold starts it at 1, so an expiry is always seen by a report.
+            until = now + 4 * self.ttl
+            starting = state.seq == 0
+            amounts[state.seq_key] = 1 if starting else state.seq
             hold = Hold(state.hold_id, org, _lease_hold(amounts), now + self.ttl)
-            # The report counter outlives the hold it numbers.
-            store_lines.append(CounterLine(state.seq_key, 0, None, now + 4 * self.ttl))
+            store_lines.append(
+                CounterLine(state.seq_key, int(starting), 1 if starting else None, until)
+            )
         self.takes += 1
         result = self.counters.counters_apply(store_lines, now=now, hold=hold)
         if not result.admitted:
+            if starting and result.used[-1] >= 1:
+                # A take whose answer was lost started the count already: go on from it.
+                state.seq = result.used[-1]
+                return self._take(state, lines, asks, now)
             return result
         with self._lock:
+            if starting:
+                state.seq = 1
             for j, (_need, block, _have, i) in enumerate(asks):
                 line = lines[i]
                 c = line.counter
@@ -620,6 +631,9 @@ class Leases:
         lines += [CounterLine(key, amount) for key, amount in held.items()]
         hold = None
         if held:
+            # A new hold: its report count starts at 1 (the expired one's was reset to 0).
+            held[state.seq_key] = 1
+            lines.append(CounterLine(state.seq_key, 1, None, now + 4 * self.ttl))
             hold = Hold(state.hold_id, state.org, _lease_hold(held), now + self.ttl)
         self.counters.counters_apply(lines, now=now, hold=hold)
         with self._lock:
@@ -628,6 +642,7 @@ class Leases:
                 lease.taken = lease.reserved
             if hold is not None:
                 state.expires_at = now + self.ttl
+                state.seq = 1
 
     def _org(self, org: str) -> _Org:
         with self._lock:
