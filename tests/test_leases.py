@@ -218,6 +218,39 @@ def test_a_report_after_the_store_expired_its_hold_counts_nothing_twice(
     assert counter_differences(b, ORG) == {}
 
 
+def test_a_take_that_waited_for_a_report_uses_the_organizations_current_hold(
+    open_shared: OpenShared,
+) -> None:
+    """A decision waits for the organization's lock while a report gives every lease back
+    and forgets the organization: its take must go under the organization's new hold, or the
+    old one would expire later holding units nobody reports (and count them as used)."""
+    import threading
+
+    clock = Clock(T0)
+    m = open_shared(clock, flush_interval=5)
+    on_plan(m, limits={"tokens": 1000})
+    assert m.check(ORG, {"tokens": 1}).allowed
+    leases = m.quotas.leases
+    assert leases is not None
+    state = leases._org(ORG)
+    admitted: list[bool] = []
+    with state.lock:
+        waiting = threading.Thread(
+            target=lambda: admitted.append(m.check(ORG, {"tokens": 500}).allowed)
+        )
+        waiting.start()
+        waiting.join(0.2)  # it needs a take: it waits for the lock
+        leases._report_locked(state, T0, closing=True)  # gives all back, forgets the org
+    waiting.join(30)
+    assert admitted == [True]
+    m.flush()
+    clock.t = T0 + 3600  # every hold written so far has expired
+    m.flush(release_leases=True)
+    key = _period_key(m)
+    assert m.counters.counters_read([key, key + STRANDED], now=clock.t) == [501, 0]
+    assert counter_differences(m, ORG) == {}
+
+
 def test_a_forked_child_starts_without_its_parents_leases(open_shared: OpenShared) -> None:
     clock = Clock(T0)
     a = open_shared(clock)

@@ -248,6 +248,10 @@ class Leases:
             return admitted
         state = self._org(org)
         with state.lock:  # one take at a time per organization; decisions go on meanwhile
+            if self._orgs.get(org) is not state:
+                # A report gave everything back and forgot this state while this thread
+                # waited: its hold is done with. Take under the organization's current one.
+                return self.decide(org, lines, now, reservation, queue)
             for _attempt in range(3):
                 with self._lock:
                     self._expire_reservations(now)
