@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import attrs
 
 from meterkit import spend as spend_module
+from meterkit.catalog import CHARGES_METER
 from meterkit.counters import fits
 from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.ids import new_id
@@ -32,7 +33,7 @@ from meterkit.metrics import Metric, contributions
 from meterkit.models import CounterLine, CounterResult, Event, Hold
 from meterkit.periods import BillingCycle, Period
 from meterkit.plans import UNLIMITED, Grant, OrgPlan, Plan
-from meterkit.pricing import PriceBook, Tally, default_period_of, load_book
+from meterkit.pricing import CHARGES, PriceBook, Tally, default_period_of, load_book
 from meterkit.spend import NANO, SPEND, SpendAlert, SpendLimit, check_cost, to_nano
 from meterkit.validate import (
     MAX_VALUE,
@@ -389,6 +390,7 @@ class Quotas:
         self._unpublished: dict[str, Metric] = {}
         self._spend_cache: dict[str, tuple[float, tuple[SpendLimit | None, list[SpendAlert]]]] = {}
         self._book: tuple[float, PriceBook] | None = None
+        self._charges_exact: tuple[PriceBook, bool] | None = None
         self._nanos: dict[tuple[type, object], int] = {}
         # Debit dimensions already validated, by (metric, items): most requests repeat them.
         self._good_dims: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
@@ -597,6 +599,11 @@ class Quotas:
         not feed keeps the decision's count, unless it is marked with a negative amount: a
         spend limit's one-nano-dollar probe, always taken back). One ledger: whatever path
         usage takes, the counters end where the events alone would put them."""
+        if priced and events and self._charged_exactly(events):
+            # A charge (cost= in dollars) contributes to spend exactly what the decision
+            # counted, at the built-in line: nothing to work out.
+            events = [e for e in events if e.meter != CHARGES_METER.name]
+            priced = False
         if not any(a < 0 for a in counted.values()) and not (
             priced or any(self._feeds_beyond_own(e.meter) for e in events)
         ):
@@ -612,6 +619,18 @@ class Quotas:
                 deltas[key] -= amount
         if any(d for changes in by_org.values() for d in changes.values()):
             self._add(by_org, months, absorb=[] if leased else None, local=local)
+
+    def _charged_exactly(self, events: Sequence[Event]) -> bool:
+        """Whether ``events`` hold a charge billed by the built-in charges line (no stored
+        price replaces it)."""
+        if not any(e.meter == CHARGES_METER.name for e in events):
+            return False
+        book = self.price_book()
+        exact = self._charges_exact
+        if exact is None or exact[0] is not book:
+            found = book.match(CHARGES.meter, CHARGES.measure, {}, self.meter.now())
+            exact = self._charges_exact = (book, found == CHARGES)
+        return exact[1]
 
     @contextlib.contextmanager
     def absorbing(self) -> Iterator[None]:
