@@ -421,15 +421,13 @@ class Quotas:
         """The metrics a plan may limit: every meter whose main measure has its own name
         (``tokens``, ``queries``, ``storage_bytes``, …, and the application's own), and every
         metric defined with :meth:`~meterkit.Meter.define_metric`."""
-        if _time.monotonic() >= self._metrics_due:
-            self.read_metrics()
+        self._metrics_fresh()
         own = {name for name, spec in self.meter.meters.items() if spec.measure(name)}
         return sorted(own | set(self.meter._metrics))
 
     def metric_sources(self) -> list[Metric]:
         """Every counted (not gauge) metric with the sources that feed it, own meter first."""
-        if _time.monotonic() >= self._metrics_due:
-            self.read_metrics()
+        self._metrics_fresh()
         specs = self.meter._specs
         found = self._sources_cache  # registering a meter or defining a metric bumps it
         if found is None or found[0] != self._generation:
@@ -462,6 +460,11 @@ class Quotas:
         self.store.put_record(METRIC_RECORDS, metric.name, record)
         self._metrics_due = 0.0
         return True
+
+    def _metrics_fresh(self) -> None:
+        """Read the stored metrics when ``cache_seconds`` have passed since the last read."""
+        if _time.monotonic() >= self._metrics_due:
+            self.read_metrics()
 
     def read_metrics(self) -> None:
         """Store the metrics this process named and not yet stored, and define here every
@@ -971,8 +974,7 @@ class Quotas:
 
     def _compile(self, org: str, now: int) -> _Compiled:
         """The organization's compiled limits at ``now`` (see :class:`_Compiled`)."""
-        if _time.monotonic() >= self._metrics_due:
-            self.read_metrics()  # a decision on a stored metric records on the metric's meter
+        self._metrics_fresh()  # a decision on a stored metric records on the metric's meter
         hit, generation = self._fresh(org, now)
         if hit is not None:
             return hit
