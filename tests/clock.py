@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 
-__all__ = ["EDGES", "TEST_NOW", "Clock", "parse_instant"]
+__all__ = ["EDGES", "TEST_NOW", "Clock", "Monotonic", "parse_instant"]
 
 
 def parse_instant(text: str) -> int:
@@ -38,3 +38,14 @@ class Clock:
 
     def __call__(self) -> float:
         return float(self.t)
+
+
+class Monotonic:
+    """``time.monotonic`` as the quota caches see it (the ``monotonic`` fixture installs
+    it), moved by hand."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t

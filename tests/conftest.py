@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import meterkit.meter
-from clock import TEST_NOW
+from clock import TEST_NOW, Monotonic
 
 pytest_plugins = ["shared_store"]  # open_shared: one store, several meters
 
@@ -44,3 +44,11 @@ def _no_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     a store clock falling back to the local one) follows TEST_NOW instead."""
     fake = _TestTime(TEST_NOW)
     monkeypatch.setattr(meterkit.meter, "_time", fake)
+
+
+@pytest.fixture
+def monotonic(monkeypatch: pytest.MonkeyPatch) -> Monotonic:
+    """The quota caches' clock, frozen until the test moves it."""
+    fake = Monotonic()
+    monkeypatch.setattr("meterkit.quotas._time.monotonic", fake)
+    return fake

@@ -813,9 +813,9 @@ def check_own_endpoints_are_never_metered(make: MakeGuarded) -> None:
     }
 
 
-def check_settles_with_a_spend_limit(make: MakeGuarded) -> None:
-    """Every request of an organization with a spend limit is settled to what it reported
-    and recorded, and its usage is spent as it is billed (one ledger)."""
+def spend_limited_meter() -> tuple[Meter, dict[str, str], Callable[[], Decimal]]:
+    """The guard's meter with tokens at $2 per 1,000 and a $1 spend limit on ``org_a``, and
+    what ``org_a``'s month has been billed so far."""
     meter, tokens = guard_meter()
     meter.set_price(
         {
@@ -835,6 +835,14 @@ def check_settles_with_a_spend_limit(make: MakeGuarded) -> None:
             organization_id="org_a", start_time=month.period_start, end_time=NOW + 1, limit=31
         )
         return page.totals().get("usd", Decimal(0))
+
+    return meter, tokens, billed
+
+
+def check_settles_with_a_spend_limit(make: MakeGuarded) -> None:
+    """Every request of an organization with a spend limit is settled to what it reported
+    and recorded, and its usage is spent as it is billed (one ledger)."""
+    meter, tokens, billed = spend_limited_meter()
 
     before = (meter.spend("org_a").counted, billed())  # the seed was priced after it was recorded
     app = make(meter, cost={"queries": 1, "tokens": 400})
@@ -850,25 +858,7 @@ def check_settles_with_a_spend_limit(make: MakeGuarded) -> None:
 def check_estimates_spend_and_settles_to_the_priced_usage(make: MakeGuarded) -> None:
     """``price=`` holds a request's estimated usage against the spend limit before it runs;
     the handler reports what it really priced, and spend and costs grow by exactly that."""
-    meter, tokens = guard_meter()
-    meter.set_price(
-        {
-            "meter": "tokens",
-            "measure": "tokens",
-            "unit_price": "2",
-            "per": 1000,
-            "line_item": "tokens",
-            "quantity_unit": "tokens",
-        }
-    )
-    meter.set_spend_limit("org_a", 100)
-    month = meter.spend("org_a")
-
-    def billed() -> Decimal:
-        page = meter.costs(
-            organization_id="org_a", start_time=month.period_start, end_time=NOW + 1, limit=31
-        )
-        return page.totals().get("usd", Decimal(0))
+    meter, tokens, billed = spend_limited_meter()
 
     before = (meter.spend("org_a").counted, billed())
     app = make(meter, cost={"queries": 1}, price={"tokens": {"tokens": 300}})

@@ -60,6 +60,30 @@ def cluster_state(port: int) -> str:
     )
 
 
+def redis_server(tmp_path: Path, port: int, *options: str) -> None:
+    """A redis-server of this test's own on ``port``, keeping nothing on disk."""
+    subprocess.run(
+        [
+            "redis-server",
+            *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)),
+            *("--save", "", "--appendonly", "no", "--daemonize", "yes"),
+            *options,
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def answers(port: int) -> bool:
+    return (
+        subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0
+    )
+
+
+def shut_down(port: int) -> None:
+    subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[int]]:
     ports = []
@@ -68,40 +92,14 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
         if port < 55_000 and port not in ports:  # a cluster bus port is port + 10000
             ports.append(port)
     for port in ports:
-        subprocess.run(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-node-timeout",
-                "1000",
-                "--cluster-config-file",
-                str(tmp_path / f"nodes-{port}.conf"),
-                "--dir",
-                str(tmp_path),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "yes",
-            ],
-            check=True,
-            capture_output=True,
+        redis_server(
+            tmp_path,
+            port,
+            *("--cluster-enabled", "yes", "--cluster-node-timeout", "1000"),
+            *("--cluster-config-file", str(tmp_path / f"nodes-{port}.conf")),
         )
     try:
-        wait_for(
-            lambda: all(
-                subprocess.run(["redis-cli", "-p", str(p), "ping"], capture_output=True).returncode
-                == 0
-                for p in ports
-            ),
-            "the nodes",
-        )
+        wait_for(lambda: all(answers(p) for p in ports), "the nodes")
         subprocess.run(
             [
                 "redis-cli",
@@ -119,9 +117,7 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
         yield ports
     finally:
         for port in ports:
-            subprocess.run(
-                ["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True
-            )
+            shut_down(port)
 
 
 def quota_status(meter: Meter, org: str) -> int:
@@ -140,9 +136,7 @@ def test_a_lost_node_goes_through_the_failure_policy(cluster: list[int], tmp_pat
     try:
         closed.set_plan(Plan("p", limits={"tokens": 1000}))
         assert closed.check("org_before", {"tokens": 1}).allowed
-        subprocess.run(
-            ["redis-cli", "-p", str(cluster[1]), "shutdown", "nosave"], capture_output=True
-        )
+        shut_down(cluster[1])
         wait_for(lambda: cluster_state(cluster[0]) == "fail", "the cluster to notice")
         orgs = [
             f"org_{i}" for i in range(12)
@@ -161,38 +155,12 @@ def test_a_lost_node_goes_through_the_failure_policy(cluster: list[int], tmp_pat
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[int]:
     port = free_port()
-    subprocess.run(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "yes",
-            "--dir",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    redis_server(tmp_path, port)
     try:
-        wait_for(
-            lambda: (
-                subprocess.run(
-                    ["redis-cli", "-p", str(port), "ping"], capture_output=True
-                ).returncode
-                == 0
-            ),
-            "redis",
-        )
+        wait_for(lambda: answers(port), "redis")
         yield port
     finally:
-        subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
+        shut_down(port)
 
 
 @needs_redis

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clock import Monotonic
 from meterkit import Meter, Metric, Plan, StoreUnavailable, ValidationError, hookimpl
 from meterkit.auth import Principal, create_key, revoke_key
 from meterkit.catalog import OPENAI_KINDS
@@ -597,10 +598,8 @@ def test_plan_usage(env: Env) -> None:
 
 
 def test_plan_usage_shows_a_plan_metric_stored_by_another_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monotonic: Monotonic
 ) -> None:
-    monotonic = [1000.0]
-    monkeypatch.setattr("meterkit.quotas._time.monotonic", lambda: monotonic[0])
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     env = make_env(url)  # the server: it names no metric
     try:
@@ -610,7 +609,7 @@ def test_plan_usage_shows_a_plan_metric_stored_by_another_process(
             )
             admin.set_plan(Plan("pro", limits={"llm_tokens": 20_000, "tokens": 5}))
             admin.assign_plan("org_a", "pro")
-        monotonic[0] += env.meter.quotas.cache_seconds  # the server's refresh bound
+        monotonic.t += env.meter.quotas.cache_seconds  # the server's refresh bound
         before = data(env.send("GET", "/api/v1/usage", key="member"))["llm_tokens"]["used"]
         assert before > 0  # the seeded completions, counted by the stored definition
         env.meter.record(

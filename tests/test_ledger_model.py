@@ -159,25 +159,22 @@ class Ledger(RuleBasedStateMachine):
     def amend_an_event(self, i: int, pick: int, tokens: int) -> None:
         m = self.meters[i % len(self.meters)]
         event_id = sorted(self.completions)[pick % len(self.completions)]
+
+        def amend() -> None:
+            m.amend(
+                "completions",
+                ORG,
+                event_id,
+                values={"output_tokens": tokens},
+                reason="model",
+                actor="test",
+            )
+
         if self.completions[event_id] == tokens:
             with pytest.raises(ValidationError):  # an amendment that changes nothing
-                m.amend(
-                    "completions",
-                    ORG,
-                    event_id,
-                    values={"output_tokens": tokens},
-                    reason="model",
-                    actor="test",
-                )
+                amend()
             return
-        m.amend(
-            "completions",
-            ORG,
-            event_id,
-            values={"output_tokens": tokens},
-            reason="model",
-            actor="test",
-        )
+        amend()
         before = self.completions[event_id]
         self.completions[event_id] = tokens
         self.tokens += tokens - before

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import meterkit
-from clock import Clock
+from clock import Clock, Monotonic
 from meterkit import (
     BillingCycle,
     Decision,
@@ -1187,23 +1187,6 @@ def test_debit_counts_past_the_limit(m: Meter) -> None:
 
 
 # -- compiled limits -----------------------------------------------------------------------------
-
-
-class Monotonic:
-    """``time.monotonic`` as the quota cache sees it, moved by hand."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def monotonic(monkeypatch: pytest.MonkeyPatch) -> Monotonic:
-    fake = Monotonic()
-    monkeypatch.setattr("meterkit.quotas._time.monotonic", fake)
-    return fake
 
 
 class CountingStore:

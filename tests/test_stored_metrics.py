@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
-from clock import Clock
+from clock import Clock, Monotonic
 from meterkit import Event, Meter, Metric, Plan
 from meterkit.recovery import counter_differences
 from shared_store import OpenShared
@@ -15,21 +13,6 @@ from shared_store import OpenShared
 T0 = 1_730_419_200 + 3600  # 2024-11-01T01:00:00Z
 ORG = "org"
 LLM = Metric.parse("llm_tokens", "completions.input_tokens + completions.output_tokens")
-
-
-class Monotonic:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def monotonic(monkeypatch: pytest.MonkeyPatch) -> Monotonic:
-    fake = Monotonic()
-    monkeypatch.setattr("meterkit.quotas._time.monotonic", fake)
-    return fake
 
 
 def completion(i: int, out: int, *, model: str = "gpt-4o") -> Event:
