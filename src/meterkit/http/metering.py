@@ -54,6 +54,7 @@ __all__ = [
     "Unidentified",
     "Usage",
     "bearer_token",
+    "check_priced",
     "merge_headers",
     "openai_refusal",
     "rate_limit_headers",
@@ -84,6 +85,14 @@ DEFAULT_COST: Mapping[str, int] = MappingProxyType({"queries": 1})
 # When nothing better is known (a gauge limit frees up only when something is removed), a
 # refused client is told to come back in a minute rather than hammer the server every second.
 FALLBACK_RETRY_AFTER = 60
+
+
+def check_priced(value: object) -> dict[str, dict[str, int]]:
+    """Priced usage, ``{meter: {measure: amount}}``, every amount whole and non-negative (a
+    ``ValidationError`` names ``price`` or ``price.<meter>``)."""
+    if not isinstance(value, Mapping):
+        raise ValidationError("price", "must map meter names to {measure: amount}")
+    return {str(meter): check_amounts(v, f"price.{meter}") for meter, v in value.items()}
 
 
 # -- the request-scoped usage handle ---------------------------------------------------------
@@ -127,12 +136,7 @@ class Usage:
         """Report the usage the request really priced (``{meter: {measure: amount}}``; adds
         up across calls): with the guard's ``price=`` estimate, the request is settled to it
         and recorded as priced events, so its spend and its costs are this usage."""
-        if not isinstance(usage, Mapping):
-            raise ValidationError("price", "must map meter names to {measure: amount}")
-        clean = {
-            str(meter): check_amounts(measures, f"price.{meter}")
-            for meter, measures in usage.items()
-        }
+        clean = check_priced(usage)
         with self._lock:
             for meter, measures in clean.items():
                 into = self._priced.setdefault(meter, {})
@@ -369,10 +373,8 @@ class Metering(Generic[R]):
         self.identify = identify
         self.cost = cost
         if price is not None and not callable(price):
-            if not isinstance(price, Mapping):
-                raise ValidationError("price", "must map meter names to {measure: amount}")
             price = MappingProxyType(
-                {m: MappingProxyType(check_amounts(v, f"price.{m}")) for m, v in price.items()}
+                {m: MappingProxyType(v) for m, v in check_priced(price).items()}
             )
         self.price = price
         self.on_refused: OnRefused = on_refused or openai_refusal
@@ -498,11 +500,7 @@ class Metering(Generic[R]):
         if price is None:
             return None
         found = price(request) if callable(price) else price
-        if not found:
-            return None
-        if not isinstance(found, Mapping):
-            raise ValidationError("price", "must map meter names to {measure: amount}")
-        return {str(m): check_amounts(v, f"price.{m}") for m, v in found.items()}
+        return check_priced(found) if found else None
 
     def _admit(
         self,
