@@ -45,9 +45,9 @@ from http_helpers import (
     send,
     used,
 )
-from meterkit import Decision, Meter, Plan
+from meterkit import Decision, Meter, Plan, ValidationError
 from meterkit.asgi import MeteringMiddleware, create_app, current_usage
-from meterkit.http.metering import rate_limit_headers, retry_after_seconds
+from meterkit.http.metering import Usage, rate_limit_headers, retry_after_seconds
 from meterkit.quotas import LimitState
 
 Scope = MutableMapping[str, Any]
@@ -527,6 +527,22 @@ def test_bad_options_are_refused_at_once() -> None:
         MeteringMiddleware(app, meter=meter, cost={"rate_limit_rpm": 1})
     with pytest.raises(ValueError, match="ttl"):
         MeteringMiddleware(app, meter=meter, ttl=0)
+    with pytest.raises(ValidationError) as bad:
+        MeteringMiddleware(app, meter=meter, price=["tokens"])  # type: ignore[arg-type]
+    assert bad.value.field == "price"
+    with pytest.raises(ValidationError) as bad:
+        MeteringMiddleware(app, meter=meter, price={"tokens": {"tokens": -1}})
+    assert bad.value.field == "price.tokens.tokens"
+
+
+def test_a_bad_priced_report_is_refused_and_changes_nothing() -> None:
+    usage = Usage("org")
+    usage.price({"completions": {"input_tokens": 10}})
+    for bad in ({"completions": {"input_tokens": -1}}, {"completions": 5}, "completions"):
+        with pytest.raises(ValidationError) as refused:
+            usage.price(bad)  # type: ignore[arg-type]
+        assert refused.value.field.startswith("price")
+    assert usage.priced == {"completions": {"input_tokens": 10}}
 
 
 # -- the framework-neutral pieces --------------------------------------------------------------
