@@ -45,6 +45,7 @@ KEYS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "writer": ("org_a", "member", ("usage:write",)),
     "admin_ro": ("org_a", "admin", ("usage:read",)),
     "other": ("org_b", "admin", ("usage:read", "usage:write")),
+    "operator": ("ops", "admin", ("operator",)),
     "revoked": ("org_a", "admin", ("usage:read", "usage:write")),
 }
 
@@ -1202,6 +1203,8 @@ MATRIX_ALERT = {
 
 def valid_request(method: str, path: str) -> tuple[list[tuple[str, str]], Any]:
     """A request every route answers 2xx for, given the right key."""
+    if path.startswith("/v1/operator/"):
+        return [], OPERATOR_BODIES.get((method, path.rsplit("/", 1)[1]))
     if path.endswith("/spend_limit") and method == "POST":
         return [], {"currency": "USD", "interval": "month", "threshold_amount": 1000}
     if "/spend_alerts" in path:
@@ -1225,6 +1228,29 @@ def valid_request(method: str, path: str) -> tuple[list[tuple[str, str]], Any]:
     return [], None
 
 
+OPERATOR_BODIES: dict[tuple[str, str], Any] = {
+    ("PUT", "{plan_id}"): {"limits": {"tokens": 10}},
+    ("PUT", "plan"): {"plan": "free"},
+    ("POST", "credit_grants"): {"credits": 1},
+    ("PUT", "spend_cap"): {"threshold_amount": 1000},
+}
+OPERATOR_ROUTES = [
+    ("GET", "/v1/operator/plans/{plan_id}"),
+    ("PUT", "/v1/operator/plans/{plan_id}"),
+    *(
+        (method, f"/v1/operator/organizations/{{organization_id}}/{tail}")
+        for method, tail in [
+            ("GET", "plan"),
+            ("PUT", "plan"),
+            ("POST", "credit_grants"),
+            ("GET", "spend_cap"),
+            ("PUT", "spend_cap"),
+            ("DELETE", "spend_cap"),
+        ]
+    ),
+]
+
+
 def auth_routes() -> list[Route]:
     return [r for s in default_surfaces() for r in s.routes if r.auth and not r.hidden]
 
@@ -1239,7 +1265,9 @@ def test_auth_matrix(env: Env, route: Route) -> None:
     query, body = valid_request(route.method, route.path)
     expected_shape = "fastapi" if route.errors.name == "fastapi" else "openai"
     path = route.path.replace("{alert_id}", "spalert_matrix")
+    path = path.replace("{plan_id}", "free").replace("{organization_id}", "org_a")
     env.meter.set_spend_limit("org_a", 1000)  # what the spend routes read and delete
+    env.meter.set_spend_cap("org_a", 2000)
     env.meter.put_spend_alert("org_a", "spalert_matrix", MATRIX_ALERT)
     env.meter.record("requests", {"requests": 1}, organization_id="org_a", id="matrix")
 
@@ -1258,13 +1286,17 @@ def test_auth_matrix(env: Env, route: Route) -> None:
         assert r.status == 401, kw
         assert shape_of(r) == expected_shape
         assert header(r, "www-authenticate") == "Bearer"
-    wrong = "writer" if route.scope == "usage:read" else "member"
+    operator = route.scope == "operator"
+    if operator:  # what the operator routes read
+        env.meter.set_plan(Plan("free"))
+        env.meter.assign_plan("org_a", "free")
+    wrong = "writer" if route.scope == "usage:read" else "admin" if operator else "member"
     r = send(key=wrong)
     assert r.status == 403 and shape_of(r) == expected_shape
     if route.admin:
         r = send(key="member_rw")
         assert r.status == 403 and shape_of(r) == expected_shape
-    ok = send(key="admin")
+    ok = send(key="operator" if operator else "admin")
     assert 200 <= ok.status < 300, data(ok)
 
 
@@ -1278,6 +1310,7 @@ def test_every_authenticated_route_is_in_the_matrix() -> None:
         ("POST", "/v1/events"),
         *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS, *CORRECTION_PATHS]),
         *SPEND_ROUTES,
+        *OPERATOR_ROUTES,
     }
     assert covered == documented
 
@@ -1635,6 +1668,7 @@ def test_openapi_lists_every_route(env: Env) -> None:
         ("GET", "/dashboard/{asset}"),
         *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS, *CORRECTION_PATHS]),
         *SPEND_ROUTES,
+        *OPERATOR_ROUTES,
     }
     assert listed == served == contract
     assert doc["components"]["securitySchemes"]["bearerAuth"] == {

@@ -62,7 +62,7 @@ _CACHES: weakref.WeakKeyDictionary[Meter, _KeyCache] = weakref.WeakKeyDictionary
 _INDEXED: weakref.WeakSet[Meter] = weakref.WeakSet()
 DEFAULT_PREFIX = "mk_"
 ROLES: tuple[str, ...] = ("member", "admin")
-SCOPES: tuple[str, ...] = ("usage:read", "usage:write")
+SCOPES: tuple[str, ...] = ("usage:read", "usage:write", "operator")
 Role = Literal["member", "admin"]
 
 _ID_HEX = 16  # 8 random bytes: ids only need to be unique, the secret carries the strength

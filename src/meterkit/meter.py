@@ -911,15 +911,29 @@ class Meter:
         """Create or replace a plan (kept by the store)."""
         return self.quotas.set_plan(plan)
 
+    def get_plan(self, plan_id: str) -> Plan | None:
+        """A stored plan, or ``None``."""
+        return self.quotas.get_plan(check_id("plan_id", plan_id))
+
     def assign_plan(self, organization_id: str, plan: str, *, seats: int = 1) -> OrgPlan:
         """Put an organization on a plan."""
         return self.quotas.assign(organization_id, plan, seats=seats)
 
     def grant_credits(
-        self, organization_id: str, credits: int, *, expires_at: int | None = None
+        self,
+        organization_id: str,
+        credits: int,
+        *,
+        expires_at: int | None = None,
+        id: str | None = None,
     ) -> Grant:
-        """Add purchased credits on top of the plan allowance."""
-        return self.quotas.grant(organization_id, credits, expires_at=expires_at)
+        """Add purchased credits on top of the plan allowance. A grant given again with the
+        same ``id`` replaces it, so a retried grant is never added twice."""
+        return self.quotas.grant(organization_id, credits, expires_at=expires_at, id=id)
+
+    def plan_of(self, organization_id: str) -> tuple[OrgPlan | None, Plan | None]:
+        """The organization's assignment and its plan (``None`` where there is none)."""
+        return self.quotas.plan_of(check_id("organization_id", organization_id))
 
     def check(
         self,

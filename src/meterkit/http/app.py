@@ -40,6 +40,7 @@ def default_surfaces() -> tuple[Surface, ...]:
         meta,
         openai,
         operations,
+        operator,
         plan,
         quota,
         spend,
@@ -55,6 +56,7 @@ def default_surfaces() -> tuple[Surface, ...]:
         account.SURFACE,
         events.SURFACE,
         operations.SURFACE,
+        operator.SURFACE,
     )
 
 
