@@ -73,6 +73,24 @@ def cluster_client(url: str) -> Any:
     return RedisCluster.from_url(plain.split("?")[0], socket_connect_timeout=2)
 
 
+def clear_redis(url: str, prefix: str) -> None:
+    """Delete every key starting with ``prefix`` (a test's own) from the Redis or Redis Cluster
+    at ``url``."""
+    import redis
+
+    client = cluster_client(url) if url.startswith("redis+cluster") else redis.Redis.from_url(url)
+    try:
+        found = list(client.scan_iter(match=prefix + "*"))
+        if found:
+            if url.startswith("redis+cluster"):
+                for key in found:  # keys of several slots: one by one
+                    client.delete(key)
+            else:
+                client.delete(*found)
+    finally:
+        client.close()
+
+
 def drop_schemas(url: str, prefix: str) -> None:
     """Drop every schema whose name starts with ``prefix`` (a test run's own)."""
     import psycopg

@@ -54,13 +54,4 @@ def open_shared(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Open
     for meter in opened:
         meter.close()
     for server, prefix in keys:
-        import redis
-
-        if server.startswith("redis+cluster"):
-            client = services.cluster_client(server)
-        else:
-            client = redis.Redis.from_url(server)
-        found = list(client.scan_iter(match=prefix + "*"))
-        if found:
-            client.delete(*found)
-        client.close()
+        services.clear_redis(server, prefix)

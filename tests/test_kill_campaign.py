@@ -17,10 +17,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 import services
-from meterkit import Meter, Plan
+from meterkit import Event, Meter, Plan
+from meterkit.countlog import KIND
 from meterkit.recovery import counter_differences
 
 T0 = 1_730_419_200
@@ -32,8 +34,8 @@ CHILD = textwrap.dedent(
     from meterkit import Event, Meter
 
     T0 = 1_730_419_200
-    url, seed = sys.argv[1], int(sys.argv[2])
-    meter = Meter(url, clock=lambda: T0 + 3600)
+    url, seed, counters = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
+    meter = Meter(url, clock=lambda: T0 + 3600, counters=counters)
     lock = threading.Lock()
 
     def worker(k):
@@ -57,26 +59,53 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'kill.db'}"
-        return
-    base = services.postgres_url()
-    schema = f"mk_k{uuid.uuid4().hex[:10]}"
-    yield services.with_params(base, schema=schema)
-    services.drop_schemas(base, schema)
+@attrs.frozen
+class Stores:
+    """Where the events live, and the counters when apart from them (Redis)."""
+
+    url: str
+    counters: str | None = None
+
+    def open(self) -> Meter:
+        return Meter(self.url, clock=lambda: T0 + 3600, counters=self.counters)
+
+
+@pytest.fixture(params=["sqlite", "postgres", "sqlite+redis", "postgres+redis"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
+    yield from _stores(request.param, tmp_path)
+
+
+@pytest.fixture(params=["sqlite+redis", "postgres+redis"])
+def apart(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
+    """Events and counters in two stores, which share no transaction."""
+    yield from _stores(request.param, tmp_path)
+
+
+def _stores(kind: str, tmp_path: Path) -> Iterator[Stores]:
+    counters = None
+    if kind.endswith("+redis"):
+        prefix = f"mkk{uuid.uuid4().hex[:10]}:"
+        counters = services.with_params(services.redis_url(), prefix=prefix)
+    if kind.startswith("sqlite"):
+        yield Stores(f"sqlite:///{tmp_path / 'kill.db'}", counters)
+    else:
+        base = services.postgres_url()
+        schema = f"mk_k{uuid.uuid4().hex[:10]}"
+        yield Stores(services.with_params(base, schema=schema), counters)
+        services.drop_schemas(base, schema)
+    if counters is not None:
+        services.clear_redis(services.redis_url(), prefix)
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_leaves_counters_equal_to_the_events(url: str) -> None:
+def test_kill_9_at_random_moments_leaves_counters_equal_to_the_events(stores: Stores) -> None:
     rng = random.Random(20261207)
-    with Meter(url, clock=lambda: T0 + 3600) as meter:
+    with stores.open() as meter:
         meter.set_plan(Plan("p", limits={"tokens": 10**12}))
         meter.assign_plan("org", "p")
     for run in range(RUNS):
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, url, str(run)],
+            [sys.executable, "-c", CHILD, stores.url, str(run), stores.counters or ""],
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -93,7 +122,7 @@ def test_kill_9_at_random_moments_leaves_counters_equal_to_the_events(url: str) 
         acknowledged += [i for line in child.stdout for i in line.split()]
         child.wait(timeout=30)
         assert child.returncode == -signal.SIGKILL, "the child finished before it was killed"
-        with Meter(url, clock=lambda: T0 + 3600) as meter:
+        with stores.open() as meter:
             meter.store.ensure_meter(meter.spec("tokens"))
             stored = {e.id for e in meter.store.scan("tokens", "org", 0, T0 + 3600)}
             assert set(acknowledged) <= stored, sorted(set(acknowledged) - stored)[:5]
@@ -101,13 +130,11 @@ def test_kill_9_at_random_moments_leaves_counters_equal_to_the_events(url: str) 
 
 
 def test_a_failure_between_the_events_and_their_count_stores_neither(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The deterministic form of a kill between the two: the process dies counting."""
-    from meterkit import Event
-
     events = [Event(f"e{i}", "tokens", "org", T0 + 60, {"tokens": 1000}) for i in range(5)]
-    with Meter(url, clock=lambda: T0 + 3600) as meter:
+    with stores.open() as meter:
         meter.set_plan(Plan("p", limits={"tokens": 6000}))
         meter.assign_plan("org", "p")
 
@@ -125,6 +152,75 @@ def test_a_failure_between_the_events_and_their_count_stores_neither(
         assert meter.quotas.used("org", "tokens") == 5000
         assert counter_differences(meter, "org") == {}
         assert not meter.check("org", {"tokens": 1001}).allowed
+
+
+def _plan(meter: Meter) -> list[Event]:
+    meter.set_plan(Plan("p", limits={"tokens": 6000}))
+    meter.assign_plan("org", "p")
+    return [Event(f"e{i}", "tokens", "org", T0 + 60, {"tokens": 1000}) for i in range(5)]
+
+
+class Killed(BaseException):
+    """The process dies here: nothing after it runs (not even an ``except Exception``)."""
+
+
+def test_a_kill_after_the_events_commit_before_the_redis_counters_is_replayed(
+    apart: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events committed, their counter changes never reached Redis: the next meter on the
+    store applies them from the record written with the events."""
+    with apart.open() as meter:
+        events = _plan(meter)
+
+        def killed(*_args: object, **_kw: object) -> None:
+            raise Killed
+
+        monkeypatch.setattr(meter.counters, "counters_apply", killed)
+        monkeypatch.setattr(meter.counters, "counters_add", killed)
+        with pytest.raises(Killed):
+            meter.record_many(events)
+        monkeypatch.undo()
+        meter.store.ensure_meter(meter.spec("tokens"))
+        assert len(list(meter.store.scan("tokens", "org", 0, T0 + 3600))) == 5
+        assert len(meter.store.list_records(KIND)) == 1
+        meter._closed = True  # noqa: SLF001 -- a dead process gives nothing back
+    with apart.open() as meter:
+        assert meter.quotas.used("org", "tokens") == 0  # nothing applied before a write or flush
+        assert counter_differences(meter, "org") == {}
+        assert meter.quotas.used("org", "tokens") == 5000
+        assert meter.store.list_records(KIND) == []
+        assert not meter.check("org", {"tokens": 1001}).allowed
+
+
+def test_changes_applied_but_not_cleared_before_a_kill_count_once(
+    apart: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Applied to Redis, killed before the record was deleted: replaying it (in any number of
+    processes) counts nothing twice."""
+    with apart.open() as meter:
+        events = _plan(meter)
+        delete = meter.store.delete_record
+
+        def killed(kind: str, key: str) -> bool:
+            if kind == KIND:
+                raise Killed
+            return bool(delete(kind, key))
+
+        monkeypatch.setattr(meter.store, "delete_record", killed)
+        with pytest.raises(Killed):
+            meter.record_many(events)
+        monkeypatch.undo()
+        assert meter.quotas.used("org", "tokens") == 5000
+        assert len(meter.store.list_records(KIND)) == 1
+        meter._closed = True  # noqa: SLF001
+    with apart.open() as one, apart.open() as two:
+        assert one.quotas.countlog is not None and two.quotas.countlog is not None
+        (key, data), = one.store.list_records(KIND)
+        assert one.quotas.countlog.replay() == 1
+        two.store.put_record(KIND, key, data)  # a second process read it before the delete
+        assert two.quotas.countlog.replay() == 1
+        assert one.quotas.used("org", "tokens") == 5000
+        assert counter_differences(one, "org") == {}
 
 
 @pytest.mark.slow

@@ -346,13 +346,7 @@ def ledger_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tup
     yield base, redis
     services.drop_schemas(base, f"mk_m{RUN}")
     if redis is not None:
-        import redis as redis_client
-
-        client = redis_client.Redis.from_url(redis)
-        found = list(client.scan_iter(match=f"mkm{RUN}*"))
-        if found:
-            client.delete(*found)
-        client.close()
+        services.clear_redis(redis, f"mkm{RUN}")
 
 
 def test_the_ledger_holds_for_every_way_usage_arrives(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -553,18 +554,33 @@ class Meter:
         self._stored(self._checked(events, single=False), counted=True)
 
     def _atomic_writes(self) -> Callable[[], contextlib.AbstractContextManager[None]] | None:
-        """How to make events and their counter changes one store transaction: the store's
-        transaction (SQLite, memory), or, with its counters in it, PostgreSQL's atomic_writes."""
-        begin = getattr(self.store, "transaction", None)
-        if begin is None and self.counters is self.store:
-            begin = getattr(self.store, "atomic_writes", None)
+        """How to make events and the counter changes they cause commit together: the store's
+        transaction (SQLite, memory; PostgreSQL's atomic_writes), with the counters in it or,
+        where they are apart (Redis), with their changes logged in it and applied after it
+        commits (:mod:`meterkit.countlog`)."""
+        begin = getattr(self.store, "transaction", None) or getattr(
+            self.store, "atomic_writes", None
+        )
+        log = self.quotas.countlog
+        if begin is not None and log is not None:
+            begin = functools.partial(log.around, begin)
         return cast("Callable[[], contextlib.AbstractContextManager[None]] | None", begin)
+
+    @contextlib.contextmanager
+    def _writes(self) -> Iterator[None]:
+        """A :meth:`transaction` in which events and their counter changes commit together."""
+        begin = self._atomic_writes()
+        with self.transaction(), begin() if begin is not None else contextlib.nullcontext():
+            yield
 
     def _append_and_count(self, events: Sequence[Event]) -> list[Event]:
         """The group writer's write: the new events, and their usage counted, in one store
         transaction where the store has them (run again, whole, when the store aborted it as
         a deadlock victim)."""
         begin = self._atomic_writes()
+        log = self.quotas.countlog
+        if log is not None and log.due:
+            log.replay()  # what a killed writer left, before this process counts anew
         for attempt in itertools.count():
             try:
                 with (
@@ -583,16 +599,17 @@ class Meter:
     def _count(self, new: Sequence[Event]) -> None:
         """Count newly stored events in the quota counters.
 
-        Where the events and the counters share no transaction (PostgreSQL events with Redis
-        counters), the events are durable once appended, whatever happens to counting them:
-        a failure of the counters (Redis down, say) is logged, not raised, so the events stay
-        acknowledged and are never stored "again" as duplicates;
-        :func:`~meterkit.recovery.rebuild_counters` counts them.
+        Inside :meth:`_atomic_writes` the changes commit with the events (logged there, where
+        the counters are apart). Outside one (a store without transactions), the events are
+        durable once appended, whatever happens to counting them: a failure of the counters
+        is logged, not raised, so the events stay acknowledged and are never stored "again"
+        as duplicates; :func:`~meterkit.recovery.rebuild_counters` counts them.
         """
         if not new:
             return
         if self._atomic_writes() is not None:
-            self.quotas.feed(new)  # in the store's transaction: a failure undoes the append
+            # In the store's transaction: a failure undoes the append.
+            self.quotas.feed(new)
             return
         try:
             self.quotas.feed(new)
@@ -648,6 +665,9 @@ class Meter:
         committed = False
         try:
             begin = getattr(self.store, "transaction", None)
+            log = self.quotas.countlog
+            if begin is not None and log is not None:
+                begin = functools.partial(log.around, begin)
             with begin() if begin is not None else contextlib.nullcontext():
                 yield
             committed = True
@@ -1364,7 +1384,7 @@ class Meter:
             corrections_module.event_dict(old),
             corrections_module.event_dict(new),
         )
-        with self.transaction():
+        with self._writes():
             replaced = replace(spec, new)
             if replaced is None:
                 raise ValidationError("event_id", f"no event {eid!r} of meter {spec.name!r}")
@@ -1419,9 +1439,13 @@ class Meter:
                     raise
                 except Exception:
                     logger.exception("meterkit: deferred store call failed")
+            log = self.quotas.countlog
+            if log is not None and log.due:
+                log.replay()
             leases = self.quotas.leases
             reporting = leases is not None and (release_leases or leases.pending())
-            begin = self._atomic_writes()
+            # The report in the events' transaction where the counters are in the store.
+            begin = self._atomic_writes() if self.counters is self.store else None
             if reporting and begin is not None:
                 assert leases is not None
                 self._report_and_write(leases, begin, release_leases)
@@ -1478,7 +1502,7 @@ class Meter:
         new ones not counted yet, and tell the observers after it commits."""
         events = counted + uncounted
         self._ensure_meters_of(events)
-        with self.transaction():
+        with self._writes():
             new = self.store.append(events)
             waiting = {id(e) for e in uncounted}
             self._count([e for e in new if id(e) in waiting])

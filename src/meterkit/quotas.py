@@ -25,6 +25,7 @@ import attrs
 from meterkit import spend as spend_module
 from meterkit.catalog import CHARGES_METER
 from meterkit.counters import fits
+from meterkit.countlog import Changes, CountLog
 from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.ids import new_id
 from meterkit.leases import DEFAULT_TTL, LEASED, Contended, Leases
@@ -405,6 +406,12 @@ class Quotas:
         """Plans, counters and events all live in this process (``memory://``): deciding and
         settling never wait on I/O."""
         self.leases: Leases | None = Leases(self.counters, ttl=lease_ttl) if leases else None
+        # Counters apart from the events: their changes go through a write-ahead record.
+        self.countlog: CountLog | None = (
+            CountLog(self.store, self.counters, self.meter.now, self._applied)
+            if self.counters is not self.store
+            else None
+        )
 
     @property
     def store(self) -> Any:
@@ -560,6 +567,7 @@ class Quotas:
         on a cluster). With ``absorb`` (a journal of what was charged) this process's leases
         take them first; ``local``: what is left waits for the next flush (an event loop)."""
         now = self.meter.now()
+        log = self.countlog.collecting() if self.countlog is not None else None
         for org in sorted(by_org):
             changes = self._charge(sorted((k, d) for k, d in by_org[org].items() if d), now, absorb)
             if not changes:
@@ -567,11 +575,20 @@ class Quotas:
             if local:
                 self.meter._defer(functools.partial(self.counters.counters_add, changes, now=now))
                 continue
+            if log is not None:
+                # Written with the events, applied once they commit (meterkit.countlog).
+                log.append((org, changes, {k: months[k] for k, _ in changes if k in months}))
+                continue
             values = self.counters.counters_add(changes, now=now)
-            for (key, _), value in zip(changes, values):
-                month = months.get(key)
-                if month is not None:
-                    self._alert(org, self.spending(org)[1], value, month)
+            self._applied((org, changes, months), values)
+
+    def _applied(self, changes: Changes, values: Sequence[int]) -> None:
+        """Counter changes made, with the values after: fire the spend alerts they reach."""
+        org, deltas, months = changes
+        for (key, _), value in zip(deltas, values):
+            month = months.get(key)
+            if month is not None:
+                self._alert(org, self.spending(org)[1], value, month)
 
     def _charge(
         self, changes: list[tuple[str, int]], now: int, journal: list[Any] | None

@@ -149,6 +149,8 @@ def rebuild_counters(
     # This process's leases and queued debits reach the store first, so the events hold all
     # this meter decided; leases taken afterwards start from the rebuilt counters.
     meter.flush(release_leases=True)
+    if meter.quotas.countlog is not None:
+        meter.quotas.countlog.replay()  # changes a killed writer logged with its events
     now = meter.now()
     if organization_id is not None:
         orgs = [organization_id]
@@ -200,6 +202,8 @@ def counter_differences(meter: Meter, organization_id: str) -> dict[str, tuple[i
     ``{metric: (from the events, counted)}``: what :func:`rebuild_counters` would fix. Changes
     no counter (this process's leases and queued debits are flushed first, as there)."""
     meter.flush(release_leases=True)
+    if meter.quotas.countlog is not None:
+        meter.quotas.countlog.replay()  # changes a killed writer logged with its events
     now = meter.now()
     period = meter.quotas.period(organization_id, now)
     out: dict[str, tuple[int, int]] = {}
