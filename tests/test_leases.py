@@ -19,7 +19,7 @@ import pytest
 
 from clock import Clock
 from meterkit import Meter, Metric, Plan
-from meterkit.leases import LEASED, STRANDED
+from meterkit.leases import ABSORBED, LEASED, STRANDED
 from meterkit.recovery import counter_differences, rebuild_counters
 from shared_store import OpenShared
 
@@ -274,7 +274,7 @@ def test_a_forked_child_starts_without_its_parents_leases(open_shared: OpenShare
 HOLDER = textwrap.dedent(
     """
     import sys
-    from meterkit import Meter
+    from meterkit import Event, Meter
 
     T0 = int(sys.argv[3])
     counters = sys.argv[2] or None
@@ -284,8 +284,11 @@ HOLDER = textwrap.dedent(
     for i in range(40):
         assert m.check("org", {"tokens": 1}).allowed
     m.flush()
-    for i in range(10):
-        assert m.check("org", {"tokens": 1}).allowed
+    if sys.argv[4] == "check":
+        for i in range(10):
+            assert m.check("org", {"tokens": 1}).allowed
+    else:  # recorded usage, stored (acknowledged) and charged to the lease, not reported
+        m.record_many([Event(f"r{i}", "tokens", "org", T0, {"tokens": 1}) for i in range(10)])
     print("ready", flush=True)
     sys.stdin.readline()  # killed while waiting here
     """
@@ -308,7 +311,7 @@ def test_a_lease_holder_killed_mid_race_never_causes_over_admission(
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
     child = subprocess.Popen(
-        [sys.executable, str(script), url, counters_url, str(T0)],
+        [sys.executable, str(script), url, counters_url, str(T0), "check"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -344,6 +347,50 @@ def test_a_lease_holder_killed_mid_race_never_causes_over_admission(
         "tokens", "tokens", organization_id=ORG, start_time=day, end_time=day + 2 * 86400
     )
     assert recorded == before + 40
+    assert counter_differences(survivor, ORG) == {}
+    assert rebuild_counters(survivor, ORG)[ORG]["tokens"] == limit
+
+
+@pytest.mark.slow
+def test_a_killed_holders_absorbed_recorded_usage_is_counted_once(
+    open_shared: OpenShared, tmp_path: Path
+) -> None:
+    """The holder records 10 tokens its lease absorbs (stored, not reported) and dies: the
+    expiry counts its held units as used, and the counter still equals the events plus the
+    stranded units less what the events show already, so ``doctor`` is clean."""
+    limit = 800
+    clock = Clock(T0)
+    survivor = open_shared(clock)
+    on_plan(survivor, limits={"tokens": limit})
+    counters = survivor.counters
+    counters_url = "" if counters is survivor.store else counters.url
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    child = subprocess.Popen(
+        [sys.executable, str(script), survivor.url, counters_url, str(T0), "record"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    key = _period_key(survivor)
+    leased, absorbed = counters.counters_read([key + LEASED, key + ABSORBED], now=T0)
+    assert 0 < absorbed <= 10, "the lease's spare units took what they could"
+    assert counter_differences(survivor, ORG) == {}, "while the hold lives"
+    before = admit_until_refused(survivor, most=limit)
+    assert before == limit - 40 - (10 - absorbed) - leased
+    clock.t = T0 + 3601
+    survivor.flush()
+    assert admit_until_refused(survivor, most=limit) == 0
+    assert before + 40 + 10 <= limit
+    assert counters.counters_read([key + STRANDED], now=clock.t) == [leased]
     assert counter_differences(survivor, ORG) == {}
     assert rebuild_counters(survivor, ORG)[ORG]["tokens"] == limit
 

@@ -53,6 +53,7 @@ from meterkit.errors import ValidationError
 from meterkit.models import CounterLine, CounterResult, Hold
 
 __all__ = [
+    "ABSORBED",
     "DEFAULT_FLUSH_INTERVAL",
     "DEFAULT_TTL",
     "LEASED",
@@ -74,6 +75,13 @@ STRANDED = "\x1fstranded"
 """Suffix of the counter holding a quota counter's units stranded by leases that expired
 unreported: counted as consumed (its holder may have used them), so never handed to another
 process; part of what the counter holds beside the events (see :mod:`meterkit.recovery`)."""
+
+ABSORBED = "\x1fabsorbed"
+"""Suffix of the counter holding the units of a quota counter's leases that recorded usage
+consumed, stored with its events and not reported yet: the events show them, the counter does
+not (it holds the lease's units as leased). Written in the events' own transaction and taken
+back by the report that counts them, so ``counter = events + stranded - absorbed`` holds at
+every moment, for a holder killed before its report too (see :mod:`meterkit.recovery`)."""
 
 STEP = "\x1fstep"
 """Suffix of the counter holding the largest usage recorded at once against a quota counter,
@@ -156,6 +164,7 @@ class _Lease:
     usable_until: int  # meter clock: half a ttl after the hold was last written, at most ``ends``
     unused: int = 0
     consumed: int = 0  # since the last report (quota leases)
+    absorbed: int = 0  # of consumed: recorded usage, counted in ABSORBED with its events
     reserved: int = 0  # held by open reservations, neither unused nor consumed yet
     returned: int = 0  # consumed, then taken back: freed from the hold at the next report
     taken: int = 0  # what the hold records for this lease (quota leases)
@@ -373,16 +382,18 @@ class Leases:
             return extra
 
     def absorb(
-        self, deltas: Sequence[tuple[str, int]], now: int
-    ) -> tuple[list[tuple[str, int]], list[tuple[_Lease, int]]]:
+        self, deltas: Sequence[tuple[str, int]], now: int, *, stored: bool = True
+    ) -> tuple[list[tuple[str, int]], list[tuple[_Lease, int, int]]]:
         """Charge recorded usage to this process's quota leases first.
 
         ``deltas`` are ``(counter key, units)`` about to be added to the shared counters.
         Returns what the leases could not absorb (to add to the counters now) and what they
         did absorb, for :meth:`unabsorb` should the write that recorded it roll back.
+        ``stored``: the usage's events commit with what is returned (a write's transaction),
+        which then counts the absorbed units in :data:`ABSORBED` too.
         """
         rest: list[tuple[str, int]] = []
-        taken: list[tuple[_Lease, int]] = []
+        taken: list[tuple[_Lease, int, int]] = []
         with self._lock:
             for key, delta in deltas:
                 lease = self._leases.get(key)
@@ -394,7 +405,11 @@ class Leases:
                     back = min(-delta, lease.consumed)
                     lease.consumed -= back
                     lease.returned += back
-                    taken.append((lease, -back))
+                    was = min(back, lease.absorbed) if stored else 0
+                    lease.absorbed -= was
+                    if was:
+                        rest.append((key + ABSORBED, -was))
+                    taken.append((lease, -back, -was))
                     delta += back
                 elif delta > 0 and (lease is None or not lease.rate):
                     if delta > self._recorded.get(key, 0):
@@ -414,16 +429,20 @@ class Leases:
                         lease.unused -= use
                         lease.consumed += use
                         lease.recent += use
-                        taken.append((lease, use))
+                        if stored and use:
+                            lease.absorbed += use
+                            rest.append((key + ABSORBED, use))
+                        taken.append((lease, use, use if stored else 0))
                         delta -= use
                 if delta:
                     rest.append((key, delta))
         return rest, taken
 
-    def unabsorb(self, taken: Sequence[tuple[_Lease, int]]) -> None:
+    def unabsorb(self, taken: Sequence[tuple[_Lease, int, int]]) -> None:
         """Give back what :meth:`absorb` charged, for usage that was not stored after all."""
         with self._lock:
-            for lease, use in taken:
+            for lease, use, absorbed in taken:
+                lease.absorbed -= absorbed
                 if use > 0:
                     back = min(use, lease.consumed)
                     lease.consumed -= back
@@ -586,12 +605,12 @@ class Leases:
             if lease.org == state.org and not lease.rate and not lease.closing:
                 lease.usable_until = min(until, lease.ends)
 
-    def _lapse_if_expired(self, state: _Org, now: int) -> list[tuple[_Lease, int, int]]:
+    def _lapse_if_expired(self, state: _Org, now: int) -> list[tuple[_Lease, int, int, int]]:
         """The store expires a hold by counting its units as consumed: they are no longer
         this process's.
 
         Returns the leases whose count is still to be corrected (by the caller, before its
-        next take), as ``(lease, consumed, taken)``. Under the lock.
+        next take), as ``(lease, consumed, taken, absorbed)``. Under the lock.
         """
         if not state.expires_at or now < state.expires_at:
             return []
@@ -604,7 +623,7 @@ class Leases:
         for lease in self._leases.values():
             if lease.org == state.org and not lease.rate:
                 if lease.taken or lease.consumed or lease.reserved:
-                    lapsed.append((lease, lease.consumed, lease.taken))
+                    lapsed.append((lease, lease.consumed, lease.taken, lease.absorbed))
                 lease.taken = lease.unused = 0
                 lease.closing = True
         return lapsed
@@ -617,16 +636,19 @@ class Leases:
         if lapsed:
             self._count_lapsed(state, lapsed, now)
 
-    def _count_lapsed(self, state: _Org, lapsed: list[tuple[_Lease, int, int]], now: int) -> None:
+    def _count_lapsed(
+        self, state: _Org, lapsed: list[tuple[_Lease, int, int, int]], now: int
+    ) -> None:
         """The store counted every unit the expired hold held as consumed and stranded: count
         instead what the leases did consume, and hold again what open reservations hold (it
         was admitted). Under the organization's lock."""
         deltas: dict[str, int] = {}
         held: dict[str, int] = {}
-        for lease, consumed, taken in lapsed:
+        for lease, consumed, taken, absorbed in lapsed:
             for key, delta in (
                 (lease.key, consumed - taken),
                 (lease.key + STRANDED, -taken),
+                (lease.key + ABSORBED, -absorbed),
             ):
                 deltas[key] = deltas.get(key, 0) + delta
             if lease.reserved:
@@ -641,8 +663,9 @@ class Leases:
             hold = Hold(state.hold_id, state.org, _lease_hold(held), now + self.ttl)
         self.counters.counters_apply(lines, now=now, hold=hold)
         with self._lock:
-            for lease, c, _taken in lapsed:
+            for lease, c, _taken, absorbed in lapsed:
                 lease.consumed -= c
+                lease.absorbed -= absorbed
                 lease.taken = lease.reserved
             if hold is not None:
                 state.expires_at = now + self.ttl
@@ -815,6 +838,7 @@ class Leases:
             given_back = lease.unused if drop else 0
             consumed = lease.consumed
             returned = lease.returned
+            absorbed = 0 if lease.rate else lease.absorbed
             freed = 0
             if lease.rate:
                 if given_back:
@@ -822,13 +846,16 @@ class Leases:
             else:
                 if consumed:
                     deltas[lease.key] = deltas.get(lease.key, 0) + consumed
+                if absorbed:
+                    key = lease.key + ABSORBED
+                    deltas[key] = deltas.get(key, 0) - absorbed
                 freed = min(lease.taken, consumed + given_back + returned)
                 held = lease.key + LEASED
                 if freed:
                     deltas[held] = deltas.get(held, 0) - freed
                 if lease.taken > freed:
                     amounts[held] = amounts.get(held, 0) + lease.taken - freed
-            plan.append((name, lease, consumed, given_back, freed, drop, returned))
+            plan.append((name, lease, consumed, given_back, freed, drop, returned, absorbed))
             if not drop:
                 lease.block = max(1, 2 * lease.recent)
                 lease.recent, lease.fresh = 0, False
@@ -852,8 +879,9 @@ class Leases:
             with self._lock:
                 if holding:
                     state.seq += 1
-                for name, lease, consumed, given_back, freed, drop, returned in plan:
+                for name, lease, consumed, given_back, freed, drop, returned, absorbed in plan:
                     lease.consumed -= consumed
+                    lease.absorbed -= absorbed
                     lease.returned -= returned
                     lease.taken -= freed
                     lease.unused -= given_back

@@ -531,7 +531,8 @@ class Quotas:
         rounded down and spend added up, so a counter never runs below the cost."""
         by_org, months = self._deltas(removed, added)
         journal = getattr(self._absorbed, "taken", None)
-        self._add(by_org, months, absorb=journal)
+        # Inside a write (absorbing): these events commit with what the leases absorb.
+        self._add(by_org, months, absorb=journal, stored=True)
 
     def _deltas(
         self, removed: Sequence[Event], added: Sequence[Event]
@@ -562,14 +563,18 @@ class Quotas:
         *,
         absorb: list[Any] | None = None,
         local: bool = False,
+        stored: bool = False,
     ) -> None:
         """Add ``by_org``'s deltas to the counters, one call per organization (one hash slot
         on a cluster). With ``absorb`` (a journal of what was charged) this process's leases
-        take them first; ``local``: what is left waits for the next flush (an event loop)."""
+        take them first (``stored``: in the transaction of the events that cause them);
+        ``local``: what is left waits for the next flush (an event loop)."""
         now = self.meter.now()
         log = self.countlog.collecting() if self.countlog is not None else None
         for org in sorted(by_org):
-            changes = self._charge(sorted((k, d) for k, d in by_org[org].items() if d), now, absorb)
+            changes = self._charge(
+                sorted((k, d) for k, d in by_org[org].items() if d), now, absorb, stored=stored
+            )
             if not changes:
                 continue
             if local:
@@ -591,14 +596,20 @@ class Quotas:
                 self._alert(org, self.spending(org)[1], value, month)
 
     def _charge(
-        self, changes: list[tuple[str, int]], now: int, journal: list[Any] | None
+        self,
+        changes: list[tuple[str, int]],
+        now: int,
+        journal: list[Any] | None,
+        *,
+        stored: bool = False,
     ) -> list[tuple[str, int]]:
         """``changes`` charged to this process's leases first, when ``journal`` (what was
         charged, to give back on a rollback) is given: their spare units are what this usage
-        spent (see meterkit.leases). Returns what is left for the shared counters."""
+        spent (see meterkit.leases). Returns what is left for the shared counters (with
+        ``stored``, the absorbed units too: see meterkit.leases.ABSORBED)."""
         if self.leases is None or journal is None:
             return changes
-        rest, taken = self.leases.absorb(changes, now)
+        rest, taken = self.leases.absorb(changes, now, stored=stored)
         journal.extend(taken)
         return rest
 

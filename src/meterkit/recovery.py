@@ -28,7 +28,10 @@ exactly as they were counted when recorded.
 A lease whose holder stopped reporting (``kill -9``) expires by counting every unit it still
 held as consumed — its holder may have used them — and adds them to the counter's
 :data:`~meterkit.leases.STRANDED` twin, which the events do not show: a rebuild keeps them (the
-counter is the events plus the stranded units) until the period ends.
+counter is the events plus the stranded units) until the period ends. Recorded usage a lease
+absorbed is in the events before its report counts it: its
+:data:`~meterkit.leases.ABSORBED` twin, written with those events, is taken off until then —
+for a holder killed before that report as well, whose stranded units include it.
 
 Requests admitted while a rebuild runs are counted twice or not at all for the metrics being
 rebuilt at that moment; run it before sending traffic to the new counters, or accept that drift.
@@ -40,7 +43,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from meterkit.counters import clamp
-from meterkit.leases import STRANDED
+from meterkit.leases import ABSORBED, STRANDED
 from meterkit.metrics import contributions
 from meterkit.models import MeterSpec, Number
 from meterkit.periods import Period
@@ -123,16 +126,18 @@ def _gauge_value(meter: Meter, spec: MeterSpec, org: str, now: int) -> Number | 
 
 def _from_events(meter: Meter, spec: MeterSpec, org: str, period: Period, now: int) -> int | None:
     """What a quota metric's counter should hold by the events: a gauge's current value
-    (``None`` without any event), else the period's total so far plus the units leases that
-    expired unreported stranded (clamped: a sum of many events may pass the counters' bound)."""
+    (``None`` without any event), else the period's total so far, plus the units leases that
+    expired unreported stranded, less the recorded usage leases absorbed and did not report
+    yet (clamped: a sum of many events may pass the counters' bound)."""
     measure = spec.measure(spec.name)
     assert measure is not None
     if measure.gauge:
         gauge = _gauge_value(meter, spec, org, now)
         return None if gauge is None else clamp(int(gauge))
     key = Quotas.period_key(org, spec.name, period)
-    (stranded,) = meter.counters.counters_read([key + STRANDED], now=now)
-    return clamp(int(metric_total(meter, spec.name, org, period.start, now + 1)) + stranded)
+    stranded, absorbed = meter.counters.counters_read([key + STRANDED, key + ABSORBED], now=now)
+    total = int(metric_total(meter, spec.name, org, period.start, now + 1))
+    return clamp(total + stranded - absorbed)
 
 
 def rebuild_counters(
