@@ -183,7 +183,7 @@ def test_a_kill_after_the_events_commit_before_the_redis_counters_is_replayed(
         meter.store.ensure_meter(meter.spec("tokens"))
         assert len(list(meter.store.scan("tokens", "org", 0, T0 + 3600))) == 5
         assert len(meter.store.list_records(KIND)) == 1
-        meter._closed = True  # noqa: SLF001 -- a dead process gives nothing back
+        meter._closed = True  # a dead process gives nothing back
     with apart.open() as meter:
         assert meter.quotas.used("org", "tokens") == 0  # nothing applied before a write or flush
         assert counter_differences(meter, "org") == {}
@@ -212,10 +212,10 @@ def test_changes_applied_but_not_cleared_before_a_kill_count_once(
         monkeypatch.undo()
         assert meter.quotas.used("org", "tokens") == 5000
         assert len(meter.store.list_records(KIND)) == 1
-        meter._closed = True  # noqa: SLF001
+        meter._closed = True  # a dead process gives nothing back
     with apart.open() as one, apart.open() as two:
         assert one.quotas.countlog is not None and two.quotas.countlog is not None
-        (key, data), = one.store.list_records(KIND)
+        ((key, data),) = one.store.list_records(KIND)
         assert one.quotas.countlog.replay() == 1
         two.store.put_record(KIND, key, data)  # a second process read it before the delete
         assert two.quotas.countlog.replay() == 1

@@ -199,6 +199,45 @@ def test_a_report_whose_answer_was_lost_is_never_counted_twice(
     assert admit_until_refused(a) == 1000 - 7
 
 
+def test_a_commit_retried_after_its_answer_was_lost_counts_once(
+    open_shared: OpenShared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reservation decided in the store (no lease): the store settled it, the answer timed
+    out, the caller commits again. The settle marker says it was settled, not expired, so the
+    usage is counted once; a hold that did expire still counts its usage on commit."""
+    from meterkit import StoreUnavailable
+
+    clock = Clock(T0)
+    a = open_shared(clock, leases=False)
+    on_plan(a, limits={"tokens": 1000})
+    counters = a.counters
+    real = counters.counters_settle
+    lost: list[int] = []
+
+    def answer_lost(hold_id: str, deltas: Any, *, now: int) -> bool:
+        done: bool = real(hold_id, deltas, now=now)
+        if not lost:
+            lost.append(1)
+            raise StoreUnavailable("the answer timed out")
+        return done
+
+    reservation = a.reserve(ORG, {"tokens": 100})
+    monkeypatch.setattr(counters, "counters_settle", answer_lost)
+    with pytest.raises(StoreUnavailable):
+        reservation.commit({"tokens": 30})
+    reservation.commit({"tokens": 30})
+    monkeypatch.undo()
+    assert a.quotas.used(ORG, "tokens") == 30, "counted once"
+    assert counter_differences(a, ORG) == {}
+    expired = a.reserve(ORG, {"tokens": 100}, ttl=60)
+    clock.t = T0 + 61  # the hold gave its 100 back
+    assert a.quotas.used(ORG, "tokens") == 30
+    expired.commit({"tokens": 20})  # the usage still happened
+    assert a.quotas.used(ORG, "tokens") == 50
+    assert counter_differences(a, ORG) == {}
+    assert admit_until_refused(a) == 1000 - 50
+
+
 def test_a_report_after_the_store_expired_its_hold_counts_nothing_twice(
     open_shared: OpenShared,
 ) -> None:

@@ -352,6 +352,15 @@ class Reservation:
             self.release()
 
 
+_SETTLED = 2
+_MARKER_GRACE = 3600  # seconds a settle marker outlives its hold: a retry comes sooner
+
+
+def _settle_marker(org: str, hold_id: str) -> str:
+    """The counter that tells a reservation settled from one whose hold expired."""
+    return f"r\x1f{org}\x1f{hold_id}"
+
+
 class Quotas:
     """Plans, assignments, grants and decisions for one :class:`~meterkit.Meter`."""
 
@@ -1404,16 +1413,23 @@ class Quotas:
         counters = [ln.counter for ln in lines]
         hold = None
         if hold_ttl is not None:
+            # The settle marker: 1 while held, 0 once the hold expired, 2 once settled, so a
+            # settle sent again after its answer was lost is known as done, not as expired.
+            marker = _settle_marker(org, decision_id)
             hold = Hold(
                 decision_id,
                 org,
-                tuple(
-                    (ln.counter.key, ln.counter.amount)
-                    for ln in lines
-                    if ln.window == 0 and ln.counter.amount
+                (
+                    *(
+                        (ln.counter.key, ln.counter.amount)
+                        for ln in lines
+                        if ln.window == 0 and ln.counter.amount
+                    ),
+                    (marker, 1),
                 ),
                 now + hold_ttl,
             )
+            counters.append(CounterLine(marker, 1, None, now + hold_ttl + _MARKER_GRACE))
 
         described: list[Decision] = []
 
@@ -1421,6 +1437,8 @@ class Quotas:
             # The debit and the event that records it commit together where the store can.
             with self._atomic():
                 result: CounterResult = self.counters.counters_apply(counters, now=now, hold=hold)
+                if hold is not None:  # without the settle marker's line
+                    result = CounterResult(result.admitted, result.used[:-1], result.previous[:-1])
                 if result.admitted and hold_ttl is None:
                     described.append(self._describe(org, lines, result, now, decision_id))
                     self._after_debit(described[0], lines, clean, dimensions, now, price, mode)
@@ -1802,10 +1820,16 @@ class Quotas:
                 continue
             target = 0 if actual is None else actual[metric]
             deltas.append((line.counter.key, target - held))
+        marker = _settle_marker(reservation.organization_id, reservation.id)
+        deltas.append((marker, 1))
         settle_done = False
         try:
             with self._atomic():
                 settled = self.counters.counters_settle(reservation.id, deltas, now=now)
+                if not settled:
+                    # Gone: expired, or settled by an attempt whose answer was lost.
+                    (mark,) = self.counters.counters_read([marker], now=now)
+                    settled = mark >= _SETTLED
                 settle_done = True
                 if actual is not None:
                     self._settled(reservation, actual, settled, now)
