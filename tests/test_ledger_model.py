@@ -43,8 +43,18 @@ OUTPUT_PRICE = Decimal(10)  # dollars per million output tokens
 RUN = uuid.uuid4().hex[:8]
 
 
-def cost_of(tokens: int) -> Decimal:
-    return OUTPUT_PRICE * tokens / PER_M
+PRICE = {
+    "meter": "completions",
+    "measure": "output_tokens",
+    "unit_price": str(OUTPUT_PRICE),
+    "per": PER_M,
+    "line_item": "output",
+    "quantity_unit": "tokens",
+}
+
+
+def cost_of(tokens: int, price: Decimal = OUTPUT_PRICE) -> Decimal:
+    return price * tokens / PER_M
 
 
 class Ledger(RuleBasedStateMachine):
@@ -64,6 +74,8 @@ class Ledger(RuleBasedStateMachine):
         self.cap = 0  # the spend limit in cents
         self.n = 0
         self.completions: dict[str, int] = {}  # recorded completions events: id -> tokens
+        self.price = OUTPUT_PRICE  # dollars per million output tokens, from now on
+        self.priced_at: dict[str, Decimal] = {}  # each completions event's price (its time's)
         self.token = ""  # an admin key of the organization, for HTTP ingest
 
     def open(self) -> Meter:
@@ -75,16 +87,7 @@ class Ledger(RuleBasedStateMachine):
         n = 1 if self.url == "memory://" else self.processes
         self.meters = [self.open() for _ in range(n)]
         m = self.meters[0]
-        m.set_price(
-            {
-                "meter": "completions",
-                "measure": "output_tokens",
-                "unit_price": str(OUTPUT_PRICE),
-                "per": PER_M,
-                "line_item": "output",
-                "quantity_unit": "tokens",
-            }
-        )
+        m.set_price(PRICE)
         self.limit, self.cap = limit, cap
         m.set_plan(Plan("model", limits={"tokens": limit}))
         m.assign_plan(ORG, "model")
@@ -97,9 +100,11 @@ class Ledger(RuleBasedStateMachine):
         self.n += 1
         return f"e{self.n}"
 
-    def counted(self, tokens: int) -> None:
+    def counted(self, tokens: int, event_id: str | None = None) -> None:
         self.tokens += tokens
-        self.spent += cost_of(tokens)
+        self.spent += cost_of(tokens, self.price)
+        if event_id is not None:
+            self.priced_at[event_id] = self.price
 
     def fits(self, tokens: int, spend: Decimal) -> bool:
         """Whether a decision asking ``tokens`` (none: no token line) and ``spend`` (at least
@@ -117,7 +122,7 @@ class Ledger(RuleBasedStateMachine):
         event_id = self.next_id()
         m.record("completions", {"output_tokens": tokens}, organization_id=ORG, id=event_id)
         self.completions[event_id] = tokens
-        self.counted(tokens)
+        self.counted(tokens, event_id)
 
     @rule(i=st.integers(0, 1), sizes=st.lists(st.integers(1, 200), min_size=1, max_size=3))
     def ingest_over_http(self, i: int, sizes: list[int]) -> None:
@@ -142,7 +147,7 @@ class Ledger(RuleBasedStateMachine):
         assert answer.status == 200
         for event, n in zip(batch, sizes):
             self.completions[event["id"]] = n
-            self.counted(n)
+            self.counted(n, event["id"])
 
     @precondition(lambda self: self.completions)
     @rule(i=st.integers(0, 1), pick=st.integers(0, 10**6))
@@ -152,7 +157,7 @@ class Ledger(RuleBasedStateMachine):
         m.void("completions", ORG, event_id, reason="model", actor="test")
         tokens = self.completions.pop(event_id)
         self.tokens -= tokens
-        self.spent -= cost_of(tokens)
+        self.spent -= cost_of(tokens, self.priced_at[event_id])
 
     @precondition(lambda self: self.completions)
     @rule(i=st.integers(0, 1), pick=st.integers(0, 10**6), tokens=st.integers(1, 300))
@@ -178,7 +183,8 @@ class Ledger(RuleBasedStateMachine):
         before = self.completions[event_id]
         self.completions[event_id] = tokens
         self.tokens += tokens - before
-        self.spent += cost_of(tokens) - cost_of(before)
+        price = self.priced_at[event_id]  # the event keeps its time, and so its price
+        self.spent += cost_of(tokens, price) - cost_of(before, price)
 
     @rule(i=st.integers(0, 1), ask=st.integers(1, 50), used=st.integers(0, 80))
     def a_guarded_request(self, i: int, ask: int, used: int) -> None:
@@ -212,7 +218,7 @@ class Ledger(RuleBasedStateMachine):
         assert result.accepted == len(sizes) and result.duplicates == 1
         for event, n in zip(events, sizes):
             self.completions[event.id] = n
-            self.counted(n)
+            self.counted(n, event.id)
 
     @rule(i=st.integers(0, 1), ask=st.integers(1, 50), then=st.integers(0, 300))
     def check_then_record(self, i: int, ask: int, then: int) -> None:
@@ -256,7 +262,7 @@ class Ledger(RuleBasedStateMachine):
             reservation = m.reserve(ORG, {}, price=price)
         except QuotaExceeded:
             return
-        assert self.fits(0, cost_of(tokens))
+        assert self.fits(0, cost_of(tokens, self.price))
         reservation.commit()
         self.counted(tokens)  # its priced event: spend, and the tokens metric it feeds
 
@@ -284,6 +290,20 @@ class Ledger(RuleBasedStateMachine):
     def change_the_plan(self, limit: int) -> None:
         self.meters[0].set_plan(Plan("model", limits={"tokens": limit}))
         self.limit = limit
+        for m in self.meters[1:]:
+            m.quotas._forget()  # another process sees it within cache_seconds; here at once
+
+    @rule(price=st.sampled_from([Decimal(3), Decimal(10), Decimal(25)]))
+    def change_the_price(self, price: Decimal) -> None:
+        """A new version of the output price, from the next second on: what was recorded
+        keeps its price, what comes is billed and counted at the new one."""
+        if self.clock.t + 1 >= self.meters[0].spend(ORG).period_end:
+            return
+        self.clock.t += 1
+        self.meters[0].set_price(
+            {**PRICE, "unit_price": str(price), "effective_from": self.clock.t}
+        )
+        self.price = price
         for m in self.meters[1:]:
             m.quotas._forget()  # another process sees it within cache_seconds; here at once
 

@@ -26,6 +26,7 @@ import services
 from clock import Clock
 from meterkit import Event, Meter, QuotaExceeded, ValidationError, hookimpl
 from meterkit.config import load_config
+from meterkit.recovery import counter_differences, rebuild_counters
 from meterkit.notify import (
     AlertNotice,
     DeliveryFailed,
@@ -265,6 +266,36 @@ def test_spend_is_the_months_costs_whatever_path_the_usage_took(
         assert not m.check(o, {}, price={"completions": {"input_tokens": 10**12}}).allowed
         m.flush()
         assert m.spend(o).counted == Decimal(3)
+
+
+def test_a_price_set_after_the_usage_reprices_this_months_spend(
+    url: tuple[str, str | None],
+) -> None:
+    """Usage recorded before any price, then a price effective from the start of time, then a
+    version effective from mid-month: spend follows the costs each time, and the next
+    process's rebuild agrees (spend was $0 while costs said $2)."""
+    with open_meter(url, Clock(NOW)) as m:
+        o = org()
+        m.set_spend_limit(o, 1000)
+        record(m, o, 400_000, t=MONTH_START + 60)
+        record(m, o, 400_000, t=NOW - 60)
+        record(m, o, 400_000, t=MONTH_START - 60)  # last month: not this month's spend
+        m.flush()
+        assert m.spend(o).counted == 0
+
+        def costs() -> Decimal:
+            page = m.costs(organization_id=o, start_time=MONTH_START, end_time=NOW + 1, limit=31)
+            return page.totals().get("usd", Decimal(0))
+
+        price(m)  # $2.50 per million, effective from the start of time
+        assert m.spend(o).counted == costs() == Decimal(2)
+        price(m, unit="5.00", effective_from=NOW - 3600)  # the second event's price doubles
+        assert m.spend(o).counted == costs() == Decimal(3)
+        record(m, o, 200_000)
+        m.flush()
+        assert m.spend(o).counted == costs() == Decimal(4)
+        assert counter_differences(m, o) == {}
+        assert rebuild_counters(m, o)[o]["spend"] == 4 * 10**9
 
 
 def test_spend_given_in_dollars_is_billed_as_charges(url: tuple[str, str | None]) -> None:

@@ -34,7 +34,7 @@ from meterkit.models import Event, UsagePage
 from meterkit.periods import BillingCycle
 from meterkit.plans import UNLIMITED, Plan
 from meterkit.pricing import price_to_dict
-from meterkit.recovery import counter_differences
+from meterkit.recovery import counted_organizations, counter_differences
 from meterkit.stores.base import RollupStore
 
 __all__ = ["COMMANDS"]
@@ -1280,7 +1280,7 @@ def _plan_metrics(m: Meter) -> Iterator[tuple[str, bool]]:
 
 
 def _counters(m: Meter) -> Iterator[tuple[str, bool]]:
-    orgs = [key for key, _ in m.store.list_records("org")]
+    orgs = counted_organizations(m)
     wrong = []
     for org in orgs:
         for metric, (want, got) in counter_differences(m, org).items():

@@ -857,8 +857,12 @@ class Meter:
         """Add or replace a price version (kept by the store)."""
         if isinstance(price, Mapping):
             price = pricing.price_from_dict(price, self._specs)
+        self.flush()  # what was recorded at the old prices is in the events
+        before = self._book()  # as stored now, not as cached
         saved = pricing.save_price(self.store, price, specs=self._specs)
         self.quotas._forget()  # spend is counted at the new prices from now on
+        # and this month's events so far are repriced, so spend keeps equal to the costs.
+        self.quotas.reprice(before, saved.meter)
         return saved
 
     def prices(self) -> PriceBook:

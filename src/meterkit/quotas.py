@@ -940,13 +940,54 @@ class Quotas:
         now = self.meter.now() if at is None else at
         return self._read_counted(organization_id, self.spend_key(organization_id, now), now)
 
+    def spend_from(
+        self, events: Iterable[Event], book: PriceBook | None = None
+    ) -> tuple[dict[str, int], int]:
+        """What ``events`` contribute to spend as one batch, at ``book`` (default: the prices
+        now): nano-dollars per spend key (each month summed exactly and rounded up once), and
+        how many of them are priced — each batch is rounded up on its own as recorded, so a
+        counter may exceed this by less than a nano-dollar per priced event."""
+        book = self.price_book() if book is None else book
+        priced = [e for e in events if book.prices_meter(e.meter)]
+        by_org: dict[str, dict[str, int]] = {}
+        self._feed_spend(priced, by_org, book=book)
+        return {k: v for changes in by_org.values() for k, v in changes.items()}, len(priced)
+
+    def reprice(self, before: PriceBook, meter: str) -> None:
+        """After a price change for ``meter``: move each organization's spend counter of this
+        month by what the change does to the month's costs of the events recorded so far, so
+        spend keeps equal to the costs (a version effective in the past reprices them)."""
+        after = self.price_book()
+        if not (before.prices_meter(meter) or after.prices_meter(meter)):
+            return
+        lister = getattr(self.store, "organizations", None)
+        spec = self.meter._specs.get(meter)
+        if lister is None or spec is None:
+            return
+        now = self.meter.now()
+        month = default_period_of(now)
+        self.store.ensure_meter(spec)
+        for org in lister(meter):
+            events = list(self.store.scan(meter, org, month.start, now + 1))
+            if not events:
+                continue
+            key = self.spend_key(org, now)
+            old = self.spend_from(events, before)[0].get(key, 0)
+            new = self.spend_from(events, after)[0].get(key, 0)
+            if new != old:
+                self.counters.counters_add([(key, new - old)], now=now)
+
     def _feed_spend(
-        self, events: Sequence[Event], by_org: dict[str, dict[str, int]], sign: int = 1
+        self,
+        events: Sequence[Event],
+        by_org: dict[str, dict[str, int]],
+        sign: int = 1,
+        book: PriceBook | None = None,
     ) -> dict[str, Period]:
         """Add the priced events' spend to ``by_org``; the month of each spend key added.
 
         Each organization's month is summed exactly and rounded up once per batch."""
-        book = self.price_book()
+        book = self.price_book() if book is None else book
         months: dict[str, Period] = {}
         if not len(book):
             return months

@@ -47,7 +47,9 @@ from meterkit.leases import ABSORBED, STRANDED
 from meterkit.metrics import contributions
 from meterkit.models import MeterSpec, Number
 from meterkit.periods import Period
+from meterkit.pricing import default_period_of
 from meterkit.quotas import Quotas
+from meterkit.spend import CAP_RECORD, LIMIT_RECORD, SPEND
 
 
 class Events(Protocol):
@@ -73,7 +75,13 @@ class Meter(Events, Protocol):
     def flush(self, *, release_leases: bool = ...) -> None: ...
 
 
-__all__ = ["counter_differences", "metric_total", "quota_metrics", "rebuild_counters"]
+__all__ = [
+    "counted_organizations",
+    "counter_differences",
+    "metric_total",
+    "quota_metrics",
+    "rebuild_counters",
+]
 
 
 def quota_metrics(meter: Meter) -> list[MeterSpec]:
@@ -140,16 +148,36 @@ def _from_events(meter: Meter, spec: MeterSpec, org: str, period: Period, now: i
     return clamp(total + stranded - absorbed)
 
 
+def _spend_from_events(meter: Meter, org: str, now: int) -> tuple[str, int, int] | None:
+    """The spend counter of the month by the events — its key, its value (the priced events'
+    cost rounded up once, plus stranded, less absorbed units, as for a metric) and how many
+    priced events there are — or ``None`` where nothing is priced."""
+    book = meter.quotas.price_book()
+    if not len(book):
+        return None
+    month = default_period_of(now)
+    events: list[Any] = []
+    for name, spec in meter.meters.items():
+        if book.prices_meter(name):
+            meter.store.ensure_meter(spec)
+            events.extend(meter.store.scan(name, org, month.start, now + 1))
+    found, priced = meter.quotas.spend_from(events)
+    key = meter.quotas.spend_key(org, now)
+    stranded, absorbed = meter.counters.counters_read([key + STRANDED, key + ABSORBED], now=now)
+    return key, clamp(found.get(key, 0) + stranded - absorbed), priced
+
+
 def rebuild_counters(
     meter: Meter, organization_id: str | None = None, *, metrics: Iterable[str] | None = None
 ) -> dict[str, dict[str, int]]:
     """Recompute ``meter``'s period counters and gauges from its event store.
 
-    Rebuilds one organization, or (``None``) every organization assigned a plan (and, with
-    ``metrics``, every one with events that feed them); every quota metric, or only
-    ``metrics``. Returns
-    ``{organization: {metric: value set}}``; a gauge with no recorded event is left alone and
-    not listed. Every value is *set*, not added, so running it twice is harmless.
+    Rebuilds one organization, or (``None``) every organization assigned a plan or given a
+    spend limit or cap (and, with ``metrics``, every one with events that feed them); every
+    quota metric and the month's spend (listed as ``"spend"``, in nano-dollars), or only
+    ``metrics``. Returns ``{organization: {metric: value set}}``; a gauge with no recorded
+    event is left alone and not listed. Every value is *set*, not added, so running it twice is
+    harmless.
     """
     # This process's leases and queued debits reach the store first, so the events hold all
     # this meter decided; leases taken afterwards start from the rebuilt counters.
@@ -160,7 +188,7 @@ def rebuild_counters(
     if organization_id is not None:
         orgs = [organization_id]
     else:
-        orgs = [key for key, _ in meter.store.list_records("org")]
+        orgs = counted_organizations(meter)
         if metrics is not None:
             orgs = sorted(set(orgs) | _with_usage(meter, set(metrics)))
     counters = meter.counters
@@ -183,8 +211,22 @@ def rebuild_counters(
                 counters.counters_set(
                     Quotas.period_key(org, metric, period), found, now=now, expires_at=period.end
                 )
+        spend = None if only is not None else _spend_from_events(meter, org, now)
+        if spend is not None:
+            key, value, _priced = spend
+            counters.counters_set(key, value, now=now, expires_at=default_period_of(now).end)
+            values[SPEND] = value
         report[org] = values
     return report
+
+
+def counted_organizations(meter: Events) -> list[str]:
+    """The organizations whose counters a rebuild or ``doctor`` goes over by default: every one
+    assigned a plan or given a spend limit or cap."""
+    found = {key for key, _ in meter.store.list_records("org")}
+    for kind in (LIMIT_RECORD, CAP_RECORD):
+        found.update(key for key, _ in meter.store.list_records(kind))
+    return sorted(found)
 
 
 def _with_usage(meter: Meter, metrics: set[str]) -> set[str]:
@@ -205,7 +247,9 @@ def _with_usage(meter: Meter, metrics: set[str]) -> set[str]:
 def counter_differences(meter: Meter, organization_id: str) -> dict[str, tuple[int, int]]:
     """The quota counters of ``organization_id`` that differ from what its events give, as
     ``{metric: (from the events, counted)}``: what :func:`rebuild_counters` would fix. Changes
-    no counter (this process's leases and queued debits are flushed first, as there)."""
+    no counter (this process's leases and queued debits are flushed first, as there). Spend
+    (``"spend"``, nano-dollars) differs when below the month's costs, or above them by more
+    than the rounding up of each recorded batch (a nano-dollar per priced event)."""
     meter.flush(release_leases=True)
     if meter.quotas.countlog is not None:
         meter.quotas.countlog.replay()  # changes a killed writer logged with its events
@@ -220,4 +264,11 @@ def counter_differences(meter: Meter, organization_id: str) -> dict[str, tuple[i
         got = meter.quotas.used(organization_id, metric, at=now)
         if want != got:
             out[metric] = (want, got)
+    spend = _spend_from_events(meter, organization_id, now)
+    if spend is not None:
+        _key, want, priced = spend
+        got = meter.quotas.spent(organization_id, now)
+        # Each recorded batch was rounded up on its own: up to a nano-dollar per priced event.
+        if not want <= got <= want + priced:
+            out[SPEND] = (want, got)
     return out
