@@ -66,8 +66,8 @@ class Stores:
     url: str
     counters: str | None = None
 
-    def open(self) -> Meter:
-        return Meter(self.url, clock=lambda: T0 + 3600, counters=self.counters)
+    def open(self, at: int = T0 + 3600) -> Meter:
+        return Meter(self.url, clock=lambda: at, counters=self.counters)
 
 
 @pytest.fixture(params=["sqlite", "postgres", "sqlite+redis", "postgres+redis"])
@@ -221,6 +221,62 @@ def test_changes_applied_but_not_cleared_before_a_kill_count_once(
         assert two.quotas.countlog.replay() == 1
         assert one.quotas.used("org", "tokens") == 5000
         assert counter_differences(one, "org") == {}
+
+
+def test_a_kill_between_decisions_events_and_their_lease_report_leaves_the_rule_true(
+    apart: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counters apart: a flush stores the leased decisions' events (and counts their units as
+    absorbed, in the write-ahead record), then dies before the lease report. Once the hold
+    expires, the counter holds every unit it had as used and ``doctor`` is clean."""
+    with apart.open() as meter:
+        meter.set_plan(Plan("p", limits={"tokens": 5000}))
+        meter.assign_plan("org", "p")
+        for _ in range(10):
+            assert meter.check("org", {"tokens": 7}).allowed
+        leases = meter.quotas.leases
+        assert leases is not None
+
+        def killed(*_args: object, **_kw: object) -> None:
+            raise Killed
+
+        monkeypatch.setattr(leases, "_send_report", killed)
+        with pytest.raises(Killed):
+            meter.flush()
+        monkeypatch.undo()
+        meter._closed = True  # a dead process gives nothing back
+    with apart.open(at=T0 + 3600 + 3600) as meter:  # the hold expired meanwhile
+        meter.store.ensure_meter(meter.spec("tokens"))
+        assert len(list(meter.store.scan("tokens", "org", 0, T0 + 7200))) == 10
+        assert counter_differences(meter, "org") == {}
+        admitted = 0
+        while meter.check("org", {"tokens": 1}).allowed:
+            admitted += 1
+        assert 70 + admitted <= 5000, "nothing handed on"
+
+
+def test_one_write_of_several_changes_for_one_organization_counts_them_all(
+    apart: Stores,
+) -> None:
+    """A flush that stores a guarded request's events logs two changes of one organization
+    (the decision's absorbed units, the request event's count): applied under one marker,
+    both count (the second was once refused as already applied)."""
+    from meterkit.auth import create_key
+    from meterkit.http.metering import Metering, Ticket
+
+    with apart.open() as meter:
+        meter.set_plan(Plan("p", limits={"tokens": 50}))
+        meter.assign_plan("org", "p")
+        token, _ = create_key(meter, "org", "admin", ["usage:read", "usage:write"])
+        guard: Metering[str] = Metering(
+            meter, authorization=lambda t: f"Bearer {t}", cost={"tokens": 1}
+        )
+        ticket = guard.begin(token, method="GET", path="/work")
+        assert isinstance(ticket, Ticket)
+        guard.finish(ticket, status=200, method="GET", route="/work")
+        meter.flush()
+        assert meter.quotas.used("org", "requests") == 1
+        assert counter_differences(meter, "org") == {}
 
 
 @pytest.mark.slow

@@ -26,7 +26,6 @@ import services
 from clock import Clock
 from meterkit import Event, Meter, QuotaExceeded, ValidationError, hookimpl
 from meterkit.config import load_config
-from meterkit.recovery import counter_differences, rebuild_counters
 from meterkit.notify import (
     AlertNotice,
     DeliveryFailed,
@@ -35,6 +34,7 @@ from meterkit.notify import (
     sign,
     verify_signature,
 )
+from meterkit.recovery import counter_differences, rebuild_counters
 from meterkit.spend import NANO, SpendAlert, to_nano
 from notify_helpers import SmtpSink, smtp_server, webhook_server
 

@@ -105,11 +105,11 @@ class CountLog:
             with begin():
                 yield
                 if log:
-                    self.store.put_record(KIND, key, _record(log, self.clock()))
+                    self.store.put_record(KIND, key, _record(_merged(log), self.clock()))
         finally:
             self._local.log = None
         if log:
-            self._apply(key, log, self.clock() + KEEP_SECONDS)
+            self._apply(key, _merged(log), self.clock() + KEEP_SECONDS)
 
     def replay(self) -> int:
         """Apply every record left behind; how many there were."""
@@ -142,6 +142,22 @@ class CountLog:
                 "the counters (unavailable); applied at the next flush or open",
                 key,
             )
+
+
+def _merged(log: list[Changes]) -> list[Changes]:
+    """One entry per organization (its changes apply in one call, under one marker)."""
+    deltas: dict[str, dict[str, int]] = {}
+    months: dict[str, dict[str, Period]] = {}
+    for org, changes, spent in log:
+        mine = deltas.setdefault(org, {})
+        for k, d in changes:
+            mine[k] = mine.get(k, 0) + d
+        months.setdefault(org, {}).update(spent)
+    return [
+        (org, [(k, d) for k, d in sorted(mine.items()) if d], months[org])
+        for org, mine in sorted(deltas.items())
+        if any(mine.values())
+    ]
 
 
 def _record(log: list[Changes], now: int) -> dict[str, Any]:

@@ -754,13 +754,19 @@ class Leases:
                 self._report_locked(state, now, closing)
 
     @contextlib.contextmanager
-    def reporting(self) -> Iterator[Callable[[int, bool, Callable[[], None]], None]]:
+    def reporting(self) -> Iterator[Callable[..., None]]:
         """For a report inside a store transaction the caller opens: every organization's
         lock is taken first (in order: a take holds one and then waits for the store, so the
         store must never be held while waiting for one), then ``report(now, closing,
         snapshot)`` reports them, calling ``snapshot`` at the instant it reads the leases; what
         it changes in memory happens only if the block completes (the transaction
-        committed)."""
+        committed).
+
+        With ``write`` (counters apart from the events), ``write(absorbed)`` runs between
+        reading the leases and the report: it stores the events ``snapshot`` took and counts
+        ``absorbed`` — ``(organization, counter key + ABSORBED, units)``, what their decisions
+        consumed — with them (the write-ahead record); the report then takes those units back
+        from :data:`ABSORBED` as it counts them. A kill between leaves the rule true."""
         with self._lock:
             orgs = sorted({lease.org for lease in self._leases.values()})
         states = [self._org(org) for org in orgs]
@@ -769,17 +775,31 @@ class Leases:
             for state in states:
                 stack.enter_context(state.lock)
 
-            def report(now: int, closing: bool, snapshot: Callable[[], None]) -> None:
+            def report(
+                now: int,
+                closing: bool,
+                snapshot: Callable[[], None],
+                write: Callable[[list[tuple[str, str, int]]], None] | None = None,
+            ) -> None:
                 for state in states:
                     self._resolve(state, now)
                     self._recover_lapse(state, now)
+                durable = write is not None
                 with self._lock:
                     # One instant for the caller's queue and every lease: a decision queues
                     # its events with its consumption (_consume), so the report counts
                     # exactly the units of the events taken.
                     self._expire_reservations(now)
                     snapshot()
-                    planned = [self._plan_report(state, now, closing) for state in states]
+                    planned = [
+                        self._plan_report(state, now, closing, durable=durable) for state in states
+                    ]
+                if write is not None:
+                    decided = [item for plan in planned for item in plan[3]]
+                    write([(lease.org, lease.key + ABSORBED, c) for lease, c in decided])
+                    with self._lock:  # stored: ABSORBED holds them (or its record does)
+                        for lease, c in decided:
+                            lease.absorbed += c
                 for state, plan in zip(states, planned):
                     self._send_report(state, plan, now, done)
 
@@ -817,11 +837,16 @@ class Leases:
         if counted == state.seq + 1:
             unsure()
 
-    def _plan_report(self, state: _Org, now: int, closing: bool) -> tuple[Any, ...]:
+    def _plan_report(
+        self, state: _Org, now: int, closing: bool, *, durable: bool = False
+    ) -> tuple[Any, ...]:
         """What a report of one organization counts, gives back and keeps held, read from its
-        leases at once. Under the lock."""
+        leases at once. ``durable``: every unit consumed is to be in :data:`ABSORBED` before
+        the report (see :meth:`reporting`); the plan then lists what must be added there.
+        Under the lock."""
         org = state.org
         plan = []
+        decided: list[tuple[_Lease, int]] = []  # consumed by decisions, not in ABSORBED yet
         deltas: dict[str, int] = {}
         amounts: dict[str, int] = {}  # what the hold keeps: taken units not freed
         for name, lease in self._leases.items():
@@ -839,6 +864,9 @@ class Leases:
             consumed = lease.consumed
             returned = lease.returned
             absorbed = 0 if lease.rate else lease.absorbed
+            if durable and not lease.rate and consumed > absorbed:
+                decided.append((lease, consumed - absorbed))
+                absorbed = consumed
             freed = 0
             if lease.rate:
                 if given_back:
@@ -859,7 +887,7 @@ class Leases:
             if not drop:
                 lease.block = max(1, 2 * lease.recent)
                 lease.recent, lease.fresh = 0, False
-        return plan, deltas, amounts
+        return plan, deltas, amounts, decided
 
     def _send_report(
         self,
@@ -871,7 +899,7 @@ class Leases:
         """The store call of a planned report, then (or, with ``after``, once the caller's
         transaction commits) what it changes in memory. Under the organization's lock."""
         org = state.org
-        plan, deltas, amounts = planned
+        plan, deltas, amounts, _decided = planned
         changes = [(key, delta) for key, delta in deltas.items() if delta]
         holding = bool(amounts or state.expires_at)
 
