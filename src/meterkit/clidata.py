@@ -7,7 +7,6 @@ does not answer, and a command that only reads never creates a store.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import functools
 import gc
@@ -291,7 +290,7 @@ def import_(
     defaults = {k: v for k, v in (("meter", default_meter), ("organization_id", default_org)) if v}
     show = sys.stderr.isatty() if progress is None else progress
     m = _meter(config, db, existing=False)
-    totals = {"read": 0, "accepted": 0, "duplicates": 0, "conflicts": 0, "bad": 0}
+    totals = {"read": 0, "accepted": 0, "duplicates": 0, "conflicts": 0, "bad": 0, "reported": 0}
     conflicts: list[str] = []
     try:
         with _few_collections():
@@ -308,8 +307,22 @@ def import_(
     if conflicts:
         shown = ", ".join(conflicts[:10]) + (" …" if len(conflicts) > 10 else "")
         click.echo(f"conflicts (stored with other data, left unchanged): {shown}", err=True)
+    if totals["reported"] > MAX_REPORTED:
+        click.echo(
+            f"… and {totals['reported'] - MAX_REPORTED:,} more bad records not shown", err=True
+        )
     if totals["bad"]:
         raise SystemExit(2)
+
+
+MAX_REPORTED = 1000
+"""Bad records an import names one by one; the rest are counted."""
+
+
+def _report_bad(totals: dict[str, int], message: str) -> None:
+    totals["reported"] += 1
+    if totals["reported"] <= MAX_REPORTED:
+        click.echo(message, err=True)
 
 
 @contextmanager
@@ -362,18 +375,23 @@ def _import_file(
             totals["read"] += len(batch) + len(bad)
             if bad:
                 for record in bad:
-                    click.echo(
-                        f"{name}:{record.line}: {record.message} ({span}: not stored)", err=True
+                    _report_bad(
+                        totals, f"{name}:{record.line}: {record.message} ({span}: not stored)"
                     )
                 totals["bad"] += len(batch) + len(bad)
                 return
+            events = [e for _, e in batch]
             try:
-                result = m.record_many([e for _, e in batch])
+                result = m.record_many(events)
             except ValidationError as exc:
-                line = _line_of(exc.field, batch)
-                click.echo(
-                    f"{name}:{line}: {exc.field}: {exc.message} ({span}: not stored)", err=True
-                )
+                # Every bad event of the batch, not only the first, so one rerun fixes them.
+                found = m.invalid_events(events) or [(-1, exc)]
+                for _i, error in found:
+                    line = _line_of(error.field, batch)
+                    _report_bad(
+                        totals,
+                        f"{name}:{line}: {error.field}: {error.message} ({span}: not stored)",
+                    )
                 totals["bad"] += len(batch)
             else:
                 totals["accepted"] += result.accepted
@@ -698,10 +716,15 @@ def _emit(
 ) -> None:
     """Rows as a table with aligned numbers (rich), or CSV."""
     if fmt == "csv":
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(header)
+        # Text cells neutralised for spreadsheets (dimension values are the tenants' own).
+        sys.stdout.write(cliio.csv_row(cliio.escape_cell(h) for h in header))
         for row in rows:
-            writer.writerow(["" if v is None else _plain(v) for v in row])
+            sys.stdout.write(
+                cliio.csv_row(
+                    "" if v is None else cliio.escape_cell(v) if isinstance(v, str) else _plain(v)
+                    for v in row
+                )
+            )
         return
     from rich.console import Console
     from rich.table import Table

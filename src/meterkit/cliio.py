@@ -11,6 +11,14 @@ CSV columns are ``id``, ``meter``, ``organization_id``, ``time``, ``value.<measu
 unless written with a point or an exponent; a bool dimension reads ``true`` / ``false``.
 Times are Unix seconds or RFC 3339. A record without an id gets one derived from its content,
 so importing the same file again finds duplicates instead of new events.
+
+**Safe to open in a spreadsheet.** A text cell that a spreadsheet would run as a formula —
+starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return — is written with a
+``'`` in front (OWASP's advice against CSV injection), and so is one that starts with ``'``
+followed by such a character or another ``'``; reading takes exactly that ``'`` off again, so
+export → import is lossless (:func:`escape_cell`, :func:`unescape_cell`). Numbers are written
+as they are. A cell holding a comma, a quote, a line feed or a carriage return is quoted
+(:func:`csv_row`).
 """
 
 from __future__ import annotations
@@ -32,15 +40,48 @@ __all__ = [
     "FORMATS",
     "BadRecord",
     "Format",
+    "csv_row",
     "derived_id",
     "detect_format",
+    "escape_cell",
     "read_events",
+    "unescape_cell",
     "write_events",
 ]
 
 Format = Literal["ndjson", "json", "csv", "cloudevents"]
 FORMATS: tuple[str, ...] = ("ndjson", "json", "csv", "cloudevents")
 _CSV_FIELDS = ("id", "meter", "organization_id", "time")
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+_QUOTED = frozenset(',"\r\n')
+
+
+def escape_cell(text: str) -> str:
+    """A text cell a spreadsheet shows as text, never runs: ``'`` in front of one starting
+    with a formula character (or with ``'`` and then one, or ``''``)."""
+    if text.startswith(_FORMULA) or (
+        text.startswith("'") and len(text) > 1 and text[1] in "=+-@\t\r'"
+    ):
+        return "'" + text
+    return text
+
+
+def unescape_cell(text: str) -> str:
+    """What :func:`escape_cell` was given: its ``'`` taken off again (only that one)."""
+    if text.startswith("'") and len(text) > 1 and text[1] in "=+-@\t\r'":
+        return text[1:]
+    return text
+
+
+def csv_row(cells: Iterable[str]) -> str:
+    """One CSV line: cells joined by commas, each quoted where it holds a comma, a quote or
+    a line break (``\r`` too, which :mod:`csv` would leave bare), ending in ``\n``."""
+    out = [c if _QUOTED.isdisjoint(c) else '"' + c.replace('"', '""') + '"' for c in cells]
+    if out == [""]:
+        out = ['""']  # a row of one empty cell, not a blank line
+    return ",".join(out) + "\n"
 
 
 @attrs.frozen
@@ -184,6 +225,9 @@ def _csv_events(
         header = next(reader)
     except StopIteration:
         return
+    except csv.Error as exc:
+        yield 1, BadRecord(1, f"is not valid CSV: {exc}")
+        return
     fields = [mapping.get(name, name) for name in header]
     for name in fields:
         if name not in _CSV_FIELDS and not name.startswith(("value.", "dim.")):
@@ -196,7 +240,14 @@ def _csv_events(
                 ),
             )
             return
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # a cell over the field limit, a NUL byte
+            yield reader.line_num, BadRecord(reader.line_num, f"is not valid CSV: {exc}")
+            continue
         line = reader.line_num
         if not any(cell.strip() for cell in row):
             continue
@@ -204,7 +255,10 @@ def _csv_events(
             yield line, BadRecord(line, f"has {len(row)} cells, the header {len(fields)}")
             continue
         try:
-            cells = dict(zip(fields, row))
+            cells = {
+                name: text if name == "time" or name.startswith("value.") else unescape_cell(text)
+                for name, text in zip(fields, row)
+            }
             meter = cells.get("meter") or defaults.get("meter")
             org = cells.get("organization_id") or defaults.get("organization_id")
             if not meter:
@@ -270,9 +324,9 @@ def _ndjson_events(handle: IO[str], strings: _Strings) -> Iterator[tuple[int, Ev
     for line, text in enumerate(handle, 1):
         try:
             item = loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             if text.strip():
-                yield line, BadRecord(line, f"is not valid JSON: {str(exc)[:200]}")
+                yield line, BadRecord(line, _not_json(exc))
             continue
         event = _fast_native(item, strings)
         if event is not None:
@@ -310,22 +364,30 @@ def _events_of(
             yield line, BadRecord(line, f"{exc.field}: {exc.message}")
 
 
+def _not_json(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "is nested too deeply to read"
+    return f"is not valid JSON: {str(exc)[:200]}"
+
+
 def _ndjson_items(handle: IO[str]) -> Iterator[tuple[int, Any]]:
     for line, text in enumerate(handle, 1):
         if not text.strip():
             continue
         try:
-            yield line, json.loads(text)
-        except ValueError as exc:
-            yield line, BadRecord(line, f"is not valid JSON: {str(exc)[:200]}")
+            item = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            yield line, BadRecord(line, _not_json(exc))
+        else:
+            yield line, item
 
 
 def _array_items(handle: IO[str]) -> Iterator[tuple[int, Any]]:
     text = handle.read()
     try:
         data = json.loads(text) if text.strip() else []
-    except ValueError as exc:
-        yield 1, BadRecord(1, f"is not valid JSON: {str(exc)[:200]}")
+    except (ValueError, RecursionError) as exc:
+        yield 1, BadRecord(1, _not_json(exc))
         return
     if isinstance(data, dict):
         data = [data]
@@ -350,14 +412,25 @@ def write_events(
         return count
     measures = sorted({m for spec in specs.values() for m in spec.measure_names})
     dims = sorted({d for spec in specs.values() for d in spec.dimension_names})
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*_CSV_FIELDS, *(f"value.{m}" for m in measures), *(f"dim.{d}" for d in dims)])
+    out.write(
+        csv_row([*_CSV_FIELDS, *(f"value.{m}" for m in measures), *(f"dim.{d}" for d in dims)])
+    )
     for event in events:
         values = [_cell(event.values.get(m)) for m in measures]
-        cells = [_cell(event.dimensions.get(d)) for d in dims]
-        writer.writerow([event.id, event.meter, event.organization_id, event.time, *values, *cells])
+        cells = [_text_cell(event.dimensions.get(d)) for d in dims]
+        named = (
+            escape_cell(event.id),
+            escape_cell(event.meter),
+            escape_cell(event.organization_id),
+        )
+        out.write(csv_row([*named, str(event.time), *values, *cells]))
         count += 1
     return count
+
+
+def _text_cell(value: Any) -> str:
+    """A dimension's cell: text neutralised for spreadsheets, anything else as it is."""
+    return escape_cell(value) if isinstance(value, str) else _cell(value)
 
 
 def _cell(value: Any) -> str:

@@ -463,6 +463,19 @@ class Meter:
             return AppendResult(0, 0)
         return self._stored(checked)
 
+    def invalid_events(self, events: Sequence[Event]) -> list[tuple[int, ValidationError]]:
+        """Each event ``record_many`` would refuse, by its index, with its error (the field
+        named ``events[i]...``); nothing is stored. For a caller that reports every bad event
+        of a batch, not only the first."""
+        found = []
+        for i, event in enumerate(events):
+            try:
+                self._checked([event], single=False)
+            except ValidationError as exc:
+                field = exc.field.replace("events[0]", f"events[{i}]", 1)
+                found.append((i, ValidationError(field, exc.message)))
+        return found
+
     def _checked(self, events: Sequence[Event], *, single: bool) -> list[Event]:
         """Every event validated against its meter and the clock, or a ValidationError."""
         checked = []
