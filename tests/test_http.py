@@ -1182,6 +1182,19 @@ def test_ingest_limits_and_scope(env: Env) -> None:
     assert data(env.send("POST", "/v1/events", body=[]))["accepted"] == 0
 
 
+def test_an_error_echoes_a_huge_bad_input_cut_short(env: Env) -> None:
+    """A 1 MB unknown dimension key, a 1 MB bad date: the reply names the field and stays
+    small (it echoed the input whole, twice: a 2 MB 422)."""
+    huge = "k" * 1_000_000
+    event = {**native("huge"), "dimensions": {huge: "x"}}
+    r = env.send("POST", "/v1/events", body=[event])
+    error = assert_openai_error(r, 422)
+    assert len(r.body) < 2_000
+    assert error["param"].startswith("events[0].dimensions") and error["param"].endswith("…")
+    r = env.send("GET", "/api/v1/usage", [("start_date", "2" * 1_000_000)])
+    assert r.status == 422 and len(r.body) < 2_000
+
+
 def test_rfc3339() -> None:
     assert parse_rfc3339("2024-11-01T00:00:00Z", "t") == T0
     assert parse_rfc3339("2024-11-01t00:00:00.999z", "t") == T0

@@ -23,6 +23,7 @@ from meterkit.http.core import Response, json_response
 
 __all__ = [
     "FASTAPI",
+    "MAX_ECHO",
     "MESSAGES",
     "METERKIT",
     "OPENAI",
@@ -31,6 +32,7 @@ __all__ = [
     "HttpError",
     "OpenAIErrors",
     "ParamError",
+    "bounded",
 ]
 
 
@@ -99,6 +101,16 @@ class ErrorShape:
 
 
 _SERVER_ERRORS = {500, 501, 502, 503, 504}
+MAX_ECHO = 300
+"""Characters of a message, a field name or an input an error echoes: a reply to a huge bad
+input stays small (a 1 MB unknown key answers in well under a kilobyte)."""
+
+
+def bounded(text: Any, limit: int = MAX_ECHO) -> Any:
+    """``text`` cut to ``limit`` characters (marked with "…"); anything else as it is."""
+    if isinstance(text, str) and len(text) > limit:
+        return text[:limit] + "…"
+    return text
 
 
 @attrs.frozen
@@ -108,9 +120,9 @@ class OpenAIErrors(ErrorShape):
     def error(self, err: HttpError) -> Response:
         body = {
             "error": {
-                "message": err.message,
+                "message": bounded(err.message, 3 * MAX_ECHO),
                 "type": "server_error" if err.status in _SERVER_ERRORS else "invalid_request_error",
-                "param": err.param,
+                "param": bounded(err.param),
                 "code": err.code,
             }
         }
@@ -138,15 +150,15 @@ class FastAPIErrors(ErrorShape):
     """``{"detail": str}``, and for bad query parameters a 422 with a list of details."""
 
     def error(self, err: HttpError) -> Response:
-        detail = _FASTAPI_DETAIL.get(err.code or "", err.message)
+        detail = _FASTAPI_DETAIL.get(err.code or "", bounded(err.message, 3 * MAX_ECHO))
         return json_response({"detail": detail}, err.status, err.headers)
 
     def invalid(self, exc: ValidationError) -> Response:
         item: dict[str, Any] = {
             "type": getattr(exc, "type", "value_error"),
-            "loc": ["query", exc.field],
-            "msg": exc.message,
-            "input": getattr(exc, "input", None),
+            "loc": ["query", bounded(exc.field)],
+            "msg": bounded(exc.message, 3 * MAX_ECHO),
+            "input": bounded(getattr(exc, "input", None)),
         }
         return json_response({"detail": [item]}, self.invalid_status)
 
