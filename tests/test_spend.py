@@ -644,7 +644,9 @@ def test_webhook_retries_with_backoff_and_signs_each_attempt(webhook: Any) -> No
     webhook.statuses.extend([503, 500, 429])
     waits: list[float] = []
     url = webhook.url
-    notifier = WebhookNotifier(url, "s3cret", backoff=0.5, clock=lambda: NOW, sleep=waits.append)
+    notifier = WebhookNotifier(
+        url, "s3cret", backoff=0.5, clock=lambda: NOW, sleep=waits.append, allow_private=True
+    )
     notifier.deliver(notice())
     assert waits == [0.5, 1.0, 2.0]
     assert len(webhook.received) == 4
@@ -664,7 +666,9 @@ def test_webhook_gives_up_after_its_retries_and_on_a_client_error(webhook: Any) 
     url = webhook.url
     waits: list[float] = []
     webhook.statuses.extend([503] * 10)
-    notifier = WebhookNotifier(url, "k", retries=2, clock=lambda: NOW, sleep=waits.append)
+    notifier = WebhookNotifier(
+        url, "k", retries=2, clock=lambda: NOW, sleep=waits.append, allow_private=True
+    )
     with pytest.raises(DeliveryFailed, match="3 attempts"):
         notifier.deliver(notice())
     assert waits == [0.5, 1.0]
@@ -676,6 +680,58 @@ def test_webhook_gives_up_after_its_retries_and_on_a_client_error(webhook: Any) 
     assert err.value.field == "url"
 
 
+def test_a_webhook_into_the_servers_own_network_is_refused_unless_allowed(webhook: Any) -> None:
+    for url in (
+        "http://127.0.0.1:9/x",
+        "http://10.1.2.3/x",
+        "http://[::1]/x",
+        "http://169.254.169.254/",
+    ):
+        with pytest.raises(ValidationError) as err:
+            WebhookNotifier(url, "k")
+        assert err.value.field == "url"
+    by_name = webhook.url.replace("127.0.0.1", "localhost")
+    notifier = WebhookNotifier(by_name, "k", clock=lambda: NOW, sleep=lambda s: None)
+    with pytest.raises(DeliveryFailed, match="private address"):
+        notifier.deliver(notice())
+    assert webhook.received == []  # nothing was sent
+    allowed = WebhookNotifier(by_name, "k", clock=lambda: NOW, allow_private=True)
+    allowed.deliver(notice())
+    assert len(webhook.received) == 1
+
+
+def test_a_signature_verifies_against_any_secret_of_a_rotation() -> None:
+    header = sign("new", NOW, b"body")
+    assert verify_signature(["old", "new"], header, b"body", now=NOW)
+    assert verify_signature(("new",), header, b"body", now=NOW)
+    assert not verify_signature(["old", "older"], header, b"body", now=NOW)
+    assert not verify_signature([], header, b"body", now=NOW)
+
+
+@pytest.mark.parametrize("bad", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\r", "\n"])
+def test_a_line_break_of_any_kind_is_refused_in_an_alerts_email_fields(bad: str) -> None:
+    with Meter("memory://", clock=lambda: NOW) as m:
+        with pytest.raises(ValidationError) as err:
+            m.create_spend_alert("org_a", 10, [f"ops{bad}@example.com"])
+        assert err.value.field == "notification_channel.recipients[0]"
+        with pytest.raises(ValidationError) as err:
+            m.create_spend_alert("org_a", 10, ["ops@example.com"], subject_prefix=f"[x{bad}y]")
+        assert err.value.field == "notification_channel.subject_prefix"
+        assert m.spend_alerts("org_a") == []
+
+
+def test_an_organizations_alerts_are_capped() -> None:
+    from meterkit.spend import MAX_ALERTS
+
+    with Meter("memory://", clock=lambda: NOW) as m:
+        for i in range(MAX_ALERTS):
+            m.create_spend_alert("org_a", 10 + i, ["ops@example.com"], id=f"a{i}")
+        with pytest.raises(ValidationError, match="at most"):
+            m.create_spend_alert("org_a", 5, ["ops@example.com"])
+        m.create_spend_alert("org_a", 7, ["ops@example.com"], id="a0")  # a replacement is fine
+        assert len(m.spend_alerts("org_a")) == MAX_ALERTS
+
+
 def test_a_fired_alert_reaches_every_notifier(
     smtp: tuple[SmtpSink, int], webhook: Any, tmp_path: Path
 ) -> None:
@@ -683,7 +739,7 @@ def test_a_fired_alert_reaches_every_notifier(
     url = webhook.url
     notifiers = [
         EmailNotifier("127.0.0.1", "meterkit@example.com", port=port),
-        WebhookNotifier(url, "k", clock=lambda: NOW, sleep=lambda s: None),
+        WebhookNotifier(url, "k", clock=lambda: NOW, sleep=lambda s: None, allow_private=True),
     ]
     webhook.statuses.append(503)  # the first attempt fails
     with Meter(f"sqlite:///{tmp_path / 'n.db'}", clock=Clock(NOW), notifiers=notifiers) as m:
@@ -703,6 +759,7 @@ def test_notifiers_from_the_configuration_file(tmp_path: Path) -> None:
         'store = "memory://"\n'
         '[notify.email]\nhost = "127.0.0.1"\nport = 2525\nsender = "m@example.com"\n'
         '[notify.webhook]\nurl = "http://127.0.0.1:9/hook"\nsecret = "k"\nretries = 3\n'
+        "allow_private = true\n"
         "[spend_limits]\norg_a = 5000\n"
     )
     config = load_config(path)

@@ -82,6 +82,7 @@ sender = "meterkit@example.com"
 [notify.webhook]
 url = "{webhook_url}"
 secret = "webhook-secret"
+allow_private = true
 backoff = 0.05
 """
 

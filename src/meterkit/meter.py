@@ -1149,6 +1149,12 @@ class Meter:
         old = spend_module.get_alert(self.store, org, alert.id)
         if old is not None:
             alert = attrs.evolve(alert, created_at=old.created_at)
+        elif len(self.store.list_records(spend_module.alert_kind(org))) >= spend_module.MAX_ALERTS:
+            raise ValidationError(
+                "threshold_amount",
+                f"an organization has at most {spend_module.MAX_ALERTS} spend alerts; "
+                "update or delete one",
+            )
         self.store.put_record(spend_module.alert_kind(org), alert.id, alert.to_record())
         self.quotas._forget()
         return alert

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import queue
 import smtplib
+import socket
 import ssl
 import threading
 import time as _time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
@@ -45,6 +48,7 @@ __all__ = [
     "Outbox",
     "WebhookNotifier",
     "notifiers_from_config",
+    "private_address",
     "sign",
     "verify_signature",
 ]
@@ -182,9 +186,10 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 
 
 def verify_signature(
-    secret: str, header: str, body: bytes, *, now: int, tolerance: int = 300
+    secret: str | Sequence[str], header: str, body: bytes, *, now: int, tolerance: int = 300
 ) -> bool:
-    """Whether ``header`` signs ``body`` with ``secret`` and is at most ``tolerance`` s old."""
+    """Whether ``header`` signs ``body`` with ``secret`` — or, during a rotation, with any of
+    several secrets — and is at most ``tolerance`` s old."""
     parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
     try:
         timestamp = int(parts["t"])
@@ -192,13 +197,48 @@ def verify_signature(
         return False
     if abs(now - timestamp) > tolerance:
         return False
-    expected = sign(secret, timestamp, body).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, parts.get("v1", ""))
+    given = parts.get("v1", "")
+    secrets = [secret] if isinstance(secret, str) else list(secret)
+    # Every secret compared, in constant time each: which one matched is not told by timing.
+    matched = False
+    for one in secrets:
+        expected = sign(one, timestamp, body).split("v1=", 1)[1]
+        matched |= hmac.compare_digest(expected, given)
+    return matched
+
+
+def private_address(host: str) -> str | None:
+    """The first address ``host`` is or resolves to that is loopback, link-local, private,
+    reserved, multicast or unspecified, or ``None``: a webhook must not reach into the
+    network the server runs in unless the operator allows it."""
+    try:
+        found = [ipaddress.ip_address(host.strip("[]"))]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except OSError:
+            return None  # unresolvable: the delivery fails on its own
+        found = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    for ip in found:
+        if (
+            ip.is_loopback
+            or ip.is_link_local
+            or ip.is_private
+            or ip.is_reserved
+            or ip.is_multicast
+            or ip.is_unspecified
+        ):
+            return str(ip)
+    return None
 
 
 @attrs.frozen
 class WebhookNotifier:
-    """A signed JSON POST to ``url``, retried ``retries`` times with doubling ``backoff``."""
+    """A signed JSON POST to ``url``, retried ``retries`` times with doubling ``backoff``.
+
+    A ``url`` on a loopback, link-local or private address (or a name resolving to one, checked
+    at every delivery) is refused unless ``allow_private`` — a receiver on the server's own
+    network is the operator's choice, not a default."""
 
     url: str
     secret: str = attrs.field(repr=False)
@@ -208,14 +248,32 @@ class WebhookNotifier:
     timeout: float = 10.0
     clock: Callable[[], float] = attrs.field(default=_time.time, repr=False)
     sleep: Callable[[float], None] = attrs.field(default=_time.sleep, repr=False)
+    allow_private: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValidationError("url", "must be an http:// or https:// URL")
         if not self.secret:
             raise ValidationError("secret", "must not be empty (it signs every delivery)")
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            return
+        if not self.allow_private and private_address(str(literal)) is not None:
+            raise ValidationError(
+                "url", f"{host} is a private address (WebhookNotifier(allow_private=True))"
+            )
 
     def deliver(self, notice: AlertNotice) -> None:
+        if not self.allow_private:
+            host = urllib.parse.urlsplit(self.url).hostname or ""
+            found = private_address(host)
+            if found is not None:
+                raise DeliveryFailed(
+                    f"{self.url} resolves to the private address {found}; not sent "
+                    "(WebhookNotifier(allow_private=True) allows it)"
+                )
         body = json.dumps(notice.to_dict(), sort_keys=True).encode()
         wait = self.backoff
         for attempt in range(self.retries + 1):

@@ -65,6 +65,10 @@ CAP_RECORD = "spend_cap"
 """The operator's cap on an organization's spend limit: the organization may set its own limit
 at or under it, never above, and removing its own limit leaves the cap in force."""
 MAX_RECIPIENTS = 20
+MAX_ALERTS = 50
+"""Spend alerts one organization may have."""
+# Characters that break a header line (an email's To or Subject) besides CR and LF.
+_LINE_BREAKS = "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 def alert_kind(organization_id: str) -> str:
@@ -182,7 +186,12 @@ def _recipients(value: object) -> tuple[str, ...]:
     for i, address in enumerate(value):
         text = check_string(f"{field}[{i}]", address)
         local, at, domain = text.partition("@")
-        if not at or not local or "." not in domain or any(c in text for c in " \r\n<>,;"):
+        if (
+            not at
+            or not local
+            or "." not in domain
+            or any(c in text for c in " <>,;" + _LINE_BREAKS)
+        ):
             raise ValidationError(f"{field}[{i}]", f"{text[:80]!r} is not an email address")
         out.append(text)
     return tuple(out)
@@ -192,7 +201,7 @@ def _subject_prefix(value: object) -> str | None:
     if value is None:
         return None
     text = check_string("notification_channel.subject_prefix", value)
-    if "\r" in text or "\n" in text or len(text) > 200:
+    if any(c in text for c in _LINE_BREAKS) or len(text) > 200:
         raise ValidationError(
             "notification_channel.subject_prefix", "must be one line of at most 200 characters"
         )
