@@ -804,3 +804,16 @@ def test_derived_ids_depend_only_on_content() -> None:
     a = Event("", "tokens", "o", 1, {"tokens": 1}, {"model": "m"})
     assert derived_id(a) == derived_id(Event("", "tokens", "o", 1, {"tokens": 1}, {"model": "m"}))
     assert derived_id(a) != derived_id(Event("", "tokens", "o", 2, {"tokens": 1}, {"model": "m"}))
+
+
+def test_an_unreachable_postgresql_url_is_one_line_and_exit_1() -> None:
+    for url in (
+        "postgresql://postgres@127.0.0.1:1/test",  # nothing listens on port 1
+        "postgresql://postgres@nohost.invalid:5432/test",  # does not resolve
+    ):
+        result = run("quota", "org_1", "--db", url)
+        assert result.exit_code == 1, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        host = url.split("@", 1)[1].split(":", 1)[0]
+        assert host in lines[0] and "Traceback" not in result.stderr

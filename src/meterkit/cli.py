@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 @click.version_option(package_name="meterkit")
 def main() -> None:
     """meterkit: usage metering, usage and costs APIs, quotas."""
+    # A store that cannot be reached is one error line from the command, not the pool's own
+    # warnings for every retry.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 
 
 # -- serve ------------------------------------------------------------------------------------

@@ -712,6 +712,11 @@ class Leases:
         """Whether this process holds any lease (a report would change the store)."""
         return bool(self._leases)
 
+    def holding(self) -> bool:
+        """Whether this process holds a lease or a hold in the store (closing gives it back)."""
+        with self._lock:
+            return bool(self._leases or self._orgs)
+
     def steady(self, org: str) -> threading.Lock:
         """Held, no take or report of ``org`` runs: the store's counters and this process's
         leases can be read together."""

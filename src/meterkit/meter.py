@@ -1431,6 +1431,8 @@ class Meter:
             flusher.join(timeout=max(5.0, 10 * self.flush_interval))
         try:
             self.flush(release_leases=True)
+        except StoreUnavailable as exc:
+            logger.warning("meterkit: the last flush of %s failed: %s", self.url, exc)
         except Exception:
             logger.exception("meterkit: the last flush of %s failed", self.url)
         finally:
@@ -1466,7 +1468,9 @@ class Meter:
             if log is not None and log.due:
                 log.replay()
             leases = self.quotas.leases
-            reporting = leases is not None and (release_leases or leases.pending())
+            reporting = leases is not None and (
+                leases.pending() or (release_leases and leases.holding())
+            )
             # The report in the events' transaction where the counters are in the store.
             begin = self._atomic_writes() if self.counters is self.store else None
             if reporting and begin is not None:

@@ -478,6 +478,7 @@ class PostgresStore:
 
         self.url = url
         conninfo, opts = _conninfo(url)
+        self._conninfo = conninfo
         self._timeout: float = opts["timeout"]
         # Why the pool could not connect, as the server or libpq said it (the pool connects in
         # the background, so a caller would otherwise only learn "no connection in time").
@@ -631,12 +632,34 @@ class PostgresStore:
                 raise StoreConflict(str(exc)) from cause
             raise
 
+    def _reachable(self) -> None:
+        """Connect once, directly, before waiting on the pool: a server that refuses or a host
+        that does not resolve is one clear error at once, not a pool's retries for
+        ``pool_timeout`` seconds."""
+        import psycopg
+
+        down = self._down
+        if down is not None and _time.monotonic() - down[0] < self._timeout:
+            # Found unreachable a moment ago: fail at once again, as a pool timeout would.
+            raise StoreUnavailable(
+                f"PostgreSQL store unavailable while opening the store: {down[1]}"
+            )
+        try:
+            psycopg.connect(self._conninfo, autocommit=True).close()
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._down = (_time.monotonic(), reason)
+            raise StoreUnavailable(
+                f"PostgreSQL store unavailable while opening the store: {reason}"
+            ) from None
+
     def _bootstrap(self) -> None:
         if self._secret is not None:
             return
         with self._boot_lock:
             if self._secret is not None:
                 return
+            self._reachable()
             with self._unavailable("opening the store"), self._pool.connection() as conn:
                 secret = _migrate(conn)
                 if secret is None:
