@@ -137,33 +137,38 @@ def _import(db: str, path: Path, *extra: str) -> Any:
     return run("import", str(path), "--db", db, "--batch-size", "3", *extra)
 
 
-def test_a_deeply_nested_json_line_is_reported_not_a_traceback(tmp_path: Path) -> None:
-    db = f"sqlite:///{tmp_path / 'n.db'}"
-    path = tmp_path / "deep.ndjson"
-    deep = "[" * 100_000 + "]" * 100_000
+def _deep_ndjson() -> list[str]:
     lines = [json.dumps(native(i)) for i in range(6)]
-    lines[4] = deep
+    lines[4] = "[" * 100_000 + "]" * 100_000
+    return lines
+
+
+def _huge_csv() -> list[str]:
+    rows = ["id,meter,organization_id,time,value.tokens,dim.model"]
+    rows += [f"e{i},tokens,org_1,{MONTH + i},{i + 1},m" for i in range(6)]
+    rows[5] = f"e4,tokens,org_1,{MONTH},1," + "x" * 200_000
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("name", "lines", "reported"),
+    [
+        ("deep.ndjson", _deep_ndjson(), ":5: is nested too deeply to read"),
+        ("huge.csv", _huge_csv(), ":6: is not valid CSV"),
+    ],
+)
+def test_a_line_too_deep_or_too_big_is_reported_not_a_traceback(
+    tmp_path: Path, name: str, lines: list[str], reported: str
+) -> None:
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    path = tmp_path / name
     path.write_text("\n".join(lines) + "\n")
     result = _import(db, path)
     assert result.exit_code == 2
-    assert f"{path}:5: is nested too deeply to read" in result.stderr
+    assert f"{path}{reported}" in result.stderr
     assert "Traceback" not in result.output
-    # Its batch (lines 4-6) stored nothing; the first batch is stored.
+    # Its batch (of three) stored nothing; the first batch is stored.
     assert [e.id for e in stored(db)] == ["e0", "e1", "e2"]
-
-
-def test_a_huge_csv_field_is_reported_and_the_rest_is_read(tmp_path: Path) -> None:
-    db = f"sqlite:///{tmp_path / 'h.db'}"
-    path = tmp_path / "huge.csv"
-    rows = ["id,meter,organization_id,time,value.tokens,dim.model"]
-    rows += [f"c{i},tokens,org_1,{MONTH + i},{i + 1},m" for i in range(6)]
-    rows[5] = f"c4,tokens,org_1,{MONTH},1," + "x" * 200_000
-    path.write_text("\n".join(rows) + "\n")
-    result = _import(db, path)
-    assert result.exit_code == 2
-    assert f"{path}:6: is not valid CSV" in result.stderr
-    assert "Traceback" not in result.output
-    assert [e.id for e in stored(db)] == ["c0", "c1", "c2"]
 
 
 def test_every_bad_record_of_a_batch_is_reported(tmp_path: Path) -> None:

@@ -334,6 +334,27 @@ HOLDER = textwrap.dedent(
 )
 
 
+def _kill_a_holder(tmp_path: Path, url: str, counters_url: str, mode: str) -> None:
+    """Run HOLDER (``check``: 10 decisions after its report; ``record``: 10 tokens recorded
+    into its lease) and ``kill -9`` it once it is ready."""
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    child = subprocess.Popen(
+        [sys.executable, str(script), url, counters_url, str(T0), mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
 @pytest.mark.slow
 def test_a_lease_holder_killed_mid_race_never_causes_over_admission(
     open_shared: OpenShared, tmp_path: Path
@@ -347,22 +368,7 @@ def test_a_lease_holder_killed_mid_race_never_causes_over_admission(
     on_plan(survivor, limits={"tokens": limit})
     url, counters = survivor.url, survivor.counters
     counters_url = "" if counters is survivor.store else counters.url
-    script = tmp_path / "holder.py"
-    script.write_text(HOLDER)
-    child = subprocess.Popen(
-        [sys.executable, str(script), url, counters_url, str(T0), "check"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "ready"
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(30)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    _kill_a_holder(tmp_path, url, counters_url, "check")
     key = _period_key(survivor)
     # Reported: the holder's first 40. It still holds its lease: what it took, minus the 40.
     leased = counters.counters_read([key + LEASED], now=T0)[0]
@@ -403,22 +409,7 @@ def test_a_killed_holders_absorbed_recorded_usage_is_counted_once(
     on_plan(survivor, limits={"tokens": limit})
     counters = survivor.counters
     counters_url = "" if counters is survivor.store else counters.url
-    script = tmp_path / "holder.py"
-    script.write_text(HOLDER)
-    child = subprocess.Popen(
-        [sys.executable, str(script), survivor.url, counters_url, str(T0), "record"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "ready"
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(30)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    _kill_a_holder(tmp_path, survivor.url, counters_url, "record")
     key = _period_key(survivor)
     leased, absorbed = counters.counters_read([key + LEASED, key + ABSORBED], now=T0)
     assert 0 < absorbed <= 10, "the lease's spare units took what they could"

@@ -22,7 +22,7 @@ from meterkit.metrics import Metric
 from meterkit.models import Dimension, Measure, MeterSpec
 from meterkit.notify import notifiers_from_config
 from meterkit.periods import BillingCycle
-from meterkit.plans import OrgPlan, Plan
+from meterkit.plans import PLAN_FIELDS, OrgPlan, Plan
 from meterkit.retention import parse_retention
 from meterkit.spend import check_cents
 from meterkit.validate import check_id
@@ -213,19 +213,7 @@ def _plans(items: object) -> tuple[Plan, ...]:
     for plan_id, raw in _table("plans", items).items():
         field = f"plans.{plan_id}"
         data = _table(field, raw)
-        _only(
-            field,
-            data,
-            {
-                "name",
-                "billing_cycle",
-                "anchor_day",
-                "limits",
-                "rate_limit_rpm",
-                "rate_limit_per_day",
-                "credits_per_seat",
-            },
-        )
+        _only(field, data, set(PLAN_FIELDS))
         limits = _table(f"{field}.limits", data.get("limits", {}))
 
         def build(

@@ -11,7 +11,7 @@ from meterkit.errors import ValidationError
 from meterkit.periods import BillingCycle
 from meterkit.validate import MAX_VALUE, check_id, check_string
 
-__all__ = ["UNLIMITED", "Grant", "OrgPlan", "Plan", "check_limit"]
+__all__ = ["PLAN_FIELDS", "UNLIMITED", "Grant", "OrgPlan", "Plan", "check_limit"]
 
 UNLIMITED = -1
 
@@ -92,6 +92,18 @@ class Plan:
             rate_limit_per_day=data.get("rate_limit_per_day", UNLIMITED),
             credits_per_seat=data.get("credits_per_seat"),
         )
+
+
+PLAN_FIELDS = (
+    "name",
+    "billing_cycle",
+    "anchor_day",
+    "limits",
+    "rate_limit_rpm",
+    "rate_limit_per_day",
+    "credits_per_seat",
+)
+"""The fields of a stored plan (:meth:`Plan.to_record`), as a file or a request gives them."""
 
 
 @attrs.frozen

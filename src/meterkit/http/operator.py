@@ -17,23 +17,13 @@ from meterkit.http.core import Response, json_response
 from meterkit.http.errors import METERKIT, HttpError
 from meterkit.http.params import json_body
 from meterkit.http.routing import Call, Param, Reply, Route, Surface, json_schema_ref
-from meterkit.plans import Plan
+from meterkit.plans import PLAN_FIELDS, Plan
 from meterkit.validate import check_id
 
 __all__ = ["OPERATOR", "SURFACE"]
 
 OPERATOR = "operator"
 """The scope of the operator's keys (``meterkit keys create ORG --scopes operator``)."""
-
-_PLAN_FIELDS = (
-    "name",
-    "billing_cycle",
-    "anchor_day",
-    "limits",
-    "rate_limit_rpm",
-    "rate_limit_per_day",
-    "credits_per_seat",
-)
 
 
 def _body(call: Call, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -64,7 +54,7 @@ def _get_plan(call: Call) -> Response:
 
 def _put_plan(call: Call) -> Response:
     plan_id = check_id("plan_id", call.path_params["plan_id"])
-    data = _body(call, _PLAN_FIELDS)
+    data = _body(call, PLAN_FIELDS)
     if not isinstance(data.get("limits", {}), Mapping):
         raise ValidationError("limits", "must be an object of metric to limit")
     # Plan checks every field, by name, before the store is touched.
