@@ -16,6 +16,7 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -277,6 +278,39 @@ def test_one_write_of_several_changes_for_one_organization_counts_them_all(
         meter.flush()
         assert meter.quotas.used("org", "requests") == 1
         assert counter_differences(meter, "org") == {}
+
+
+def test_a_report_while_a_write_is_applied_waits_for_its_absorbed_units(
+    apart: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recorded usage charged to a lease: the write committed, its changes not applied yet,
+    when the lease is reported (another thread's flush). The report leaves those units for
+    the next one, instead of taking them from the absorbed twin before the write adds them
+    (which left the twin above the events for good)."""
+    from meterkit.countlog import CountLog
+    from meterkit.leases import ABSORBED
+
+    with apart.open() as meter:
+        meter.set_plan(Plan("p", limits={"tokens": 5000}))
+        meter.assign_plan("org", "p")
+        assert meter.check("org", {"tokens": 1}).allowed  # takes a lease with spare units
+        leases = meter.quotas.leases
+        assert leases is not None
+        real = CountLog._apply
+
+        def report_first(self: CountLog, key: str, log: Any, until: int) -> bool:
+            leases.report(meter.now())  # a flush in another thread, at the worst moment
+            return bool(real(self, key, log, until))
+
+        monkeypatch.setattr(CountLog, "_apply", report_first)
+        meter.record("tokens", {"tokens": 5}, organization_id="org", id="r1")
+        monkeypatch.undo()
+        meter.flush()
+        period = meter.quotas.period("org", meter.now())
+        key = meter.quotas.period_key("org", "tokens", period)
+        assert meter.counters.counters_read([key + ABSORBED], now=meter.now()) == [0]
+        assert counter_differences(meter, "org") == {}
+        assert meter.quotas.used("org", "tokens") == 6
 
 
 @pytest.mark.slow

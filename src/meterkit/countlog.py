@@ -85,6 +85,10 @@ class CountLog:
         failed since."""
         return self.behind or not self._replayed
 
+    def last_applied(self) -> bool:
+        """Whether the last write of this thread had its changes applied (or had none)."""
+        return bool(getattr(self._local, "applied", True))
+
     def collecting(self) -> list[Changes] | None:
         """The changes of the write under way in this thread, or ``None`` outside one."""
         found: list[Changes] | None = getattr(self._local, "log", None)
@@ -101,6 +105,7 @@ class CountLog:
         log: list[Changes] = []
         key = f"cl_{uuid.uuid4().hex}"
         self._local.log = log
+        self._local.applied = True
         try:
             with begin():
                 yield
@@ -109,7 +114,7 @@ class CountLog:
         finally:
             self._local.log = None
         if log:
-            self._apply(key, _merged(log), self.clock() + KEEP_SECONDS)
+            self._local.applied = self._apply(key, _merged(log), self.clock() + KEEP_SECONDS)
 
     def replay(self) -> int:
         """Apply every record left behind; how many there were."""
@@ -124,7 +129,9 @@ class CountLog:
             self._apply(key, _changes(data), int(data["until"]))
         return len(records)
 
-    def _apply(self, key: str, log: list[Changes], until: int) -> None:
+    def _apply(self, key: str, log: list[Changes], until: int) -> bool:
+        """Apply a record's changes once, then delete it; ``False`` if the counters failed
+        (the record stays, for :meth:`replay`)."""
         now = self.clock()
         try:
             for changes in log:
@@ -142,6 +149,8 @@ class CountLog:
                 "the counters (unavailable); applied at the next flush or open",
                 key,
             )
+            return False
+        return True
 
 
 def _merged(log: list[Changes]) -> list[Changes]:

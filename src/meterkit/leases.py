@@ -165,6 +165,9 @@ class _Lease:
     unused: int = 0
     consumed: int = 0  # since the last report (quota leases)
     absorbed: int = 0  # of consumed: recorded usage, counted in ABSORBED with its events
+    # Of consumed: recorded usage whose write is under way; reported once it is done (the
+    # report would otherwise take from ABSORBED what the write has not added yet).
+    pending: int = 0
     reserved: int = 0  # held by open reservations, neither unused nor consumed yet
     returned: int = 0  # consumed, then taken back: freed from the hold at the next report
     taken: int = 0  # what the hold records for this lease (quota leases)
@@ -390,7 +393,8 @@ class Leases:
         Returns what the leases could not absorb (to add to the counters now) and what they
         did absorb, for :meth:`unabsorb` should the write that recorded it roll back.
         ``stored``: the usage's events commit with what is returned (a write's transaction),
-        which then counts the absorbed units in :data:`ABSORBED` too.
+        which then counts the absorbed units in :data:`ABSORBED` too; they wait, unreported,
+        until :meth:`settle_absorbed` says the write is done.
         """
         rest: list[tuple[str, int]] = []
         taken: list[tuple[_Lease, int, int]] = []
@@ -402,14 +406,10 @@ class Leases:
                     # consumed and has not reported; the store cannot hold it yet.
                     # Not made usable again here: room this process's decisions reuse without
                     # asking would hide what others count meanwhile. The report frees it.
-                    back = min(-delta, lease.consumed)
+                    back = min(-delta, lease.consumed - lease.pending)
                     lease.consumed -= back
                     lease.returned += back
-                    was = min(back, lease.absorbed) if stored else 0
-                    lease.absorbed -= was
-                    if was:
-                        rest.append((key + ABSORBED, -was))
-                    taken.append((lease, -back, -was))
+                    taken.append((lease, -back, 0))
                     delta += back
                 elif delta > 0 and (lease is None or not lease.rate):
                     if delta > self._recorded.get(key, 0):
@@ -430,7 +430,7 @@ class Leases:
                         lease.consumed += use
                         lease.recent += use
                         if stored and use:
-                            lease.absorbed += use
+                            lease.pending += use
                             rest.append((key + ABSORBED, use))
                         taken.append((lease, use, use if stored else 0))
                         delta -= use
@@ -441,8 +441,8 @@ class Leases:
     def unabsorb(self, taken: Sequence[tuple[_Lease, int, int]]) -> None:
         """Give back what :meth:`absorb` charged, for usage that was not stored after all."""
         with self._lock:
-            for lease, use, absorbed in taken:
-                lease.absorbed -= absorbed
+            for lease, use, pending in taken:
+                lease.pending -= pending
                 if use > 0:
                     back = min(use, lease.consumed)
                     lease.consumed -= back
@@ -451,6 +451,16 @@ class Leases:
                     back = min(-use, lease.returned)
                     lease.returned -= back
                     lease.consumed += back
+
+    def settle_absorbed(self, taken: Sequence[tuple[_Lease, int, int]]) -> None:
+        """The write that stored what :meth:`absorb` charged is done (committed, and its
+        counter changes applied): its units are in :data:`ABSORBED` now, for a report to
+        count and take back."""
+        with self._lock:
+            for lease, _use, pending in taken:
+                if pending:
+                    lease.pending -= pending
+                    lease.absorbed += pending
 
     def _expire_reservations(self, now: int) -> None:
         """Reservations nobody settled give their units back at their expiry. Under the lock."""
@@ -623,7 +633,8 @@ class Leases:
         for lease in self._leases.values():
             if lease.org == state.org and not lease.rate:
                 if lease.taken or lease.consumed or lease.reserved:
-                    lapsed.append((lease, lease.consumed, lease.taken, lease.absorbed))
+                    consumed = lease.consumed - lease.pending  # a write under way: later
+                    lapsed.append((lease, consumed, lease.taken, lease.absorbed))
                 lease.taken = lease.unused = 0
                 lease.closing = True
         return lapsed
@@ -865,8 +876,12 @@ class Leases:
             )
             if drop:
                 lease.closing = True
+            # Units a write under way absorbed wait for it (on closing, they are counted).
+            pending = 0 if lease.rate or closing else lease.pending
+            if pending:
+                drop = False  # given back at a report after the write is done
             given_back = lease.unused if drop else 0
-            consumed = lease.consumed
+            consumed = lease.consumed - pending
             returned = lease.returned
             absorbed = 0 if lease.rate else lease.absorbed
             if durable and not lease.rate and consumed > absorbed:

@@ -689,6 +689,12 @@ class Quotas:
         except BaseException:
             self.leases.unabsorb(taken)
             raise
+        else:
+            # Done: committed, and (counters apart) applied — unless the counters failed,
+            # when the units stay unreported rather than be taken from ABSORBED before the
+            # write-ahead record adds them.
+            if self.countlog is None or self.countlog.last_applied():
+                self.leases.settle_absorbed(taken)
         finally:
             self._absorbed.taken = None
 
