@@ -168,9 +168,10 @@ def private_redis(tmp_path: Path) -> Iterator[int]:
 def test_a_paused_redis_never_applies_a_lease_report_twice(
     private_redis: int, tmp_path: Path
 ) -> None:
-    """Redis paused longer than the socket timeout: the report times out, Redis runs it when
-    the pause ends, and the next report is refused as already applied instead of counted
-    again."""
+    """Redis paused longer than the socket timeout while a flush applies what it logged
+    ahead of its lease report: the call times out, Redis runs it when the pause ends, and
+    the next flush finds it applied (its marker refuses it) instead of counting it again; the
+    report waits for it and counts once."""
     from meterkit.recovery import counter_differences
 
     counters = f"redis://127.0.0.1:{private_redis}/0"
@@ -189,7 +190,7 @@ def test_a_paused_redis_never_applies_a_lease_report_twice(
             capture_output=True,
         )
         with pytest.raises(StoreUnavailable):
-            m.flush()  # the socket times out after 5 s; Redis runs the report at 6 s
+            m.flush()  # the socket times out after 5 s; Redis runs the call at 6 s
         wait_for(
             lambda: (
                 subprocess.run(

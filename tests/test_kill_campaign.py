@@ -313,6 +313,41 @@ def test_a_report_while_a_write_is_applied_waits_for_its_absorbed_units(
         assert meter.quotas.used("org", "tokens") == 6
 
 
+def test_a_lease_report_waits_for_the_changes_logged_ahead_of_it(
+    apart: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The counters fail while a flush applies what it logged with the decisions' events: the
+    report does not run (it would take from the absorbed twin what was not added yet); the
+    next flush applies the record, then reports, and counts once."""
+    from meterkit import StoreUnavailable
+    from meterkit.leases import ABSORBED
+
+    with apart.open() as meter:
+        meter.set_plan(Plan("p", limits={"tokens": 5000}))
+        meter.assign_plan("org", "p")
+        for _ in range(4):
+            assert meter.check("org", {"tokens": 3}).allowed
+        real = meter.counters.counters_apply
+
+        def down(lines: Any, *, now: int, hold: Any = None) -> Any:
+            if lines and lines[0].key.startswith("w\x1f"):  # a logged record's marker
+                raise StoreUnavailable("Redis down")
+            return real(lines, now=now, hold=hold)
+
+        monkeypatch.setattr(meter.counters, "counters_apply", down)
+        with pytest.raises(StoreUnavailable):
+            meter.flush()
+        with pytest.raises(StoreUnavailable):
+            meter.flush()  # still down: the report keeps waiting
+        monkeypatch.undo()
+        meter.flush()
+        period = meter.quotas.period("org", meter.now())
+        key = meter.quotas.period_key("org", "tokens", period)
+        assert meter.counters.counters_read([key + ABSORBED], now=meter.now()) == [0]
+        assert meter.quotas.used("org", "tokens") == 12
+        assert counter_differences(meter, "org") == {}
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_serving_guard_under_load_leaves_counters_equal_to_the_events(
     tmp_path: Path,

@@ -49,7 +49,7 @@ from typing import Any, Protocol
 import attrs
 
 from meterkit.counters import MAX_COUNTER
-from meterkit.errors import ValidationError
+from meterkit.errors import StoreUnavailable, ValidationError
 from meterkit.models import CounterLine, CounterResult, Hold
 
 __all__ = [
@@ -781,8 +781,10 @@ class Leases:
         With ``write`` (counters apart from the events), ``write(absorbed)`` runs between
         reading the leases and the report: it stores the events ``snapshot`` took and counts
         ``absorbed`` — ``(organization, counter key + ABSORBED, units)``, what their decisions
-        consumed — with them (the write-ahead record); the report then takes those units back
-        from :data:`ABSORBED` as it counts them. A kill between leaves the rule true."""
+        consumed — with them (the write-ahead record), and says whether the record was applied;
+        the report then takes those units back from :data:`ABSORBED` as it counts them, once
+        the record is applied (else it raises StoreUnavailable and waits for the next flush).
+        A kill between leaves the rule true."""
         with self._lock:
             orgs = sorted({lease.org for lease in self._leases.values()})
         states = [self._org(org) for org in orgs]
@@ -795,7 +797,7 @@ class Leases:
                 now: int,
                 closing: bool,
                 snapshot: Callable[[], None],
-                write: Callable[[list[tuple[str, str, int]]], None] | None = None,
+                write: Callable[[list[tuple[str, str, int]]], bool] | None = None,
             ) -> None:
                 for state in states:
                     self._resolve(state, now)
@@ -812,10 +814,14 @@ class Leases:
                     ]
                 if write is not None:
                     decided = [item for plan in planned for item in plan[3]]
-                    write([(lease.org, lease.key + ABSORBED, c) for lease, c in decided])
-                    with self._lock:  # stored: ABSORBED holds them (or its record does)
+                    applied = write([(lease.org, lease.key + ABSORBED, c) for lease, c in decided])
+                    with self._lock:  # stored: ABSORBED holds them (or its record will)
                         for lease, c in decided:
                             lease.absorbed += c
+                    if not applied:
+                        # The report would take from ABSORBED what the record has not added
+                        # yet: it waits for the record to be applied (the next flush).
+                        raise StoreUnavailable("counters unavailable: the lease report waits")
                 for state, plan in zip(states, planned):
                     self._send_report(state, plan, now, done)
 

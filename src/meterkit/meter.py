@@ -1468,6 +1468,9 @@ class Meter:
             if log is not None and log.due:
                 log.replay()
             leases = self.quotas.leases
+            if log is not None and log.behind and leases is not None and leases.pending():
+                # A lease report must not run before the changes logged ahead of it.
+                raise StoreUnavailable("counters unavailable: logged changes wait to be applied")
             reporting = leases is not None and (
                 leases.pending() or (release_leases and leases.holding())
             )
@@ -1536,10 +1539,10 @@ class Meter:
         plus stranded, less absorbed units (meterkit.leases)."""
         taken: list[tuple[list[Event], list[Event]]] = []
 
-        def write(absorbed: list[tuple[str, str, int]]) -> None:
+        def write(absorbed: list[tuple[str, str, int]]) -> bool:
             counted, uncounted = taken[0]
             if not (absorbed or counted or uncounted):
-                return
+                return True
             try:
                 with self._writes():
                     log = self.quotas.countlog
@@ -1552,6 +1555,7 @@ class Meter:
             except BaseException:
                 self._requeue(counted, uncounted)
                 raise
+            return log is None or log.last_applied()
 
         with leases.reporting() as report:
             report(self.now(), closing, lambda: taken.append(self._take_queue()), write)
