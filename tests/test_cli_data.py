@@ -508,6 +508,26 @@ def test_plans_set_assign_and_quota(filled: str) -> None:
     assert bad.exit_code == 2 and "--limit" in bad.stderr
 
 
+def test_usage_shows_the_measures_with_values_or_those_asked(db: str) -> None:
+    completions(db, 300, 200)
+    args = ("--org", "org_1", "--start-time", str(MONTH), "--format", "csv", "--db", db)
+    rows = list(csv.reader(io.StringIO(run("usage", "completions", *args).stdout)))
+    # 17 measures in the meter; the page has values for this one only.
+    assert rows[0] == ["start_time", "output_tokens"]
+    assert rows[1][1] == "500"
+    asked = run("usage", "completions", *args, "--measures", "input_tokens,output_tokens")
+    assert next(csv.reader(io.StringIO(asked.stdout))) == [
+        "start_time",
+        "input_tokens",
+        "output_tokens",
+    ]
+    bad = run("usage", "completions", *args, "--measures", "tokenz")
+    assert bad.exit_code == 2 and "--measures" in bad.stderr and "tokenz" in bad.stderr
+    query = ("--org", "org_1", "--start-time", str(MONTH), "--db", db)
+    page = json.loads(run("usage", "completions", *query, "--format", "json").stdout)
+    assert "input_tokens" in page["data"][0]["results"][0]  # the API's shape stays whole
+
+
 def completions(db: str, *outputs: int) -> None:
     with Meter(db, clock=lambda: NOW) as m:
         m.record_many(

@@ -581,6 +581,13 @@ _QUERY_FIELDS = {
 @click.option(
     "--bucket-width", type=click.Choice(["1m", "1h", "1d"]), default="1d", show_default=True
 )
+@click.option(
+    "--measures",
+    "measures",
+    multiple=True,
+    metavar="M[,M...]",
+    help="Measures to show in a table or CSV (default: those with values on the page).",
+)
 @_filter_options
 @_store_options
 def usage(
@@ -593,6 +600,7 @@ def usage(
     page: str | None,
     fmt: str,
     bucket_width: str,
+    measures: tuple[str, ...],
     config: Path | None,
     db: str | None,
     **filter_values: Any,
@@ -604,6 +612,13 @@ def usage(
             raise BadInput(f"KIND: unknown meter {kind!r} (known: {', '.join(sorted(m.meters))})")
         filters = _filters(filter_values)
         spec = m.meters[kind]
+        shown = [name for given in measures for name in given.split(",") if name]
+        for name in shown:
+            if name not in spec.measure_names:
+                raise BadInput(
+                    f"--measures: {kind} has no measure {name!r} "
+                    f"(known: {', '.join(spec.measure_names)})"
+                )
         for dim in filters:
             if spec.dimension(dim) is None:
                 raise BadInput(f"a filter: {kind} has no dimension {dim!r}")
@@ -619,7 +634,7 @@ def usage(
                 limit=limit,
                 page=page,
             )
-        _print_usage(result, spec.measure_names, list(group_by), fmt)
+        _print_usage(result, shown or _with_values(result, spec.measure_names), list(group_by), fmt)
     finally:
         m.close()
 
@@ -689,6 +704,15 @@ def costs(
 
 def _iso(ts: int) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _with_values(page: UsagePage, measures: Sequence[str]) -> list[str]:
+    """The measures with a value other than zero on the page (the first one if none has):
+    a meter of many measures stays a readable table."""
+    found = {
+        name for bucket in page.data for r in bucket.results for name, v in r.values.items() if v
+    }
+    return [name for name in measures if name in found] or list(measures[:1])
 
 
 def _print_usage(page: UsagePage, measures: Sequence[str], group_by: list[str], fmt: str) -> None:
