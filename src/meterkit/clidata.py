@@ -743,12 +743,7 @@ def _emit(
         # Text cells neutralised for spreadsheets (dimension values are the tenants' own).
         sys.stdout.write(cliio.csv_row(cliio.escape_cell(h) for h in header))
         for row in rows:
-            sys.stdout.write(
-                cliio.csv_row(
-                    "" if v is None else cliio.escape_cell(v) if isinstance(v, str) else _plain(v)
-                    for v in row
-                )
-            )
+            sys.stdout.write(cliio.csv_row(cliio.csv_cell(v) for v in row))
         return
     from rich.console import Console
     from rich.table import Table
@@ -770,12 +765,6 @@ def _emit(
         console.print("(no results)")
     if more:
         console.print(f"more: --page {more}")
-
-
-def _plain(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def _shown(value: Any) -> str:

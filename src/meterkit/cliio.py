@@ -40,6 +40,7 @@ __all__ = [
     "FORMATS",
     "BadRecord",
     "Format",
+    "csv_cell",
     "csv_row",
     "derived_id",
     "detect_format",
@@ -58,21 +59,21 @@ _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 _QUOTED = frozenset(',"\r\n')
 
 
+def _quote_first(text: str) -> bool:
+    """Whether ``text`` is ``'`` followed by a formula character or another ``'``: what an
+    escaped cell looks like, so a cell that already does is escaped too."""
+    return text.startswith("'") and len(text) > 1 and (text[1] == "'" or text[1] in _FORMULA)
+
+
 def escape_cell(text: str) -> str:
     """A text cell a spreadsheet shows as text, never runs: ``'`` in front of one starting
     with a formula character (or with ``'`` and then one, or ``''``)."""
-    if text.startswith(_FORMULA) or (
-        text.startswith("'") and len(text) > 1 and text[1] in "=+-@\t\r'"
-    ):
-        return "'" + text
-    return text
+    return "'" + text if text.startswith(_FORMULA) or _quote_first(text) else text
 
 
 def unescape_cell(text: str) -> str:
     """What :func:`escape_cell` was given: its ``'`` taken off again (only that one)."""
-    if text.startswith("'") and len(text) > 1 and text[1] in "=+-@\t\r'":
-        return text[1:]
-    return text
+    return text[1:] if _quote_first(text) else text
 
 
 def csv_row(cells: Iterable[str]) -> str:
@@ -417,7 +418,7 @@ def write_events(
     )
     for event in events:
         values = [_cell(event.values.get(m)) for m in measures]
-        cells = [_text_cell(event.dimensions.get(d)) for d in dims]
+        cells = [csv_cell(event.dimensions.get(d)) for d in dims]
         named = (
             escape_cell(event.id),
             escape_cell(event.meter),
@@ -428,8 +429,9 @@ def write_events(
     return count
 
 
-def _text_cell(value: Any) -> str:
-    """A dimension's cell: text neutralised for spreadsheets, anything else as it is."""
+def csv_cell(value: Any) -> str:
+    """A CSV cell: text neutralised for spreadsheets, anything else as it is (``None`` is
+    empty, a bool ``true`` / ``false``)."""
     return escape_cell(value) if isinstance(value, str) else _cell(value)
 
 

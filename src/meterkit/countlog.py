@@ -85,6 +85,11 @@ class CountLog:
         failed since."""
         return self.behind or not self._replayed
 
+    def replay_if_due(self) -> None:
+        """:meth:`replay` when :attr:`due`."""
+        if self.due:
+            self.replay()
+
     def last_applied(self) -> bool:
         """Whether the last write of this thread had its changes applied (or had none)."""
         return bool(getattr(self._local, "applied", True))
@@ -106,15 +111,18 @@ class CountLog:
         key = f"cl_{uuid.uuid4().hex}"
         self._local.log = log
         self._local.applied = True
+        merged: list[Changes] = []
+        until = 0
         try:
             with begin():
                 yield
                 if log:
-                    self.store.put_record(KIND, key, _record(_merged(log), self.clock()))
+                    merged, until = _merged(log), self.clock() + KEEP_SECONDS
+                    self.store.put_record(KIND, key, _record(merged, until))
         finally:
             self._local.log = None
         if log:
-            self._local.applied = self._apply(key, _merged(log), self.clock() + KEEP_SECONDS)
+            self._local.applied = self._apply(key, merged, until)
 
     def replay(self) -> int:
         """Apply every record left behind; how many there were."""
@@ -169,9 +177,9 @@ def _merged(log: list[Changes]) -> list[Changes]:
     ]
 
 
-def _record(log: list[Changes], now: int) -> dict[str, Any]:
+def _record(log: list[Changes], until: int) -> dict[str, Any]:
     return {
-        "until": now + KEEP_SECONDS,
+        "until": until,
         "changes": [
             [org, [[k, d] for k, d in deltas], {k: [p.start, p.end] for k, p in months.items()}]
             for org, deltas, months in log

@@ -385,7 +385,7 @@ class Leases:
             return extra
 
     def absorb(
-        self, deltas: Sequence[tuple[str, int]], now: int, *, stored: bool = True
+        self, deltas: Sequence[tuple[str, int]], now: int, *, stored: bool = False
     ) -> tuple[list[tuple[str, int]], list[tuple[_Lease, int, int]]]:
         """Charge recorded usage to this process's quota leases first.
 

@@ -30,6 +30,7 @@ from meterkit.catalog import builtin_meters
 from meterkit.config import load_config
 from meterkit.convert import openai_page
 from meterkit.costs import CostsPage, UnpricedUsage
+from meterkit.countlog import CountLog
 from meterkit.engine import rollup, timeweighted
 from meterkit.errors import (
     EventConflict,
@@ -571,9 +572,13 @@ class Meter:
         transaction (SQLite, memory; PostgreSQL's atomic_writes), with the counters in it or,
         where they are apart (Redis), with their changes logged in it and applied after it
         commits (:mod:`meterkit.countlog`)."""
-        begin = getattr(self.store, "transaction", None) or getattr(
-            self.store, "atomic_writes", None
+        return self._logged(
+            getattr(self.store, "transaction", None) or getattr(self.store, "atomic_writes", None)
         )
+
+    def _logged(self, begin: Any) -> Callable[[], contextlib.AbstractContextManager[None]] | None:
+        """``begin`` (a store's transaction, or ``None``), with the counter changes made in it
+        logged and applied after it commits where the counters are apart from the events."""
         log = self.quotas.countlog
         if begin is not None and log is not None:
             begin = functools.partial(log.around, begin)
@@ -591,9 +596,9 @@ class Meter:
         transaction where the store has them (run again, whole, when the store aborted it as
         a deadlock victim)."""
         begin = self._atomic_writes()
-        log = self.quotas.countlog
-        if log is not None and log.due:
-            log.replay()  # what a killed writer left, before this process counts anew
+        if self.quotas.countlog is not None:
+            # What a killed writer left, before this process counts anew.
+            self.quotas.countlog.replay_if_due()
         for attempt in itertools.count():
             try:
                 with (
@@ -677,10 +682,7 @@ class Meter:
         state.depth = depth + 1
         committed = False
         try:
-            begin = getattr(self.store, "transaction", None)
-            log = self.quotas.countlog
-            if begin is not None and log is not None:
-                begin = functools.partial(log.around, begin)
+            begin = self._logged(getattr(self.store, "transaction", None))
             with begin() if begin is not None else contextlib.nullcontext():
                 yield
             committed = True
@@ -1465,8 +1467,8 @@ class Meter:
                 except Exception:
                     logger.exception("meterkit: deferred store call failed")
             log = self.quotas.countlog
-            if log is not None and log.due:
-                log.replay()
+            if log is not None:
+                log.replay_if_due()
             leases = self.quotas.leases
             if log is not None and log.behind and leases is not None and leases.pending():
                 # A lease report must not run before the changes logged ahead of it.
@@ -1482,7 +1484,7 @@ class Meter:
                 return
             if reporting and log is not None:
                 assert leases is not None
-                self._write_then_report(leases, release_leases)
+                self._write_then_report(leases, log, release_leases)
                 return
             if reporting:
                 assert leases is not None
@@ -1531,7 +1533,7 @@ class Meter:
                     self._requeue(*taken[0])
                 raise
 
-    def _write_then_report(self, leases: Any, closing: bool) -> None:
+    def _write_then_report(self, leases: Any, log: CountLog, closing: bool) -> None:
         """Counters apart from the events: the queued events first, with the lease units their
         decisions consumed counted in the leases' absorbed twin through the write-ahead record
         (one transaction of the event store), then the lease report, which counts them and
@@ -1545,9 +1547,8 @@ class Meter:
                 return True
             try:
                 with self._writes():
-                    log = self.quotas.countlog
-                    pending = log.collecting() if log is not None else None
-                    assert pending is not None
+                    pending = log.collecting()
+                    assert pending is not None  # inside the write: its changes are collected
                     for org, key, units in absorbed:
                         pending.append((org, [(key, units)], {}))
                     if counted or uncounted:
@@ -1555,7 +1556,7 @@ class Meter:
             except BaseException:
                 self._requeue(counted, uncounted)
                 raise
-            return log is None or log.last_applied()
+            return log.last_applied()
 
         with leases.reporting() as report:
             report(self.now(), closing, lambda: taken.append(self._take_queue()), write)

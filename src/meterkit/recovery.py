@@ -179,11 +179,8 @@ def rebuild_counters(
     event is left alone and not listed. Every value is *set*, not added, so running it twice is
     harmless.
     """
-    # This process's leases and queued debits reach the store first, so the events hold all
-    # this meter decided; leases taken afterwards start from the rebuilt counters.
-    meter.flush(release_leases=True)
-    if meter.quotas.countlog is not None:
-        meter.quotas.countlog.replay()  # changes a killed writer logged with its events
+    # Leases taken afterwards start from the rebuilt counters.
+    _caught_up(meter)
     now = meter.now()
     if organization_id is not None:
         orgs = [organization_id]
@@ -220,6 +217,15 @@ def rebuild_counters(
     return report
 
 
+def _caught_up(meter: Meter) -> None:
+    """Before counters are compared with the events: this process's leases and queued debits
+    reach the store, so the events hold all this meter decided, and changes a killed writer
+    logged with its events are applied."""
+    meter.flush(release_leases=True)
+    if meter.quotas.countlog is not None:
+        meter.quotas.countlog.replay()
+
+
 def counted_organizations(meter: Events) -> list[str]:
     """The organizations whose counters a rebuild or ``doctor`` goes over by default: every one
     assigned a plan or given a spend limit or cap."""
@@ -250,9 +256,7 @@ def counter_differences(meter: Meter, organization_id: str) -> dict[str, tuple[i
     no counter (this process's leases and queued debits are flushed first, as there). Spend
     (``"spend"``, nano-dollars) differs when below the month's costs, or above them by more
     than the rounding up of each recorded batch (a nano-dollar per priced event)."""
-    meter.flush(release_leases=True)
-    if meter.quotas.countlog is not None:
-        meter.quotas.countlog.replay()  # changes a killed writer logged with its events
+    _caught_up(meter)
     now = meter.now()
     period = meter.quotas.period(organization_id, now)
     out: dict[str, tuple[int, int]] = {}

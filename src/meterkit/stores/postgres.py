@@ -638,20 +638,15 @@ class PostgresStore:
         ``pool_timeout`` seconds."""
         import psycopg
 
-        down = self._down
-        if down is not None and _time.monotonic() - down[0] < self._timeout:
-            # Found unreachable a moment ago: fail at once again, as a pool timeout would.
-            raise StoreUnavailable(
-                f"PostgreSQL store unavailable while opening the store: {down[1]}"
-            )
-        try:
-            psycopg.connect(self._conninfo, autocommit=True).close()
-        except psycopg.OperationalError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self._down = (_time.monotonic(), reason)
-            raise StoreUnavailable(
-                f"PostgreSQL store unavailable while opening the store: {reason}"
-            ) from None
+        with self._unavailable("opening the store"):
+            try:
+                psycopg.connect(self._conninfo, autocommit=True).close()
+            except psycopg.OperationalError as exc:
+                # Remembered as a pool timeout is: calls for the next pool_timeout seconds
+                # fail at once with the same cause.
+                self._connect_failed(exc)
+                self._down = (_time.monotonic(), str(self._connect_error))
+                raise
 
     def _bootstrap(self) -> None:
         if self._secret is not None:
