@@ -98,39 +98,18 @@ def test_usage_and_costs_csv_neutralise_a_tenants_formula(tmp_path: Path) -> Non
                 "quantity_unit": "tokens",
             }
         )
-    usage = run(
-        "usage",
-        "tokens",
-        "--org",
-        "org_1",
-        "--start-time",
-        str(MONTH),
-        "--group-by",
-        "model",
-        "--format",
-        "csv",
-        "--db",
-        db,
-    )
-    assert usage.exit_code == 0, usage.output
-    cells = [c for row in csv.reader(io.StringIO(usage.stdout)) for c in row]
-    assert "'" + formula in cells and formula not in cells
-    costs = run(
-        "costs",
-        "--org",
-        "org_1",
-        "--start-time",
-        str(MONTH),
-        "--group-by",
-        "line_item",
-        "--format",
-        "csv",
-        "--db",
-        db,
-    )
-    assert costs.exit_code == 0, costs.output
-    cells = [c for row in csv.reader(io.StringIO(costs.stdout)) for c in row]
-    assert "'=1+1" in cells and not any(c.startswith(FORMULA) for c in cells if c[:1] != "-")
+    usage = _csv_cells(db, "usage", "tokens", "--group-by", "model")
+    assert "'" + formula in usage and formula not in usage
+    costs = _csv_cells(db, "costs", "--group-by", "line_item")
+    assert "'=1+1" in costs and not any(c.startswith(FORMULA) for c in costs if c[:1] != "-")
+
+
+def _csv_cells(db: str, *command: str) -> list[str]:
+    """Every cell of a ``usage`` or ``costs`` page of org_1's month, as CSV."""
+    args = ("--org", "org_1", "--start-time", str(MONTH), "--format", "csv", "--db", db)
+    result = run(*command, *args)
+    assert result.exit_code == 0, result.output
+    return [c for row in csv.reader(io.StringIO(result.stdout)) for c in row]
 
 
 def _import(db: str, path: Path, *extra: str) -> Any:

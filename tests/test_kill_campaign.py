@@ -155,9 +155,14 @@ def test_a_failure_between_the_events_and_their_count_stores_neither(
         assert not meter.check("org", {"tokens": 1001}).allowed
 
 
-def _plan(meter: Meter) -> list[Event]:
-    meter.set_plan(Plan("p", limits={"tokens": 6000}))
+def _on_plan(meter: Meter, tokens: int) -> None:
+    """``org`` on a plan of ``tokens`` tokens."""
+    meter.set_plan(Plan("p", limits={"tokens": tokens}))
     meter.assign_plan("org", "p")
+
+
+def _plan(meter: Meter) -> list[Event]:
+    _on_plan(meter, 6000)
     return [Event(f"e{i}", "tokens", "org", T0 + 60, {"tokens": 1000}) for i in range(5)]
 
 
@@ -231,8 +236,7 @@ def test_a_kill_between_decisions_events_and_their_lease_report_leaves_the_rule_
     absorbed, in the write-ahead record), then dies before the lease report. Once the hold
     expires, the counter holds every unit it had as used and ``doctor`` is clean."""
     with apart.open() as meter:
-        meter.set_plan(Plan("p", limits={"tokens": 5000}))
-        meter.assign_plan("org", "p")
+        _on_plan(meter, 5000)
         for _ in range(10):
             assert meter.check("org", {"tokens": 7}).allowed
         leases = meter.quotas.leases
@@ -266,8 +270,7 @@ def test_one_write_of_several_changes_for_one_organization_counts_them_all(
     from meterkit.http.metering import Metering, Ticket
 
     with apart.open() as meter:
-        meter.set_plan(Plan("p", limits={"tokens": 50}))
-        meter.assign_plan("org", "p")
+        _on_plan(meter, 50)
         token, _ = create_key(meter, "org", "admin", ["usage:read", "usage:write"])
         guard: Metering[str] = Metering(
             meter, authorization=lambda t: f"Bearer {t}", cost={"tokens": 1}
@@ -291,8 +294,7 @@ def test_a_report_while_a_write_is_applied_waits_for_its_absorbed_units(
     from meterkit.leases import ABSORBED
 
     with apart.open() as meter:
-        meter.set_plan(Plan("p", limits={"tokens": 5000}))
-        meter.assign_plan("org", "p")
+        _on_plan(meter, 5000)
         assert meter.check("org", {"tokens": 1}).allowed  # takes a lease with spare units
         leases = meter.quotas.leases
         assert leases is not None
@@ -323,8 +325,7 @@ def test_a_lease_report_waits_for_the_changes_logged_ahead_of_it(
     from meterkit.leases import ABSORBED
 
     with apart.open() as meter:
-        meter.set_plan(Plan("p", limits={"tokens": 5000}))
-        meter.assign_plan("org", "p")
+        _on_plan(meter, 5000)
         for _ in range(4):
             assert meter.check("org", {"tokens": 3}).allowed
         real = meter.counters.counters_apply
