@@ -4,7 +4,9 @@ Each view is read back from the page (the charts' data, the gauges' numbers) and
 what the HTTP API answers the same key; a screenshot of each view is saved under
 ``$MK_SCREENSHOTS`` (CI keeps them with the run's output) or the test's temporary directory.
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them): without them
-the tests skip, except under ``CI=true``, where they fail.
+the tests skip, except under ``CI=true``, where they fail. Every test ends with the browser's
+console free of errors (the one refused sign-in excepted), and the page is checked at a phone's
+width (390 px) as well as a desktop's.
 """
 
 from __future__ import annotations
@@ -68,10 +70,11 @@ def _meterkit(*args: str) -> str:
 
 
 class Served:
-    def __init__(self, base: str, token: str, empty_token: str) -> None:
+    def __init__(self, base: str, token: str, empty_token: str, small_token: str) -> None:
         self.base = base
         self.token = token
         self.empty_token = empty_token
+        self.small_token = small_token
 
     def get(self, path: str, token: str | None = None, **params: Any) -> Any:
         r = httpx.get(
@@ -108,6 +111,18 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     )  # fmt: skip
     empty_token = TOKEN.search(empty)
     assert empty_token, empty
+    # An organization that used two meters of eleven.
+    small = _meterkit(
+        "keys", "create", "--org", "org_small", "--role", "admin", "--scopes", "usage:read",
+        "--db", db,
+    )  # fmt: skip
+    small_token = TOKEN.search(small)
+    assert small_token, small
+    for meter, value in (("embeddings", "input_tokens=900"), ("images", "images=3")):
+        _meterkit(
+            "record", meter, "--org", "org_small", "-v", value, "--time", str(NOW - 3 * DAY),
+            "--now", str(NOW), "--db", db,
+        )  # fmt: skip
     port = _free_port()
     log = (work / "serve.log").open("w")
     server = subprocess.Popen(
@@ -130,7 +145,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         else:
             pytest.fail("meterkit serve did not answer: " + (work / "serve.log").read_text())
         assert server.poll() is None, (work / "serve.log").read_text()
-        yield Served(base, found.group(1), empty_token.group(1))
+        yield Served(base, found.group(1), empty_token.group(1), small_token.group(1))
     finally:
         server.terminate()
         server.wait(10)
@@ -145,12 +160,18 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def console_errors(driver: Any) -> list[dict[str, Any]]:
+    """The browser console's errors since the last call (reading the log empties it)."""
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
 @pytest.fixture
 def browser() -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     options.binary_location = str(CHROMIUM)
     for arg in (
         "--headless=new",
@@ -165,6 +186,8 @@ def browser() -> Iterator[Any]:
     driver.set_script_timeout(30)
     try:
         yield driver
+        # (A test that expects an error reads it itself, which empties the log.)
+        assert console_errors(driver) == []
     finally:
         driver.quit()
 
@@ -211,8 +234,22 @@ def shot(driver: Any, shots: Path, element: str, name: str) -> None:
     found.screenshot(str(shots / f"{name}.png"))
 
 
-def usage_series(served: Served, kind: str, width: str, stack: str, measure: str) -> dict[str, Any]:
-    """What the dashboard should draw, from the API: per group, a value per bucket."""
+def binary(n: int) -> str:
+    """``n`` bytes as the dashboard writes them: binary units, at most two decimals."""
+    units = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    scaled, step = float(n), 0
+    while abs(scaled) >= 1024 and step < len(units) - 1:
+        scaled, step = scaled / 1024, step + 1
+    if step == 0:
+        return f"{n:,} bytes"
+    return f"{round(scaled, 2):,.2f}".rstrip("0").rstrip(".") + f" {units[step]}"
+
+
+def usage_series(
+    served: Served, kind: str, width: str, stack: str, measure: str, *, gauge: bool = False
+) -> dict[str, Any]:
+    """What the dashboard should draw, from the API: per group, a value per bucket (a gauge's
+    level carried across buckets without a reading, unknown before its first)."""
     now = NOW
     span = 7 * DAY if width == "1h" else 30 * DAY
     step = 3600 if width == "1h" else DAY
@@ -224,12 +261,19 @@ def usage_series(served: Served, kind: str, width: str, stack: str, measure: str
         group_by=stack,
         limit=168 if width == "1h" else 31,
     )
-    groups: dict[str, list[float]] = {}
+    groups: dict[str, list[float | None]] = {}
+    read = sum(1 for b in buckets if b["results"])
     for i, b in enumerate(buckets):
         for r in b["results"]:
             name = str(r[stack]) if r[stack] is not None else "(none)"
-            groups.setdefault(name, [0] * len(buckets))[i] += r[measure] or 0
-    return {"buckets": len(buckets), "groups": groups}
+            values = groups.setdefault(name, [None if gauge else 0] * len(buckets))
+            values[i] = (values[i] or 0) + (r[measure] or 0)
+    if gauge:
+        for values in groups.values():
+            for i in range(1, len(values)):
+                if values[i] is None:
+                    values[i] = values[i - 1]
+    return {"buckets": len(buckets), "groups": groups, "read": read}
 
 
 # -- the views ----------------------------------------------------------------------------------
@@ -295,8 +339,13 @@ def test_signed_in_every_view_draws_the_numbers_the_api_answers(
         assert int(box.get_attribute("data-used")) == line["used"]
         assert int(box.get_attribute("data-limit")) == line["limit"]
         text = box.text
-        if line["limit"] >= 0:
-            assert f"{line['remaining']:,} remaining" in text
+        # The exact figures on hover, with the unit.
+        assert box.get_attribute("title").startswith(f"{line['used']:,} {line['unit']} of ")
+        if line["unit"] == "bytes":
+            assert f"{binary(line['remaining'])} remaining" in text
+            assert f"{line['used']:,}" not in text
+        elif line["limit"] >= 0:
+            assert f"{line['remaining']:,} {line['unit']} remaining" in text
         assert ("resets" in text) == (line["reset_at"] is not None)
         gauge = chart(browser, f"gauge-{line['metric']}-chart")
         if line["limit"] >= 0:
@@ -336,6 +385,9 @@ def test_a_wrong_key_is_refused(browser: Any, served: Served, shots: Path) -> No
     assert not browser.find_element(By.ID, "app").is_displayed()
     assert browser.execute_script("return sessionStorage.getItem('meterkit.api_key')") is None
     shot(browser, shots, "signin", "wrong-key")
+    # The refused key's 401 is the console's only error.
+    errors = console_errors(browser)
+    assert len(errors) == 1 and "401" in errors[0]["message"], errors
 
 
 def test_an_empty_organization_is_shown_as_such(browser: Any, served: Served, shots: Path) -> None:
@@ -349,3 +401,103 @@ def test_an_empty_organization_is_shown_as_such(browser: Any, served: Served, sh
     assert chart(browser, "usage-chart") is None and chart(browser, "costs-chart") is None
     assert served.get("/v1/organization/quota", token=served.empty_token)["limits"] == []
     browser.save_screenshot(str(shots / "empty-organization.png"))
+
+
+def test_meters_in_use_are_listed_first(browser: Any, served: Served) -> None:
+    from selenium.webdriver.common.by import By
+
+    sign_in(browser, served, served.small_token)
+    wait_for(browser, "ready")
+    listed = served.get("/v1/organization/meters", token=served.small_token)["data"]
+    in_use = [m["name"] for m in listed if m["in_use"] or m["limited"]]
+    rest = [m["name"] for m in listed if not (m["in_use"] or m["limited"])]
+    assert in_use == ["embeddings", "images"] and len(rest) == 9
+    groups = browser.find_elements(By.CSS_SELECTOR, "#usage-kind optgroup")
+    assert [g.get_attribute("label") for g in groups] == ["In use", "No usage in 30 days"]
+    shown = [
+        [o.get_attribute("value") for o in g.find_elements(By.TAG_NAME, "option")] for g in groups
+    ]
+    assert shown == [in_use, rest]
+    assert browser.find_element(By.ID, "usage-kind").get_attribute("value") == "embeddings"
+    assert float(browser.find_element(By.ID, "usage-total").get_attribute("data-total")) == 900
+    assert "900 tokens" in browser.find_element(By.ID, "usage-total").text
+
+
+def test_a_gauge_is_charted_as_its_level_never_summed(
+    browser: Any, served: Served, shots: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    sign_in(browser, served, served.token)
+    wait_for(browser, "ready")
+    for width, buckets in (("1d", 30), ("1h", 168)):
+        Select(browser.find_element(By.ID, "usage-kind")).select_by_value("vector_stores")
+        wait_for(browser, "ready")
+        Select(browser.find_element(By.ID, "usage-width")).select_by_value(width)
+        wait_for(browser, "ready")
+        want = usage_series(served, "vector_stores", width, "project_id", "usage_bytes", gauge=True)
+        drawn = chart(browser, "usage-chart")
+        assert browser.execute_script("return Chart.getChart('usage-chart').config.type") == "line"
+        assert len(drawn["labels"]) == want["buckets"] == buckets
+        assert {d["label"]: d["data"] for d in drawn["datasets"]} == want["groups"]
+        if width == "1h":
+            # Readings come once a day: the hours between hold the level, never drop to zero.
+            assert want["read"] < buckets / 10
+            held = [v for values in want["groups"].values() for v in values if v is not None]
+            assert len(held) > buckets and 0 not in held
+        latest = sum(v[-1] or 0 for v in want["groups"].values())
+        assert latest > 2**20
+        total = browser.find_element(By.ID, "usage-total")
+        assert total.get_attribute("data-total") is None
+        assert int(total.get_attribute("data-latest")) == latest
+        assert binary(latest) in total.text and "iB" in total.text
+        assert total.get_attribute("title") == f"{latest:,} bytes"
+        shot(browser, shots, "usage", f"storage-level-{width}")
+
+
+PHONE = (390, 844)
+
+
+def fits(driver: Any) -> None:
+    """Nothing scrolls sideways, and no visible element reaches past the screen (less its
+    scroll bar)."""
+    assert driver.execute_script("return window.innerWidth") == PHONE[0]
+    width = driver.execute_script("return document.documentElement.clientWidth")
+    outside = driver.execute_script(
+        "return [...document.querySelectorAll('body *')]"
+        ".filter(e => e.offsetParent !== null)"
+        ".map(e => [e.id || e.tagName, e.getBoundingClientRect()])"
+        ".filter(([, r]) => r.left < 0 || r.right > arguments[0] + 0.5)"
+        ".map(([id, r]) => `${id} ${Math.round(r.left)}..${Math.round(r.right)}`)",
+        width,
+    )
+    assert outside == []
+    assert driver.execute_script("return document.documentElement.scrollWidth") <= width
+
+
+def test_on_a_phone_nothing_scrolls_sideways_or_is_clipped(
+    browser: Any, served: Served, shots: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.set_window_size(*PHONE)
+    # The window's outer size includes no frame headless, but make the inner width exact.
+    inner = browser.execute_script("return window.innerWidth")
+    if inner != PHONE[0]:
+        browser.set_window_size(PHONE[0] * 2 - inner, PHONE[1])
+    browser.get(served.base + "/dashboard")
+    wait_for(browser, "signed-out")
+    fits(browser)
+    browser.save_screenshot(str(shots / "phone-signin.png"))
+    sign_in(browser, served, served.token)
+    wait_for(browser, "ready")
+    fits(browser)
+    assert chart(browser, "usage-chart")["datasets"]
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(PHONE[0] * 2 - inner if inner != PHONE[0] else PHONE[0], height)
+    browser.save_screenshot(str(shots / "phone-dashboard.png"))
+    Select(browser.find_element(By.ID, "usage-kind")).select_by_value("vector_stores")
+    wait_for(browser, "ready")
+    fits(browser)

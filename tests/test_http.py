@@ -635,6 +635,47 @@ def test_plan_usage_shows_a_plan_metric_stored_by_another_process(
         env.meter.close()
 
 
+def test_the_meters_an_organization_uses_or_is_limited_on_come_first(env: Env) -> None:
+    env.meter.set_metric(Metric.parse("embedded", "embeddings.input_tokens"))
+    env.meter.set_plan(Plan("small", limits={"embedded": 1_000, "storage_bytes": 2**30}))
+    env.meter.assign_plan("org_b", "small")
+    r = env.send("GET", "/v1/organization/meters", key="other")
+    assert r.status == 200
+    body = data(r)
+    assert (body["object"], body["organization_id"], body["days"]) == ("list", "org_b", 30)
+    listed = body["data"]
+    # org_b used completions only; its plan counts embeddings; the rest in the catalog's order.
+    assert [m["name"] for m in listed] == [
+        "completions",
+        "embeddings",
+        *(k for k in SPECS if k not in ("completions", "embeddings")),
+    ]
+    flags = {m["name"]: (m["in_use"], m["limited"]) for m in listed}
+    assert flags["completions"] == (True, False) and flags["embeddings"] == (False, True)
+    assert sum(used or limited for used, limited in flags.values()) == 2
+    store = next(m for m in listed if m["name"] == "vector_stores")
+    assert store["path"] == f"{USAGE}/vector_stores" and store["group_by"] == ["project_id"]
+    assert store["measures"] == [{"name": "usage_bytes", "unit": "bytes", "gauge": True}]
+    units = {m["name"]: m["unit"] for m in listed[0]["measures"]}
+    assert units["input_tokens"] == "tokens" and units["num_model_requests"] == "requests"
+    # The quota lines say their unit too.
+    quota = data(env.send("GET", "/v1/organization/quota", key="other"))
+    assert {x["metric"]: x["unit"] for x in quota["limits"]} == {
+        "embedded": "tokens",
+        "storage_bytes": "bytes",
+    }
+    # org_a used every kind in the last 30 days.
+    mine = data(env.send("GET", "/v1/organization/meters", key="member"))["data"]
+    assert all(m["in_use"] for m in mine)
+
+
+def test_the_favicon_is_served_without_a_key(env: Env) -> None:
+    r = env.send("GET", "/favicon.ico", key=None)
+    assert r.status == 200 and header(r, "content-type") == "image/x-icon"
+    assert r.body[:4] == b"\x00\x00\x01\x00"  # an ICO file's header
+    assert env.send("GET", "/dashboard/favicon.ico", key=None).body == r.body
+
+
 @pytest.mark.parametrize(
     ("query", "field", "kind"),
     [
@@ -1320,6 +1361,7 @@ def test_every_authenticated_route_is_in_the_matrix() -> None:
         ("GET", "/api/v1/usage"),
         ("GET", "/v1/usage"),
         ("GET", "/v1/organization/quota"),
+        ("GET", "/v1/organization/meters"),
         ("POST", "/v1/events"),
         *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS, *CORRECTION_PATHS]),
         *SPEND_ROUTES,
@@ -1674,9 +1716,11 @@ def test_openapi_lists_every_route(env: Env) -> None:
         ("GET", "/api/v1/usage"),
         ("GET", "/v1/usage"),
         ("GET", "/v1/organization/quota"),
+        ("GET", "/v1/organization/meters"),
         ("POST", "/v1/events"),
         ("GET", "/healthz"),
         ("GET", "/openapi.json"),
+        ("GET", "/favicon.ico"),
         ("GET", "/dashboard"),
         ("GET", "/dashboard/{asset}"),
         *(("POST", p) for _, p in [*OPERATION_PATHS, *ASSET_PATHS, *CORRECTION_PATHS]),
@@ -1864,8 +1908,8 @@ def test_random_input_never_causes_a_5xx(
     assert r.status < 500, (r.status, data(r))
     if header(r, "content-type") == "application/json":
         data(r)
-    elif path.startswith("/dashboard") and r.status == 200:
-        assert r.body  # the page and its files
+    elif (path.startswith("/dashboard") or path == "/favicon.ico") and r.status == 200:
+        assert r.body  # the page, its files and its icon
     else:
         lines(r)
 

@@ -132,7 +132,7 @@ GENERIC_METERS: tuple[MeterSpec, ...] = (
     MeterSpec("jobs", _sums("jobs"), (*_PEOPLE, Dimension("kind"))),
 )
 
-CHARGES_METER = MeterSpec("charges", (Measure("nano_usd"),), _PEOPLE)
+CHARGES_METER = MeterSpec("charges", (Measure("nano_usd", unit="nano-dollars"),), _PEOPLE)
 """Spend given in dollars (``check`` / ``reserve`` / ``debit`` with ``cost=``): one event per
 decision, in nano-dollars, priced by the built-in line :data:`meterkit.pricing.CHARGES`, so
 costs bill what spend counted. Not a plan metric (its measure is not named after it)."""

@@ -26,6 +26,7 @@ __all__ = [
     "Result",
     "UsagePage",
     "UsageQuery",
+    "unit_of",
 ]
 
 Number = Union[int, float]  # noqa: UP007 - a runtime alias, evaluated on Python 3.10 too
@@ -50,6 +51,16 @@ def _check_name(kind: str) -> Callable[[Any, Any, str], None]:
             raise ValueError(f"{kind} name {value!r} must match {NAME_RE.pattern}")
 
     return check
+
+
+def unit_of(name: str) -> str:
+    """The unit a measure named ``name`` counts in, when its meter does not say: ``bytes`` for
+    ``*_bytes``, ``tokens`` for ``*_tokens``, ``requests`` for ``num_model_requests``, else the
+    name without a ``num_`` prefix (``num_sessions`` counts sessions, ``tiles`` tiles)."""
+    for suffix in ("bytes", "tokens", "requests", "seconds"):
+        if name == suffix or name.endswith("_" + suffix):
+            return suffix
+    return name.removeprefix("num_")
 
 
 def _measures(items: Iterable[Measure]) -> tuple[Measure, ...]:
@@ -84,13 +95,19 @@ class Measure:
     into a query's range from before it), summed across series. It is always a gauge.
 
     Values are whole numbers (tokens, requests, bytes) unless the measure is ``fractional``
-    (seconds of compute, say): then floats are kept as given.
+    (seconds of compute, say): then floats are kept as given. ``unit`` is what one of them is
+    (``bytes``, ``tokens``...; by default from the name, :func:`unit_of`): the dashboard shows
+    bytes in binary units and every other number with its unit.
     """
 
     name: str = attrs.field(validator=_check_name("measure"))
     aggregation: Aggregation = "sum"
     gauge: bool = False
     fractional: bool = False
+    unit: str = attrs.field(
+        default=attrs.Factory(lambda self: unit_of(self.name), takes_self=True),
+        validator=attrs.validators.instance_of(str),
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:

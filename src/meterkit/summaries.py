@@ -66,6 +66,8 @@ class Meter(Protocol):
 __all__ = [
     "account_usage",
     "current_usage",
+    "metric_unit",
+    "organization_meters",
     "plan_usage",
     "quota_status",
     "recalculate_storage",
@@ -379,6 +381,7 @@ def quota_status(meter: Any, organization_id: str) -> dict[str, Any]:
             limits.append(
                 {
                     "metric": metric,
+                    "unit": metric_unit(meter, metric),
                     "kind": "gauge" if gauge else "period",
                     "used": used,
                     "limit": limit,
@@ -412,3 +415,60 @@ def quota_status(meter: Any, organization_id: str) -> dict[str, Any]:
         "rate_limits": rates,
         "spend_limit": spend,
     }
+
+
+def metric_unit(meter: Any, metric: str) -> str:
+    """What a plan metric counts in: its first source's measure's unit (a metric defined over
+    ``completions.input_tokens`` counts tokens), else its own meter's, else its name."""
+    for defined in meter.quotas.metric_sources():
+        if defined.name != metric:
+            continue
+        for source in defined.sources:
+            found = meter.meters.get(source.meter)
+            measure = found.measure(source.measure) if found is not None else None
+            if source.meter != metric and measure is not None:
+                return str(measure.unit)
+    spec = meter.meters.get(metric)
+    own = spec.measure(metric) if spec is not None else None
+    return str(own.unit) if own is not None else metric
+
+
+def organization_meters(
+    meter: Any, organization_id: str, kinds: Iterable[str], *, days: int = 30
+) -> dict[str, Any]:
+    """The usage meters ``kinds`` of an organization, those it used in the last ``days`` days
+    or that a limit of its plan counts listed first (each group in the order given), with
+    every measure's unit and whether it is a gauge: the dashboard's meter list
+    (``GET /v1/organization/meters``)."""
+    org = check_id("organization_id", organization_id)
+    now = meter.now()
+    start = now - now % DAY - (days - 1) * DAY
+    _assignment, plan = meter.quotas.plan_of(org)
+    limited: set[str] = set()
+    if plan is not None:
+        for metric in meter.quotas.metric_sources():
+            if metric.name in plan.limits:
+                limited.update(s.meter for s in metric.sources)
+    listed = []
+    for name in kinds:
+        spec = meter.meters[name]
+        used = any(
+            value
+            for _start, values in meter.totals(
+                name, organization_id=org, start_time=start, end_time=now + 1
+            )
+            for value in values.values()
+        )
+        listed.append(
+            {
+                "object": "organization.meter",
+                "name": name,
+                "in_use": used,
+                "limited": name in limited,
+                "measures": [
+                    {"name": m.name, "unit": m.unit, "gauge": m.gauge} for m in spec.measures
+                ],
+            }
+        )
+    listed.sort(key=lambda m: not (m["in_use"] or m["limited"]))
+    return {"object": "list", "organization_id": org, "as_of": now, "days": days, "data": listed}

@@ -7,16 +7,8 @@
   const DAY = 86400;
   // The API lives where the dashboard does: /x/dashboard -> /x/v1/...
   const BASE = window.location.pathname.replace(/\/dashboard\/?$/, "");
-  const KINDS = [
-    "completions", "embeddings", "moderations", "images", "audio_speeches",
-    "audio_transcriptions", "vector_stores", "code_interpreter_sessions",
-    "file_search_calls", "web_search_calls", "decisions",
-  ];
-  // Which dimensions each kind can be grouped by (the API refuses the others).
-  const PEOPLE = ["project_id"];
-  const STACKS = {
-    vector_stores: PEOPLE, code_interpreter_sessions: PEOPLE, file_search_calls: PEOPLE,
-  };
+  // The organization's meters (GET /v1/organization/meters): path, group_by, measures.
+  const METERS = new Map();
   const COLORS = [
     "#2f6fde", "#e8743b", "#19a979", "#ed4a7b", "#945ecf", "#13a4b4",
     "#525df4", "#bf399e", "#6c8893", "#ee6868", "#2f6497", "#9b9b00",
@@ -28,6 +20,22 @@
   const $ = (id) => document.getElementById(id);
   const fmt = new Intl.NumberFormat("en-US", { maximumFractionDigits: 6 });
   const money = new Intl.NumberFormat("en-US", { style: "currency", currency: "USD", maximumFractionDigits: 4 });
+  const short = new Intl.NumberFormat("en-US", { maximumFractionDigits: 2 });
+  const IEC = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+
+  // Bytes in binary units (2.11 GiB), every other number with its unit.
+  function amount(value, unit) {
+    if (unit !== "bytes") return unit ? `${fmt.format(value)} ${unit}` : fmt.format(value);
+    let scaled = value;
+    let step = 0;
+    while (Math.abs(scaled) >= 1024 && step < IEC.length - 1) { scaled /= 1024; step += 1; }
+    return step === 0 ? `${fmt.format(value)} bytes` : `${short.format(scaled)} ${IEC[step]}`;
+  }
+
+  // The exact figure, for a title (shown on hover) beside a rounded one.
+  function exact(value, unit) {
+    return `${fmt.format(value)} ${unit || ""}`.trim();
+  }
 
   class Refused extends Error {}
 
@@ -89,15 +97,31 @@
 
   // -- usage ----------------------------------------------------------------------------------
 
-  function fillKinds() {
+  // Meters in use (or limited) first, under their own heading; the rest after.
+  function fillKinds(listed) {
+    METERS.clear();
     const select = $("usage-kind");
-    select.replaceChildren(...KINDS.map((k) => new Option(k, k)));
+    const used = document.createElement("optgroup");
+    used.label = "In use";
+    const rest = document.createElement("optgroup");
+    rest.label = `No usage in ${listed.days} days`;
+    for (const meter of listed.data) {
+      METERS.set(meter.name, meter);
+      (meter.in_use || meter.limited ? used : rest).append(new Option(meter.name, meter.name));
+    }
+    select.replaceChildren(...[used, rest].filter((g) => g.children.length));
+  }
+
+  function unitOf(kind, measure) {
+    const found = METERS.get(kind).measures.find((m) => m.name === measure);
+    return found ? found : { unit: "", gauge: false };
   }
 
   async function showUsage() {
     const kind = $("usage-kind").value;
+    const meter = METERS.get(kind);
     const width = $("usage-width").value;
-    const allowed = STACKS[kind] || ["model", "project_id"];
+    const allowed = meter.group_by;
     for (const option of $("usage-stack").options) {
       option.disabled = option.value !== "" && !allowed.includes(option.value);
     }
@@ -108,7 +132,7 @@
     const start = width === "1h" ? now - (now % 3600) - span + 3600 : now - (now % DAY) - span + DAY;
     const params = { start_time: start, bucket_width: width, limit: width === "1h" ? 168 : 31 };
     if (stack) params.group_by = stack;
-    const buckets = await pages("/v1/organization/usage/" + kind, params);
+    const buckets = await pages(meter.path, params);
     const measures = new Set();
     for (const b of buckets) for (const r of b.results) {
       for (const [k, v] of Object.entries(r)) if (typeof v === "number" && k !== "object") measures.add(k);
@@ -120,25 +144,60 @@
     if (names.includes(wanted)) select.value = wanted;
     else if (names.length) select.value = names.find((m) => /^input_tokens$|^num_/.test(m)) || names[0];
     const measure = select.value;
+    const { unit, gauge } = unitOf(kind, measure);
     const groups = new Map();
     buckets.forEach((b, i) => {
       for (const r of b.results) {
         const name = stack ? String(r[stack] ?? "(none)") : measure;
-        if (!groups.has(name)) groups.set(name, new Array(buckets.length).fill(0));
-        groups.get(name)[i] += r[measure] || 0;
+        // A gauge's bucket before its first reading is unknown (null), not zero.
+        if (!groups.has(name)) groups.set(name, new Array(buckets.length).fill(gauge ? null : 0));
+        groups.get(name)[i] = (groups.get(name)[i] || 0) + (r[measure] || 0);
       }
     });
-    const total = [...groups.values()].flat().reduce((a, b) => a + b, 0);
+    const total = $("usage-total");
     const empty = !measure || groups.size === 0;
     $("usage-empty").hidden = !empty;
     $("usage-chart").parentElement.hidden = empty;
-    $("usage-total").textContent = empty ? "" : `Total ${measure}: ${fmt.format(total)}`;
-    $("usage-total").dataset.total = String(total);
+    total.textContent = "";
+    total.removeAttribute("title");
+    for (const key of ["total", "latest", "gauge"]) delete total.dataset[key];
     if (empty) return;
+    if (gauge) {
+      // A level holds until its next reading: carried across buckets without one, never summed.
+      for (const values of groups.values()) {
+        for (let i = 1; i < values.length; i += 1) if (values[i] === null) values[i] = values[i - 1];
+      }
+      const latest = [...groups.values()].reduce((a, v) => a + (v[v.length - 1] || 0), 0);
+      total.textContent = `Now: ${amount(latest, unit)} of ${measure} (a level: charted as held over time, not summed)`;
+      total.title = exact(latest, unit);
+      total.dataset.latest = String(latest);
+      total.dataset.gauge = "true";
+    } else {
+      const sum = [...groups.values()].flat().reduce((a, b) => a + b, 0);
+      total.textContent = `Total ${measure}: ${amount(sum, unit)}`;
+      total.title = exact(sum, unit);
+      total.dataset.total = String(sum);
+    }
     const series = [...groups.entries()].sort((a, b) => a[0].localeCompare(b[0]));
-    draw("usage-chart", "bar", stacked(buckets.map((b) => label(b.start_time, width)), series), {
-      scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true } },
-      plugins: { title: { display: true, text: `${kind}: ${measure}` } },
+    const labels = buckets.map((b) => label(b.start_time, width));
+    const ticks = { callback: (v) => amount(v, unit === "bytes" ? unit : "") };
+    const tooltip = { callbacks: { label: (c) => `${c.dataset.label}: ${amount(c.parsed.y, unit)}` } };
+    if (gauge) {
+      draw("usage-chart", "line", {
+        labels,
+        datasets: series.map(([name, values], i) => ({
+          label: name, data: values, borderColor: color(i), backgroundColor: color(i),
+          stepped: "after", pointRadius: 0, fill: false, spanGaps: false,
+        })),
+      }, {
+        scales: { y: { beginAtZero: true, ticks } },
+        plugins: { title: { display: true, text: `${kind}: ${measure} (${unit}, level)` }, tooltip },
+      });
+      return;
+    }
+    draw("usage-chart", "bar", stacked(labels, series), {
+      scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true, ticks } },
+      plugins: { title: { display: true, text: `${kind}: ${measure} (${unit})` }, tooltip },
     });
   }
 
@@ -172,10 +231,11 @@
 
   // -- quotas ---------------------------------------------------------------------------------
 
-  function gauge(id, title, used, limit, lines) {
+  function gauge(id, title, used, limit, lines, hover) {
     const box = document.createElement("div");
     box.className = "gauge";
     box.id = id;
+    if (hover) box.title = hover;
     const heading = document.createElement("h3");
     heading.textContent = title;
     const canvas = document.createElement("canvas");
@@ -210,11 +270,12 @@
     for (const id of Object.keys(charts)) if (id.startsWith("gauge-")) { charts[id].destroy(); delete charts[id]; }
     for (const line of status.limits) {
       const unlimited = line.limit < 0;
+      const u = line.unit;
       gauge("gauge-" + line.metric, line.metric, line.used, line.limit, [
-        ["used", `${fmt.format(line.used)} of ${unlimited ? "unlimited" : fmt.format(line.limit)}`],
-        ["remaining", unlimited ? "no limit" : `${fmt.format(line.remaining)} remaining`],
+        ["used", `${amount(line.used, u)} of ${unlimited ? "unlimited" : amount(line.limit, u)}`],
+        ["remaining", unlimited ? "no limit" : `${amount(line.remaining, u)} remaining`],
         ["reset", line.reset_at ? `resets ${when(line.reset_at)}` : "a level: frees up when something is removed"],
-      ]);
+      ], `${exact(line.used, u)} of ${unlimited ? "unlimited" : exact(line.limit, u)}`);
     }
     for (const rate of status.rate_limits) {
       const box = document.createElement("div");
@@ -240,8 +301,11 @@
   // -- flow -----------------------------------------------------------------------------------
 
   async function load() {
+    // One call first: a refused key costs one error in the console, not one per call.
     const status = await api("/v1/organization/quota");
+    const listed = await api("/v1/organization/meters");
     serverNow = status.as_of;
+    fillKinds(listed);
     $("who").textContent = status.organization_id + (status.plan ? ` · plan ${status.plan}` : "");
     $("who").hidden = false;
     $("signout").hidden = false;
@@ -277,7 +341,6 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
-    fillKinds();
     $("signin-form").addEventListener("submit", (event) => {
       event.preventDefault();
       sessionStorage.setItem(KEY, $("key").value.trim());

@@ -36,7 +36,9 @@ def reading(spec: MeterSpec, measures: Iterable[str]) -> MeterSpec:
     return attrs.evolve(
         spec,
         measures=tuple(
-            Measure(m.name, "time_weighted", fractional=m.fractional) if m.name in wanted else m
+            Measure(m.name, "time_weighted", fractional=m.fractional, unit=m.unit)
+            if m.name in wanted
+            else m
             for m in spec.measures
         ),
     )

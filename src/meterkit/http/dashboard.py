@@ -22,6 +22,7 @@ ASSETS: dict[str, tuple[str, str]] = {
     "dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
     "chart.umd.min.js": ("vendor/chart.umd.min.js", "text/javascript; charset=utf-8"),
     "chart.js-LICENSE.md": ("vendor/chart.js-LICENSE.md", "text/plain; charset=utf-8"),
+    "favicon.ico": ("favicon.ico", "image/x-icon"),
 }
 """Asset name -> (file under ``meterkit/dashboard``, media type): nothing else is served."""
 
@@ -52,6 +53,11 @@ def _page(call: Call) -> Response:
     return _file("index.html", "text/html; charset=utf-8")
 
 
+def _favicon(call: Call) -> Response:
+    # Browsers ask every origin for it: answered, it logs no error in the dashboard's console.
+    return _file(*ASSETS["favicon.ico"])
+
+
 def _asset(call: Call) -> Response:
     found = ASSETS.get(call.path_params["asset"])
     if found is None:
@@ -72,6 +78,17 @@ SURFACE = Surface(
             tags=("dashboard",),
             auth=False,
             replies=(Reply(200, "The dashboard page.", {"type": "string"}, "text/html"),),
+        ),
+        Route(
+            method="GET",
+            path="/favicon.ico",
+            handler=_favicon,
+            errors=METERKIT,
+            operation_id="favicon",
+            summary="The dashboard's icon.",
+            tags=("dashboard",),
+            auth=False,
+            replies=(Reply(200, "The icon.", {"type": "string"}, "image/x-icon"),),
         ),
         Route(
             method="GET",
