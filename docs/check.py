@@ -195,7 +195,7 @@ def catalog_table() -> str:
     for spec in (*OPENAI_KINDS, *GENERIC_METERS):
         measures = []
         for m in spec.measures:
-            notes = [m.aggregation] + (["gauge"] if m.gauge else [])
+            notes = [m.aggregation] + (["gauge"] if m.gauge else []) + [m.unit]
             measures.append(f"`{m.name}` ({', '.join(notes)})")
         dims = []
         for d in spec.dimensions:

@@ -837,3 +837,114 @@ def test_an_unreachable_postgresql_url_is_one_line_and_exit_1() -> None:
         assert len(lines) == 1, lines
         host = url.split("@", 1)[1].split(":", 1)[0]
         assert host in lines[0] and "Traceback" not in result.stderr
+
+
+# -- top ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def customers(db: str) -> str:
+    """Three organizations on a plan: tokens priced, a storage gauge read daily."""
+    from meterkit import Plan
+
+    with Meter(db, clock=lambda: NOW) as m:
+        m.set_price(
+            {
+                "meter": "tokens",
+                "measure": "tokens",
+                "unit_price": "3",
+                "per": 1_000,
+                "line_item": "tokens",
+                "quantity_unit": "tokens",
+            }
+        )
+        m.set_plan(Plan("small", limits={"tokens": 10_000, "storage_bytes": 2**30}))
+        for org in ("org_a", "org_b", "org_c"):
+            m.assign_plan(org, "small")
+        events = []
+        for org, tokens in (("org_a", 9_000), ("org_b", 300), ("org_c", 4_000)):
+            events += [
+                Event(f"{org}-t{i}", "tokens", org, MONTH + 60 * i, {"tokens": tokens // 3})
+                for i in range(3)
+            ]
+        # Storage read once a day, growing: the column is the level at the end, not a sum.
+        for day, size in enumerate((100, 200, 700)):
+            events.append(
+                Event(
+                    f"s{day}", "storage_bytes", "org_b", MONTH - (3 - day) * DAY,
+                    {"storage_bytes": size}, {"resource": "bucket"},
+                )
+            )  # fmt: skip
+        m.record_many(events)
+    return db
+
+
+def top_json(db: str, *args: str) -> dict[str, Any]:
+    result = run("top", "--start-time", str(MONTH - 5 * DAY), "--db", db, "--format", "json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_top_shows_every_organization_by_cost(customers: str) -> None:
+    body = top_json(customers)
+    assert body["columns"] == ["tokens", "storage_bytes"]
+    rows = body["data"]
+    assert [r["organization_id"] for r in rows] == ["org_a", "org_c", "org_b"]
+    a, c, b = rows
+    # $3 per 1,000 tokens, exact, as strings to the nano-dollar.
+    assert (a["cost"], c["cost"], b["cost"]) == ("27.000000000", "11.997000000", "0.900000000")
+    assert a["usage"] == {"tokens": 9_000, "storage_bytes": None}
+    assert b["usage"] == {"tokens": 300, "storage_bytes": 700}  # the level now, not 1,000
+    assert (a["quota_used"], a["quota_metric"]) == (0.9, "tokens")
+    assert a["plan"] == "small" and a["spend"] == "27.000000000" and a["spend_limit"] is None
+    with Meter(customers, clock=lambda: NOW) as m:
+        costs = m.costs(organization_id="org_c", start_time=MONTH - 5 * DAY, end_time=NOW + 1)
+        assert str(sum(r.amount for bucket in costs.data for r in bucket.results)) == "11.997"
+
+
+def test_top_sorts_by_any_column_either_way_and_limits(customers: str) -> None:
+    by_tokens = top_json(customers, "--sort", "tokens", "--ascending")["data"]
+    assert [r["organization_id"] for r in by_tokens] == ["org_b", "org_c", "org_a"]
+    # An organization without a value comes last either way.
+    stored = top_json(customers, "--sort", "storage_bytes")["data"]
+    assert stored[0]["organization_id"] == "org_b"
+    assert (
+        top_json(customers, "--sort", "organization", "--ascending", "--limit", "2")["data"]
+        == top_json(customers, "--sort", "organization", "--ascending")["data"][:2]
+    )
+    chosen = top_json(customers, "--usage", "tokens.tokens", "--sort", "tokens")
+    assert chosen["columns"] == ["tokens"]
+
+
+def test_top_table_and_csv(customers: str) -> None:
+    table = run("top", "--start-time", str(MONTH - 5 * DAY), "--db", customers)
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert "organization" in lines[0] and "quota_used" in lines[0]
+    assert "org_a" in lines[2] and "90.0%" in lines[2] and "27" in lines[2]
+    text = run("top", "--start-time", str(MONTH - 5 * DAY), "--db", customers, "--format", "csv")
+    rows = list(csv.reader(io.StringIO(text.stdout)))
+    assert rows[0] == [
+        "organization", "plan", "tokens", "storage_bytes", "cost", "spend", "spend_limit",
+        "quota_used", "quota_metric",
+    ]  # fmt: skip
+    assert rows[1][:5] == ["org_a", "small", "9000", "", "27.000000000"]
+    assert rows[1][7:] == ["0.9", "tokens"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--sort", "nothing"), "--sort: no column 'nothing'"),
+        (("--usage", "nope"), "--usage: unknown meter 'nope'"),
+        (("--usage", "tokens.x"), "--usage: tokens has no measure 'x'"),
+        (("--end-time", str(MONTH - 9 * DAY)), "--end-time"),
+        (("--start-time", "yesterday"), "--start-time"),
+    ],
+)
+def test_top_refuses_bad_options_in_one_line(
+    customers: str, args: tuple[str, ...], message: str
+) -> None:
+    result = run("top", "--db", customers, *args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert result.stderr.count("\n") == 1

@@ -1,5 +1,5 @@
-"""The data commands of ``meterkit``: record, import, export, usage, costs, quota, plans, metrics,
-prices, doctor and shell completion (see docs/cli.md).
+"""The data commands of ``meterkit``: record, import, export, usage, costs, quota, top, plans,
+metrics, prices, doctor and shell completion (see docs/cli.md).
 
 Every command exits 2 on bad input with one line naming the option at fault, 1 when the store
 does not answer, and a command that only reads never creates a store.
@@ -22,7 +22,7 @@ from typing import IO, Any, cast
 
 import click
 
-from meterkit import cliio
+from meterkit import cliio, overview
 from meterkit.clitools import BadInput, open_meter, reported, store_options
 from meterkit.errors import EventConflict, ValidationError
 from meterkit.eventio import parse_rfc3339
@@ -838,6 +838,123 @@ def quota(organization_id: str, fmt: str, config: Path | None, db: str | None) -
     )
 
 
+# -- top --------------------------------------------------------------------------------------
+
+_TOP_FIXED = ("cost", "spend", "spend_limit", "quota_used", "quota_metric", "plan", "organization")
+
+
+@click.command("top")
+@click.option(
+    "--start-time", metavar="T", help="Start (inclusive; default: the 1st of this month)."
+)
+@click.option("--end-time", metavar="T", help="End (exclusive; default: now).")
+@click.option(
+    "--usage",
+    "usage_columns",
+    multiple=True,
+    metavar="METER[.MEASURE]",
+    help="A usage column (repeatable; default: each meter's main measure that has usage).",
+)
+@click.option(
+    "--sort",
+    default="cost",
+    show_default=True,
+    metavar="COLUMN",
+    help="The column to sort by: cost, spend, spend_limit, quota_used, quota_metric, plan, "
+    "organization or a usage column.",
+)
+@click.option("--ascending", is_flag=True, help="Smallest first (default: largest first).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="At most this many rows.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@_store_options
+def top(
+    start_time: str | None,
+    end_time: str | None,
+    usage_columns: tuple[str, ...],
+    sort: str,
+    ascending: bool,
+    limit: int | None,
+    fmt: str,
+    config: Path | None,
+    db: str | None,
+) -> None:
+    """Every organization side by side: usage and costs over a range, spend this month and
+    the plan limit each is nearest to. Money is in dollars, exact."""
+    m = _meter(config, db, existing=True)
+    try:
+        now = m.now()
+        start = _time("--start-time", start_time)
+        end = _time("--end-time", end_time)
+        if start is None:
+            month = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+            start = int(month.replace(day=1, hour=0, minute=0, second=0).timestamp())
+        end = now + 1 if end is None else end
+        with reported(), _fields({"end_time": "--end-time"}):
+            specs = dict(m.meters)
+            columns = [overview.UsageColumn.parse(specs, text) for text in usage_columns]
+            known = [*_TOP_FIXED, *(c.name for c in columns)]
+            if usage_columns and sort not in known:
+                raise BadInput(f"--sort: no column {sort!r} (known: {', '.join(known)})")
+            shown, lines = overview.organizations_overview(
+                m, start_time=start, end_time=end, columns=columns or None
+            )
+    finally:
+        m.close()
+    names = [c.name for c in shown]
+    if sort not in (*_TOP_FIXED, *names):
+        raise BadInput(f"--sort: no column {sort!r} (known: {', '.join([*_TOP_FIXED, *names])})")
+
+    def key(line: overview.OrganizationLine) -> Any:
+        value = (
+            line.usage.get(sort)
+            if sort in names
+            else getattr(line, "organization_id" if sort == "organization" else sort)
+        )
+        return value is None, value  # unknowns last either way
+
+    ranked = sorted(lines, key=lambda line: line.organization_id)
+    present = [line for line in ranked if key(line)[1] is not None]
+    absent = [line for line in ranked if key(line)[1] is None]
+    present.sort(key=lambda line: key(line)[1], reverse=not ascending)
+    ranked = (present + absent)[:limit]
+    if fmt == "json":
+        click.echo(
+            json.dumps(
+                {
+                    "start_time": start,
+                    "end_time": end,
+                    "columns": names,
+                    "data": [line.to_dict() for line in ranked],
+                },
+                indent=2,
+            )
+        )
+        return
+    header = ["organization", "plan", *names, "cost", "spend", "spend_limit", "quota_used",
+              "quota_metric"]  # fmt: skip
+    rows = [
+        [
+            line.organization_id,
+            line.plan,
+            *(line.usage.get(n) for n in names),
+            line.cost,
+            line.spend,
+            line.spend_limit,
+            _share(line.quota_used, fmt),
+            line.quota_metric,
+        ]
+        for line in ranked
+    ]
+    _emit(header, rows, fmt, numeric={*names, "cost", "spend", "spend_limit", "quota_used"})
+
+
+def _share(value: float | None, fmt: str) -> Any:
+    """A share of a limit: a percentage in a table, a fraction (4 places) in CSV."""
+    if value is None:
+        return None
+    return f"{value:.1%}" if fmt == "table" else round(value, 4)
+
+
 # -- plans and prices -------------------------------------------------------------------------
 
 
@@ -1350,6 +1467,7 @@ COMMANDS: tuple[click.Command, ...] = (
     usage,
     costs,
     quota,
+    top,
     plans,
     metrics,
     spend_cap,
