@@ -97,7 +97,7 @@ class OrganizationLine:
 
 def _usage(meter: Any, column: UsageColumn, org: str, start: int, end: int) -> int | float | None:
     rows = meter.totals(column.meter, organization_id=org, start_time=start, end_time=end)
-    values = [v.get(column.measure) for _, v in rows]
+    values: list[int | float | None] = [v.get(column.measure) for _, v in rows]
     if column.gauge:
         # The level at the range's end: the last bucket with a reading.
         return next((v for v in reversed(values) if v is not None), None)
