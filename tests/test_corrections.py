@@ -288,5 +288,9 @@ def test_corrections_over_http_name_the_key_that_made_them(meter: Meter) -> None
     listed = post("/v1/op/corrections.list", {"organization_id": "org_a"})
     assert [x["id"] for x in lines(listed)] == [line["id"]]
     bad = post("/v1/corrections/void", {**body, "event_id": "nope"})
-    assert bad.status == 422 and lines(bad)[0]["error"]["param"] == "event_id"
+    assert bad.status == 404 and lines(bad)[0]["error"]["param"] == "event_id"
     assert units(meter) == 2
+    assert post("/v1/corrections/void", body).status == 200
+    twice = post("/v1/corrections/void", body)  # void already: a conflict, not bad input
+    assert twice.status == 409 and lines(twice)[0]["error"]["code"] == "conflict"
+    assert units(meter) == 0

@@ -858,7 +858,16 @@ def test_operation_history_months(env: Env) -> None:
     r = env.send(
         "POST", "/v1/usage/history", body={"organization_id": "org_a", "months": 2}, key="member"
     )
-    assert [row["month"] for row in lines(r)] == ["2024-10", "2024-11"]
+    rows = lines(r)
+    assert [row["month"] for row in rows] == ["2024-10", "2024-11"]
+    # JSON has one number type: 2.0 and 2e0 are the integer 2, as the OpenAPI document's
+    # "integer" has it.
+    for written in (b"2.0", b"2e0"):
+        body = b'{"organization_id": "org_a", "months": ' + written + b"}"
+        again = env.send(
+            "POST", "/v1/usage/history", body=body, key="member", content_type="application/json"
+        )
+        assert lines(again) == rows
 
 
 @pytest.mark.parametrize(
@@ -874,7 +883,7 @@ def test_operation_history_months(env: Env) -> None:
         ("/v1/usage/current", {"organization_id": "org_a", "extra": 1}, 422, "extra"),
         ("/v1/usage/history", {"organization_id": "org_a", "months": "six"}, 422, "months"),
         ("/v1/usage/history", {"organization_id": "org_a", "months": 0}, 422, "months"),
-        ("/v1/usage/history", {"organization_id": "org_a", "months": 2.0}, 422, "months"),
+        ("/v1/usage/history", {"organization_id": "org_a", "months": 2.5}, 422, "months"),
     ],
 )
 def test_operation_bad_bodies(
@@ -1938,3 +1947,55 @@ def test_random_paths_never_cause_a_5xx(method: str, path: str, body: bytes) -> 
     r = _FUZZ.send(method, path, body=body)
     assert r.status < 500
     data(r) if header(r, "content-type") == "application/json" else lines(r)
+
+
+# -- what the OpenAPI document says, the server does -------------------------------------------
+
+
+def test_an_empty_order_is_refused_like_any_value_off_its_enum(env: Env) -> None:
+    for value in ("", "up", "ASC"):
+        r = env.send("GET", "/v1/organization/spend_alerts", [("order", value)])
+        assert_openai_error(r, 400, "order")
+    assert env.send("GET", "/v1/organization/spend_alerts", [("order", "desc")]).status == 200
+
+
+def test_a_whole_number_written_with_a_fraction_is_that_number(env: Env) -> None:
+    body = b'{"currency": "USD", "interval": "month", "threshold_amount": 2747.0}'
+    r = env.send("POST", "/v1/organization/spend_limit", body=body, content_type="application/json")
+    assert r.status == 200 and data(r)["threshold_amount"] == 2747
+    assert env.meter.spend("org_a").limit.threshold_amount == 2747  # type: ignore[union-attr]
+    half = b'{"currency": "USD", "interval": "month", "threshold_amount": 2747.5}'
+    r = env.send("POST", "/v1/organization/spend_limit", body=half, content_type="application/json")
+    assert_openai_error(r, 400, "threshold_amount")
+    assert env.meter.spend("org_a").limit.threshold_amount == 2747  # type: ignore[union-attr]
+
+
+def test_assets_that_would_hold_more_than_a_counter_holds_are_a_conflict(env: Env) -> None:
+    from meterkit.validate import MAX_VALUE
+
+    def put(resource: str, size: int) -> Response:
+        body = {"organization_id": "org_a", "resource": resource, "bytes": size}
+        return env.send("POST", "/v1/assets/put", body=body)
+
+    assert put("a", MAX_VALUE - 10).status == 200
+    r = put("b", 11)
+    assert r.status == 409 and data(r)["error"]["code"] == "conflict"
+    assert put("b", 10).status == 200
+    assert put("a", 5).status == 200  # resizing counts the asset once
+    assert {a.resource: a.bytes for a in env.meter.assets("org_a")} == {"a": 5, "b": 10}
+    assert data(
+        env.send("POST", "/v1/usage/recalculate_storage", body={"organization_id": "org_a"})
+    )
+
+
+def test_an_amendment_that_changes_nothing_is_a_conflict(env: Env) -> None:
+    body = {
+        "organization_id": "org_a",
+        "meter": "completions",
+        "event_id": "a-0-0",
+        "reason": "r",
+        "values": {"input_tokens": 100, "num_model_requests": 1},
+    }
+    r = env.send("POST", "/v1/corrections/amend", body=body)
+    assert r.status == 409 and data(r)["error"]["param"] == "values"
+    assert env.meter.corrections("org_a") == []

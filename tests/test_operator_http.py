@@ -88,13 +88,20 @@ def test_an_operator_key_sets_plans_assignments_grants_and_caps(env: Env) -> Non
     # The organization's admin key stays under it, and cannot lift it.
     above = {"currency": "USD", "interval": "month", "threshold_amount": 501}
     r = env.send("POST", "/v1/organization/spend_limit", body=above, key="z_admin")
-    assert assert_openai_error(r, 400, "threshold_amount")
+    assert assert_openai_error(r, 409, "threshold_amount")["code"] == "conflict"
     r = env.send("DELETE", "/v1/organization/spend_limit", key="z_admin")
     assert assert_openai_error(r, 403)["code"] == "spend_limit_set_by_operator"
     assert data(env.send("GET", CAP, key="operator"))["threshold_amount"] == 500
     assert data(env.send("DELETE", CAP, key="operator"))["deleted"] is True
     assert env.meter.spend_cap("org_z") is None
     assert_openai_error(env.send("DELETE", CAP, key="operator"), 404)
+
+
+def test_assigning_a_plan_that_does_not_exist_is_a_404(env: Env) -> None:
+    before = env.meter.plan_of("org_z")
+    r = env.send("PUT", ORG_PLAN, body={"plan": "nope"}, key="operator")
+    assert assert_openai_error(r, 404, "plan")["code"] == "not_found"
+    assert env.meter.plan_of("org_z") == before
 
 
 @pytest.mark.parametrize(
@@ -106,7 +113,6 @@ def test_an_operator_key_sets_plans_assignments_grants_and_caps(env: Env) -> Non
         ("PUT", PLAN, {"billing_cycle": "weekly"}, "billing_cycle"),
         ("PUT", PLAN, {"limits": {"querys": 10}}, "limits.querys"),
         ("PUT", PLAN, {"rate_limit_rpm": -5}, "plan.rate_limit_rpm"),
-        ("PUT", ORG_PLAN, {"plan": "nope"}, "plan"),
         ("PUT", ORG_PLAN, {"plan": 3}, "plan"),
         ("PUT", ORG_PLAN, {"plan": "free", "seats": 0}, "seats"),
         ("POST", GRANTS, {"credits": 0}, "credits"),

@@ -255,7 +255,8 @@ def test_an_admin_key_sets_its_own_limit_under_the_operators_cap_never_above(env
     )
     raw = client.admin.organization.spend_limit.with_raw_response
     assert strict(OrganizationSpendLimit, raw.retrieve()).threshold_amount == 5_000
-    with pytest.raises(openai.BadRequestError) as above:
+    # Well-formed, but above what the operator allows: a conflict with the stored cap.
+    with pytest.raises(openai.ConflictError) as above:
         raw.update(currency="USD", interval="month", threshold_amount=5_001)
     assert above.value.body["param"] == "threshold_amount"  # type: ignore[index]
     lower = strict(

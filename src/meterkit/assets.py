@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from meterkit.errors import ValidationError
+from meterkit.errors import StateConflict, ValidationError
 from meterkit.validate import MAX_VALUE, check_id
 
 if TYPE_CHECKING:
@@ -53,6 +53,12 @@ def put_asset(
     org = check_id("organization_id", organization_id)
     name = check_id("resource", resource)
     asset = Asset(org, name, _size(size), now)
+    others = sum(v for k, v in stored_sizes(store, org).items() if k != name)
+    if others + asset.bytes > MAX_VALUE:
+        # Storage is counted as their sum: it must stay a number a counter holds exactly.
+        raise StateConflict(
+            "bytes", f"the organization's assets would hold more than {MAX_VALUE} bytes in all"
+        )
     store.put_record(_kind(org), name, {"bytes": asset.bytes, "updated_at": now})
     return asset
 

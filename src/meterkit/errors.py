@@ -6,9 +6,11 @@ __all__ = [
     "EventConflict",
     "LateEventError",
     "MeterkitError",
+    "NotFound",
     "PeriodClosed",
     "QuotaExceeded",
     "RetentionError",
+    "StateConflict",
     "StoreConflict",
     "StoreUnavailable",
     "ValidationError",
@@ -26,6 +28,16 @@ class ValidationError(MeterkitError, ValueError):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}")
+
+
+class NotFound(ValidationError):
+    """Well-formed input naming something that does not exist (an event to correct): HTTP
+    answers 404."""
+
+
+class StateConflict(ValidationError):
+    """Well-formed input that what is stored refuses (an event void already, a spend limit
+    above the operator's cap, one spend alert too many): HTTP answers 409."""
 
 
 class EventConflict(ValidationError):

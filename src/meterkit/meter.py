@@ -35,6 +35,8 @@ from meterkit.engine import rollup, timeweighted
 from meterkit.errors import (
     EventConflict,
     LateEventError,
+    NotFound,
+    StateConflict,
     StoreConflict,
     StoreUnavailable,
     ValidationError,
@@ -1057,7 +1059,7 @@ class Meter:
         )
         cap = spend_module.read_cap(self.store, limit.organization_id)
         if cap is not None and limit.threshold_amount > cap.threshold_amount:
-            raise ValidationError(
+            raise StateConflict(
                 "threshold_amount",
                 f"must be at most {cap.threshold_amount} cents, the cap the operator set "
                 "on this organization's spend limit",
@@ -1152,7 +1154,7 @@ class Meter:
         if old is not None:
             alert = attrs.evolve(alert, created_at=old.created_at)
         elif len(self.store.list_records(spend_module.alert_kind(org))) >= spend_module.MAX_ALERTS:
-            raise ValidationError(
+            raise StateConflict(
                 "threshold_amount",
                 f"an organization has at most {spend_module.MAX_ALERTS} spend alerts; "
                 "update or delete one",
@@ -1370,11 +1372,11 @@ class Meter:
         self.flush()  # events queued here are in the store first
         found = self.store.get_events(spec.name, org, [eid])
         if not found:
-            raise ValidationError("event_id", f"no event {eid!r} of meter {spec.name!r} for {org}")
+            raise NotFound("event_id", f"no event {eid!r} of meter {spec.name!r} for {org}")
         old = found[0]
         if action == "void":
             if not old.values:
-                raise ValidationError("event_id", f"{eid!r} is void already")
+                raise StateConflict("event_id", f"{eid!r} is void already")
             new = Event(old.id, spec.name, org, old.time, {}, dict(old.dimensions))
         else:
             draft = Event(
@@ -1390,7 +1392,7 @@ class Meter:
             except ValidationError as exc:
                 raise ValidationError(exc.field.removeprefix("event."), exc.message) from None
             if new.values == old.values and new.dimensions == old.dimensions:
-                raise ValidationError("values", "the amendment changes nothing")
+                raise StateConflict("values", "the amendment changes nothing")
         now = self.now()
         self._closes = None  # a close made elsewhere a moment ago counts
         lateness_module.check_open("event_id", self._closed_periods(), org, old.time, f"{eid!r} is")

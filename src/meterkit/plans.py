@@ -119,6 +119,8 @@ class OrgPlan:
         check_id("plan", self.plan)
         if isinstance(self.seats, bool) or not isinstance(self.seats, int) or self.seats < 0:
             raise ValidationError("seats", "must be a non-negative integer")
+        if self.seats > MAX_VALUE:
+            raise ValidationError("seats", f"must not exceed {MAX_VALUE}")
 
 
 @attrs.frozen

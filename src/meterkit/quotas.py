@@ -26,7 +26,7 @@ from meterkit import spend as spend_module
 from meterkit.catalog import CHARGES_METER
 from meterkit.counters import fits
 from meterkit.countlog import Changes, CountLog
-from meterkit.errors import QuotaExceeded, StoreUnavailable, ValidationError
+from meterkit.errors import NotFound, QuotaExceeded, StoreUnavailable, ValidationError
 from meterkit.ids import new_id
 from meterkit.leases import DEFAULT_TTL, LEASED, Contended, Leases
 from meterkit.metrics import RECORD_KIND as METRIC_RECORDS
@@ -727,7 +727,7 @@ class Quotas:
     def assign(self, organization_id: str, plan_id: str, *, seats: int = 1) -> OrgPlan:
         assignment = OrgPlan(organization_id, plan_id, seats)
         if self.get_plan(plan_id) is None:
-            raise ValidationError("plan", f"unknown plan {plan_id!r}")
+            raise NotFound("plan", f"unknown plan {plan_id!r}")
         self.store.put_record("org", organization_id, {"plan": plan_id, "seats": seats})
         self._forget()
         return assignment

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from meterkit.stores.base import Store
 
 __all__ = [
+    "LINE_BREAKS",
+    "MAX_CENTS",
+    "MAX_RECIPIENTS",
     "NANO",
     "SPEND",
     "NotificationChannel",
@@ -68,7 +71,7 @@ MAX_RECIPIENTS = 20
 MAX_ALERTS = 50
 """Spend alerts one organization may have."""
 # Characters that break a header line (an email's To or Subject) besides CR and LF.
-_LINE_BREAKS = "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+LINE_BREAKS = "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 def alert_kind(organization_id: str) -> str:
@@ -190,7 +193,7 @@ def _recipients(value: object) -> tuple[str, ...]:
             not at
             or not local
             or "." not in domain
-            or any(c in text for c in " <>,;" + _LINE_BREAKS)
+            or any(c in text for c in " <>,;" + LINE_BREAKS)
         ):
             raise ValidationError(f"{field}[{i}]", f"{text[:80]!r} is not an email address")
         out.append(text)
@@ -201,7 +204,7 @@ def _subject_prefix(value: object) -> str | None:
     if value is None:
         return None
     text = check_string("notification_channel.subject_prefix", value)
-    if any(c in text for c in _LINE_BREAKS) or len(text) > 200:
+    if any(c in text for c in LINE_BREAKS) or len(text) > 200:
         raise ValidationError(
             "notification_channel.subject_prefix", "must be one line of at most 200 characters"
         )

@@ -17,12 +17,12 @@ import attrs
 
 from meterkit.assets import stored_sizes
 from meterkit.convert import camel_converter, native_converter
-from meterkit.errors import ValidationError
+from meterkit.errors import StateConflict, ValidationError
 from meterkit.models import Event
 from meterkit.periods import Period, utc
 from meterkit.plans import UNLIMITED
 from meterkit.recovery import metric_total
-from meterkit.validate import check_id
+from meterkit.validate import MAX_VALUE, check_id
 
 if TYPE_CHECKING:
     import pluggy
@@ -334,6 +334,8 @@ def recalculate_storage(meter: Meter, organization_id: str) -> dict[str, Any]:
         sizes[str(resource)] = size
     previous = meter.quotas.used(org, "storage_bytes")
     total = sum(sizes.values())
+    if total > MAX_VALUE:
+        raise StateConflict("assets", f"the assets hold more than {MAX_VALUE} bytes in all")
     now = meter.now()
     run = uuid.uuid4().hex
     meter.record_many(

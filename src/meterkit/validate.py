@@ -16,6 +16,7 @@ __all__ = [
     "MAX_STRING",
     "MAX_TIME",
     "MAX_VALUE",
+    "as_whole",
     "check_event",
     "check_id",
     "check_record",
@@ -41,6 +42,14 @@ _CONTROL = re.compile("[\x00-\x1f\ud800-\udfff]")
 # What no store keeps as text: NUL (no SQL text type stores it) and lone surrogates (not
 # UTF-8 at all). Refused everywhere, so every store accepts and refuses the same strings.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def as_whole(value: object) -> object:
+    """A whole float (``2747.0``) as the int it equals, as JSON Schema's ``integer`` has it;
+    anything else unchanged (and so refused by an int check as before)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_VALUE:
+        return int(value)
+    return value
 
 
 def check_string(field: str, value: object) -> str:

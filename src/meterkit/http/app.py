@@ -111,9 +111,14 @@ class HttpApp:
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI 3.1 document of every (non-hidden) route, built once."""
         if self._openapi is None:
+            from meterkit.http.events import meter_schemas
             from meterkit.http.meta import openapi_document
 
-            self._openapi = openapi_document(self.routes, self.surfaces)
+            names = {"meters": self.meter.meters, "metrics": self.meter.quotas.metrics()}
+            document = openapi_document(self.routes, self.surfaces, names)
+            # Each meter's events, with its own measures and dimensions.
+            document["components"]["schemas"].update(meter_schemas(self.meter.meters))
+            self._openapi = document
         return self._openapi
 
     def handle(self, request: Request) -> Response:

@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from meterkit.errors import ValidationError
+from meterkit.errors import NotFound, StateConflict, ValidationError
 from meterkit.http.core import Response, json_response
 
 __all__ = [
@@ -92,6 +92,11 @@ class ErrorShape:
         raise NotImplementedError
 
     def invalid(self, exc: ValidationError) -> Response:
+        # Well-formed input the stored state refuses is not the caller's syntax error.
+        if isinstance(exc, NotFound):
+            return self.error(HttpError(404, exc.message, param=exc.field, code="not_found"))
+        if isinstance(exc, StateConflict):
+            return self.error(HttpError(409, exc.message, param=exc.field, code="conflict"))
         return self.error(
             HttpError(self.invalid_status, exc.message, param=exc.field, code="invalid_value")
         )

@@ -27,11 +27,13 @@ import attrs
 from meterkit import eventio
 from meterkit.errors import ValidationError
 from meterkit.eventio import CLOUDEVENT, CLOUDEVENTS_BATCH, JSON, NDJSON, parse_rfc3339
+from meterkit.http import fields
 from meterkit.http.core import Response, json_response
 from meterkit.http.errors import METERKIT, HttpError
 from meterkit.http.params import parse_json
 from meterkit.http.routing import Call, Reply, Route, Surface, json_schema_ref
-from meterkit.models import Event
+from meterkit.models import Dimension, Event, MeterSpec
+from meterkit.validate import MAX_TIME, MAX_VALUE
 
 __all__ = ["CLOUDEVENTS_BATCH", "NDJSON", "SURFACE", "parse_rfc3339"]
 
@@ -133,11 +135,22 @@ def _ingest(call: Call) -> Response:
 _EVENT: Mapping[str, Any] = {
     "type": "object",
     "properties": {
-        "id": {"type": "string"},
-        "meter": {"type": "string"},
-        "organization_id": {"type": "string", "description": "Default: the key's organization."},
-        "time": {"type": "integer", "description": "Unix seconds; default: now."},
-        "values": {"type": "object", "additionalProperties": {"type": "number"}},
+        "id": fields.ID,
+        "meter": fields.METER,
+        "organization_id": {
+            "anyOf": [{"type": "null"}, fields.ID],
+            "description": "Default: the key's organization.",
+        },
+        "time": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_TIME,
+            "description": "Unix seconds; default: now.",
+        },
+        "values": {
+            "type": "object",
+            "additionalProperties": {"type": "number", "minimum": 0, "maximum": MAX_VALUE},
+        },
         "dimensions": {
             "type": "object",
             "additionalProperties": {"type": ["string", "boolean", "null"]},
@@ -151,11 +164,23 @@ _CLOUD_EVENT: Mapping[str, Any] = {
     "type": "object",
     "properties": {
         "specversion": {"const": "1.0"},
-        "id": {"type": "string"},
+        "id": fields.ID,
         "source": {"type": "string"},
-        "type": {"type": "string", "description": "meterkit.<meter>, or the bare meter name."},
-        "time": {"type": "string", "format": "date-time"},
-        "subject": {"type": "string", "description": "The organization; default: the key's."},
+        "type": {
+            **fields.METER,
+            fields.NAMES_MARK: {"names": "meters", "prefixes": ["meterkit.", ""]},
+            "description": "meterkit.<meter>, or the bare meter name.",
+        },
+        "time": {
+            "type": "string",
+            "format": "date-time",
+            "pattern": "^(19[7-9][0-9]|[2-9][0-9]{3})-",
+            "description": "RFC 3339, from 1970 to 9999.",
+        },
+        "subject": {
+            "anyOf": [{"type": "null"}, fields.ID],
+            "description": "The organization; default: the key's.",
+        },
         "datacontenttype": {"const": JSON},
         "data": {
             "type": "object",
@@ -164,10 +189,66 @@ _CLOUD_EVENT: Mapping[str, Any] = {
                 "dimensions": _EVENT["properties"]["dimensions"],
             },
             "required": ["values"],
+            "additionalProperties": False,
         },
     },
     "required": ["id", "type", "data"],
+    "additionalProperties": False,
 }
+
+
+def _values(spec: MeterSpec) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            m.name: {
+                "type": "number" if m.fractional else "integer",
+                "minimum": 0,
+                "maximum": MAX_VALUE,
+            }
+            for m in spec.measures
+        },
+        "additionalProperties": False,
+    }
+
+
+def _dimension(dim: Dimension) -> dict[str, Any]:
+    if dim.kind == "bool":
+        return {"type": ["boolean", "null"]}
+    if dim.allowed is not None:
+        return {"enum": [*sorted(dim.allowed), None]}
+    return {"anyOf": [{"type": "null"}, fields.TEXT]}
+
+
+def _dimensions(spec: MeterSpec) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {d.name: _dimension(d) for d in spec.dimensions},
+        "additionalProperties": False,
+    }
+
+
+def meter_schemas(specs: Mapping[str, MeterSpec]) -> dict[str, Any]:
+    """``Event`` and ``CloudEvent`` as this server takes them: one form per meter, with that
+    meter's measures (whole numbers unless fractional) and dimensions (their allowed values)
+    and nothing else. (A total given with all its parts must equal their sum, which JSON
+    Schema cannot say.)"""
+    native, cloud = [], []
+    for name, spec in sorted(specs.items()):
+        values, dims = _values(spec), _dimensions(spec)
+        event = {**_EVENT, "properties": {**_EVENT["properties"], "meter": {"const": name}}}
+        event["properties"]["values"], event["properties"]["dimensions"] = values, dims
+        native.append(event)
+        data = {**_CLOUD_EVENT["properties"]["data"]}
+        data["properties"] = {"values": values, "dimensions": dims}
+        kind = {
+            "enum": [f"meterkit.{name}", name],
+            "description": "meterkit.<meter>, or the bare meter name.",
+        }
+        properties = {**_CLOUD_EVENT["properties"], "type": kind, "data": data}
+        cloud.append({**_CLOUD_EVENT, "properties": properties})
+    return {"Event": {"oneOf": native}, "CloudEvent": {"oneOf": cloud}}
+
 
 SCHEMAS: dict[str, Any] = {
     "Event": dict(_EVENT),

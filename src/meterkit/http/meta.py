@@ -7,11 +7,12 @@ lists exactly what :class:`~meterkit.http.app.HttpApp` serves.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from meterkit.http.core import Response, json_response
 from meterkit.http.errors import METERKIT
+from meterkit.http.fields import NAMES_MARK
 from meterkit.http.routing import Call, Reply, Route, Surface, json_schema_ref
 
 __all__ = ["SURFACE", "openapi_document"]
@@ -121,8 +122,30 @@ def _operation(route: Route) -> dict[str, Any]:
     return op
 
 
-def openapi_document(routes: Iterable[Route], surfaces: Iterable[Surface]) -> dict[str, Any]:
-    """An OpenAPI 3.1 document for ``routes`` (hidden ones left out)."""
+def _named(schema: Any, names: Mapping[str, list[str]]) -> Any:
+    """``schema`` with each field marked :data:`~meterkit.http.fields.NAMES_MARK` listing the
+    names it takes on this server (another name is refused, so the document says so); left
+    the mark's plain schema where the names are not given."""
+    if isinstance(schema, list):
+        return [_named(v, names) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    mark = schema.get(NAMES_MARK)
+    plain = {k: _named(v, names) for k, v in schema.items() if k != NAMES_MARK}
+    if mark is None or mark["names"] not in names:
+        return plain
+    prefixes = mark.get("prefixes", [""])
+    plain.pop("pattern", None)
+    return plain | {"enum": [p + n for p in prefixes for n in names[mark["names"]]]}
+
+
+def openapi_document(
+    routes: Iterable[Route],
+    surfaces: Iterable[Surface],
+    names: Mapping[str, Iterable[str]] | None = None,
+) -> dict[str, Any]:
+    """An OpenAPI 3.1 document for ``routes`` (hidden ones left out); a field that takes the
+    server's meters or metrics lists ``names["meters"]`` or ``names["metrics"]``."""
     from meterkit import __version__
 
     paths: dict[str, dict[str, Any]] = {}
@@ -132,7 +155,7 @@ def openapi_document(routes: Iterable[Route], surfaces: Iterable[Surface]) -> di
     schemas: dict[str, Any] = {}
     for surface in surfaces:
         schemas.update(surface.schemas)
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {
             "title": "meterkit",
@@ -152,6 +175,8 @@ def openapi_document(routes: Iterable[Route], surfaces: Iterable[Surface]) -> di
             "schemas": dict(sorted(schemas.items())),
         },
     }
+    found: dict[str, Any] = _named(document, {k: sorted(v) for k, v in (names or {}).items()})
+    return found
 
 
 SURFACE = Surface(

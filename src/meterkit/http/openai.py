@@ -16,10 +16,11 @@ from meterkit.catalog import API_SOURCES, CONTEXT_LEVELS, IMAGE_SIZES, IMAGE_SOU
 from meterkit.errors import ValidationError
 from meterkit.http.core import Response, json_response
 from meterkit.http.errors import OPENAI, ParamError
+from meterkit.http.fields import TEXT
 from meterkit.http.params import integer, one, strings, truth
 from meterkit.http.routing import Call, Param, Reply, Route, Surface, json_schema_ref
 from meterkit.models import DimValue
-from meterkit.validate import BUCKET_WIDTHS
+from meterkit.validate import BUCKET_WIDTHS, MAX_TIME
 
 __all__ = ["ENDPOINTS", "FILTERS", "SURFACE", "Endpoint", "Filter"]
 
@@ -39,9 +40,7 @@ class Filter:
     def to_param(self) -> Param:
         if self.boolean:
             return Param(self.param, {"type": "boolean"}, self.description)
-        items: dict[str, Any] = {"type": "string"}
-        if self.enum:
-            items["enum"] = list(self.enum)
+        items: dict[str, Any] = {"type": "string", "enum": list(self.enum)} if self.enum else TEXT
         return Param(self.param, {"type": "array", "items": items}, self.description)
 
 
@@ -241,19 +240,22 @@ def _handler(endpoint: Endpoint) -> Callable[[Call], Response]:
 # -- OpenAPI ------------------------------------------------------------------------------------
 
 
+_TIME = {"type": "integer", "minimum": 0, "maximum": MAX_TIME}
+
+
 def _params(endpoint: Endpoint) -> tuple[Param, ...]:
     top = max(t for _d, t in endpoint.limits.values())
     limits = "; ".join(f"{w}: default {d}, max {t}" for w, (d, t) in endpoint.limits.items())
     return (
         Param(
             "start_time",
-            {"type": "integer"},
+            _TIME,
             "Start time (Unix seconds) of the query time range, inclusive.",
             required=True,
         ),
         Param(
             "end_time",
-            {"type": "integer"},
+            _TIME,
             "End time (Unix seconds) of the query time range, exclusive. Default: now.",
         ),
         Param(

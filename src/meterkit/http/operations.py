@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from meterkit.errors import ValidationError
+from meterkit.http import fields
 from meterkit.http.core import Response, ndjson_response
 from meterkit.http.errors import METERKIT, HttpError
 from meterkit.http.params import json_body
 from meterkit.http.routing import Call, Param, Reply, Route, Surface, json_schema_ref
-from meterkit.validate import check_id
+from meterkit.validate import MAX_VALUE, check_id
 
 if TYPE_CHECKING:
     from meterkit.meter import Meter
@@ -40,6 +41,8 @@ class Operation:
     fields: Mapping[str, Mapping[str, Any]]
     result: str
     admin: bool = False
+    required: tuple[str, ...] = ()
+    rules: Mapping[str, Any] = attrs.field(factory=dict)  # more JSON Schema for the body
 
     @property
     def paths(self) -> tuple[str, str]:
@@ -104,13 +107,13 @@ def _list_corrections(meter: Meter, org: str, body: Mapping[str, Any], _caller: 
     ]
 
 
-_ORG = {"organization_id": {"type": "string"}}
+_ORG = {"organization_id": fields.ID}
 _CORRECTED = {
-    "meter": {"type": "string", "description": "The event's meter."},
-    "event_id": {"type": "string", "description": "The event's id."},
-    "reason": {"type": "string", "description": "Why (kept in the audit trail)."},
+    "meter": {**fields.METER, "description": "The event's meter."},
+    "event_id": {**fields.ID, "description": "The event's id."},
+    "reason": {**fields.TEXT, "description": "Why (kept in the audit trail)."},
 }
-_RESOURCE = {"resource": {"type": "string", "description": "The asset's name."}}
+_RESOURCE = {"resource": {**fields.ID, "description": "The asset's name."}}
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
@@ -144,9 +147,10 @@ OPERATIONS: tuple[Operation, ...] = (
         "source when no plugin reports assets (org admin).",
         "usage:write",
         _put_asset,
-        {**_ORG, **_RESOURCE, "bytes": {"type": "integer", "minimum": 0}},
+        {**_ORG, **_RESOURCE, "bytes": {"type": "integer", "minimum": 0, "maximum": MAX_VALUE}},
         "Asset",
         admin=True,
+        required=("resource", "bytes"),
     ),
     Operation(
         "assets.delete",
@@ -156,6 +160,7 @@ OPERATIONS: tuple[Operation, ...] = (
         {**_ORG, **_RESOURCE},
         "AssetDeleted",
         admin=True,
+        required=("resource",),
     ),
     Operation(
         "assets.list",
@@ -174,6 +179,7 @@ OPERATIONS: tuple[Operation, ...] = (
         {**_ORG, **_CORRECTED},
         "Correction",
         admin=True,
+        required=("meter", "event_id", "reason"),
     ),
     Operation(
         "corrections.amend",
@@ -184,11 +190,16 @@ OPERATIONS: tuple[Operation, ...] = (
         {
             **_ORG,
             **_CORRECTED,
-            "values": {"type": "object", "additionalProperties": {"type": "number"}},
+            "values": {
+                "type": "object",
+                "additionalProperties": {"type": "number", "minimum": 0, "maximum": MAX_VALUE},
+            },
             "dimensions": {"type": "object"},
         },
         "Correction",
         admin=True,
+        required=("meter", "event_id", "reason"),
+        rules={"anyOf": [{"required": ["values"]}, {"required": ["dimensions"]}]},
     ),
     Operation(
         "corrections.list",
@@ -196,7 +207,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "meter or event).",
         "usage:read",
         _list_corrections,
-        {**_ORG, "meter": {"type": "string"}, "event_id": {"type": "string"}},
+        {**_ORG, "meter": fields.METER, "event_id": fields.ID},
         "Correction",
     ),
 )
@@ -237,8 +248,9 @@ def _routes() -> tuple[Route, ...]:
         body = {
             "type": "object",
             "properties": dict(op.fields),
-            "required": ["organization_id"],
+            "required": ["organization_id", *op.required],
             "additionalProperties": False,
+            **op.rules,
         }
         for i, path in enumerate(op.paths):
             routes.append(

@@ -13,12 +13,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from meterkit.errors import ValidationError
+from meterkit.http import fields
 from meterkit.http.core import Response, json_response
 from meterkit.http.errors import METERKIT, HttpError
 from meterkit.http.params import json_body
 from meterkit.http.routing import Call, Param, Reply, Route, Surface, json_schema_ref
-from meterkit.plans import PLAN_FIELDS, Plan
-from meterkit.validate import check_id
+from meterkit.plans import PLAN_FIELDS, UNLIMITED, Plan
+from meterkit.validate import MAX_TIME, MAX_VALUE, check_id
 
 __all__ = ["OPERATOR", "SURFACE"]
 
@@ -136,43 +137,58 @@ def _delete_cap(call: Call) -> Response:
     return json_response({"object": "organization.spend_cap.deleted", "deleted": True})
 
 
-_ORG = Param("organization_id", {"type": "string"}, "The organization.", location="path")
-_PLAN = Param("plan_id", {"type": "string"}, "The plan.", location="path")
+_ORG = Param("organization_id", fields.ID, "The organization.", location="path")
+_PLAN = Param("plan_id", fields.ID, "The plan.", location="path")
 _OBJECT: dict[str, Any] = {"type": "object"}
+_LIMIT: dict[str, Any] = {
+    "type": "integer",
+    "minimum": UNLIMITED,
+    "maximum": MAX_VALUE,
+    "description": "-1: unlimited.",
+}
 
 SCHEMAS: dict[str, Any] = {
     "OperatorPlan": {
         "type": "object",
         "properties": {
-            "name": {"type": "string"},
+            "name": {"anyOf": [{"const": ""}, fields.TEXT]},
             "billing_cycle": {"type": "string", "enum": ["monthly", "daily"]},
             "anchor_day": {"type": "integer", "minimum": 1, "maximum": 31},
-            "limits": {"type": "object", "additionalProperties": {"type": "integer"}},
-            "rate_limit_rpm": {"type": "integer"},
-            "rate_limit_per_day": {"type": "integer"},
-            "credits_per_seat": {"type": ["integer", "null"]},
+            "limits": {
+                "type": "object",
+                "propertyNames": fields.METRIC,
+                "additionalProperties": _LIMIT,
+            },
+            "rate_limit_rpm": _LIMIT,
+            "rate_limit_per_day": _LIMIT,
+            "credits_per_seat": {"anyOf": [{"type": "null"}, _LIMIT]},
         },
         "additionalProperties": False,
     },
     "OperatorAssignment": {
         "type": "object",
-        "properties": {"plan": {"type": "string"}, "seats": {"type": "integer", "minimum": 1}},
+        "properties": {
+            "plan": fields.ID,
+            "seats": {"type": "integer", "minimum": 1, "maximum": MAX_VALUE},
+        },
         "required": ["plan"],
         "additionalProperties": False,
     },
     "OperatorGrant": {
         "type": "object",
         "properties": {
-            "id": {"type": "string"},
-            "credits": {"type": "integer", "minimum": 1},
-            "expires_at": {"type": ["integer", "null"]},
+            "id": {"anyOf": [{"type": "null"}, fields.ID]},
+            "credits": {"type": "integer", "minimum": 1, "maximum": MAX_VALUE},
+            "expires_at": {
+                "anyOf": [{"type": "null"}, {"type": "integer", "minimum": 0, "maximum": MAX_TIME}]
+            },
         },
         "required": ["credits"],
         "additionalProperties": False,
     },
     "OperatorSpendCap": {
         "type": "object",
-        "properties": {"threshold_amount": {"type": "integer", "minimum": 1}},
+        "properties": {"threshold_amount": fields.CENTS},
         "required": ["threshold_amount"],
         "additionalProperties": False,
     },

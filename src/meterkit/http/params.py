@@ -8,6 +8,7 @@ from typing import Any
 
 from meterkit.http.core import Request
 from meterkit.http.errors import HttpError, ParamError
+from meterkit.validate import as_whole
 
 __all__ = ["integer", "json_body", "one", "parse_json", "strings", "truth"]
 
@@ -56,10 +57,18 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _number(text: str) -> int | float:
+    # JSON has one number type: 2747.0 is the integer 2747 (as JSON Schema's "integer" has
+    # it), so every check that wants a whole number takes it.
+    return as_whole(float(text))  # type: ignore[return-value]
+
+
 def parse_json(text: str | bytes) -> Any:
-    """Strict JSON: ``NaN`` and ``Infinity`` refused; errors (deep nesting too) are ValueError."""
+    """Strict JSON: ``NaN`` and ``Infinity`` refused; a whole number written with a fraction
+    or exponent (``2747.0``, ``1e3``) read as the int it is; errors (deep nesting too) are
+    ValueError."""
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        return json.loads(text, parse_constant=_no_constants, parse_float=_number)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 

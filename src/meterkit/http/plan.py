@@ -89,7 +89,13 @@ SCHEMAS: dict[str, Any] = {
     },
 }
 
-_DATE = {"anyOf": [{"type": "string", "format": "date"}, {"type": "null"}]}
+_DATE = {
+    "type": "string",
+    "format": "date",
+    # 1970-01-01 to 9999-12-30: every day of it ends within the Unix seconds meterkit keeps.
+    "pattern": "^(19[7-9][0-9]|[2-9][0-9]{3})-[0-9]{2}-[0-9]{2}$",
+    "not": {"const": "9999-12-31"},
+}
 
 SURFACE = Surface(
     "plan",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from meterkit.http import fields
 from meterkit.http.core import Response, json_response
 from meterkit.http.errors import OPENAI, HttpError
 from meterkit.http.params import json_body, one
@@ -108,7 +109,8 @@ def _page_size(call: Call) -> int:
 
 def _list_alerts(call: Call) -> Response:
     size = _page_size(call)
-    order = one(call.request, "order") or "asc"
+    order = one(call.request, "order")
+    order = "asc" if order is None else order
     if order not in ("asc", "desc"):
         raise HttpError(400, "order must be 'asc' or 'desc'.", param="order")
     alerts = call.meter.spend_alerts(call.organization_id)
@@ -139,7 +141,7 @@ def _list_alerts(call: Call) -> Response:
     )
 
 
-_ALERT_ID = (Param("alert_id", {"type": "string"}, "The spend alert's id.", location="path"),)
+_ALERT_ID = (Param("alert_id", fields.ID, "The spend alert's id.", location="path"),)
 
 SCHEMAS: dict[str, Any] = {
     "OrganizationSpendLimit": {
@@ -162,7 +164,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "currency": {"type": "string", "enum": ["USD"]},
             "interval": {"type": "string", "enum": ["month"]},
-            "threshold_amount": {"type": "integer", "minimum": 1},
+            "threshold_amount": fields.CENTS,
         },
         "required": ["currency", "interval", "threshold_amount"],
     },
@@ -170,8 +172,8 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "type": {"type": "string", "enum": ["email"]},
-            "recipients": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-            "subject_prefix": {"type": ["string", "null"]},
+            "recipients": fields.RECIPIENTS,
+            "subject_prefix": {"anyOf": [{"type": "null"}, {**fields.ONE_LINE, "maxLength": 200}]},
         },
         "required": ["type", "recipients"],
     },
@@ -180,7 +182,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "currency": {"type": "string", "enum": ["USD"]},
             "interval": {"type": "string", "enum": ["month"]},
-            "threshold_amount": {"type": "integer", "minimum": 1},
+            "threshold_amount": fields.CENTS,
             "notification_channel": json_schema_ref("SpendAlertNotificationChannel"),
         },
         "required": ["currency", "interval", "threshold_amount", "notification_channel"],
