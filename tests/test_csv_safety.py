@@ -185,3 +185,114 @@ def test_numbers_are_written_as_they_are_and_text_like_one_is_escaped() -> None:
     assert escape_cell("-5") == "'-5"  # text that looks like a number is still text
     line = csv_row(["-5", str(DAY)])
     assert line == "-5,86400\n"
+
+
+# -- a hostile corpus, both ways ------------------------------------------------------------------
+
+CONTROL = "\x01\x07\x1b\x7f\x85\u2028\u2029\x0b\x0c"
+_HOSTILE_VALUES = [
+    '=HYPERLINK("http://evil.example","x")',
+    "+1+1",
+    "-2-2",
+    "@SUM(A1:A9)",
+    "\t=1",
+    "\r=1",
+    "a\r\nb",
+    "'quoted",
+    '"',
+    "a,b;c",
+    "x" + CONTROL + "y",
+    "ü" * 256,  # as long as a value may be
+    "🙂\u200b\ufeff",
+]
+
+
+def _corpus_lines() -> tuple[list[bytes], list[int]]:
+    """Good events with every hostile value, bad lines of every kind among them, and the
+    numbers of the bad lines."""
+    good = [
+        json.dumps(
+            native(i, id=f"{prefix}e{i}", organization_id=f"{prefix}org", dimensions={"model": v})
+        ).encode()
+        for i, (prefix, v) in enumerate(zip(["=", "+", "-", "@", ""] * 3, _HOSTILE_VALUES))
+    ]
+    bad = [
+        b'{"id": "u1", "meter": "tokens", "organization_id": "o", "time": 1, "values": {}, '
+        b'"dimensions": {"model": "\xff\xfe"}}',  # not UTF-8
+        b"[" * 50_000 + b"]" * 50_000,  # too deep
+        json.dumps(native(90, dimensions={"model": "a\x00b"})).encode(),  # NUL
+        json.dumps(native(91, dimensions={"model": "\ud800"})).encode(),  # a lone surrogate
+        json.dumps(native(92, dimensions={"model": "x" * 300_000})).encode(),  # too long
+        b'{"id": ',  # cut short
+    ]
+    lines = good[:6] + bad[:3] + good[6:] + bad[3:]
+    return lines, [n for n, line in enumerate(lines, 1) if line in bad]
+
+
+def test_a_hostile_corpus_imports_exports_and_imports_again_with_nothing_lost(
+    tmp_path: Path,
+) -> None:
+    lines, bad_numbers = _corpus_lines()
+    corpus = tmp_path / "hostile.ndjson"
+    corpus.write_bytes(b"\n".join(lines) + b"\n")
+    first = f"sqlite:///{tmp_path / 'first.db'}"
+    result = _import(first, corpus, "--batch-size", "1")
+    # Every bad line is reported by its number, and nothing else is.
+    assert result.exit_code == 2
+    prefix = f"{corpus}:"
+    reported = [
+        int(x[len(prefix) :].split(":")[0])
+        for x in result.stderr.splitlines()
+        if x.startswith(prefix)
+    ]
+    assert reported == bad_numbers and len(bad_numbers) == 6, result.stderr
+    assert f"{corpus}:{bad_numbers[0]}: is not UTF-8 text" in result.stderr
+    assert "Traceback" not in result.output
+    orgs = {f"{p}org" for p in ["=", "+", "-", "@", ""]}
+    kept = [e for org in sorted(orgs) for e in stored(first, org=org)]
+    assert sorted(e.dimensions["model"] for e in kept) == sorted(_HOSTILE_VALUES)
+
+    for fmt in ("csv", "ndjson"):
+        out = tmp_path / f"out.{fmt}"
+        done = run("export", "--format", fmt, "-o", str(out), "--db", first)
+        assert done.exit_code == 0, done.output
+        if fmt == "csv":
+            with out.open(newline="", encoding="utf-8") as handle:
+                table = list(csv.reader(handle))
+            for row in table[1:]:
+                for name, cell in zip(table[0], row):
+                    if name != "time" and not name.startswith("value."):
+                        assert not cell.startswith(FORMULA), (name, cell)
+        again = f"sqlite:///{tmp_path / f'again-{fmt}.db'}"
+        back = run("import", str(out), "--db", again)
+        assert back.exit_code == 0, back.output
+        for org in orgs:
+            assert stored(again, org=org) == stored(first, org=org)
+
+
+def test_a_hostile_csv_reports_each_bad_row_and_keeps_the_rest(tmp_path: Path) -> None:
+    lines, _bad = _corpus_lines()
+    corpus = tmp_path / "hostile.ndjson"
+    corpus.write_bytes(b"\n".join(lines) + b"\n")
+    first = f"sqlite:///{tmp_path / 'first.db'}"
+    _import(first, corpus, "--batch-size", "1")
+    out = tmp_path / "out.csv"
+    assert run("export", "--format", "csv", "-o", str(out), "--db", first).exit_code == 0
+    header, body = out.read_bytes().split(b"\n", 1)
+    broken = [
+        b"e\xff1,tokens,org,1764547200,5,m",  # not UTF-8
+        b"e\x002,tokens,org,1764547200,5,m",  # a NUL byte
+        b"e3,tokens,org,1764547200",  # too few cells
+    ]
+    unclosed = b'"e4,tokens,org,1764547200,5,m\n'  # a quote open to the end of the file
+    hostile = tmp_path / "hostile.csv"
+    hostile.write_bytes(b"\n".join([header, *broken, b""]) + body + unclosed)
+    again = f"sqlite:///{tmp_path / 'again.db'}"
+    result = run("import", str(hostile), "--db", again, "--batch-size", "1")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    reported = [x for x in result.stderr.splitlines() if x.startswith(f"{hostile}:")]
+    assert [x.split(":")[1] for x in reported[:3]] == ["2", "3", "4"], result.stderr
+    assert f"{hostile}:2: is not UTF-8 text" in result.stderr
+    assert len(reported) == 4 and "has 1 cells" in reported[3], result.stderr  # the open quote
+    for org in {f"{p}org" for p in ["=", "+", "-", "@", ""]}:
+        assert stored(again, org=org) == stored(first, org=org)

@@ -358,7 +358,8 @@ def _import_file(
     size = None if name == "-" else Path(name).stat().st_size
     counted = _Counted(raw)
     buffered = io.BufferedReader(counted, buffer_size=1 << 16)
-    handle = io.TextIOWrapper(buffered, encoding="utf-8", newline="")
+    # Bytes that are not UTF-8 reach the reader as lone surrogates: it reports their line.
+    handle = io.TextIOWrapper(buffered, encoding="utf-8", errors="surrogateescape", newline="")
     try:
         chosen = fmt
         if fmt == "auto":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, Literal
 
@@ -215,6 +216,12 @@ def _dim(spec: MeterSpec | None, name: str, text: str, field: str) -> Any:
     return text
 
 
+# Bytes that are not UTF-8, as a reader opened with errors="surrogateescape" hands them on: a
+# line holding one is reported by its number, and the lines around it still read.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+NOT_UTF8 = "is not UTF-8 text"
+
+
 def _csv_events(
     handle: IO[str],
     specs: Mapping[str, MeterSpec],
@@ -251,6 +258,9 @@ def _csv_events(
             continue
         line = reader.line_num
         if not any(cell.strip() for cell in row):
+            continue
+        if any(_NOT_UTF8.search(cell) for cell in row):
+            yield line, BadRecord(line, NOT_UTF8)
             continue
         if len(row) != len(fields):
             yield line, BadRecord(line, f"has {len(row)} cells, the header {len(fields)}")
@@ -322,7 +332,12 @@ def _ndjson_events(handle: IO[str], strings: _Strings) -> Iterator[tuple[int, Ev
     """NDJSON without defaults to fill in: one tight loop for the common case, well-formed
     native events (the rest go the long way, for their messages)."""
     loads = json.loads
+    not_utf8 = _NOT_UTF8.search
     for line, text in enumerate(handle, 1):
+        # An ASCII line (the common case) cannot hold one: skip the search.
+        if not text.isascii() and not_utf8(text):
+            yield line, BadRecord(line, NOT_UTF8)
+            continue
         try:
             item = loads(text)
         except (ValueError, RecursionError) as exc:
@@ -375,6 +390,9 @@ def _ndjson_items(handle: IO[str]) -> Iterator[tuple[int, Any]]:
     for line, text in enumerate(handle, 1):
         if not text.strip():
             continue
+        if _NOT_UTF8.search(text):
+            yield line, BadRecord(line, NOT_UTF8)
+            continue
         try:
             item = json.loads(text)
         except (ValueError, RecursionError) as exc:
@@ -385,6 +403,11 @@ def _ndjson_items(handle: IO[str]) -> Iterator[tuple[int, Any]]:
 
 def _array_items(handle: IO[str]) -> Iterator[tuple[int, Any]]:
     text = handle.read()
+    if _NOT_UTF8.search(text):
+        # One document: it cannot be read around the bytes that are not UTF-8.
+        line = text.count("\n", 0, _NOT_UTF8.search(text).start()) + 1  # type: ignore[union-attr]
+        yield line, BadRecord(line, NOT_UTF8)
+        return
     try:
         data = json.loads(text) if text.strip() else []
     except (ValueError, RecursionError) as exc:
