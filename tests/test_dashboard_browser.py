@@ -12,11 +12,7 @@ width (390 px) as well as a desktop's.
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
+from served import meterkit, new_key, serve, token_in
+
 DAY = 86_400
 NOW = 1_764_590_400 + 5 * 3600  # 2025-12-01T17:00:00Z: the demo's month has begun
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-TOKEN = re.compile(r"\b(mk_[0-9a-f]{16}_[A-Za-z0-9_-]{43})\b")
 
 
 def _missing() -> str | None:
@@ -50,23 +47,6 @@ def _browser_present() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"the browser tests cannot run in CI: {reason}")
     pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _meterkit(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "meterkit", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    return done.stdout + done.stderr
 
 
 class Served:
@@ -102,54 +82,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         pytest.skip("no browser")
     work = tmp_path_factory.mktemp("dashboard")
     db = f"sqlite:///{work / 'demo.db'}"
-    printed = _meterkit("demo", "--db", db, "--no-serve", "--now", str(NOW), "--days", "30")
-    found = TOKEN.search(printed)
-    assert found, printed
-    empty = _meterkit(
-        "keys", "create", "--org", "org_empty", "--role", "admin", "--scopes", "usage:read",
-        "--db", db,
-    )  # fmt: skip
-    empty_token = TOKEN.search(empty)
-    assert empty_token, empty
+    token = token_in(meterkit("demo", "--db", db, "--no-serve", "--now", str(NOW), "--days", "30"))
+    empty_token = new_key(db, "org_empty")
     # An organization that used two meters of eleven.
-    small = _meterkit(
-        "keys", "create", "--org", "org_small", "--role", "admin", "--scopes", "usage:read",
-        "--db", db,
-    )  # fmt: skip
-    small_token = TOKEN.search(small)
-    assert small_token, small
+    small_token = new_key(db, "org_small")
     for meter, value in (("embeddings", "input_tokens=900"), ("images", "images=3")):
-        _meterkit(
+        meterkit(
             "record", meter, "--org", "org_small", "-v", value, "--time", str(NOW - 3 * DAY),
             "--now", str(NOW), "--db", db,
         )  # fmt: skip
-    port = _free_port()
-    log = (work / "serve.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "meterkit", "serve", "--db", db, "--port", str(port),
-         "--now", str(NOW), "--freeze-clock"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(150):
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("meterkit serve did not answer: " + (work / "serve.log").read_text())
-        assert server.poll() is None, (work / "serve.log").read_text()
-        yield Served(base, found.group(1), empty_token.group(1), small_token.group(1))
-    finally:
-        server.terminate()
-        server.wait(10)
-        log.close()
+    with serve(db, NOW, work / "serve.log") as base:
+        yield Served(base, token, empty_token, small_token)
 
 
 @pytest.fixture(scope="module")

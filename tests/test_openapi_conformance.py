@@ -13,37 +13,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from served import meterkit, new_key, serve
+
 NOW = 1_764_590_400 + 5 * 3600  # 2025-12-01T17:00:00Z
-TOKEN = re.compile(r"\b(mk_[0-9a-f]{16}_[A-Za-z0-9_-]{43})\b")
 EXAMPLES = os.environ.get("MK_CONFORMANCE_EXAMPLES", "40")
 
 pytestmark = pytest.mark.slow
-
-
-def _meterkit(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "meterkit", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    return done.stdout + done.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_the_openapi_document_admits_what_the_server_admits(tmp_path: Path) -> None:
@@ -53,30 +34,10 @@ def test_the_openapi_document_admits_what_the_server_admits(tmp_path: Path) -> N
             pytest.fail("schemathesis is not installed (it is in the dev extras)")
         pytest.skip("schemathesis is not installed (it is in the dev extras)")
     db = f"sqlite:///{tmp_path / 'demo.db'}"
-    _meterkit("demo", "--db", db, "--no-serve", "--now", str(NOW), "--days", "7")
+    meterkit("demo", "--db", db, "--no-serve", "--now", str(NOW), "--days", "7")
     # One key that may call every route: an admin of a demo organization, operator too.
-    created = _meterkit(
-        "keys", "create", "--org", "org_acme", "--role", "admin",
-        "--scopes", "usage:read,usage:write,operator", "--db", db,
-    )  # fmt: skip
-    token = TOKEN.search(created)
-    assert token, created
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "meterkit", "serve", "--db", db, "--port", str(port),
-         "--now", str(NOW), "--freeze-clock", "--log-level", "warning"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(150):
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    token = new_key(db, "org_acme", "usage:read,usage:write,operator")
+    with serve(db, NOW, tmp_path / "serve.log") as base:
         env = {
             **os.environ,
             "MK_CONFORMANCE_NOW": str(NOW),
@@ -86,24 +47,23 @@ def test_the_openapi_document_admits_what_the_server_admits(tmp_path: Path) -> N
         done = subprocess.run(
             [
                 runner, "run", base + "/openapi.json",
-                "--header", f"Authorization: Bearer {token.group(1)}",
+                "--header", f"Authorization: Bearer {token}",
                 "--checks", "not_a_server_error,positive_data_acceptance,negative_data_rejection",
                 "--phases", "examples,fuzzing",
                 "--max-examples", EXAMPLES,
                 "--seed", "1",
+                "--generation-database", "none",  # each run the same, nothing kept between
                 "--workers", "1",
                 "--no-color",
             ],
             capture_output=True,
             text=True,
             env=env,
+            cwd=tmp_path,  # what schemathesis keeps of a run stays with this run
             timeout=900,
         )  # fmt: skip
         report = done.stdout + done.stderr
+        (tmp_path / "schemathesis.log").write_text(report)
         assert done.returncode == 0, report[-20_000:]
         # Every operation ran and passed.
         assert re.search(r"(\d+) passed", report) and " failed" not in report.split("SUMMARY")[-1]
-    finally:
-        server.terminate()
-        server.wait(10)
-        log.close()
