@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 from collections import Counter
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+import attrs
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -46,7 +48,7 @@ from http_helpers import (
     used,
 )
 from meterkit import Decision, Meter, Plan, ValidationError
-from meterkit.asgi import MeteringMiddleware, create_app, current_usage
+from meterkit.asgi import MeteringMiddleware, MeteringOptions, create_app, current_usage
 from meterkit.http.metering import Usage, rate_limit_headers, retry_after_seconds
 from meterkit.quotas import LimitState
 
@@ -318,7 +320,7 @@ class Guarded:
 
     work_route = "/work/{n:int}"
 
-    def __init__(self, meter: Meter, **options: Any) -> None:
+    def __init__(self, meter: Meter, *, as_value: bool = False, **options: Any) -> None:
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
         header = options.pop("identify_header", None)
@@ -334,7 +336,12 @@ class Guarded:
             Route("/healthz", self.healthz),
             Mount("/meterkit", app=create_app(meter)),
         ]
-        self.app = MeteringMiddleware(Starlette(routes=routes), meter=meter, **options)
+        if as_value:  # the same options as one MeteringOptions
+            self.app = MeteringMiddleware(
+                Starlette(routes=routes), meter=meter, options=MeteringOptions(**options)
+            )
+        else:
+            self.app = MeteringMiddleware(Starlette(routes=routes), meter=meter, **options)
 
     def count(self, name: str) -> None:
         with self._lock:
@@ -384,6 +391,30 @@ make_guarded: MakeGuarded = Guarded
 @pytest.mark.parametrize("check", GUARD_CHECKS, ids=lambda c: c.__name__[6:])
 def test_guard(check: Callable[[MakeGuarded], None]) -> None:
     check(make_guarded)
+
+
+@pytest.mark.parametrize("check", GUARD_CHECKS, ids=lambda c: c.__name__[6:])
+def test_guard_given_its_options_as_one_value(check: Callable[[MakeGuarded], None]) -> None:
+    check(functools.partial(Guarded, as_value=True))
+
+
+def test_options_are_one_value_checked_when_made_and_keywords_go_on_top() -> None:
+    with pytest.raises(ValidationError) as bad:
+        MeteringOptions(ttl=0)
+    assert bad.value.field == "ttl"
+    with pytest.raises(ValidationError) as bad:
+        MeteringOptions(unidentified="allow")  # type: ignore[arg-type]
+    assert bad.value.field == "unidentified"
+    options: MeteringOptions[Any] = MeteringOptions(cost={"tokens": 5}, ttl=60)
+    assert options.cost == {"tokens": 5} and options.record_meter == "requests"
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        options.ttl = 1  # type: ignore[misc]
+    meter, _ = guard_meter()
+    app = MeteringMiddleware(Starlette(), meter=meter, options=options, ttl=30)
+    assert app.metering.options == attrs.evolve(options, ttl=30)
+    assert app.metering.cost == {"tokens": 5} and app.metering.ttl == 30
+    with pytest.raises(TypeError, match="'tll'"):
+        MeteringMiddleware(Starlette(), meter=meter, tll=30)
 
 
 def test_guard_answers_503_when_the_store_is_down(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ and the before/after/teardown-request quota guard: headers, refusals, settling, 
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -33,7 +34,7 @@ from http_helpers import (
     used,
 )
 from meterkit import Meter
-from meterkit.flask import current_usage, init_app, init_metering
+from meterkit.flask import MeteringOptions, current_usage, init_app, init_metering
 
 
 class FlaskClient:
@@ -174,7 +175,9 @@ class Guarded:
 
     work_route = "/work/<int:n>"
 
-    def __init__(self, meter: Meter, *, testing: bool = False, **options: Any) -> None:
+    def __init__(
+        self, meter: Meter, *, testing: bool = False, as_value: bool = False, **options: Any
+    ) -> None:
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
         header = options.pop("identify_header", None)
@@ -214,7 +217,10 @@ class Guarded:
             self.count("healthz")
             return "ok"
 
-        init_app(app, meter, url_prefix="/meterkit", **options)
+        if as_value:  # the same options as one MeteringOptions
+            init_app(app, meter, url_prefix="/meterkit", options=MeteringOptions(**options))
+        else:
+            init_app(app, meter, url_prefix="/meterkit", **options)
 
     def count(self, name: str) -> None:
         with self._lock:
@@ -230,6 +236,11 @@ make_guarded: MakeGuarded = Guarded
 @pytest.mark.parametrize("check", GUARD_CHECKS, ids=lambda c: c.__name__[6:])
 def test_guard(check: Callable[[MakeGuarded], None]) -> None:
     check(make_guarded)
+
+
+@pytest.mark.parametrize("check", GUARD_CHECKS, ids=lambda c: c.__name__[6:])
+def test_guard_given_its_options_as_one_value(check: Callable[[MakeGuarded], None]) -> None:
+    check(functools.partial(Guarded, as_value=True))
 
 
 def test_guard_answers_503_when_the_store_is_down(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,16 +23,11 @@ import anyio.to_thread
 from meterkit.http.app import HttpApp
 from meterkit.http.core import Request, Response
 from meterkit.http.metering import (
-    DEFAULT_COST,
     NEEDS_STORE,
-    Cost,
-    Identify,
     Metering,
-    OnRefused,
-    Price,
+    MeteringOptions,
     Refusal,
     Ticket,
-    Unidentified,
     Usage,
     merge_headers,
     own_endpoint,
@@ -41,7 +36,14 @@ from meterkit.http.metering import (
 if TYPE_CHECKING:
     from meterkit.meter import Meter
 
-__all__ = ["ASGIApp", "MeteringMiddleware", "MeterkitApp", "create_app", "current_usage"]
+__all__ = [
+    "ASGIApp",
+    "MeteringMiddleware",
+    "MeteringOptions",
+    "MeterkitApp",
+    "create_app",
+    "current_usage",
+]
 
 logger = logging.getLogger("meterkit.asgi")
 
@@ -276,31 +278,14 @@ class MeteringMiddleware:
         app: ASGIApp,
         *,
         meter: Meter,
-        identify: Identify[Scope] | None = None,
-        cost: Cost[Scope] = DEFAULT_COST,
-        on_refused: OnRefused | None = None,
-        record_meter: str | None = "requests",
-        unidentified: Unidentified = "refuse",
-        skip: Callable[[Scope], bool] | None = None,
-        ttl: int = 300,
-        record_refused: bool = False,
-        price: Price[Scope] = None,
+        options: MeteringOptions[Scope] | None = None,
+        **given: Any,
     ) -> None:
         self.app = app
         self.meter = meter
         self._own: tuple[str, ...] | None = None
         self.metering: Metering[Scope] = Metering(
-            meter,
-            authorization=_authorization,
-            identify=identify,
-            cost=cost,
-            on_refused=on_refused,
-            record_meter=record_meter,
-            unidentified=unidentified,
-            skip=skip,
-            ttl=ttl,
-            record_refused=record_refused,
-            price=price,
+            meter, authorization=_authorization, options=options, **given
         )
 
     def is_own(self, path: str) -> bool:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
-from meterkit.asgi import MeteringMiddleware, current_usage
+from meterkit.asgi import MeteringMiddleware, MeteringOptions, current_usage
 from meterkit.ids import new_id
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ async def _json(send: Send, status: int, data: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def guarded(app: ASGIApp, meter: Meter) -> ASGIApp:
-    """``app`` with the demo model in front, both behind the metering guard (which never
-    meters meterkit's own endpoints: it finds them through ``DemoModel.app``)."""
-    return MeteringMiddleware(DemoModel(app, meter), meter=meter)
+def guarded(app: ASGIApp, meter: Meter, options: MeteringOptions[Scope] | None = None) -> ASGIApp:
+    """``app`` with the demo model in front, both behind the metering guard with ``options``
+    (which never meters meterkit's own endpoints: it finds them through ``DemoModel.app``)."""
+    return MeteringMiddleware(DemoModel(app, meter), meter=meter, options=options)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from flask import Blueprint, Flask, g, request
 from flask import Request as FlaskRequest
 from flask import Response as FlaskResponse
@@ -22,15 +23,10 @@ from flask import Response as FlaskResponse
 from meterkit.http.app import HttpApp
 from meterkit.http.core import Request, Response
 from meterkit.http.metering import (
-    DEFAULT_COST,
-    Cost,
-    Identify,
     Metering,
-    OnRefused,
-    Price,
+    MeteringOptions,
     Refusal,
     Ticket,
-    Unidentified,
     Usage,
     merge_headers,
 )
@@ -38,7 +34,7 @@ from meterkit.http.metering import (
 if TYPE_CHECKING:
     from meterkit.meter import Meter
 
-__all__ = ["current_usage", "init_app", "init_metering"]
+__all__ = ["MeteringOptions", "current_usage", "init_app", "init_metering"]
 
 EXTENSION = "meterkit"
 # Every method reaches HttpApp, so a wrong method gets its 405 in the surface's own shape.
@@ -165,30 +161,14 @@ def init_metering(
     app: Flask,
     meter: Meter,
     *,
-    identify: Identify[FlaskRequest] | None = None,
-    cost: Cost[FlaskRequest] = DEFAULT_COST,
-    on_refused: OnRefused | None = None,
-    record_meter: str | None = "requests",
-    unidentified: Unidentified = "refuse",
-    skip: Callable[[FlaskRequest], bool] | None = None,
-    ttl: int = 300,
-    record_refused: bool = False,
-    price: Price[FlaskRequest] = None,
+    options: MeteringOptions[FlaskRequest] | None = None,
+    **given: Any,
 ) -> Metering[FlaskRequest]:
-    """Install the quota guard on every view of ``app``; options as :class:`MeteringMiddleware`
-    (``identify``, ``cost`` and ``skip`` take the ``flask.Request``)."""
+    """Install the quota guard on every view of ``app``; ``options`` (or the same as
+    keywords) as for :class:`~meterkit.asgi.MeteringMiddleware` (``identify``, ``cost`` and
+    ``skip`` take the ``flask.Request``)."""
     metering: Metering[FlaskRequest] = Metering(
-        meter,
-        authorization=_authorization,
-        identify=identify,
-        cost=cost,
-        on_refused=on_refused,
-        record_meter=record_meter,
-        unidentified=unidentified,
-        skip=skip,
-        ttl=ttl,
-        record_refused=record_refused,
-        price=price,
+        meter, authorization=_authorization, options=options, **given
     )
 
     def before() -> FlaskResponse | None:
@@ -243,44 +223,26 @@ def init_app(
     url_prefix: str = "",
     metering: bool = True,
     name: str = "meterkit",
-    identify: Identify[FlaskRequest] | None = None,
-    cost: Cost[FlaskRequest] = DEFAULT_COST,
-    on_refused: OnRefused | None = None,
-    record_meter: str | None = "requests",
-    unidentified: Unidentified = "refuse",
-    skip: Callable[[FlaskRequest], bool] | None = None,
-    ttl: int = 300,
-    record_refused: bool = False,
-    price: Price[FlaskRequest] = None,
-    **httpapp_kwargs: Any,
+    options: MeteringOptions[FlaskRequest] | None = None,
+    **given: Any,
 ) -> Blueprint:
     """Serve meterkit's endpoints from ``app`` (a Blueprint named ``name`` under
     ``url_prefix``) and, with ``metering``, guard the application's own views.
 
-    ``httpapp_kwargs`` go to :class:`~meterkit.http.HttpApp`. The usage API's own requests are
-    not metered. Returns the registered Blueprint; ``app.extensions["meterkit"]`` holds the
-    ``meter``, the ``http`` app and the ``metering`` guard (``None`` without metering).
+    ``options`` (or the same as keywords) configure the guard; the other keywords go to
+    :class:`~meterkit.http.HttpApp`. The usage API's own requests are not metered. Returns
+    the registered Blueprint; ``app.extensions["meterkit"]`` holds the ``meter``, the
+    ``http`` app and the ``metering`` guard (``None`` without metering).
     """
     url_prefix = url_prefix.rstrip("/")
     if url_prefix and not url_prefix.startswith("/"):
         url_prefix = "/" + url_prefix
-    http = HttpApp(meter, **httpapp_kwargs)
+    guard = {k: v for k, v in given.items() if k in attrs.fields_dict(MeteringOptions)}
+    http = HttpApp(meter, **{k: v for k, v in given.items() if k not in guard})
     blueprint = _blueprint(http, name, url_prefix)
     app.register_blueprint(blueprint)
     state: dict[str, Any] = {"meter": meter, "http": http, "blueprint": name, "metering": None}
     app.extensions[EXTENSION] = state
     if metering:
-        state["metering"] = init_metering(
-            app,
-            meter,
-            identify=identify,
-            cost=cost,
-            on_refused=on_refused,
-            record_meter=record_meter,
-            unidentified=unidentified,
-            skip=skip,
-            ttl=ttl,
-            record_refused=record_refused,
-            price=price,
-        )
+        state["metering"] = init_metering(app, meter, options=options, **guard)
     return blueprint

@@ -23,7 +23,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Generic, Literal, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast
 
 import attrs
 
@@ -47,6 +47,7 @@ __all__ = [
     "Identify",
     "Identity",
     "Metering",
+    "MeteringOptions",
     "NeedsStore",
     "OnRefused",
     "Refusal",
@@ -339,11 +340,62 @@ class Ticket:
 # -- the guard ---------------------------------------------------------------------------------
 
 
+def _cost(value: Cost[R]) -> Cost[R]:
+    if value is None or callable(value):
+        return value
+    return MappingProxyType(check_amounts(value, "cost"))
+
+
+def _price(value: Price[R]) -> Price[R]:
+    if value is None or callable(value):
+        return value
+    return MappingProxyType({m: MappingProxyType(v) for m, v in check_priced(value).items()})
+
+
+def _unidentified(_inst: object, _attr: object, value: object) -> None:
+    if value not in ("pass", "refuse"):
+        raise ValidationError("unidentified", "must be 'pass' or 'refuse'")
+
+
+def _ttl(_inst: object, _attr: object, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError("ttl", "must be a positive number of seconds")
+
+
+@attrs.frozen(kw_only=True)
+class MeteringOptions(Generic[R]):
+    """How the guard meters the requests of a framework's type ``R``, as one value: what the
+    ASGI middleware, the Flask extension and ``meterkit serve`` take (each also takes these as
+    keywords). Checked when made; docs/adapters.md describes each."""
+
+    identify: Identify[R] | None = None
+    cost: Cost[R] = attrs.field(default=DEFAULT_COST, converter=_cost)
+    on_refused: OnRefused | None = None
+    record_meter: str | None = "requests"
+    unidentified: Unidentified = attrs.field(default="refuse", validator=_unidentified)
+    skip: Callable[[R], bool] | None = None
+    ttl: int = attrs.field(default=300, validator=_ttl)
+    record_refused: bool = False
+    price: Price[R] = attrs.field(default=None, converter=_price)
+
+    @classmethod
+    def of(cls, options: MeteringOptions[R] | None, given: Mapping[str, Any]) -> MeteringOptions[R]:
+        """``options`` with the keyword options ``given`` on top (either may be absent); an
+        unknown keyword is a ``TypeError``, as for any function."""
+        names = attrs.fields_dict(cls)
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        base = options if options is not None else cls()
+        return attrs.evolve(base, **given) if given else base
+
+
 class Metering(Generic[R]):
     """Identify, admit, settle and record, for requests of a framework's type ``R``.
 
     ``authorization(request)`` returns the request's ``Authorization`` header: the default
-    ``identify`` authenticates its bearer token with :func:`meterkit.auth.authenticate`. See
+    ``identify`` authenticates its bearer token with :func:`meterkit.auth.authenticate`.
+    ``options`` (or the same as keywords) are a :class:`MeteringOptions`; see
     ``docs/adapters.md`` for every option.
     """
 
@@ -352,37 +404,22 @@ class Metering(Generic[R]):
         meter: Meter,
         *,
         authorization: Callable[[R], str | None],
-        identify: Identify[R] | None = None,
-        cost: Cost[R] = DEFAULT_COST,
-        on_refused: OnRefused | None = None,
-        record_meter: str | None = "requests",
-        unidentified: Unidentified = "refuse",
-        skip: Callable[[R], bool] | None = None,
-        ttl: int = 300,
-        record_refused: bool = False,
-        price: Price[R] = None,
+        options: MeteringOptions[R] | None = None,
+        **given: Any,
     ) -> None:
-        if unidentified not in ("pass", "refuse"):
-            raise ValidationError("unidentified", "must be 'pass' or 'refuse'")
-        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
-            raise ValidationError("ttl", "must be a positive number of seconds")
-        if cost is not None and not callable(cost):
-            cost = MappingProxyType(check_amounts(cost, "cost"))
+        chosen: MeteringOptions[R] = MeteringOptions.of(options, given)
+        self.options = chosen
         self.meter = meter
         self.authorization = authorization
-        self.identify = identify
-        self.cost = cost
-        if price is not None and not callable(price):
-            price = MappingProxyType(
-                {m: MappingProxyType(v) for m, v in check_priced(price).items()}
-            )
-        self.price = price
-        self.on_refused: OnRefused = on_refused or openai_refusal
-        self.unidentified: Unidentified = unidentified
-        self._skip = skip
-        self.ttl = ttl
-        self.record_refused = record_refused
-        self.record_meter = record_meter
+        self.identify = chosen.identify
+        self.cost = chosen.cost
+        self.price = chosen.price
+        self.on_refused: OnRefused = chosen.on_refused or openai_refusal
+        self.unidentified: Unidentified = chosen.unidentified
+        self._skip = chosen.skip
+        self.ttl = chosen.ttl
+        self.record_refused = chosen.record_refused
+        record_meter = self.record_meter = chosen.record_meter
         self._record_measure: str | None = None
         if record_meter is not None:
             spec = meter.spec(record_meter, "record_meter")
