@@ -34,6 +34,9 @@ from meterkit.http.metering import (
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from meterkit.http.metering import MeteringKeywords
     from meterkit.meter import Meter
 
 __all__ = [
@@ -279,7 +282,7 @@ class MeteringMiddleware:
         *,
         meter: Meter,
         options: MeteringOptions[Scope] | None = None,
-        **given: Any,
+        **given: Unpack[MeteringKeywords[Scope]],
     ) -> None:
         self.app = app
         self.meter = meter

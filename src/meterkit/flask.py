@@ -32,6 +32,9 @@ from meterkit.http.metering import (
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from meterkit.http.metering import MeteringKeywords
     from meterkit.meter import Meter
 
 __all__ = ["MeteringOptions", "current_usage", "init_app", "init_metering"]
@@ -162,7 +165,7 @@ def init_metering(
     meter: Meter,
     *,
     options: MeteringOptions[FlaskRequest] | None = None,
-    **given: Any,
+    **given: Unpack[MeteringKeywords[FlaskRequest]],
 ) -> Metering[FlaskRequest]:
     """Install the quota guard on every view of ``app``; ``options`` (or the same as
     keywords) as for :class:`~meterkit.asgi.MeteringMiddleware` (``identify``, ``cost`` and

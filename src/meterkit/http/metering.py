@@ -390,6 +390,23 @@ class MeteringOptions(Generic[R]):
         return attrs.evolve(base, **given) if given else base
 
 
+if TYPE_CHECKING:
+    from typing_extensions import TypedDict, Unpack
+
+    class MeteringKeywords(TypedDict, Generic[R], total=False):
+        """:class:`MeteringOptions` as keywords, for type checkers."""
+
+        identify: Identify[R] | None
+        cost: Cost[R]
+        on_refused: OnRefused | None
+        record_meter: str | None
+        unidentified: Unidentified
+        skip: Callable[[R], bool] | None
+        ttl: int
+        record_refused: bool
+        price: Price[R]
+
+
 class Metering(Generic[R]):
     """Identify, admit, settle and record, for requests of a framework's type ``R``.
 
@@ -405,7 +422,7 @@ class Metering(Generic[R]):
         *,
         authorization: Callable[[R], str | None],
         options: MeteringOptions[R] | None = None,
-        **given: Any,
+        **given: Unpack[MeteringKeywords[R]],
     ) -> None:
         chosen: MeteringOptions[R] = MeteringOptions.of(options, given)
         self.options = chosen
