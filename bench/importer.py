@@ -105,7 +105,7 @@ def _record_many(n: int, db: Path, now: int) -> float:
 
 
 def _record_many_here(n: int, db: Path, now: int) -> float:
-    from meterkit.clitools import StartedClock  # the clock `meterkit import --now` runs on
+    from meterkit.cli.common import StartedClock  # the clock `meterkit import --now` runs on
 
     events = _events(n)
     gc.freeze()  # the data belongs to the benchmark, not to record_many

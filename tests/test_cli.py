@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 from meterkit import Meter
 from meterkit.auth import authenticate, list_keys
 from meterkit.catalog import builtin_meters
-from meterkit.demo import DEMO_KEY_NAME, ORGANIZATIONS, populate
+from meterkit.cli.demo import DEMO_KEY_NAME, ORGANIZATIONS, populate
 
 NOW = 1_730_937_600 + 15 * 3600 + 120  # 2024-11-07T15:02:00Z
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meterkit import Event, Meter
-from meterkit.cliio import derived_id
+from meterkit.cli.eventfiles import derived_id
 
 NOW = 1_764_590_400  # 2025-12-01T12:00:00Z
 DAY = 86_400

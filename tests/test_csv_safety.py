@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meterkit import Event, Meter
-from meterkit.cliio import csv_row, escape_cell, unescape_cell
+from meterkit.cli.eventfiles import csv_row, escape_cell, unescape_cell
 from test_cli_data import DAY, MONTH, NOW, native, run, stored
 
 FORMULA = ("=", "+", "-", "@", "\t", "\r")
@@ -168,7 +168,7 @@ def test_every_bad_record_of_a_batch_is_reported(tmp_path: Path) -> None:
 def test_bad_records_beyond_the_cap_are_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from meterkit import clidata
+    from meterkit.cli import data as clidata
 
     monkeypatch.setattr(clidata, "MAX_REPORTED", 2)
     db = f"sqlite:///{tmp_path / 'c.db'}"

@@ -8,7 +8,7 @@ import pytest
 
 from clock import TEST_NOW, Clock
 from meterkit import Meter
-from meterkit.demo import ORGANIZATIONS, populate
+from meterkit.cli.demo import ORGANIZATIONS, populate
 
 DAY = 86400
 MIDNIGHT = TEST_NOW - TEST_NOW % DAY

@@ -1,6 +1,6 @@
 """A real ``meterkit serve`` on a loopback port, driven by httpx and by the official openai SDK.
 
-The server is a subprocess over a temporary SQLite file filled by :mod:`meterkit.demo`. Every
+The server is a subprocess over a temporary SQLite file filled by :mod:`meterkit.cli.demo`. Every
 answer is checked against the same file read in-process through :class:`meterkit.Meter` (an
 independent path: no HTTP, no JSON), paging followed to the end on both sides.
 """
@@ -27,7 +27,7 @@ from http_helpers import ingested
 from meterkit import Meter
 from meterkit.auth import create_key
 from meterkit.catalog import OPENAI_KINDS
-from meterkit.demo import DemoSummary, populate
+from meterkit.cli.demo import DemoSummary, populate
 
 DAY = 86_400
 # Everything here follows TEST_NOW (the served process too): .ci/run repeats it at the edges.
