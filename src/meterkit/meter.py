@@ -64,7 +64,7 @@ from meterkit.plugins import get_plugin_manager, make_plugin_manager
 from meterkit.pricing import Price, PriceBook
 from meterkit.quotas import Decision, Policy, Quotas, Reservation
 from meterkit.recovery import rebuild_counters
-from meterkit.stores.base import CounterStore, RollupStore, Store
+from meterkit.stores.base import Capabilities, CounterStore, RollupStore, Store
 from meterkit.validate import check_event, check_id, check_time, check_usage_query
 from meterkit.writer import GroupWriter
 
@@ -200,9 +200,10 @@ class Meter:
         self.pm = make_plugin_manager(plugins) if plugins else get_plugin_manager()
         self.store: Store = store if store is not None else open_store(url, self.pm)
         self.url = self.store.url
+        self.capabilities = Capabilities.of(self.store)
         # A store that can tell the time (PostgreSQL) decides windows and periods by one clock
         # for every process and host; otherwise the local clock.
-        db_now = getattr(self.store, "db_now", None)
+        db_now = self.capabilities.db_now
         self.clock: Clock = clock or (StoreClock(db_now) if db_now else _time.time)
         self.counters: CounterStore = (
             self.store
@@ -574,9 +575,7 @@ class Meter:
         transaction (SQLite, memory; PostgreSQL's atomic_writes), with the counters in it or,
         where they are apart (Redis), with their changes logged in it and applied after it
         commits (:mod:`meterkit.countlog`)."""
-        return self._logged(
-            getattr(self.store, "transaction", None) or getattr(self.store, "atomic_writes", None)
-        )
+        return self._logged(self.capabilities.transaction or self.capabilities.atomic_writes)
 
     def _logged(self, begin: Any) -> Callable[[], contextlib.AbstractContextManager[None]] | None:
         """``begin`` (a store's transaction, or ``None``), with the counter changes made in it
@@ -684,7 +683,7 @@ class Meter:
         state.depth = depth + 1
         committed = False
         try:
-            begin = self._logged(getattr(self.store, "transaction", None))
+            begin = self._logged(self.capabilities.transaction)
             with begin() if begin is not None else contextlib.nullcontext():
                 yield
             committed = True
@@ -1365,7 +1364,7 @@ class Meter:
         eid = check_id("event_id", event_id)
         why = corrections_module.check_reason(reason)
         who = corrections_module.check_actor(actor)
-        replace = getattr(self.store, "replace_event", None)
+        replace = self.capabilities.replace_event
         if replace is None:
             raise ValidationError("meter", f"the store {self.url} cannot correct events")
         self._ensure(spec)

@@ -49,13 +49,14 @@ if TYPE_CHECKING:
     import pluggy
 
     from meterkit.models import AppendResult, MeterSpec
-    from meterkit.stores.base import CounterStore, Store
+    from meterkit.stores.base import Capabilities, CounterStore, Store
 
 
 class Host(Protocol):
     """What the decisions need of the meter that composes them (:class:`~meterkit.Meter`)."""
 
     store: Store
+    capabilities: Capabilities
     counters: CounterStore
     pm: pluggy.PluginManager
     _specs: dict[str, MeterSpec]
@@ -410,7 +411,7 @@ class Quotas:
         self._absorbed = threading.local()
         # Counters other processes share: quota lines count their leased units too.
         self._shared = bool(getattr(self.counters, "shared", True))
-        self._in_memory = not getattr(self.meter.store, "shared", True)
+        self._in_memory = not self.meter.capabilities.shared
         self.all_in_memory = self._in_memory and not self._shared
         """Plans, counters and events all live in this process (``memory://``): deciding and
         settling never wait on I/O."""
@@ -966,7 +967,7 @@ class Quotas:
         after = self.price_book()
         if not (before.prices_meter(meter) or after.prices_meter(meter)):
             return
-        lister = getattr(self.store, "organizations", None)
+        lister = self.meter.capabilities.organizations
         spec = self.meter._specs.get(meter)
         if lister is None or spec is None:
             return

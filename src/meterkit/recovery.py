@@ -50,6 +50,7 @@ from meterkit.periods import Period
 from meterkit.pricing import default_period_of
 from meterkit.quotas import Quotas
 from meterkit.spend import CAP_RECORD, LIMIT_RECORD, SPEND
+from meterkit.stores.base import Capabilities
 
 
 class Events(Protocol):
@@ -66,6 +67,7 @@ class Meter(Events, Protocol):
     """... and those a rebuild uses."""
 
     counters: Any
+    capabilities: Capabilities
 
     @property
     def meters(self) -> Mapping[str, MeterSpec]: ...
@@ -238,7 +240,7 @@ def counted_organizations(meter: Events) -> list[str]:
 def _with_usage(meter: Meter, metrics: set[str]) -> set[str]:
     """Organizations with events on a meter that feeds one of ``metrics`` (a default plan's
     organizations have no assignment to list them by)."""
-    lister = getattr(meter.store, "organizations", None)
+    lister = meter.capabilities.organizations
     if lister is None:
         return set()
     found: set[str] = set()

@@ -12,14 +12,27 @@ rebuilt and compared with the events.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
+
+import attrs
 
 from meterkit.engine import rollup
 from meterkit.engine.aggregate import Rows
 from meterkit.models import CounterLine, CounterResult, Event, Hold, MeterSpec, UsageQuery
 
-__all__ = ["CounterStore", "RollupStore", "Store"]
+__all__ = [
+    "AtomicWrites",
+    "Capabilities",
+    "CorrectsEvents",
+    "CounterStore",
+    "ListsOrganizations",
+    "RollupStore",
+    "Store",
+    "TellsTime",
+    "Transactional",
+]
 
 
 @runtime_checkable
@@ -166,3 +179,76 @@ class RollupStore(Store, Protocol):
         """Delete ``spec``'s events with ``time < before`` (a UTC day start) and its minute
         rollup rows of buckets before it, for every organization, atomically; hour and day
         rollups stay. Returns the events deleted."""
+
+
+# -- what a store can do beyond Store: declared by having the method, found once ------------
+
+
+@runtime_checkable
+class Transactional(Protocol):
+    """A store whose calls can share one transaction (SQLite, memory): the events, counter
+    changes and records written in it commit together."""
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """One transaction around everything the block writes (nested blocks join it)."""
+
+
+@runtime_checkable
+class AtomicWrites(Protocol):
+    """A store that holds no transaction across calls but makes one write of events and the
+    counter changes they cause atomic (PostgreSQL)."""
+
+    def atomic_writes(self) -> AbstractContextManager[None]:
+        """The block's appends and counter changes commit as one."""
+
+
+@runtime_checkable
+class TellsTime(Protocol):
+    """A store whose server has one clock for every process and host (PostgreSQL)."""
+
+    def db_now(self) -> float:
+        """The server's time, Unix seconds."""
+
+
+@runtime_checkable
+class CorrectsEvents(Protocol):
+    """A store that can put a corrected event in the place of a stored one
+    (:meth:`RollupStore.replace_event`)."""
+
+    def replace_event(self, spec: MeterSpec, event: Event) -> Event | None:
+        """See :meth:`RollupStore.replace_event`."""
+
+
+@runtime_checkable
+class ListsOrganizations(Protocol):
+    """A store that lists the organizations with events of a meter
+    (:meth:`RollupStore.organizations`)."""
+
+    def organizations(self, meter: str) -> list[str]:
+        """See :meth:`RollupStore.organizations`."""
+
+
+@attrs.frozen
+class Capabilities:
+    """What a store can do beyond :class:`Store`, found once when a
+    :class:`~meterkit.Meter` opens it (:meth:`of`), never probed per call: each is the
+    store's method, or ``None`` when it has none. ``shared``: the store is seen by other
+    processes (every store but ``memory://``)."""
+
+    transaction: Callable[[], AbstractContextManager[None]] | None
+    atomic_writes: Callable[[], AbstractContextManager[None]] | None
+    db_now: Callable[[], float] | None
+    replace_event: Callable[[MeterSpec, Event], Event | None] | None
+    organizations: Callable[[str], list[str]] | None
+    shared: bool
+
+    @classmethod
+    def of(cls, store: object) -> Capabilities:
+        return cls(
+            transaction=store.transaction if isinstance(store, Transactional) else None,
+            atomic_writes=store.atomic_writes if isinstance(store, AtomicWrites) else None,
+            db_now=store.db_now if isinstance(store, TellsTime) else None,
+            replace_event=store.replace_event if isinstance(store, CorrectsEvents) else None,
+            organizations=store.organizations if isinstance(store, ListsOrganizations) else None,
+            shared=bool(getattr(store, "shared", True)),
+        )
