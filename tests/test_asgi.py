@@ -646,6 +646,6 @@ def test_the_guard_decides_on_the_loop_when_it_can(
         == 101
     )
     # Limits to read again (a plan changed) are read from the store, off the loop.
-    meter.quotas._forget()
+    meter.quotas.forget()
     assert asyncio.run(go(1)) == [200]
     assert bool(hops) == (url != "memory://")

@@ -119,7 +119,7 @@ def test_the_bound_itself_is_accepted_and_counters_never_wrap(
     m = meter_factory()
     m.set_plan(Plan("open", limits={"tokens": -1}))
     m.assign_plan("org", "open")
-    m.quotas._forget()
+    m.quotas.forget()
     assert m.debit("org", {"tokens": MAX_VALUE}).allowed
     assert m.quotas.used("org", "tokens") == MAX_COUNTER
     # Usage that already happened is still counted, saturating instead of wrapping ...

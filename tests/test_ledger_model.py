@@ -291,7 +291,7 @@ class Ledger(RuleBasedStateMachine):
         self.meters[0].set_plan(Plan("model", limits={"tokens": limit}))
         self.limit = limit
         for m in self.meters[1:]:
-            m.quotas._forget()  # another process sees it within cache_seconds; here at once
+            m.quotas.forget()  # another process sees it within cache_seconds; here at once
 
     @rule(price=st.sampled_from([Decimal(3), Decimal(10), Decimal(25)]))
     def change_the_price(self, price: Decimal) -> None:
@@ -305,14 +305,14 @@ class Ledger(RuleBasedStateMachine):
         )
         self.price = price
         for m in self.meters[1:]:
-            m.quotas._forget()  # another process sees it within cache_seconds; here at once
+            m.quotas.forget()  # another process sees it within cache_seconds; here at once
 
     @rule(cap=st.integers(1, 20))
     def change_the_spend_limit(self, cap: int) -> None:
         self.meters[0].set_spend_limit(ORG, cap)
         self.cap = cap
         for m in self.meters[1:]:
-            m.quotas._forget()
+            m.quotas.forget()
 
     @rule(i=st.integers(0, 1))
     def flush(self, i: int) -> None:

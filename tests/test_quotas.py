@@ -1002,7 +1002,7 @@ def test_fail_closed_debit_raises_when_the_plan_cannot_be_read(
 ) -> None:
     m = Meter(store=flaky, clock=clock, policy="closed")
     on_plan(m, limits={"tokens": 100})
-    m.quotas._forget()
+    m.quotas.forget()
     flaky.down = True
     flaky.records_down = True
     with pytest.raises(StoreUnavailable):

@@ -316,7 +316,7 @@ class Meter:
             self._specs[spec.name] = spec
         quotas: Quotas | None = getattr(self, "quotas", None)
         if quotas is not None:
-            quotas._forget()  # compiled limits know which metrics are gauges
+            quotas.forget()  # compiled limits know which metrics are gauges
         return spec
 
     def define_metric(self, metric: Metric) -> Metric:
@@ -351,7 +351,7 @@ class Meter:
             self.register(MeterSpec(metric.name, (Measure(metric.name),)))
         check_metric(metric, self._specs)
         self._metrics[metric.name] = metric
-        self.quotas._forget()
+        self.quotas.forget()
         return metric
 
     def defined_metrics(self) -> list[Metric]:
@@ -442,22 +442,19 @@ class Meter:
             raise ValidationError("events", "must be a list of Event")
         return self._append(list(events), single=False)
 
-    def record_later(self, events: Iterable[Event]) -> None:
+    def record_later(self, events: Iterable[Event], *, wait: bool = True) -> None:
         """Validate ``events`` now and queue them for the next flush, without waiting.
 
         For usage that must not hold up a request (the metering middleware's request events):
         a bad event raises here and nothing is queued; a good one is written within
         ``flush_interval`` seconds, by :meth:`flush` or :meth:`close`. Until then a crash can
         lose it, unlike :meth:`record`, which returns once the event is durable. Ids stay
-        idempotent: queuing an event already stored changes nothing.
+        idempotent: queuing an event already stored changes nothing. ``wait=False`` never
+        writes on this thread, even when the queue is full (an event loop's thread).
         """
         if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
             raise ValidationError("events", "must be a list of Event")
-        self._record_later(list(events))
-
-    def _record_later(self, events: Sequence[Event], *, wait: bool = True) -> None:
-        """:meth:`record_later`; ``wait=False`` never writes on this thread (an event loop)."""
-        checked = self._checked(events, single=False)
+        checked = self._checked(list(events), single=False)
         if checked:
             self._queue(checked, wait=wait, counted=False)
 
@@ -876,7 +873,7 @@ class Meter:
         self.flush()  # what was recorded at the old prices is in the events
         before = self._book()  # as stored now, not as cached
         saved = pricing.save_price(self.store, price, specs=self._specs)
-        self.quotas._forget()  # spend is counted at the new prices from now on
+        self.quotas.forget()  # spend is counted at the new prices from now on
         # and this month's events so far are repriced, so spend keeps equal to the costs.
         self.quotas.reprice(before, saved.meter)
         return saved
@@ -1064,7 +1061,7 @@ class Meter:
                 "on this organization's spend limit",
             )
         self.store.put_record(spend_module.LIMIT_RECORD, limit.organization_id, limit.to_record())
-        self.quotas._forget()
+        self.quotas.forget()
         return self.spend(organization_id)
 
     def delete_spend_limit(self, organization_id: str) -> bool:
@@ -1072,7 +1069,7 @@ class Meter:
         cap, if any, stays in force."""
         org = check_id("organization_id", organization_id)
         found = self.store.delete_record(spend_module.LIMIT_RECORD, org)
-        self.quotas._forget()
+        self.quotas.forget()
         return found
 
     def set_spend_cap(self, organization_id: str, threshold_amount: int) -> spend_module.SpendState:
@@ -1085,7 +1082,7 @@ class Meter:
             self.now(),
         )
         self.store.put_record(spend_module.CAP_RECORD, cap.organization_id, cap.to_record())
-        self.quotas._forget()
+        self.quotas.forget()
         return self.spend(organization_id)
 
     def spend_cap(self, organization_id: str) -> int | None:
@@ -1097,7 +1094,7 @@ class Meter:
         """Remove the operator's cap; ``True`` if there was one."""
         org = check_id("organization_id", organization_id)
         found = self.store.delete_record(spend_module.CAP_RECORD, org)
-        self.quotas._forget()
+        self.quotas.forget()
         return found
 
     def spend(self, organization_id: str, at: int | None = None) -> spend_module.SpendState:
@@ -1159,7 +1156,7 @@ class Meter:
                 "update or delete one",
             )
         self.store.put_record(spend_module.alert_kind(org), alert.id, alert.to_record())
-        self.quotas._forget()
+        self.quotas.forget()
         return alert
 
     def spend_alert(self, organization_id: str, alert_id: str) -> spend_module.SpendAlert | None:
@@ -1174,7 +1171,7 @@ class Meter:
     def delete_spend_alert(self, organization_id: str, alert_id: str) -> bool:
         org = check_id("organization_id", organization_id)
         found = self.store.delete_record(spend_module.alert_kind(org), check_id("id", alert_id))
-        self.quotas._forget()
+        self.quotas.forget()
         return found
 
     def _spend_alert(self, alert: spend_module.SpendAlert, used: int, period_start: int) -> None:

@@ -128,7 +128,9 @@ class Decision:
     degraded: bool = False
     id: str = ""
 
-    def _decider(self) -> LimitState | None:
+    def deciding(self) -> LimitState | None:
+        """The limit this decision is told by: the one that refused it, else the limited one
+        with the least share remaining (what ``limit``, ``remaining`` and ``reset_at`` are)."""
         if self.refused_by is not None:
             return next((s for s in self.limits if s.metric == self.refused_by), None)
         limited = [s for s in self.limits if s.limit != UNLIMITED]
@@ -136,22 +138,22 @@ class Decision:
 
     @property
     def limit(self) -> int:
-        state = self._decider()
+        state = self.deciding()
         return state.limit if state else UNLIMITED
 
     @property
     def used(self) -> int:
-        state = self._decider()
+        state = self.deciding()
         return state.used if state else 0
 
     @property
     def remaining(self) -> int:
-        state = self._decider()
+        state = self.deciding()
         return state.remaining if state else UNLIMITED
 
     @property
     def reset_at(self) -> int | None:
-        state = self._decider()
+        state = self.deciding()
         return state.reset_at if state else None
 
     def state(self, metric: str) -> LimitState | None:
@@ -288,7 +290,7 @@ class Reservation:
         self._dimensions = dimensions
         self._lock = threading.Lock()
         self.settled = False
-        self._leased = False  # held in this process's leases, not in the store
+        self.leased = False  # held in this process's leases, not in the store
         # How its spend line counts and the priced estimate it holds (Quotas._spend_mode).
         self._spent: tuple[str | None, Mapping[str, Mapping[str, Any]] | None] = (None, None)
 
@@ -556,7 +558,7 @@ class Quotas:
         for sign, events in ((1, added), (-1, removed)):
             found = contributions(self.metric_sources(), events) if events else {}
             for (org, metric), items in found.items():
-                cycle = self._cycle(org)
+                cycle = self.cycle(org)
                 deltas = by_org.setdefault(org, {})
                 period: Period | None = None
                 for t, amount in items:
@@ -715,7 +717,7 @@ class Quotas:
             raise ValidationError("plan", "must be a meterkit.Plan")
         self.check_plan_metrics(plan)
         self.store.put_record("plan", plan.id, plan.to_record())
-        self._forget()
+        self.forget()
         return plan
 
     def get_plan(self, plan_id: str) -> Plan | None:
@@ -730,7 +732,7 @@ class Quotas:
         if self.get_plan(plan_id) is None:
             raise NotFound("plan", f"unknown plan {plan_id!r}")
         self.store.put_record("org", organization_id, {"plan": plan_id, "seats": seats})
-        self._forget()
+        self.forget()
         return assignment
 
     def grant(
@@ -748,7 +750,7 @@ class Quotas:
             check_time("expires_at", expires_at)
         now = self.meter.now()
         if expires_at is None:
-            expires_at = self._cycle(organization_id).period_at(now).end
+            expires_at = self.cycle(organization_id).period_at(now).end
         grant = Grant(id or f"grant_{uuid.uuid4().hex}", organization_id, credits, now, expires_at)
         check_id("id", grant.id)
         self.store.put_record(
@@ -756,7 +758,7 @@ class Quotas:
             grant.id,
             {"credits": credits, "granted_at": now, "expires_at": expires_at},
         )
-        self._forget()
+        self.forget()
         return grant
 
     def grants(self, organization_id: str, at: int | None = None) -> list[Grant]:
@@ -795,7 +797,8 @@ class Quotas:
                 self._cache[org] = (now + self.cache_seconds, value)
         return value
 
-    def _forget(self) -> None:
+    def forget(self) -> None:
+        """Drop what is cached of plans, limits, spend and prices: after any of them changed."""
         self._good_dims.clear()  # a meter re-registered may keep other dimensions
         with self._cache_lock:
             self._generation += 1
@@ -1097,13 +1100,14 @@ class Quotas:
                 self._compiled[org] = compiled
         return compiled
 
-    def _cycle(self, org: str) -> BillingCycle:
+    def cycle(self, org: str) -> BillingCycle:
+        """The organization's billing cycle (its plan's, else monthly from the 1st)."""
         _, plan = self.plan_of(org)
         return plan.billing_cycle if plan else DEFAULT_CYCLE
 
     def period(self, organization_id: str, at: int | None = None) -> Period:
         """The organization's billing period containing ``at`` (default now)."""
-        return self._cycle(organization_id).period_at(self.meter.now() if at is None else at)
+        return self.cycle(organization_id).period_at(self.meter.now() if at is None else at)
 
     def is_gauge(self, metric: str) -> bool:
         spec = self.meter.meters.get(metric)
@@ -1592,7 +1596,7 @@ class Quotas:
             return decision, None
         keyed = {ln.metric: ln for ln in lines if ln.window == 0}
         reservation = Reservation(self, decision, amounts, keyed, now + hold_ttl, dimensions)
-        reservation._leased = True
+        reservation.leased = True
         reservation._spent = (mode, price)
         return decision, reservation
 
@@ -1858,7 +1862,7 @@ class Quotas:
     def _settle(self, reservation: Reservation, actual: dict[str, int] | None) -> None:
         now = self.meter.now()
         lines = reservation._lines
-        if reservation._leased and self.leases is not None:
+        if reservation.leased and self.leases is not None:
             self._settle_leased(reservation, actual, now)
             return
         deltas = []

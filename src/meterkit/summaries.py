@@ -296,7 +296,7 @@ def usage_history(meter: Meter, organization_id: str, months: object = 6) -> lis
         raise ValidationError("months", "must be an integer from 1 to 120")
     now = meter.now()
     out = []
-    for period in meter.quotas._cycle(org).history(now, months):
+    for period in meter.quotas.cycle(org).history(now, months):
         end = min(period.end, now + 1)
         out.append(
             {

@@ -201,7 +201,7 @@ def rate_limit_headers(
     windows = windows or {}
     refused = decision.refused_by
     wait = retry_after_seconds(decision, now) if refused is not None else None
-    decider = decision._decider()  # what decision.limit / .remaining / .reset_at describe
+    decider = decision.deciding()  # what decision.limit / .remaining / .reset_at describe
     if decider is None:
         limit, remaining, reset_at = decision.limit, decision.remaining, decision.reset_at
     else:
@@ -638,7 +638,7 @@ class Metering(Generic[R]):
             except Exception:
                 logger.exception("meterkit: could not settle request %s", ticket.id)
             return True
-        if reservation is not None and not reservation._leased:
+        if reservation is not None and not reservation.leased:
             return False
         if self.price is not None:
             return False  # priced events are priced from the price book: maybe a store read
@@ -665,7 +665,7 @@ class Metering(Generic[R]):
             # Settling and reported usage: one commit where the store decides (a leased
             # reservation settles in memory). If it fails the hold expires after its ttl and
             # gives its amounts back, so a request is never charged twice.
-            settles_in_store = ticket.reservation is not None and not ticket.reservation._leased
+            settles_in_store = ticket.reservation is not None and not ticket.reservation.leased
             with self.meter.transaction() if settles_in_store else contextlib.nullcontext():
                 self._finish(ticket, status=status, method=method, route=route, failed=failed)
         except Exception:
@@ -731,7 +731,7 @@ class Metering(Generic[R]):
         )
         try:
             # Written by the meter's next flush: the request is not held up by a commit.
-            self.meter._record_later([event], wait=not self.meter.quotas.in_no_io)
+            self.meter.record_later([event], wait=not self.meter.quotas.in_no_io)
         except Exception:
             logger.exception("meterkit: could not record request %s", event_id)
 
