@@ -797,7 +797,7 @@ class Meter:
 
     def _rows(self, spec: MeterSpec, query: UsageQuery) -> engine.Rows:
         """The store's native answer, or the engine's over a scan when it has none."""
-        self._sync()
+        self.sync()
         self._ensure(spec)
         days = self._retention.get(spec.name)
         if days is not None:
@@ -900,7 +900,7 @@ class Meter:
         page: str | None = None,
     ) -> CostsPage:
         """One page of daily costs: OpenAI costs semantics, exact Decimal amounts."""
-        self._sync()
+        self.sync()
         return costs_module.costs_page(
             self._retained_store(),
             self._specs,
@@ -926,7 +926,7 @@ class Meter:
         meters: Iterable[str] | None = None,
     ) -> list[UnpricedUsage]:
         """Usage no price matched: listed, never silently costed at zero."""
-        self._sync()
+        self.sync()
         return costs_module.unpriced(
             self._retained_store(),
             self._specs,
@@ -1570,8 +1570,9 @@ class Meter:
             self._count([e for e in new if id(e) in waiting])
             self._tell_recorded(new)
 
-    def _sync(self) -> None:
-        """Flush when this meter holds anything a query should see."""
+    def sync(self) -> None:
+        """Flush when this meter holds anything a query should see (queued events, leased
+        usage not yet reported); within a transaction, nothing: its own writes are seen."""
         if getattr(self._tx, "depth", 0):
             return
         leases = self.quotas.leases

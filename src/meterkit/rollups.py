@@ -35,9 +35,7 @@ class Meter(Protocol):
 
     def spec(self, name: object, field: str = "meter") -> MeterSpec: ...
 
-    def _ensure(self, spec: MeterSpec) -> None: ...
-
-    def _sync(self) -> None: ...
+    def sync(self) -> None: ...
 
     def now(self) -> int: ...
 
@@ -60,10 +58,10 @@ def rebuild(
     store = meter.store
     if not isinstance(store, RollupStore):
         return {}
-    meter._sync()
+    meter.sync()
     out: dict[str, int] = {}
     for spec in _specs(meter, names, all_names):
-        meter._ensure(spec)
+        store.ensure_meter(spec)
         report = (lambda n, name=spec.name: progress(name, n)) if progress else None
         out[spec.name] = store.rebuild_rollups(spec, report, since=pruned_before(store, spec.name))
     return out
@@ -75,12 +73,12 @@ def verify(meter: Meter, names: Iterable[str] | None, all_names: Iterable[str]) 
     store = meter.store
     if not isinstance(store, RollupStore):
         return []
-    meter._sync()
+    meter.sync()
     out: list[str] = []
     for spec in _specs(meter, names, all_names):
         if not rollup.rollable(spec):
             continue
-        meter._ensure(spec)
+        store.ensure_meter(spec)
         since = pruned_before(store, spec.name)
         stored = {
             grain: {k: v for k, v in store.rollup_rows(spec, grain).items() if k[1] >= since}
@@ -117,7 +115,7 @@ def prune(
     store = meter.store
     if not isinstance(store, RollupStore):
         return {}
-    meter._sync()
+    meter.sync()
     out: dict[str, int] = {}
     now = meter.now()
     for spec in _specs(meter, names, all_names):
@@ -125,7 +123,7 @@ def prune(
         if kept is None or not rollup.rollable(spec):
             out[spec.name] = 0
             continue
-        meter._ensure(spec)
+        store.ensure_meter(spec)
         before = retention.prune_before(now, kept)
         # Recorded first: verify and rebuild then never read a day that is half dropped.
         if before > pruned_before(store, spec.name):
