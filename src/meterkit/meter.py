@@ -14,6 +14,7 @@ import time as _time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, cast
 
 import attrs
@@ -221,6 +222,9 @@ class Meter:
         )
         self._metrics: dict[str, Metric] = {}
         self._specs = builtin_meters()
+        # Live read-only views of both, for what composes this meter (no copy per read).
+        self.specs: Mapping[str, MeterSpec] = MappingProxyType(self._specs)
+        self.metric_definitions: Mapping[str, Metric] = MappingProxyType(self._metrics)
         self._ready: set[str] = set()
         for group in self.pm.hook.meterkit_register_meters():
             for spec in group or ():

@@ -59,8 +59,8 @@ class Host(Protocol):
     capabilities: Capabilities
     counters: CounterStore
     pm: pluggy.PluginManager
-    _specs: dict[str, MeterSpec]
-    _metrics: dict[str, Metric]
+    specs: Mapping[str, MeterSpec]
+    metric_definitions: Mapping[str, Metric]
 
     def _define_metric(self, metric: Metric) -> Metric: ...
 
@@ -442,16 +442,16 @@ class Quotas:
         metric defined with :meth:`~meterkit.Meter.define_metric`."""
         self._metrics_fresh()
         own = {name for name, spec in self.meter.meters.items() if spec.measure(name)}
-        return sorted(own | set(self.meter._metrics))
+        return sorted(own | set(self.meter.metric_definitions))
 
     def metric_sources(self) -> list[Metric]:
         """Every counted (not gauge) metric with the sources that feed it, own meter first."""
         self._metrics_fresh()
-        specs = self.meter._specs
+        specs = self.meter.specs
         found = self._sources_cache  # registering a meter or defining a metric bumps it
         if found is None or found[0] != self._generation:
             names = [n for n, spec in specs.items() if (m := spec.measure(n)) and not m.gauge]
-            defined = self.meter._metrics
+            defined = self.meter.metric_definitions
             metrics = [
                 defined.get(name, Metric(name)).effective(specs)
                 for name in sorted(set(names) | set(defined))
@@ -505,7 +505,7 @@ class Quotas:
             metric = Metric.from_record(name, data)
             # A source on a meter (or measure) this process does not know is one it cannot
             # record.
-            specs = self.meter._specs
+            specs = self.meter.specs
             known = Metric(
                 name,
                 [
@@ -514,7 +514,7 @@ class Quotas:
                     if s.meter in specs and specs[s.meter].measure(s.measure) is not None
                 ],
             )
-            if self.meter._metrics.get(name) == known:
+            if self.meter.metric_definitions.get(name) == known:
                 continue
             try:
                 self.meter._define_metric(known)
@@ -832,7 +832,7 @@ class Quotas:
         hit = self._book
         if hit is not None and hit[0] > now:
             return hit[1]
-        book = load_book(self.store, self.meter._specs, builtin=True)
+        book = load_book(self.store, self.meter.specs, builtin=True)
         self._book = (now + self.cache_seconds, book)
         return book
 
@@ -850,7 +850,7 @@ class Quotas:
         dims = dict(dimensions or {})
         total = Decimal(0)
         for meter, values in price.items():
-            spec = self.meter._specs.get(meter) if isinstance(meter, str) else None
+            spec = self.meter.specs.get(meter) if isinstance(meter, str) else None
             if spec is None:
                 raise ValidationError(f"price.{meter}", f"unknown meter {meter!r}")
             if not isinstance(values, Mapping):
@@ -971,7 +971,7 @@ class Quotas:
         if not (before.prices_meter(meter) or after.prices_meter(meter)):
             return
         lister = self.meter.capabilities.organizations
-        spec = self.meter._specs.get(meter)
+        spec = self.meter.specs.get(meter)
         if lister is None or spec is None:
             return
         now = self.meter.now()
@@ -1808,7 +1808,7 @@ class Quotas:
         if not self.record_debits:
             return []
         events = self._price_events(event_id, org, price, dimensions, now) if price else []
-        specs = self.meter._specs
+        specs = self.meter.specs
         for metric, amount in amounts.items():
             spec = specs.get(metric) if metric != SPEND else None
             measure = spec.measure(metric) if spec is not None and amount else None
@@ -1849,7 +1849,7 @@ class Quotas:
         """The events of a priced estimate (checked already by :meth:`estimate`)."""
         events = []
         for meter, values in price.items():
-            spec = self.meter._specs[meter]
+            spec = self.meter.specs[meter]
             known = spec.dimension_names
             picked = {k: v for k, v in (dimensions or {}).items() if k in known}
             kept = {m: v for m, v in values.items() if v}
