@@ -117,9 +117,10 @@ def _cost(meter: Any, org: str, start: int, end: int) -> Decimal:
             return total
 
 
-def _quota(meter: Any, org: str) -> tuple[float | None, str | None]:
+def _nearest(status: dict[str, Any]) -> tuple[float | None, str | None]:
+    """The share used of the limit nearest to being reached, and its metric."""
     peak: tuple[float | None, str | None] = (None, None)
-    for line in meter.quota_status(org)["limits"]:
+    for line in status["limits"]:
         if line["limit"] == UNLIMITED:
             continue
         share = line["used"] / line["limit"] if line["limit"] else float("inf")
@@ -145,13 +146,7 @@ def organizations_overview(
     if end_time <= start_time:
         raise ValidationError("end_time", "must be after start_time")
     specs = dict(meter.meters)
-    limited = {
-        source.meter
-        for plan in meter.quotas.plans()
-        for metric in meter.quotas.metric_sources()
-        if metric.name in plan.limits
-        for source in metric.sources
-    } | {name for plan in meter.quotas.plans() for name in plan.limits if name in specs}
+    limited = meter.quotas.meters_counted(n for plan in meter.quotas.plans() for n in plan.limits)
     chosen = list(columns) if columns is not None else default_columns(specs, limited)
     per_meter: dict[str, set[str]] = {}
     for name, spec in specs.items():
@@ -172,14 +167,14 @@ def organizations_overview(
         usage = {o: {c.name: usage[o][c.name] for c in chosen} for o in orgs}
     lines = []
     for org in sorted(orgs):
-        _assignment, plan = meter.quotas.plan_of(org)
-        state = meter.spend(org)
+        status = meter.quota_status(org)
+        state = meter.spend(org)  # exact, where the status has floats
         cap = state.limit
-        share, metric = _quota(meter, org)
+        share, metric = _nearest(status)
         lines.append(
             OrganizationLine(
                 organization_id=org,
-                plan=plan.id if plan is not None else None,
+                plan=status["plan"],
                 usage=usage[org],
                 cost=_cost(meter, org, start_time, end_time).quantize(NANO),
                 spend=state.counted.quantize(NANO),

@@ -465,6 +465,13 @@ class Quotas:
             found = self._sources_cache = (self._generation, metrics, shared)
         return found[1]
 
+    def meters_counted(self, limits: Iterable[str]) -> set[str]:
+        """The meters that limits on the metrics ``limits`` count: every source of a counted
+        metric, and a gauge's own meter (``storage_bytes``)."""
+        wanted = set(limits)
+        found = {s.meter for m in self.metric_sources() if m.name in wanted for s in m.sources}
+        return found | {name for name in wanted if name in self.meter.specs}
+
     def publish_metric(self, metric: Metric) -> None:
         """Store ``metric`` with the next read of the stored metrics (see :meth:`read_metrics`)."""
         self._unpublished[metric.name] = metric

@@ -426,11 +426,11 @@ def metric_unit(meter: Any, metric: str) -> str:
         if defined.name != metric:
             continue
         for source in defined.sources:
-            found = meter.meters.get(source.meter)
+            found = meter.specs.get(source.meter)
             measure = found.measure(source.measure) if found is not None else None
             if source.meter != metric and measure is not None:
                 return str(measure.unit)
-    spec = meter.meters.get(metric)
+    spec = meter.specs.get(metric)
     own = spec.measure(metric) if spec is not None else None
     return str(own.unit) if own is not None else metric
 
@@ -446,14 +446,10 @@ def organization_meters(
     now = meter.now()
     start = now - now % DAY - (days - 1) * DAY
     _assignment, plan = meter.quotas.plan_of(org)
-    limited: set[str] = set()
-    if plan is not None:
-        for metric in meter.quotas.metric_sources():
-            if metric.name in plan.limits:
-                limited.update(s.meter for s in metric.sources)
+    limited = meter.quotas.meters_counted(plan.limits) if plan is not None else set()
     listed = []
     for name in kinds:
-        spec = meter.meters[name]
+        spec = meter.specs[name]
         used = any(
             value
             for _start, values in meter.totals(

@@ -112,7 +112,7 @@
     select.replaceChildren(...[used, rest].filter((g) => g.children.length));
   }
 
-  function unitOf(kind, measure) {
+  function measureOf(kind, measure) {
     const found = METERS.get(kind).measures.find((m) => m.name === measure);
     return found ? found : { unit: "", gauge: false };
   }
@@ -144,7 +144,7 @@
     if (names.includes(wanted)) select.value = wanted;
     else if (names.length) select.value = names.find((m) => /^input_tokens$|^num_/.test(m)) || names[0];
     const measure = select.value;
-    const { unit, gauge } = unitOf(kind, measure);
+    const { unit, gauge } = measureOf(kind, measure);
     const groups = new Map();
     buckets.forEach((b, i) => {
       for (const r of b.results) {
@@ -160,7 +160,7 @@
     $("usage-chart").parentElement.hidden = empty;
     total.textContent = "";
     total.removeAttribute("title");
-    for (const key of ["total", "latest", "gauge"]) delete total.dataset[key];
+    for (const key of ["total", "latest"]) delete total.dataset[key];
     if (empty) return;
     if (gauge) {
       // A level holds until its next reading: carried across buckets without one, never summed.
@@ -171,7 +171,6 @@
       total.textContent = `Now: ${amount(latest, unit)} of ${measure} (a level: charted as held over time, not summed)`;
       total.title = exact(latest, unit);
       total.dataset.latest = String(latest);
-      total.dataset.gauge = "true";
     } else {
       const sum = [...groups.values()].flat().reduce((a, b) => a + b, 0);
       total.textContent = `Total ${measure}: ${amount(sum, unit)}`;
