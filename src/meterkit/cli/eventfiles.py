@@ -218,8 +218,14 @@ def _dim(spec: MeterSpec | None, name: str, text: str, field: str) -> Any:
 
 # Bytes that are not UTF-8, as a reader opened with errors="surrogateescape" hands them on: a
 # line holding one is reported by its number, and the lines around it still read.
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")
-NOT_UTF8 = "is not UTF-8 text"
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]")
+_NOT_UTF8_TEXT = "is not UTF-8 text"
+
+
+def _not_utf8(text: str) -> re.Match[str] | None:
+    """Where ``text`` holds bytes that were not UTF-8 (an ASCII text, the common case,
+    cannot: the search is skipped)."""
+    return None if text.isascii() else _ESCAPED_BYTES.search(text)
 
 
 def _csv_events(
@@ -259,8 +265,8 @@ def _csv_events(
         line = reader.line_num
         if not any(cell.strip() for cell in row):
             continue
-        if any(_NOT_UTF8.search(cell) for cell in row):
-            yield line, BadRecord(line, NOT_UTF8)
+        if any(_not_utf8(cell) for cell in row):
+            yield line, BadRecord(line, _NOT_UTF8_TEXT)
             continue
         if len(row) != len(fields):
             yield line, BadRecord(line, f"has {len(row)} cells, the header {len(fields)}")
@@ -332,11 +338,9 @@ def _ndjson_events(handle: IO[str], strings: _Strings) -> Iterator[tuple[int, Ev
     """NDJSON without defaults to fill in: one tight loop for the common case, well-formed
     native events (the rest go the long way, for their messages)."""
     loads = json.loads
-    not_utf8 = _NOT_UTF8.search
     for line, text in enumerate(handle, 1):
-        # An ASCII line (the common case) cannot hold one: skip the search.
-        if not text.isascii() and not_utf8(text):
-            yield line, BadRecord(line, NOT_UTF8)
+        if _not_utf8(text):
+            yield line, BadRecord(line, _NOT_UTF8_TEXT)
             continue
         try:
             item = loads(text)
@@ -390,8 +394,8 @@ def _ndjson_items(handle: IO[str]) -> Iterator[tuple[int, Any]]:
     for line, text in enumerate(handle, 1):
         if not text.strip():
             continue
-        if _NOT_UTF8.search(text):
-            yield line, BadRecord(line, NOT_UTF8)
+        if _not_utf8(text):
+            yield line, BadRecord(line, _NOT_UTF8_TEXT)
             continue
         try:
             item = json.loads(text)
@@ -403,10 +407,11 @@ def _ndjson_items(handle: IO[str]) -> Iterator[tuple[int, Any]]:
 
 def _array_items(handle: IO[str]) -> Iterator[tuple[int, Any]]:
     text = handle.read()
-    if _NOT_UTF8.search(text):
+    bad = _not_utf8(text)
+    if bad is not None:
         # One document: it cannot be read around the bytes that are not UTF-8.
-        line = text.count("\n", 0, _NOT_UTF8.search(text).start()) + 1  # type: ignore[union-attr]
-        yield line, BadRecord(line, NOT_UTF8)
+        line = text.count("\n", 0, bad.start()) + 1
+        yield line, BadRecord(line, _NOT_UTF8_TEXT)
         return
     try:
         data = json.loads(text) if text.strip() else []
