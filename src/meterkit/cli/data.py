@@ -906,18 +906,15 @@ def top(
     if sort not in (*_TOP_FIXED, *names):
         raise BadInput(f"--sort: no column {sort!r} (known: {', '.join([*_TOP_FIXED, *names])})")
 
-    def key(line: overview.OrganizationLine) -> Any:
-        value = (
-            line.usage.get(sort)
-            if sort in names
-            else getattr(line, "organization_id" if sort == "organization" else sort)
-        )
-        return value is None, value  # unknowns last either way
+    def cell(line: overview.OrganizationLine) -> Any:
+        if sort in names:
+            return line.usage.get(sort)
+        return getattr(line, "organization_id" if sort == "organization" else sort)
 
     ranked = sorted(lines, key=lambda line: line.organization_id)
-    present = [line for line in ranked if key(line)[1] is not None]
-    absent = [line for line in ranked if key(line)[1] is None]
-    present.sort(key=lambda line: key(line)[1], reverse=not ascending)
+    present = [line for line in ranked if cell(line) is not None]
+    absent = [line for line in ranked if cell(line) is None]  # last either way
+    present.sort(key=cell, reverse=not ascending)
     ranked = (present + absent)[:limit]
     if fmt == "json":
         click.echo(
