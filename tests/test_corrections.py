@@ -160,7 +160,7 @@ def test_corrected_answers_equal_the_engine_over_the_corrected_events(
                 group_by=group_by,
                 limit=limit,
             )
-            page = m._rows(METER, query)
+            page = m.reader.rows(METER, query)
             assert_rows_match(page, engine.aggregate(METER, query, corrected), METER, width)
         # The quota counter of the meter's own metric, and spend, follow the corrections.
         assert m.quotas.used(org, "units", at=MONTH + 5 * DAY) == sum(

@@ -19,7 +19,6 @@ from meterkit import Meter, ValidationError
 from meterkit.costs import CostsPage, costs_page, unpriced
 from meterkit.periods import BillingCycle
 from meterkit.pricing import Price, PriceBook, Tier, load_book, save_price
-from meterkit.testing import store_rows
 
 DAY = 86400
 T0 = int(dt.datetime(2024, 11, 1, tzinfo=dt.timezone.utc).timestamp())
@@ -158,9 +157,7 @@ def query(m: Meter, **kw: Any) -> CostsPage:
     args.update(kw)
     book = load_book(m.store, m.meters)
     by_event = costs_page(m.store, m.meters, book, **args)
-    aggregated = costs_page(
-        m.store, m.meters, book, rows=lambda spec, q: store_rows(m.store, spec, q), **args
-    )
+    aggregated = costs_page(m.store, m.meters, book, reader=m.reader, **args)
     assert aggregated == by_event
     return aggregated
 

@@ -68,7 +68,7 @@ def run_group(meter: Meter, store: GatedStore, first: Any, rest: list[Any]) -> l
     for i, fn in enumerate(rest, 1):
         threads.append(threading.Thread(target=call, args=(i, fn)))
         threads[-1].start()
-    writer = meter._writer
+    writer = meter.recorder.writer
     for _ in range(3000):
         if queued(writer) == len(rest):
             break
@@ -169,11 +169,11 @@ def test_many_threads_recording_lose_nothing_and_count_nothing_twice(tmp_path: P
             )
             == 16 * 25
         )
-        assert meter._writer.writes <= 16 * 25 * 2
+        assert meter.recorder.writer.writes <= 16 * 25 * 2
 
 
 def test_a_bad_event_is_refused_before_it_joins_a_group() -> None:
     with Meter("memory://", clock=lambda: T0 + 3600) as meter:
         with pytest.raises(ValidationError):
             meter.record_many([event(0), Event("bad", "tokens", "org", T0, {"tokens": -1})])
-        assert meter._writer.writes == 0
+        assert meter.recorder.writer.writes == 0

@@ -189,7 +189,7 @@ def test_a_kill_after_the_events_commit_before_the_redis_counters_is_replayed(
         meter.store.ensure_meter(meter.spec("tokens"))
         assert len(list(meter.store.scan("tokens", "org", 0, T0 + 3600))) == 5
         assert len(meter.store.list_records(KIND)) == 1
-        meter._closed = True  # a dead process gives nothing back
+        meter.recorder.closed = True  # a dead process gives nothing back
     with apart.open() as meter:
         assert meter.quotas.used("org", "tokens") == 0  # nothing applied before a write or flush
         assert counter_differences(meter, "org") == {}
@@ -218,7 +218,7 @@ def test_changes_applied_but_not_cleared_before_a_kill_count_once(
         monkeypatch.undo()
         assert meter.quotas.used("org", "tokens") == 5000
         assert len(meter.store.list_records(KIND)) == 1
-        meter._closed = True  # a dead process gives nothing back
+        meter.recorder.closed = True  # a dead process gives nothing back
     with apart.open() as one, apart.open() as two:
         assert one.quotas.countlog is not None and two.quotas.countlog is not None
         ((key, data),) = one.store.list_records(KIND)
@@ -249,7 +249,7 @@ def test_a_kill_between_decisions_events_and_their_lease_report_leaves_the_rule_
         with pytest.raises(Killed):
             meter.flush()
         monkeypatch.undo()
-        meter._closed = True  # a dead process gives nothing back
+        meter.recorder.closed = True  # a dead process gives nothing back
     with apart.open(at=T0 + 3600 + 3600) as meter:  # the hold expired meanwhile
         meter.store.ensure_meter(meter.spec("tokens"))
         assert len(list(meter.store.scan("tokens", "org", 0, T0 + 7200))) == 10

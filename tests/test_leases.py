@@ -299,7 +299,11 @@ def test_a_forked_child_starts_without_its_parents_leases(open_shared: OpenShare
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through the pipe
-        ok = a.quotas.leases is not None and not a.quotas.leases.pending() and not a._queued
+        ok = (
+            a.quotas.leases is not None
+            and not a.quotas.leases.pending()
+            and not a.recorder.queued()
+        )
         os.write(write, b"1" if ok else b"0")
         os._exit(0)
     os.close(write)
@@ -464,7 +468,7 @@ def test_record_later_validates_now_and_writes_at_the_flush(open_shared: OpenSha
     with pytest.raises(ValidationError) as caught:
         m.record_later([good, bad])
     assert caught.value.field == "events[1].values.requests"
-    assert m._queued == [], "nothing of a bad batch is queued"
+    assert m.recorder.queued() == 0, "nothing of a bad batch is queued"
     m.record_later([good])
     day = T0 - T0 % 86400
 

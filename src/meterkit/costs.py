@@ -42,6 +42,7 @@ from meterkit.pricing import (
     tier_bounds,
     to_units,
 )
+from meterkit.query import UsageReader
 from meterkit.stores.base import Store
 from meterkit.validate import check_id, check_time, check_usage_query
 
@@ -253,14 +254,14 @@ def costs_page(
     page: str | None = None,
     secret: bytes | None = None,
     period_of: PeriodOf | None = None,
-    rows: RowsOf | None = None,
+    reader: UsageReader | None = None,
 ) -> CostsPage:
     """One page of daily costs, OpenAI semantics (see docs/costs.md).
 
     ``secret`` signs cursors (default: the store's); ``period_of`` gives the billing period
-    tiers count in (default: calendar months, UTC). With ``rows`` (``rows(spec, query)``: a
-    usage query's rows, as :meth:`meterkit.Meter` answers it from rollups) usage is priced in
-    aggregate, exactly as per event (see :func:`_aggregated`); without, every event is priced.
+    tiers count in (default: calendar months, UTC). With a ``reader`` (the usage queries of a
+    :class:`meterkit.Meter`, answered from rollups) usage is priced in aggregate, exactly as
+    per event (see :func:`_aggregated`); without, every event is priced.
     """
     query = check_costs_query(
         organization_id=organization_id,
@@ -298,7 +299,7 @@ def costs_page(
             events.extend(_integrated(spec, gauges, book, org, (low, high), wanted, store))
             if all(m.name in gauges for m in spec.measures if book.priced(meter, m.name)):
                 continue
-        if rows is None or any(
+        if reader is None or any(
             m.fractional
             for m in spec.measures
             if priceable(spec, m.name) and book.priced(meter, m.name)
@@ -308,7 +309,7 @@ def costs_page(
             events.extend(_without(gauges, scanned) if gauges else scanned)
             continue
         found = _aggregated(
-            spec, book, org, scan_low, scan_high, (low, high), wanted, period_of, rows, store
+            spec, book, org, scan_low, scan_high, (low, high), wanted, period_of, reader.rows, store
         )
         events.extend(_without(gauges, found) if gauges else found)
 

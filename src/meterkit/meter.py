@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
-import itertools
 import logging
 import os
-import random
-import threading
 import time as _time
-import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from types import MappingProxyType
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 import pluggy
@@ -23,51 +17,44 @@ import pluggy
 from meterkit import assets as assets_module
 from meterkit import corrections as corrections_module
 from meterkit import costs as costs_module
-from meterkit import engine, integrals, pricing, rollups, summaries
 from meterkit import lateness as lateness_module
+from meterkit import pricing, rollups, summaries
 from meterkit import retention as retention_module
 from meterkit import spend as spend_module
 from meterkit.catalog import builtin_meters
 from meterkit.config import load_config
-from meterkit.convert import openai_page
 from meterkit.costs import CostsPage, UnpricedUsage
-from meterkit.countlog import CountLog
-from meterkit.engine import rollup, timeweighted
 from meterkit.errors import (
-    EventConflict,
-    LateEventError,
     NotFound,
     StateConflict,
-    StoreConflict,
     StoreUnavailable,
     ValidationError,
 )
-from meterkit.idempotency import classify
 from meterkit.ids import new_id
 from meterkit.leases import DEFAULT_FLUSH_INTERVAL, check_timing
 from meterkit.leases import DEFAULT_TTL as DEFAULT_LEASE_TTL
-from meterkit.metrics import Metric, check_metric
+from meterkit.metrics import Metric
 from meterkit.models import (
-    NAME_RE,
     AppendResult,
     DimValue,
     Event,
-    Measure,
     MeterSpec,
     Number,
     UsagePage,
-    UsageQuery,
 )
 from meterkit.notify import AlertNotice, Notifier, Outbox
 from meterkit.periods import Period
 from meterkit.plans import Grant, OrgPlan, Plan
 from meterkit.plugins import get_plugin_manager, make_plugin_manager
 from meterkit.pricing import Price, PriceBook
+from meterkit.query import UsageReader
 from meterkit.quotas import Decision, Policy, Quotas, Reservation
+from meterkit.recorder import Recorder
 from meterkit.recovery import rebuild_counters
-from meterkit.stores.base import Capabilities, CounterStore, RollupStore, Store
-from meterkit.validate import check_event, check_id, check_time, check_usage_query
-from meterkit.writer import GroupWriter
+from meterkit.registry import Registry
+from meterkit.retention import Retention
+from meterkit.stores.base import Capabilities, CounterStore, Store
+from meterkit.validate import check_event, check_id, check_time
 
 __all__ = ["DEFAULT_URL", "Meter", "open_counters", "open_store"]
 
@@ -87,20 +74,6 @@ def _flush_at_exit() -> None:
             meter.close()
         except Exception:  # pragma: no cover - reported, the other meters still close
             logger.exception("meterkit: closing %s at exit failed", meter.url)
-
-
-def _forget_queue_after_fork() -> None:
-    # The queue and the flusher thread belong to the parent, which writes what it queued.
-    for meter in list(_open_meters):
-        meter._queued = []
-        meter._queued_uncounted = []
-        meter._deferred = []
-        meter._flusher = None
-        meter._flush_lock = threading.Lock()
-        meter._queue_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_queue_after_fork)
 
 
 def open_store(url: str, pm: pluggy.PluginManager | None = None) -> Store:
@@ -189,7 +162,6 @@ class Meter:
         self.max_future_skew = max_future_skew
         self.lateness: int | None = lateness_module.parse_lateness(lateness)
         """Seconds an event may lie before the clock (``None``: any): :mod:`meterkit.lateness`."""
-        self._closes: tuple[float, dict[str, int]] | None = None
         if retention is not None and not isinstance(retention, Mapping):
             raise ValidationError("retention", "must map meter names to days")
         wanted_retention = {
@@ -213,41 +185,44 @@ class Meter:
             if isinstance(counters, str)
             else counters
         )
-        self._lock = threading.Lock()
-        self._tx = threading.local()
-        # Concurrent record() / record_many() calls share one store transaction each time.
-        self._writer = GroupWriter(
-            self._append_and_count,
-            lambda meter, org, ids: self.store.get_events(meter, org, ids),
-        )
-        self._metrics: dict[str, Metric] = {}
-        self._specs = builtin_meters()
+        self.registry = Registry(self.store)
+        """The meters and plan metrics this meter knows."""
         # Live read-only views of both, for what composes this meter (no copy per read).
-        self.specs: Mapping[str, MeterSpec] = MappingProxyType(self._specs)
-        self.metric_definitions: Mapping[str, Metric] = MappingProxyType(self._metrics)
-        self._ready: set[str] = set()
+        self.specs: Mapping[str, MeterSpec] = self.registry.specs
+        self.metric_definitions: Mapping[str, Metric] = self.registry.metrics
+        self.retention_days = Retention(self.store, wanted_retention)
+        """Days of raw events kept per meter, as stored (read when first needed)."""
+        self.recorder = Recorder(
+            self.store,
+            self.registry,
+            self.retention_days,
+            clock=self.clock,
+            capabilities=self.capabilities,
+            max_future_skew=max_future_skew,
+            lateness=self.lateness,
+            flush_interval=self.flush_interval,
+            recorded=self._recorded,
+        )
+        """The write path: validation, group commit, the queue and its flush."""
+        self.reader = UsageReader(
+            self.store, self.registry, self.retention_days, clock=self.clock, sync=self.sync
+        )
+        """The read path: usage queries over rollups or events."""
         for group in self.pm.hook.meterkit_register_meters():
             for spec in group or ():
                 self.register(spec)
         for spec in meters:
             self.register(spec)
-        # Decisions' debit events (counted already) and events still to count wait here for
-        # the next flush (see flush()).
-        self._queued: list[Event] = []
-        self._queued_uncounted: list[Event] = []
-        self._deferred: list[Callable[[], object]] = []
-        self._queue_lock = threading.Lock()
-        self._flush_lock = threading.Lock()
-        self._flushing = 0  # the thread flushing now (while _flush_lock is held)
-        self._flusher: threading.Thread | None = None
-        self._wake = threading.Event()
-        self._closed = False
         self.outbox = Outbox(
             notifiers, store=self.store, counters=self.counters, clock=lambda: self.now()
         )
         """Spend alert notices on their way to ``notifiers`` (see :mod:`meterkit.notify`)."""
         self.quotas = Quotas(
-            self,
+            self.recorder,
+            self.registry,
+            self.counters,
+            threshold_reached=self._threshold_reached,
+            spend_alert_fired=self._spend_alert,
             policy=policy,
             thresholds=thresholds,
             default_plan=default_plan,
@@ -259,12 +234,9 @@ class Meter:
             self.define_metric(metric)
         self.outbox.start()  # notices a process left undelivered are swept up here too
         for name in wanted_retention:
-            if store is None and name not in self._specs:
+            if store is None and name not in self.specs:
                 self.store.close()
             self.spec(name, f"retention.{name}")
-        # Read from the store when first needed: opening a Meter sends nothing to it.
-        self._wanted_retention = wanted_retention
-        self._retention_known: dict[str, int] | None = None
         _open_meters.add(self)
 
     @classmethod
@@ -304,24 +276,7 @@ class Meter:
 
     def register(self, spec: MeterSpec) -> MeterSpec:
         """Add an application meter. Re-registering the same spec is a no-op."""
-        if not isinstance(spec, MeterSpec):
-            raise ValidationError("spec", "must be a MeterSpec")
-        with self._lock:
-            known = self._specs.get(spec.name)
-            if known is not None and known != spec and spec.name in self._ready:
-                # A store may already hold this meter's events: it can grow, not change shape.
-                missing = set(known.measure_names) - set(spec.measure_names)
-                missing |= set(known.dimension_names) - set(spec.dimension_names)
-                if missing:
-                    raise ValidationError(
-                        "spec", f"cannot drop {sorted(missing)} from {spec.name!r}"
-                    )
-                self._ready.discard(spec.name)
-            self._specs[spec.name] = spec
-        quotas: Quotas | None = getattr(self, "quotas", None)
-        if quotas is not None:
-            quotas.forget()  # compiled limits know which metrics are gauges
-        return spec
+        return self.registry.register(spec)
 
     def define_metric(self, metric: Metric) -> Metric:
         """Define what a plan metric counts (see :mod:`meterkit.metrics`): its own meter's
@@ -331,7 +286,7 @@ class Meter:
         The definition is stored with this meter's first use of the store (as for
         ``Meter(metrics=[...])``), so every :class:`Meter` on the store counts it within
         ``cache_seconds``; :meth:`set_metric` stores it at once."""
-        self._define_metric(metric)
+        self.registry.define_metric(metric)
         self.quotas.publish_metric(metric)
         return metric
 
@@ -341,69 +296,38 @@ class Meter:
         A new or changed definition also rebuilds the metric's counters of the current period
         from the events, for every organization assigned a plan, so a quota counts the usage
         the period already holds."""
-        self._define_metric(metric)
+        self.registry.define_metric(metric)
         if self.quotas.store_metric(metric):
             rebuild_counters(self, metrics=[metric.name])
-        return metric
-
-    def _define_metric(self, metric: Metric) -> Metric:
-        if not isinstance(metric, Metric):
-            raise ValidationError("metric", "must be a meterkit.Metric")
-        if not isinstance(metric.name, str) or not NAME_RE.match(metric.name):
-            raise ValidationError("metric.name", f"must match {NAME_RE.pattern}")
-        if metric.name not in self._specs:
-            self.register(MeterSpec(metric.name, (Measure(metric.name),)))
-        check_metric(metric, self._specs)
-        self._metrics[metric.name] = metric
-        self.quotas.forget()
         return metric
 
     def defined_metrics(self) -> list[Metric]:
         """Every plan metric defined here or stored by any process, by name."""
         self.quotas.read_metrics()
-        return [self._metrics[name] for name in sorted(self._metrics)]
+        metrics = self.registry.metrics
+        return [metrics[name] for name in sorted(metrics)]
 
     @property
     def meters(self) -> Mapping[str, MeterSpec]:
-        return dict(self._specs)
+        return dict(self.registry.specs)
 
     def spec(self, name: object, field: str = "meter") -> MeterSpec:
-        spec = self._specs.get(name) if isinstance(name, str) else None
-        if spec is None:
-            raise ValidationError(field, f"unknown meter {name!r}")
-        return spec
-
-    def _ensure(self, spec: MeterSpec) -> None:
-        # Every time: the store remembers what it created, and forgets it if the transaction
-        # that created it rolled back.
-        self.store.ensure_meter(spec)
-        self._ready.add(spec.name)
+        return self.registry.spec(name, field)
 
     def __repr__(self) -> str:
         builtin = set(builtin_meters())
-        own = sorted(n for n in self._specs if n not in builtin)
-        parts = [repr(self.url), f"meters={len(self._specs)}"]
+        own = sorted(n for n in self.specs if n not in builtin)
+        parts = [repr(self.url), f"meters={len(self.specs)}"]
         if own:
             parts.append(f"own meters={own}")
         if self.counters is not self.store:
             parts.append(f"counters={self.counters.url!r}")
         if self.lateness is not None:
             parts.append(f"lateness={self.lateness}")
-        return f"<Meter {' '.join(parts)}{' closed' if self._closed else ''}>"
+        return f"<Meter {' '.join(parts)}{' closed' if self.recorder.closed else ''}>"
 
     def now(self) -> int:
         return int(self.clock())
-
-    def _end_now(self, start_time: Any) -> int:
-        """The default ``end_time``: the end of the current second, so what was recorded just
-        now is counted; once ``start_time`` is known to lie before it (a start in the future is
-        the start's fault, not that of an end nobody gave)."""
-        end = self.now() + 1
-        if check_time("start_time", start_time) >= end:
-            raise ValidationError(
-                "start_time", f"must not be after now ({end - 1}) when no end_time is given"
-            )
-        return end
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -422,18 +346,14 @@ class Meter:
         The same ``id`` for the same organization and meter with *other* data (time, values or
         dimensions) raises :class:`~meterkit.errors.EventConflict`; the stored event is kept.
         """
-        event = Event(
-            id=id if id is not None else f"evt_{uuid.uuid4().hex}",
-            meter=meter,
+        return self.recorder.record(
+            meter,
+            values,
             organization_id=organization_id,
-            time=time if time is not None else self.now(),
-            values=values,
-            dimensions=dimensions if dimensions is not None else {},
+            time=time,
+            id=id,
+            dimensions=dimensions,
         )
-        result = self._append([event], single=True)
-        if result.conflicts:
-            raise EventConflict("id", result.conflicts)
-        return result.accepted == 1
 
     def record_many(self, events: Iterable[Event]) -> AppendResult:
         """Record a batch in one transaction: all of it, or (on any invalid event) none.
@@ -442,9 +362,7 @@ class Meter:
         with other data are listed in ``conflicts`` (they change nothing and the rest of the
         batch is stored). ``statuses`` gives each event's outcome in order.
         """
-        if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
-            raise ValidationError("events", "must be a list of Event")
-        return self._append(list(events), single=False)
+        return self.recorder.record_many(events)
 
     def record_later(self, events: Iterable[Event], *, wait: bool = True) -> None:
         """Validate ``events`` now and queue them for the next flush, without waiting.
@@ -456,78 +374,13 @@ class Meter:
         idempotent: queuing an event already stored changes nothing. ``wait=False`` never
         writes on this thread, even when the queue is full (an event loop's thread).
         """
-        if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
-            raise ValidationError("events", "must be a list of Event")
-        checked = self._checked(list(events), single=False)
-        if checked:
-            self._queue(checked, wait=wait, counted=False)
-
-    def _append(self, events: Sequence[Event], *, single: bool) -> AppendResult:
-        checked = self._checked(events, single=single)
-        if not checked:
-            return AppendResult(0, 0)
-        return self._stored(checked)
+        self.recorder.record_later(events, wait=wait)
 
     def invalid_events(self, events: Sequence[Event]) -> list[tuple[int, ValidationError]]:
         """Each event ``record_many`` would refuse, by its index, with its error (the field
         named ``events[i]...``); nothing is stored. For a caller that reports every bad event
         of a batch, not only the first."""
-        found = []
-        for i, event in enumerate(events):
-            try:
-                self._checked([event], single=False)
-            except ValidationError as exc:
-                field = exc.field.replace("events[0]", f"events[{i}]", 1)
-                found.append((i, ValidationError(field, exc.message)))
-        return found
-
-    def _checked(self, events: Sequence[Event], *, single: bool) -> list[Event]:
-        """Every event validated against its meter and the clock, or a ValidationError."""
-        checked = []
-        now = self.now() if events else 0
-        latest = None if self.max_future_skew is None else now + self.max_future_skew
-        kept = self._retention if events else {}
-        closed = self._closed_periods() if events else {}
-        earliest = None if self.lateness is None else now - self.lateness
-        for i, event in enumerate(events):
-            field = "event" if single else f"events[{i}]"
-            if not isinstance(event, Event):
-                raise ValidationError(field, "must be a meterkit.Event")
-            spec = self.spec(event.meter, f"{field}.meter")
-            if event.time is None:
-                event = attrs.evolve(event, time=now)
-            event = check_event(spec, event, field)
-            if kept:
-                retention_module.check_kept(
-                    f"{field}.time",
-                    spec.name,
-                    kept.get(spec.name),
-                    now,
-                    event.time,
-                    "is",
-                    "; an older event could repeat one already dropped and be counted twice",
-                )
-            if latest is not None and event.time > latest:
-                raise ValidationError(
-                    f"{field}.time",
-                    f"is {event.time - now} s ahead of the clock; at most "
-                    f"{self.max_future_skew} s is accepted (max_future_skew)",
-                )
-            if earliest is not None and event.time < earliest:
-                assert self.lateness is not None
-                raise LateEventError(
-                    f"{field}.time",
-                    f"is {now - event.time} s late; at most {self.lateness} s is accepted "
-                    "(lateness)",
-                    lateness=self.lateness,
-                    accepted_from=earliest,
-                )
-            if closed:
-                lateness_module.check_open(
-                    f"{field}.time", closed, event.organization_id, event.time, "falls"
-                )
-            checked.append(event)
-        return checked
+        return self.recorder.invalid_events(events)
 
     # -- closed periods (see meterkit.lateness) -------------------------------------------------
 
@@ -535,140 +388,17 @@ class Meter:
         """Make usage before ``before`` final for the organization (``None``: every one):
         later events stamped before it are refused with :class:`~meterkit.PeriodClosed`.
         A close only moves forward; returns the time now closed before."""
-        key = (
-            lateness_module.ALL
-            if organization_id is None
-            else check_id("organization_id", organization_id)
-        )
-        when = check_time("before", before)
-        if when > self.now():
-            raise ValidationError("before", "must not be in the future: usage there is not final")
-        known = self.store.get_record(lateness_module.RECORD, key)
-        if known is not None and int(known["before"]) >= when:
-            return int(known["before"])
-        self.store.put_record(lateness_module.RECORD, key, {"before": when})
-        self._closes = None
-        return when
+        return self.recorder.close_period(organization_id, before)
 
     def closed_before(self, organization_id: str) -> int:
         """The time before which the organization's usage is closed (0: none is)."""
-        self._closes = None
         return lateness_module.closed_before(
-            self._closed_periods(), check_id("organization_id", organization_id)
+            self.recorder.closed_periods(fresh=True), check_id("organization_id", organization_id)
         )
-
-    def _closed_periods(self) -> dict[str, int]:
-        """The store's closes, read again at most every second (another process may close)."""
-        hit = self._closes
-        now = _time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        found = lateness_module.closed_map(self.store.list_records(lateness_module.RECORD))
-        self._closes = (now + self.quotas.cache_seconds, found)
-        return found
-
-    def _record_counted(self, events: Sequence[Event]) -> None:
-        """Record a decision's debit events: their units are counted already."""
-        self._stored(self._checked(events, single=False), counted=True)
-
-    def _atomic_writes(self) -> Callable[[], contextlib.AbstractContextManager[None]] | None:
-        """How to make events and the counter changes they cause commit together: the store's
-        transaction (SQLite, memory; PostgreSQL's atomic_writes), with the counters in it or,
-        where they are apart (Redis), with their changes logged in it and applied after it
-        commits (:mod:`meterkit.countlog`)."""
-        return self._logged(self.capabilities.transaction or self.capabilities.atomic_writes)
-
-    def _logged(self, begin: Any) -> Callable[[], contextlib.AbstractContextManager[None]] | None:
-        """``begin`` (a store's transaction, or ``None``), with the counter changes made in it
-        logged and applied after it commits where the counters are apart from the events."""
-        log = self.quotas.countlog
-        if begin is not None and log is not None:
-            begin = functools.partial(log.around, begin)
-        return cast("Callable[[], contextlib.AbstractContextManager[None]] | None", begin)
-
-    @contextlib.contextmanager
-    def _writes(self) -> Iterator[None]:
-        """A :meth:`transaction` in which events and their counter changes commit together."""
-        begin = self._atomic_writes()
-        with self.transaction(), begin() if begin is not None else contextlib.nullcontext():
-            yield
-
-    def _append_and_count(self, events: Sequence[Event]) -> list[Event]:
-        """The group writer's write: the new events, and their usage counted, in one store
-        transaction where the store has them (run again, whole, when the store aborted it as
-        a deadlock victim)."""
-        begin = self._atomic_writes()
-        if self.quotas.countlog is not None:
-            # What a killed writer left, before this process counts anew.
-            self.quotas.countlog.replay_if_due()
-        for attempt in itertools.count():
-            try:
-                with (
-                    self.quotas.absorbing(),
-                    begin() if begin is not None else contextlib.nullcontext(),
-                ):
-                    new = self.store.append(events)
-                    self._count(new)
-                return new
-            except StoreConflict:
-                if attempt >= 5:
-                    raise
-                _time.sleep(random.uniform(0, 0.01 * 2**attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _count(self, new: Sequence[Event]) -> None:
-        """Count newly stored events in the quota counters.
-
-        Inside :meth:`_atomic_writes` the changes commit with the events (logged there, where
-        the counters are apart). Outside one (a store without transactions), the events are
-        durable once appended, whatever happens to counting them: a failure of the counters
-        is logged, not raised, so the events stay acknowledged and are never stored "again"
-        as duplicates; :func:`~meterkit.recovery.rebuild_counters` counts them.
-        """
-        if not new:
-            return
-        if self._atomic_writes() is not None:
-            # In the store's transaction: a failure undoes the append.
-            self.quotas.feed(new)
-            return
-        try:
-            self.quotas.feed(new)
-        except StoreUnavailable:
-            logger.warning(
-                "meterkit: %d events stored but not counted in the quota counters "
-                "(unavailable); recovery.rebuild_counters counts them",
-                len(new),
-            )
-
-    def _stored(self, checked: list[Event], *, counted: bool = False) -> AppendResult:
-        """Store validated events (grouped with other callers') and tell the observers."""
-        self._ensure_meters_of(checked)
-        if getattr(self._tx, "depth", 0) or counted:
-            # Inside a transaction the events commit with the rest of it, not in a group (a
-            # decision's debits are written in the decision's own transaction).
-            new = self.store.append(checked)
-            if not counted:
-                self._count(new)
-            result = classify(checked, new, self.store.get_events)
-        else:
-            result, new = self._writer.append(checked)
-        self._tell_recorded(new)
-        return result
-
-    def _ensure_meters_of(self, events: Sequence[Event]) -> None:
-        for name in {e.meter for e in events}:
-            self._ensure(self._specs[name])
-
-    def _tell_recorded(self, new: Sequence[Event]) -> None:
-        """The ``meterkit_events_recorded`` hook, after the current transaction commits."""
-        if new:
-            recorded = tuple(new)
-            self.notify(lambda: self.pm.hook.meterkit_events_recorded(meter=self, events=recorded))
 
     # -- transactions -------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
         """Make the writes inside one store transaction, where the store can (SQLite, memory).
 
         Recording, quota debits and settles inside either all happen or (on an exception)
@@ -677,32 +407,11 @@ class Meter:
         transactions across calls (PostgreSQL, whose calls are each atomic) run the writes one
         by one.
         """
-        state = self._tx
-        depth: int = getattr(state, "depth", 0)
-        if depth == 0:
-            state.pending = []
-        state.depth = depth + 1
-        committed = False
-        try:
-            begin = self._logged(self.capabilities.transaction)
-            with begin() if begin is not None else contextlib.nullcontext():
-                yield
-            committed = True
-        finally:
-            state.depth = depth
-            pending: list[Callable[[], object]] = state.pending if depth == 0 else []
-            if depth == 0:
-                state.pending = []
-        if committed:
-            for call in pending:
-                call()
+        return self.recorder.transaction()
 
     def notify(self, call: Callable[[], object]) -> None:
         """Run an observer call now, or after the current transaction commits."""
-        if getattr(self._tx, "depth", 0):
-            self._tx.pending.append(call)
-        else:
-            call()
+        self.recorder.notify(call)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -720,18 +429,18 @@ class Meter:
         page: str | None = None,
     ) -> UsagePage:
         """One page of buckets: OpenAI usage semantics (see docs/python-api.md)."""
-        spec, query, secret = self._usage_query(
+        spec, query, secret = self.reader.query(
             meter,
-            organization_id,
-            start_time,
-            end_time,
-            bucket_width,
-            group_by,
-            filters,
-            limit,
-            page,
+            organization_id=organization_id,
+            start_time=start_time,
+            end_time=end_time,
+            bucket_width=bucket_width,
+            group_by=group_by,
+            filters=filters,
+            limit=limit,
+            page=page,
         )
-        return engine.build_page(spec, query, self._rows(spec, query), secret)
+        return self.reader.page(spec, query, secret)
 
     def usage_dict(
         self,
@@ -748,84 +457,18 @@ class Meter:
     ) -> dict[str, object]:
         """:meth:`usage` as its OpenAI JSON page (``usage(...).to_dict()``), built straight
         from the store's rows: no object per row. What the HTTP API serves."""
-        spec, query, secret = self._usage_query(
+        spec, query, secret = self.reader.query(
             meter,
-            organization_id,
-            start_time,
-            end_time,
-            bucket_width,
-            group_by,
-            filters,
-            limit,
-            page,
-        )
-        rows = self._rows(spec, query)
-        kind, width = spec.result_object, query.width
-        cursor = engine.next_cursor(query, secret)
-        return openai_page(
-            (
-                (start, start + width, ((kind, group, values) for group, values in found))
-                for start, found in engine.page_rows(spec, query, rows)
-            ),
-            cursor is not None,
-            cursor,
-        )
-
-    def _usage_query(
-        self,
-        meter: str,
-        organization_id: str,
-        start_time: Any,
-        end_time: Any,
-        bucket_width: str,
-        group_by: Iterable[str] | None,
-        filters: Mapping[str, Iterable[DimValue]] | None,
-        limit: int | None,
-        page: str | None,
-    ) -> tuple[MeterSpec, UsageQuery, bytes]:
-        spec = self.spec(meter)
-        query = check_usage_query(
-            spec,
             organization_id=organization_id,
             start_time=start_time,
-            end_time=end_time if end_time is not None else self._end_now(start_time),
+            end_time=end_time,
             bucket_width=bucket_width,
             group_by=group_by,
             filters=filters,
             limit=limit,
+            page=page,
         )
-        secret = self.store.secret()
-        if page is not None:
-            query = attrs.evolve(query, page_start=engine.decode_cursor(secret, query, page))
-        return spec, query, secret
-
-    def _rows(self, spec: MeterSpec, query: UsageQuery) -> engine.Rows:
-        """The store's native answer, or the engine's over a scan when it has none."""
-        self.sync()
-        self._ensure(spec)
-        days = self._retention.get(spec.name)
-        if days is not None:
-            retention_module.check_query(
-                spec.name,
-                days,
-                self.now(),
-                query.scan_start,
-                query.page_end,
-                query.width,
-                rolled=isinstance(self.store, RollupStore) and rollup.rollable(spec),
-            )
-        if timeweighted.names(spec):
-            retention_module.check_scan("start_time", spec.name, days, self.now(), query.scan_start)
-            return integrals.time_weighted_rows(self.store, spec, query)
-        rows = self.store.aggregate(spec, query)
-        if rows is None:
-            # Whatever the store says it keeps, a scan must not start where events are gone.
-            retention_module.check_scan("start_time", spec.name, days, self.now(), query.scan_start)
-            events = self.store.scan(
-                spec.name, query.organization_id, query.scan_start, query.page_end
-            )
-            rows = engine.aggregate(spec, query, events)
-        return rows
+        return self.reader.page_dict(spec, query, secret)
 
     def totals(
         self,
@@ -840,43 +483,35 @@ class Meter:
 
         Unlike :meth:`usage` there is no page limit: summaries over a month or a year use it.
         """
-        spec = self.spec(meter)
-        query = check_usage_query(
-            spec,
+        return self.reader.totals(
+            meter,
             organization_id=organization_id,
             start_time=start_time,
             end_time=end_time,
             bucket_width=bucket_width,
-            group_by=(),
-            filters=None,
-            limit=None,
         )
-        count = -(-(query.end_time - query.page_start) // query.width)
-        query = attrs.evolve(query, limit=max(count, 1))
-        rows = self._rows(spec, query)
-        return sorted((start, values) for (start, _group), values in rows.items())
 
     def total(
         self, meter: str, measure: str, *, organization_id: str, start_time: int, end_time: int
     ) -> Number:
         """The sum of a counter measure over ``[start_time, end_time)``."""
-        spec = self.spec(meter)
-        if spec.measure(measure) is None:
-            raise ValidationError("measure", f"meter {meter!r} has no measure {measure!r}")
-        rows = self.totals(
-            meter, organization_id=organization_id, start_time=start_time, end_time=end_time
+        return self.reader.total(
+            meter,
+            measure,
+            organization_id=organization_id,
+            start_time=start_time,
+            end_time=end_time,
         )
-        return sum((v.get(measure) or 0) for _, v in rows)
 
     # -- prices and costs (see meterkit.pricing, meterkit.costs) -------------------------------
 
     def set_price(self, price: Price | Mapping[str, Any]) -> Price:
         """Add or replace a price version (kept by the store)."""
         if isinstance(price, Mapping):
-            price = pricing.price_from_dict(price, self._specs)
+            price = pricing.price_from_dict(price, self.specs)
         self.flush()  # what was recorded at the old prices is in the events
         before = self._book()  # as stored now, not as cached
-        saved = pricing.save_price(self.store, price, specs=self._specs)
+        saved = pricing.save_price(self.store, price, specs=self.specs)
         self.quotas.forget()  # spend is counted at the new prices from now on
         # and this month's events so far are repriced, so spend keeps equal to the costs.
         self.quotas.reprice(before, saved.meter)
@@ -885,11 +520,11 @@ class Meter:
     def prices(self) -> PriceBook:
         """The price book as stored now (without the built-in ``charges`` line that bills
         spend given in dollars; see :data:`meterkit.pricing.CHARGES`)."""
-        return pricing.load_book(self.store, self._specs)
+        return pricing.load_book(self.store, self.specs)
 
     def _book(self) -> PriceBook:
         """The price book costs are billed by: the stored prices and the built-in lines."""
-        return pricing.load_book(self.store, self._specs, builtin=True)
+        return pricing.load_book(self.store, self.specs, builtin=True)
 
     def costs(
         self,
@@ -906,19 +541,19 @@ class Meter:
         """One page of daily costs: OpenAI costs semantics, exact Decimal amounts."""
         self.sync()
         return costs_module.costs_page(
-            self._retained_store(),
-            self._specs,
+            self.reader.retained_store(),
+            self.specs,
             self._book(),
             organization_id=organization_id,
             start_time=start_time,
-            end_time=end_time if end_time is not None else self._end_now(start_time),
+            end_time=end_time if end_time is not None else self.reader.end_now(start_time),
             bucket_width=bucket_width,
             group_by=group_by,
             filters=filters,
             limit=limit,
             page=page,
             period_of=self._period_of(organization_id),
-            rows=self._rows,
+            reader=self.reader,
         )
 
     def unpriced(
@@ -932,8 +567,8 @@ class Meter:
         """Usage no price matched: listed, never silently costed at zero."""
         self.sync()
         return costs_module.unpriced(
-            self._retained_store(),
-            self._specs,
+            self.reader.retained_store(),
+            self.specs,
             self._book(),
             organization_id=organization_id,
             start_time=start_time,
@@ -1197,55 +832,22 @@ class Meter:
     @property
     def retention(self) -> Mapping[str, int]:
         """Days of raw events kept, per meter that has a retention."""
-        return dict(self._retention)
-
-    @property
-    def _retention(self) -> dict[str, int]:
-        known = self._retention_known
-        if known is None:
-            with self._lock:
-                known = self._retention_known
-                if known is None:
-                    known = retention_module.from_records(
-                        self.store.list_records(retention_module.RECORD)
-                    )
-                    for name, days in self._wanted_retention.items():
-                        self._keep(known, name, days)
-                    self._retention_known = known
-        return known
-
-    def _keep(self, known: dict[str, int], name: str, days: int | None) -> None:
-        """Store ``name``'s retention where it differs from ``known``, and note it there."""
-        if known.get(name) == days:
-            return
-        if days is None:
-            self.store.delete_record(retention_module.RECORD, name)
-            known.pop(name, None)
-        else:
-            self.store.put_record(retention_module.RECORD, name, {"days": days})
-            known[name] = days
+        return dict(self.retention_days.days)
 
     def set_retention(self, meter: str, days: Any) -> int | None:
         """Keep ``meter``'s raw events for ``days`` whole days (``90``, ``"90d"``); ``None``
         keeps them all. Kept by the store, so every process opened after this knows it."""
         spec = self.spec(meter, f"retention.{meter}" if isinstance(meter, str) else "meter")
         parsed = retention_module.parse_retention(days, f"retention.{spec.name}")
-        known = self._retention
-        with self._lock:
-            self._keep(known, spec.name, parsed)
+        self.retention_days.set(spec.name, parsed)
         return parsed
 
     def prune(self, meters: Iterable[str] | str | None = None) -> dict[str, int]:
         """Drop the raw events (and minute rollups) that ``meters`` (default: every meter with
         a retention) no longer keep; the events dropped per meter. Hour and day rollups stay.
         """
-        return rollups.prune(self, meters, sorted(self._retention), self._retention)
-
-    def _retained_store(self) -> Store:
-        """The store, its scans refused where they would need dropped raw events."""
-        if not self._retention:
-            return self.store
-        return cast(Store, _RetainedStore(self.store, self._retention, self.now()))
+        days = self.retention_days.days
+        return rollups.prune(self, meters, sorted(days), days)
 
     # -- rollups (see meterkit.rollups) -------------------------------------------------------
 
@@ -1255,12 +857,12 @@ class Meter:
         """Fold the rollups of ``meters`` (default: every meter) anew from their events, each
         meter atomically; ``progress(meter, events_read)`` as it goes. Events read per meter;
         ``{}`` when the store keeps no rollups."""
-        return rollups.rebuild(self, meters, sorted(self._specs), progress)
+        return rollups.rebuild(self, meters, sorted(self.specs), progress)
 
     def verify_rollups(self, meters: Iterable[str] | str | None = None) -> list[str]:
         """Every difference between the stored rollups of ``meters`` (default: every meter)
         and what their events give, one line each: ``[]`` when they agree. Changes nothing."""
-        return rollups.verify(self, meters, sorted(self._specs))
+        return rollups.verify(self, meters, sorted(self.specs))
 
     # -- summaries (see meterkit.summaries) ---------------------------------------------------
 
@@ -1368,7 +970,7 @@ class Meter:
         replace = self.capabilities.replace_event
         if replace is None:
             raise ValidationError("meter", f"the store {self.url} cannot correct events")
-        self._ensure(spec)
+        self.registry.ensure(spec)
         self.flush()  # events queued here are in the store first
         found = self.store.get_events(spec.name, org, [eid])
         if not found:
@@ -1394,10 +996,16 @@ class Meter:
             if new.values == old.values and new.dimensions == old.dimensions:
                 raise StateConflict("values", "the amendment changes nothing")
         now = self.now()
-        self._closes = None  # a close made elsewhere a moment ago counts
-        lateness_module.check_open("event_id", self._closed_periods(), org, old.time, f"{eid!r} is")
+        # A close made elsewhere a moment ago counts.
+        closed = self.recorder.closed_periods(fresh=True)
+        lateness_module.check_open("event_id", closed, org, old.time, f"{eid!r} is")
         retention_module.check_kept(
-            "event_id", spec.name, self._retention.get(spec.name), now, old.time, f"{eid!r} is"
+            "event_id",
+            spec.name,
+            self.retention_days.days.get(spec.name),
+            now,
+            old.time,
+            f"{eid!r} is",
         )
         correction = corrections_module.Correction(
             new_id("corr"),
@@ -1411,7 +1019,7 @@ class Meter:
             corrections_module.event_dict(old),
             corrections_module.event_dict(new),
         )
-        with self._writes():
+        with self.recorder.writes():
             replaced = replace(spec, new)
             if replaced is None:
                 raise ValidationError("event_id", f"no event {eid!r} of meter {spec.name!r}")
@@ -1425,14 +1033,10 @@ class Meter:
 
     def close(self) -> None:
         """Give back leased quota, write queued debit events, then release the store."""
-        if self._closed:
+        if self.recorder.closed:
             return
-        self._closed = True
         _open_meters.discard(self)
-        self._wake.set()
-        flusher = self._flusher
-        if flusher is not None and flusher is not threading.current_thread():
-            flusher.join(timeout=max(5.0, 10 * self.flush_interval))
+        self.recorder.close()
         try:
             self.flush(release_leases=True)
         except StoreUnavailable as exc:
@@ -1455,210 +1059,23 @@ class Meter:
         the next step must see every decision made so far (queries do, for this meter).
         ``release_leases`` also gives back every unused lease (held reservations stay).
         """
-        with self._flush_lock:
-            self._flushing = threading.get_ident()
-            with self._queue_lock:
-                deferred, self._deferred = self._deferred, []
-            for i, call in enumerate(deferred):
-                try:
-                    call()
-                except StoreUnavailable:
-                    with self._queue_lock:  # kept, in order, for the next flush
-                        self._deferred[:0] = deferred[i:]
-                    raise
-                except Exception:
-                    logger.exception("meterkit: deferred store call failed")
-            log = self.quotas.countlog
-            if log is not None:
-                log.replay_if_due()
-            leases = self.quotas.leases
-            if log is not None and log.behind and leases is not None and leases.pending():
-                # A lease report must not run before the changes logged ahead of it.
-                raise StoreUnavailable("counters unavailable: logged changes wait to be applied")
-            reporting = leases is not None and (
-                leases.pending() or (release_leases and leases.holding())
-            )
-            # The report in the events' transaction where the counters are in the store.
-            begin = self._atomic_writes() if self.counters is self.store else None
-            if reporting and begin is not None:
-                assert leases is not None
-                self._report_and_write(leases, begin, release_leases)
-                return
-            if reporting and log is not None:
-                assert leases is not None
-                self._write_then_report(leases, log, release_leases)
-                return
-            if reporting:
-                assert leases is not None
-                leases.report(self.now(), closing=release_leases)
-            counted, uncounted = self._take_queue()
-            if counted or uncounted:
-                try:
-                    self._write_queued(counted, uncounted)
-                except BaseException:
-                    self._requeue(counted, uncounted)
-                    raise
-
-    def _take_queue(self) -> tuple[list[Event], list[Event]]:
-        """The queued events (decisions' counted debits, and events still to count)."""
-        with self._queue_lock:
-            counted, self._queued = self._queued, []
-            uncounted, self._queued_uncounted = self._queued_uncounted, []
-        return counted, uncounted
-
-    def _requeue(self, counted: list[Event], uncounted: list[Event]) -> None:
-        """Put events a failed flush took back in front, in order, for the next one."""
-        with self._queue_lock:
-            self._queued[:0] = counted
-            self._queued_uncounted[:0] = uncounted
-
-    def _report_and_write(
-        self,
-        leases: Any,
-        begin: Callable[[], contextlib.AbstractContextManager[None]],
-        closing: bool,
-    ) -> None:
-        """The lease report and the queued events in one store transaction: a ``kill -9``
-        leaves both or neither. The report reads the leases and takes the queue in one
-        instant, and a leased decision queues its events with its consumption, so the report
-        counts exactly the units of the events written."""
-        taken: list[tuple[list[Event], list[Event]]] = []
-        with leases.reporting() as report:
-            try:
-                with self.transaction(), begin():
-                    report(self.now(), closing, lambda: taken.append(self._take_queue()))
-                    counted, uncounted = taken[0]
-                    if counted or uncounted:
-                        self._write_queued(counted, uncounted)
-            except BaseException:
-                if taken:
-                    self._requeue(*taken[0])
-                raise
-
-    def _write_then_report(self, leases: Any, log: CountLog, closing: bool) -> None:
-        """Counters apart from the events: the queued events first, with the lease units their
-        decisions consumed counted in the leases' absorbed twin through the write-ahead record
-        (one transaction of the event store), then the lease report, which counts them and
-        takes them back from it. A ``kill -9`` between leaves the counters equal to the events
-        plus stranded, less absorbed units (meterkit.leases)."""
-        taken: list[tuple[list[Event], list[Event]]] = []
-
-        def write(absorbed: list[tuple[str, str, int]]) -> bool:
-            counted, uncounted = taken[0]
-            if not (absorbed or counted or uncounted):
-                return True
-            try:
-                with self._writes():
-                    pending = log.collecting()
-                    assert pending is not None  # inside the write: its changes are collected
-                    for org, key, units in absorbed:
-                        pending.append((org, [(key, units)], {}))
-                    if counted or uncounted:
-                        self._write_queued(counted, uncounted)
-            except BaseException:
-                self._requeue(counted, uncounted)
-                raise
-            return log.last_applied()
-
-        with leases.reporting() as report:
-            report(self.now(), closing, lambda: taken.append(self._take_queue()), write)
-
-    def _write_queued(self, counted: list[Event], uncounted: list[Event]) -> None:
-        """Write queued events in one store transaction (where the store has them), count the
-        new ones not counted yet, and tell the observers after it commits."""
-        events = counted + uncounted
-        self._ensure_meters_of(events)
-        with self._writes():
-            new = self.store.append(events)
-            waiting = {id(e) for e in uncounted}
-            self._count([e for e in new if id(e) in waiting])
-            self._tell_recorded(new)
+        self.recorder.flush(closing=release_leases)
 
     def sync(self) -> None:
         """Flush when this meter holds anything a query should see (queued events, leased
         usage not yet reported); within a transaction, nothing: its own writes are seen."""
-        if getattr(self._tx, "depth", 0):
-            return
-        leases = self.quotas.leases
-        queued = self._queued or self._queued_uncounted or self._deferred
-        # A flush in another thread (the background one) may be writing what this thread
-        # queued: waiting for its lock waits for that write to commit.
-        elsewhere = self._flush_lock.locked() and self._flushing != threading.get_ident()
-        if queued or elsewhere or (leases is not None and leases.unreported()):
-            self.flush()
+        self.recorder.sync()
 
-    def _queue(self, events: Sequence[Event], *, wait: bool = True, counted: bool = True) -> None:
-        """Queue validated events for the next flush, without waiting for it (unless the
-        backlog is too long and ``wait`` allows it: then the store sets the pace).
-        ``counted``: a decision's debits, already in the counters; else counted when written."""
-        with self._queue_lock:
-            (self._queued if counted else self._queued_uncounted).extend(events)
-            backlog = len(self._queued) + len(self._queued_uncounted)
-        self._start_flusher()
-        if wait and backlog > MAX_QUEUED:
-            self.flush()  # the store is slower than the decisions: they wait for it now
+    def _threshold_reached(self, **reached: Any) -> None:
+        """The ``meterkit_quota_threshold`` hook (after the decision commits)."""
+        self.pm.hook.meterkit_quota_threshold(meter=self, **reached)
 
-    def _defer(self, call: Callable[[], object]) -> None:
-        """Run ``call`` at the next flush, in the flushing thread (store I/O off a loop)."""
-        with self._queue_lock:
-            self._deferred.append(call)
-        self._start_flusher()
-
-    def _start_flusher(self) -> None:
-        if self._flusher is not None or self._closed:
-            return
-        with self._queue_lock:
-            if self._flusher is not None:
-                return
-            thread = threading.Thread(
-                target=_flush_loop,
-                args=(weakref.ref(self), self._wake, self.flush_interval),
-                name="meterkit-flush",
-                daemon=True,
-            )
-            self._flusher = thread
-        thread.start()
+    def _recorded(self, events: tuple[Event, ...]) -> None:
+        """The ``meterkit_events_recorded`` hook (after the write commits)."""
+        self.pm.hook.meterkit_events_recorded(meter=self, events=events)
 
     def __enter__(self) -> Meter:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-
-class _RetainedStore:
-    """A store whose scans fail with RetentionError before a meter's retained window."""
-
-    def __init__(self, store: Store, days: Mapping[str, int], now: int) -> None:
-        self._store = store
-        self._days = days
-        self._now = now
-
-    def scan(self, meter: str, organization_id: str, start: int, end: int) -> Iterator[Event]:
-        retention_module.check_scan("start_time", meter, self._days.get(meter), self._now, start)
-        return self._store.scan(meter, organization_id, start, end)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-
-def _flush_loop(ref: weakref.ref[Meter], wake: threading.Event, interval: float) -> None:
-    """Flush every ``interval`` seconds until the meter closes or is collected.
-
-    While the store fails, the wait doubles up to 5 s and only the first failure is logged;
-    what was not written stays queued, and decisions go on against their leases meanwhile.
-    """
-    wait = interval
-    while not wake.wait(wait):
-        meter = ref()
-        if meter is None or meter._closed:
-            return
-        try:
-            meter.flush()
-        except Exception:
-            if wait == interval:
-                logger.warning("meterkit: flush failed; retrying", exc_info=True)
-            wait = min(5.0, wait * 2)
-        else:
-            wait = interval
-        del meter

@@ -46,48 +46,9 @@ from meterkit.validate import (
 )
 
 if TYPE_CHECKING:
-    import pluggy
-
-    from meterkit.models import AppendResult, MeterSpec
-    from meterkit.stores.base import Capabilities, CounterStore, Store
-
-
-class Host(Protocol):
-    """What the decisions need of the meter that composes them (:class:`~meterkit.Meter`)."""
-
-    store: Store
-    capabilities: Capabilities
-    counters: CounterStore
-    pm: pluggy.PluginManager
-    specs: Mapping[str, MeterSpec]
-    metric_definitions: Mapping[str, Metric]
-
-    def _define_metric(self, metric: Metric) -> Metric: ...
-
-    _tx: threading.local
-
-    @property
-    def meters(self) -> Mapping[str, MeterSpec]: ...
-
-    def now(self) -> int: ...
-
-    def notify(self, call: Callable[[], object]) -> None: ...
-
-    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
-
-    def record_many(self, events: Iterable[Event]) -> AppendResult: ...
-
-    def _record_counted(self, events: Sequence[Event]) -> None: ...
-
-    def _spend_alert(self, alert: SpendAlert, used: int, period_start: int) -> None: ...
-
-    def _queue(
-        self, events: Sequence[Event], *, wait: bool = True, counted: bool = True
-    ) -> None: ...
-
-    def _defer(self, call: Callable[[], object]) -> None: ...
-
-    def _start_flusher(self) -> None: ...
+    from meterkit.recorder import Begin, Recorder
+    from meterkit.registry import Registry
+    from meterkit.stores.base import CounterStore
 
 
 __all__ = ["Decision", "LimitState", "Quotas", "Reservation"]
@@ -96,6 +57,34 @@ RATE_WINDOWS = {"rate_limit_rpm": 60, "rate_limit_per_day": 86400}
 logger = logging.getLogger("meterkit")
 DEFAULT_CYCLE = BillingCycle()
 Policy = Literal["closed", "open"]
+
+
+class ThresholdReached(Protocol):
+    """Told once when usage reaches a threshold of a limit (the threshold hook)."""
+
+    def __call__(
+        self,
+        *,
+        organization_id: str,
+        metric: str,
+        threshold: float,
+        used: int,
+        limit: int,
+        period_start: int | None,
+        alert: SpendAlert | None,
+    ) -> object: ...
+
+
+SpendAlertFired = Callable[[SpendAlert, int, int], object]
+"""Told once when a spend alert fires: ``(alert, used nano-dollars, month start)``."""
+
+
+def _no_threshold(**_: object) -> None:
+    return None
+
+
+def _no_alert(alert: SpendAlert, used: int, period_start: int) -> None:
+    return None
 
 
 @attrs.frozen
@@ -311,7 +300,7 @@ class Reservation:
         if unknown:
             raise ValidationError("actual", f"not held by this reservation: {sorted(unknown)}")
         quotas = self._quotas
-        spent = quotas.spend_nano(cost, price, self._dimensions, quotas.meter.now())
+        spent = quotas.spend_nano(cost, price, self._dimensions, quotas.recorder.now())
         if spent is not None and SPEND not in self.held:
             field = "cost" if cost is not None else "price"
             raise ValidationError(
@@ -369,8 +358,12 @@ class Quotas:
 
     def __init__(
         self,
-        meter: Host,
+        recorder: Recorder,
+        registry: Registry,
+        counters: CounterStore,
         *,
+        threshold_reached: ThresholdReached = _no_threshold,
+        spend_alert_fired: SpendAlertFired = _no_alert,
         policy: Policy = "closed",
         thresholds: Sequence[float] = (0.8, 1.0),
         cache_seconds: float = 1.0,
@@ -381,7 +374,11 @@ class Quotas:
     ) -> None:
         if policy not in ("closed", "open"):
             raise ValidationError("policy", "must be 'closed' or 'open'")
-        self.meter = meter
+        self.recorder = recorder
+        self.registry = registry
+        self._counters = counters
+        self.threshold_reached = threshold_reached
+        self.spend_alert_fired = spend_alert_fired
         self.policy: Policy = policy
         self.thresholds = tuple(sorted(thresholds))
         self.cache_seconds = cache_seconds
@@ -413,26 +410,28 @@ class Quotas:
         self._absorbed = threading.local()
         # Counters other processes share: quota lines count their leased units too.
         self._shared = bool(getattr(self.counters, "shared", True))
-        self._in_memory = not self.meter.capabilities.shared
+        self._in_memory = not self.recorder.capabilities.shared
         self.all_in_memory = self._in_memory and not self._shared
         """Plans, counters and events all live in this process (``memory://``): deciding and
         settling never wait on I/O."""
         self.leases: Leases | None = Leases(self.counters, ttl=lease_ttl) if leases else None
         # Counters apart from the events: their changes go through a write-ahead record.
         self.countlog: CountLog | None = (
-            CountLog(self.store, self.counters, self.meter.now, self._applied)
+            CountLog(self.store, self.counters, self.recorder.now, self._applied)
             if self.counters is not self.store
             else None
         )
+        recorder.counting = QuotaCounting(self)
+        registry.on_change(self.forget)  # compiled limits know which metrics are gauges
 
     @property
     def store(self) -> Any:
-        return self.meter.store
+        return self.recorder.store
 
     @property
     def counters(self) -> Any:
         """Where quota counters live: the store itself, or ``Meter(counters=...)``."""
-        return self.meter.counters
+        return self._counters
 
     # -- plans, assignments, grants ---------------------------------------------------------
 
@@ -441,17 +440,17 @@ class Quotas:
         (``tokens``, ``queries``, ``storage_bytes``, …, and the application's own), and every
         metric defined with :meth:`~meterkit.Meter.define_metric`."""
         self._metrics_fresh()
-        own = {name for name, spec in self.meter.meters.items() if spec.measure(name)}
-        return sorted(own | set(self.meter.metric_definitions))
+        own = {name for name, spec in self.registry.specs.items() if spec.measure(name)}
+        return sorted(own | set(self.registry.metrics))
 
     def metric_sources(self) -> list[Metric]:
         """Every counted (not gauge) metric with the sources that feed it, own meter first."""
         self._metrics_fresh()
-        specs = self.meter.specs
+        specs = self.registry.specs
         found = self._sources_cache  # registering a meter or defining a metric bumps it
         if found is None or found[0] != self._generation:
             names = [n for n, spec in specs.items() if (m := spec.measure(n)) and not m.gauge]
-            defined = self.meter.metric_definitions
+            defined = self.registry.metrics
             metrics = [
                 defined.get(name, Metric(name)).effective(specs)
                 for name in sorted(set(names) | set(defined))
@@ -470,7 +469,7 @@ class Quotas:
         metric, and a gauge's own meter (``storage_bytes``)."""
         wanted = set(limits)
         found = {s.meter for m in self.metric_sources() if m.name in wanted for s in m.sources}
-        return found | {name for name in wanted if name in self.meter.specs}
+        return found | {name for name in wanted if name in self.registry.specs}
 
     def publish_metric(self, metric: Metric) -> None:
         """Store ``metric`` with the next read of the stored metrics (see :meth:`read_metrics`)."""
@@ -512,7 +511,7 @@ class Quotas:
             metric = Metric.from_record(name, data)
             # A source on a meter (or measure) this process does not know is one it cannot
             # record.
-            specs = self.meter.specs
+            specs = self.registry.specs
             known = Metric(
                 name,
                 [
@@ -521,10 +520,10 @@ class Quotas:
                     if s.meter in specs and specs[s.meter].measure(s.measure) is not None
                 ],
             )
-            if self.meter.metric_definitions.get(name) == known:
+            if self.registry.metrics.get(name) == known:
                 continue
             try:
-                self.meter._define_metric(known)
+                self.registry.define_metric(known)
             except ValidationError as exc:
                 logger.warning("stored metric %r not counted here: %s", name, exc)
 
@@ -588,7 +587,7 @@ class Quotas:
         on a cluster). With ``absorb`` (a journal of what was charged) this process's leases
         take them first (``stored``: in the transaction of the events that cause them);
         ``local``: what is left waits for the next flush (an event loop)."""
-        now = self.meter.now()
+        now = self.recorder.now()
         log = self.countlog.collecting() if self.countlog is not None else None
         for org in sorted(by_org):
             changes = self._charge(
@@ -597,7 +596,7 @@ class Quotas:
             if not changes:
                 continue
             if local:
-                self.meter._defer(functools.partial(self.counters.counters_add, changes, now=now))
+                self.recorder.defer(functools.partial(self.counters.counters_add, changes, now=now))
                 continue
             if log is not None:
                 # Written with the events, applied once they commit (meterkit.countlog).
@@ -678,7 +677,7 @@ class Quotas:
         book = self.price_book()
         exact = self._charges_exact
         if exact is None or exact[0] is not book:
-            found = book.match(CHARGES.meter, CHARGES.measure, {}, self.meter.now())
+            found = book.match(CHARGES.meter, CHARGES.measure, {}, self.recorder.now())
             exact = self._charges_exact = (book, found == CHARGES)
         return exact[1]
 
@@ -689,7 +688,7 @@ class Quotas:
         :meth:`Meter.transaction`, which may roll back after the block: there the shared
         counters take it, in the transaction."""
         nested = getattr(self._absorbed, "taken", None) is not None
-        if self.leases is None or nested or getattr(self.meter._tx, "depth", 0) > 0:
+        if self.leases is None or nested or self.recorder.in_transaction():
             yield
             return
         taken: list[Any] = []
@@ -755,7 +754,7 @@ class Quotas:
         check_count("credits", credits, minimum=1)
         if expires_at is not None:
             check_time("expires_at", expires_at)
-        now = self.meter.now()
+        now = self.recorder.now()
         if expires_at is None:
             expires_at = self.cycle(organization_id).period_at(now).end
         grant = Grant(id or f"grant_{uuid.uuid4().hex}", organization_id, credits, now, expires_at)
@@ -770,7 +769,7 @@ class Quotas:
 
     def grants(self, organization_id: str, at: int | None = None) -> list[Grant]:
         """Grants valid at ``at`` (default now)."""
-        at = self.meter.now() if at is None else at
+        at = self.recorder.now() if at is None else at
         return [g for g in self._read_grants(organization_id) if g.valid_at(at)]
 
     def _read_grants(self, org: str) -> list[Grant]:
@@ -839,7 +838,7 @@ class Quotas:
         hit = self._book
         if hit is not None and hit[0] > now:
             return hit[1]
-        book = load_book(self.store, self.meter.specs, builtin=True)
+        book = load_book(self.store, self.registry.specs, builtin=True)
         self._book = (now + self.cache_seconds, book)
         return book
 
@@ -857,7 +856,7 @@ class Quotas:
         dims = dict(dimensions or {})
         total = Decimal(0)
         for meter, values in price.items():
-            spec = self.meter.specs.get(meter) if isinstance(meter, str) else None
+            spec = self.registry.specs.get(meter) if isinstance(meter, str) else None
             if spec is None:
                 raise ValidationError(f"price.{meter}", f"unknown meter {meter!r}")
             if not isinstance(values, Mapping):
@@ -954,7 +953,7 @@ class Quotas:
 
     def spent(self, organization_id: str, at: int | None = None) -> int:
         """Counted month-to-date spend in nano-dollars (open reservations included)."""
-        now = self.meter.now() if at is None else at
+        now = self.recorder.now() if at is None else at
         return self._read_counted(organization_id, self.spend_key(organization_id, now), now)
 
     def spend_from(
@@ -977,11 +976,11 @@ class Quotas:
         after = self.price_book()
         if not (before.prices_meter(meter) or after.prices_meter(meter)):
             return
-        lister = self.meter.capabilities.organizations
-        spec = self.meter.specs.get(meter)
+        lister = self.recorder.capabilities.organizations
+        spec = self.registry.specs.get(meter)
         if lister is None or spec is None:
             return
-        now = self.meter.now()
+        now = self.recorder.now()
         month = default_period_of(now)
         self.store.ensure_meter(spec)
         for org in lister(meter):
@@ -1040,13 +1039,15 @@ class Quotas:
             marker = f"sa\x1f{org}\x1f{alert.id}\x1f{alert.threshold_amount}\x1f{month.start}"
             if marker in self._claimed:
                 continue
-            claimed = self.counters.claim_once(marker, now=self.meter.now(), expires_at=None)
+            claimed = self.counters.claim_once(marker, now=self.recorder.now(), expires_at=None)
             if not claimed:
                 self._remember_claim(marker)  # another process's: never ours to fire
                 continue
             # Remembered once the claim commits: a rolled-back claim may be made again.
-            self.meter.notify(functools.partial(self._remember_claim, marker))
-            self.meter.notify(functools.partial(self.meter._spend_alert, alert, used, month.start))
+            self.recorder.notify(functools.partial(self._remember_claim, marker))
+            self.recorder.notify(
+                functools.partial(self.spend_alert_fired, alert, used, month.start)
+            )
 
     def _remember_claim(self, marker: str) -> None:
         if len(self._claimed) > 100_000:
@@ -1114,10 +1115,10 @@ class Quotas:
 
     def period(self, organization_id: str, at: int | None = None) -> Period:
         """The organization's billing period containing ``at`` (default now)."""
-        return self.cycle(organization_id).period_at(self.meter.now() if at is None else at)
+        return self.cycle(organization_id).period_at(self.recorder.now() if at is None else at)
 
     def is_gauge(self, metric: str) -> bool:
-        spec = self.meter.meters.get(metric)
+        spec = self.registry.specs.get(metric)
         measure = spec.measure(metric) if spec else None
         return bool(measure and measure.gauge)
 
@@ -1133,7 +1134,7 @@ class Quotas:
 
     def limit_for(self, organization_id: str, metric: str, at: int | None = None) -> int:
         """The limit in force for ``metric`` (``-1`` unlimited), purchased credits included."""
-        at = self.meter.now() if at is None else at
+        at = self.recorder.now() if at is None else at
         _, cap, _, _ = self._quota_line(organization_id, metric, self._compile(organization_id, at))
         return UNLIMITED if cap is None else cap
 
@@ -1279,7 +1280,7 @@ class Quotas:
         the limits say (it is never refused)."""
         org = check_org(organization_id)
         clean = check_amounts(amounts)
-        now = self.meter.now()
+        now = self.recorder.now()
         spend = self.spend_nano(cost, price, dimensions, now)
         if spend is not None:
             clean[SPEND] = spend
@@ -1320,11 +1321,11 @@ class Quotas:
         if not self.is_gauge(metric):
             raise ValidationError("metric", f"{metric!r} is not a gauge meter")
         check_count("value", value)
-        self.counters.counters_set(self.gauge_key(org, metric), value, now=self.meter.now())
+        self.counters.counters_set(self.gauge_key(org, metric), value, now=self.recorder.now())
 
     def used(self, organization_id: str, metric: str, at: int | None = None) -> int:
         """Counted usage of ``metric``: this period's for counters, the current value for gauges."""
-        now = self.meter.now() if at is None else at
+        now = self.recorder.now() if at is None else at
         if metric == SPEND:
             return self.spent(organization_id, now)
         if self.is_gauge(metric):
@@ -1346,8 +1347,8 @@ class Quotas:
     def _atomic(self) -> contextlib.AbstractContextManager[None]:
         """One transaction for counters and events, when both live in the same store (in
         memory, each counter call is atomic and debit events are queued: none is needed)."""
-        if self.counters is self.meter.store and not self._in_memory:
-            return self.meter.transaction()
+        if self.counters is self.recorder.store and not self._in_memory:
+            return self.recorder.transaction()
         return contextlib.nullcontext()
 
     def _guard(self, call: Any) -> Any:
@@ -1378,7 +1379,7 @@ class Quotas:
         clean = check_amounts(amounts)
         if ttl is not None:
             check_ttl(ttl)
-        now = self.meter.now()
+        now = self.recorder.now()
         if self.compiled(org, now) is None:
             return None
         c = self._compile(org, now)
@@ -1445,7 +1446,7 @@ class Quotas:
         org = check_org(organization_id)
         clean = check_amounts(amounts)
         check_count("requests", requests)
-        now = self.meter.now()
+        now = self.recorder.now()
         spend = self.spend_nano(cost, price, dimensions, now)
         decision_id = new_id("rsv" if hold_ttl else "dec")
         try:
@@ -1461,7 +1462,7 @@ class Quotas:
             debit
             and self.leases is not None
             # Inside Meter.transaction() a decision commits (or rolls back) with the rest.
-            and not getattr(self.meter._tx, "depth", 0)
+            and not self.recorder.in_transaction()
             and all(ln.window or ln.period is not None for ln in lines)
         ):
             leased = self._leased(
@@ -1549,7 +1550,7 @@ class Quotas:
             if self.policy == "open":
                 return self._degraded(org, decision_id, amounts, lines, hold_ttl, now, dimensions)
             raise
-        self.meter._start_flusher()
+        self.recorder.start_flusher()
         return self._from_lease(
             org,
             lines,
@@ -1569,7 +1570,7 @@ class Quotas:
         (never waiting: it runs under their lock)."""
         if not events:
             return None
-        return functools.partial(self.meter._queue, events, wait=False)
+        return functools.partial(self.recorder.queue, events, wait=False)
 
     def _from_lease(
         self,
@@ -1594,7 +1595,7 @@ class Quotas:
             return decision, None
         self._thresholds_soon(org, lines, {s.metric: s.used for s in decision.limits}, local)
         if events and not local:
-            self.meter._queue([])  # queued with the consumption; the store may set the pace
+            self.recorder.queue([])  # queued with the consumption; the store may set the pace
         if hold_ttl is None:
             counted = self._counted(lines, amounts, mode)
             self._count_decided(
@@ -1714,7 +1715,7 @@ class Quotas:
         if not local:
             self._thresholds_from(org, lines, used)
         elif self._near_threshold(org, lines, used):
-            self.meter._defer(lambda: self._thresholds_from(org, lines, used))
+            self.recorder.defer(lambda: self._thresholds_from(org, lines, used))
 
     def _near_threshold(self, org: str, lines: Sequence[_Line], used: Mapping[str, int]) -> bool:
         """Whether any limited line reached the lowest threshold (only then can one fire)."""
@@ -1755,21 +1756,20 @@ class Quotas:
                     continue  # a period's marker is claimed once for ever; a gauge's may expire
                 claimed = self.counters.claim_once(
                     marker,
-                    now=self.meter.now(),
+                    now=self.recorder.now(),
                     expires_at=line.period.end if line.period else None,
                 )
                 if line.period is not None:
                     # Ours once the claim commits (a rolled-back one may be made again);
                     # another process's at once.
                     if claimed:
-                        self.meter.notify(functools.partial(self._remember_claim, marker))
+                        self.recorder.notify(functools.partial(self._remember_claim, marker))
                     else:
                         self._remember_claim(marker)
                 if claimed:
-                    self.meter.notify(
+                    self.recorder.notify(
                         functools.partial(
-                            self.meter.pm.hook.meterkit_quota_threshold,
-                            meter=self.meter,
+                            self.threshold_reached,
                             organization_id=org,
                             metric=line.metric,
                             threshold=threshold,
@@ -1793,11 +1793,11 @@ class Quotas:
         """Record a decision's events, and count what they feed beyond what it counted."""
         events = self._debit_events(event_id, org, amounts, dimensions, now, price)
         if events:
-            if self._in_memory and not getattr(self.meter._tx, "depth", 0):
+            if self._in_memory and not self.recorder.in_transaction():
                 # Nothing survives the process anyway: written by the next flush (or query).
-                self.meter._queue(events)
+                self.recorder.queue(events)
             else:
-                self.meter._record_counted(events)  # counted below, net of the decision
+                self.recorder.record_counted(events)  # counted below, net of the decision
         self._count_decided(org, events, counted, leased=False, priced=price is not None)
 
     def _debit_events(
@@ -1815,7 +1815,7 @@ class Quotas:
         if not self.record_debits:
             return []
         events = self._price_events(event_id, org, price, dimensions, now) if price else []
-        specs = self.meter.specs
+        specs = self.registry.specs
         for metric, amount in amounts.items():
             spec = specs.get(metric) if metric != SPEND else None
             measure = spec.measure(metric) if spec is not None and amount else None
@@ -1856,7 +1856,7 @@ class Quotas:
         """The events of a priced estimate (checked already by :meth:`estimate`)."""
         events = []
         for meter, values in price.items():
-            spec = self.meter.specs[meter]
+            spec = self.registry.specs[meter]
             known = spec.dimension_names
             picked = {k: v for k, v in (dimensions or {}).items() if k in known}
             kept = {m: v for m, v in values.items() if v}
@@ -1867,7 +1867,7 @@ class Quotas:
         return events
 
     def _settle(self, reservation: Reservation, actual: dict[str, int] | None) -> None:
-        now = self.meter.now()
+        now = self.recorder.now()
         lines = reservation._lines
         if reservation.leased and self.leases is not None:
             self._settle_leased(reservation, actual, now)
@@ -1900,13 +1900,13 @@ class Quotas:
                     "meterkit: store unavailable; reservation %s not settled", reservation.id
                 )
                 return
-            if not settle_done or self.counters is self.meter.store:
+            if not settle_done or self.counters is self.recorder.store:
                 reservation._reopen()
             raise
         except Exception:
             # Nothing changed if the settle itself failed, or if it shared a transaction that
             # rolled back: the reservation may be settled again.
-            if not settle_done or self.counters is self.meter.store:
+            if not settle_done or self.counters is self.recorder.store:
                 reservation._reopen()
             raise
 
@@ -1940,7 +1940,7 @@ class Quotas:
             return
         if extra and local:
             adds = [(k, a) for k, a in extra if a]
-            self.meter._defer(lambda: self.counters.counters_add(adds, now=now))
+            self.recorder.defer(lambda: self.counters.counters_add(adds, now=now))
         elif extra:
             try:
                 self.counters.counters_add([(k, a) for k, a in extra if a], now=now)
@@ -1956,9 +1956,9 @@ class Quotas:
                 used[metric] += max(0, actual[metric] - reservation.held.get(metric, 0))
         self._thresholds_soon(org, list(lines.values()), used, local)
         if events and not queued:
-            self.meter._queue(events, wait=not local)
+            self.recorder.queue(events, wait=not local)
         elif events and not local:
-            self.meter._queue([])  # queued with the consumption; the store may set the pace
+            self.recorder.queue([])  # queued with the consumption; the store may set the pace
         counted = self._counted(lines.values(), actual, mode)
         self._count_decided(
             org, events, counted, leased=True, local=local, priced=price is not None
@@ -1987,3 +1987,103 @@ class Quotas:
             price,
             self._counted(lines.values(), actual, mode),
         )
+
+
+class QuotaCounting:
+    """The quota counters as the recorder's :class:`~meterkit.recorder.Counting`: they count
+    what it stores, in its transactions, and report leased decisions at its flushes."""
+
+    def __init__(self, quotas: Quotas) -> None:
+        self.quotas = quotas
+
+    def atomic(self, begin: Begin | None) -> Begin | None:
+        log = self.quotas.countlog
+        if begin is not None and log is not None:
+            begin = functools.partial(log.around, begin)
+        return begin
+
+    def absorbing(self) -> contextlib.AbstractContextManager[None]:
+        return self.quotas.absorbing()
+
+    def before_write(self) -> None:
+        if self.quotas.countlog is not None:
+            # What a killed writer left, before this process counts anew.
+            self.quotas.countlog.replay_if_due()
+
+    def feed(self, events: Sequence[Event]) -> None:
+        self.quotas.feed(events)
+
+    def unreported(self) -> bool:
+        leases = self.quotas.leases
+        return leases is not None and leases.unreported()
+
+    def flush(self, recorder: Recorder, closing: bool) -> bool:
+        log = self.quotas.countlog
+        if log is not None:
+            log.replay_if_due()
+        leases = self.quotas.leases
+        if log is not None and log.behind and leases is not None and leases.pending():
+            # A lease report must not run before the changes logged ahead of it.
+            raise StoreUnavailable("counters unavailable: logged changes wait to be applied")
+        if leases is None or not (leases.pending() or (closing and leases.holding())):
+            return False
+        # The report in the events' transaction where the counters are in the store.
+        begin = recorder.atomic_writes() if self.quotas.counters is self.quotas.store else None
+        if begin is not None:
+            self._report_and_write(recorder, leases, begin, closing)
+            return True
+        if log is not None:
+            self._write_then_report(recorder, leases, log, closing)
+            return True
+        leases.report(recorder.now(), closing=closing)
+        return False
+
+    def _report_and_write(
+        self, recorder: Recorder, leases: Leases, begin: Begin, closing: bool
+    ) -> None:
+        """The lease report and the queued events in one store transaction: a ``kill -9``
+        leaves both or neither. The report reads the leases and takes the queue in one
+        instant, and a leased decision queues its events with its consumption, so the report
+        counts exactly the units of the events written."""
+        taken: list[tuple[list[Event], list[Event]]] = []
+        with leases.reporting() as report:
+            try:
+                with recorder.transaction(), begin():
+                    report(recorder.now(), closing, lambda: taken.append(recorder.take_queue()))
+                    counted, uncounted = taken[0]
+                    if counted or uncounted:
+                        recorder.write_queued(counted, uncounted)
+            except BaseException:
+                if taken:
+                    recorder.requeue(*taken[0])
+                raise
+
+    def _write_then_report(
+        self, recorder: Recorder, leases: Leases, log: CountLog, closing: bool
+    ) -> None:
+        """Counters apart from the events: the queued events first, with the lease units their
+        decisions consumed counted in the leases' absorbed twin through the write-ahead record
+        (one transaction of the event store), then the lease report, which counts them and
+        takes them back from it. A ``kill -9`` between leaves the counters equal to the events
+        plus stranded, less absorbed units (meterkit.leases)."""
+        taken: list[tuple[list[Event], list[Event]]] = []
+
+        def write(absorbed: list[tuple[str, str, int]]) -> bool:
+            counted, uncounted = taken[0]
+            if not (absorbed or counted or uncounted):
+                return True
+            try:
+                with recorder.writes():
+                    pending = log.collecting()
+                    assert pending is not None  # inside the write: its changes are collected
+                    for org, key, units in absorbed:
+                        pending.append((org, [(key, units)], {}))
+                    if counted or uncounted:
+                        recorder.write_queued(counted, uncounted)
+            except BaseException:
+                recorder.requeue(counted, uncounted)
+                raise
+            return log.last_applied()
+
+        with leases.reporting() as report:
+            report(recorder.now(), closing, lambda: taken.append(recorder.take_queue()), write)

@@ -18,13 +18,18 @@ Three rules keep that exact:
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meterkit.engine import rollup
 from meterkit.errors import RetentionError, ValidationError
 
+if TYPE_CHECKING:
+    from meterkit.stores.base import Store
+
 __all__ = [
+    "Retention",
     "RetentionError",
     "check_kept",
     "check_query",
@@ -153,3 +158,48 @@ def check_kept(
             days=days,
             since=since,
         )
+
+
+class Retention:
+    """The days of raw events each meter keeps, as the store holds them.
+
+    Read from the store when first needed (opening a Meter sends nothing to it); the
+    retentions given when the meter was opened are stored then, where they differ.
+    """
+
+    def __init__(self, store: Store, wanted: Mapping[str, int | None]) -> None:
+        self.store = store
+        self._wanted = dict(wanted)
+        self._known: dict[str, int] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def days(self) -> dict[str, int]:
+        """Days kept, per meter that has a retention (the live dict: do not change it)."""
+        known = self._known
+        if known is None:
+            with self._lock:
+                known = self._known
+                if known is None:
+                    known = from_records(self.store.list_records(RECORD))
+                    for name, days in self._wanted.items():
+                        self._keep(known, name, days)
+                    self._known = known
+        return known
+
+    def set(self, name: str, days: int | None) -> None:
+        """Keep ``name``'s events ``days`` days (``None``: all), stored at once."""
+        known = self.days
+        with self._lock:
+            self._keep(known, name, days)
+
+    def _keep(self, known: dict[str, int], name: str, days: int | None) -> None:
+        """Store ``name``'s retention where it differs from ``known``, and note it there."""
+        if known.get(name) == days:
+            return
+        if days is None:
+            self.store.delete_record(RECORD, name)
+            known.pop(name, None)
+        else:
+            self.store.put_record(RECORD, name, {"days": days})
+            known[name] = days
