@@ -50,5 +50,5 @@ def _no_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 def monotonic(monkeypatch: pytest.MonkeyPatch) -> Monotonic:
     """The quota caches' clock, frozen until the test moves it."""
     fake = Monotonic()
-    monkeypatch.setattr("meterkit.quotas._time.monotonic", fake)
+    monkeypatch.setattr("time.monotonic", fake)
     return fake

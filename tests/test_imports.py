@@ -77,5 +77,5 @@ def test_src_has_no_import_cycles() -> None:
 
 def test_the_decision_core_imports_nothing_of_meter() -> None:
     graph = module_graph()
-    for core in ("meterkit.quotas", "meterkit.leases", "meterkit.counters"):
+    for core in ("meterkit.quotas", "meterkit.quotas.leases", "meterkit.counters"):
         assert "meterkit.meter" not in graph[core]

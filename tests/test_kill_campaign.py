@@ -291,7 +291,7 @@ def test_a_report_while_a_write_is_applied_waits_for_its_absorbed_units(
     the next one, instead of taking them from the absorbed twin before the write adds them
     (which left the twin above the events for good)."""
     from meterkit.countlog import CountLog
-    from meterkit.leases import ABSORBED
+    from meterkit.quotas.leases import ABSORBED
 
     with apart.open() as meter:
         _on_plan(meter, 5000)
@@ -322,7 +322,7 @@ def test_a_lease_report_waits_for_the_changes_logged_ahead_of_it(
     report does not run (it would take from the absorbed twin what was not added yet); the
     next flush applies the record, then reports, and counts once."""
     from meterkit import StoreUnavailable
-    from meterkit.leases import ABSORBED
+    from meterkit.quotas.leases import ABSORBED
 
     with apart.open() as meter:
         _on_plan(meter, 5000)

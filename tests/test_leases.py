@@ -19,7 +19,7 @@ import pytest
 
 from clock import Clock
 from meterkit import Meter, Metric, Plan
-from meterkit.leases import ABSORBED, LEASED, STRANDED
+from meterkit.quotas.leases import ABSORBED, LEASED, STRANDED
 from meterkit.recovery import counter_differences, rebuild_counters
 from shared_store import OpenShared
 

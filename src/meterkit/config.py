@@ -17,7 +17,7 @@ import attrs
 
 from meterkit.errors import ValidationError
 from meterkit.lateness import parse_lateness
-from meterkit.leases import DEFAULT_FLUSH_INTERVAL, DEFAULT_TTL, check_timing
+from meterkit.quotas.leases import DEFAULT_FLUSH_INTERVAL, DEFAULT_TTL, check_timing
 from meterkit.metrics import Metric
 from meterkit.models import Dimension, Measure, MeterSpec
 from meterkit.notify import notifiers_from_config

@@ -31,8 +31,8 @@ from meterkit.errors import (
     ValidationError,
 )
 from meterkit.ids import new_id
-from meterkit.leases import DEFAULT_FLUSH_INTERVAL, check_timing
-from meterkit.leases import DEFAULT_TTL as DEFAULT_LEASE_TTL
+from meterkit.quotas.leases import DEFAULT_FLUSH_INTERVAL, check_timing
+from meterkit.quotas.leases import DEFAULT_TTL as DEFAULT_LEASE_TTL
 from meterkit.metrics import Metric
 from meterkit.models import (
     AppendResult,

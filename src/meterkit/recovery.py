@@ -27,10 +27,10 @@ exactly as they were counted when recorded.
 
 A lease whose holder stopped reporting (``kill -9``) expires by counting every unit it still
 held as consumed — its holder may have used them — and adds them to the counter's
-:data:`~meterkit.leases.STRANDED` twin, which the events do not show: a rebuild keeps them (the
+:data:`~meterkit.quotas.leases.STRANDED` twin, which the events do not show: a rebuild keeps them (the
 counter is the events plus the stranded units) until the period ends. Recorded usage a lease
 absorbed is in the events before its report counts it: its
-:data:`~meterkit.leases.ABSORBED` twin, written with those events, is taken off until then —
+:data:`~meterkit.quotas.leases.ABSORBED` twin, written with those events, is taken off until then —
 for a holder killed before that report as well, whose stranded units include it.
 
 Requests admitted while a rebuild runs are counted twice or not at all for the metrics being
@@ -43,7 +43,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from meterkit.counters import clamp
-from meterkit.leases import ABSORBED, STRANDED
+from meterkit.quotas.leases import ABSORBED, STRANDED
 from meterkit.metrics import contributions
 from meterkit.models import MeterSpec, Number
 from meterkit.periods import Period
