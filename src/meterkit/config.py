@@ -10,19 +10,19 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import attrs
 
 from meterkit.errors import ValidationError
 from meterkit.lateness import parse_lateness
-from meterkit.quotas.leases import DEFAULT_FLUSH_INTERVAL, DEFAULT_TTL, check_timing
 from meterkit.metrics import Metric
 from meterkit.models import Dimension, Measure, MeterSpec
 from meterkit.notify import notifiers_from_config
 from meterkit.periods import BillingCycle
 from meterkit.plans import PLAN_FIELDS, OrgPlan, Plan
+from meterkit.quotas.leases import DEFAULT_FLUSH_INTERVAL, DEFAULT_TTL, check_timing
 from meterkit.retention import parse_retention
 from meterkit.spend import check_cents
 from meterkit.validate import check_id
@@ -53,6 +53,13 @@ class Meter(Protocol):
     def set_spend_cap(self, organization_id: str, threshold_amount: int) -> Any: ...
 
     def set_price(self, price: Price | Mapping[str, Any]) -> Price: ...
+
+    def set_metric(self, metric: Metric) -> Metric: ...
+
+    def close(self) -> None: ...
+
+
+M = TypeVar("M", bound=Meter)
 
 
 __all__ = ["Config", "load_config"]
@@ -116,6 +123,37 @@ class Config:
             "notifiers": self.notifiers,
             "lateness": self.lateness,
         }
+
+    def open(self, factory: Callable[..., M], **overrides: Any) -> M:
+        """``factory(store URL, **options)`` (a :class:`~meterkit.Meter`) opened on this file's
+        store and options, with its metrics, prices, plans and assignments written.
+
+        Keyword arguments override the file (``url=...`` replaces ``store``).
+        """
+        kwargs = self.meter_kwargs()
+        metrics = kwargs.pop("metrics", ())
+        override = overrides.pop("url", None)
+        kwargs.update(overrides)
+        try:
+            meter = factory(override or self.store, **kwargs)
+        except ValidationError as exc:
+            if exc.field == "url" and not override:
+                raise ValidationError("store", exc.message) from None  # the file's own key
+            raise
+        try:
+            for metric in metrics:
+                try:
+                    meter.set_metric(metric)
+                except ValidationError as exc:  # named after the file's [metrics.NAME] table
+                    tail = exc.field.removeprefix("metric.").removeprefix("metric")
+                    raise ValidationError(
+                        f"metrics.{metric.name}{'.' + tail if tail else ''}", exc.message
+                    ) from None
+            self.apply(meter)
+        except BaseException:
+            meter.close()
+            raise
+        return meter
 
     def apply(self, meter: Meter) -> None:
         """Write the prices, plans and assignments into the meter's store (idempotent)."""

@@ -16,7 +16,7 @@ import itertools
 import json
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import cattrs
@@ -77,6 +77,30 @@ COSTS_SPEC = MeterSpec(
 COSTS_DEFAULT_LIMIT = 7
 COSTS_MAX_LIMIT = 180
 DAY = 86400
+
+if TYPE_CHECKING:
+    from typing_extensions import Required, TypedDict, Unpack
+
+    class CostsKeywords(TypedDict, total=False):
+        """The keywords of a costs query (:func:`costs_page`), for type checkers."""
+
+        organization_id: Required[str]
+        start_time: Required[Any]
+        end_time: Any
+        bucket_width: str
+        group_by: Iterable[str] | None
+        filters: Mapping[str, Iterable[str]] | None
+        limit: int | None
+        page: str | None
+
+    class UnpricedKeywords(TypedDict, total=False):
+        """The keywords of :meth:`CostsReader.unpriced`, for type checkers."""
+
+        organization_id: Required[str]
+        start_time: Required[Any]
+        end_time: Any
+        meters: Iterable[str] | None
+
 
 PeriodOf = Callable[[int], Period]
 RowsOf = Callable[[MeterSpec, UsageQuery], Rows]
@@ -602,3 +626,61 @@ def unpriced(
                         last_time=max(seen.last_time, event.time),
                     )
     return [found[key] for key in sorted(found)]
+
+
+class CostsReader:
+    """Costs pages and unpriced usage of one meter's store, priced from its usage queries
+    (``reader``) at the price book ``book()`` gives, in each organization's billing periods
+    (``period(organization_id, t)``)."""
+
+    def __init__(
+        self,
+        reader: UsageReader,
+        book: Callable[[], PriceBook],
+        period: Callable[[str, int], Period],
+    ) -> None:
+        self.reader = reader
+        self.book = book
+        self.period = period
+
+    def page(self, **query: Unpack[CostsKeywords]) -> CostsPage:
+        """One page of costs (:func:`costs_page`); ``end_time`` defaults to now."""
+        reader = self.reader
+        reader.sync()
+        org = query.get("organization_id")
+        if query.get("end_time") is None:
+            query["end_time"] = reader.end_now(query.get("start_time"))
+        return costs_page(
+            reader.retained_store(),
+            reader.registry.specs,
+            self.book(),
+            **query,
+            period_of=self._period_of(org),
+            reader=reader,
+        )
+
+    def unpriced(
+        self,
+        *,
+        organization_id: str,
+        start_time: Any,
+        end_time: Any = None,
+        meters: Iterable[str] | None = None,
+    ) -> list[UnpricedUsage]:
+        """Usage no price matched (:func:`unpriced`); ``end_time`` defaults to now."""
+        reader = self.reader
+        reader.sync()
+        return unpriced(
+            reader.retained_store(),
+            reader.registry.specs,
+            self.book(),
+            organization_id=organization_id,
+            start_time=start_time,
+            end_time=end_time if end_time is not None else reader.now(),
+            meters=meters,
+        )
+
+    def _period_of(self, organization_id: object) -> PeriodOf | None:
+        if not isinstance(organization_id, str) or not organization_id:
+            return None  # the costs query reports the bad organization_id itself
+        return lambda t: self.period(organization_id, t)

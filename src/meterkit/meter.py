@@ -9,52 +9,55 @@ import os
 import time as _time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import attrs
 import pluggy
 
 from meterkit import assets as assets_module
 from meterkit import corrections as corrections_module
-from meterkit import costs as costs_module
 from meterkit import lateness as lateness_module
 from meterkit import pricing, rollups, summaries
 from meterkit import retention as retention_module
 from meterkit import spend as spend_module
 from meterkit.catalog import builtin_meters
 from meterkit.config import load_config
-from meterkit.costs import CostsPage, UnpricedUsage
+from meterkit.costs import CostsPage, CostsReader, UnpricedUsage
 from meterkit.errors import (
-    NotFound,
-    StateConflict,
     StoreUnavailable,
     ValidationError,
 )
-from meterkit.ids import new_id
-from meterkit.quotas.leases import DEFAULT_FLUSH_INTERVAL, check_timing
-from meterkit.quotas.leases import DEFAULT_TTL as DEFAULT_LEASE_TTL
 from meterkit.metrics import Metric
 from meterkit.models import (
     AppendResult,
-    DimValue,
     Event,
     MeterSpec,
     Number,
     UsagePage,
 )
 from meterkit.notify import AlertNotice, Notifier, Outbox
-from meterkit.periods import Period
 from meterkit.plans import Grant, OrgPlan, Plan
 from meterkit.plugins import get_plugin_manager, make_plugin_manager
 from meterkit.pricing import Price, PriceBook
 from meterkit.query import UsageReader
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from meterkit.corrections import AmendKeywords
+    from meterkit.costs import CostsKeywords, UnpricedKeywords
+    from meterkit.query import SpanKeywords, TotalsKeywords, UsageKeywords
+    from meterkit.quotas.book import AlertKeywords, GrantKeywords
+    from meterkit.quotas.decision import CheckKeywords, DebitKeywords, ReserveKeywords
+    from meterkit.recorder import EventKeywords
 from meterkit.quotas import Decision, Policy, Quotas, Reservation
-from meterkit.recorder import Recorder
+from meterkit.quotas.leases import DEFAULT_FLUSH_INTERVAL, check_timing
+from meterkit.quotas.leases import DEFAULT_TTL as DEFAULT_LEASE_TTL
+from meterkit.recorder import Recorder, check_future_skew
 from meterkit.recovery import rebuild_counters
 from meterkit.registry import Registry
 from meterkit.retention import Retention
 from meterkit.stores.base import Capabilities, CounterStore, Store
-from meterkit.validate import check_event, check_id, check_time
+from meterkit.validate import check_id
 
 __all__ = ["DEFAULT_URL", "Meter", "open_counters", "open_store"]
 
@@ -153,21 +156,10 @@ class Meter:
         notifiers: Sequence[Notifier] = (),
         lateness: Any = None,
     ) -> None:
-        if max_future_skew is not None and (
-            isinstance(max_future_skew, bool)
-            or not isinstance(max_future_skew, int)
-            or max_future_skew < 0
-        ):
-            raise ValidationError("max_future_skew", "must be a non-negative whole number or None")
-        self.max_future_skew = max_future_skew
+        self.max_future_skew = check_future_skew(max_future_skew)
         self.lateness: int | None = lateness_module.parse_lateness(lateness)
         """Seconds an event may lie before the clock (``None``: any): :mod:`meterkit.lateness`."""
-        if retention is not None and not isinstance(retention, Mapping):
-            raise ValidationError("retention", "must map meter names to days")
-        wanted_retention = {
-            name: retention_module.parse_retention(days, f"retention.{name}")
-            for name, days in (retention or {}).items()
-        }
+        wanted_retention = retention_module.parse_retentions(retention)
         lease_ttl, self.flush_interval = check_timing(lease_ttl, flush_interval)
         plugins = tuple(plugins)
         self.pm = make_plugin_manager(plugins) if plugins else get_plugin_manager()
@@ -179,11 +171,9 @@ class Meter:
         db_now = self.capabilities.db_now
         self.clock: Clock = clock or (StoreClock(db_now) if db_now else _time.time)
         self.counters: CounterStore = (
-            self.store
-            if counters is None
-            else open_counters(counters, self.pm)
+            open_counters(counters, self.pm)
             if isinstance(counters, str)
-            else counters
+            else counters or self.store
         )
         self.registry = Registry(self.store)
         """The meters and plan metrics this meter knows."""
@@ -198,7 +188,7 @@ class Meter:
             self.retention_days,
             clock=self.clock,
             capabilities=self.capabilities,
-            max_future_skew=max_future_skew,
+            max_future_skew=self.max_future_skew,
             lateness=self.lateness,
             flush_interval=self.flush_interval,
             recorded=self._recorded,
@@ -208,6 +198,12 @@ class Meter:
             self.store, self.registry, self.retention_days, clock=self.clock, sync=self.sync
         )
         """The read path: usage queries over rollups or events."""
+        self.costs_reader = CostsReader(
+            self.reader,
+            lambda: pricing.load_book(self.store, self.specs, builtin=True),
+            lambda org, t: self.quotas.period(org, t),
+        )
+        """Costs pages priced from the read path."""
         for group in self.pm.hook.meterkit_register_meters():
             for spec in group or ():
                 self.register(spec)
@@ -245,32 +241,7 @@ class Meter:
 
         Keyword arguments override the file (``url=...`` replaces ``store``).
         """
-        config = load_config(path)
-        kwargs = config.meter_kwargs()
-        metrics = kwargs.pop("metrics", ())
-        override = overrides.pop("url", None)
-        url = override or config.store
-        kwargs.update(overrides)
-        try:
-            meter = cls(url, **kwargs)
-        except ValidationError as exc:
-            if exc.field == "url" and not override:
-                raise ValidationError("store", exc.message) from None  # the file's own key
-            raise
-        try:
-            for metric in metrics:
-                try:
-                    meter.set_metric(metric)
-                except ValidationError as exc:  # named after the file's [metrics.NAME] table
-                    tail = exc.field.removeprefix("metric.").removeprefix("metric")
-                    raise ValidationError(
-                        f"metrics.{metric.name}{'.' + tail if tail else ''}", exc.message
-                    ) from None
-            config.apply(meter)
-        except BaseException:
-            meter.close()
-            raise
-        return meter
+        return load_config(path).open(cls, **overrides)
 
     # -- meters -------------------------------------------------------------------------------
 
@@ -332,28 +303,15 @@ class Meter:
     # -- recording ----------------------------------------------------------------------------
 
     def record(
-        self,
-        meter: str,
-        values: Mapping[str, Number],
-        *,
-        organization_id: str,
-        time: Any = None,
-        id: str | None = None,
-        dimensions: Mapping[str, DimValue] | None = None,
+        self, meter: str, values: Mapping[str, Number], **event: Unpack[EventKeywords]
     ) -> bool:
-        """Record one event. ``True`` if it is new, ``False`` if it was already recorded.
+        """Record one event (``organization_id=``, and ``time``, ``id``, ``dimensions``).
+        ``True`` if it is new, ``False`` if it was already recorded.
 
         The same ``id`` for the same organization and meter with *other* data (time, values or
         dimensions) raises :class:`~meterkit.errors.EventConflict`; the stored event is kept.
         """
-        return self.recorder.record(
-            meter,
-            values,
-            organization_id=organization_id,
-            time=time,
-            id=id,
-            dimensions=dimensions,
-        )
+        return self.recorder.record(meter, values, **event)
 
     def record_many(self, events: Iterable[Event]) -> AppendResult:
         """Record a batch in one transaction: all of it, or (on any invalid event) none.
@@ -415,171 +373,46 @@ class Meter:
 
     # -- queries ------------------------------------------------------------------------------
 
-    def usage(
-        self,
-        meter: str,
-        *,
-        organization_id: str,
-        start_time: Any,
-        end_time: Any = None,
-        bucket_width: str = "1d",
-        group_by: Iterable[str] | None = None,
-        filters: Mapping[str, Iterable[DimValue]] | None = None,
-        limit: int | None = None,
-        page: str | None = None,
-    ) -> UsagePage:
+    def usage(self, meter: str, **query: Unpack[UsageKeywords]) -> UsagePage:
         """One page of buckets: OpenAI usage semantics (see docs/python-api.md)."""
-        spec, query, secret = self.reader.query(
-            meter,
-            organization_id=organization_id,
-            start_time=start_time,
-            end_time=end_time,
-            bucket_width=bucket_width,
-            group_by=group_by,
-            filters=filters,
-            limit=limit,
-            page=page,
-        )
-        return self.reader.page(spec, query, secret)
+        return self.reader.page(*self.reader.query(meter, **query))
 
-    def usage_dict(
-        self,
-        meter: str,
-        *,
-        organization_id: str,
-        start_time: Any,
-        end_time: Any = None,
-        bucket_width: str = "1d",
-        group_by: Iterable[str] | None = None,
-        filters: Mapping[str, Iterable[DimValue]] | None = None,
-        limit: int | None = None,
-        page: str | None = None,
-    ) -> dict[str, object]:
+    def usage_dict(self, meter: str, **query: Unpack[UsageKeywords]) -> dict[str, object]:
         """:meth:`usage` as its OpenAI JSON page (``usage(...).to_dict()``), built straight
         from the store's rows: no object per row. What the HTTP API serves."""
-        spec, query, secret = self.reader.query(
-            meter,
-            organization_id=organization_id,
-            start_time=start_time,
-            end_time=end_time,
-            bucket_width=bucket_width,
-            group_by=group_by,
-            filters=filters,
-            limit=limit,
-            page=page,
-        )
-        return self.reader.page_dict(spec, query, secret)
+        return self.reader.page_dict(*self.reader.query(meter, **query))
 
     def totals(
-        self,
-        meter: str,
-        *,
-        organization_id: str,
-        start_time: int,
-        end_time: int,
-        bucket_width: str = "1d",
+        self, meter: str, **query: Unpack[TotalsKeywords]
     ) -> list[tuple[int, dict[str, Number | None]]]:
         """Per-bucket totals (no grouping) over any span, as ``(bucket_start, values)``.
 
         Unlike :meth:`usage` there is no page limit: summaries over a month or a year use it.
         """
-        return self.reader.totals(
-            meter,
-            organization_id=organization_id,
-            start_time=start_time,
-            end_time=end_time,
-            bucket_width=bucket_width,
-        )
+        return self.reader.totals(meter, **query)
 
-    def total(
-        self, meter: str, measure: str, *, organization_id: str, start_time: int, end_time: int
-    ) -> Number:
+    def total(self, meter: str, measure: str, **span: Unpack[SpanKeywords]) -> Number:
         """The sum of a counter measure over ``[start_time, end_time)``."""
-        return self.reader.total(
-            meter,
-            measure,
-            organization_id=organization_id,
-            start_time=start_time,
-            end_time=end_time,
-        )
+        return self.reader.total(meter, measure, **span)
 
     # -- prices and costs (see meterkit.pricing, meterkit.costs) -------------------------------
 
     def set_price(self, price: Price | Mapping[str, Any]) -> Price:
         """Add or replace a price version (kept by the store)."""
-        if isinstance(price, Mapping):
-            price = pricing.price_from_dict(price, self.specs)
-        self.flush()  # what was recorded at the old prices is in the events
-        before = self._book()  # as stored now, not as cached
-        saved = pricing.save_price(self.store, price, specs=self.specs)
-        self.quotas.forget()  # spend is counted at the new prices from now on
-        # and this month's events so far are repriced, so spend keeps equal to the costs.
-        self.quotas.reprice(before, saved.meter)
-        return saved
+        return self.quotas.set_price(price)
 
     def prices(self) -> PriceBook:
         """The price book as stored now (without the built-in ``charges`` line that bills
         spend given in dollars; see :data:`meterkit.pricing.CHARGES`)."""
         return pricing.load_book(self.store, self.specs)
 
-    def _book(self) -> PriceBook:
-        """The price book costs are billed by: the stored prices and the built-in lines."""
-        return pricing.load_book(self.store, self.specs, builtin=True)
-
-    def costs(
-        self,
-        *,
-        organization_id: str,
-        start_time: Any,
-        end_time: Any = None,
-        bucket_width: str = "1d",
-        group_by: Iterable[str] | None = None,
-        filters: Mapping[str, Iterable[str]] | None = None,
-        limit: int | None = None,
-        page: str | None = None,
-    ) -> CostsPage:
+    def costs(self, **query: Unpack[CostsKeywords]) -> CostsPage:
         """One page of daily costs: OpenAI costs semantics, exact Decimal amounts."""
-        self.sync()
-        return costs_module.costs_page(
-            self.reader.retained_store(),
-            self.specs,
-            self._book(),
-            organization_id=organization_id,
-            start_time=start_time,
-            end_time=end_time if end_time is not None else self.reader.end_now(start_time),
-            bucket_width=bucket_width,
-            group_by=group_by,
-            filters=filters,
-            limit=limit,
-            page=page,
-            period_of=self._period_of(organization_id),
-            reader=self.reader,
-        )
+        return self.costs_reader.page(**query)
 
-    def unpriced(
-        self,
-        *,
-        organization_id: str,
-        start_time: Any,
-        end_time: Any = None,
-        meters: Iterable[str] | None = None,
-    ) -> list[UnpricedUsage]:
+    def unpriced(self, **query: Unpack[UnpricedKeywords]) -> list[UnpricedUsage]:
         """Usage no price matched: listed, never silently costed at zero."""
-        self.sync()
-        return costs_module.unpriced(
-            self.reader.retained_store(),
-            self.specs,
-            self._book(),
-            organization_id=organization_id,
-            start_time=start_time,
-            end_time=end_time if end_time is not None else self.now(),
-            meters=meters,
-        )
-
-    def _period_of(self, organization_id: object) -> Callable[[int], Period] | None:
-        if not isinstance(organization_id, str) or not organization_id:
-            return None  # the costs query reports the bad organization_id itself
-        return lambda t: self.quotas.period(organization_id, t)
+        return self.costs_reader.unpriced(**query)
 
     # -- quotas (see meterkit.quotas) ---------------------------------------------------------
 
@@ -596,16 +429,11 @@ class Meter:
         return self.quotas.assign(organization_id, plan, seats=seats)
 
     def grant_credits(
-        self,
-        organization_id: str,
-        credits: int,
-        *,
-        expires_at: int | None = None,
-        id: str | None = None,
+        self, organization_id: str, credits: int, **grant: Unpack[GrantKeywords]
     ) -> Grant:
-        """Add purchased credits on top of the plan allowance. A grant given again with the
-        same ``id`` replaces it, so a retried grant is never added twice."""
-        return self.quotas.grant(organization_id, credits, expires_at=expires_at, id=id)
+        """Add purchased credits on top of the plan allowance (``expires_at``, ``id``). A grant
+        given again with the same ``id`` replaces it, so a retried grant is never added twice."""
+        return self.quotas.grant(organization_id, credits, **grant)
 
     def plan_of(self, organization_id: str) -> tuple[OrgPlan | None, Plan | None]:
         """The organization's assignment and its plan (``None`` where there is none)."""
@@ -615,64 +443,33 @@ class Meter:
         self,
         organization_id: str,
         amounts: Mapping[str, int],
-        *,
-        debit: bool = True,
-        requests: int = 1,
-        dimensions: Mapping[str, Any] | None = None,
-        cost: Any = None,
-        price: Mapping[str, Mapping[str, Any]] | None = None,
+        **options: Unpack[CheckKeywords],
     ) -> Decision:
         """Atomically admit and debit ``amounts`` against every limit, or refuse and debit none.
 
         ``cost`` (dollars) or ``price`` (``{meter: {measure: amount}}``) is the request's
         estimated spend, held to the spend limit with the other limits (:mod:`meterkit.spend`).
         """
-        return self.quotas.check(
-            organization_id,
-            amounts,
-            debit=debit,
-            requests=requests,
-            dimensions=dimensions,
-            cost=cost,
-            price=price,
-        )
+        return self.quotas.check(organization_id, amounts, **options)
 
     def reserve(
         self,
         organization_id: str,
         amounts: Mapping[str, int],
-        *,
-        ttl: int = 300,
-        requests: int = 1,
-        dimensions: Mapping[str, Any] | None = None,
-        cost: Any = None,
-        price: Mapping[str, Mapping[str, Any]] | None = None,
+        **options: Unpack[ReserveKeywords],
     ) -> Reservation:
         """Hold ``amounts`` (and an estimated ``cost`` / ``price``) until
         ``commit(actual, cost=...)`` or ``release()``; raises QuotaExceeded."""
-        return self.quotas.reserve(
-            organization_id,
-            amounts,
-            ttl=ttl,
-            requests=requests,
-            dimensions=dimensions,
-            cost=cost,
-            price=price,
-        )
+        return self.quotas.reserve(organization_id, amounts, **options)
 
     def debit(
         self,
         organization_id: str,
         amounts: Mapping[str, int],
-        *,
-        dimensions: Mapping[str, Any] | None = None,
-        cost: Any = None,
-        price: Mapping[str, Mapping[str, Any]] | None = None,
+        **options: Unpack[DebitKeywords],
     ) -> Decision:
         """Count usage (and its ``cost`` as spend) that already happened, without a check."""
-        return self.quotas.debit(
-            organization_id, amounts, dimensions=dimensions, cost=cost, price=price
-        )
+        return self.quotas.debit(organization_id, amounts, **options)
 
     # -- spend limits and alerts (see meterkit.spend) ------------------------------------------
 
@@ -687,95 +484,47 @@ class Meter:
         """Create or replace the organization's own hard spend limit, in cents per UTC month
         (what its admin key sets over HTTP): at or under the operator's cap
         (:meth:`set_spend_cap`), where one is set."""
-        limit = spend_module.SpendLimit.build(
-            organization_id,
-            {"threshold_amount": threshold_amount, "currency": currency, "interval": interval},
-            self.now(),
+        self.quotas.book.set_spend_limit(
+            organization_id, threshold_amount, currency=currency, interval=interval
         )
-        cap = spend_module.read_cap(self.store, limit.organization_id)
-        if cap is not None and limit.threshold_amount > cap.threshold_amount:
-            raise StateConflict(
-                "threshold_amount",
-                f"must be at most {cap.threshold_amount} cents, the cap the operator set "
-                "on this organization's spend limit",
-            )
-        self.store.put_record(spend_module.LIMIT_RECORD, limit.organization_id, limit.to_record())
-        self.quotas.forget()
         return self.spend(organization_id)
 
     def delete_spend_limit(self, organization_id: str) -> bool:
         """Remove the organization's own spend limit; ``True`` if it had one. The operator's
         cap, if any, stays in force."""
-        org = check_id("organization_id", organization_id)
-        found = self.store.delete_record(spend_module.LIMIT_RECORD, org)
-        self.quotas.forget()
-        return found
+        return self.quotas.book.delete_spend_limit(organization_id)
 
     def set_spend_cap(self, organization_id: str, threshold_amount: int) -> spend_module.SpendState:
         """The operator's cap on the organization's spend, in cents per UTC month: enforced
         whatever the organization sets itself, which may be lower, never higher, and cannot be
         removed but by the operator (:meth:`delete_spend_cap`)."""
-        cap = spend_module.SpendLimit.build(
-            organization_id,
-            {"threshold_amount": threshold_amount, "currency": "USD", "interval": "month"},
-            self.now(),
-        )
-        self.store.put_record(spend_module.CAP_RECORD, cap.organization_id, cap.to_record())
-        self.quotas.forget()
+        self.quotas.book.set_spend_cap(organization_id, threshold_amount)
         return self.spend(organization_id)
 
     def spend_cap(self, organization_id: str) -> int | None:
         """The operator's cap in cents, or ``None``."""
-        cap = spend_module.read_cap(self.store, check_id("organization_id", organization_id))
-        return None if cap is None else cap.threshold_amount
+        return self.quotas.book.spend_cap(organization_id)
 
     def delete_spend_cap(self, organization_id: str) -> bool:
         """Remove the operator's cap; ``True`` if there was one."""
-        org = check_id("organization_id", organization_id)
-        found = self.store.delete_record(spend_module.CAP_RECORD, org)
-        self.quotas.forget()
-        return found
+        return self.quotas.book.delete_spend_cap(organization_id)
 
     def spend(self, organization_id: str, at: int | None = None) -> spend_module.SpendState:
         """Month-to-date counted spend (open reservations' estimates included) and the limit."""
-        org = check_id("organization_id", organization_id)
-        now = self.now() if at is None else check_time("at", at)
-        self.flush()  # decisions made here and not reported yet count
-        month = pricing.default_period_of(now)
-        nano = self.quotas.spent(org, now)
-        limit = spend_module.read_limit(self.store, org)
-        return spend_module.SpendState(
-            org, month.start, month.end, spend_module.nano_to_usd(nano), limit
-        )
+        return self.quotas.spend_state(organization_id, at)
 
     def create_spend_alert(
         self,
         organization_id: str,
         threshold_amount: int,
         recipients: Sequence[str],
-        *,
-        subject_prefix: str | None = None,
-        currency: str = "USD",
-        interval: str = "month",
-        id: str | None = None,
+        **alert: Unpack[AlertKeywords],
     ) -> spend_module.SpendAlert:
         """An alert at ``threshold_amount`` cents of month-to-date spend, emailed to
-        ``recipients`` (and sent to every notifier) once per month."""
-        return self.put_spend_alert(
-            organization_id,
-            id or new_id("spalert"),
-            {
-                "threshold_amount": threshold_amount,
-                "currency": currency,
-                "interval": interval,
-                "notification_channel": {
-                    "type": "email",
-                    "recipients": list(recipients)
-                    if not isinstance(recipients, (str, bytes))
-                    else recipients,
-                    "subject_prefix": subject_prefix,
-                },
-            },
+        ``recipients`` (and sent to every notifier) once per month; ``subject_prefix``,
+        ``currency``, ``interval`` and ``id`` as the SDK's fields."""
+        return self.quotas.book.create_spend_alert(
+            organization_id, threshold_amount, recipients, **alert
         )
 
     def put_spend_alert(
@@ -783,35 +532,17 @@ class Meter:
     ) -> spend_module.SpendAlert:
         """Create or replace an alert from the SDK's fields (``threshold_amount``,
         ``currency``, ``interval``, ``notification_channel``); creation time is kept."""
-        org = check_id("organization_id", organization_id)
-        alert = spend_module.SpendAlert.build(alert_id, org, data, self.now())
-        old = spend_module.get_alert(self.store, org, alert.id)
-        if old is not None:
-            alert = attrs.evolve(alert, created_at=old.created_at)
-        elif len(self.store.list_records(spend_module.alert_kind(org))) >= spend_module.MAX_ALERTS:
-            raise StateConflict(
-                "threshold_amount",
-                f"an organization has at most {spend_module.MAX_ALERTS} spend alerts; "
-                "update or delete one",
-            )
-        self.store.put_record(spend_module.alert_kind(org), alert.id, alert.to_record())
-        self.quotas.forget()
-        return alert
+        return self.quotas.book.put_spend_alert(organization_id, alert_id, data)
 
     def spend_alert(self, organization_id: str, alert_id: str) -> spend_module.SpendAlert | None:
-        return spend_module.get_alert(
-            self.store, check_id("organization_id", organization_id), check_id("id", alert_id)
-        )
+        return self.quotas.book.spend_alert(organization_id, alert_id)
 
     def spend_alerts(self, organization_id: str) -> list[spend_module.SpendAlert]:
         """The organization's spend alerts, oldest first."""
-        return spend_module.list_alerts(self.store, check_id("organization_id", organization_id))
+        return self.quotas.book.spend_alerts(organization_id)
 
     def delete_spend_alert(self, organization_id: str, alert_id: str) -> bool:
-        org = check_id("organization_id", organization_id)
-        found = self.store.delete_record(spend_module.alert_kind(org), check_id("id", alert_id))
-        self.quotas.forget()
-        return found
+        return self.quotas.book.delete_spend_alert(organization_id, alert_id)
 
     def _spend_alert(self, alert: spend_module.SpendAlert, used: int, period_start: int) -> None:
         """An alert fired: the threshold hook now, the notifiers from the outbox."""
@@ -914,120 +645,26 @@ class Meter:
         self, meter: str, organization_id: str, event_id: str, *, reason: str, actor: str
     ) -> corrections_module.Correction:
         """Void a stored event: it counts for nothing any more (its id stays taken)."""
-        return self._correct(meter, organization_id, event_id, "void", None, None, reason, actor)
+        request = corrections_module.Request(
+            meter, organization_id, event_id, "void", None, None, reason, actor
+        )
+        return corrections_module.correct(self.recorder, self.quotas.recount, request)
 
     def amend(
-        self,
-        meter: str,
-        organization_id: str,
-        event_id: str,
-        *,
-        values: Mapping[str, Number] | None = None,
-        dimensions: Mapping[str, DimValue] | None = None,
-        reason: str,
-        actor: str,
+        self, meter: str, organization_id: str, event_id: str, **change: Unpack[AmendKeywords]
     ) -> corrections_module.Correction:
         """Give a stored event new ``values`` and/or ``dimensions`` (each replaced whole;
-        its time stays)."""
-        if values is None and dimensions is None:
-            raise ValidationError("values", "give values or dimensions to amend")
-        return self._correct(
-            meter, organization_id, event_id, "amend", values, dimensions, reason, actor
-        )
+        its time stays), with the ``reason`` and ``actor`` of the correction."""
+        request = corrections_module.Request.amend(meter, organization_id, event_id, **change)
+        return corrections_module.correct(self.recorder, self.quotas.recount, request)
 
     def corrections(
         self, organization_id: str, *, meter: str | None = None, event_id: str | None = None
     ) -> list[corrections_module.Correction]:
         """The organization's corrections, oldest first, optionally of one meter or event."""
-        org = check_id("organization_id", organization_id)
-        found = [
-            corrections_module.Correction.from_record(key, org, data)
-            for key, data in self.store.list_records(corrections_module.kind(org))
-        ]
-        found = [
-            c
-            for c in found
-            if (meter is None or c.meter == meter) and (event_id is None or c.event_id == event_id)
-        ]
-        return sorted(found, key=lambda c: (c.at, c.id))
-
-    def _correct(
-        self,
-        meter: str,
-        organization_id: str,
-        event_id: str,
-        action: corrections_module.Action,
-        values: Mapping[str, Number] | None,
-        dimensions: Mapping[str, DimValue] | None,
-        reason: str,
-        actor: str,
-    ) -> corrections_module.Correction:
-        spec = self.spec(meter)
-        org = check_id("organization_id", organization_id)
-        eid = check_id("event_id", event_id)
-        why = corrections_module.check_reason(reason)
-        who = corrections_module.check_actor(actor)
-        replace = self.capabilities.replace_event
-        if replace is None:
-            raise ValidationError("meter", f"the store {self.url} cannot correct events")
-        self.registry.ensure(spec)
-        self.flush()  # events queued here are in the store first
-        found = self.store.get_events(spec.name, org, [eid])
-        if not found:
-            raise NotFound("event_id", f"no event {eid!r} of meter {spec.name!r} for {org}")
-        old = found[0]
-        if action == "void":
-            if not old.values:
-                raise StateConflict("event_id", f"{eid!r} is void already")
-            new = Event(old.id, spec.name, org, old.time, {}, dict(old.dimensions))
-        else:
-            draft = Event(
-                old.id,
-                spec.name,
-                org,
-                old.time,
-                dict(old.values) if values is None else values,
-                dict(old.dimensions) if dimensions is None else dimensions,
-            )
-            try:
-                new = check_event(spec, draft, "event")
-            except ValidationError as exc:
-                raise ValidationError(exc.field.removeprefix("event."), exc.message) from None
-            if new.values == old.values and new.dimensions == old.dimensions:
-                raise StateConflict("values", "the amendment changes nothing")
-        now = self.now()
-        # A close made elsewhere a moment ago counts.
-        closed = self.recorder.closed_periods(fresh=True)
-        lateness_module.check_open("event_id", closed, org, old.time, f"{eid!r} is")
-        retention_module.check_kept(
-            "event_id",
-            spec.name,
-            self.retention_days.days.get(spec.name),
-            now,
-            old.time,
-            f"{eid!r} is",
+        return corrections_module.list_corrections(
+            self.store, organization_id, meter=meter, event_id=event_id
         )
-        correction = corrections_module.Correction(
-            new_id("corr"),
-            org,
-            spec.name,
-            eid,
-            action,
-            why,
-            who,
-            now,
-            corrections_module.event_dict(old),
-            corrections_module.event_dict(new),
-        )
-        with self.recorder.writes():
-            replaced = replace(spec, new)
-            if replaced is None:
-                raise ValidationError("event_id", f"no event {eid!r} of meter {spec.name!r}")
-            self.quotas.recount([replaced], [new])
-            self.store.put_record(
-                corrections_module.kind(org), correction.id, correction.to_record()
-            )
-        return correction
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -1036,13 +673,8 @@ class Meter:
         if self.recorder.closed:
             return
         _open_meters.discard(self)
-        self.recorder.close()
         try:
-            self.flush(release_leases=True)
-        except StoreUnavailable as exc:
-            logger.warning("meterkit: the last flush of %s failed: %s", self.url, exc)
-        except Exception:
-            logger.exception("meterkit: the last flush of %s failed", self.url)
+            self.recorder.close()
         finally:
             self.outbox.close()
             if self.counters is not self.store:

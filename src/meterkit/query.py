@@ -8,7 +8,7 @@ cuts the answer into pages. :mod:`meterkit.costs` prices what it reads.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 
@@ -24,6 +24,33 @@ from meterkit.stores.base import RollupStore, Store
 from meterkit.validate import check_time, check_usage_query
 
 __all__ = ["UsageReader"]
+
+if TYPE_CHECKING:
+    from typing_extensions import Required, TypedDict
+
+    class UsageKeywords(TypedDict, total=False):
+        """The keywords of a usage query (:meth:`UsageReader.query`), for type checkers."""
+
+        organization_id: Required[str]
+        start_time: Required[Any]
+        end_time: Any
+        bucket_width: str
+        group_by: Iterable[str] | None
+        filters: Mapping[str, Iterable[DimValue]] | None
+        limit: int | None
+        page: str | None
+
+    class SpanKeywords(TypedDict):
+        """The keywords of :meth:`UsageReader.total`, for type checkers."""
+
+        organization_id: str
+        start_time: int
+        end_time: int
+
+    class TotalsKeywords(SpanKeywords, total=False):
+        """The keywords of :meth:`UsageReader.totals`, for type checkers."""
+
+        bucket_width: str
 
 
 class UsageReader:

@@ -18,7 +18,7 @@ import time as _time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -39,13 +39,25 @@ from meterkit.stores.base import Capabilities, Store
 from meterkit.validate import check_event, check_id, check_time
 from meterkit.writer import GroupWriter
 
-__all__ = ["MAX_QUEUED", "Begin", "Counting", "Recorder"]
+__all__ = ["MAX_QUEUED", "Begin", "Counting", "Recorder", "check_future_skew"]
 
 MAX_QUEUED = 100_000
 logger = logging.getLogger("meterkit")
 
 Begin = Callable[[], contextlib.AbstractContextManager[None]]
 """Opens a store transaction (or a write-ahead record around one)."""
+
+if TYPE_CHECKING:
+    from typing_extensions import Required, TypedDict
+
+    class EventKeywords(TypedDict, total=False):
+        """The keywords of :meth:`Recorder.record`, for type checkers."""
+
+        organization_id: Required[str]
+        time: Any
+        id: str | None
+        dimensions: Mapping[str, DimValue] | None
+
 
 _recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
 
@@ -57,6 +69,14 @@ def _forget_queue_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_queue_after_fork)
+
+
+def check_future_skew(value: object) -> int | None:
+    """``max_future_skew``: seconds (a whole number >= 0) an event may lie ahead of the clock,
+    or ``None`` for any time."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValidationError("max_future_skew", "must be a non-negative whole number or None")
+    return value
 
 
 class Counting(Protocol):
@@ -520,13 +540,20 @@ class Recorder:
         thread.start()
 
     def close(self) -> None:
-        """Stop the flush thread (after its last flush); the caller flushes once more."""
+        """Stop the flush thread, then flush a last time with ``closing`` (leases given back);
+        a failure of that flush is logged: what it could not write is lost with the process."""
         self.closed = True
         _recorders.discard(self)
         self._wake.set()
         flusher = self._flusher
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join(timeout=max(5.0, 10 * self.flush_interval))
+        try:
+            self.flush(closing=True)
+        except StoreUnavailable as exc:
+            logger.warning("meterkit: the last flush of %s failed: %s", self.store.url, exc)
+        except Exception:
+            logger.exception("meterkit: the last flush of %s failed", self.store.url)
 
 
 def _flush_loop(ref: weakref.ref[Recorder], wake: threading.Event, interval: float) -> None:

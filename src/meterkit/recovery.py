@@ -27,11 +27,11 @@ exactly as they were counted when recorded.
 
 A lease whose holder stopped reporting (``kill -9``) expires by counting every unit it still
 held as consumed — its holder may have used them — and adds them to the counter's
-:data:`~meterkit.quotas.leases.STRANDED` twin, which the events do not show: a rebuild keeps them (the
-counter is the events plus the stranded units) until the period ends. Recorded usage a lease
-absorbed is in the events before its report counts it: its
-:data:`~meterkit.quotas.leases.ABSORBED` twin, written with those events, is taken off until then —
-for a holder killed before that report as well, whose stranded units include it.
+:data:`~meterkit.quotas.leases.STRANDED` twin, which the events do not show: a rebuild keeps
+them (the counter is the events plus the stranded units) until the period ends. Recorded usage
+a lease absorbed is in the events before its report counts it: its
+:data:`~meterkit.quotas.leases.ABSORBED` twin, written with those events, is taken off until
+then — for a holder killed before that report as well, whose stranded units include it.
 
 Requests admitted while a rebuild runs are counted twice or not at all for the metrics being
 rebuilt at that moment; run it before sending traffic to the new counters, or accept that drift.
@@ -43,12 +43,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from meterkit.counters import clamp
-from meterkit.quotas.leases import ABSORBED, STRANDED
 from meterkit.metrics import contributions
 from meterkit.models import MeterSpec, Number
 from meterkit.periods import Period
 from meterkit.pricing import default_period_of
 from meterkit.quotas import Quotas
+from meterkit.quotas.leases import ABSORBED, STRANDED
 from meterkit.spend import CAP_RECORD, LIMIT_RECORD, SPEND
 from meterkit.stores.base import Capabilities
 

@@ -37,6 +37,7 @@ __all__ = [
     "describe",
     "from_records",
     "parse_retention",
+    "parse_retentions",
     "prune_before",
     "retained_from",
 ]
@@ -67,6 +68,15 @@ def parse_retention(value: object, field: str = "retention") -> int | None:
             field, f"must be a whole number of days of at least 1 (90, '90d'), not {value!r}"
         )
     return days
+
+
+def parse_retentions(value: object) -> dict[str, int | None]:
+    """``{meter: days}`` (each as :func:`parse_retention`) from a mapping, or ``None``."""
+    if value is not None and not isinstance(value, Mapping):
+        raise ValidationError("retention", "must map meter names to days")
+    return {
+        name: parse_retention(days, f"retention.{name}") for name, days in (value or {}).items()
+    }
 
 
 def retained_from(now: int, days: int) -> int:

@@ -18,10 +18,13 @@ The rooms, each a module of this package:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from meterkit import pricing
+from meterkit import spend as spend_module
 from meterkit.errors import ValidationError
+from meterkit.pricing import Price
 from meterkit.quotas.book import Book
 from meterkit.quotas.counting import Counting
 from meterkit.quotas.decide import Decider
@@ -45,6 +48,8 @@ from meterkit.quotas.thresholds import (
     ignore_alert,
     ignore_threshold,
 )
+from meterkit.spend import SpendState
+from meterkit.validate import check_id, check_time
 
 if TYPE_CHECKING:
     from meterkit.recorder import Recorder
@@ -193,6 +198,29 @@ class Quotas:
         self.used = decider.used
         self.decide_local = decider.decide_local
         self.no_io = settler.no_io
+
+    def set_price(self, price: Price | Mapping[str, Any]) -> Price:
+        """Add or replace a price version (kept by the store); spend follows the new prices."""
+        specs = self.registry.specs
+        if isinstance(price, Mapping):
+            price = pricing.price_from_dict(price, specs)
+        self.recorder.flush()  # what was recorded at the old prices is in the events
+        before = pricing.load_book(self.store, specs, builtin=True)  # stored, not cached
+        saved = pricing.save_price(self.store, price, specs=specs)
+        self.book.forget()  # spend is counted at the new prices from now on
+        # and this month's events so far are repriced, so spend keeps equal to the costs.
+        self.counting.reprice(before, saved.meter)
+        return saved
+
+    def spend_state(self, organization_id: str, at: int | None = None) -> SpendState:
+        """Month-to-date counted spend (open reservations' estimates included) and the limit."""
+        org = check_id("organization_id", organization_id)
+        now = self.recorder.now() if at is None else check_time("at", at)
+        self.recorder.flush()  # decisions made here and not reported yet count
+        month = pricing.default_period_of(now)
+        nano = self.counting.spent(org, now)
+        limit = spend_module.read_limit(self.store, org)
+        return SpendState(org, month.start, month.end, spend_module.nano_to_usd(nano), limit)
 
     @property
     def policy(self) -> Policy:

@@ -11,12 +11,15 @@ import logging
 import threading
 import time as _time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from meterkit import spend as spend_module
-from meterkit.errors import NotFound, StoreUnavailable, ValidationError
+from meterkit.errors import NotFound, StateConflict, StoreUnavailable, ValidationError
+from meterkit.ids import new_id
 from meterkit.metrics import RECORD_KIND as METRIC_RECORDS
 from meterkit.metrics import Metric
 from meterkit.periods import BillingCycle, Period
@@ -27,8 +30,25 @@ from meterkit.spend import SpendAlert, SpendLimit, check_cost, to_nano
 from meterkit.validate import check_id, check_number, check_time
 
 if TYPE_CHECKING:
+    from typing_extensions import TypedDict
+
     from meterkit.recorder import Recorder
     from meterkit.registry import Registry
+
+    class GrantKeywords(TypedDict, total=False):
+        """The keywords of :meth:`Book.grant`, for type checkers."""
+
+        expires_at: int | None
+        id: str | None
+
+    class AlertKeywords(TypedDict, total=False):
+        """The keywords of :meth:`Book.create_spend_alert`, for type checkers."""
+
+        subject_prefix: str | None
+        currency: str
+        interval: str
+        id: str | None
+
 
 __all__ = ["DEFAULT_CYCLE", "Book"]
 
@@ -378,3 +398,130 @@ class Book:
         spec = self.registry.specs.get(metric)
         measure = spec.measure(metric) if spec else None
         return bool(measure and measure.gauge)
+
+    # -- spend limits, caps and alerts (see meterkit.spend) ----------------------------------
+
+    def set_spend_limit(
+        self,
+        organization_id: str,
+        threshold_amount: int,
+        *,
+        currency: str = "USD",
+        interval: str = "month",
+    ) -> spend_module.SpendLimit:
+        """Create or replace the organization's own hard spend limit, in cents per UTC month
+        (what its admin key sets over HTTP): at or under the operator's cap
+        (:meth:`set_spend_cap`), where one is set."""
+        limit = spend_module.SpendLimit.build(
+            organization_id,
+            {"threshold_amount": threshold_amount, "currency": currency, "interval": interval},
+            self.recorder.now(),
+        )
+        cap = spend_module.read_cap(self.store, limit.organization_id)
+        if cap is not None and limit.threshold_amount > cap.threshold_amount:
+            raise StateConflict(
+                "threshold_amount",
+                f"must be at most {cap.threshold_amount} cents, the cap the operator set "
+                "on this organization's spend limit",
+            )
+        self.store.put_record(spend_module.LIMIT_RECORD, limit.organization_id, limit.to_record())
+        self.forget()
+        return limit
+
+    def delete_spend_limit(self, organization_id: str) -> bool:
+        """Remove the organization's own spend limit; ``True`` if it had one. The operator's
+        cap, if any, stays in force."""
+        org = check_id("organization_id", organization_id)
+        found = self.store.delete_record(spend_module.LIMIT_RECORD, org)
+        self.forget()
+        return found
+
+    def set_spend_cap(self, organization_id: str, threshold_amount: int) -> spend_module.SpendLimit:
+        """The operator's cap on the organization's spend, in cents per UTC month: enforced
+        whatever the organization sets itself, which may be lower, never higher, and cannot be
+        removed but by the operator (:meth:`delete_spend_cap`)."""
+        cap = spend_module.SpendLimit.build(
+            organization_id,
+            {"threshold_amount": threshold_amount, "currency": "USD", "interval": "month"},
+            self.recorder.now(),
+        )
+        self.store.put_record(spend_module.CAP_RECORD, cap.organization_id, cap.to_record())
+        self.forget()
+        return cap
+
+    def spend_cap(self, organization_id: str) -> int | None:
+        """The operator's cap in cents, or ``None``."""
+        cap = spend_module.read_cap(self.store, check_id("organization_id", organization_id))
+        return None if cap is None else cap.threshold_amount
+
+    def delete_spend_cap(self, organization_id: str) -> bool:
+        """Remove the operator's cap; ``True`` if there was one."""
+        org = check_id("organization_id", organization_id)
+        found = self.store.delete_record(spend_module.CAP_RECORD, org)
+        self.forget()
+        return found
+
+    def put_spend_alert(
+        self, organization_id: str, alert_id: str, data: Mapping[str, Any]
+    ) -> spend_module.SpendAlert:
+        """Create or replace an alert from the SDK's fields (``threshold_amount``,
+        ``currency``, ``interval``, ``notification_channel``); creation time is kept."""
+        org = check_id("organization_id", organization_id)
+        alert = spend_module.SpendAlert.build(alert_id, org, data, self.recorder.now())
+        old = spend_module.get_alert(self.store, org, alert.id)
+        if old is not None:
+            alert = attrs.evolve(alert, created_at=old.created_at)
+        elif len(self.store.list_records(spend_module.alert_kind(org))) >= spend_module.MAX_ALERTS:
+            raise StateConflict(
+                "threshold_amount",
+                f"an organization has at most {spend_module.MAX_ALERTS} spend alerts; "
+                "update or delete one",
+            )
+        self.store.put_record(spend_module.alert_kind(org), alert.id, alert.to_record())
+        self.forget()
+        return alert
+
+    def spend_alert(self, organization_id: str, alert_id: str) -> spend_module.SpendAlert | None:
+        return spend_module.get_alert(
+            self.store, check_id("organization_id", organization_id), check_id("id", alert_id)
+        )
+
+    def spend_alerts(self, organization_id: str) -> list[spend_module.SpendAlert]:
+        """The organization's spend alerts, oldest first."""
+        return spend_module.list_alerts(self.store, check_id("organization_id", organization_id))
+
+    def delete_spend_alert(self, organization_id: str, alert_id: str) -> bool:
+        org = check_id("organization_id", organization_id)
+        found = self.store.delete_record(spend_module.alert_kind(org), check_id("id", alert_id))
+        self.forget()
+        return found
+
+    def create_spend_alert(
+        self,
+        organization_id: str,
+        threshold_amount: int,
+        recipients: Sequence[str],
+        *,
+        subject_prefix: str | None = None,
+        currency: str = "USD",
+        interval: str = "month",
+        id: str | None = None,
+    ) -> spend_module.SpendAlert:
+        """An alert at ``threshold_amount`` cents of month-to-date spend, emailed to
+        ``recipients`` (and sent to every notifier) once per month."""
+        return self.put_spend_alert(
+            organization_id,
+            id or new_id("spalert"),
+            {
+                "threshold_amount": threshold_amount,
+                "currency": currency,
+                "interval": interval,
+                "notification_channel": {
+                    "type": "email",
+                    "recipients": list(recipients)
+                    if not isinstance(recipients, (str, bytes))
+                    else recipients,
+                    "subject_prefix": subject_prefix,
+                },
+            },
+        )

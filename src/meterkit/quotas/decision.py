@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
@@ -23,6 +23,29 @@ __all__ = [
     "check_org",
     "check_ttl",
 ]
+
+if TYPE_CHECKING:
+    from typing_extensions import TypedDict
+
+    class DebitKeywords(TypedDict, total=False):
+        """The keywords of a debit, for type checkers."""
+
+        dimensions: Mapping[str, Any] | None
+        cost: Any
+        price: Mapping[str, Mapping[str, Any]] | None
+
+    class CheckKeywords(DebitKeywords, total=False):
+        """The keywords of a check, for type checkers."""
+
+        debit: bool
+        requests: int
+
+    class ReserveKeywords(DebitKeywords, total=False):
+        """The keywords of a reservation, for type checkers."""
+
+        ttl: int
+        requests: int
+
 
 RATE_WINDOWS = {"rate_limit_rpm": 60, "rate_limit_per_day": 86400}
 Policy = Literal["closed", "open"]
