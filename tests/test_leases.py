@@ -271,7 +271,7 @@ def test_a_take_that_waited_for_a_report_uses_the_organizations_current_hold(
     assert m.check(ORG, {"tokens": 1}).allowed
     leases = m.quotas.leases
     assert leases is not None
-    state = leases._org(ORG)
+    state = leases.state.org(ORG)
     admitted: list[bool] = []
     with state.lock:
         waiting = threading.Thread(
@@ -279,7 +279,7 @@ def test_a_take_that_waited_for_a_report_uses_the_organizations_current_hold(
         )
         waiting.start()
         waiting.join(0.2)  # it needs a take: it waits for the lock
-        leases._report_locked(state, T0, closing=True)  # gives all back, forgets the org
+        leases.reports.report_locked(state, T0, closing=True)  # gives all back, forgets the org
     waiting.join(30)
     assert admitted == [True]
     m.flush()

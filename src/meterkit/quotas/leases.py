@@ -39,18 +39,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import threading
 import uuid
-import weakref
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import attrs
 
 from meterkit.counters import MAX_COUNTER
-from meterkit.errors import StoreUnavailable, ValidationError
+from meterkit.errors import ValidationError
 from meterkit.models import CounterLine, CounterResult, Hold
+from meterkit.quotas.leasestate import (
+    ABSORBED,
+    FIRST_BLOCK,
+    LEASED,
+    STEP,
+    STRANDED,
+    Lease,
+    LeaseCounters,
+    LeaseState,
+    OrgHold,
+    lease_hold,
+)
+from meterkit.quotas.reports import LeaseReports
 
 __all__ = [
     "ABSORBED",
@@ -67,26 +78,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("meterkit")
-
-LEASED = "\x1fleased"
-"""Suffix of the counter holding a quota counter's leased, unconsumed units."""
-
-STRANDED = "\x1fstranded"
-"""Suffix of the counter holding a quota counter's units stranded by leases that expired
-unreported: counted as consumed (its holder may have used them), so never handed to another
-process; part of what the counter holds beside the events (see :mod:`meterkit.recovery`)."""
-
-ABSORBED = "\x1fabsorbed"
-"""Suffix of the counter holding the units of a quota counter's leases that recorded usage
-consumed, stored with its events and not reported yet: the events show them, the counter does
-not (it holds the lease's units as leased). Written in the events' own transaction and taken
-back by the report that counts them, so ``counter = events + stranded - absorbed`` holds at
-every moment, for a holder killed before its report too (see :mod:`meterkit.recovery`)."""
-
-STEP = "\x1fstep"
-"""Suffix of the counter holding the largest usage recorded at once against a quota counter,
-as every process published it (each its own largest, rounded up to a power of two, summed):
-how near the limit a lease must take exactly what is asked, whoever records the usage."""
 
 DEFAULT_TTL = 30
 """Seconds a lease is held without a report; a holder stops using it after half of that."""
@@ -111,8 +102,6 @@ def check_timing(lease_ttl: object, flush_interval: object) -> tuple[int, float]
     return lease_ttl, float(flush_interval)
 
 
-_FIRST_BLOCK = 16
-
 NEAR_REQUESTS = 64
 """Within this many requests of the limit (a request being what it asks plus the largest usage
 recorded at once against the line) a lease takes exactly what is asked: no unused units."""
@@ -132,114 +121,20 @@ class LeaseLine(Protocol):
     def reset_at(self) -> int | None: ...
 
 
-class _Counters(Protocol):
-    def counters_apply(
-        self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
-    ) -> CounterResult: ...
-
-    def counters_settle(
-        self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int
-    ) -> bool: ...
-
-    def counters_add(
-        self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
-    ) -> list[int]: ...
-
-    def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]: ...
-
-
 class Contended(Exception):
     """Other threads kept using up the room this decision took: decide in the store."""
 
 
-@attrs.define(eq=False)
-class _Lease:
-    """This process's lease on one counter."""
-
-    key: str  # the counter consumption lands on
-    org: str
-    limit: int | None
-    rate: bool  # a rate window: the block is counted in ``key`` at once
-    ends: int  # the end of the period or window ``key`` counts
-    usable_until: int  # meter clock: half a ttl after the hold was last written, at most ``ends``
-    unused: int = 0
-    consumed: int = 0  # since the last report (quota leases)
-    absorbed: int = 0  # of consumed: recorded usage, counted in ABSORBED with its events
-    # Of consumed: recorded usage whose write is under way; reported once it is done (the
-    # report would otherwise take from ABSORBED what the write has not added yet).
-    pending: int = 0
-    reserved: int = 0  # held by open reservations, neither unused nor consumed yet
-    returned: int = 0  # consumed, then taken back: freed from the hold at the next report
-    taken: int = 0  # what the hold records for this lease (quota leases)
-    seen: int = 0  # the counted total at the last take, this lease included
-    block: int = _FIRST_BLOCK
-    recent: int = 0  # consumed since the last report: sizes the next block
-    fresh: bool = True  # taken since the last report
-    closing: bool = False  # being given back: decisions no longer use it
-
-    def usable(self, counter: CounterLine, now: int) -> bool:
-        return not self.closing and self.limit == counter.limit and now < self.usable_until
-
-    def room_for(self, counter: CounterLine, now: int) -> bool:
-        return self.unused >= counter.amount and self.usable(counter, now)
-
-
-@attrs.define(eq=False)
-class _Org:
-    """One organization's hold, and the lock that orders its store calls."""
-
-    org: str
-    hold_id: str
-    lock: threading.Lock = attrs.field(factory=threading.Lock)
-    expires_at: int = 0  # of the hold as last written; 0: none in the store
-    seq: int = 0  # reports the store applied for this hold (its SEQ counter)
-    # A report whose answer was lost (a timeout): what it changes in memory, to run if the
-    # store did apply it.
-    unsure: Callable[[], None] | None = None
-
-    @property
-    def seq_key(self) -> str:
-        """The counter numbering this hold's reports: a report applies only when it holds
-        exactly ``seq``, so one sent again after a lost answer is never counted twice."""
-        return f"s\x1f{self.org}\x1f{self.hold_id}"
-
-
-_live: weakref.WeakSet[Leases] = weakref.WeakSet()
-
-
-def _forget_after_fork() -> None:
-    # Leases belong to the process that took them: a forked child starts with none, and never
-    # gives back (or reports) its parent's units.
-    for leases in list(_live):
-        leases._reset()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
-
-
 class Leases:
-    """Every lease one meter holds, and the reports that keep the store in step with them."""
+    """Every lease one meter holds: decisions against them, and (``reports``) the reports
+    that keep the store in step with them."""
 
-    def __init__(self, counters: _Counters, *, ttl: int = DEFAULT_TTL) -> None:
+    def __init__(self, counters: LeaseCounters, *, ttl: int = DEFAULT_TTL) -> None:
         self.counters = counters
         self.ttl = ttl
         self.takes = 0  # store calls made to take room, for tests and benchmarks
-        self._reset()
-        _live.add(self)
-
-    def _reset(self) -> None:
-        self._lock = threading.Lock()
-        self._leases: dict[str, _Lease] = {}
-        self._orgs: dict[str, _Org] = {}
-        # Open reservations: id -> (expires_at, [(lease, units held)]).
-        self._reservations: dict[str, tuple[int, list[tuple[_Lease, int]]]] = {}
-        # The largest usage recorded at once against each counter key: how far from the limit
-        # a lease must stop holding spare units.
-        self._recorded: dict[str, int] = {}
-        # What this process added to each key's STEP counter.
-        self._published: dict[str, int] = {}
-
-    # -- decisions ----------------------------------------------------------------------------
+        self.state = LeaseState(counters, ttl)
+        self.reports = LeaseReports(self.state)
 
     def decide(
         self,
@@ -258,33 +153,33 @@ class Leases:
         admitted = self.decide_local(lines, now, reservation, queue)
         if admitted is not None:
             return admitted
-        state = self._org(org)
+        state = self.state.org(org)
         with state.lock:  # one take at a time per organization; decisions go on meanwhile
-            if self._orgs.get(org) is not state:
+            if self.state.orgs.get(org) is not state:
                 # A report gave everything back and forgot this state while this thread
                 # waited: its hold is done with. Take under the organization's current one.
                 return self.decide(org, lines, now, reservation, queue)
             for _attempt in range(3):
-                with self._lock:
-                    self._expire_reservations(now)
-                self._resolve(state, now)
-                self._recover_lapse(state, now)
-                with self._lock:
+                with self.state.lock:
+                    self.state.expire_reservations(now)
+                self.reports.resolve(state, now)
+                self.state.recover_lapse(state, now)
+                with self.state.lock:
                     admitted = self._consume(lines, now, reservation, queue)
                     if admitted is not None:
                         return admitted
                     stale = False
                     for ln in lines:
-                        lease = self._leases.get(ln.counter.key)
+                        lease = self.state.leases.get(ln.counter.key)
                         if lease is not None and not lease.usable(ln.counter, now):
                             lease.closing = stale = True
                 if stale:
                     # Taken under another limit or too long ago: give it back first, so this
                     # process's own old units do not stand in its way.
-                    self._report_locked(state, now, closing=False)
+                    self.reports.report_locked(state, now, closing=False)
                 self._read_steps(lines, now)
-                with self._lock:
-                    leases = [self._leases.get(ln.counter.key) for ln in lines]
+                with self.state.lock:
+                    leases = [self.state.leases.get(ln.counter.key) for ln in lines]
                     asks = [
                         (*self._ask(ln, lease, now), i)
                         for i, (ln, lease) in enumerate(zip(lines, leases))
@@ -309,7 +204,7 @@ class Leases:
     ) -> CounterResult | None:
         """Admit from the leases as they are, or ``None`` (nothing consumed) when one is short:
         never a store call, so it may run on an event loop."""
-        with self._lock:
+        with self.state.lock:
             return self._consume(lines, now, reservation, queue)
 
     def _consume(
@@ -324,12 +219,12 @@ class Leases:
         a report never counts units whose events are not queued, nor the reverse."""
         leases = []
         for ln in lines:
-            lease = self._leases.get(ln.counter.key)
+            lease = self.state.leases.get(ln.counter.key)
             if lease is None or not lease.room_for(ln.counter, now):
                 return None
             leases.append(lease)
         used = []
-        held: list[tuple[_Lease, int]] = []
+        held: list[tuple[Lease, int]] = []
         for ln, lease in zip(lines, leases):
             amount = ln.counter.amount
             lease.unused -= amount
@@ -343,7 +238,7 @@ class Leases:
                 lease.consumed += amount
             used.append(lease.seen - lease.unused)
         if reservation is not None:
-            self._reservations[reservation[0]] = (reservation[1], held)
+            self.state.reservations[reservation[0]] = (reservation[1], held)
         if queue is not None:
             queue()
         return CounterResult(True, tuple(used), (0,) * len(lines))
@@ -361,8 +256,8 @@ class Leases:
         counters directly), or ``None`` when the reservation is unknown: settled already, or
         expired and given back.
         """
-        with self._lock:
-            found = self._reservations.pop(reservation_id, None)
+        with self.state.lock:
+            found = self.state.reservations.pop(reservation_id, None)
             if found is None:
                 return None
             extra: list[tuple[str, int]] = []
@@ -386,7 +281,7 @@ class Leases:
 
     def absorb(
         self, deltas: Sequence[tuple[str, int]], now: int, *, stored: bool = False
-    ) -> tuple[list[tuple[str, int]], list[tuple[_Lease, int, int]]]:
+    ) -> tuple[list[tuple[str, int]], list[tuple[Lease, int, int]]]:
         """Charge recorded usage to this process's quota leases first.
 
         ``deltas`` are ``(counter key, units)`` about to be added to the shared counters.
@@ -397,10 +292,10 @@ class Leases:
         until :meth:`settle_absorbed` says the write is done.
         """
         rest: list[tuple[str, int]] = []
-        taken: list[tuple[_Lease, int, int]] = []
-        with self._lock:
+        taken: list[tuple[Lease, int, int]] = []
+        with self.state.lock:
             for key, delta in deltas:
-                lease = self._leases.get(key)
+                lease = self.state.leases.get(key)
                 if delta < 0 and lease is not None and not lease.rate:
                     # Taken back (a probe, a correction): first from what this process
                     # consumed and has not reported; the store cannot hold it yet.
@@ -412,15 +307,15 @@ class Leases:
                     taken.append((lease, -back, 0))
                     delta += back
                 elif delta > 0 and (lease is None or not lease.rate):
-                    if delta > self._recorded.get(key, 0):
-                        if len(self._recorded) >= 100_000:
-                            self._recorded.clear()
-                            self._published.clear()
-                        self._recorded[key] = delta
-                        published = self._published.get(key, 0)
+                    if delta > self.state.recorded.get(key, 0):
+                        if len(self.state.recorded) >= 100_000:
+                            self.state.recorded.clear()
+                            self.state.published.clear()
+                        self.state.recorded[key] = delta
+                        published = self.state.published.get(key, 0)
                         if delta > published:
                             step = 1 << (delta - 1).bit_length()
-                            self._published[key] = step
+                            self.state.published[key] = step
                             rest.append((key + STEP, step - published))
                     if lease is None:
                         pass
@@ -438,9 +333,9 @@ class Leases:
                     rest.append((key, delta))
         return rest, taken
 
-    def unabsorb(self, taken: Sequence[tuple[_Lease, int, int]]) -> None:
+    def unabsorb(self, taken: Sequence[tuple[Lease, int, int]]) -> None:
         """Give back what :meth:`absorb` charged, for usage that was not stored after all."""
-        with self._lock:
+        with self.state.lock:
             for lease, use, pending in taken:
                 lease.pending -= pending
                 if use > 0:
@@ -452,47 +347,38 @@ class Leases:
                     lease.returned -= back
                     lease.consumed += back
 
-    def settle_absorbed(self, taken: Sequence[tuple[_Lease, int, int]]) -> None:
+    def settle_absorbed(self, taken: Sequence[tuple[Lease, int, int]]) -> None:
         """The write that stored what :meth:`absorb` charged is done (committed, and its
         counter changes applied): its units are in :data:`ABSORBED` now, for a report to
         count and take back."""
-        with self._lock:
+        with self.state.lock:
             for lease, _use, pending in taken:
                 if pending:
                     lease.pending -= pending
                     lease.absorbed += pending
-
-    def _expire_reservations(self, now: int) -> None:
-        """Reservations nobody settled give their units back at their expiry. Under the lock."""
-        for rid, (expires_at, held) in list(self._reservations.items()):
-            if expires_at <= now:
-                del self._reservations[rid]
-                for lease, amount in held:
-                    lease.reserved -= amount
-                    lease.unused += amount
 
     def _read_steps(self, lines: Sequence[LeaseLine], now: int) -> None:
         """Learn the largest usage other processes recorded at once against the quota lines
         about to take a block, unless what this process knows already makes the take exact
         (one read, only for takes that would hold spare units)."""
         keys = []
-        with self._lock:
+        with self.state.lock:
             for ln in lines:
                 c = ln.counter
                 if ln.window or c.limit is None:
                     continue
-                if c.limit < NEAR_REQUESTS * (c.amount + self._recorded.get(c.key, 0)):
+                if c.limit < NEAR_REQUESTS * (c.amount + self.state.recorded.get(c.key, 0)):
                     continue  # exact already: the store's count decides
                 keys.append(c.key)
         if not keys:
             return
         values = self.counters.counters_read([k + STEP for k in keys], now=now)
-        with self._lock:
+        with self.state.lock:
             for key, value in zip(keys, values):
-                if value > self._recorded.get(key, 0):
-                    self._recorded[key] = value
+                if value > self.state.recorded.get(key, 0):
+                    self.state.recorded[key] = value
 
-    def _ask(self, line: LeaseLine, lease: _Lease | None, now: int) -> tuple[int, int, int]:
+    def _ask(self, line: LeaseLine, lease: Lease | None, now: int) -> tuple[int, int, int]:
         """``(need, block, have)`` for a short line: the units needed on top of the lease's
         usable ones, and the block to ask for (at least ``need``, an eighth of the room at
         most, exactly ``need`` near the limit)."""
@@ -504,15 +390,15 @@ class Leases:
             if lease.limit is not None:
                 room = lease.limit - lease.seen
                 size = min(size, room // 8)
-                step = amount + self._recorded.get(counter.key, 0)
+                step = amount + self.state.recorded.get(counter.key, 0)
                 if not line.window and room < NEAR_REQUESTS * step:
                     size = 0  # near the limit: exactly what is asked
         else:
             have = 0
-            size = min(_FIRST_BLOCK * max(amount, 1), MAX_COUNTER // 2)
+            size = min(FIRST_BLOCK * max(amount, 1), MAX_COUNTER // 2)
             if counter.limit is not None:
                 size = min(size, counter.limit // 8)
-                step = amount + self._recorded.get(counter.key, 0)
+                step = amount + self.state.recorded.get(counter.key, 0)
                 if not line.window and counter.limit < NEAR_REQUESTS * step:
                     size = 0  # the whole limit is near
         need = amount - have
@@ -532,7 +418,7 @@ class Leases:
         return True
 
     def _take(
-        self, state: _Org, lines: Sequence[LeaseLine], asks: Sequence[_Ask], now: int
+        self, state: OrgHold, lines: Sequence[LeaseLine], asks: Sequence[_Ask], now: int
     ) -> CounterResult:
         """One atomic store call taking a block for every short line, all or none."""
         org = state.org
@@ -550,8 +436,8 @@ class Leases:
         hold = None
         starting = False
         if grow:
-            with self._lock:
-                amounts = self._held(org)
+            with self.state.lock:
+                amounts = self.state.held(org)
             for key, block in grow.items():
                 amounts[key + LEASED] = amounts.get(key + LEASED, 0) + block
             # The report counter outlives the hold it numbers, and the hold's expiry resets
@@ -559,7 +445,7 @@ class Leases:
             until = now + 4 * self.ttl
             starting = state.seq == 0
             amounts[state.seq_key] = 1 if starting else state.seq
-            hold = Hold(state.hold_id, org, _lease_hold(amounts), now + self.ttl)
+            hold = Hold(state.hold_id, org, lease_hold(amounts), now + self.ttl)
             store_lines.append(
                 CounterLine(state.seq_key, int(starting), 1 if starting else None, until)
             )
@@ -571,21 +457,21 @@ class Leases:
                 state.seq = result.used[-1]
                 return self._take(state, lines, asks, now)
             return result
-        with self._lock:
+        with self.state.lock:
             if starting:
                 state.seq = 1
             for j, (_need, block, _have, i) in enumerate(asks):
                 line = lines[i]
                 c = line.counter
-                lease = self._leases.get(c.key)
+                lease = self.state.leases.get(c.key)
                 ends = line.reset_at if line.reset_at is not None else now + self.ttl
                 if lease is None or not lease.usable(c, now):
                     if lease is not None:
                         # Another limit, or lapsed: its units go back at the next report.
                         lease.closing = True
-                        self._leases[f"{c.key}\x1f{uuid.uuid4().hex}"] = lease
-                    lease = _Lease(c.key, org, c.limit, bool(line.window), ends, ends)
-                    self._leases[c.key] = lease
+                        self.state.leases[f"{c.key}\x1f{uuid.uuid4().hex}"] = lease
+                    lease = Lease(c.key, org, c.limit, bool(line.window), ends, ends)
+                    self.state.leases[c.key] = lease
                 lease.unused += block
                 # Used up before a report: the traffic outgrew the block, so the next doubles.
                 lease.block = min(max(lease.block, block) * 2, MAX_COUNTER // 2)
@@ -594,105 +480,13 @@ class Leases:
                 lease.seen = result.used[j] + math.floor(result.previous[j] * _weight(line))
                 lease.fresh = True
             if hold is not None:
-                self._held_anew(state, now)
+                self.state.held_anew(state, now)
         return result
-
-    def _held(self, org: str) -> dict[str, int]:
-        """What the organization's hold records now: each quota lease's taken units."""
-        amounts: dict[str, int] = {}
-        for lease in self._leases.values():
-            if lease.org == org and not lease.rate and lease.taken:
-                key = lease.key + LEASED
-                amounts[key] = amounts.get(key, 0) + lease.taken
-        return amounts
-
-    def _held_anew(self, state: _Org, now: int) -> None:
-        """The hold was just written: every quota lease of its organization is good for half a
-        ttl."""
-        state.expires_at = now + self.ttl
-        until = now + self.ttl // 2
-        for lease in self._leases.values():
-            if lease.org == state.org and not lease.rate and not lease.closing:
-                lease.usable_until = min(until, lease.ends)
-
-    def _lapse_if_expired(self, state: _Org, now: int) -> list[tuple[_Lease, int, int, int]]:
-        """The store expires a hold by counting its units as consumed: they are no longer
-        this process's.
-
-        Returns the leases whose count is still to be corrected (by the caller, before its
-        next take), as ``(lease, consumed, taken, absorbed)``. Under the lock.
-        """
-        if not state.expires_at or now < state.expires_at:
-            return []
-        logger.warning(
-            "meterkit: a lease expired before it was reported; its units were counted as used"
-        )
-        state.expires_at = 0
-        state.seq = 0  # the hold's expiry reset its report counter
-        lapsed = []
-        for lease in self._leases.values():
-            if lease.org == state.org and not lease.rate:
-                if lease.taken or lease.consumed or lease.reserved:
-                    consumed = lease.consumed - lease.pending  # a write under way: later
-                    lapsed.append((lease, consumed, lease.taken, lease.absorbed))
-                lease.taken = lease.unused = 0
-                lease.closing = True
-        return lapsed
-
-    def _recover_lapse(self, state: _Org, now: int) -> None:
-        """When the organization's hold expired in the store, count what its leases consumed
-        and hold again what open reservations hold. Under the organization's lock."""
-        with self._lock:
-            lapsed = self._lapse_if_expired(state, now)
-        if lapsed:
-            self._count_lapsed(state, lapsed, now)
-
-    def _count_lapsed(
-        self, state: _Org, lapsed: list[tuple[_Lease, int, int, int]], now: int
-    ) -> None:
-        """The store counted every unit the expired hold held as consumed and stranded: count
-        instead what the leases did consume, and hold again what open reservations hold (it
-        was admitted). Under the organization's lock."""
-        deltas: dict[str, int] = {}
-        held: dict[str, int] = {}
-        for lease, consumed, taken, absorbed in lapsed:
-            for key, delta in (
-                (lease.key, consumed - taken),
-                (lease.key + STRANDED, -taken),
-                (lease.key + ABSORBED, -absorbed),
-            ):
-                deltas[key] = deltas.get(key, 0) + delta
-            if lease.reserved:
-                held[lease.key + LEASED] = held.get(lease.key + LEASED, 0) + lease.reserved
-        lines = [CounterLine(key, delta) for key, delta in sorted(deltas.items()) if delta]
-        lines += [CounterLine(key, amount) for key, amount in held.items()]
-        hold = None
-        if held:
-            # A new hold: its report count starts at 1 (the expired one's was reset to 0).
-            held[state.seq_key] = 1
-            lines.append(CounterLine(state.seq_key, 1, None, now + 4 * self.ttl))
-            hold = Hold(state.hold_id, state.org, _lease_hold(held), now + self.ttl)
-        self.counters.counters_apply(lines, now=now, hold=hold)
-        with self._lock:
-            for lease, c, _taken, absorbed in lapsed:
-                lease.consumed -= c
-                lease.absorbed -= absorbed
-                lease.taken = lease.reserved
-            if hold is not None:
-                state.expires_at = now + self.ttl
-                state.seq = 1
-
-    def _org(self, org: str) -> _Org:
-        with self._lock:
-            state = self._orgs.get(org)
-            if state is None:
-                state = self._orgs[org] = _Org(org, f"lse_{uuid.uuid4().hex}")
-            return state
 
     def _refusal(
         self,
         lines: Sequence[LeaseLine],
-        leases: Sequence[_Lease | None],
+        leases: Sequence[Lease | None],
         asks: Sequence[_Ask],
         refused: CounterResult,
     ) -> CounterResult:
@@ -717,302 +511,54 @@ class Leases:
                 previous.append(max(0, refused.used[j] - have))
         return CounterResult(False, tuple(used), tuple(previous))
 
-    # -- reports ------------------------------------------------------------------------------
-
     def pending(self) -> bool:
         """Whether this process holds any lease (a report would change the store)."""
-        return bool(self._leases)
+        return bool(self.state.leases)
 
     def holding(self) -> bool:
         """Whether this process holds a lease or a hold in the store (closing gives it back)."""
-        with self._lock:
-            return bool(self._leases or self._orgs)
+        with self.state.lock:
+            return bool(self.state.leases or self.state.orgs)
 
     def steady(self, org: str) -> threading.Lock:
         """Held, no take or report of ``org`` runs: the store's counters and this process's
         leases can be read together."""
-        return self._org(org).lock
+        return self.state.org(org).lock
 
     def recover(self, org: str, now: int) -> None:
         """When ``org``'s hold expired unreported, count what its leases did consume instead
         of everything it held. The caller holds :meth:`steady`."""
-        self._recover_lapse(self._org(org), now)
+        self.state.recover_lapse(self.state.org(org), now)
 
     def unreported(self) -> bool:
         """Whether units were consumed that the store does not count yet."""
-        with self._lock:
-            return any(lease.consumed for lease in self._leases.values())
+        with self.state.lock:
+            return any(lease.consumed for lease in self.state.leases.values())
 
     def consumed(self, key: str, now: int) -> int:
         """Units of ``key`` consumed here and not reported yet, and held by open reservations."""
-        with self._lock:
-            self._expire_reservations(now)
-            return sum(ls.consumed + ls.reserved for ls in self._leases.values() if ls.key == key)
+        with self.state.lock:
+            self.state.expire_reservations(now)
+            return sum(
+                ls.consumed + ls.reserved for ls in self.state.leases.values() if ls.key == key
+            )
 
     def unused(self, key: str, now: int) -> int:
         """Units of ``key`` leased here and free to use (counted as leased in the store)."""
-        with self._lock:
-            self._expire_reservations(now)
-            return sum(ls.unused for ls in self._leases.values() if ls.key == key)
+        with self.state.lock:
+            self.state.expire_reservations(now)
+            return sum(ls.unused for ls in self.state.leases.values() if ls.key == key)
 
     def report(self, now: int, *, closing: bool = False) -> None:
-        """Count consumed units, give back idle leases (every lease when ``closing``).
+        """Count consumed units, give back idle leases (every lease when ``closing``); see
+        :meth:`LeaseReports.report`."""
+        self.reports.report(now, closing=closing)
 
-        One atomic store call per organization: the counters change and the hold is
-        rewritten together, so nothing is ever counted twice or lost by a failure part way.
-        """
-        with self._lock:
-            self._expire_reservations(now)
-            orgs = list({lease.org for lease in self._leases.values()})
-        for org in orgs:
-            state = self._org(org)
-            with state.lock:
-                self._report_locked(state, now, closing)
-
-    @contextlib.contextmanager
-    def reporting(self) -> Iterator[Callable[..., None]]:
-        """For a report inside a store transaction the caller opens: every organization's
-        lock is taken first (in order: a take holds one and then waits for the store, so the
-        store must never be held while waiting for one), then ``report(now, closing,
-        snapshot)`` reports them, calling ``snapshot`` at the instant it reads the leases; what
-        it changes in memory happens only if the block completes (the transaction
-        committed).
-
-        With ``write`` (counters apart from the events), ``write(absorbed)`` runs between
-        reading the leases and the report: it stores the events ``snapshot`` took and counts
-        ``absorbed`` — ``(organization, counter key + ABSORBED, units)``, what their decisions
-        consumed — with them (the write-ahead record), and says whether the record was applied;
-        the report then takes those units back from :data:`ABSORBED` as it counts them, once
-        the record is applied (else it raises StoreUnavailable and waits for the next flush).
-        A kill between leaves the rule true."""
-        with self._lock:
-            orgs = sorted({lease.org for lease in self._leases.values()})
-        states = [self._org(org) for org in orgs]
-        done: list[Callable[[], None]] = []
-        with contextlib.ExitStack() as stack:
-            for state in states:
-                stack.enter_context(state.lock)
-
-            def report(
-                now: int,
-                closing: bool,
-                snapshot: Callable[[], None],
-                write: Callable[[list[tuple[str, str, int]]], bool] | None = None,
-            ) -> None:
-                for state in states:
-                    self._resolve(state, now)
-                    self._recover_lapse(state, now)
-                durable = write is not None
-                with self._lock:
-                    # One instant for the caller's queue and every lease: a decision queues
-                    # its events with its consumption (_consume), so the report counts
-                    # exactly the units of the events taken.
-                    self._expire_reservations(now)
-                    snapshot()
-                    planned = [
-                        self._plan_report(state, now, closing, durable=durable) for state in states
-                    ]
-                if write is not None:
-                    decided = [item for plan in planned for item in plan[3]]
-                    applied = write([(lease.org, lease.key + ABSORBED, c) for lease, c in decided])
-                    with self._lock:  # stored: ABSORBED holds them (or its record will)
-                        for lease, c in decided:
-                            lease.absorbed += c
-                    if not applied:
-                        # The report would take from ABSORBED what the record has not added
-                        # yet: it waits for the record to be applied (the next flush).
-                        raise StoreUnavailable("counters unavailable: the lease report waits")
-                for state, plan in zip(states, planned):
-                    self._send_report(state, plan, now, done)
-
-            yield report
-            for call in done:
-                call()
-
-    def _report_locked(
-        self,
-        state: _Org,
-        now: int,
-        closing: bool,
-        after: list[Callable[[], None]] | None = None,
-    ) -> None:
-        """The report of one organization; the caller holds its lock. With ``after``, what
-        the report changes in memory waits there, to run once the store's transaction that
-        holds the report commits."""
-        self._resolve(state, now)
-        self._recover_lapse(state, now)
-        with self._lock:
-            planned = self._plan_report(state, now, closing)
-        self._send_report(state, planned, now, after)
-
-    def _resolve(self, state: _Org, now: int) -> None:
-        """After a report whose answer was lost: ask the store whether it applied it (its
-        report count moved on) and, if so, do what it changes in memory. Under the
-        organization's lock."""
-        unsure = state.unsure
-        if unsure is None:
-            return
-        (counted,) = self.counters.counters_read([state.seq_key], now=now)
-        if counted == state.seq:
-            return  # not applied yet: it may still land (the next report will tell)
-        state.unsure = None
-        if counted == state.seq + 1:
-            unsure()
-
-    def _plan_report(
-        self, state: _Org, now: int, closing: bool, *, durable: bool = False
-    ) -> tuple[Any, ...]:
-        """What a report of one organization counts, gives back and keeps held, read from its
-        leases at once. ``durable``: every unit consumed is to be in :data:`ABSORBED` before
-        the report (see :meth:`reporting`); the plan then lists what must be added there.
-        Under the lock."""
-        org = state.org
-        plan = []
-        decided: list[tuple[_Lease, int]] = []  # consumed by decisions, not in ABSORBED yet
-        deltas: dict[str, int] = {}
-        amounts: dict[str, int] = {}  # what the hold keeps: taken units not freed
-        for name, lease in self._leases.items():
-            if lease.org != org:
-                continue
-            drop = (
-                closing
-                or lease.closing
-                or now >= lease.usable_until
-                or not (lease.recent or lease.fresh or lease.reserved)
-            )
-            if drop:
-                lease.closing = True
-            # Units a write under way absorbed wait for it (on closing, they are counted).
-            pending = 0 if lease.rate or closing else lease.pending
-            if pending:
-                drop = False  # given back at a report after the write is done
-            given_back = lease.unused if drop else 0
-            consumed = lease.consumed - pending
-            returned = lease.returned
-            absorbed = 0 if lease.rate else lease.absorbed
-            if durable and not lease.rate and consumed > absorbed:
-                decided.append((lease, consumed - absorbed))
-                absorbed = consumed
-            freed = 0
-            if lease.rate:
-                if given_back:
-                    deltas[lease.key] = deltas.get(lease.key, 0) - given_back
-            else:
-                if consumed:
-                    deltas[lease.key] = deltas.get(lease.key, 0) + consumed
-                if absorbed:
-                    key = lease.key + ABSORBED
-                    deltas[key] = deltas.get(key, 0) - absorbed
-                freed = min(lease.taken, consumed + given_back + returned)
-                held = lease.key + LEASED
-                if freed:
-                    deltas[held] = deltas.get(held, 0) - freed
-                if lease.taken > freed:
-                    amounts[held] = amounts.get(held, 0) + lease.taken - freed
-            plan.append((name, lease, consumed, given_back, freed, drop, returned, absorbed))
-            if not drop:
-                lease.block = max(1, 2 * lease.recent)
-                lease.recent, lease.fresh = 0, False
-        return plan, deltas, amounts, decided
-
-    def _send_report(
-        self,
-        state: _Org,
-        planned: tuple[Any, ...],
-        now: int,
-        after: list[Callable[[], None]] | None,
-    ) -> None:
-        """The store call of a planned report, then (or, with ``after``, once the caller's
-        transaction commits) what it changes in memory. Under the organization's lock."""
-        org = state.org
-        plan, deltas, amounts, _decided = planned
-        changes = [(key, delta) for key, delta in deltas.items() if delta]
-        holding = bool(amounts or state.expires_at)
-
-        def reported() -> None:
-            with self._lock:
-                if holding:
-                    state.seq += 1
-                for name, lease, consumed, given_back, freed, drop, returned, absorbed in plan:
-                    lease.consumed -= consumed
-                    lease.absorbed -= absorbed
-                    lease.returned -= returned
-                    lease.taken -= freed
-                    lease.unused -= given_back
-                    if drop and not lease.reserved and self._leases.get(name) is lease:
-                        del self._leases[name]  # one with open reservations stays till settled
-                if amounts:
-                    self._held_anew(state, now)
-                elif not any(ls.org == org for ls in self._leases.values()):
-                    # Its hold holds only the report count now, and expires unused.
-                    self._orgs.pop(org, None)
-                else:
-                    state.expires_at = now + self.ttl
-
-        if holding:
-            # One atomic call, applied only if the store has seen exactly state.seq reports
-            # of this hold (SEQ <= seq and SEQ >= seq): sent again after an answer lost to a
-            # timeout, it is refused, and the refusal says it was applied.
-            seq_key, seq = state.seq_key, state.seq
-            until = now + 4 * self.ttl
-            lines = [CounterLine(key, delta) for key, delta in changes]
-            lines += [
-                CounterLine(seq_key, 1, seq + 1, until),
-                CounterLine(seq_key + "\x1fguard", 0, -seq, until, seq_key, -1.0),
-            ]
-            held = {**amounts, seq_key: seq + 1}
-            hold = Hold(state.hold_id, org, _lease_hold(held), now + self.ttl)
-            try:
-                result = self.counters.counters_apply(lines, now=now, hold=hold)
-            except BaseException:
-                state.unsure = reported  # applied or not: the next call asks the store
-                raise
-            counted = result.used[len(changes)]
-            if result.admitted:
-                state.unsure = None  # a lost one can never apply after this one
-            elif counted == seq + 1:
-                # A report whose answer was lost was applied meanwhile (a paused server runs
-                # it late): its changes, not this plan's, are what the store holds.
-                unsure, state.unsure = state.unsure, None
-                if unsure is not None:
-                    unsure()
-                else:
-                    logger.error("meterkit: lease report for %s applied twice?", org)
-                return
-            else:
-                if counted < seq:
-                    # The hold expired in the store, which counted all it held as used:
-                    # count what the leases did consume instead (and nothing of this plan).
-                    state.expires_at = min(state.expires_at or now, now)
-                    self._recover_lapse(state, now)
-                    return
-                # Only a counter at its ceiling refuses a line without a limit.
-                logger.error("meterkit: lease report for %s refused; retried later", org)
-                return
-        elif changes:
-            self.counters.counters_add(changes, now=now)
-
-        if after is None:
-            reported()
-        else:
-            after.append(reported)
+    def reporting(self) -> contextlib.AbstractContextManager[Callable[..., None]]:
+        """A report inside a store transaction the caller opens; see
+        :meth:`LeaseReports.reporting`."""
+        return self.reports.reporting()
 
 
 def _weight(line: LeaseLine) -> float:
     return line.counter.prev_weight if line.window else 1.0
-
-
-def _lease_hold(leased: dict[str, int]) -> tuple[tuple[str, int], ...]:
-    """A lease hold's amounts: what its expiry takes from each counter. A store gives a
-    hold back at its expiry by subtracting them, so for a quota counter ``K`` the hold takes
-    the units from ``K`` + :data:`LEASED` and *adds* them to ``K`` and ``K`` + :data:`STRANDED`:
-    units a holder that stopped reporting may have used count as consumed, not as room for
-    others."""
-    pairs: dict[str, int] = {}
-    for key, amount in leased.items():
-        pairs[key] = pairs.get(key, 0) + amount
-        if key.endswith(LEASED):
-            base = key[: -len(LEASED)]
-            pairs[base] = pairs.get(base, 0) - amount
-            pairs[base + STRANDED] = pairs.get(base + STRANDED, 0) - amount
-    return tuple(sorted(pairs.items()))
