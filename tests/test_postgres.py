@@ -349,7 +349,7 @@ def test_an_unreachable_server_costs_no_pool_wait_and_names_its_cause(postgres_u
     for dead, cause in cases.items():
         with Meter(f"{dead}?pool_timeout=1&connect_timeout=1", policy="closed") as m:
             waits: list[float] = []
-            pool = m.store._pool  # type: ignore[attr-defined]
+            pool = m.store.db.pool  # type: ignore[attr-defined]
             connection = pool.connection
 
             def counted(

@@ -121,7 +121,7 @@ def tamper(meter: Meter) -> None:
         _dims, values = next(iter(next(iter(rows.values())).values()))
         values[0] += 5
     else:
-        store._run(
+        store.db.run(
             "tampering",
             lambda cur: cur.execute(
                 "UPDATE rollup_calls_1h SET s_n = s_n + 5 "
@@ -273,7 +273,7 @@ def test_a_scan_reads_in_chunks_and_misses_nothing(
 ) -> None:
     # Chunks of 3 over events that share times: the next chunk starts after the last
     # (time, id) read, so ties across a chunk's end are neither lost nor read twice.
-    import meterkit.stores.postgres as pg
+    import meterkit.stores.postgres.store as pg
     import meterkit.stores.sqlite as sq
 
     monkeypatch.setattr(sq if kind == "sqlite" else pg, "SCAN_CHUNK", 3)
@@ -297,7 +297,7 @@ def test_a_dropped_rollup_table_is_built_again(kept_url: str) -> None:
         if hasattr(store, "conn"):
             store.conn.execute("DROP TABLE [rollup_calls_1h]")
         else:
-            store._run("dropping", lambda cur: cur.execute("DROP TABLE rollup_calls_1h"))
+            store.db.run("dropping", lambda cur: cur.execute("DROP TABLE rollup_calls_1h"))
     with Meter(kept_url, meters=[SPEC], max_future_skew=None) as m:
         assert m.verify_rollups() == []
         page = m.usage(
