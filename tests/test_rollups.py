@@ -274,7 +274,7 @@ def test_a_scan_reads_in_chunks_and_misses_nothing(
     # Chunks of 3 over events that share times: the next chunk starts after the last
     # (time, id) read, so ties across a chunk's end are neither lost nor read twice.
     import meterkit.stores.postgres.store as pg
-    import meterkit.stores.sqlite as sq
+    import meterkit.stores.sqlite.names as sq
 
     monkeypatch.setattr(sq if kind == "sqlite" else pg, "SCAN_CHUNK", 3)
     stored = [Event(f"s{i:02d}", "calls", "org_a", T0 + i // 4, {"n": i}, {}) for i in range(23)]

@@ -1,180 +1,43 @@
-"""``sqlite:///path.db`` — the embedded default: one file, WAL mode, SQL aggregation."""
+"""The SQLite store: events, rollups and records in one file."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
-import operator
 import os
 import sqlite3
 import threading
-import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlite_utils
 
-from meterkit import counters
 from meterkit.engine import rollup, timeweighted
 from meterkit.engine.aggregate import Rows
-from meterkit.errors import StoreUnavailable, ValidationError
-from meterkit.hookspecs import hookimpl
-from meterkit.models import (
-    CounterLine,
-    CounterResult,
-    DimValue,
-    Event,
-    Hold,
-    MeterSpec,
-    UsageQuery,
-)
+from meterkit.errors import ValidationError
+from meterkit.models import DimValue, Event, MeterSpec, UsageQuery
 from meterkit.stores import sqlagg
+from meterkit.stores.sqlite import names
+from meterkit.stores.sqlite.connection import Immediate, migrate
+from meterkit.stores.sqlite.counters import SQLiteCounters
+from meterkit.stores.sqlite.names import (
+    CELL_TYPES,
+    CHUNK,
+    DIALECT,
+    cell_column,
+    dim_column,
+    events_table,
+    fit_sums,
+    options_from_url,
+    path_from_url,
+    rollup_layout,
+    rollup_table,
+    upsert_batches,
+    value_column,
+)
 from meterkit.validate import check_record
 
-__all__ = ["SQLiteStore", "options_from_url", "path_from_url"]
-
-SCHEMA_VERSION = 2
-"""1: events keyed by ``id`` per meter. 2: keyed by ``(organization_id, id)``."""
-_CHUNK = 500
-SCAN_CHUNK = 5000
-"""Events a scan reads at a time."""
-
-
-def path_from_url(url: str) -> str:
-    """``sqlite:///rel.db`` → ``rel.db``; ``sqlite:////abs.db`` → ``/abs.db``."""
-    if not url.startswith("sqlite:///"):
-        raise ValueError(f"not a sqlite URL: {url!r} (expected sqlite:///path.db)")
-    path = url[len("sqlite:///") :].split("?", 1)[0]
-    if not path:
-        raise ValueError("sqlite URL has no path")
-    return path
-
-
-SYNCHRONOUS = ("full", "normal")
-
-
-def options_from_url(url: str) -> dict[str, str]:
-    """The ``?key=value`` options of a SQLite URL: ``synchronous`` and ``timeout``."""
-    query = url.split("?", 1)[1] if "?" in url else ""
-    options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
-    unknown = set(options) - {"synchronous", "timeout"}
-    if unknown:
-        raise ValidationError("url", f"unknown SQLite option {sorted(unknown)[0]!r}")
-    if options.get("synchronous", "full").lower() not in SYNCHRONOUS:
-        raise ValidationError("url", "synchronous must be 'full' or 'normal'")
-    try:
-        if float(options.get("timeout", "30")) <= 0:
-            raise ValueError
-    except ValueError:
-        raise ValidationError("url", "timeout must be a positive number of seconds") from None
-    return options
-
-
-def _member(column: str, values: list[Any]) -> tuple[str, list[Any]]:
-    return f"{column} IN ({', '.join('?' * len(values))})", values
-
-
-def _table(meter: str) -> str:
-    return f"events_{meter}"
-
-
-def _dim(name: str) -> str:
-    return f"d_{name}"
-
-
-def _val(name: str) -> str:
-    return f"v_{name}"
-
-
-GRAIN_NAMES = {60: "1m", 3600: "1h", 86400: "1d"}
-_INT64 = 2**63 - 1
-
-
-def _rollup_table(meter: str, grain: int) -> str:
-    return f"rollup_{meter}_{GRAIN_NAMES[grain]}"
-
-
-def _cell(kind: str, measure: str) -> str:
-    return f"{kind}_{measure}"
-
-
-_DIALECT = sqlagg.Dialect(
-    table=lambda meter: f"[{_table(meter)}]",
-    dim=lambda name: f"[{_dim(name)}]",
-    val=lambda name: f"[{_val(name)}]",
-    member=_member,
-    rollup=lambda meter, grain: f"[{_rollup_table(meter, grain)}]",
-    cell=lambda kind, measure: f"[{_cell(kind, measure)}]",
-)
-
-# Value cells keep each number as given (BLOB affinity, like the event table's values).
-_CELL_TYPES: dict[str, Any] = {
-    "s": bytes,
-    "n": int,
-    "mn": bytes,
-    "mx": bytes,
-    "t": int,
-    "i": str,
-    "l": bytes,
-}
-
-
-def _layout(spec: MeterSpec) -> dict[str, list[str]]:
-    """What a meter's rollups keep of each measure: when it changes they are built anew."""
-    out: dict[str, list[str]] = {}
-    for kind, name in rollup.columns(spec):
-        out.setdefault(name, []).append(kind)
-    return out
-
-
-def fit_sums(
-    folded: Mapping[int, Mapping[rollup.Key, tuple[tuple[DimValue, ...], list[Any]]]],
-    sums: Sequence[int],
-) -> None:
-    """Turn sums past SQLite's integer range into floats, in place, in rows folded by
-    :func:`~meterkit.engine.rollup.fold_grains` (``sums``: the cells holding sums): queries
-    then read that meter from its events (see :func:`sqlagg.overflowed`)."""
-    # Values are never negative, so a day's sum is at least each of its hours' and minutes':
-    # when no day passes the range, nothing does.
-    coarsest = folded[max(folded)]
-    if any(
-        cells[i] is not None and cells[i] > _INT64 for _t, cells in coarsest.values() for i in sums
-    ):
-        for rows in folded.values():
-            for _tup, cells in rows.values():
-                for i in sums:
-                    if cells[i] is not None and cells[i] > _INT64:
-                        cells[i] = float(cells[i])
-
-
-def _picker(wanted: tuple[int, ...]) -> Callable[[list[Any]], tuple[Any, ...]]:
-    """``cells -> (cells[i] for i in wanted)`` as a tuple, at C speed where it can."""
-    if len(wanted) > 1:
-        return operator.itemgetter(*wanted)
-    if wanted:
-        only = wanted[0]
-        return lambda cells: (cells[only],)
-    return lambda cells: ()
-
-
-def upsert_batches(
-    rows: Mapping[rollup.Key, tuple[tuple[DimValue, ...], list[Any]]],
-) -> dict[tuple[int, ...], list[tuple[Any, ...]]]:
-    """Bind parameters of :func:`sqlagg.upsert` for one grain's folded rows, grouped by the
-    value cells each row has (its non-NULL ones): ``{cells: [params, ...]}``."""
-    out: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}
-    picks: dict[tuple[bool, ...], tuple[tuple[int, ...], Callable[[list[Any]], Any]]] = {}
-    # Rows of one batch share a handful of shapes: each is worked out once.
-    for key, (tup, cells) in rows.items():
-        pattern = tuple(map(operator.is_, cells, itertools.repeat(None)))
-        found = picks.get(pattern)
-        if found is None:
-            wanted = tuple(i for i, empty in enumerate(pattern) if not empty)
-            found = picks[pattern] = (wanted, _picker(wanted))
-            out[wanted] = []
-        out[found[0]].append((*key, *tup, *found[1](cells)))
-    return out
+__all__ = ["SQLiteStore"]
 
 
 class SQLiteStore:
@@ -230,44 +93,26 @@ class SQLiteStore:
             )
             # Under BEGIN IMMEDIATE: a second process opening the file now waits, then finds
             # the version this one wrote and migrates nothing again.
-            self._migrate()
+            migrate(self.db, self.path)
         row = conn.execute("SELECT value FROM mk_meta WHERE key = 'cursor_secret'").fetchone()
         self._secret = bytes.fromhex(row[0])
-
-    def _migrate(self) -> None:
-        """Bring an older file to :data:`SCHEMA_VERSION`; the caller holds the write lock."""
-        row = self.conn.execute("SELECT value FROM mk_meta WHERE key = 'schema_version'").fetchone()
-        tables = [t for t in self.db.table_names() if t.startswith("events_")]
-        version = int(row[0]) if row else (1 if tables else SCHEMA_VERSION)
-        if version > SCHEMA_VERSION:
-            raise StoreUnavailable(
-                f"{self.path} is at schema version {version}, newer than this meterkit knows "
-                f"({SCHEMA_VERSION}); upgrade meterkit"
-            )
-        if version < 2:
-            for name in tables:
-                # Rebuild with ids unique per organization: every row is copied, none can
-                # collide (they were unique by id alone), and the index is recreated.
-                for sql in self.db.table(name).transform_sql(pk=("organization_id", "id")):
-                    self.conn.execute(sql)
-                self.conn.execute(
-                    f"CREATE INDEX IF NOT EXISTS [idx_{name}_org_time] "
-                    f"ON [{name}] (organization_id, time)"
-                )
-        if row is None or version != SCHEMA_VERSION:
-            self.conn.execute(
-                "INSERT INTO mk_meta(key, value) VALUES ('schema_version', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (str(SCHEMA_VERSION),),
-            )
+        self.counter_rows = SQLiteCounters(lambda: self.conn, self._lock, self._write)
+        """The quota counters' calls (this store's ``counters_*``)."""
+        rows = self.counter_rows
+        self.counters_apply = rows.counters_apply
+        self.counters_settle = rows.counters_settle
+        self.counters_add = rows.counters_add
+        self.counters_set = rows.counters_set
+        self.counters_read = rows.counters_read
+        self.claim_once = rows.claim_once
 
     @property
     def conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection = self.db.conn
         return conn
 
-    def _write(self) -> _Immediate:
-        return _Immediate(self.conn, self._forget_rolled_back, self._undo.clear)
+    def _write(self) -> Immediate:
+        return Immediate(self.conn, self._forget_rolled_back, self._undo.clear)
 
     def _forget_rolled_back(self) -> None:
         for name, previous in reversed(self._undo):
@@ -292,14 +137,14 @@ class SQLiteStore:
         with self._lock:
             if self._specs.get(spec.name) == spec:
                 return
-            table = self.db.table(_table(spec.name))
+            table = self.db.table(events_table(spec.name))
             # Value columns are declared BLOB so SQLite keeps each number as given (int or
             # float) rather than coercing it by affinity.
             columns: dict[str, Any] = {"id": str, "organization_id": str, "time": int}
             for d in spec.dimensions:
-                columns[_dim(d.name)] = int if d.kind == "bool" else str
+                columns[dim_column(d.name)] = int if d.kind == "bool" else str
             for m in spec.measures:
-                columns[_val(m.name)] = bytes
+                columns[value_column(m.name)] = bytes
             with self._write():
                 if not table.exists():
                     table.create(
@@ -332,8 +177,8 @@ class SQLiteStore:
         marker = f"rollups/{spec.name}"
         row = self.conn.execute("SELECT value FROM mk_meta WHERE key = ?", (marker,)).fetchone()
         old = json.loads(row[0]) if row else None
-        want = _layout(spec) if rollup.rollable(spec) else None
-        present = all(self.db.table(_rollup_table(spec.name, g)).exists() for g in rollup.GRAINS)
+        want = rollup_layout(spec) if rollup.rollable(spec) else None
+        present = all(self.db.table(rollup_table(spec.name, g)).exists() for g in rollup.GRAINS)
         if old == want and want is not None and present:
             self._widen_rollups(spec)
             return
@@ -349,7 +194,7 @@ class SQLiteStore:
             self._widen_rollups(spec)
         else:
             for grain in rollup.GRAINS:
-                self.conn.execute(f"DROP TABLE IF EXISTS [{_rollup_table(spec.name, grain)}]")
+                self.conn.execute(f"DROP TABLE IF EXISTS [{rollup_table(spec.name, grain)}]")
         if want is None:
             self.conn.execute("DELETE FROM mk_meta WHERE key = ?", (marker,))
             return
@@ -365,12 +210,12 @@ class SQLiteStore:
     def _widen_rollups(self, spec: MeterSpec) -> None:
         columns: dict[str, Any] = {"organization_id": str, "bucket": int, "series": str}
         for d in spec.dimensions:
-            columns[_dim(d.name)] = int if d.kind == "bool" else str
+            columns[dim_column(d.name)] = int if d.kind == "bool" else str
         for kind, name in rollup.columns(spec):
-            columns[_cell(kind, name)] = _CELL_TYPES[kind]
+            columns[cell_column(kind, name)] = CELL_TYPES[kind]
         decl = {str: "TEXT", int: "INTEGER", bytes: "BLOB"}
         for grain in rollup.GRAINS:
-            table = self.db.table(_rollup_table(spec.name, grain))
+            table = self.db.table(rollup_table(spec.name, grain))
             if not table.exists():
                 # WITHOUT ROWID: the rows live in their key's b-tree, so an upsert updates one
                 # b-tree instead of a table and its key index.
@@ -395,7 +240,7 @@ class SQLiteStore:
         tail = [since] if since else []
         while True:
             rows = self.conn.execute(
-                f"SELECT rowid FROM [{_table(spec.name)}] WHERE rowid > ? ORDER BY rowid "
+                f"SELECT rowid FROM [{events_table(spec.name)}] WHERE rowid > ? ORDER BY rowid "
                 "LIMIT 1 OFFSET 9999",
                 (last,),
             ).fetchone()
@@ -432,7 +277,7 @@ class SQLiteStore:
         if sql is None:
             if len(self._upserts) > 4096:
                 self._upserts.clear()
-            sql = self._upserts[key] = sqlagg.upsert(spec, grain, _DIALECT, cells=cells)
+            sql = self._upserts[key] = sqlagg.upsert(spec, grain, DIALECT, cells=cells)
         return sql
 
     def rebuild_rollups(
@@ -446,7 +291,7 @@ class SQLiteStore:
                 return 0
             for grain in rollup.GRAINS:
                 self.conn.execute(
-                    f"DELETE FROM [{_rollup_table(spec.name, grain)}] WHERE bucket >= ?", (since,)
+                    f"DELETE FROM [{rollup_table(spec.name, grain)}] WHERE bucket >= ?", (since,)
                 )
             return self._fold_all(spec, progress, since)
 
@@ -455,8 +300,8 @@ class SQLiteStore:
         transaction (per organization, along the (organization_id, time) index)."""
         with self._lock, self._write():
             self.ensure_meter(spec)
-            events = _table(spec.name)
-            minutes = _rollup_table(spec.name, rollup.GRAINS[0])
+            events = events_table(spec.name)
+            minutes = rollup_table(spec.name, rollup.GRAINS[0])
             rolled = rollup.rollable(spec)
             dropped = 0
             orgs = self.conn.execute(f"SELECT DISTINCT organization_id FROM [{events}]")
@@ -475,8 +320,9 @@ class SQLiteStore:
         if meter not in self._specs:
             return []
         with self._lock:
+            table = events_table(meter)
             rows = self.conn.execute(
-                f"SELECT DISTINCT organization_id FROM [{_table(meter)}] ORDER BY organization_id"
+                f"SELECT DISTINCT organization_id FROM [{table}] ORDER BY organization_id"
             ).fetchall()
         return [r[0] for r in rows]
 
@@ -488,10 +334,10 @@ class SQLiteStore:
             return {}
         dims = spec.dimension_names
         bools = {d.name for d in spec.dimensions if d.kind == "bool"}
-        cols = sqlagg.rollup_columns(spec, _DIALECT)
+        cols = sqlagg.rollup_columns(spec, DIALECT)
         with self._lock:
             found = self.conn.execute(
-                f"SELECT {', '.join(cols)} FROM {_DIALECT.rollup(spec.name, grain)}"
+                f"SELECT {', '.join(cols)} FROM {DIALECT.rollup(spec.name, grain)}"
             ).fetchall()
         out = {}
         n = len(dims)
@@ -523,13 +369,19 @@ class SQLiteStore:
     def _insert(self, conn: sqlite3.Connection, spec: MeterSpec, batch: list[Event]) -> list[Event]:
         """Insert the events of ``batch`` not stored yet (the first copy of a repeated id);
         the caller holds the write lock. Returns them, in order."""
-        table = _table(spec.name)
+        table = events_table(spec.name)
         once: dict[tuple[str, str], Event] = {}
         for e in batch:
             once.setdefault((e.organization_id, e.id), e)
         unique = list(once.values())
         dims, measures = spec.dimension_names, spec.measure_names
-        cols = ["id", "organization_id", "time", *map(_dim, dims), *map(_val, measures)]
+        cols = [
+            "id",
+            "organization_id",
+            "time",
+            *map(dim_column, dims),
+            *map(value_column, measures),
+        ]
         sql = (
             f"INSERT INTO [{table}] ({', '.join(f'[{c}]' for c in cols)}) "
             f"VALUES ({', '.join('?' * len(cols))}) ON CONFLICT DO NOTHING"
@@ -566,8 +418,8 @@ class SQLiteStore:
         for org, event_id in once:
             by_org.setdefault(org, []).append(event_id)
         for org, ids in by_org.items():
-            for i in range(0, len(ids), _CHUNK):
-                chunk = ids[i : i + _CHUNK]
+            for i in range(0, len(ids), CHUNK):
+                chunk = ids[i : i + CHUNK]
                 stored.update(
                     (org, r[0])
                     for r in conn.execute(
@@ -590,7 +442,7 @@ class SQLiteStore:
                 return None
             old = found[0]
             conn.execute(
-                f"DELETE FROM [{_table(spec.name)}] WHERE organization_id = ? AND id = ?",
+                f"DELETE FROM [{events_table(spec.name)}] WHERE organization_id = ? AND id = ?",
                 (event.organization_id, event.id),
             )
             self._insert(conn, spec, [event])
@@ -605,7 +457,7 @@ class SQLiteStore:
         marks = ", ".join("?" * len(scope.series))
         for grain in rollup.GRAINS:
             conn.execute(
-                f"DELETE FROM [{_rollup_table(spec.name, grain)}] WHERE organization_id = ? "
+                f"DELETE FROM [{rollup_table(spec.name, grain)}] WHERE organization_id = ? "
                 f"AND series IN ({marks}) AND bucket >= ? AND bucket < ?",
                 (scope.organization_id, *scope.series, scope.start, scope.end),
             )
@@ -626,16 +478,18 @@ class SQLiteStore:
                 cond = f"{where} AND (time, id) > (?, ?)"
                 params = [organization_id, after[0], end, *after]
             return list(
-                self._select(meter, f"{cond} ORDER BY time, id LIMIT ?", [*params, SCAN_CHUNK])
+                self._select(
+                    meter, f"{cond} ORDER BY time, id LIMIT ?", [*params, names.SCAN_CHUNK]
+                )
             )
 
-        return sqlagg.scan_chunks(read, SCAN_CHUNK)
+        return sqlagg.scan_chunks(read, names.SCAN_CHUNK)
 
     def get_events(self, meter: str, organization_id: str, ids: Sequence[str]) -> list[Event]:
         unique = list(dict.fromkeys(ids))
         found: list[Event] = []
-        for i in range(0, len(unique), _CHUNK):
-            chunk = unique[i : i + _CHUNK]
+        for i in range(0, len(unique), CHUNK):
+            chunk = unique[i : i + CHUNK]
             found.extend(
                 self._select(
                     meter,
@@ -654,12 +508,12 @@ class SQLiteStore:
         measures = spec.measure_names
         cols = ", ".join(
             ["id", "organization_id", "time"]
-            + [f"[{_dim(d)}]" for d in dims]
-            + [f"[{_val(m)}]" for m in measures]
+            + [f"[{dim_column(d)}]" for d in dims]
+            + [f"[{value_column(m)}]" for m in measures]
         )
         with self._lock:
             rows = self.conn.execute(
-                f"SELECT {cols} FROM [{_table(meter)}] WHERE {where}", params
+                f"SELECT {cols} FROM [{events_table(meter)}] WHERE {where}", params
             ).fetchall()
         n = len(dims)
         for row in rows:
@@ -685,7 +539,7 @@ class SQLiteStore:
         def decoded(row: Sequence[Any]) -> dict[str, DimValue]:
             return {d: (bool(v) if d in bools else v) for d, v in zip(dims, row) if v is not None}
 
-        sql = sqlagg.latest_before(spec, measures, _DIALECT)
+        sql = sqlagg.latest_before(spec, measures, DIALECT)
         with self._lock:
             self.conn.execute("BEGIN")
             try:
@@ -708,7 +562,7 @@ class SQLiteStore:
 
     def _aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
         rolled = rollup.rollable(spec) and self._specs.get(spec.name) == spec
-        plan = sqlagg.query_statements(spec, query, _DIALECT, rolled)
+        plan = sqlagg.query_statements(spec, query, DIALECT, rolled)
         bools = {d.name for d in spec.dimensions if d.kind == "bool"}
 
         def to_bool(name: str, value: Any) -> DimValue:
@@ -726,8 +580,6 @@ class SQLiteStore:
             self.conn.execute("COMMIT")
         rows = sqlagg.merge_rows(spec, query, answers, group=group)
         return None if rolled and sqlagg.overflowed(spec, rows) else rows
-
-    # -- records ------------------------------------------------------------------------------
 
     def put_record(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
         check_record(kind, key, data)
@@ -757,173 +609,9 @@ class SQLiteStore:
             cur = conn.execute("DELETE FROM mk_records WHERE kind = ? AND key = ?", (kind, key))
             return cur.rowcount > 0
 
-    # -- counters -----------------------------------------------------------------------------
-
-    def counters_apply(
-        self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
-    ) -> CounterResult:
-        with self._lock, self._write() as conn:
-            return counters.apply(_SQLiteCounters(conn, now), lines, now, hold)
-
-    def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
-        with self._lock, self._write() as conn:
-            return counters.settle(_SQLiteCounters(conn, now), hold_id, deltas, now)
-
-    def counters_add(
-        self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
-    ) -> list[int]:
-        with self._lock, self._write() as conn:
-            backend = _SQLiteCounters(conn, now)
-            return [backend.add(key, delta, expires_at) for key, delta in deltas]
-
-    def counters_set(
-        self, key: str, value: int, *, now: int, expires_at: int | None = None
-    ) -> None:
-        with self._lock, self._write() as conn:
-            conn.execute(
-                "INSERT INTO mk_counters(key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) "
-                "DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
-                (key, value, expires_at),
-            )
-
-    def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
-        with self._lock:
-            expired = self.conn.execute(
-                "SELECT 1 FROM mk_holds WHERE expires_at <= ? LIMIT 1", (now,)
-            ).fetchone()
-            if expired is None:
-                return _SQLiteCounters(self.conn, now).read(keys, now)
-            # Give expired holds back first, as counters_apply would: reads agree with decisions.
-            with self._write() as conn:
-                backend = _SQLiteCounters(conn, now)
-                counters.release_expired(backend, now)
-                return backend.read(keys, now)
-
-    def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
-        with self._lock, self._write() as conn:
-            conn.execute(
-                "DELETE FROM mk_claims WHERE marker = ? AND expires_at IS NOT NULL "
-                "AND expires_at <= ?",
-                (marker, now),
-            )
-            cur = conn.execute(
-                "INSERT INTO mk_claims(marker, expires_at) VALUES (?, ?) "
-                "ON CONFLICT(marker) DO NOTHING",
-                (marker, expires_at),
-            )
-            return cur.rowcount == 1
-
     def secret(self) -> bytes:
         return self._secret
 
     def close(self) -> None:
         with self._lock:
             self.conn.close()
-
-
-class _SQLiteCounters:
-    """Counter primitives in SQL; the caller holds a ``BEGIN IMMEDIATE`` transaction."""
-
-    def __init__(self, conn: sqlite3.Connection, now: int) -> None:
-        self.conn, self.now = conn, now
-        # What this transaction has read or written, so a counter is selected once.
-        self.seen: dict[str, tuple[int, int | None]] = {}
-
-    def _get(self, key: str) -> tuple[int, int | None]:
-        if key not in self.seen:
-            row = self.conn.execute(
-                "SELECT value, expires_at FROM mk_counters WHERE key = ?", (key,)
-            ).fetchone()
-            live = row is not None and (row[1] is None or row[1] > self.now)
-            self.seen[key] = (int(row[0]), row[1]) if live else (0, None)
-        return self.seen[key]
-
-    def read(self, keys: Sequence[str], now: int) -> list[int]:
-        return [self._get(k)[0] for k in keys]
-
-    def add(self, key: str, delta: int, expires_at: int | None) -> int:
-        value, expires = self._get(key)
-        value = counters.clamp(value + delta)
-        expires = expires_at if expires_at is not None else expires
-        self.conn.execute(
-            "INSERT INTO mk_counters(key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) "
-            "DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
-            (key, value, expires),
-        )
-        self.seen[key] = (value, expires)
-        return value
-
-    def _holds(self, sql: str, params: tuple[Any, ...]) -> list[Hold]:
-        rows = self.conn.execute(
-            f"SELECT id, organization_id, amounts, expires_at FROM mk_holds WHERE {sql}", params
-        ).fetchall()
-        holds = [
-            Hold(r[0], r[1], tuple((k, int(v)) for k, v in json.loads(r[2])), r[3]) for r in rows
-        ]
-        self.conn.executemany("DELETE FROM mk_holds WHERE id = ?", [(h.id,) for h in holds])
-        return holds
-
-    def pop_expired_holds(self, now: int) -> list[Hold]:
-        return self._holds("expires_at <= ?", (now,))
-
-    def pop_hold(self, hold_id: str) -> Hold | None:
-        found = self._holds("id = ?", (hold_id,))
-        return found[0] if found else None
-
-    def put_hold(self, hold: Hold) -> None:
-        self.conn.execute(
-            "INSERT OR REPLACE INTO mk_holds(id, organization_id, amounts, expires_at) "
-            "VALUES (?, ?, ?, ?)",
-            (hold.id, hold.organization_id, json.dumps(hold.amounts), hold.expires_at),
-        )
-
-
-class _Immediate:
-    """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error), nestable by depth."""
-
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        on_rollback: Callable[[], object] = lambda: None,
-        on_commit: Callable[[], object] = lambda: None,
-    ) -> None:
-        self.conn = conn
-        self.on_rollback = on_rollback  # e.g. forget tables whose creation was rolled back
-        self.on_commit = on_commit
-        self.outer = False
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.outer = not self.conn.in_transaction
-        if self.outer:
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                # "database is locked" after the busy timeout, or the file is unreachable.
-                raise StoreUnavailable(f"SQLite could not start a write: {exc}") from exc
-        return self.conn
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if not self.outer:
-            return
-        if exc_type is not None:
-            self.conn.execute("ROLLBACK")
-            self.on_rollback()
-            return
-        try:
-            self.conn.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            self.on_rollback()
-            raise StoreUnavailable(f"SQLite could not commit: {exc}") from exc
-        self.on_commit()
-
-
-@hookimpl
-def meterkit_open_store(url: str, scheme: str) -> SQLiteStore | None:
-    return SQLiteStore(url) if scheme == "sqlite" else None
-
-
-@hookimpl
-def meterkit_store_schemes() -> list[str]:
-    return ["sqlite"]
