@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -57,176 +58,24 @@ application hosts and of Redis differ by less than it.
 
 _T = TypeVar("_T")
 
-# Shared by every script. ARGV[1] is the key prefix and ARGV[2] the caller's "now".
-_PRELUDE = f"""
-local prefix = ARGV[1]
-local now = tonumber(ARGV[2])
-local rnow = tonumber(redis.call('TIME')[1])
-local index = prefix .. 'holds'
 
--- Lua numbers are doubles and redis.call turns them into strings with 14 digits: write
--- integers through %d so large counters and millisecond timestamps stay exact.
-local function int(n) return string.format('%d', n) end
+def _script(name: str) -> str:
+    """A Lua script of ``stores/lua/``, with the numbers it shares with Python filled in."""
+    text = resources.files("meterkit.stores").joinpath(f"lua/{name}.lua").read_text("utf-8")
+    return text.replace("$GRACE_SECONDS", str(GRACE_SECONDS)).replace(
+        "$MAX_COUNTER", str(MAX_COUNTER)
+    )
 
-local function get(key)
-  local r = redis.call('HMGET', key, 'v', 'e')
-  if not r[1] then return 0, nil end
-  local e = r[2] and tonumber(r[2]) or nil
-  if e and e <= now then return 0, nil end
-  return tonumber(r[1]), e
-end
 
-local function put(key, v, e)
-  if e then
-    redis.call('HSET', key, 'v', int(v), 'e', int(e))
-    redis.call('PEXPIREAT', key, int((math.max(e, rnow) + {GRACE_SECONDS}) * 1000))
-  else
-    redis.call('HSET', key, 'v', int(v))
-    redis.call('HDEL', key, 'e')
-    redis.call('PERSIST', key)
-  end
-end
-
-local function add(key, delta, exp)
-  local v, e = get(key)
-  v = v + delta
-  if v < 0 then v = 0 end
-  if v > {MAX_COUNTER} then v = {MAX_COUNTER} end
-  put(key, v, exp or e)
-  return v
-end
-
-local function release_expired()
-  local ids = redis.call('ZRANGEBYSCORE', index, '-inf', now)
-  for _, id in ipairs(ids) do
-    local hkey = prefix .. 'h:' .. id
-    local fields = redis.call('HGETALL', hkey)
-    for i = 1, #fields, 2 do
-      if string.sub(fields[i], 1, 1) == '#' then
-        add(prefix .. 'c:' .. string.sub(fields[i], 2), -tonumber(fields[i + 1]), nil)
-      end
-    end
-    redis.call('DEL', hkey)
-    redis.call('ZREM', index, id)
-  end
-end
-"""
-
-# KEYS: index, hold key, the n line keys, the n previous-window keys (the line key again for
-# a line without one). ARGV[3] n, [4] hold id ('' for none), [5] its expires_at, [6] its
-# organization; then per line: amount, limit ('' none), expires_at ('' none), has previous
-# ('1'/'0'), previous weight; then the hold's (counter key, amount) pairs.
-# Returns {admitted, used..., previous...}: the state of meterkit.models.CounterResult.
-_APPLY = (
-    _PRELUDE
-    + """
-local n = tonumber(ARGV[3])
-release_expired()
-local cur, prev = {}, {}
-for i = 1, n do
-  local a = 7 + (i - 1) * 5
-  cur[i] = get(KEYS[2 + i])
-  if ARGV[a + 3] == '1' then prev[i] = get(KEYS[2 + n + i]) else prev[i] = 0 end
-end
-local admitted = 1
-for i = 1, n do
-  local a = 7 + (i - 1) * 5
-  if ARGV[a + 1] ~= '' then
-    -- meterkit.counters.fits, line for line
-    local estimate = math.floor(prev[i] * tonumber(ARGV[a + 4])) + cur[i]
-    if estimate + tonumber(ARGV[a]) > tonumber(ARGV[a + 1]) then admitted = 0 end
-  end
-  if cur[i] + tonumber(ARGV[a]) > {MAX_COUNTER} then admitted = 0 end
-end
-local out = {admitted}
-for i = 1, n do
-  if admitted == 1 then
-    local a = 7 + (i - 1) * 5
-    local exp = nil
-    if ARGV[a + 2] ~= '' then exp = tonumber(ARGV[a + 2]) end
-    out[#out + 1] = add(KEYS[2 + i], tonumber(ARGV[a]), exp)
-  else
-    out[#out + 1] = cur[i]
-  end
-end
-for i = 1, n do out[#out + 1] = prev[i] end
-if admitted == 1 and ARGV[4] ~= '' then
-  local fields = {'org', ARGV[6], 'exp', ARGV[5]}
-  for j = 7 + 5 * n, #ARGV, 2 do
-    fields[#fields + 1] = '#' .. ARGV[j]
-    fields[#fields + 1] = ARGV[j + 1]
-  end
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[2], unpack(fields))
-  redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
-end
-return out
-""".replace("{MAX_COUNTER}", str(MAX_COUNTER))
-)
-
-# KEYS: index, hold key, the delta keys. ARGV[3] hold id, then one delta per delta key.
-_SETTLE = (
-    _PRELUDE
-    + """
-release_expired()
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[1], ARGV[3])
-for i = 3, #KEYS do add(KEYS[i], tonumber(ARGV[i + 1]), nil) end
-return 1
-"""
-)
-
-# KEYS: counters. ARGV[3] expires_at ('' none), then one delta per key.
-_ADD = (
-    _PRELUDE
-    + """
-local exp = nil
-if ARGV[3] ~= '' then exp = tonumber(ARGV[3]) end
-local out = {}
-for i = 1, #KEYS do out[i] = add(KEYS[i], tonumber(ARGV[i + 3]), exp) end
-return out
-"""
-)
-
-# KEYS[1]: the counter. ARGV[3] value, ARGV[4] expires_at ('' none).
-_SET = (
-    _PRELUDE
-    + """
-local exp = nil
-if ARGV[4] ~= '' then exp = tonumber(ARGV[4]) end
-put(KEYS[1], tonumber(ARGV[3]), exp)
-return 1
-"""
-)
-
-# KEYS: counters. Returns their values (0 when absent or expired), after giving expired holds
-# back, as an apply would: reads agree with decisions.
-_READ = (
-    _PRELUDE
-    + """
-release_expired()
-local out = {}
-for i = 1, #KEYS do out[i] = get(KEYS[i]) end
-return out
-"""
-)
-
-# KEYS[1]: the marker. ARGV[3] expires_at ('' never). 1 for the first claim, else 0.
-_CLAIM = (
-    _PRELUDE
-    + """
-local seen = redis.call('GET', KEYS[1])
-if seen and (seen == 'never' or tonumber(seen) > now) then return 0 end
-if ARGV[3] == '' then
-  redis.call('SET', KEYS[1], 'never')
-else
-  redis.call('SET', KEYS[1], ARGV[3])
-  redis.call('PEXPIREAT', KEYS[1], int((math.max(tonumber(ARGV[3]), rnow) + {grace}) * 1000))
-end
-return 1
-""".replace("{grace}", str(GRACE_SECONDS))
-)
+# Every script starts with the prelude's helpers (get, put, add, release_expired); the rule
+# of a decision (meterkit.counters.fits) is apply.lua's, held to it by the conformance suite.
+_PRELUDE = _script("prelude")
+_APPLY = _PRELUDE + _script("apply")
+_SETTLE = _PRELUDE + _script("settle")
+_ADD = _PRELUDE + _script("add")
+_SET = _PRELUDE + _script("set")
+_READ = _PRELUDE + _script("read")
+_CLAIM = _PRELUDE + _script("claim")
 
 
 def _opt(value: int | None) -> str:
