@@ -142,7 +142,7 @@ def test_a_failure_between_the_events_and_their_count_stores_neither(
         def dies(_events: object) -> None:
             raise RuntimeError("the process dies here")
 
-        monkeypatch.setattr(meter.quotas, "feed", dies)
+        monkeypatch.setattr(meter.quotas.counting, "feed", dies)
         with pytest.raises(RuntimeError):
             meter.record_many(events)
         monkeypatch.undo()
@@ -245,7 +245,7 @@ def test_a_kill_between_decisions_events_and_their_lease_report_leaves_the_rule_
         def killed(*_args: object, **_kw: object) -> None:
             raise Killed
 
-        monkeypatch.setattr(leases, "_send_report", killed)
+        monkeypatch.setattr(leases.reports, "send_report", killed)
         with pytest.raises(Killed):
             meter.flush()
         monkeypatch.undo()

@@ -1,8 +1,9 @@
 """The rule every store applies, atomically, to quota counters.
 
 Stores differ only in how they make the read-decide-write atomic (a lock, ``BEGIN
-IMMEDIATE``, row locks, a Lua script); the decision itself is this function, and the Redis
-script mirrors it line for line.
+IMMEDIATE``, row locks, a server-side function, a Lua script); the decision itself is
+:func:`apply`, which PostgreSQL's ``mk_counters_apply`` and Redis's ``apply.lua`` mirror line for
+line. :class:`meterkit.testing.CounterConformance` holds every store to it.
 """
 
 from __future__ import annotations
@@ -74,15 +75,24 @@ def release_expired(backend: CounterBackend, now: int) -> None:
 def apply(
     backend: CounterBackend, lines: Sequence[CounterLine], now: int, hold: Hold | None
 ) -> CounterResult:
-    """Read, decide and write; the caller holds the store's lock or transaction."""
+    """Read, decide and write; the caller holds the store's lock or transaction.
+
+    The one definition of a decision every store runs: in Python here (memory, SQLite, and
+    PostgreSQL's settles and adds), in SQL and Lua line for line (PostgreSQL's
+    ``mk_counters_apply``, Redis's ``apply.lua``), each held to it by the conformance suite.
+    """
     release_expired(backend, now)
-    current = backend.read([line.key for line in lines], now)
-    prev_keys = [line.prev_key for line in lines if line.prev_key]
-    prev_values = iter(backend.read(prev_keys, now)) if prev_keys else iter(())
-    previous = [next(prev_values) if line.prev_key else 0 for line in lines]
+    n = len(lines)
+    keys = [line.key for line in lines]
+    keys += [line.prev_key for line in lines if line.prev_key]
+    values = backend.read(keys, now)  # one read: the lines' counters, then previous windows
+    current = values[:n]
+    later = iter(values[n:])
+    previous = [next(later) if line.prev_key else 0 for line in lines]
     if not admits(lines, current, previous):
         return CounterResult(False, tuple(current), tuple(previous))
-    used = tuple(backend.add(line.key, line.amount, line.expires_at) for line in lines)
+    add = backend.add
+    used = tuple([add(line.key, line.amount, line.expires_at) for line in lines])
     if hold is not None:
         backend.put_hold(hold)
     return CounterResult(True, used, tuple(previous))

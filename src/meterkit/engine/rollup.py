@@ -32,7 +32,7 @@ from typing import Any
 import attrs
 
 from meterkit.engine.aggregate import Rows, empty_value, gauge_total
-from meterkit.engine.timeweighted import Latest
+from meterkit.engine.timeweighted import Latest, carried
 from meterkit.models import DimValue, Event, GroupRow, Measure, MeterSpec, Number, UsageQuery
 
 __all__ = [
@@ -425,3 +425,21 @@ def _same(a: Any, b: Any) -> bool:
             return False
         return bool(abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b)))
     return bool(a == b)
+
+
+def latest_before(
+    spec: MeterSpec,
+    organization_id: str,
+    before: int,
+    measures: Sequence[str],
+    day_latest: Callable[[int], Iterable[Latest]],
+    scan: Callable[[int, int], Iterable[Event]],
+) -> list[Event]:
+    """Per series, the latest event before ``before`` carrying each gauge of ``measures``:
+    what the day rollups of the days before ``before``'s day say (``day_latest(day)``: their
+    latest cells, :func:`latest_of`), then the events of that day (``scan(day, before)``).
+
+    The one definition of :meth:`~meterkit.stores.base.Store.latest_before`: every store
+    answers with it, giving only how it reads its rows and events."""
+    day = before - before % GRAINS[-1]
+    return carried(spec, organization_id, measures, before, scan(day, before), day_latest(day))

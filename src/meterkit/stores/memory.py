@@ -219,13 +219,18 @@ class MemoryStore:
     ) -> list[Event] | None:
         if not rollup.rollable(spec) or self._specs.get(spec.name) != spec:
             return None
-        day = before - before % rollup.GRAINS[-1]
-        with self._lock:
-            days = self._rollups.get((spec.name, organization_id, rollup.GRAINS[-1]), {})
-            rows = [row for b, found in days.items() if b < day for row in found.values()]
-            latest = rollup.latest_of(spec, measures, rows)
-            events = self.scan(spec.name, organization_id, day, before)
-            return timeweighted.carried(spec, organization_id, measures, before, events, latest)
+        days = (spec.name, organization_id, rollup.GRAINS[-1])
+
+        def day_latest(day: int) -> Iterator[timeweighted.Latest]:
+            found = self._rollups.get(days, {})
+            rows = [row for b, held in found.items() if b < day for row in held.values()]
+            return rollup.latest_of(spec, measures, rows)
+
+        def scan(start: int, end: int) -> Iterator[Event]:
+            return self.scan(spec.name, organization_id, start, end)
+
+        with self._lock:  # the rows and the day's events of one moment
+            return rollup.latest_before(spec, organization_id, before, measures, day_latest, scan)
 
     def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
         if not rollup.rollable(spec) or self._specs.get(spec.name) != spec:
@@ -275,43 +280,8 @@ class MemoryStore:
     def counters_apply(
         self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
     ) -> CounterResult:
-        # meterkit.counters.apply, inlined over the dicts: this store decides on the request
-        # path of memory:// meters, without leases.
-        fits = counters.fits
         with self._lock:
-            if self._holds:
-                counters.release_expired(self._backend(now), now)
-            values = self._counters
-            live: list[tuple[int, int | None]] = []
-            previous: list[int] = []
-            admitted = True
-            for line in lines:
-                value, expires = values.get(line.key, _ABSENT)
-                if expires is not None and expires <= now:
-                    value, expires = _ABSENT
-                prev = 0
-                if line.prev_key:
-                    prev, prev_expires = values.get(line.prev_key, _ABSENT)
-                    if prev_expires is not None and prev_expires <= now:
-                        prev = 0
-                live.append((value, expires))
-                previous.append(prev)
-                if admitted and not fits(line, value, prev):
-                    admitted = False
-            if not admitted:
-                return CounterResult(False, tuple(v for v, _ in live), tuple(previous))
-            used = []
-            clamp = counters.clamp
-            for line, (value, expires) in zip(lines, live):
-                value = clamp(value + line.amount)
-                values[line.key] = (
-                    value,
-                    line.expires_at if line.expires_at is not None else expires,
-                )
-                used.append(value)
-            if hold is not None:
-                self._holds[hold.id] = hold
-            return CounterResult(True, tuple(used), tuple(previous))
+            return counters.apply(self._backend(now), lines, now, hold)
 
     def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
         with self._lock:
@@ -354,9 +324,6 @@ class MemoryStore:
         pass
 
 
-_ABSENT: tuple[int, int | None] = (0, None)
-
-
 class _MemoryCounters:
     """Counter primitives over the store's dicts; the caller holds the store's lock."""
 
@@ -372,7 +339,13 @@ class _MemoryCounters:
         return value, expires
 
     def read(self, keys: Sequence[str], now: int) -> list[int]:
-        return [self._get(k)[0] for k in keys]
+        values = self.values
+        out = []
+        for key in keys:
+            found = values.get(key)
+            expired = found is None or (found[1] is not None and found[1] <= now)
+            out.append(0 if found is None or expired else found[0])
+        return out
 
     def add(self, key: str, delta: int, expires_at: int | None) -> int:
         value, expires = self._get(key)
@@ -381,6 +354,8 @@ class _MemoryCounters:
         return value
 
     def pop_expired_holds(self, now: int) -> list[Hold]:
+        if not self.holds:
+            return []
         expired = [h for h in self.holds.values() if h.expires_at <= now]
         for hold in expired:
             del self.holds[hold.id]

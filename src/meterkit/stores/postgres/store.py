@@ -470,22 +470,24 @@ class PostgresStore:
     ) -> list[Event] | None:
         if not rollup.rollable(spec) or self._specs.get(spec.name) != spec:
             return None
-        day = before - before % rollup.GRAINS[-1]
         dims = spec.dimension_names
         sql = sqlagg.latest_before(spec, measures, DIALECT)
-
-        def read(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
-            cur.execute(sql, (organization_id, day))
-            return cur.fetchall()
-
-        rows = self.db.run("reading rollups", read, tx=False, idempotent=True)
 
         def decoded(row: Sequence[Any]) -> dict[str, DimValue]:
             return {d: v for d, v in zip(dims, row) if v is not None}
 
-        latest = sqlagg.latest_items(spec, measures, rows, decoded, decode)
-        events = self.scan(spec.name, organization_id, day, before)
-        return timeweighted.carried(spec, organization_id, measures, before, events, latest)
+        def day_latest(day: int) -> list[timeweighted.Latest]:
+            def read(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+                cur.execute(sql, (organization_id, day))
+                return cur.fetchall()
+
+            rows = self.db.run("reading rollups", read, tx=False, idempotent=True)
+            return list(sqlagg.latest_items(spec, measures, rows, decoded, decode))
+
+        def scan(start: int, end: int) -> Iterator[Event]:
+            return self.scan(spec.name, organization_id, start, end)
+
+        return rollup.latest_before(spec, organization_id, before, measures, day_latest, scan)
 
     def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
         if timeweighted.names(spec):

@@ -532,23 +532,28 @@ class SQLiteStore:
     ) -> list[Event] | None:
         if not rollup.rollable(spec) or self._specs.get(spec.name) != spec:
             return None
-        day = before - before % rollup.GRAINS[-1]
         dims = spec.dimension_names
         bools = {d.name for d in spec.dimensions if d.kind == "bool"}
+        sql = sqlagg.latest_before(spec, measures, DIALECT)
 
         def decoded(row: Sequence[Any]) -> dict[str, DimValue]:
             return {d: (bool(v) if d in bools else v) for d, v in zip(dims, row) if v is not None}
 
-        sql = sqlagg.latest_before(spec, measures, DIALECT)
+        def day_latest(day: int) -> list[timeweighted.Latest]:
+            rows = self.conn.execute(sql, (organization_id, day)).fetchall()
+            return list(sqlagg.latest_items(spec, measures, rows, decoded))
+
+        def scan(start: int, end: int) -> list[Event]:
+            return list(self.scan(spec.name, organization_id, start, end))
+
         with self._lock:
-            self.conn.execute("BEGIN")
+            self.conn.execute("BEGIN")  # the rows and the day's events of one snapshot
             try:
-                rows = self.conn.execute(sql, (organization_id, day)).fetchall()
-                events = list(self.scan(spec.name, organization_id, day, before))
+                return rollup.latest_before(
+                    spec, organization_id, before, measures, day_latest, scan
+                )
             finally:
                 self.conn.execute("COMMIT")
-        latest = sqlagg.latest_items(spec, measures, rows, decoded)
-        return timeweighted.carried(spec, organization_id, measures, before, events, latest)
 
     def aggregate(self, spec: MeterSpec, query: UsageQuery) -> Rows | None:
         if timeweighted.names(spec):
