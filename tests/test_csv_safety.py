@@ -168,7 +168,7 @@ def test_every_bad_record_of_a_batch_is_reported(tmp_path: Path) -> None:
 def test_bad_records_beyond_the_cap_are_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from meterkit.cli import data as clidata
+    from meterkit.cli import ingest as clidata
 
     monkeypatch.setattr(clidata, "MAX_REPORTED", 2)
     db = f"sqlite:///{tmp_path / 'c.db'}"

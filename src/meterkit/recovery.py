@@ -49,7 +49,7 @@ from meterkit.periods import Period
 from meterkit.pricing import default_period_of
 from meterkit.quotas import Quotas
 from meterkit.quotas.leases import ABSORBED, STRANDED
-from meterkit.spend import CAP_RECORD, LIMIT_RECORD, SPEND
+from meterkit.spend import SPEND
 from meterkit.stores.base import Capabilities
 
 
@@ -231,10 +231,7 @@ def _caught_up(meter: Meter) -> None:
 def counted_organizations(meter: Events) -> list[str]:
     """The organizations whose counters a rebuild or ``doctor`` goes over by default: every one
     assigned a plan or given a spend limit or cap."""
-    found = {key for key, _ in meter.store.list_records("org")}
-    for kind in (LIMIT_RECORD, CAP_RECORD):
-        found.update(key for key, _ in meter.store.list_records(kind))
-    return sorted(found)
+    return meter.quotas.book.organizations()
 
 
 def _with_usage(meter: Meter, metrics: set[str]) -> set[str]:

@@ -267,6 +267,18 @@ class Book:
             for key, d in self.store.list_records(f"grant:{org}")
         ]
 
+    def assigned(self) -> list[str]:
+        """Every organization assigned a plan, by id."""
+        return [key for key, _ in self.store.list_records("org")]
+
+    def organizations(self) -> list[str]:
+        """Every organization this book holds a record of: assigned a plan, or given a spend
+        limit or cap (whose counters a rebuild or ``doctor`` goes over)."""
+        found = set(self.assigned())
+        for kind in (spend_module.LIMIT_RECORD, spend_module.CAP_RECORD):
+            found.update(key for key, _ in self.store.list_records(kind))
+        return sorted(found)
+
     def plan_of(self, organization_id: str) -> tuple[OrgPlan | None, Plan | None]:
         assignment, plan, _ = self.lookup(organization_id)
         return assignment, plan
