@@ -63,11 +63,9 @@ strings); :func:`load_book` reads them all back. A price's default id derives fr
 from __future__ import annotations
 
 import bisect
-import decimal
 import hashlib
 import itertools
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any, Literal
@@ -78,6 +76,7 @@ import cattrs
 from meterkit.convert import native_converter
 from meterkit.errors import ValidationError
 from meterkit.models import DimValue, Event, MeterSpec, Number
+from meterkit.money import EXACT_CONTEXT, Tally, amount, divide, to_decimal, to_units
 from meterkit.periods import BillingCycle, Period
 from meterkit.stores.base import Store
 from meterkit.validate import check_dim_value, check_id, check_string, check_time
@@ -114,112 +113,11 @@ TierMode = Literal["graduated", "volume"]
 TIER_MODES: tuple[str, ...] = ("graduated", "volume")
 PeriodOf = Callable[[int], Period]
 
-# Products and sums of prices and quantities never need rounding at this precision; should one
-# ever do, Inexact raises instead of silently losing money.
-EXACT_CONTEXT = _EXACT = decimal.Context(
-    prec=200,
-    traps=[decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow, decimal.Inexact],
-)
-_DIVIDE = decimal.Context(prec=50, traps=[decimal.InvalidOperation, decimal.DivisionByZero])
-# Bounds on a price's digits, so the exact context above always suffices.
-_MAX_PLACES = 30
-_MAX_INT_DIGITS = 30
 GIBIBYTE_HOUR = 2**30 * 3600
 """Byte-seconds in a gibibyte-hour: the ``per`` and ``quantity_per`` of a gauge of bytes
 priced and reported in ``gibibyte_hours``."""
 _ZERO = Decimal(0)
 _CACHE_SIZE = 65536
-
-
-# -- decimals --------------------------------------------------------------------------------
-
-
-def to_decimal(field: str, value: object) -> Decimal:
-    """A non-negative finite ``Decimal`` from a Decimal, an int or a decimal string."""
-    if isinstance(value, bool):
-        raise ValidationError(field, "must be a decimal string, an integer or a Decimal")
-    if isinstance(value, float):
-        raise ValidationError(
-            field, "must not be a float (floats are inexact); give a string such as '2.50'"
-        )
-    if isinstance(value, Decimal):
-        number = value
-    elif isinstance(value, int):
-        number = Decimal(value)
-    elif isinstance(value, str):
-        try:
-            number = Decimal(value.strip())
-        except decimal.InvalidOperation:
-            raise ValidationError(field, f"{value!r} is not a decimal number") from None
-    else:
-        raise ValidationError(
-            field, f"must be a decimal string, an integer or a Decimal, not {type(value).__name__}"
-        )
-    if not number.is_finite():
-        raise ValidationError(field, "must be finite")
-    if number < 0:
-        raise ValidationError(field, "must not be negative")
-    if number and (
-        -int(number.as_tuple().exponent) > _MAX_PLACES or number.adjusted() >= _MAX_INT_DIGITS
-    ):
-        raise ValidationError(
-            field,
-            f"must have at most {_MAX_PLACES} decimal places and be below 10**{_MAX_INT_DIGITS}",
-        )
-    return number + 0 if number.is_zero() else number  # -0 becomes 0
-
-
-def to_units(value: Number) -> Decimal:
-    """A measure value as a ``Decimal``; a float by its shortest repr, so 1.1 is exactly 1.1."""
-    if isinstance(value, float):
-        return Decimal(repr(value))
-    return Decimal(value)
-
-
-def _divide(numerator: Decimal, per: int) -> Decimal:
-    if per == 1:
-        return numerator
-    # per = 2**a * 5**b divides a power of ten: multiplying by 10**k / per is exact.
-    rest, twos, fives = per, 0, 0
-    while rest % 2 == 0:
-        rest, twos = rest // 2, twos + 1
-    while rest % 5 == 0:
-        rest, fives = rest // 5, fives + 1
-    if rest == 1:
-        k = max(twos, fives)
-        factor = Decimal(10**k // per)
-        return _EXACT.scaleb(_EXACT.multiply(numerator, factor), -k)
-    return _DIVIDE.divide(numerator, Decimal(per))
-
-
-def amount(units: Decimal | int, unit_price: Decimal, per: int = 1) -> Decimal:
-    """The amount of ``units`` at ``unit_price`` per ``per`` units (see the module docstring)."""
-    return _divide(_EXACT.multiply(Decimal(units), unit_price), per)
-
-
-class Tally:
-    """An exact running total of amounts given as ``numerator / per``.
-
-    Numerators are summed per ``per``; :meth:`value` divides once, over the least common
-    multiple of the ``per`` values seen, so adding never rounds.
-    """
-
-    __slots__ = ("_by_per",)
-
-    def __init__(self) -> None:
-        self._by_per: dict[int, Decimal] = {}
-
-    def add(self, numerator: Decimal, per: int = 1) -> None:
-        self._by_per[per] = _EXACT.add(self._by_per.get(per, _ZERO), numerator)
-
-    def value(self) -> Decimal:
-        if not self._by_per:
-            return _ZERO
-        common = math.lcm(*self._by_per)
-        total = _ZERO
-        for per, numerator in self._by_per.items():
-            total = _EXACT.add(total, _EXACT.multiply(numerator, Decimal(common // per)))
-        return _divide(total, common)
 
 
 # -- prices ----------------------------------------------------------------------------------
@@ -635,7 +533,7 @@ class PriceBook:
             unit = price.unit_price
             if unit is None:
                 unit = max(t.unit_price for t in price.tiers)
-            tally.add(_EXACT.multiply(to_units(value), unit), price.per)
+            tally.add(EXACT_CONTEXT.multiply(to_units(value), unit), price.per)
 
 
 def _same(a: DimValue, b: DimValue) -> bool:
@@ -666,7 +564,7 @@ class Charge:
 
     @property
     def amount(self) -> Decimal:
-        return _divide(self.numerator, self.per)
+        return divide(self.numerator, self.per)
 
 
 def default_period_of(t: int) -> Period:
@@ -742,7 +640,7 @@ def rate(
                 if last is None or not last.contains(event.time):
                     last = period_of(event.time)
                 key = (event.organization_id, price.line, last.start)
-                totals[key] = _EXACT.add(totals.get(key, _ZERO), units)
+                totals[key] = EXACT_CONTEXT.add(totals.get(key, _ZERO), units)
             else:
                 key = (event.organization_id, price.line, -1)
             entries.append((event, measure, units, price, key))
@@ -753,11 +651,11 @@ def rate(
     for event, measure, units, price, key in entries:
         if not price.tiers:
             assert price.unit_price is not None
-            numerator = _EXACT.multiply(units, price.unit_price)
+            numerator = EXACT_CONTEXT.multiply(units, price.unit_price)
             charges.append(Charge(event, measure, price, units, numerator, price.per))
             continue
         before = counted.get(key, _ZERO)
-        after = _EXACT.add(before, units)
+        after = EXACT_CONTEXT.add(before, units)
         counted[key] = after
         tiers = price.tiers
         if price.tier_mode == "graduated":
@@ -767,12 +665,12 @@ def rate(
                 tier = tiers[i]
                 low, up = _lower(tiers, i), tier.up_to
                 high = after if up is None or after <= up else Decimal(up)
-                inside = _EXACT.subtract(high, before if before > low else Decimal(low))
+                inside = EXACT_CONTEXT.subtract(high, before if before > low else Decimal(low))
                 if before <= low and tier.flat_fee:  # this event holds the tier's first unit
                     charges.append(
                         Charge(event, measure, price, _ZERO, tier.flat_fee, 1, i, flat_fee=True)
                     )
-                numerator = _EXACT.multiply(inside, tier.unit_price)
+                numerator = EXACT_CONTEXT.multiply(inside, tier.unit_price)
                 charges.append(Charge(event, measure, price, inside, numerator, price.per, i))
                 if up is None or after <= up:
                     break
@@ -787,7 +685,7 @@ def rate(
                     charges.append(
                         Charge(event, measure, price, _ZERO, tier.flat_fee, 1, i, flat_fee=True)
                     )
-            numerator = _EXACT.multiply(units, tier.unit_price)
+            numerator = EXACT_CONTEXT.multiply(units, tier.unit_price)
             charges.append(Charge(event, measure, price, units, numerator, price.per, i))
     return charges
 
