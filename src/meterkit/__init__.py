@@ -12,7 +12,6 @@ from meterkit.errors import (
 )
 from meterkit.hookspecs import hookimpl
 from meterkit.meter import Meter
-from meterkit.metrics import Metric, Source
 from meterkit.models import (
     AppendResult,
     Bucket,
@@ -25,6 +24,7 @@ from meterkit.models import (
     UsageQuery,
 )
 from meterkit.periods import BillingCycle, Period
+from meterkit.planmetrics import Metric, Source
 from meterkit.plans import Grant, OrgPlan, Plan
 from meterkit.quotas import Decision, LimitState, Reservation
 

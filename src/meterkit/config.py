@@ -17,10 +17,10 @@ import attrs
 
 from meterkit.errors import ValidationError
 from meterkit.lateness import parse_lateness
-from meterkit.metrics import Metric
 from meterkit.models import Dimension, Measure, MeterSpec
 from meterkit.notify import notifiers_from_config
 from meterkit.periods import BillingCycle
+from meterkit.planmetrics import Metric
 from meterkit.plans import PLAN_FIELDS, OrgPlan, Plan
 from meterkit.quotas.leases import DEFAULT_FLUSH_INTERVAL, DEFAULT_TTL, check_timing
 from meterkit.retention import parse_retention

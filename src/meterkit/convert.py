@@ -139,7 +139,7 @@ def _register_page_format() -> None:
         out: dict[str, object] = openai_converter.unstructure(page)
         return out
 
-    models._to_openai = to_openai
+    models.use_page_format(to_openai)
 
 
 _register_page_format()

@@ -16,7 +16,7 @@ import pluggy
 from meterkit import assets as assets_module
 from meterkit import corrections as corrections_module
 from meterkit import lateness as lateness_module
-from meterkit import pricing, rollups, summaries
+from meterkit import maintenance, pricing, summaries
 from meterkit import retention as retention_module
 from meterkit import spend as spend_module
 from meterkit.catalog import builtin_meters
@@ -26,7 +26,6 @@ from meterkit.errors import (
     StoreUnavailable,
     ValidationError,
 )
-from meterkit.metrics import Metric
 from meterkit.models import (
     AppendResult,
     Event,
@@ -35,6 +34,7 @@ from meterkit.models import (
     UsagePage,
 )
 from meterkit.notify import AlertNotice, Notifier, Outbox
+from meterkit.planmetrics import Metric
 from meterkit.plans import Grant, OrgPlan, Plan
 from meterkit.plugins import get_plugin_manager, make_plugin_manager
 from meterkit.pricing import Price, PriceBook
@@ -250,7 +250,7 @@ class Meter:
         return self.registry.register(spec)
 
     def define_metric(self, metric: Metric) -> Metric:
-        """Define what a plan metric counts (see :mod:`meterkit.metrics`): its own meter's
+        """Define what a plan metric counts (see :mod:`meterkit.planmetrics`): its own meter's
         events plus ``metric.sources``. A metric without a meter of its name gets one (a
         plain counter), where decisions record what they admit.
 
@@ -578,22 +578,25 @@ class Meter:
         a retention) no longer keep; the events dropped per meter. Hour and day rollups stay.
         """
         days = self.retention_days.days
-        return rollups.prune(self, meters, sorted(days), days)
+        return maintenance.prune(self, meters, sorted(days), days)
 
-    # -- rollups (see meterkit.rollups) -------------------------------------------------------
+    # -- rollups (see meterkit.maintenance) -------------------------------------------------------
 
     def rebuild_rollups(
-        self, meters: Iterable[str] | str | None = None, *, progress: rollups.Progress | None = None
+        self,
+        meters: Iterable[str] | str | None = None,
+        *,
+        progress: maintenance.Progress | None = None,
     ) -> dict[str, int]:
         """Fold the rollups of ``meters`` (default: every meter) anew from their events, each
         meter atomically; ``progress(meter, events_read)`` as it goes. Events read per meter;
         ``{}`` when the store keeps no rollups."""
-        return rollups.rebuild(self, meters, sorted(self.specs), progress)
+        return maintenance.rebuild(self, meters, sorted(self.specs), progress)
 
     def verify_rollups(self, meters: Iterable[str] | str | None = None) -> list[str]:
         """Every difference between the stored rollups of ``meters`` (default: every meter)
         and what their events give, one line each: ``[]`` when they agree. Changes nothing."""
-        return rollups.verify(self, meters, sorted(self.specs))
+        return maintenance.verify(self, meters, sorted(self.specs))
 
     # -- summaries (see meterkit.summaries) ---------------------------------------------------
 

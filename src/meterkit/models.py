@@ -347,5 +347,11 @@ class UsagePage:
 
 
 _to_openai: Callable[[UsagePage], dict[str, object]] | None = None
-"""The OpenAI wire format's unstructure, set by :mod:`meterkit.convert` when it loads (the
-format knows the models; the models do not import the format)."""
+
+
+def use_page_format(to_dict: Callable[[UsagePage], dict[str, object]]) -> None:
+    """Make ``to_dict`` what :meth:`UsagePage.to_dict` answers with: the OpenAI wire format's
+    unstructure, given by :mod:`meterkit.convert` when it loads (the format knows the models;
+    the models do not import the format)."""
+    global _to_openai
+    _to_openai = to_dict

@@ -22,7 +22,7 @@ What it cannot rebuild, because no event records it:
 - **threshold notifications** already sent: the markers are gone, so the 80 % / 100 % hooks may
   fire once more in this period;
 A metric counts its own meter's events — what decisions recorded and what the application
-recorded there itself — and those of the sources it is defined over (:mod:`meterkit.metrics`),
+recorded there itself — and those of the sources it is defined over (:mod:`meterkit.planmetrics`),
 exactly as they were counted when recorded.
 
 A lease whose holder stopped reporting (``kill -9``) expires by counting every unit it still
@@ -43,9 +43,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from meterkit.counters import clamp
-from meterkit.metrics import contributions
 from meterkit.models import MeterSpec, Number
 from meterkit.periods import Period
+from meterkit.planmetrics import contributions
 from meterkit.pricing import default_period_of
 from meterkit.quotas import Quotas
 from meterkit.quotas.leases import ABSORBED, STRANDED

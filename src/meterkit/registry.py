@@ -8,8 +8,8 @@ from types import MappingProxyType
 
 from meterkit.catalog import builtin_meters
 from meterkit.errors import ValidationError
-from meterkit.metrics import Metric, check_metric
 from meterkit.models import NAME_RE, Event, Measure, MeterSpec
+from meterkit.planmetrics import Metric, check_metric
 from meterkit.stores.base import Store
 
 __all__ = ["Registry"]

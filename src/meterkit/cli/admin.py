@@ -24,8 +24,8 @@ from meterkit.cli.options import (
 )
 from meterkit.errors import ValidationError
 from meterkit.meter import Meter
-from meterkit.metrics import Metric
 from meterkit.periods import BillingCycle
+from meterkit.planmetrics import Metric
 from meterkit.plans import UNLIMITED, Plan
 from meterkit.pricing import price_to_dict
 from meterkit.recovery import counted_organizations, counter_differences

@@ -20,9 +20,9 @@ import attrs
 from meterkit import spend as spend_module
 from meterkit.errors import NotFound, StateConflict, StoreUnavailable, ValidationError
 from meterkit.ids import new_id
-from meterkit.metrics import RECORD_KIND as METRIC_RECORDS
-from meterkit.metrics import Metric
 from meterkit.periods import BillingCycle, Period
+from meterkit.planmetrics import RECORD_KIND as METRIC_RECORDS
+from meterkit.planmetrics import Metric
 from meterkit.plans import Grant, OrgPlan, Plan
 from meterkit.pricing import PriceBook, load_book
 from meterkit.quotas.decision import check_count

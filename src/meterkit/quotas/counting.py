@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from meterkit.catalog import CHARGES_METER
 from meterkit.countlog import Changes, CountLog
 from meterkit.errors import StoreUnavailable
-from meterkit.metrics import contributions
 from meterkit.models import Event
 from meterkit.periods import Period
+from meterkit.planmetrics import contributions
 from meterkit.pricing import CHARGES, PriceBook, Tally, default_period_of
 from meterkit.quotas.book import Book
 from meterkit.quotas.leases import Leases
