@@ -421,9 +421,7 @@ class Book:
         currency: str = "USD",
         interval: str = "month",
     ) -> spend_module.SpendLimit:
-        """Create or replace the organization's own hard spend limit, in cents per UTC month
-        (what its admin key sets over HTTP): at or under the operator's cap
-        (:meth:`set_spend_cap`), where one is set."""
+        """Store the organization's own spend limit (:meth:`meterkit.Meter.set_spend_limit`)."""
         limit = spend_module.SpendLimit.build(
             organization_id,
             {"threshold_amount": threshold_amount, "currency": currency, "interval": interval},
@@ -441,17 +439,14 @@ class Book:
         return limit
 
     def delete_spend_limit(self, organization_id: str) -> bool:
-        """Remove the organization's own spend limit; ``True`` if it had one. The operator's
-        cap, if any, stays in force."""
+        """Remove the organization's own spend limit; ``True`` if it had one."""
         org = check_id("organization_id", organization_id)
         found = self.store.delete_record(spend_module.LIMIT_RECORD, org)
         self.forget()
         return found
 
     def set_spend_cap(self, organization_id: str, threshold_amount: int) -> spend_module.SpendLimit:
-        """The operator's cap on the organization's spend, in cents per UTC month: enforced
-        whatever the organization sets itself, which may be lower, never higher, and cannot be
-        removed but by the operator (:meth:`delete_spend_cap`)."""
+        """Store the operator's cap (:meth:`meterkit.Meter.set_spend_cap`)."""
         cap = spend_module.SpendLimit.build(
             organization_id,
             {"threshold_amount": threshold_amount, "currency": "USD", "interval": "month"},
@@ -476,8 +471,7 @@ class Book:
     def put_spend_alert(
         self, organization_id: str, alert_id: str, data: Mapping[str, Any]
     ) -> spend_module.SpendAlert:
-        """Create or replace an alert from the SDK's fields (``threshold_amount``,
-        ``currency``, ``interval``, ``notification_channel``); creation time is kept."""
+        """Store an alert from the SDK's fields (:meth:`meterkit.Meter.put_spend_alert`)."""
         org = check_id("organization_id", organization_id)
         alert = spend_module.SpendAlert.build(alert_id, org, data, self.recorder.now())
         old = spend_module.get_alert(self.store, org, alert.id)
@@ -519,8 +513,7 @@ class Book:
         interval: str = "month",
         id: str | None = None,
     ) -> spend_module.SpendAlert:
-        """An alert at ``threshold_amount`` cents of month-to-date spend, emailed to
-        ``recipients`` (and sent to every notifier) once per month."""
+        """A new alert (:meth:`meterkit.Meter.create_spend_alert`)."""
         return self.put_spend_alert(
             organization_id,
             id or new_id("spalert"),

@@ -26,6 +26,7 @@ __all__ = [
     "AtomicWrites",
     "Capabilities",
     "CorrectsEvents",
+    "CounterCalls",
     "CounterStore",
     "ListsOrganizations",
     "RollupStore",
@@ -179,6 +180,37 @@ class RollupStore(Store, Protocol):
         """Delete ``spec``'s events with ``time < before`` (a UTC day start) and its minute
         rollup rows of buckets before it, for every organization, atomically; hour and day
         rollups stay. Returns the events deleted."""
+
+
+class CounterCalls:
+    """The :class:`CounterStore` calls of a store whose counters are a part of it of their
+    own (``counter_rows``): the SQL stores inherit them, each from one line."""
+
+    counter_rows: CounterStore
+
+    def counters_apply(
+        self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
+    ) -> CounterResult:
+        return self.counter_rows.counters_apply(lines, now=now, hold=hold)
+
+    def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
+        return self.counter_rows.counters_settle(hold_id, deltas, now=now)
+
+    def counters_add(
+        self, deltas: Sequence[tuple[str, int]], *, now: int, expires_at: int | None = None
+    ) -> list[int]:
+        return self.counter_rows.counters_add(deltas, now=now, expires_at=expires_at)
+
+    def counters_set(
+        self, key: str, value: int, *, now: int, expires_at: int | None = None
+    ) -> None:
+        self.counter_rows.counters_set(key, value, now=now, expires_at=expires_at)
+
+    def counters_read(self, keys: Sequence[str], *, now: int) -> list[int]:
+        return self.counter_rows.counters_read(keys, now=now)
+
+    def claim_once(self, marker: str, *, now: int, expires_at: int | None = None) -> bool:
+        return self.counter_rows.claim_once(marker, now=now, expires_at=expires_at)
 
 
 # -- what a store can do beyond Store: declared by having the method, found once ------------

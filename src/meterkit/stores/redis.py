@@ -203,12 +203,8 @@ class RedisCounters:
                 repr(float(line.prev_weight)),  # repr: the exact double, parsed back exactly
             ]
         if hold is not None:
-            # One hash field per counter: a key named twice gives back the sum of its amounts.
-            held: dict[str, int] = {}
             for key, amount in hold.amounts:
-                held[key] = held.get(key, 0) + int(amount)
-            for key, amount in held.items():
-                args += [key, str(amount)]
+                args += [key, str(int(amount))]
         out = self._call("applying a quota decision", self._apply, keys, args)
         values = [int(v) for v in out]
         return CounterResult(values[0] == 1, tuple(values[1 : 1 + n]), tuple(values[1 + n :]))

@@ -37,11 +37,12 @@ import pytest
 
 from meterkit.stores.base import CounterStore, Store
 from meterkit.testing.base import Conformance
-from meterkit.testing.counters import CounterConformance
+from meterkit.testing.counters import CounterConformance, ModelCounters
 from meterkit.testing.events import EventConformance
 from meterkit.testing.queries import QueryConformance
 from meterkit.testing.support import (
     COMPLETIONS,
+    ROLLED_METER,
     SUITE_METER,
     SUITE_METERS,
     T0,
@@ -57,6 +58,7 @@ from meterkit.testing.support import (
 
 __all__ = [
     "COMPLETIONS",
+    "ROLLED_METER",
     "SUITE_METER",
     "SUITE_METERS",
     "T0",
@@ -65,6 +67,7 @@ __all__ = [
     "Conformance",
     "CounterConformance",
     "EventConformance",
+    "ModelCounters",
     "QueryConformance",
     "StoreConformance",
     "StoreFactory",

@@ -150,7 +150,11 @@ class PgCounters:
 
     def __init__(self, db: PgPool) -> None:
         self.db = db
+        self.url = db.url
         self._next_sweep = 0.0
+
+    def close(self) -> None:
+        """Nothing of its own: the store closes the pool."""
 
     def counters_apply(
         self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None

@@ -11,6 +11,7 @@ from meterkit.engine import rollup, timeweighted
 from meterkit.engine.aggregate import Rows
 from meterkit.models import DimValue, Event, MeterSpec, UsageQuery
 from meterkit.stores import sqlagg
+from meterkit.stores.base import CounterCalls
 from meterkit.stores.postgres.counters import PgCounters
 from meterkit.stores.postgres.names import (
     CELL_TYPES,
@@ -44,7 +45,7 @@ CHUNK = 5000
 SCAN_CHUNK = 5000
 
 
-class PostgresStore:
+class PostgresStore(CounterCalls):
     """A :class:`~meterkit.stores.Store` on PostgreSQL, safe to share between threads.
 
     Nothing is sent to the server until the first call (which also creates or migrates the
@@ -61,13 +62,6 @@ class PostgresStore:
         # Batches of at least this many events are copied in (COPY into a staging table);
         # smaller ones travel as arrays in one pipelined statement, one round trip.
         self.copy_from = 64
-        counters = self.counter_rows
-        self.counters_apply = counters.counters_apply
-        self.counters_settle = counters.counters_settle
-        self.counters_add = counters.counters_add
-        self.counters_set = counters.counters_set
-        self.counters_read = counters.counters_read
-        self.claim_once = counters.claim_once
 
     def atomic_writes(self) -> AbstractContextManager[None]:
         """Every call this thread makes inside runs on one connection, in one transaction

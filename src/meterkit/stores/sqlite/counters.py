@@ -25,10 +25,15 @@ class SQLiteCounters:
         conn: Callable[[], sqlite3.Connection],
         lock: threading.RLock,
         write: Callable[[], AbstractContextManager[sqlite3.Connection]],
+        url: str = "",
     ) -> None:
         self._conn = conn
         self.lock = lock
         self.write = write
+        self.url = url
+
+    def close(self) -> None:
+        """Nothing of its own: the store closes the connection."""
 
     @property
     def conn(self) -> sqlite3.Connection:

@@ -17,6 +17,7 @@ from meterkit.engine.aggregate import Rows
 from meterkit.errors import ValidationError
 from meterkit.models import DimValue, Event, MeterSpec, UsageQuery
 from meterkit.stores import sqlagg
+from meterkit.stores.base import CounterCalls
 from meterkit.stores.sqlite import names
 from meterkit.stores.sqlite.connection import Immediate, migrate
 from meterkit.stores.sqlite.counters import SQLiteCounters
@@ -40,7 +41,7 @@ from meterkit.validate import check_record
 __all__ = ["SQLiteStore"]
 
 
-class SQLiteStore:
+class SQLiteStore(CounterCalls):
     """One connection shared under a lock; ``BEGIN IMMEDIATE`` serialises writing processes."""
 
     def __init__(self, url: str) -> None:
@@ -96,15 +97,8 @@ class SQLiteStore:
             migrate(self.db, self.path)
         row = conn.execute("SELECT value FROM mk_meta WHERE key = 'cursor_secret'").fetchone()
         self._secret = bytes.fromhex(row[0])
-        self.counter_rows = SQLiteCounters(lambda: self.conn, self._lock, self._write)
+        self.counter_rows = SQLiteCounters(lambda: self.conn, self._lock, self._write, url)
         """The quota counters' calls (this store's ``counters_*``)."""
-        rows = self.counter_rows
-        self.counters_apply = rows.counters_apply
-        self.counters_settle = rows.counters_settle
-        self.counters_add = rows.counters_add
-        self.counters_set = rows.counters_set
-        self.counters_read = rows.counters_read
-        self.claim_once = rows.claim_once
 
     @property
     def conn(self) -> sqlite3.Connection:
