@@ -21,6 +21,7 @@ __all__ = [
     "admits",
     "apply",
     "clamp",
+    "decide",
     "fits",
     "release_expired",
     "settle",
@@ -49,7 +50,20 @@ def fits(line: CounterLine, current: int, previous: int) -> bool:
 
 def admits(lines: Sequence[CounterLine], current: Sequence[int], previous: Sequence[int]) -> bool:
     """All-or-nothing: every line must fit."""
-    return all(fits(line, c, p) for line, c, p in zip(lines, current, previous))
+    for line, c, p in zip(lines, current, previous):  # a loop: on every decision's path
+        if not fits(line, c, p):
+            return False
+    return True
+
+
+def decide(
+    lines: Sequence[CounterLine], current: Sequence[int], previous: Sequence[int]
+) -> tuple[int, ...] | None:
+    """The rule of a decision: ``None`` when a line does not fit (nothing is added), else every
+    line's counter after its amount. Keys are distinct within one decision."""
+    if not admits(lines, current, previous):
+        return None
+    return tuple([clamp(c + line.amount) for line, c in zip(lines, current)])
 
 
 class CounterBackend(Protocol):
@@ -77,9 +91,10 @@ def apply(
 ) -> CounterResult:
     """Read, decide and write; the caller holds the store's lock or transaction.
 
-    The one definition of a decision every store runs: in Python here (memory, SQLite, and
-    PostgreSQL's settles and adds), in SQL and Lua line for line (PostgreSQL's
-    ``mk_counters_apply``, Redis's ``apply.lua``), each held to it by the conformance suite.
+    The rule is :func:`decide`: this runs it over a backend's primitives (SQLite, and
+    PostgreSQL's settles and adds); the memory store runs it over its dicts; PostgreSQL's
+    ``mk_counters_apply`` and Redis's ``apply.lua`` repeat it line for line. The conformance
+    suite holds every store to this function.
     """
     release_expired(backend, now)
     n = len(lines)
@@ -89,7 +104,7 @@ def apply(
     current = values[:n]
     later = iter(values[n:])
     previous = [next(later) if line.prev_key else 0 for line in lines]
-    if not admits(lines, current, previous):
+    if decide(lines, current, previous) is None:
         return CounterResult(False, tuple(current), tuple(previous))
     add = backend.add
     used = tuple([add(line.key, line.amount, line.expires_at) for line in lines])

@@ -280,8 +280,35 @@ class MemoryStore:
     def counters_apply(
         self, lines: Sequence[CounterLine], *, now: int, hold: Hold | None = None
     ) -> CounterResult:
+        # meterkit.counters.apply over the dicts, without a backend object: this store decides
+        # on the request path of memory:// meters. The rule is counters.decide.
         with self._lock:
-            return counters.apply(self._backend(now), lines, now, hold)
+            if self._holds:
+                counters.release_expired(self._backend(now), now)
+            values = self._counters
+            current: list[int] = []
+            expiry: list[int | None] = []
+            previous: list[int] = []
+            for line in lines:
+                value, expires = values.get(line.key, _ABSENT)
+                if expires is not None and expires <= now:
+                    value, expires = _ABSENT
+                current.append(value)
+                expiry.append(expires)
+                prev = 0
+                if line.prev_key:
+                    prev, prev_expires = values.get(line.prev_key, _ABSENT)
+                    if prev_expires is not None and prev_expires <= now:
+                        prev = 0
+                previous.append(prev)
+            used = counters.decide(lines, current, previous)
+            if used is None:
+                return CounterResult(False, tuple(current), tuple(previous))
+            for line, value, expires in zip(lines, used, expiry):
+                values[line.key] = (value, expires if line.expires_at is None else line.expires_at)
+            if hold is not None:
+                self._holds[hold.id] = hold
+            return CounterResult(True, used, tuple(previous))
 
     def counters_settle(self, hold_id: str, deltas: Sequence[tuple[str, int]], *, now: int) -> bool:
         with self._lock:
@@ -322,6 +349,9 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
+
+
+_ABSENT: tuple[int, int | None] = (0, None)
 
 
 class _MemoryCounters:
