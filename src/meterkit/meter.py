@@ -63,7 +63,6 @@ __all__ = ["DEFAULT_URL", "Meter", "open_counters", "open_store"]
 
 DEFAULT_URL = "sqlite:///meterkit.db"
 DEFAULT_FUTURE_SKEW = 300
-MAX_QUEUED = 100_000
 Clock = Callable[[], float]
 logger = logging.getLogger("meterkit")
 _open_meters: weakref.WeakSet[Meter] = weakref.WeakSet()
@@ -195,22 +194,20 @@ class Meter:
         )
         """The write path: validation, group commit, the queue and its flush."""
         self.reader = UsageReader(
-            self.store, self.registry, self.retention_days, clock=self.clock, sync=self.sync
+            self.store,
+            self.registry,
+            self.retention_days,
+            clock=self.clock,
+            sync=self.recorder.sync,
         )
         """The read path: usage queries over rollups or events."""
-        self.costs_reader = CostsReader(
-            self.reader,
-            lambda: pricing.load_book(self.store, self.specs, builtin=True),
-            lambda org, t: self.quotas.period(org, t),
-        )
-        """Costs pages priced from the read path."""
         for group in self.pm.hook.meterkit_register_meters():
             for spec in group or ():
                 self.register(spec)
         for spec in meters:
             self.register(spec)
         self.outbox = Outbox(
-            notifiers, store=self.store, counters=self.counters, clock=lambda: self.now()
+            notifiers, store=self.store, counters=self.counters, clock=self.recorder.now
         )
         """Spend alert notices on their way to ``notifiers`` (see :mod:`meterkit.notify`)."""
         self.quotas = Quotas(
@@ -226,6 +223,10 @@ class Meter:
             leases=leases and getattr(self.counters, "shared", True),
             lease_ttl=lease_ttl,
         )
+        self.costs_reader = CostsReader(
+            self.reader, self.quotas.book.stored_book, self.quotas.period
+        )
+        """Costs pages priced from the read path, in each organization's billing periods."""
         for metric in metrics:
             self.define_metric(metric)
         self.outbox.start()  # notices a process left undelivered are swept up here too

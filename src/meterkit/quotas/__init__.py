@@ -104,9 +104,6 @@ class Quotas:
         self.counters: Any = counters
         """Where quota counters live: the store itself, or ``Meter(counters=...)``."""
         self._policy: Policy = policy
-        self.cache_seconds = cache_seconds
-        self.record_debits = record_debits
-        self.default_plan = default_plan
         shared = bool(getattr(counters, "shared", True))
         self.all_in_memory = not recorder.capabilities.shared and not shared
         """Plans, counters and events all live in this process (``memory://``): deciding and
@@ -116,8 +113,6 @@ class Quotas:
         self.limits = Limits(self.book, shared=shared)
         self.counting = Counting(recorder, self.book, self.limits, counters, self.leases)
         self.countlog = self.counting.countlog
-        self.thresholds = tuple(sorted(thresholds))
-        """The shares of a limit at which ``meterkit_quota_threshold`` is told."""
         self.watch = Thresholds(
             recorder,
             self.book,
@@ -205,7 +200,7 @@ class Quotas:
         if isinstance(price, Mapping):
             price = pricing.price_from_dict(price, specs)
         self.recorder.flush()  # what was recorded at the old prices is in the events
-        before = pricing.load_book(self.store, specs, builtin=True)  # stored, not cached
+        before = self.book.stored_book()  # as stored now, not as cached
         saved = pricing.save_price(self.store, price, specs=specs)
         self.book.forget()  # spend is counted at the new prices from now on
         # and this month's events so far are repriced, so spend keeps equal to the costs.
@@ -221,6 +216,26 @@ class Quotas:
         nano = self.counting.spent(org, now)
         limit = spend_module.read_limit(self.store, org)
         return SpendState(org, month.start, month.end, spend_module.nano_to_usd(nano), limit)
+
+    @property
+    def cache_seconds(self) -> float:
+        """How long plans, limits, spend limits and prices read from the store are kept."""
+        return self.book.cache_seconds
+
+    @property
+    def default_plan(self) -> str | None:
+        """The plan of an organization assigned none."""
+        return self.book.default_plan
+
+    @property
+    def record_debits(self) -> bool:
+        """Whether decisions record what they admit as events."""
+        return self.settler.record_debits
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """The shares of a limit at which ``meterkit_quota_threshold`` is told."""
+        return self.watch.thresholds
 
     @property
     def policy(self) -> Policy:

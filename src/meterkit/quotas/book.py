@@ -330,6 +330,11 @@ class Book:
                 self._spend_cache[org] = (now + self.cache_seconds, found)
         return found
 
+    def stored_book(self) -> PriceBook:
+        """The price book as stored now, with the built-in lines (not cached): what costs are
+        billed by."""
+        return load_book(self.store, self.registry.specs, builtin=True)
+
     def price_book(self) -> PriceBook:
         """The stored price book, read again at most every ``cache_seconds`` (and after any
         change made through this meter)."""
@@ -337,7 +342,7 @@ class Book:
         hit = self._book
         if hit is not None and hit[0] > now:
             return hit[1]
-        book = load_book(self.store, self.registry.specs, builtin=True)
+        book = self.stored_book()
         self._book = (now + self.cache_seconds, book)
         return book
 

@@ -369,13 +369,7 @@ class _MemoryCounters:
         return value, expires
 
     def read(self, keys: Sequence[str], now: int) -> list[int]:
-        values = self.values
-        out = []
-        for key in keys:
-            found = values.get(key)
-            expired = found is None or (found[1] is not None and found[1] <= now)
-            out.append(0 if found is None or expired else found[0])
-        return out
+        return [self._get(k)[0] for k in keys]
 
     def add(self, key: str, delta: int, expires_at: int | None) -> int:
         value, expires = self._get(key)
@@ -384,8 +378,6 @@ class _MemoryCounters:
         return value
 
     def pop_expired_holds(self, now: int) -> list[Hold]:
-        if not self.holds:
-            return []
         expired = [h for h in self.holds.values() if h.expires_at <= now]
         for hold in expired:
             del self.holds[hold.id]
